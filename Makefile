@@ -1,0 +1,90 @@
+# BitClone: build, test, demo and bench entry points. `make` alone prints help.
+#
+# Every cargo command here uses the one [profile.dev] of Cargo.toml. Never add
+# --release: a second profile recompiles RocksDB's C++ (about 21 min on 2 cores).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# One shared target dir for every cargo command and every clone of the repo on
+# this machine. RocksDB's C++ (librocksdb-sys) takes 20+ minutes to compile on
+# 2 cores; in a target dir outside the work tree it is compiled once per
+# machine, then reused by tests, clippy, the demo and the bench alike (all on
+# [profile.dev]) and by CI, which starts from a fresh clone of the repo.
+# Override on the command line: make test CARGO_TARGET_DIR=/some/where
+CARGO_TARGET_DIR ?= $(HOME)/.cache/bitclone/target
+export CARGO_TARGET_DIR
+
+# rustup installs cargo into ~/.cargo/bin; make sure it is found.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO      ?= cargo
+STEP       := bash scripts/step.sh
+BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
+BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
+# Extra flags for bitclone-bench, e.g. make bench BENCH_ARGS="--size 256MiB --files 500"
+BENCH_ARGS ?= --restic
+BENCH_OUT  ?= .bitclone/bench.json
+
+# Tests must not depend on the caller's environment: drop the variables that
+# the S3 client and the CLI would otherwise pick up.
+TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
+	-u AWS_SESSION_TOKEN -u AWS_ENDPOINT -u AWS_REGION -u AWS_DEFAULT_REGION \
+	-u AWS_PROFILE -u BITCLONE_ENDPOINT -u BITCLONE_TENANT
+
+.DEFAULT_GOAL := help
+.PHONY: help deps deps-bench test build fmt clippy demo bench clean-cache
+
+help:
+	@echo "BitClone make targets:"
+	@echo "  make test         install deps, then fmt check, clippy, build, cargo test (what CI runs)"
+	@echo "  make demo         build the node and run scripts/demo.sh (put, incremental put, clone, restore, verify)"
+	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
+	@echo "  make build        cargo build --workspace"
+	@echo "  make fmt          cargo fmt --all (rewrites files)"
+	@echo "  make clippy       cargo clippy --workspace --all-targets -D warnings"
+	@echo "  make clean-cache  delete the shared target dir (next build recompiles RocksDB, 20+ min)"
+	@echo ""
+	@echo "CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)"
+	@echo "The first build compiles RocksDB's C++ once into that dir (20+ min on 2 cores)."
+
+deps:
+	@$(STEP) install-deps bash scripts/install-deps.sh
+
+deps-bench:
+	@$(STEP) install-deps bash scripts/install-deps.sh --bench
+
+test: deps
+	@start=$$(date +%s); \
+	$(STEP) fmt-check $(CARGO) fmt --all -- --check; \
+	$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings; \
+	$(STEP) build $(CARGO) build --workspace --all-targets --locked; \
+	$(STEP) test $(TEST_ENV) $(CARGO) test --workspace --locked; \
+	e=$$(( $$(date +%s) - start )); \
+	printf 'make test: all steps passed in %dm%02ds\n' $$((e / 60)) $$((e % 60))
+
+build:
+	@$(STEP) build $(CARGO) build --workspace --locked
+
+fmt:
+	@$(STEP) fmt $(CARGO) fmt --all
+
+clippy:
+	@$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+demo: deps
+	@$(STEP) build-node $(CARGO) build --workspace --locked
+	@$(STEP) demo bash scripts/demo.sh "$(BITCLONE)"
+
+bench: deps-bench
+	@$(STEP) build-bench $(CARGO) build --workspace --locked
+	@mkdir -p "$(dir $(BENCH_OUT))"
+	@$(STEP) bench "$(BENCH_BIN)" --bitclone "$(BITCLONE)" $(BENCH_ARGS) > "$(BENCH_OUT)"
+	@cat "$(BENCH_OUT)"
+	@echo "bench result saved to $(BENCH_OUT)"
+
+clean-cache:
+	@case "$(CARGO_TARGET_DIR)" in ""|/|"$(HOME)"|"$(HOME)/") \
+		echo "refusing to delete CARGO_TARGET_DIR='$(CARGO_TARGET_DIR)'" >&2; exit 1;; esac
+	@echo "deleting $(CARGO_TARGET_DIR) and .bitclone/ (the next build recompiles RocksDB, 20+ min)"
+	rm -rf -- "$(CARGO_TARGET_DIR)" .bitclone

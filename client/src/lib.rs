@@ -1,0 +1,650 @@
+//! Rust SDK for BitClone: connect to any node of a cluster, upload a local
+//! directory as a snapshot of a dataset, download snapshots, submit, watch
+//! and cancel clone jobs, and read the node's catalog and statistics.
+//!
+//! A [`Client`] knows every endpoint it was given: unary calls that find a
+//! node unavailable move on to the next one.
+//!
+//! ```no_run
+//! use std::path::Path;
+//!
+//! use bitclone_client::{is_final, Client, NoProgress};
+//! use futures::StreamExt;
+//!
+//! # async fn run() -> bitclone_client::Result<()> {
+//! let client = Client::connect(["http://127.0.0.1:7443", "http://127.0.0.1:7444"])
+//!     .await?
+//!     .with_tenant("acme");
+//!
+//! // Upload a directory; unchanged files (same size, mtime and mode as in the
+//! // dataset's latest snapshot) are not read again.
+//! let up = client.upload_dir("photos", Path::new("/data/photos"), &NoProgress).await?;
+//! println!("snapshot {}: {} new bytes", up.snapshot, up.new_bytes);
+//!
+//! // Clone the snapshot to a directory and follow the job to its end.
+//! let source = format!("snapshot://photos@{}", up.snapshot);
+//! let job = client
+//!     .submit_clone("photos", &source, &["file:///backup/photos".to_string()], 0)
+//!     .await?;
+//! let mut updates = client.watch_job(&job.id).await?;
+//! while let Some(job) = updates.next().await {
+//!     let job = job?;
+//!     if is_final(job.state) {
+//!         println!("job {} ended: {:?}", job.id, job.state());
+//!     }
+//! }
+//!
+//! // Restore the latest snapshot somewhere else.
+//! client.download("photos", None, Path::new("/tmp/photos"), &NoProgress).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod download;
+mod error;
+mod upload;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitclone_proto::v1::bit_clone_client::BitCloneClient;
+use bitclone_proto::DEFAULT_MAX_MESSAGE_BYTES;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Wire types of the BitClone API (`bitclone.v1`): [`proto::Job`],
+/// [`proto::SnapshotInfo`], [`proto::JobState`], ...
+pub use bitclone_proto::v1 as proto;
+pub use error::{Error, Result};
+
+/// Tenant used until [`Client::with_tenant`] sets another.
+const DEFAULT_TENANT: &str = "default";
+/// How long a TCP connect to one endpoint may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 flow-control windows: large enough for 1 MiB data frames to stream
+/// without waiting for window updates.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 pings on open connections so a dead node is noticed during long
+/// streams (watch, download).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Progress reporting for long transfers; the CLI implements it with a
+/// progress bar. Every method has an empty default.
+pub trait Progress: Send + Sync {
+    /// The number of bytes the transfer will move (known once the transfer
+    /// has been planned).
+    fn set_total(&self, _bytes: u64) {}
+    /// `bytes` more bytes were sent or received.
+    fn advance(&self, _bytes: u64) {}
+    /// A short human-readable note about the current phase.
+    fn message(&self, _msg: &str) {}
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// What [`Client::upload_dir`] did.
+#[derive(Debug, Clone)]
+pub struct UploadSummary {
+    /// Id of the new snapshot.
+    pub snapshot: String,
+    /// Regular files in the snapshot.
+    pub files: u64,
+    /// Bytes of all files in the snapshot.
+    pub bytes: u64,
+    /// Chunks the cluster did not have before this upload.
+    pub new_chunks: u64,
+    /// Bytes of those new chunks.
+    pub new_bytes: u64,
+    /// Chunks referenced by the snapshot.
+    pub chunks: u64,
+    /// Files sent as unchanged (same size, mtime and mode as in the parent).
+    pub unchanged_files: u64,
+    /// Relative paths of symbolic links and other entries that are neither
+    /// regular files nor directories; they are not uploaded.
+    pub skipped: Vec<String>,
+    /// Wall-clock duration of the whole call.
+    pub seconds: f64,
+}
+
+/// What [`Client::download`] did.
+#[derive(Debug, Clone)]
+pub struct DownloadSummary {
+    /// Id of the snapshot downloaded.
+    pub snapshot: String,
+    /// Regular files written.
+    pub files: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Wall-clock duration of the whole call.
+    pub seconds: f64,
+}
+
+/// Whether a job state (the `state` field of [`proto::Job`]) is final:
+/// Succeeded, Failed or Cancelled. Unknown values are not final.
+pub fn is_final(state: i32) -> bool {
+    matches!(
+        proto::JobState::try_from(state),
+        Ok(proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
+    )
+}
+
+/// A connection to a BitClone cluster through any of its nodes.
+///
+/// Cheap to clone; clones share the connections and the notion of which
+/// endpoint currently works.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    tenant: String,
+}
+
+struct Shared {
+    /// The endpoints as given, for errors and logs.
+    endpoints: Vec<String>,
+    /// One channel per endpoint (the same index); tonic channels reconnect
+    /// by themselves, so they are created once.
+    channels: Vec<Channel>,
+    /// Index of the endpoint that answered last.
+    current: AtomicUsize,
+}
+
+impl Shared {
+    fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.channels.len().max(1)
+    }
+
+    /// A gRPC client on the endpoint `index` with the message size limits set.
+    fn grpc(&self, index: usize) -> BitCloneClient<Channel> {
+        BitCloneClient::new(self.channels[index].clone())
+            .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.shared.endpoints)
+            .field("current", &self.shared.current())
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+/// Whether a failed call should be tried on the next endpoint: the node
+/// could not be reached (connect failure, connection lost), so the request
+/// was not processed there.
+fn should_fail_over(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        // The generated client reports a channel that cannot become ready
+        // this way.
+        tonic::Code::Unknown => status.message().starts_with("Service was not ready"),
+        _ => false,
+    }
+}
+
+/// The error and its sources on one line (tonic's transport errors say
+/// little at the top level).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn build_endpoint(url: &str) -> Result<Endpoint> {
+    // "host:port" without a scheme is taken as plain-text HTTP/2.
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let endpoint = Endpoint::from_shared(full).map_err(|source| Error::InvalidEndpoint {
+        endpoint: url.to_owned(),
+        source,
+    })?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT))
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint of the list (e.g.
+    /// `"http://127.0.0.1:7443"`; a missing scheme means `http://`) and
+    /// remembers all of them for failover. Endpoints after the reachable one
+    /// are connected lazily, when a call first needs them.
+    ///
+    /// Fails with [`Error::NoEndpoints`] on an empty list,
+    /// [`Error::InvalidEndpoint`] when one of them is not a URI and
+    /// [`Error::Unavailable`] when none answers.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = endpoints
+            .into_iter()
+            .map(|url| url.as_ref().trim().to_owned())
+            .filter(|url| !url.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        let configured = urls
+            .iter()
+            .map(|url| build_endpoint(url))
+            .collect::<Result<Vec<Endpoint>>>()?;
+
+        let mut connected: Option<(usize, Channel)> = None;
+        let mut failures = Vec::new();
+        for (index, endpoint) in configured.iter().enumerate() {
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    connected = Some((index, channel));
+                    break;
+                }
+                Err(error) => {
+                    let error = error_chain(&error);
+                    tracing::warn!(endpoint = %urls[index], %error, "cannot connect, trying the next endpoint");
+                    failures.push(format!("{}: {error}", urls[index]));
+                }
+            }
+        }
+        let Some((current, channel)) = connected else {
+            return Err(Error::Unavailable {
+                endpoints: urls,
+                message: failures.join("; "),
+            });
+        };
+
+        // The reachable endpoint keeps its live channel; the others connect
+        // when a failover first needs them.
+        let mut live = Some(channel);
+        let channels: Vec<Channel> = configured
+            .iter()
+            .enumerate()
+            .map(|(index, endpoint)| {
+                if index == current {
+                    if let Some(channel) = live.take() {
+                        return channel;
+                    }
+                }
+                endpoint.connect_lazy()
+            })
+            .collect();
+        tracing::debug!(endpoint = %urls[current], "connected");
+        Ok(Client {
+            shared: Arc::new(Shared {
+                endpoints: urls,
+                channels,
+                current: AtomicUsize::new(current),
+            }),
+            tenant: DEFAULT_TENANT.to_owned(),
+        })
+    }
+
+    /// The same client acting for another tenant (the default is `"default"`).
+    pub fn with_tenant(self, tenant: impl Into<String>) -> Client {
+        Client {
+            shared: self.shared,
+            tenant: tenant.into(),
+        }
+    }
+
+    /// The tenant every call acts for.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The endpoints this client fails over between, as given to
+    /// [`Client::connect`].
+    pub fn endpoints(&self) -> &[String] {
+        &self.shared.endpoints
+    }
+
+    /// Runs one call, starting at the current endpoint. When the node is
+    /// unavailable the next endpoint is tried (each one once, round robin);
+    /// the endpoint that answers becomes the current one. Any other status
+    /// is returned as [`Error::Status`].
+    async fn call<F, Fut, T>(&self, f: F) -> Result<T>
+    where
+        F: Fn(BitCloneClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let count = self.shared.channels.len();
+        let start = self.shared.current();
+        let mut last_error = String::new();
+        for step in 0..count {
+            let index = (start + step) % count;
+            match f(self.shared.grpc(index)).await {
+                Ok(response) => {
+                    if step > 0 {
+                        self.shared.current.store(index, Ordering::Relaxed);
+                        tracing::info!(endpoint = %self.shared.endpoints[index], "failed over");
+                    }
+                    return Ok(response.into_inner());
+                }
+                Err(status) if should_fail_over(&status) => {
+                    tracing::warn!(
+                        endpoint = %self.shared.endpoints[index],
+                        error = %status.message(),
+                        "node unavailable, trying the next endpoint"
+                    );
+                    last_error = format!(
+                        "{}: {}",
+                        self.shared.endpoints[index],
+                        error_chain(&status)
+                    );
+                }
+                Err(status) => return Err(Error::Status(status)),
+            }
+        }
+        Err(Error::Unavailable {
+            endpoints: self.shared.endpoints.clone(),
+            message: last_error,
+        })
+    }
+
+    /// Uploads the tree under `dir` as a new snapshot of `dataset`.
+    ///
+    /// The dataset's latest snapshot (if any) is the parent: regular files
+    /// whose size, mtime and mode match the parent's entry are sent as
+    /// unchanged and not read. Every directory is sent (so empty ones
+    /// survive); symbolic links and special files are skipped and listed in
+    /// [`UploadSummary::skipped`]. File names must be valid UTF-8.
+    ///
+    /// The upload is not retried on another endpoint once it has started;
+    /// if reading a local file fails, the call is cancelled so the node
+    /// commits nothing, and the IO error is returned. Dropping the returned
+    /// future cancels the upload the same way.
+    pub async fn upload_dir(
+        &self,
+        dataset: &str,
+        dir: &std::path::Path,
+        progress: &dyn Progress,
+    ) -> Result<UploadSummary> {
+        upload::upload_dir(self, dataset, dir, progress).await
+    }
+
+    /// Downloads a snapshot of `dataset` (the latest when `snapshot` is
+    /// `None`) into `dir`, which is created if missing.
+    ///
+    /// Paths from the server are checked (relative, no `.`/`..`, no NUL),
+    /// nothing is written through a symbolic link inside `dir`, every file
+    /// is written to a temporary name, checked against its BLAKE3 and only
+    /// then renamed into place with its mode and mtime. Existing files of
+    /// the same name are replaced; other files in `dir` are left alone.
+    ///
+    /// Not cancel-safe in the sense that a dropped call leaves the files
+    /// written so far (but never a partial file under its final name).
+    pub async fn download(
+        &self,
+        dataset: &str,
+        snapshot: Option<&str>,
+        dir: &std::path::Path,
+        progress: &dyn Progress,
+    ) -> Result<DownloadSummary> {
+        download::download(self, dataset, snapshot, dir, progress).await
+    }
+
+    /// Submits a clone job of `source` (`file:///abs/path` on the node or
+    /// `snapshot://NAME[@ID]`) into `dataset`, written out to
+    /// `destinations`. `max_attempts` 0 means the node's default.
+    ///
+    /// Note: on failover the submission may be sent to a second node if
+    /// the first one became unavailable while answering.
+    pub async fn submit_clone(
+        &self,
+        dataset: &str,
+        source: &str,
+        destinations: &[String],
+        max_attempts: u32,
+    ) -> Result<proto::Job> {
+        let request = proto::SubmitCloneRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+            source: source.to_owned(),
+            destinations: destinations.to_vec(),
+            max_attempts,
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.submit_clone(request).await }
+        })
+        .await
+    }
+
+    /// The current state of a job.
+    pub async fn get_job(&self, id: &str) -> Result<proto::Job> {
+        let request = proto::JobRef { id: id.to_owned() };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.get_job(request).await }
+        })
+        .await
+    }
+
+    /// Asks for a job to be cancelled; returns the job as it is afterwards.
+    pub async fn cancel_job(&self, id: &str) -> Result<proto::Job> {
+        let request = proto::JobRef { id: id.to_owned() };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.cancel_job(request).await }
+        })
+        .await
+    }
+
+    /// The tenant's jobs.
+    pub async fn list_jobs(&self) -> Result<Vec<proto::Job>> {
+        let request = proto::ListJobsRequest {
+            tenant: self.tenant.clone(),
+        };
+        let response = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.list_jobs(request).await }
+            })
+            .await?;
+        Ok(response.jobs)
+    }
+
+    /// Stream of job updates until a final state (Succeeded/Failed/Cancelled).
+    ///
+    /// The first item is the job as it is now. The stream ends after the
+    /// first job in a final state, or when the node closes it; an error
+    /// item (e.g. the node went away) is the last item. Only opening the
+    /// stream fails over to another endpoint; call again to resume.
+    pub async fn watch_job(&self, id: &str) -> Result<BoxStream<'static, Result<proto::Job>>> {
+        let request = proto::JobRef { id: id.to_owned() };
+        let updates = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.watch_job(request).await }
+            })
+            .await?;
+        let stream = futures::stream::unfold(Some(updates), |state| async move {
+            let mut updates = match state {
+                Some(updates) => updates,
+                None => return None,
+            };
+            match updates.message().await {
+                Ok(Some(job)) => {
+                    let next = if is_final(job.state) {
+                        None
+                    } else {
+                        Some(updates)
+                    };
+                    Some((Ok(job), next))
+                }
+                Ok(None) => None,
+                Err(status) => Some((Err(Error::Status(status)), None)),
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    /// The tenant's datasets.
+    pub async fn list_datasets(&self) -> Result<Vec<proto::DatasetInfo>> {
+        let request = proto::ListDatasetsRequest {
+            tenant: self.tenant.clone(),
+        };
+        let response = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.list_datasets(request).await }
+            })
+            .await?;
+        Ok(response.datasets)
+    }
+
+    /// The snapshots of one dataset.
+    pub async fn list_snapshots(&self, dataset: &str) -> Result<Vec<proto::SnapshotInfo>> {
+        let request = proto::ListSnapshotsRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+        };
+        let response = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.list_snapshots(request).await }
+            })
+            .await?;
+        Ok(response.snapshots)
+    }
+
+    /// The entries of a snapshot (the latest when `snapshot` is `None`),
+    /// without chunk lists. A dataset without snapshots gives
+    /// [`Error::Status`] with code `NotFound`.
+    pub async fn get_manifest(
+        &self,
+        dataset: &str,
+        snapshot: Option<&str>,
+    ) -> Result<proto::GetManifestResponse> {
+        let request = proto::GetManifestRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+            snapshot: snapshot.unwrap_or_default().to_owned(),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.get_manifest(request).await }
+        })
+        .await
+    }
+
+    /// Statistics of the node that answers.
+    pub async fn stats(&self) -> Result<proto::StatsResponse> {
+        self.call(|mut grpc| async move { grpc.stats(proto::StatsRequest {}).await })
+            .await
+    }
+
+    /// A gRPC client on the current endpoint, for streaming calls that are
+    /// not retried elsewhere once started.
+    pub(crate) fn current_grpc(&self) -> BitCloneClient<Channel> {
+        self.shared.grpc(self.shared.current())
+    }
+
+    /// Starts a download stream, failing over like unary calls until the
+    /// node accepts the call.
+    pub(crate) async fn open_download(
+        &self,
+        request: proto::DownloadRequest,
+    ) -> Result<tonic::Streaming<proto::DownloadResponse>> {
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.download(request).await }
+        })
+        .await
+    }
+}
+
+/// Runs blocking filesystem work off the async threads.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) => Err(Error::Internal {
+            message: format!("blocking task failed: {error}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_states() {
+        assert!(is_final(proto::JobState::Succeeded as i32));
+        assert!(is_final(proto::JobState::Failed as i32));
+        assert!(is_final(proto::JobState::Cancelled as i32));
+        assert!(!is_final(proto::JobState::Unspecified as i32));
+        assert!(!is_final(proto::JobState::Pending as i32));
+        assert!(!is_final(proto::JobState::Running as i32));
+        assert!(!is_final(99));
+        assert!(!is_final(-1));
+    }
+
+    #[test]
+    fn failover_only_when_unreachable() {
+        assert!(should_fail_over(&tonic::Status::unavailable("down")));
+        assert!(should_fail_over(&tonic::Status::unknown(
+            "Service was not ready: transport error"
+        )));
+        assert!(!should_fail_over(&tonic::Status::unknown("boom")));
+        assert!(!should_fail_over(&tonic::Status::not_found("no such job")));
+        assert!(!should_fail_over(&tonic::Status::invalid_argument("bad")));
+    }
+
+    #[test]
+    fn endpoints_without_scheme_get_http() {
+        assert!(build_endpoint("127.0.0.1:7443").is_ok());
+        assert!(build_endpoint("http://127.0.0.1:7443").is_ok());
+        assert!(matches!(
+            build_endpoint("http://[::1:7443"),
+            Err(Error::InvalidEndpoint { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn connect_needs_an_endpoint() {
+        let empty: [&str; 0] = [];
+        assert!(matches!(
+            Client::connect(empty).await,
+            Err(Error::NoEndpoints)
+        ));
+    }
+
+    #[tokio::test]
+    async fn connect_fails_when_nothing_listens() -> anyhow::Result<()> {
+        // Bind then drop a listener to get a port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let result = Client::connect([format!("http://127.0.0.1:{port}")]).await;
+        assert!(matches!(result, Err(Error::Unavailable { .. })));
+        Ok(())
+    }
+}

@@ -1,0 +1,353 @@
+//! The client subcommands of `bitclone`, on top of the SDK.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bitclone_client::{proto, Client, Progress};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::Cmd;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7443";
+
+pub struct Ctx {
+    endpoints: Vec<String>,
+    tenant: String,
+    json: bool,
+}
+
+impl Ctx {
+    pub fn new(endpoints: Vec<String>, tenant: String, json: bool) -> Ctx {
+        let endpoints = if endpoints.is_empty() {
+            vec![DEFAULT_ENDPOINT.to_string()]
+        } else {
+            endpoints
+        };
+        Ctx {
+            endpoints,
+            tenant,
+            json,
+        }
+    }
+
+    async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.endpoints)
+            .await
+            .with_context(|| format!("connecting to {}", self.endpoints.join(", ")))?
+            .with_tenant(self.tenant.clone()))
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, a plain line every few seconds otherwise.
+struct Bar {
+    bar: Option<ProgressBar>,
+    label: String,
+    plain: Mutex<(u64, u64, Instant)>,
+}
+
+impl Bar {
+    fn new(label: &str, quiet: bool) -> Bar {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b.set_message(label.to_string());
+            b
+        });
+        Bar {
+            bar,
+            label: label.to_string(),
+            plain: Mutex::new((0, 0, Instant::now())),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn set_total(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+        } else if let Ok(mut p) = self.plain.lock() {
+            p.1 = bytes;
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+            return;
+        }
+        if let Ok(mut p) = self.plain.lock() {
+            p.0 += bytes;
+            if p.2.elapsed() >= Duration::from_secs(2) {
+                p.2 = Instant::now();
+                eprintln!("{}: {} of {} bytes", self.label, p.0, p.1);
+            }
+        }
+    }
+
+    fn message(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match proto::JobState::try_from(state) {
+        Ok(proto::JobState::Pending) => "Pending",
+        Ok(proto::JobState::Running) => "Running",
+        Ok(proto::JobState::Succeeded) => "Succeeded",
+        Ok(proto::JobState::Failed) => "Failed",
+        Ok(proto::JobState::Cancelled) => "Cancelled",
+        _ => "Unknown",
+    }
+}
+
+fn job_json(j: &proto::Job) -> serde_json::Value {
+    let p = j.progress.clone().unwrap_or_default();
+    json!({
+        "id": j.id,
+        "tenant": j.tenant,
+        "dataset": j.dataset,
+        "source": j.source,
+        "destinations": j.destinations,
+        "state": state_name(j.state),
+        "attempts": j.attempts,
+        "max_attempts": j.max_attempts,
+        "last_error": j.last_error,
+        "snapshot": j.snapshot,
+        "progress": {
+            "phase": p.phase,
+            "files_done": p.files_done,
+            "files_total": p.files_total,
+            "bytes_done": p.bytes_done,
+            "bytes_total": p.bytes_total,
+        },
+        "created_unix_ms": j.created_unix_ms,
+        "updated_unix_ms": j.updated_unix_ms,
+        "next_attempt_unix_ms": j.next_attempt_unix_ms,
+    })
+}
+
+fn job_line(j: &proto::Job) -> String {
+    let p = j.progress.clone().unwrap_or_default();
+    let mut s = format!(
+        "{}  {:9}  {} -> {}  attempts {}/{}",
+        j.id,
+        state_name(j.state),
+        j.source,
+        j.destinations.join(","),
+        j.attempts,
+        j.max_attempts
+    );
+    if !p.phase.is_empty() {
+        s.push_str(&format!("  [{}: {}/{} files]", p.phase, p.files_done, p.files_total));
+    }
+    if !j.snapshot.is_empty() {
+        s.push_str(&format!("  snapshot {}", j.snapshot));
+    }
+    if !j.last_error.is_empty() {
+        s.push_str(&format!("  error: {}", j.last_error));
+    }
+    s
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+/// Follows a job until it ends; returns its final state.
+async fn follow(client: &Client, id: &str, ctx: &Ctx, show_bar: bool) -> Result<proto::Job> {
+    let bar = Bar::new("clone", ctx.json || !show_bar);
+    let mut stream = client.watch_job(id).await?;
+    let mut last: Option<proto::Job> = None;
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    while let Some(item) = stream.next().await {
+        let j = item?;
+        if let Some(p) = &j.progress {
+            if let Some(b) = &bar.bar {
+                b.set_length(p.bytes_total);
+                b.set_position(p.bytes_done);
+                b.set_message(p.phase.chars().take(12).collect::<String>());
+            } else if !ctx.json && last_line.elapsed() >= Duration::from_secs(2) {
+                last_line = Instant::now();
+                eprintln!("{}", job_line(&j));
+            }
+        }
+        let done = bitclone_client::is_final(j.state);
+        last = Some(j);
+        if done {
+            break;
+        }
+    }
+    bar.finish();
+    match last {
+        Some(j) => Ok(j),
+        None => bail!("the node ended the watch of job {id} without sending it"),
+    }
+}
+
+pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
+    let client = ctx.client().await?;
+    match cmd {
+        Cmd::Node(_) => unreachable!("handled by main"),
+        Cmd::Put { dir, dataset } => {
+            let bar = Bar::new("put", ctx.json);
+            let s = client.upload_dir(&dataset, &dir, &bar).await;
+            bar.finish();
+            let s = s.with_context(|| format!("uploading {}", dir.display()))?;
+            if ctx.json {
+                print_json(&json!({
+                    "snapshot": s.snapshot, "files": s.files, "bytes": s.bytes,
+                    "new_chunks": s.new_chunks, "new_bytes": s.new_bytes, "chunks": s.chunks,
+                    "unchanged_files": s.unchanged_files, "skipped": s.skipped, "seconds": s.seconds,
+                }));
+            } else {
+                for p in &s.skipped {
+                    eprintln!("skipped (not a regular file or directory): {p}");
+                }
+                eprintln!(
+                    "{} files, {} bytes in {:.2}s ({:.1} MB/s); stored {} new chunks, {} new bytes; {} files unchanged",
+                    s.files, s.bytes, s.seconds, s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                    s.new_chunks, s.new_bytes, s.unchanged_files
+                );
+                println!("{}", s.snapshot);
+            }
+        }
+        Cmd::Get {
+            dataset,
+            snapshot,
+            dir,
+        } => {
+            let bar = Bar::new("get", ctx.json);
+            let s = client.download(&dataset, snapshot.as_deref(), &dir, &bar).await;
+            bar.finish();
+            let s = s.with_context(|| format!("restoring into {}", dir.display()))?;
+            if ctx.json {
+                print_json(&json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes, "seconds": s.seconds}));
+            } else {
+                eprintln!(
+                    "restored {} files, {} bytes of snapshot {} in {:.2}s ({:.1} MB/s)",
+                    s.files, s.bytes, s.snapshot, s.seconds, s.bytes as f64 / 1e6 / s.seconds.max(1e-9)
+                );
+            }
+        }
+        Cmd::Clone {
+            from,
+            to,
+            dataset,
+            wait,
+            max_attempts,
+        } => {
+            let job = client
+                .submit_clone(&dataset, &from, &to, max_attempts.unwrap_or(0))
+                .await?;
+            if !wait {
+                if ctx.json {
+                    print_json(&job_json(&job));
+                } else {
+                    println!("{}", job.id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let j = follow(&client, &job.id, &ctx, true).await?;
+            if ctx.json {
+                print_json(&job_json(&j));
+            } else {
+                println!("{}", job_line(&j));
+            }
+            if j.state != proto::JobState::Succeeded as i32 {
+                eprintln!("error: job {} ended {}: {}", j.id, state_name(j.state), j.last_error);
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Job { id, watch } => {
+            let j = if watch {
+                follow(&client, &id, &ctx, true).await?
+            } else {
+                client.get_job(&id).await?
+            };
+            if ctx.json {
+                print_json(&job_json(&j));
+            } else {
+                println!("{}", job_line(&j));
+            }
+        }
+        Cmd::Cancel { id } => {
+            let j = client.cancel_job(&id).await?;
+            if ctx.json {
+                print_json(&job_json(&j));
+            } else {
+                println!("{}", job_line(&j));
+            }
+        }
+        Cmd::Jobs => {
+            let jobs = client.list_jobs().await?;
+            if ctx.json {
+                print_json(&json!({"jobs": jobs.iter().map(job_json).collect::<Vec<_>>()}));
+            } else {
+                for j in &jobs {
+                    println!("{}", job_line(j));
+                }
+            }
+        }
+        Cmd::Datasets => {
+            let list = client.list_datasets().await?;
+            if ctx.json {
+                print_json(&json!({"datasets": list.iter().map(|d| json!({
+                    "name": d.name, "latest_snapshot": d.latest_snapshot, "snapshots": d.snapshots,
+                })).collect::<Vec<_>>()}));
+            } else {
+                for d in &list {
+                    println!("{}  {}  ({} snapshots)", d.name, d.latest_snapshot, d.snapshots);
+                }
+            }
+        }
+        Cmd::Snapshots { dataset } => {
+            let list = client.list_snapshots(&dataset).await?;
+            if ctx.json {
+                print_json(&json!({"snapshots": list.iter().map(|s| json!({
+                    "id": s.id, "dataset": s.dataset, "parent": s.parent, "files": s.files,
+                    "bytes": s.bytes, "created_unix_ms": s.created_unix_ms,
+                })).collect::<Vec<_>>()}));
+            } else {
+                for s in &list {
+                    println!("{}  {} files  {} bytes  created {}", s.id, s.files, s.bytes, s.created_unix_ms);
+                }
+            }
+        }
+        Cmd::Stats => {
+            let s = client.stats().await?;
+            let v = json!({
+                "node_id": s.node_id, "version": s.version, "chunks": s.chunks,
+                "chunk_bytes": s.chunk_bytes, "datasets": s.datasets, "snapshots": s.snapshots,
+                "jobs_pending": s.jobs_pending, "jobs_running": s.jobs_running,
+                "bytes_ingested": s.bytes_ingested, "bytes_stored": s.bytes_stored,
+                "uptime_seconds": s.uptime_seconds,
+            });
+            if ctx.json {
+                print_json(&v);
+            } else if let Some(map) = v.as_object() {
+                for (k, val) in map {
+                    println!("{k:15} {val}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

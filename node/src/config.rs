@@ -1,0 +1,275 @@
+//! Node configuration: a TOML file with human units, overridden by
+//! `BITCLONE_*` environment variables and flags, validated in one place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bitclone_storage::ChunkParams;
+use serde::Deserialize;
+
+/// The config file as written by people: every field optional, sizes as
+/// "256KiB", durations as "1s".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub chunking: FileChunking,
+    pub max_message_size: Option<String>,
+    pub cpu_threads: Option<usize>,
+    #[serde(default)]
+    pub jobs: FileJobs,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileChunking {
+    pub min_size: Option<String>,
+    pub avg_size: Option<String>,
+    pub max_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJobs {
+    pub workers: Option<usize>,
+    pub max_attempts: Option<u32>,
+    pub backoff_base: Option<String>,
+    pub backoff_max: Option<String>,
+}
+
+/// Values given on the command line or in `BITCLONE_*` variables; they win
+/// over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub cpu_threads: Option<usize>,
+    pub job_workers: Option<usize>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub chunking: ChunkParams,
+    pub max_message_size: usize,
+    pub cpu_threads: usize,
+    pub job_workers: usize,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub shutdown_grace: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+impl NodeConfig {
+    /// Reads `file` (if given), applies `env` (the `BITCLONE_*` variables) and
+    /// `flags`, and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: Overrides,
+    ) -> Result<NodeConfig> {
+        let fc: FileConfig = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::resolve(fc, env, flags)
+    }
+
+    pub fn resolve(
+        fc: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: Overrides,
+    ) -> Result<NodeConfig> {
+        // Precedence: flag > environment > file > default.
+        let pick = |flag: Option<String>, var: &str, file: Option<String>| {
+            flag.or_else(|| env(var)).or(file)
+        };
+        let data_dir = flags
+            .data_dir
+            .or_else(|| env("BITCLONE_DATA_DIR").map(PathBuf::from))
+            .or(fc.data_dir)
+            .context("no data directory: pass --data-dir, set BITCLONE_DATA_DIR or data_dir in the config file")?;
+        let listen = pick(flags.listen, "BITCLONE_LISTEN", fc.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("listen address {listen:?} is not HOST:PORT (an IP address and a port)"))?;
+        let size = |var: &str, file: Option<String>, default: u64| -> Result<u64> {
+            match env(var).or(file) {
+                Some(s) => parse_size(&s).with_context(|| format!("{var}")),
+                None => Ok(default),
+            }
+        };
+        let d = ChunkParams::default();
+        let chunking = ChunkParams {
+            min_size: u32_size(size("BITCLONE_CHUNK_MIN_SIZE", fc.chunking.min_size, d.min_size.into())?)?,
+            avg_size: u32_size(size("BITCLONE_CHUNK_AVG_SIZE", fc.chunking.avg_size, d.avg_size.into())?)?,
+            max_size: u32_size(size("BITCLONE_CHUNK_MAX_SIZE", fc.chunking.max_size, d.max_size.into())?)?,
+        };
+        chunking.validate().context("chunking")?;
+        let max_message_size = size(
+            "BITCLONE_MAX_MESSAGE_SIZE",
+            fc.max_message_size,
+            bitclone_proto::DEFAULT_MAX_MESSAGE_BYTES as u64,
+        )? as usize;
+        if max_message_size < 2 * bitclone_proto::DATA_FRAME_BYTES {
+            bail!("max_message_size must be at least 2MiB (data frames are 1MiB)");
+        }
+        let num = |var: &str| -> Result<Option<u64>> {
+            env(var)
+                .map(|v| v.trim().parse::<u64>().with_context(|| format!("{var}={v:?} is not a number")))
+                .transpose()
+        };
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cpu_threads = flags
+            .cpu_threads
+            .or(num("BITCLONE_CPU_THREADS")?.map(|n| n as usize))
+            .or(fc.cpu_threads)
+            .unwrap_or(cpus);
+        let job_workers = flags
+            .job_workers
+            .or(num("BITCLONE_JOB_WORKERS")?.map(|n| n as usize))
+            .or(fc.jobs.workers)
+            .unwrap_or(2);
+        let max_attempts = num("BITCLONE_JOB_MAX_ATTEMPTS")?
+            .map(|n| n as u32)
+            .or(fc.jobs.max_attempts)
+            .unwrap_or(5);
+        let dur = |var: &str, file: Option<String>, default: &str| -> Result<Duration> {
+            let s = env(var).or(file).unwrap_or_else(|| default.to_string());
+            humantime::parse_duration(&s).with_context(|| format!("{var}={s:?} is not a duration like 5s"))
+        };
+        let backoff_base = dur("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base, "1s")?;
+        let backoff_max = dur("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max, "60s")?;
+        let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
+        if cpu_threads == 0 || job_workers == 0 {
+            bail!("cpu_threads and jobs.workers must be at least 1");
+        }
+        if max_attempts == 0 {
+            bail!("jobs.max_attempts must be at least 1");
+        }
+        if backoff_base > backoff_max {
+            bail!("jobs.backoff_base ({backoff_base:?}) is larger than jobs.backoff_max ({backoff_max:?})");
+        }
+        Ok(NodeConfig {
+            data_dir,
+            listen,
+            chunking,
+            max_message_size,
+            cpu_threads,
+            job_workers,
+            max_attempts,
+            backoff_base,
+            backoff_max,
+            shutdown_grace,
+        })
+    }
+}
+
+fn u32_size(v: u64) -> Result<u32> {
+    u32::try_from(v).context("size does not fit in 32 bits")
+}
+
+/// Parses "4MiB", "256 KiB", "1GiB", "512k", "1000" (bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size like 4MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => bail!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"),
+    };
+    n.checked_mul(mult).with_context(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/bitclone.example.toml");
+        let cfg = NodeConfig::load(Some(Path::new(path)), &no_env, Overrides::default()).unwrap();
+        assert_eq!(cfg.chunking, ChunkParams::default());
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cfg.max_attempts, 5);
+    }
+
+    #[test]
+    fn precedence_flag_env_file() {
+        let fc: FileConfig = toml::from_str(
+            "data_dir = \"/file\"\nlisten = \"127.0.0.1:1\"\n[jobs]\nmax_attempts = 3\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "BITCLONE_LISTEN" => Some("127.0.0.1:2".to_string()),
+            "BITCLONE_JOB_MAX_ATTEMPTS" => Some("7".to_string()),
+            _ => None,
+        };
+        let flags = Overrides {
+            data_dir: Some("/flag".into()),
+            ..Default::default()
+        };
+        let cfg = NodeConfig::resolve(fc, &env, flags).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/flag"));
+        assert_eq!(cfg.listen.port(), 2);
+        assert_eq!(cfg.max_attempts, 7);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let with = |toml_text: &str| {
+            let fc: FileConfig = toml::from_str(toml_text).unwrap();
+            NodeConfig::resolve(
+                fc,
+                &no_env,
+                Overrides {
+                    data_dir: Some("/d".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(with("[chunking]\nmin_size = \"8MiB\"\n").is_err());
+        assert!(with("listen = \"nowhere\"\n").is_err());
+        assert!(with("[jobs]\nbackoff_base = \"2m\"\nbackoff_max = \"1m\"\n").is_err());
+        assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
+        assert!(NodeConfig::resolve(FileConfig::default(), &no_env, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("256 KiB").unwrap(), 256 << 10);
+        assert_eq!(parse_size("10").unwrap(), 10);
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! Clone jobs as plain data, and the rules of their lifecycle:
+//! Pending → Running → Succeeded | Failed | Cancelled, with attempts,
+//! exponential backoff with jitter, and a checkpoint. No IO and no clock here:
+//! the time comes in as an argument, so every rule is tested without a runtime.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// Where a job got to; a retry resumes from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Set once the source is ingested and committed as a snapshot.
+    pub snapshot: Option<String>,
+    /// Destinations fully written.
+    pub destinations_done: usize,
+    /// Within the current destination: next manifest entry, files and bytes written.
+    pub next_entry: usize,
+    pub files_done: u64,
+    pub bytes_done: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub dataset: String,
+    pub source: String,
+    pub destinations: Vec<String>,
+    pub state: JobState,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub last_error: String,
+    pub created_unix_ms: i64,
+    pub updated_unix_ms: i64,
+    pub next_attempt_unix_ms: i64,
+    pub checkpoint: Checkpoint,
+    pub progress: Progress,
+    /// Set by a cancel request; a running job stops at its next check.
+    pub cancel_requested: bool,
+}
+
+/// Retry timing.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// Delay before retry number `attempt` (1 = the first retry): exponential
+    /// from `base`, capped at `max`, with "equal jitter": half fixed, half
+    /// random (`jitter` in [0, 1)), so that retries of many jobs spread out
+    /// but never come back sooner than half the exponential delay.
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX));
+        let capped = exp.min(self.max);
+        let half = capped / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// Whether an error can go away by itself (retry) or not (fail now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Transient,
+    Permanent,
+}
+
+impl Job {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        tenant: String,
+        dataset: String,
+        source: String,
+        destinations: Vec<String>,
+        max_attempts: u32,
+        now_ms: i64,
+    ) -> Job {
+        Job {
+            id,
+            tenant,
+            dataset,
+            source,
+            destinations,
+            state: JobState::Pending,
+            attempts: 0,
+            max_attempts: max_attempts.max(1),
+            last_error: String::new(),
+            created_unix_ms: now_ms,
+            updated_unix_ms: now_ms,
+            next_attempt_unix_ms: now_ms,
+            checkpoint: Checkpoint::default(),
+            progress: Progress::default(),
+            cancel_requested: false,
+        }
+    }
+
+    /// A pending job whose retry time has come.
+    pub fn is_due(&self, now_ms: i64) -> bool {
+        self.state == JobState::Pending && self.next_attempt_unix_ms <= now_ms
+    }
+
+    /// Pending → Running; counts the attempt.
+    pub fn start(&mut self, now_ms: i64) {
+        debug_assert_eq!(self.state, JobState::Pending);
+        self.state = JobState::Running;
+        self.attempts += 1;
+        self.updated_unix_ms = now_ms;
+    }
+
+    pub fn succeed(&mut self, now_ms: i64) {
+        self.state = JobState::Succeeded;
+        self.last_error.clear();
+        self.progress.phase = "done".into();
+        self.updated_unix_ms = now_ms;
+    }
+
+    /// A failed attempt: retry later (Pending with a backoff) or, when the
+    /// error is permanent or the attempts are used up, Failed.
+    pub fn fail(&mut self, error: String, kind: Failure, backoff: Backoff, jitter: f64, now_ms: i64) {
+        self.last_error = error;
+        self.updated_unix_ms = now_ms;
+        if kind == Failure::Permanent || self.attempts >= self.max_attempts {
+            self.state = JobState::Failed;
+            self.progress.phase = "failed".into();
+        } else {
+            self.state = JobState::Pending;
+            self.progress.phase = "waiting to retry".into();
+            let delay = backoff.delay(self.attempts, jitter);
+            self.next_attempt_unix_ms = now_ms + delay.as_millis() as i64;
+        }
+    }
+
+    /// Asks the job to stop. A job not running ends Cancelled at once (returns
+    /// true); a running one is flagged and ends Cancelled when its worker sees it.
+    pub fn request_cancel(&mut self, now_ms: i64) -> bool {
+        if self.state.is_final() {
+            return false;
+        }
+        self.cancel_requested = true;
+        self.updated_unix_ms = now_ms;
+        if self.state == JobState::Pending {
+            self.state = JobState::Cancelled;
+            self.progress.phase = "cancelled".into();
+            return true;
+        }
+        false
+    }
+
+    /// The worker stopped because of a cancel request.
+    pub fn cancelled(&mut self, now_ms: i64) {
+        self.state = JobState::Cancelled;
+        self.progress.phase = "cancelled".into();
+        self.updated_unix_ms = now_ms;
+    }
+
+    /// The node stopped (shutdown or crash) while the job ran: back to
+    /// Pending, resuming from the checkpoint; the interrupted attempt does
+    /// not count against the job.
+    pub fn interrupted(&mut self, now_ms: i64) {
+        if self.state == JobState::Running {
+            self.state = JobState::Pending;
+            self.attempts = self.attempts.saturating_sub(1);
+            self.next_attempt_unix_ms = now_ms;
+            self.progress.phase = "interrupted; will resume".into();
+            self.updated_unix_ms = now_ms;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job::new("j".into(), "t".into(), "d".into(), "file:///x".into(), vec![], 3, 1000)
+    }
+
+    const B: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_cap() {
+        assert_eq!(B.delay(1, 0.0), Duration::from_millis(500));
+        assert_eq!(B.delay(1, 0.999_999), Duration::from_millis(999));
+        assert_eq!(B.delay(2, 0.0), Duration::from_secs(1));
+        assert_eq!(B.delay(3, 0.0), Duration::from_secs(2));
+        assert_eq!(B.delay(20, 0.0), Duration::from_secs(5));
+        assert_eq!(B.delay(200, 1.0), Duration::from_secs(10));
+        for attempt in 1..10 {
+            let lo = B.delay(attempt, 0.0);
+            let hi = B.delay(attempt, 0.99);
+            assert!(lo <= hi && hi <= B.max);
+        }
+    }
+
+    #[test]
+    fn retries_then_fails_after_max_attempts() {
+        let mut j = job();
+        assert!(j.is_due(1000));
+        j.start(1000);
+        assert_eq!((j.state, j.attempts), (JobState::Running, 1));
+        j.fail("boom".into(), Failure::Transient, B, 0.0, 2000);
+        assert_eq!(j.state, JobState::Pending);
+        assert_eq!(j.next_attempt_unix_ms, 2500);
+        assert!(!j.is_due(2499));
+        assert!(j.is_due(2500));
+        j.start(2500);
+        j.fail("boom".into(), Failure::Transient, B, 0.0, 3000);
+        assert_eq!(j.next_attempt_unix_ms, 4000);
+        j.start(4000);
+        j.fail("boom 3".into(), Failure::Transient, B, 0.0, 5000);
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.last_error, "boom 3");
+        assert!(!j.is_due(i64::MAX));
+    }
+
+    #[test]
+    fn permanent_errors_fail_at_once() {
+        let mut j = job();
+        j.start(0);
+        j.fail("no such directory".into(), Failure::Permanent, B, 0.5, 1);
+        assert_eq!((j.state, j.attempts), (JobState::Failed, 1));
+    }
+
+    #[test]
+    fn cancel_pending_is_immediate_running_is_flagged_final_is_kept() {
+        let mut j = job();
+        assert!(j.request_cancel(5));
+        assert_eq!(j.state, JobState::Cancelled);
+        let mut r = job();
+        r.start(0);
+        assert!(!r.request_cancel(5));
+        assert_eq!(r.state, JobState::Running);
+        assert!(r.cancel_requested);
+        r.cancelled(6);
+        assert_eq!(r.state, JobState::Cancelled);
+        let mut done = job();
+        done.start(0);
+        done.succeed(1);
+        assert!(!done.request_cancel(2));
+        assert_eq!(done.state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn interrupted_run_resumes_without_losing_an_attempt() {
+        let mut j = job();
+        j.start(0);
+        j.checkpoint.snapshot = Some("abc".into());
+        j.interrupted(10);
+        assert_eq!((j.state, j.attempts), (JobState::Pending, 0));
+        assert_eq!(j.checkpoint.snapshot.as_deref(), Some("abc"));
+        assert!(j.is_due(10));
+    }
+}

@@ -1,0 +1,114 @@
+//! `bitclone`: the node and the command-line client in one binary.
+
+mod cli;
+mod config;
+mod job;
+mod jobs;
+mod node;
+mod server;
+mod service;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bitclone", version, about = "BitClone: clone datasets, deduplicated and verified")]
+struct Cli {
+    /// Node to talk to (repeat, or comma-separate, for failover).
+    #[arg(long = "endpoint", global = true, env = "BITCLONE_ENDPOINT", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Tenant the datasets belong to.
+    #[arg(long, global = true, env = "BITCLONE_TENANT", default_value = "default")]
+    tenant: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Node(server::NodeArgs),
+    /// Upload a directory as a new snapshot of a dataset.
+    Put {
+        dir: PathBuf,
+        #[arg(long)]
+        dataset: String,
+    },
+    /// Restore a snapshot (default: the latest) into a directory.
+    Get {
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+        dir: PathBuf,
+    },
+    /// Submit a clone job: SRC (file:///abs/path or snapshot://NAME[@ID]) to each DST.
+    Clone {
+        #[arg(long)]
+        from: String,
+        #[arg(long = "to", required = true)]
+        to: Vec<String>,
+        #[arg(long)]
+        dataset: String,
+        /// Wait for the job to end, showing its progress.
+        #[arg(long)]
+        wait: bool,
+        /// Attempts before the job fails (default: the node's setting).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
+    /// Show a job, or follow it with --watch.
+    Job {
+        id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Cancel a job.
+    Cancel { id: String },
+    /// List the tenant's jobs.
+    Jobs,
+    /// List the tenant's datasets.
+    Datasets,
+    /// List the snapshots of a dataset.
+    Snapshots {
+        #[arg(long)]
+        dataset: String,
+    },
+    /// Show node statistics.
+    Stats,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let is_node = matches!(cli.cmd, Cmd::Node(_));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Node(args) => server::run(args).await,
+            cmd => {
+                let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json);
+                cli::run(ctx, cmd).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if is_node {
+                tracing::error!("{e:#}");
+            }
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

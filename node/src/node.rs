@@ -1,0 +1,363 @@
+//! The node: one place that builds the whole system (store, CPU pool, jobs)
+//! and the job executor that runs clone jobs on it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bitclone_storage::export::{self, ExportProgress};
+use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::{
+    ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore, SnapshotId,
+    SnapshotRecord,
+};
+
+use crate::config::NodeConfig;
+use crate::job::{Backoff, Failure, Job};
+use crate::jobs::{now_ms, Jobs};
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub node_id: String,
+    pub store: Arc<RocksStore>,
+    pub pool: CpuPool,
+    pub jobs: Arc<Jobs>,
+    pub started: Instant,
+    pub bytes_ingested: AtomicU64,
+    pub bytes_stored: AtomicU64,
+}
+
+impl Node {
+    pub fn open(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let node_id = load_or_create_id(&config.data_dir.join("node.id"))?;
+        let store = Arc::new(
+            RocksStore::open(&config.data_dir.join("db"), &RocksOptions::default())
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+        );
+        let pool = CpuPool::new(config.cpu_threads, "bitclone-cpu")?;
+        let jobs = Arc::new(Jobs::load(
+            store.clone(),
+            pool.clone(),
+            Backoff {
+                base: config.backoff_base,
+                max: config.backoff_max,
+            },
+            config.max_attempts,
+        )?);
+        Ok(Arc::new(Node {
+            config,
+            node_id,
+            store,
+            pool,
+            jobs,
+            started: Instant::now(),
+            bytes_ingested: AtomicU64::new(0),
+            bytes_stored: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn chunk_store(&self) -> Arc<dyn ChunkStore> {
+        self.store.clone()
+    }
+
+    /// Runs a blocking storage call on the CPU pool.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RocksStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        self.pool.run(move || f(&store)).await
+    }
+
+    /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset.
+    pub async fn resolve_snapshot(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        snapshot: &str,
+    ) -> Result<(SnapshotId, Manifest), StoreError> {
+        bitclone_storage::path::validate_name("tenant", tenant)?;
+        bitclone_storage::path::validate_name("dataset", dataset)?;
+        let (t, d, s) = (tenant.to_string(), dataset.to_string(), snapshot.to_string());
+        self.blocking(move |store| {
+            let id = if s.is_empty() {
+                store.head(&t, &d)?.ok_or(StoreError::NotFound {
+                    kind: "dataset",
+                    name: d.clone(),
+                })?
+            } else {
+                let id: SnapshotId = s.parse()?;
+                // The snapshot must belong to this dataset, not just exist.
+                if !store.list_snapshots(&t, &d)?.iter().any(|r| r.id == id.to_hex()) {
+                    return Err(StoreError::NotFound {
+                        kind: "snapshot",
+                        name: format!("{s} of dataset {d}"),
+                    });
+                }
+                id
+            };
+            let m = export::load_manifest(store, &t, &id)?;
+            Ok((id, m))
+        })
+        .await
+    }
+
+    /// Encodes and durably commits a snapshot built by `builder`.
+    pub async fn commit(
+        &self,
+        builder: SnapshotBuilder,
+    ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
+        self.blocking(move |store| {
+            let (manifest, stats) = builder.finish(now_ms())?;
+            let (id, bytes) = manifest.encode_with_id()?;
+            let record = store.commit_snapshot(&manifest, &id, &bytes)?;
+            Ok((record, stats))
+        })
+        .await
+    }
+
+    /// The latest snapshot of a dataset and its manifest, to diff against.
+    pub async fn parent_of(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> Result<Option<(SnapshotId, Manifest)>, StoreError> {
+        match self.resolve_snapshot(tenant, dataset, "").await {
+            Ok(p) => Ok(Some(p)),
+            Err(StoreError::NotFound { kind: "dataset", .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs one attempt of a clone job, resuming from its checkpoint.
+    pub async fn run_job(self: &Arc<Self>, job: Job, stop: Arc<AtomicBool>) -> Result<(), StoreError> {
+        let snapshot = match &job.checkpoint.snapshot {
+            Some(s) => s.parse::<SnapshotId>()?,
+            None => {
+                let id = self.ingest_source(&job, stop.clone()).await?;
+                let hex = id.to_hex();
+                self.checkpoint(&job.id, |j| j.checkpoint.snapshot = Some(hex.clone()))
+                    .await?;
+                id
+            }
+        };
+        let (_, manifest) = self
+            .resolve_snapshot(&job.tenant, &job.dataset, &snapshot.to_hex())
+            .await?;
+        let mut cp = self
+            .jobs
+            .get(&job.id)
+            .map(|j| j.checkpoint)
+            .unwrap_or_default();
+        let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
+        while cp.destinations_done < job.destinations.len() {
+            let url = &job.destinations[cp.destinations_done];
+            let (dest, prefix) = export::open_destination(url)?;
+            let from = ExportProgress {
+                next_entry: cp.next_entry,
+                files_done: cp.files_done,
+                bytes_done: cp.bytes_done,
+            };
+            let id = job.id.clone();
+            let jobs = &self.jobs;
+            let phase = format!("writing {url}");
+            // Progress and the checkpoint live in memory; `Jobs::finish`
+            // persists them, so a retry after an error resumes mid-destination.
+            let mut on_progress = |p: ExportProgress| {
+                jobs.report(&id, |j| {
+                    j.progress.phase = phase.clone();
+                    j.progress.files_done = p.files_done;
+                    j.progress.files_total = files_total;
+                    j.progress.bytes_done = p.bytes_done;
+                    j.progress.bytes_total = bytes_total;
+                    j.checkpoint.next_entry = p.next_entry;
+                    j.checkpoint.files_done = p.files_done;
+                    j.checkpoint.bytes_done = p.bytes_done;
+                });
+            };
+            export::export_snapshot(
+                &self.pool,
+                self.chunk_store(),
+                &manifest,
+                &snapshot,
+                dest,
+                &prefix,
+                from,
+                stop.clone(),
+                &mut on_progress,
+            )
+            .await?;
+            cp.destinations_done += 1;
+            cp.next_entry = 0;
+            cp.files_done = 0;
+            cp.bytes_done = 0;
+            let saved = cp.clone();
+            self.checkpoint(&job.id, move |j| j.checkpoint = saved).await?;
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&self, id: &str, f: impl FnOnce(&mut Job)) -> Result<(), StoreError> {
+        self.jobs
+            .update(id, false, f)
+            .await
+            .map_err(|e| StoreError::InvalidArgument(format!("saving checkpoint: {e:#}")))?;
+        Ok(())
+    }
+
+    /// Turns the job's source into a committed snapshot of its dataset.
+    async fn ingest_source(&self, job: &Job, stop: Arc<AtomicBool>) -> Result<SnapshotId, StoreError> {
+        match parse_source(&job.source)? {
+            Source::Dir(root) => {
+                let parent = self.parent_of(&job.tenant, &job.dataset).await?;
+                let chunking = parent
+                    .as_ref()
+                    .map(|(_, m)| m.chunking)
+                    .unwrap_or(self.config.chunking);
+                let mut builder = SnapshotBuilder::new(&job.tenant, &job.dataset, parent, chunking)?;
+                let store = self.chunk_store();
+                let (jobs, id) = (self.jobs.clone(), job.id.clone());
+                let builder = self
+                    .pool
+                    .run(move || {
+                        let entries = ingest::walk_dir(&root)?;
+                        let files_total = entries.iter().filter(|e| e.kind == Some(bitclone_storage::EntryKind::File)).count() as u64;
+                        let bytes_total: u64 = entries.iter().map(|e| e.size).sum();
+                        let mut last = Instant::now();
+                        ingest::ingest_dir(store.as_ref(), &mut builder, &root, &entries, &stop, &mut |files, bytes| {
+                            if last.elapsed().as_millis() >= 100 {
+                                last = Instant::now();
+                                jobs.report(&id, |j| {
+                                    j.progress = crate::job::Progress {
+                                        phase: "ingesting source".into(),
+                                        files_done: files,
+                                        files_total,
+                                        bytes_done: bytes,
+                                        bytes_total,
+                                    };
+                                });
+                            }
+                        })?;
+                        Ok(builder)
+                    })
+                    .await?;
+                let (record, stats) = self.commit(builder).await?;
+                self.bytes_ingested.fetch_add(stats.bytes, Ordering::Relaxed);
+                self.bytes_stored.fetch_add(stats.new_bytes, Ordering::Relaxed);
+                record.id.parse()
+            }
+            Source::Snapshot { dataset, snapshot } => {
+                let (id, manifest) = self
+                    .resolve_snapshot(&job.tenant, &dataset, snapshot.as_deref().unwrap_or(""))
+                    .await?;
+                if dataset == job.dataset {
+                    return Ok(id);
+                }
+                // Cloning a snapshot into another dataset is a metadata
+                // operation: the same entries and chunks, a new manifest.
+                let parent = self.parent_of(&job.tenant, &job.dataset).await?;
+                let m = Manifest {
+                    dataset: job.dataset.clone(),
+                    parent: parent.map(|(p, _)| p),
+                    created_unix_ms: now_ms(),
+                    ..manifest
+                };
+                let record = self
+                    .blocking(move |store| {
+                        let (id, bytes) = m.encode_with_id()?;
+                        store.commit_snapshot(&m, &id, &bytes)
+                    })
+                    .await?;
+                record.id.parse()
+            }
+        }
+    }
+}
+
+enum Source {
+    Dir(PathBuf),
+    Snapshot {
+        dataset: String,
+        snapshot: Option<String>,
+    },
+}
+
+/// Parses a clone source: `file:///abs/path` or `snapshot://NAME[@ID]`.
+fn parse_source(source: &str) -> Result<Source, StoreError> {
+    if let Some(rest) = source.strip_prefix("snapshot://") {
+        let (dataset, snapshot) = match rest.split_once('@') {
+            Some((d, s)) => (d.to_string(), Some(s.to_string())),
+            None => (rest.to_string(), None),
+        };
+        bitclone_storage::path::validate_name("dataset", &dataset)?;
+        if let Some(s) = &snapshot {
+            s.parse::<SnapshotId>()?;
+        }
+        return Ok(Source::Snapshot { dataset, snapshot });
+    }
+    let url = url::Url::parse(source)
+        .map_err(|e| StoreError::InvalidArgument(format!("source {source:?}: {e}")))?;
+    if url.scheme() != "file" {
+        return Err(StoreError::InvalidArgument(format!(
+            "source {source:?}: supported sources are file:///abs/path and snapshot://NAME[@ID]"
+        )));
+    }
+    let path = url.to_file_path().map_err(|_| {
+        StoreError::InvalidArgument(format!("source {source:?} is not an absolute file:// path"))
+    })?;
+    Ok(Source::Dir(path))
+}
+
+/// Checks a job's source and destinations before it is accepted.
+pub fn validate_job_urls(source: &str, destinations: &[String]) -> Result<(), StoreError> {
+    parse_source(source)?;
+    for d in destinations {
+        let url = url::Url::parse(d)
+            .map_err(|e| StoreError::InvalidArgument(format!("destination {d:?}: {e}")))?;
+        if url.scheme() != "file" || url.to_file_path().is_err() {
+            return Err(StoreError::InvalidArgument(format!(
+                "destination {d:?}: this build supports file:///abs/path object-store destinations"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether retrying can help.
+pub fn classify(e: &StoreError) -> Failure {
+    match e {
+        StoreError::InvalidArgument(_)
+        | StoreError::InvalidPath { .. }
+        | StoreError::NotFound { .. }
+        | StoreError::Decode { .. }
+        | StoreError::CorruptChunk { .. }
+        | StoreError::MissingChunk(_) => Failure::Permanent,
+        StoreError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Failure::Permanent
+        }
+        _ => Failure::Transient,
+    }
+}
+
+fn load_or_create_id(path: &std::path::Path) -> anyhow::Result<String> {
+    if let Ok(id) = std::fs::read_to_string(path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}

@@ -1,0 +1,537 @@
+//! The public gRPC API (`bitclone.v1.BitClone`). Storage errors become gRPC
+//! status codes here and nowhere else.
+
+use std::io::Read;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bitclone_proto::v1 as pb;
+use bitclone_proto::v1::bit_clone_server::BitClone;
+use bitclone_proto::DATA_FRAME_BYTES;
+use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::path::{validate_name, validate_path};
+use bitclone_storage::{ChunkParams, Entry, EntryKind, Error as StoreError, SnapshotRecord};
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::job::{Job, JobState};
+use crate::jobs::now_ms;
+use crate::node::{validate_job_urls, Node};
+
+pub struct Api {
+    pub node: Arc<Node>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Maps a storage error to the gRPC status a client can act on.
+pub fn status(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::NotFound { .. } => Status::not_found(msg),
+        StoreError::InvalidPath { .. } | StoreError::InvalidArgument(_) => {
+            Status::invalid_argument(msg)
+        }
+        StoreError::Conflict(_) => Status::aborted(msg),
+        StoreError::Cancelled => Status::cancelled(msg),
+        StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_) | StoreError::Decode { .. } => {
+            Status::data_loss(msg)
+        }
+        StoreError::PoolClosed | StoreError::Poisoned(_) => Status::unavailable(msg),
+        StoreError::Io { .. }
+        | StoreError::Rocks(_)
+        | StoreError::ObjectStore(_)
+        | StoreError::Panicked => Status::internal(msg),
+    }
+}
+
+fn names(tenant: &str, dataset: &str) -> Result<(), Status> {
+    validate_name("tenant", tenant).map_err(status)?;
+    validate_name("dataset", dataset).map_err(status)
+}
+
+fn entry_meta(e: &Entry) -> pb::EntryMeta {
+    pb::EntryMeta {
+        path: e.path.clone(),
+        kind: match e.kind {
+            EntryKind::File => pb::EntryKind::File as i32,
+            EntryKind::Dir => pb::EntryKind::Dir as i32,
+        },
+        size: e.size,
+        mode: e.mode,
+        mtime_ns: e.mtime_ns,
+        blake3: blake3::Hash::from(e.blake3).to_hex().to_string(),
+        chunks: e.chunks.len() as u32,
+    }
+}
+
+fn snapshot_info(r: &SnapshotRecord) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        id: r.id.clone(),
+        dataset: r.dataset.clone(),
+        parent: r.parent.clone(),
+        files: r.files,
+        bytes: r.bytes,
+        created_unix_ms: r.created_unix_ms,
+    }
+}
+
+pub fn job_pb(j: &Job) -> pb::Job {
+    pb::Job {
+        id: j.id.clone(),
+        tenant: j.tenant.clone(),
+        dataset: j.dataset.clone(),
+        source: j.source.clone(),
+        destinations: j.destinations.clone(),
+        state: match j.state {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        } as i32,
+        attempts: j.attempts,
+        max_attempts: j.max_attempts,
+        last_error: j.last_error.clone(),
+        snapshot: j.checkpoint.snapshot.clone().unwrap_or_default(),
+        progress: Some(pb::JobProgress {
+            phase: j.progress.phase.clone(),
+            files_done: j.progress.files_done,
+            files_total: j.progress.files_total,
+            bytes_done: j.progress.bytes_done,
+            bytes_total: j.progress.bytes_total,
+        }),
+        created_unix_ms: j.created_unix_ms,
+        updated_unix_ms: j.updated_unix_ms,
+        next_attempt_unix_ms: j.next_attempt_unix_ms,
+    }
+}
+
+/// A blocking `Read` over byte frames arriving from an async task.
+struct FrameReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for FrameReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+impl Api {
+    /// Receives one file's data frames and ingests them on the CPU pool.
+    async fn upload_file(
+        &self,
+        stream: &mut Streaming<pb::UploadRequest>,
+        tenant: &str,
+        chunking: ChunkParams,
+        path: &str,
+    ) -> Result<ingest::Ingested, Status> {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let abort = Arc::new(AtomicBool::new(false));
+        let store = self.node.chunk_store();
+        let (t, p, a) = (tenant.to_string(), path.to_string(), abort.clone());
+        let work = self.node.pool.run(move || {
+            let reader = FrameReader {
+                rx,
+                current: Bytes::new(),
+            };
+            ingest::ingest_stream(store.as_ref(), &t, chunking, reader, Path::new(&p), &a, &mut |_| {})
+        });
+        let feed = async {
+            loop {
+                let msg = stream.message().await?;
+                match msg.and_then(|m| m.msg) {
+                    Some(pb::upload_request::Msg::Data(d)) => {
+                        if tx.send(d).await.is_err() {
+                            // The ingest ended early (an error); report it below.
+                            return Ok(());
+                        }
+                    }
+                    Some(pb::upload_request::Msg::FileEnd(_)) => return Ok(()),
+                    None => {
+                        return Err(Status::invalid_argument(format!(
+                            "upload ended in the middle of {path:?}"
+                        )))
+                    }
+                    Some(_) => {
+                        return Err(Status::invalid_argument(format!(
+                            "expected data or file_end for {path:?}"
+                        )))
+                    }
+                }
+            }
+        };
+        let fed: Result<(), Status> = feed.await;
+        if fed.is_err() {
+            // Without this the reader would see a clean end of file.
+            abort.store(true, Ordering::Release);
+        }
+        drop(tx);
+        let result = work.await;
+        fed?;
+        result.map_err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl BitClone for Api {
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadRequest>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let mut stream = request.into_inner();
+        let begin = match stream.message().await?.and_then(|m| m.msg) {
+            Some(pb::upload_request::Msg::Begin(b)) => b,
+            _ => return Err(Status::invalid_argument("an upload must start with a begin message")),
+        };
+        names(&begin.tenant, &begin.dataset)?;
+        let parent = self
+            .node
+            .parent_of(&begin.tenant, &begin.dataset)
+            .await
+            .map_err(status)?;
+        let head = parent.as_ref().map(|(id, _)| id.to_hex()).unwrap_or_default();
+        if !begin.parent.is_empty() && begin.parent != head {
+            return Err(Status::aborted(format!(
+                "dataset {} is at {} now, not at the parent {} the upload was built on; retry",
+                begin.dataset,
+                if head.is_empty() { "nothing" } else { &head },
+                begin.parent
+            )));
+        }
+        let chunking = match (&begin.chunking, &parent) {
+            (Some(c), _) => ChunkParams {
+                min_size: c.min_size,
+                avg_size: c.avg_size,
+                max_size: c.max_size,
+            },
+            (None, Some((_, m))) => m.chunking,
+            (None, None) => self.node.config.chunking,
+        };
+        let mut builder = SnapshotBuilder::new(&begin.tenant, &begin.dataset, parent, chunking)
+            .map_err(status)?;
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(pb::upload_request::Msg::FileStart(meta)) => {
+                    validate_path(&meta.path).map_err(status)?;
+                    let data = self
+                        .upload_file(&mut stream, &begin.tenant, chunking, &meta.path)
+                        .await?;
+                    builder
+                        .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
+                        .map_err(status)?;
+                }
+                Some(pb::upload_request::Msg::Unchanged(meta)) => builder
+                    .add_unchanged(&meta.path, meta.size, meta.mtime_ns, meta.mode & 0o7777)
+                    .map_err(status)?,
+                Some(pb::upload_request::Msg::Dir(meta)) => builder
+                    .add_dir(&meta.path, meta.mode & 0o7777, meta.mtime_ns)
+                    .map_err(status)?,
+                Some(pb::upload_request::Msg::Data(_)) | Some(pb::upload_request::Msg::FileEnd(_)) => {
+                    return Err(Status::invalid_argument("file data outside a file"))
+                }
+                Some(pb::upload_request::Msg::Begin(_)) => {
+                    return Err(Status::invalid_argument("begin may only come first"))
+                }
+                None => return Err(Status::invalid_argument("empty upload message")),
+            }
+        }
+        let (record, stats) = self.node.commit(builder).await.map_err(status)?;
+        self.node
+            .bytes_ingested
+            .fetch_add(stats.bytes, Ordering::Relaxed);
+        self.node
+            .bytes_stored
+            .fetch_add(stats.new_bytes, Ordering::Relaxed);
+        tracing::info!(
+            tenant = begin.tenant,
+            dataset = begin.dataset,
+            snapshot = record.id,
+            files = stats.files,
+            bytes = stats.bytes,
+            new_bytes = stats.new_bytes,
+            "snapshot committed"
+        );
+        Ok(Response::new(pb::UploadResponse {
+            snapshot: record.id,
+            files: stats.files,
+            bytes: stats.bytes,
+            new_chunks: stats.new_chunks,
+            new_bytes: stats.new_bytes,
+            chunks: stats.chunks,
+            unchanged_files: stats.unchanged_files,
+        }))
+    }
+
+    async fn get_manifest(
+        &self,
+        request: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let r = request.into_inner();
+        names(&r.tenant, &r.dataset)?;
+        let (id, m) = self
+            .node
+            .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GetManifestResponse {
+            snapshot: Some(pb::SnapshotInfo {
+                id: id.to_hex(),
+                dataset: m.dataset.clone(),
+                parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
+                files: m.file_count(),
+                bytes: m.total_bytes(),
+                created_unix_ms: m.created_unix_ms,
+            }),
+            entries: m.entries.iter().map(entry_meta).collect(),
+        }))
+    }
+
+    async fn list_datasets(
+        &self,
+        request: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        validate_name("tenant", &tenant).map_err(status)?;
+        let list = self
+            .node
+            .blocking(move |s| s.list_datasets(&tenant))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListDatasetsResponse {
+            datasets: list
+                .into_iter()
+                .map(|d| pb::DatasetInfo {
+                    name: d.name,
+                    latest_snapshot: d.head.to_hex(),
+                    snapshots: d.snapshots,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = request.into_inner();
+        names(&r.tenant, &r.dataset)?;
+        let (t, d) = (r.tenant.clone(), r.dataset.clone());
+        let list = self
+            .node
+            .blocking(move |s| s.list_snapshots(&t, &d))
+            .await
+            .map_err(status)?;
+        if list.is_empty() {
+            return Err(Status::not_found(format!("dataset {} not found", r.dataset)));
+        }
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: list.iter().map(snapshot_info).collect(),
+        }))
+    }
+
+    type DownloadStream = BoxStream<pb::DownloadResponse>;
+
+    async fn download(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let r = request.into_inner();
+        names(&r.tenant, &r.dataset)?;
+        let (id, manifest) = self
+            .node
+            .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
+            .await
+            .map_err(status)?;
+        let (tx, rx) = mpsc::channel::<Result<pb::DownloadResponse, Status>>(8);
+        let store = self.node.chunk_store();
+        let info = pb::SnapshotInfo {
+            id: id.to_hex(),
+            dataset: manifest.dataset.clone(),
+            parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),
+            files: manifest.file_count(),
+            bytes: manifest.total_bytes(),
+            created_unix_ms: manifest.created_unix_ms,
+        };
+        // A long-lived producer: a blocking thread of its own rather than a
+        // CPU pool worker, so slow readers cannot starve ingest.
+        tokio::task::spawn_blocking(move || {
+            use pb::download_response::Msg;
+            let send = |m: Msg| tx.blocking_send(Ok(pb::DownloadResponse { msg: Some(m) })).is_ok();
+            if !send(Msg::Snapshot(info)) {
+                return;
+            }
+            for e in &manifest.entries {
+                let meta = entry_meta(e);
+                if e.kind == EntryKind::Dir {
+                    if !send(Msg::Dir(meta)) {
+                        return;
+                    }
+                    continue;
+                }
+                if !send(Msg::FileStart(meta.clone())) {
+                    return;
+                }
+                for c in &e.chunks {
+                    let data = match store.get_chunk(&manifest.tenant, &c.id) {
+                        Ok(d) => Bytes::from(d),
+                        Err(err) => {
+                            tracing::error!(path = e.path, error = %err, "download failed");
+                            let _ = tx.blocking_send(Err(Status::data_loss(format!(
+                                "reading {:?}: {err}",
+                                e.path
+                            ))));
+                            return;
+                        }
+                    };
+                    let mut rest = data;
+                    while !rest.is_empty() {
+                        let frame = rest.split_to(rest.len().min(DATA_FRAME_BYTES));
+                        if !send(Msg::Data(frame)) {
+                            return;
+                        }
+                    }
+                }
+                if !send(Msg::FileEnd(meta)) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit_clone(
+        &self,
+        request: Request<pb::SubmitCloneRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = request.into_inner();
+        names(&r.tenant, &r.dataset)?;
+        validate_job_urls(&r.source, &r.destinations).map_err(status)?;
+        let max_attempts = if r.max_attempts == 0 {
+            self.node.jobs.default_max_attempts
+        } else {
+            r.max_attempts.min(100)
+        };
+        let job = Job::new(
+            format!("{:016x}", rand::random::<u64>()),
+            r.tenant,
+            r.dataset,
+            r.source,
+            r.destinations,
+            max_attempts,
+            now_ms(),
+        );
+        let job = self
+            .node
+            .jobs
+            .submit(job)
+            .await
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        tracing::info!(job = job.id, source = job.source, "clone job submitted");
+        Ok(Response::new(job_pb(&job)))
+    }
+
+    async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        self.node
+            .jobs
+            .get(&id)
+            .map(|j| Response::new(job_pb(&j)))
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        validate_name("tenant", &tenant).map_err(status)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.node.jobs.list(&tenant).iter().map(job_pb).collect(),
+        }))
+    }
+
+    type WatchJobStream = BoxStream<pb::Job>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().id;
+        let mut rx = self
+            .node
+            .jobs
+            .subscribe(&id)
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let stream = async_stream(move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
+            loop {
+                let job = rx.borrow_and_update().clone();
+                if tx.send(Ok(job_pb(&job))).await.is_err() || job.state.is_final() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        match self.node.jobs.cancel(&id).await {
+            Ok(Some(j)) => Ok(Response::new(job_pb(&j))),
+            Ok(None) => Err(Status::not_found(format!("job {id} not found"))),
+            Err(e) => Err(Status::internal(format!("{e:#}"))),
+        }
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
+        let (pending, running) = self.node.jobs.counts();
+        Ok(Response::new(pb::StatsResponse {
+            node_id: self.node.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            chunks: s.chunks,
+            chunk_bytes: s.chunk_bytes,
+            datasets: s.datasets,
+            snapshots: s.snapshots,
+            jobs_pending: pending,
+            jobs_running: running,
+            bytes_ingested: self.node.bytes_ingested.load(Ordering::Relaxed),
+            bytes_stored: self.node.bytes_stored.load(Ordering::Relaxed),
+            uptime_seconds: self.node.started.elapsed().as_secs(),
+        }))
+    }
+}
+
+/// A stream fed by a spawned task through a small channel.
+fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(ReceiverStream::new(rx))
+}

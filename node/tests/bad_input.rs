@@ -1,0 +1,199 @@
+//! Bad input gets a clear error and changes nothing.
+
+mod common;
+
+use bitclone_proto::v1 as pb;
+use bitclone_proto::v1::bit_clone_client::BitCloneClient;
+use common::*;
+use pb::upload_request::Msg;
+
+fn msg(m: Msg) -> pb::UploadRequest {
+    pb::UploadRequest { msg: Some(m) }
+}
+
+fn begin(dataset: &str) -> pb::UploadRequest {
+    msg(Msg::Begin(pb::upload_request::Begin {
+        tenant: "default".into(),
+        dataset: dataset.into(),
+        parent: String::new(),
+        chunking: None,
+    }))
+}
+
+fn file_meta(path: &str, size: u64) -> pb::EntryMeta {
+    pb::EntryMeta {
+        path: path.into(),
+        kind: pb::EntryKind::File as i32,
+        size,
+        mode: 0o644,
+        mtime_ns: 1,
+        blake3: String::new(),
+        chunks: 0,
+    }
+}
+
+async fn raw_upload(endpoint: &str, reqs: Vec<pb::UploadRequest>) -> Result<pb::UploadResponse, tonic::Status> {
+    let mut c = BitCloneClient::connect(endpoint.to_string()).await.unwrap();
+    c.upload(futures::stream::iter(reqs)).await.map(|r| r.into_inner())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&tmp.path().join("node"));
+    let rt = rt();
+    for bad in ["../escape", "/etc/passwd", "a/../../b", "a\0b", "./x", ""] {
+        let err = rt
+            .block_on(raw_upload(
+                &node.endpoint,
+                vec![
+                    begin("evil"),
+                    msg(Msg::FileStart(file_meta(bad, 3))),
+                    msg(Msg::Data(b"abc".to_vec().into())),
+                    msg(Msg::FileEnd(pb::upload_request::FileEnd {})),
+                ],
+            ))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err}");
+        assert!(err.message().contains("invalid path"), "{bad:?}: {}", err.message());
+    }
+    // A directory entry with a traversal path is refused the same way.
+    let err = rt
+        .block_on(raw_upload(
+            &node.endpoint,
+            vec![begin("evil"), msg(Msg::Dir(pb::EntryMeta { kind: pb::EntryKind::Dir as i32, ..file_meta("..", 0) }))],
+        ))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A frame over the 4 MiB message limit.
+    let err = rt
+        .block_on(raw_upload(
+            &node.endpoint,
+            vec![
+                begin("evil"),
+                msg(Msg::FileStart(file_meta("big", 5 << 20))),
+                msg(Msg::Data(vec![0u8; 5 << 20].into())),
+                msg(Msg::FileEnd(pb::upload_request::FileEnd {})),
+            ],
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
+        "oversized frame: {err}"
+    );
+    assert!(err.message().to_lowercase().contains("message"), "{err}");
+
+    // An upload must start with begin; bad names are refused.
+    let err = rt
+        .block_on(raw_upload(&node.endpoint, vec![msg(Msg::Dir(file_meta("x", 0)))]))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = rt.block_on(raw_upload(&node.endpoint, vec![begin("no/slash")])).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Nothing of the above was committed.
+    let ds = node.json(&["datasets"]);
+    assert_eq!(ds["datasets"].as_array().unwrap().len(), 0, "{ds}");
+    assert!(node.fails(&["snapshots", "--dataset", "evil"]).contains("not found"));
+
+    // The node still works afterwards.
+    let src = tmp.path().join("ok");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"fine").unwrap();
+    node.json(&["put", src.to_str().unwrap(), "--dataset", "ok"]);
+    node.stop();
+}
+
+#[test]
+fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&tmp.path().join("node"));
+    let dest = tmp.path().join("restore");
+    let e = node.fails(&["get", "--dataset", "nope", dest.to_str().unwrap()]);
+    assert!(e.contains("dataset nope not found"), "{e}");
+    assert!(!dest.join("f").exists());
+
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    node.json(&["put", src.to_str().unwrap(), "--dataset", "real"]);
+    let missing = "0".repeat(64);
+    let e = node.fails(&["get", "--dataset", "real", "--snapshot", &missing, dest.to_str().unwrap()]);
+    assert!(e.contains("not found"), "{e}");
+    let e = node.fails(&["get", "--dataset", "real", "--snapshot", "zzz", dest.to_str().unwrap()]);
+    assert!(e.contains("not a 64-digit hex"), "{e}");
+
+    // Put of a directory that does not exist.
+    let e = node.fails(&["put", "/nonexistent/bitclone-src", "--dataset", "real"]);
+    assert!(e.contains("/nonexistent/bitclone-src"), "{e}");
+
+    // A clone job whose source cannot be read fails with the path in its error.
+    let out = node.cli(&[
+        "--json", "clone", "--from", "file:///nonexistent/bitclone-src", "--to",
+        &file_url(&tmp.path().join("o")), "--dataset", "real", "--wait",
+    ]);
+    assert!(!out.status.success());
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "Failed");
+    assert!(job["last_error"].as_str().unwrap().contains("/nonexistent/bitclone-src"), "{job}");
+    assert_eq!(job["attempts"], 1, "a missing source is permanent: no retries");
+
+    // Malformed URLs are refused at submit time.
+    let e = node.fails(&["clone", "--from", "ftp://x/y", "--to", "file:///tmp/x", "--dataset", "real"]);
+    assert!(e.contains("supported sources"), "{e}");
+    let e = node.fails(&["clone", "--from", "snapshot://real", "--to", "s3://bucket/p", "--dataset", "real"]);
+    assert!(e.contains("destination"), "{e}");
+
+    // The dataset is untouched by all of this.
+    let snaps = node.json(&["snapshots", "--dataset", "real"]);
+    assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 1);
+    node.stop();
+}
+
+/// Flips one byte of a stored chunk on disk: reads must fail naming the chunk.
+#[test]
+fn corrupted_chunk_is_an_error_naming_the_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("node");
+    let node = TestNode::start(&data_dir);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // One file below the minimum chunk size is exactly one chunk.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(99);
+    let data = random_bytes(&mut rng, 200_000);
+    std::fs::write(src.join("victim.bin"), &data).unwrap();
+    std::fs::write(src.join("other.txt"), b"unharmed").unwrap();
+    node.json(&["put", src.to_str().unwrap(), "--dataset", "c"]);
+    // A clean stop flushes the chunk from the WAL into a blob file.
+    node.stop();
+
+    let needle = &data[100_000..100_064];
+    let mut flipped = 0;
+    for e in walkdir::WalkDir::new(data_dir.join("db")) {
+        let e = e.unwrap();
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + 10] ^= 0x55;
+            std::fs::write(e.path(), &bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped >= 1, "chunk bytes not found on disk");
+
+    let node = TestNode::start(&data_dir);
+    let dest = tmp.path().join("restore");
+    let e = node.fails(&["get", "--dataset", "c", dest.to_str().unwrap()]);
+    let chunk = blake3::hash(&data).to_hex().to_string();
+    assert!(e.contains(&format!("chunk {chunk}")), "error must name the chunk {chunk}: {e}");
+    assert!(e.contains("corrupt"), "{e}");
+    assert!(!dest.join("victim.bin").exists(), "a corrupt file must not be written");
+    node.stop();
+}

@@ -1,0 +1,15 @@
+//! Wire types of the BitClone public API (`bitclone.v1`), generated from
+//! `proto/bitclone/v1/*.proto` at build time. Generated code only.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("bitclone.v1");
+}
+
+/// Largest gRPC message either side accepts by default: one data frame of
+/// up to 1 MiB plus headroom. Larger frames are refused.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Size of the data frames senders cut file bytes into.
+pub const DATA_FRAME_BYTES: usize = 1024 * 1024;

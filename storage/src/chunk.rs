@@ -1,0 +1,80 @@
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// The BLAKE3 name of a chunk or a manifest: 32 bytes, shown as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+/// A snapshot is named by the BLAKE3 of its encoded manifest.
+pub type SnapshotId = ChunkId;
+
+impl ChunkId {
+    /// Names `data` by its BLAKE3 hash.
+    pub fn of(data: &[u8]) -> Self {
+        ChunkId(*blake3::hash(data).as_bytes())
+    }
+
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Builds an id from exactly 32 bytes read from disk or the network.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::InvalidArgument(format!("id must be 32 bytes, got {}", bytes.len())))?;
+        Ok(ChunkId(arr))
+    }
+
+    /// Lower-case hex form.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from(self.0).to_hex().to_string()
+    }
+
+    /// `true` when `data` hashes to this id.
+    pub fn verify(&self, data: &[u8]) -> bool {
+        // blake3::Hash compares in constant time; cheap and harmless here.
+        blake3::hash(data) == blake3::Hash::from(self.0)
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        blake3::Hash::from_hex(s.trim())
+            .map(|h| ChunkId(*h.as_bytes()))
+            .map_err(|_| Error::InvalidArgument(format!("{s:?} is not a 64-digit hex BLAKE3 id")))
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip_and_verify() {
+        let id = ChunkId::of(b"hello");
+        let parsed: ChunkId = id.to_hex().parse().unwrap();
+        assert_eq!(parsed, id);
+        assert!(id.verify(b"hello"));
+        assert!(!id.verify(b"hellO"));
+        assert!("xyz".parse::<ChunkId>().is_err());
+        assert!(ChunkId::from_slice(&[0u8; 31]).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+use std::path::PathBuf;
+
+use crate::chunk::ChunkId;
+
+/// Everything that can go wrong in the storage layer.
+///
+/// Variants that describe a bad request (`InvalidPath`, `InvalidArgument`,
+/// `NotFound`, `Conflict`) leave the store unchanged; `Poisoned` means a write
+/// may not have reached disk and the store refuses further writes until the
+/// process restarts and RocksDB recovers from its WAL.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stored chunk does not hash to its name (or RocksDB found it damaged).
+    #[error("chunk {chunk} is corrupt: {detail}")]
+    CorruptChunk {
+        /// The chunk that failed verification.
+        chunk: ChunkId,
+        /// What the check found.
+        detail: String,
+    },
+    /// A chunk a manifest refers to is not in the store.
+    #[error("chunk {0} is missing from the store")]
+    MissingChunk(ChunkId),
+    /// A named object (dataset, snapshot, job…) does not exist.
+    #[error("{kind} {name} not found")]
+    NotFound {
+        /// What kind of object was looked up.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A path in a manifest or a request is not a safe relative path.
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath {
+        /// The offending path, as given.
+        path: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A request argument is malformed (names, chunking parameters, URLs…).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A persisted structure could not be decoded.
+    #[error("corrupt or unsupported {what}: {detail}")]
+    Decode {
+        /// Which structure.
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A compare-and-set lost (e.g. the dataset moved on since the parent).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The operation was cancelled by its caller.
+    #[error("cancelled")]
+    Cancelled,
+    /// Reading or writing a local file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// RocksDB reported an error.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// The object store (sink) reported an error.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// An earlier write failed; the store refuses writes from now on.
+    #[error("store is poisoned by an earlier failed write: {0}")]
+    Poisoned(String),
+    /// A task on the worker pool panicked (a bug; the pool keeps running).
+    #[error("internal error: a storage worker task panicked")]
+    Panicked,
+    /// A worker thread went away (the process is shutting down).
+    #[error("worker pool is shut down")]
+    PoolClosed,
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn not_found(kind: &'static str, name: impl Into<String>) -> Self {
+        Error::NotFound {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    pub(crate) fn decode(what: &'static str, detail: impl Into<String>) -> Self {
+        Error::Decode {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Result alias of the storage crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,25 @@
+//! BitClone storage: content-defined chunking, BLAKE3 names, the RocksDB
+//! chunk store, manifests, and the sinks snapshots are written out to.
+//!
+//! Nothing here knows about Raft, QUIC or gRPC. Blocking work (chunking,
+//! hashing, RocksDB) runs on a [`CpuPool`], never on the async runtime.
+
+mod chunk;
+pub mod chunker;
+pub mod conformance;
+mod error;
+pub mod export;
+pub mod ingest;
+pub mod manifest;
+pub mod path;
+mod pool;
+pub mod rocks;
+mod store;
+
+pub use chunk::{ChunkId, SnapshotId};
+pub use chunker::ChunkParams;
+pub use error::{Error, Result};
+pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
+pub use pool::CpuPool;
+pub use rocks::{RocksOptions, RocksStore, SnapshotRecord};
+pub use store::{ChunkStore, MemStore};
