@@ -147,7 +147,9 @@ impl PartFile {
                     });
                 }
                 // A leftover of an earlier run of a process with our pid.
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && attempts < 100 => {
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::AlreadyExists && attempts < 100 =>
+                {
                     attempts += 1;
                 }
                 Err(error) => return Err(Error::io(&tmp, error)),
@@ -208,7 +210,11 @@ impl PartFile {
         }
 
         // The end message is authoritative; fall back to the start's fields.
-        let mode = (if end.mode != 0 { end.mode } else { self.start.mode }) & 0o7777;
+        let mode = (if end.mode != 0 {
+            end.mode
+        } else {
+            self.start.mode
+        }) & 0o7777;
         let mtime_ns = if end.mtime_ns != 0 {
             end.mtime_ns
         } else {
@@ -224,7 +230,8 @@ impl PartFile {
         file.sync_all()
             .map_err(|source| Error::io(&self.tmp, source))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.target).map_err(|source| Error::io(&self.target, source))?;
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|source| Error::io(&self.target, source))?;
         self.done = true;
         Ok(())
     }
@@ -248,7 +255,9 @@ fn finish_dirs(mut dirs: Vec<(PathBuf, u32, i64)>) -> Result<()> {
         // The mtime is cosmetic (uploads compare files only): best effort.
         match File::open(&path).and_then(|dir| dir.set_modified(system_time(mtime_ns))) {
             Ok(()) => {}
-            Err(error) => tracing::debug!(path = %path.display(), %error, "cannot set directory mtime"),
+            Err(error) => {
+                tracing::debug!(path = %path.display(), %error, "cannot set directory mtime")
+            }
         }
         if mode != 0 {
             std::fs::set_permissions(&path, Permissions::from_mode(mode))
@@ -372,8 +381,8 @@ mod tests {
     #[test]
     fn path_safety() {
         for bad in [
-            "../x", "/abs", "a/../b", "a\0b", "", "..", ".", "./a", "a/./b", "a//b", "a/",
-            "/", "a/..",
+            "../x", "/abs", "a/../b", "a\0b", "", "..", ".", "./a", "a/./b", "a//b", "a/", "/",
+            "a/..",
         ] {
             assert!(
                 matches!(safe_relative_path(bad), Err(Error::InvalidPath { .. })),

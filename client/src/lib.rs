@@ -351,11 +351,8 @@ impl Client {
                         error = %status.message(),
                         "node unavailable, trying the next endpoint"
                     );
-                    last_error = format!(
-                        "{}: {}",
-                        self.shared.endpoints[index],
-                        error_chain(&status)
-                    );
+                    last_error =
+                        format!("{}: {}", self.shared.endpoints[index], error_chain(&status));
                 }
                 Err(status) => return Err(Error::Status(status)),
             }
@@ -642,7 +639,9 @@ mod tests {
     #[tokio::test]
     async fn connect_fails_when_nothing_listens() -> anyhow::Result<()> {
         // Bind then drop a listener to get a port nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let result = Client::connect([format!("http://127.0.0.1:{port}")]).await;
         assert!(matches!(result, Err(Error::Unavailable { .. })));
         Ok(())

@@ -100,8 +100,12 @@ pub(crate) fn walk_tree(root: &Path) -> Result<Tree> {
                 std::fs::symlink_metadata(&abs).map_err(|source| Error::io(&abs, source))?;
             let file_type = metadata.file_type();
             if file_type.is_dir() {
-                tree.entries
-                    .push(LocalEntry::new(rel.clone(), abs.clone(), EntryKind::Dir, &metadata));
+                tree.entries.push(LocalEntry::new(
+                    rel.clone(),
+                    abs.clone(),
+                    EntryKind::Dir,
+                    &metadata,
+                ));
                 pending.push((abs, rel));
             } else if file_type.is_file() {
                 tree.entries
@@ -333,7 +337,10 @@ mod tests {
     use super::*;
 
     fn rels(tree: &Tree) -> Vec<&str> {
-        tree.entries.iter().map(|entry| entry.rel.as_str()).collect()
+        tree.entries
+            .iter()
+            .map(|entry| entry.rel.as_str())
+            .collect()
     }
 
     #[test]
@@ -350,7 +357,15 @@ mod tests {
         let tree = walk_tree(root.path())?;
         assert_eq!(
             rels(&tree),
-            ["a", "a.txt", "a/b.txt", "a/c", "a/c/d.txt", "empty", "top.txt"]
+            [
+                "a",
+                "a.txt",
+                "a/b.txt",
+                "a/c",
+                "a/c/d.txt",
+                "empty",
+                "top.txt"
+            ]
         );
         assert_eq!(tree.skipped, ["link"]);
 
@@ -392,10 +407,22 @@ mod tests {
         assert!(is_unchanged(&entry, &parent));
 
         for change in [
-            EntryMeta { size: 11, ..entry.meta() },
-            EntryMeta { mtime_ns: 1, ..entry.meta() },
-            EntryMeta { mode: 0o600, ..entry.meta() },
-            EntryMeta { kind: EntryKind::Dir as i32, ..entry.meta() },
+            EntryMeta {
+                size: 11,
+                ..entry.meta()
+            },
+            EntryMeta {
+                mtime_ns: 1,
+                ..entry.meta()
+            },
+            EntryMeta {
+                mode: 0o600,
+                ..entry.meta()
+            },
+            EntryMeta {
+                kind: EntryKind::Dir as i32,
+                ..entry.meta()
+            },
         ] {
             parent.insert(entry.rel.clone(), change);
             assert!(!is_unchanged(&entry, &parent));

@@ -156,7 +156,10 @@ fn job_line(j: &proto::Job) -> String {
         j.max_attempts
     );
     if !p.phase.is_empty() {
-        s.push_str(&format!("  [{}: {}/{} files]", p.phase, p.files_done, p.files_total));
+        s.push_str(&format!(
+            "  [{}: {}/{} files]",
+            p.phase, p.files_done, p.files_total
+        ));
     }
     if !j.snapshot.is_empty() {
         s.push_str(&format!("  snapshot {}", j.snapshot));
@@ -235,15 +238,23 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             dir,
         } => {
             let bar = Bar::new("get", ctx.json);
-            let s = client.download(&dataset, snapshot.as_deref(), &dir, &bar).await;
+            let s = client
+                .download(&dataset, snapshot.as_deref(), &dir, &bar)
+                .await;
             bar.finish();
             let s = s.with_context(|| format!("restoring into {}", dir.display()))?;
             if ctx.json {
-                print_json(&json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes, "seconds": s.seconds}));
+                print_json(
+                    &json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes, "seconds": s.seconds}),
+                );
             } else {
                 eprintln!(
                     "restored {} files, {} bytes of snapshot {} in {:.2}s ({:.1} MB/s)",
-                    s.files, s.bytes, s.snapshot, s.seconds, s.bytes as f64 / 1e6 / s.seconds.max(1e-9)
+                    s.files,
+                    s.bytes,
+                    s.snapshot,
+                    s.seconds,
+                    s.bytes as f64 / 1e6 / s.seconds.max(1e-9)
                 );
             }
         }
@@ -272,7 +283,12 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 println!("{}", job_line(&j));
             }
             if j.state != proto::JobState::Succeeded as i32 {
-                eprintln!("error: job {} ended {}: {}", j.id, state_name(j.state), j.last_error);
+                eprintln!(
+                    "error: job {} ended {}: {}",
+                    j.id,
+                    state_name(j.state),
+                    j.last_error
+                );
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -314,7 +330,10 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 })).collect::<Vec<_>>()}));
             } else {
                 for d in &list {
-                    println!("{}  {}  ({} snapshots)", d.name, d.latest_snapshot, d.snapshots);
+                    println!(
+                        "{}  {}  ({} snapshots)",
+                        d.name, d.latest_snapshot, d.snapshots
+                    );
                 }
             }
         }
@@ -327,7 +346,10 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 })).collect::<Vec<_>>()}));
             } else {
                 for s in &list {
-                    println!("{}  {} files  {} bytes  created {}", s.id, s.files, s.bytes, s.created_unix_ms);
+                    println!(
+                        "{}  {} files  {} bytes  created {}",
+                        s.id, s.files, s.bytes, s.created_unix_ms
+                    );
                 }
             }
         }

@@ -81,7 +81,8 @@ impl NodeConfig {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading config file {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", p.display()))?
             }
             None => FileConfig::default(),
         };
@@ -104,20 +105,32 @@ impl NodeConfig {
             .context("no data directory: pass --data-dir, set BITCLONE_DATA_DIR or data_dir in the config file")?;
         let listen = pick(flags.listen, "BITCLONE_LISTEN", fc.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen
-            .parse()
-            .with_context(|| format!("listen address {listen:?} is not HOST:PORT (an IP address and a port)"))?;
+        let listen: SocketAddr = listen.parse().with_context(|| {
+            format!("listen address {listen:?} is not HOST:PORT (an IP address and a port)")
+        })?;
         let size = |var: &str, file: Option<String>, default: u64| -> Result<u64> {
             match env(var).or(file) {
-                Some(s) => parse_size(&s).with_context(|| format!("{var}")),
+                Some(s) => parse_size(&s).with_context(|| var.to_string()),
                 None => Ok(default),
             }
         };
         let d = ChunkParams::default();
         let chunking = ChunkParams {
-            min_size: u32_size(size("BITCLONE_CHUNK_MIN_SIZE", fc.chunking.min_size, d.min_size.into())?)?,
-            avg_size: u32_size(size("BITCLONE_CHUNK_AVG_SIZE", fc.chunking.avg_size, d.avg_size.into())?)?,
-            max_size: u32_size(size("BITCLONE_CHUNK_MAX_SIZE", fc.chunking.max_size, d.max_size.into())?)?,
+            min_size: u32_size(size(
+                "BITCLONE_CHUNK_MIN_SIZE",
+                fc.chunking.min_size,
+                d.min_size.into(),
+            )?)?,
+            avg_size: u32_size(size(
+                "BITCLONE_CHUNK_AVG_SIZE",
+                fc.chunking.avg_size,
+                d.avg_size.into(),
+            )?)?,
+            max_size: u32_size(size(
+                "BITCLONE_CHUNK_MAX_SIZE",
+                fc.chunking.max_size,
+                d.max_size.into(),
+            )?)?,
         };
         chunking.validate().context("chunking")?;
         let max_message_size = size(
@@ -130,10 +143,16 @@ impl NodeConfig {
         }
         let num = |var: &str| -> Result<Option<u64>> {
             env(var)
-                .map(|v| v.trim().parse::<u64>().with_context(|| format!("{var}={v:?} is not a number")))
+                .map(|v| {
+                    v.trim()
+                        .parse::<u64>()
+                        .with_context(|| format!("{var}={v:?} is not a number"))
+                })
                 .transpose()
         };
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let cpu_threads = flags
             .cpu_threads
             .or(num("BITCLONE_CPU_THREADS")?.map(|n| n as usize))
@@ -150,7 +169,8 @@ impl NodeConfig {
             .unwrap_or(5);
         let dur = |var: &str, file: Option<String>, default: &str| -> Result<Duration> {
             let s = env(var).or(file).unwrap_or_else(|| default.to_string());
-            humantime::parse_duration(&s).with_context(|| format!("{var}={s:?} is not a duration like 5s"))
+            humantime::parse_duration(&s)
+                .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
         };
         let backoff_base = dur("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base, "1s")?;
         let backoff_max = dur("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max, "60s")?;
@@ -186,9 +206,7 @@ fn u32_size(v: u64) -> Result<u32> {
 /// Parses "4MiB", "256 KiB", "1GiB", "512k", "1000" (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -203,7 +221,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "gb" => 1_000_000_000,
         other => bail!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"),
     };
-    n.checked_mul(mult).with_context(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .with_context(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -216,7 +235,10 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_validates() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/bitclone.example.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/bitclone.example.toml"
+        );
         let cfg = NodeConfig::load(Some(Path::new(path)), &no_env, Overrides::default()).unwrap();
         assert_eq!(cfg.chunking, ChunkParams::default());
         assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);

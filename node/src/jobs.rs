@@ -230,7 +230,11 @@ impl Jobs {
     }
 
     /// Records how an attempt ended.
-    pub async fn finish(&self, id: &str, outcome: Result<(), (String, Failure)>) -> anyhow::Result<()> {
+    pub async fn finish(
+        &self,
+        id: &str,
+        outcome: Result<(), (String, Failure)>,
+    ) -> anyhow::Result<()> {
         let shutting_down = self.shutting_down.load(Ordering::Acquire);
         let backoff = self.backoff;
         let jitter: f64 = rand::rng().random();
@@ -247,8 +251,19 @@ impl Jobs {
             .await?;
         if let Some(j) = job {
             match j.state {
-                JobState::Failed => tracing::warn!(job = j.id, attempts = j.attempts, error = j.last_error, "job failed"),
-                JobState::Pending => tracing::info!(job = j.id, attempts = j.attempts, error = j.last_error, retry_at_ms = j.next_attempt_unix_ms, "job will retry"),
+                JobState::Failed => tracing::warn!(
+                    job = j.id,
+                    attempts = j.attempts,
+                    error = j.last_error,
+                    "job failed"
+                ),
+                JobState::Pending => tracing::info!(
+                    job = j.id,
+                    attempts = j.attempts,
+                    error = j.last_error,
+                    retry_at_ms = j.next_attempt_unix_ms,
+                    "job will retry"
+                ),
                 state => tracing::info!(job = j.id, ?state, "job ended"),
             }
         }

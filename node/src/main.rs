@@ -13,13 +13,27 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bitclone", version, about = "BitClone: clone datasets, deduplicated and verified")]
+#[command(
+    name = "bitclone",
+    version,
+    about = "BitClone: clone datasets, deduplicated and verified"
+)]
 struct Cli {
     /// Node to talk to (repeat, or comma-separate, for failover).
-    #[arg(long = "endpoint", global = true, env = "BITCLONE_ENDPOINT", value_delimiter = ',')]
+    #[arg(
+        long = "endpoint",
+        global = true,
+        env = "BITCLONE_ENDPOINT",
+        value_delimiter = ','
+    )]
     endpoints: Vec<String>,
     /// Tenant the datasets belong to.
-    #[arg(long, global = true, env = "BITCLONE_TENANT", default_value = "default")]
+    #[arg(
+        long,
+        global = true,
+        env = "BITCLONE_TENANT",
+        default_value = "default"
+    )]
     tenant: String,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -85,7 +99,10 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let is_node = matches!(cli.cmd, Cmd::Node(_));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

@@ -82,7 +82,11 @@ impl Node {
     ) -> Result<(SnapshotId, Manifest), StoreError> {
         bitclone_storage::path::validate_name("tenant", tenant)?;
         bitclone_storage::path::validate_name("dataset", dataset)?;
-        let (t, d, s) = (tenant.to_string(), dataset.to_string(), snapshot.to_string());
+        let (t, d, s) = (
+            tenant.to_string(),
+            dataset.to_string(),
+            snapshot.to_string(),
+        );
         self.blocking(move |store| {
             let id = if s.is_empty() {
                 store.head(&t, &d)?.ok_or(StoreError::NotFound {
@@ -92,7 +96,11 @@ impl Node {
             } else {
                 let id: SnapshotId = s.parse()?;
                 // The snapshot must belong to this dataset, not just exist.
-                if !store.list_snapshots(&t, &d)?.iter().any(|r| r.id == id.to_hex()) {
+                if !store
+                    .list_snapshots(&t, &d)?
+                    .iter()
+                    .any(|r| r.id == id.to_hex())
+                {
                     return Err(StoreError::NotFound {
                         kind: "snapshot",
                         name: format!("{s} of dataset {d}"),
@@ -128,13 +136,19 @@ impl Node {
     ) -> Result<Option<(SnapshotId, Manifest)>, StoreError> {
         match self.resolve_snapshot(tenant, dataset, "").await {
             Ok(p) => Ok(Some(p)),
-            Err(StoreError::NotFound { kind: "dataset", .. }) => Ok(None),
+            Err(StoreError::NotFound {
+                kind: "dataset", ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Runs one attempt of a clone job, resuming from its checkpoint.
-    pub async fn run_job(self: &Arc<Self>, job: Job, stop: Arc<AtomicBool>) -> Result<(), StoreError> {
+    pub async fn run_job(
+        self: &Arc<Self>,
+        job: Job,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), StoreError> {
         let snapshot = match &job.checkpoint.snapshot {
             Some(s) => s.parse::<SnapshotId>()?,
             None => {
@@ -196,7 +210,8 @@ impl Node {
             cp.files_done = 0;
             cp.bytes_done = 0;
             let saved = cp.clone();
-            self.checkpoint(&job.id, move |j| j.checkpoint = saved).await?;
+            self.checkpoint(&job.id, move |j| j.checkpoint = saved)
+                .await?;
         }
         Ok(())
     }
@@ -210,7 +225,11 @@ impl Node {
     }
 
     /// Turns the job's source into a committed snapshot of its dataset.
-    async fn ingest_source(&self, job: &Job, stop: Arc<AtomicBool>) -> Result<SnapshotId, StoreError> {
+    async fn ingest_source(
+        &self,
+        job: &Job,
+        stop: Arc<AtomicBool>,
+    ) -> Result<SnapshotId, StoreError> {
         match parse_source(&job.source)? {
             Source::Dir(root) => {
                 let parent = self.parent_of(&job.tenant, &job.dataset).await?;
@@ -218,36 +237,49 @@ impl Node {
                     .as_ref()
                     .map(|(_, m)| m.chunking)
                     .unwrap_or(self.config.chunking);
-                let mut builder = SnapshotBuilder::new(&job.tenant, &job.dataset, parent, chunking)?;
+                let mut builder =
+                    SnapshotBuilder::new(&job.tenant, &job.dataset, parent, chunking)?;
                 let store = self.chunk_store();
                 let (jobs, id) = (self.jobs.clone(), job.id.clone());
                 let builder = self
                     .pool
                     .run(move || {
                         let entries = ingest::walk_dir(&root)?;
-                        let files_total = entries.iter().filter(|e| e.kind == Some(bitclone_storage::EntryKind::File)).count() as u64;
+                        let files_total = entries
+                            .iter()
+                            .filter(|e| e.kind == Some(bitclone_storage::EntryKind::File))
+                            .count() as u64;
                         let bytes_total: u64 = entries.iter().map(|e| e.size).sum();
                         let mut last = Instant::now();
-                        ingest::ingest_dir(store.as_ref(), &mut builder, &root, &entries, &stop, &mut |files, bytes| {
-                            if last.elapsed().as_millis() >= 100 {
-                                last = Instant::now();
-                                jobs.report(&id, |j| {
-                                    j.progress = crate::job::Progress {
-                                        phase: "ingesting source".into(),
-                                        files_done: files,
-                                        files_total,
-                                        bytes_done: bytes,
-                                        bytes_total,
-                                    };
-                                });
-                            }
-                        })?;
+                        ingest::ingest_dir(
+                            store.as_ref(),
+                            &mut builder,
+                            &root,
+                            &entries,
+                            &stop,
+                            &mut |files, bytes| {
+                                if last.elapsed().as_millis() >= 100 {
+                                    last = Instant::now();
+                                    jobs.report(&id, |j| {
+                                        j.progress = crate::job::Progress {
+                                            phase: "ingesting source".into(),
+                                            files_done: files,
+                                            files_total,
+                                            bytes_done: bytes,
+                                            bytes_total,
+                                        };
+                                    });
+                                }
+                            },
+                        )?;
                         Ok(builder)
                     })
                     .await?;
                 let (record, stats) = self.commit(builder).await?;
-                self.bytes_ingested.fetch_add(stats.bytes, Ordering::Relaxed);
-                self.bytes_stored.fetch_add(stats.new_bytes, Ordering::Relaxed);
+                self.bytes_ingested
+                    .fetch_add(stats.bytes, Ordering::Relaxed);
+                self.bytes_stored
+                    .fetch_add(stats.new_bytes, Ordering::Relaxed);
                 record.id.parse()
             }
             Source::Snapshot { dataset, snapshot } => {

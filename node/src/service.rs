@@ -39,9 +39,9 @@ pub fn status(e: StoreError) -> Status {
         }
         StoreError::Conflict(_) => Status::aborted(msg),
         StoreError::Cancelled => Status::cancelled(msg),
-        StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_) | StoreError::Decode { .. } => {
-            Status::data_loss(msg)
-        }
+        StoreError::CorruptChunk { .. }
+        | StoreError::MissingChunk(_)
+        | StoreError::Decode { .. } => Status::data_loss(msg),
         StoreError::PoolClosed | StoreError::Poisoned(_) => Status::unavailable(msg),
         StoreError::Io { .. }
         | StoreError::Rocks(_)
@@ -151,7 +151,15 @@ impl Api {
                 rx,
                 current: Bytes::new(),
             };
-            ingest::ingest_stream(store.as_ref(), &t, chunking, reader, Path::new(&p), &a, &mut |_| {})
+            ingest::ingest_stream(
+                store.as_ref(),
+                &t,
+                chunking,
+                reader,
+                Path::new(&p),
+                &a,
+                &mut |_| {},
+            )
         });
         let feed = async {
             loop {
@@ -198,7 +206,11 @@ impl BitClone for Api {
         let mut stream = request.into_inner();
         let begin = match stream.message().await?.and_then(|m| m.msg) {
             Some(pb::upload_request::Msg::Begin(b)) => b,
-            _ => return Err(Status::invalid_argument("an upload must start with a begin message")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an upload must start with a begin message",
+                ))
+            }
         };
         names(&begin.tenant, &begin.dataset)?;
         let parent = self
@@ -206,7 +218,10 @@ impl BitClone for Api {
             .parent_of(&begin.tenant, &begin.dataset)
             .await
             .map_err(status)?;
-        let head = parent.as_ref().map(|(id, _)| id.to_hex()).unwrap_or_default();
+        let head = parent
+            .as_ref()
+            .map(|(id, _)| id.to_hex())
+            .unwrap_or_default();
         if !begin.parent.is_empty() && begin.parent != head {
             return Err(Status::aborted(format!(
                 "dataset {} is at {} now, not at the parent {} the upload was built on; retry",
@@ -243,7 +258,8 @@ impl BitClone for Api {
                 Some(pb::upload_request::Msg::Dir(meta)) => builder
                     .add_dir(&meta.path, meta.mode & 0o7777, meta.mtime_ns)
                     .map_err(status)?,
-                Some(pb::upload_request::Msg::Data(_)) | Some(pb::upload_request::Msg::FileEnd(_)) => {
+                Some(pb::upload_request::Msg::Data(_))
+                | Some(pb::upload_request::Msg::FileEnd(_)) => {
                     return Err(Status::invalid_argument("file data outside a file"))
                 }
                 Some(pb::upload_request::Msg::Begin(_)) => {
@@ -339,7 +355,10 @@ impl BitClone for Api {
             .await
             .map_err(status)?;
         if list.is_empty() {
-            return Err(Status::not_found(format!("dataset {} not found", r.dataset)));
+            return Err(Status::not_found(format!(
+                "dataset {} not found",
+                r.dataset
+            )));
         }
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: list.iter().map(snapshot_info).collect(),
@@ -373,7 +392,10 @@ impl BitClone for Api {
         // CPU pool worker, so slow readers cannot starve ingest.
         tokio::task::spawn_blocking(move || {
             use pb::download_response::Msg;
-            let send = |m: Msg| tx.blocking_send(Ok(pb::DownloadResponse { msg: Some(m) })).is_ok();
+            let send = |m: Msg| {
+                tx.blocking_send(Ok(pb::DownloadResponse { msg: Some(m) }))
+                    .is_ok()
+            };
             if !send(Msg::Snapshot(info)) {
                 return;
             }
@@ -479,17 +501,19 @@ impl BitClone for Api {
             .jobs
             .subscribe(&id)
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-        let stream = async_stream(move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
-            loop {
-                let job = rx.borrow_and_update().clone();
-                if tx.send(Ok(job_pb(&job))).await.is_err() || job.state.is_final() {
-                    return;
+        let stream = async_stream(
+            move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
+                loop {
+                    let job = rx.borrow_and_update().clone();
+                    if tx.send(Ok(job_pb(&job))).await.is_err() || job.state.is_final() {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
                 }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+            },
+        );
         Ok(Response::new(stream))
     }
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Bad input gets a clear error and changes nothing.
 
 mod common;
@@ -32,13 +33,21 @@ fn file_meta(path: &str, size: u64) -> pb::EntryMeta {
     }
 }
 
-async fn raw_upload(endpoint: &str, reqs: Vec<pb::UploadRequest>) -> Result<pb::UploadResponse, tonic::Status> {
+async fn raw_upload(
+    endpoint: &str,
+    reqs: Vec<pb::UploadRequest>,
+) -> Result<pb::UploadResponse, tonic::Status> {
     let mut c = BitCloneClient::connect(endpoint.to_string()).await.unwrap();
-    c.upload(futures::stream::iter(reqs)).await.map(|r| r.into_inner())
+    c.upload(futures::stream::iter(reqs))
+        .await
+        .map(|r| r.into_inner())
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -59,13 +68,23 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
             ))
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err}");
-        assert!(err.message().contains("invalid path"), "{bad:?}: {}", err.message());
+        assert!(
+            err.message().contains("invalid path"),
+            "{bad:?}: {}",
+            err.message()
+        );
     }
     // A directory entry with a traversal path is refused the same way.
     let err = rt
         .block_on(raw_upload(
             &node.endpoint,
-            vec![begin("evil"), msg(Msg::Dir(pb::EntryMeta { kind: pb::EntryKind::Dir as i32, ..file_meta("..", 0) }))],
+            vec![
+                begin("evil"),
+                msg(Msg::Dir(pb::EntryMeta {
+                    kind: pb::EntryKind::Dir as i32,
+                    ..file_meta("..", 0)
+                })),
+            ],
         ))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -83,23 +102,36 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
         ))
         .unwrap_err();
     assert!(
-        matches!(err.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
+        matches!(
+            err.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal
+        ),
         "oversized frame: {err}"
     );
     assert!(err.message().to_lowercase().contains("message"), "{err}");
 
     // An upload must start with begin; bad names are refused.
     let err = rt
-        .block_on(raw_upload(&node.endpoint, vec![msg(Msg::Dir(file_meta("x", 0)))]))
+        .block_on(raw_upload(
+            &node.endpoint,
+            vec![msg(Msg::Dir(file_meta("x", 0)))],
+        ))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let err = rt.block_on(raw_upload(&node.endpoint, vec![begin("no/slash")])).unwrap_err();
+    let err = rt
+        .block_on(raw_upload(&node.endpoint, vec![begin("no/slash")]))
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Idle client connections would hold up the node's graceful shutdown.
+    drop(rt);
 
     // Nothing of the above was committed.
     let ds = node.json(&["datasets"]);
     assert_eq!(ds["datasets"].as_array().unwrap().len(), 0, "{ds}");
-    assert!(node.fails(&["snapshots", "--dataset", "evil"]).contains("not found"));
+    assert!(node
+        .fails(&["snapshots", "--dataset", "evil"])
+        .contains("not found"));
 
     // The node still works afterwards.
     let src = tmp.path().join("ok");
@@ -123,9 +155,23 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
     std::fs::write(src.join("f"), b"x").unwrap();
     node.json(&["put", src.to_str().unwrap(), "--dataset", "real"]);
     let missing = "0".repeat(64);
-    let e = node.fails(&["get", "--dataset", "real", "--snapshot", &missing, dest.to_str().unwrap()]);
+    let e = node.fails(&[
+        "get",
+        "--dataset",
+        "real",
+        "--snapshot",
+        &missing,
+        dest.to_str().unwrap(),
+    ]);
     assert!(e.contains("not found"), "{e}");
-    let e = node.fails(&["get", "--dataset", "real", "--snapshot", "zzz", dest.to_str().unwrap()]);
+    let e = node.fails(&[
+        "get",
+        "--dataset",
+        "real",
+        "--snapshot",
+        "zzz",
+        dest.to_str().unwrap(),
+    ]);
     assert!(e.contains("not a 64-digit hex"), "{e}");
 
     // Put of a directory that does not exist.
@@ -134,19 +180,51 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
 
     // A clone job whose source cannot be read fails with the path in its error.
     let out = node.cli(&[
-        "--json", "clone", "--from", "file:///nonexistent/bitclone-src", "--to",
-        &file_url(&tmp.path().join("o")), "--dataset", "real", "--wait",
+        "--json",
+        "clone",
+        "--from",
+        "file:///nonexistent/bitclone-src",
+        "--to",
+        &file_url(&tmp.path().join("o")),
+        "--dataset",
+        "real",
+        "--wait",
     ]);
     assert!(!out.status.success());
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "Failed");
-    assert!(job["last_error"].as_str().unwrap().contains("/nonexistent/bitclone-src"), "{job}");
-    assert_eq!(job["attempts"], 1, "a missing source is permanent: no retries");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/bitclone-src"),
+        "{job}"
+    );
+    assert_eq!(
+        job["attempts"], 1,
+        "a missing source is permanent: no retries"
+    );
 
     // Malformed URLs are refused at submit time.
-    let e = node.fails(&["clone", "--from", "ftp://x/y", "--to", "file:///tmp/x", "--dataset", "real"]);
+    let e = node.fails(&[
+        "clone",
+        "--from",
+        "ftp://x/y",
+        "--to",
+        "file:///tmp/x",
+        "--dataset",
+        "real",
+    ]);
     assert!(e.contains("supported sources"), "{e}");
-    let e = node.fails(&["clone", "--from", "snapshot://real", "--to", "s3://bucket/p", "--dataset", "real"]);
+    let e = node.fails(&[
+        "clone",
+        "--from",
+        "snapshot://real",
+        "--to",
+        "s3://bucket/p",
+        "--dataset",
+        "real",
+    ]);
     assert!(e.contains("destination"), "{e}");
 
     // The dataset is untouched by all of this.
@@ -192,8 +270,14 @@ fn corrupted_chunk_is_an_error_naming_the_chunk() {
     let dest = tmp.path().join("restore");
     let e = node.fails(&["get", "--dataset", "c", dest.to_str().unwrap()]);
     let chunk = blake3::hash(&data).to_hex().to_string();
-    assert!(e.contains(&format!("chunk {chunk}")), "error must name the chunk {chunk}: {e}");
+    assert!(
+        e.contains(&format!("chunk {chunk}")),
+        "error must name the chunk {chunk}: {e}"
+    );
     assert!(e.contains("corrupt"), "{e}");
-    assert!(!dest.join("victim.bin").exists(), "a corrupt file must not be written");
+    assert!(
+        !dest.join("victim.bin").exists(),
+        "a corrupt file must not be written"
+    );
     node.stop();
 }

@@ -30,7 +30,10 @@ fn put_get_incremental_put_and_clone_are_byte_identical() {
     let got = node.json(&["get", "--dataset", "ds", restore.to_str().unwrap()]);
     assert_eq!(got["snapshot"], snap1.as_str());
     assert_same_tree(&src, &restore, true, &[]);
-    assert!(restore.join("empty/dir").is_dir(), "empty directories survive");
+    assert!(
+        restore.join("empty/dir").is_dir(),
+        "empty directories survive"
+    );
 
     // Edit part of the tree: a region inside a big file, a few small files,
     // one new file, one deleted file.
@@ -66,11 +69,24 @@ fn put_get_incremental_put_and_clone_are_byte_identical() {
     let put2 = node.json(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
     let new2 = put2["new_bytes"].as_u64().unwrap();
     println!("changed {changed} bytes; second put stored {new2} new bytes (bound {bound})");
-    assert!(new2 >= changed - 64, "stored less than what changed: {new2} < {changed}");
-    assert!(new2 <= bound, "stored {new2} new bytes for {changed} changed (bound {bound})");
-    assert!(new2 < total / 10, "incremental put stored {new2} of {total} bytes");
+    assert!(
+        new2 >= changed - 64,
+        "stored less than what changed: {new2} < {changed}"
+    );
+    assert!(
+        new2 <= bound,
+        "stored {new2} new bytes for {changed} changed (bound {bound})"
+    );
+    assert!(
+        new2 < total / 10,
+        "incremental put stored {new2} of {total} bytes"
+    );
     assert_eq!(put2["files"], 320, "one added, one removed");
-    assert_eq!(put2["unchanged_files"], 320 - 5, "only edited and new files are read");
+    assert_eq!(
+        put2["unchanged_files"],
+        320 - 5,
+        "only edited and new files are read"
+    );
     let snap2 = put2["snapshot"].as_str().unwrap().to_string();
     assert_ne!(snap1, snap2);
 
@@ -85,13 +101,27 @@ fn put_get_incremental_put_and_clone_are_byte_identical() {
 
     // The old snapshot is still intact next to the new one.
     let old = tmp.path().join("old");
-    node.ok(&["get", "--dataset", "ds", "--snapshot", &snap1, old.to_str().unwrap()]);
+    node.ok(&[
+        "get",
+        "--dataset",
+        "ds",
+        "--snapshot",
+        &snap1,
+        old.to_str().unwrap(),
+    ]);
     assert_same_tree(&restore, &old, true, &[]);
 
     // Clone the latest snapshot to a file:// object store.
     let export = tmp.path().join("export");
     let job = node.json(&[
-        "clone", "--from", "snapshot://ds", "--to", &file_url(&export), "--dataset", "ds", "--wait",
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(&export),
+        "--dataset",
+        "ds",
+        "--wait",
     ]);
     assert_eq!(job["state"], "Succeeded", "{job}");
     assert_eq!(job["snapshot"], snap2.as_str());
@@ -103,15 +133,27 @@ fn put_get_incremental_put_and_clone_are_byte_identical() {
     let stored_before = node.json(&["stats"])["bytes_stored"].as_u64().unwrap();
     let (e1, e2) = (tmp.path().join("e1"), tmp.path().join("e2"));
     let job = node.json(&[
-        "clone", "--from", &file_url(&src), "--to", &file_url(&e1), "--to", &file_url(&e2),
-        "--dataset", "fromdir", "--wait",
+        "clone",
+        "--from",
+        &file_url(&src),
+        "--to",
+        &file_url(&e1),
+        "--to",
+        &file_url(&e2),
+        "--dataset",
+        "fromdir",
+        "--wait",
     ]);
     assert_eq!(job["state"], "Succeeded", "{job}");
     assert_same_tree(&src, &e1, false, &[".bitclone"]);
     assert_same_tree(&src, &e2, false, &[".bitclone"]);
     // Same content as ds's latest snapshot: no new chunk bytes were needed.
     let stats = node.json(&["stats"]);
-    assert_eq!(stats["bytes_stored"].as_u64().unwrap(), stored_before, "{stats}");
+    assert_eq!(
+        stats["bytes_stored"].as_u64().unwrap(),
+        stored_before,
+        "{stats}"
+    );
     assert_eq!(stats["datasets"], 2);
     let jobs = node.json(&["jobs"]);
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2);
@@ -148,14 +190,24 @@ fn sigterm_resumes_nothing_lost_and_jobs_survive_restart() {
     let node = TestNode::start(&data_dir);
     let out = tmp.path().join("out");
     let job = node.json(&[
-        "clone", "--from", &file_url(&src), "--to", &file_url(&out), "--dataset", "j", "--wait",
+        "clone",
+        "--from",
+        &file_url(&src),
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "j",
+        "--wait",
     ]);
     assert_eq!(job["state"], "Succeeded");
     let id = job["id"].as_str().unwrap().to_string();
     node.stop();
     let node = TestNode::start(&data_dir);
     let again = node.json(&["job", &id]);
-    assert_eq!(again["state"], "Succeeded", "job record must survive a restart");
+    assert_eq!(
+        again["state"], "Succeeded",
+        "job record must survive a restart"
+    );
     assert_eq!(again["snapshot"], job["snapshot"]);
     node.stop();
 }

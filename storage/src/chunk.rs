@@ -23,9 +23,9 @@ impl ChunkId {
 
     /// Builds an id from exactly 32 bytes read from disk or the network.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| Error::InvalidArgument(format!("id must be 32 bytes, got {}", bytes.len())))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            Error::InvalidArgument(format!("id must be 32 bytes, got {}", bytes.len()))
+        })?;
         Ok(ChunkId(arr))
     }
 

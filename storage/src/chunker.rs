@@ -217,7 +217,11 @@ mod tests {
         let after = cuts(&edited, p, 1 << 16);
         let old: std::collections::HashSet<_> = before.iter().collect();
         let changed = after.iter().filter(|c| !old.contains(c)).count();
-        assert!(before.len() > 100, "expected many chunks, got {}", before.len());
+        assert!(
+            before.len() > 100,
+            "expected many chunks, got {}",
+            before.len()
+        );
         // Only the chunk holding the edit (and at most its neighbour) may change.
         assert!(
             (1..=2).contains(&changed),

@@ -20,8 +20,14 @@ pub fn run_all(store: &dyn ChunkStore) {
 fn put_get_round_trip(store: &dyn ChunkStore) {
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let id = ChunkId::of(&data);
-    assert!(!store.has_chunk("t1", &id).expect("has"), "fresh store has the chunk");
-    assert!(store.put_chunk("t1", &id, &data).expect("put"), "first put must be new");
+    assert!(
+        !store.has_chunk("t1", &id).expect("has"),
+        "fresh store has the chunk"
+    );
+    assert!(
+        store.put_chunk("t1", &id, &data).expect("put"),
+        "first put must be new"
+    );
     assert!(store.has_chunk("t1", &id).expect("has"));
     assert_eq!(store.get_chunk("t1", &id).expect("get"), data);
     store.sync().expect("sync");
@@ -31,7 +37,10 @@ fn put_is_idempotent(store: &dyn ChunkStore) {
     let data = b"idempotent".to_vec();
     let id = ChunkId::of(&data);
     assert!(store.put_chunk("t1", &id, &data).expect("put"));
-    assert!(!store.put_chunk("t1", &id, &data).expect("put again"), "second put reported new");
+    assert!(
+        !store.put_chunk("t1", &id, &data).expect("put again"),
+        "second put reported new"
+    );
     assert_eq!(store.get_chunk("t1", &id).expect("get"), data);
 }
 
@@ -39,7 +48,10 @@ fn tenants_are_isolated(store: &dyn ChunkStore) {
     let data = b"tenant one only".to_vec();
     let id = ChunkId::of(&data);
     store.put_chunk("t1", &id, &data).expect("put");
-    assert!(!store.has_chunk("t2", &id).expect("has"), "tenant t2 sees t1's chunk");
+    assert!(
+        !store.has_chunk("t2", &id).expect("has"),
+        "tenant t2 sees t1's chunk"
+    );
     assert!(store.get_chunk("t2", &id).is_err());
     // A tenant name that is a prefix of another must not alias its keys.
     assert!(!store.has_chunk("t", &id).expect("has"));
@@ -67,7 +79,10 @@ fn manifests_round_trip_and_verify(store: &dyn ChunkStore) {
     let id = ChunkId::of(&bytes);
     store.put_manifest("t1", &id, &bytes).expect("put manifest");
     assert_eq!(store.get_manifest("t1", &id).expect("get manifest"), bytes);
-    assert!(store.get_manifest("t2", &id).is_err(), "manifest leaked across tenants");
+    assert!(
+        store.get_manifest("t2", &id).is_err(),
+        "manifest leaked across tenants"
+    );
     let bad = ChunkId::of(b"something else");
     store.put_manifest("t1", &bad, &bytes).expect("put");
     assert!(matches!(
@@ -79,5 +94,8 @@ fn manifests_round_trip_and_verify(store: &dyn ChunkStore) {
 fn empty_chunk(store: &dyn ChunkStore) {
     let id = ChunkId::of(b"");
     store.put_chunk("t1", &id, b"").expect("put empty");
-    assert_eq!(store.get_chunk("t1", &id).expect("get empty"), Vec::<u8>::new());
+    assert_eq!(
+        store.get_chunk("t1", &id).expect("get empty"),
+        Vec::<u8>::new()
+    );
 }

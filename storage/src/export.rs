@@ -94,8 +94,16 @@ pub async fn export_snapshot(
                 let data = pool.run(move || read_chunks(s.as_ref(), &t, &c)).await?;
                 dest.put(&location, PutPayload::from(data)).await?;
             } else {
-                put_multipart(pool, &store, &tenant, &entry.chunks, &dest, &location, &cancel)
-                    .await?;
+                put_multipart(
+                    pool,
+                    &store,
+                    &tenant,
+                    &entry.chunks,
+                    &dest,
+                    &location,
+                    &cancel,
+                )
+                .await?;
             }
             at.files_done += 1;
             at.bytes_done += entry.size;
@@ -139,7 +147,11 @@ async fn put_multipart(
                 bytes += u64::from(chunks[end].len);
                 end += 1;
             }
-            let (s, t, c) = (store.clone(), tenant.to_string(), chunks[start..end].to_vec());
+            let (s, t, c) = (
+                store.clone(),
+                tenant.to_string(),
+                chunks[start..end].to_vec(),
+            );
             let data = pool.run(move || read_chunks(s.as_ref(), &t, &c)).await?;
             upload.put_part(PutPayload::from(data)).await?;
             start = end;
@@ -175,9 +187,12 @@ pub fn open_destination(url: &str) -> Result<(Arc<dyn ObjectStore>, ObjectPath)>
     match parsed.scheme() {
         "file" => {
             let path = parsed.to_file_path().map_err(|_| {
-                Error::InvalidArgument(format!("destination {url:?} is not an absolute file:// path"))
+                Error::InvalidArgument(format!(
+                    "destination {url:?} is not an absolute file:// path"
+                ))
             })?;
-            std::fs::create_dir_all(&path).map_err(|e| Error::io("create destination", &path, e))?;
+            std::fs::create_dir_all(&path)
+                .map_err(|e| Error::io("create destination", &path, e))?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)?;
             Ok((Arc::new(fs), ObjectPath::default()))
         }
@@ -199,7 +214,9 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(src.path().join("a/b")).unwrap();
         std::fs::write(src.path().join("a/b/small"), b"small file").unwrap();
-        let big: Vec<u8> = (0..(20u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let big: Vec<u8> = (0..(20u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         std::fs::write(src.path().join("big"), &big).unwrap();
         std::fs::write(src.path().join("empty"), b"").unwrap();
 
@@ -207,7 +224,15 @@ mod tests {
         let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
         let entries = walk_dir(src.path()).unwrap();
         let cancel = Arc::new(AtomicBool::new(false));
-        ingest_dir(store.as_ref(), &mut b, src.path(), &entries, &cancel, &mut |_, _| {}).unwrap();
+        ingest_dir(
+            store.as_ref(),
+            &mut b,
+            src.path(),
+            &entries,
+            &cancel,
+            &mut |_, _| {},
+        )
+        .unwrap();
         let (m, _) = b.finish(0).unwrap();
         let (id, _) = m.encode_with_id().unwrap();
 
@@ -215,17 +240,30 @@ mod tests {
         let url = format!("file://{}/export", out.path().display());
         let (dest, prefix) = open_destination(&url).unwrap();
         let pool = CpuPool::new(2, "t").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let mut last = ExportProgress::default();
         rt.block_on(export_snapshot(
-            &pool, store, &m, &id, dest, &prefix, ExportProgress::default(), cancel,
+            &pool,
+            store,
+            &m,
+            &id,
+            dest,
+            &prefix,
+            ExportProgress::default(),
+            cancel,
             &mut |p| last = p,
         ))
         .unwrap();
         assert_eq!(last.files_done, 3);
         let root = out.path().join("export");
         assert_eq!(std::fs::read(root.join("big")).unwrap(), big);
-        assert_eq!(std::fs::read(root.join("a/b/small")).unwrap(), b"small file");
+        assert_eq!(
+            std::fs::read(root.join("a/b/small")).unwrap(),
+            b"small file"
+        );
         assert_eq!(std::fs::read(root.join("empty")).unwrap(), b"");
         let commit = std::fs::read_to_string(root.join(COMMIT_RECORD)).unwrap();
         assert_eq!(commit.trim(), id.to_hex());

@@ -264,10 +264,13 @@ pub fn walk_dir(root: &Path) -> Result<Vec<SourceEntry>> {
         let rd = fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
         for item in rd {
             let item = item.map_err(|e| Error::io("read directory", &dir, e))?;
-            let name = item.file_name().into_string().map_err(|n| Error::InvalidPath {
-                path: format!("{}/{}", dir.display(), n.to_string_lossy()),
-                reason: "not valid UTF-8",
-            })?;
+            let name = item
+                .file_name()
+                .into_string()
+                .map_err(|n| Error::InvalidPath {
+                    path: format!("{}/{}", dir.display(), n.to_string_lossy()),
+                    reason: "not valid UTF-8",
+                })?;
             let path = if rel.is_empty() {
                 name
             } else {
@@ -318,12 +321,16 @@ pub fn ingest_dir(
             None => builder.skip(e.path.clone()),
             Some(EntryKind::Dir) => builder.add_dir(&e.path, e.mode, e.mtime_ns)?,
             Some(EntryKind::File) => {
-                if builder.unchanged(&e.path, e.size, e.mtime_ns, e.mode).is_some() {
+                if builder
+                    .unchanged(&e.path, e.size, e.mtime_ns, e.mode)
+                    .is_some()
+                {
                     builder.add_unchanged(&e.path, e.size, e.mtime_ns, e.mode)?;
                     bytes_done += e.size;
                 } else {
                     let full = root.join(&e.path);
-                    let file = fs::File::open(&full).map_err(|err| Error::io("open", &full, err))?;
+                    let file =
+                        fs::File::open(&full).map_err(|err| Error::io("open", &full, err))?;
                     let data = ingest_stream(
                         store,
                         &tenant,
@@ -383,7 +390,10 @@ mod tests {
         let entries = walk_dir(root).unwrap();
         ingest_dir(&store, &mut b, root, &entries, &cancel, &mut |_, _| {}).unwrap();
         let (m2, s2) = b.finish(2).unwrap();
-        assert_eq!(s2.unchanged_files, 1, "b.bin should be taken from the parent");
+        assert_eq!(
+            s2.unchanged_files, 1,
+            "b.bin should be taken from the parent"
+        );
         assert_eq!(s2.new_bytes, 12);
         assert_eq!(m2.parent, Some(id1));
         let a = m2.entries.iter().find(|e| e.path == "a.txt").unwrap();
@@ -404,6 +414,9 @@ mod tests {
     #[test]
     fn missing_source_is_a_clear_error() {
         let err = walk_dir(Path::new("/nonexistent/bitclone/src")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/bitclone/src"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/bitclone/src"),
+            "{err}"
+        );
     }
 }

@@ -333,7 +333,10 @@ mod tests {
         }
     }
 
-    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/manifest-v1.bin");
+    const FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/manifest-v1.bin"
+    );
 
     #[test]
     fn round_trip() {

@@ -69,7 +69,9 @@ mod tests {
     #[test]
     fn runs_tasks_and_returns_results() {
         let pool = CpuPool::new(2, "test").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let results: Vec<u64> = rt.block_on(async {
             let futs: Vec<_> = (0..8u64).map(|i| pool.run(move || Ok(i * i))).collect();
             let mut out = Vec::new();

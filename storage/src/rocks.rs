@@ -152,7 +152,9 @@ impl RocksStore {
         // The families are created at open; a missing one is a programming
         // error that open would already have reported.
         #[allow(clippy::expect_used)]
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -240,7 +242,8 @@ impl RocksStore {
     pub fn list_datasets(&self, tenant: &str) -> Result<Vec<DatasetSummary>> {
         let mut out = Vec::new();
         for (key, value) in self.scan(CF_META, &meta_prefix(b'h', tenant))? {
-            let name = String::from_utf8_lossy(&key[meta_prefix(b'h', tenant).len()..]).into_owned();
+            let name =
+                String::from_utf8_lossy(&key[meta_prefix(b'h', tenant).len()..]).into_owned();
             let head = ChunkId::from_slice(&value)
                 .map_err(|_| Error::decode("dataset head", name.clone()))?;
             let snapshots = self.list_snapshots(tenant, &name)?.len() as u64;
@@ -261,7 +264,8 @@ impl RocksStore {
         self.scan(CF_META, &prefix)?
             .into_iter()
             .map(|(_, v)| {
-                serde_json::from_slice(&v).map_err(|e| Error::decode("snapshot record", e.to_string()))
+                serde_json::from_slice(&v)
+                    .map_err(|e| Error::decode("snapshot record", e.to_string()))
             })
             .collect()
     }
@@ -376,7 +380,10 @@ impl ChunkStore for RocksStore {
     }
 
     fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
-        match self.db.get_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id))? {
+        match self
+            .db
+            .get_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id))?
+        {
             Some(v) => verified(id, v),
             None => Err(Error::not_found("snapshot", id.to_hex())),
         }
@@ -516,7 +523,10 @@ mod tests {
         let jobs = store.scan_records("job/").unwrap();
         assert_eq!(
             jobs,
-            vec![("job/a".to_string(), b"1".to_vec()), ("job/b".to_string(), b"2".to_vec())]
+            vec![
+                ("job/a".to_string(), b"1".to_vec()),
+                ("job/b".to_string(), b"2".to_vec())
+            ]
         );
         assert_eq!(store.get_record("other").unwrap(), Some(b"x".to_vec()));
     }

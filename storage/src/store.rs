@@ -105,7 +105,10 @@ pub(crate) fn verified(id: &ChunkId, data: Vec<u8>) -> Result<Vec<u8>> {
     } else {
         Err(Error::CorruptChunk {
             chunk: *id,
-            detail: format!("{} stored bytes do not hash to the chunk's name", data.len()),
+            detail: format!(
+                "{} stored bytes do not hash to the chunk's name",
+                data.len()
+            ),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Harness for process-level tests: real `bitclone` node processes on
 //! loopback, the real CLI, generated trees compared by BLAKE3 and mode.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -72,7 +72,11 @@ impl TestNode {
             if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("node exited early ({status}); log:\n{}", node.log_text());
             }
-            assert!(Instant::now() < deadline, "node did not start; log:\n{}", node.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "node did not start; log:\n{}",
+                node.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -104,7 +108,11 @@ impl TestNode {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = c.try_wait().unwrap() {
-                assert!(status.success(), "node exit {status}; log:\n{}", self.log_text());
+                assert!(
+                    status.success(),
+                    "node exit {status}; log:\n{}",
+                    self.log_text()
+                );
                 return;
             }
             assert!(Instant::now() < deadline, "node ignored SIGTERM");
@@ -218,7 +226,12 @@ pub fn tree_digest(root: &Path, skip: &[&str]) -> BTreeMap<String, (String, u32)
         if !e.file_type().is_file() {
             continue;
         }
-        let rel = e.path().strip_prefix(root).unwrap().to_string_lossy().to_string();
+        let rel = e
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         if skip.iter().any(|s| rel.starts_with(s)) {
             continue;
         }
