@@ -170,6 +170,7 @@ impl Node {
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
         while cp.destinations_done < job.destinations.len() {
             let url = &job.destinations[cp.destinations_done];
+            injected_export_fault(url)?;
             let (dest, prefix) = export::open_destination(url)?;
             let from = ExportProgress {
                 next_entry: cp.next_entry,
@@ -359,6 +360,32 @@ pub fn validate_job_urls(source: &str, destinations: &[String]) -> Result<(), St
     Ok(())
 }
 
+/// Fault injection for process-level tests, inert unless the variable is
+/// set: `BITCLONE_FAULT_EXPORT_FAILURES=N` makes the first N destination
+/// writes of this process fail with a transient error, so that retries,
+/// backoff and cancellation run against the real binary.
+fn injected_export_fault(url: &str) -> Result<(), StoreError> {
+    use std::sync::atomic::AtomicI64;
+    use std::sync::OnceLock;
+    static LEFT: OnceLock<AtomicI64> = OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicI64::new(
+            std::env::var("BITCLONE_FAULT_EXPORT_FAILURES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    if left.fetch_sub(1, Ordering::Relaxed) > 0 {
+        return Err(StoreError::Io {
+            op: "write (injected fault, BITCLONE_FAULT_EXPORT_FAILURES)",
+            path: url.into(),
+            source: std::io::Error::other("injected transient failure"),
+        });
+    }
+    Ok(())
+}
+
 /// Whether retrying can help.
 pub fn classify(e: &StoreError) -> Failure {
     match e {
@@ -371,7 +398,11 @@ pub fn classify(e: &StoreError) -> Failure {
         StoreError::Io { source, .. }
             if matches!(
                 source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::NotADirectory
+                    | std::io::ErrorKind::IsADirectory
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             Failure::Permanent
