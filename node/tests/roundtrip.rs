@@ -178,6 +178,32 @@ fn acknowledged_put_survives_kill_9() {
     let got = node.json(&["get", "--dataset", "durable", restore.to_str().unwrap()]);
     assert_eq!(got["snapshot"], snap.as_str());
     assert_same_tree(&src, &restore, true, &[]);
+
+    // Kill the node in the middle of an unacknowledged put: chunks written
+    // so far may be lost, but the store must not believe it has them.
+    let src2 = tmp.path().join("src2");
+    generate_tree(&src2, seed ^ 1, 40, 3);
+    let mut put = clean_command(BIN)
+        .args([
+            "--endpoint",
+            &node.endpoint,
+            "put",
+            src2.to_str().unwrap(),
+            "--dataset",
+            "torn",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    node.kill9();
+    let _ = put.wait();
+    let node = TestNode::start(&data_dir);
+    node.json(&["put", src2.to_str().unwrap(), "--dataset", "torn"]);
+    let restore2 = tmp.path().join("restore2");
+    node.json(&["get", "--dataset", "torn", restore2.to_str().unwrap()]);
+    assert_same_tree(&src2, &restore2, true, &[]);
     node.stop();
 }
 

@@ -108,6 +108,9 @@ impl RocksStore {
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(8 << 20);
         db_opts.set_max_total_wal_size(512 << 20);
+        // Chunk data skips the WAL (see `put_chunk`); flushing the chunk and
+        // index families together keeps "indexed" and "stored" in step.
+        db_opts.set_atomic_flush(true);
 
         let mut cache_opts = rocksdb::BlockBasedOptions::default();
         let cache = rocksdb::Cache::new_lru_cache(tuning.block_cache_bytes);
@@ -167,14 +170,33 @@ impl RocksStore {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
-        self.check_writable()?;
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
-        self.db.write_opt(batch, &opts).map_err(|e| {
+        self.write_opt(batch, &opts)
+    }
+
+    fn write_opt(&self, batch: WriteBatch, opts: &WriteOptions) -> Result<()> {
+        self.check_writable()?;
+        self.db.write_opt(batch, opts).map_err(|e| {
             // After a failed (synced) write we no longer know what is on disk.
             self.poisoned.store(true, Ordering::Release);
             Error::Poisoned(e.to_string())
         })
+    }
+
+    /// Makes every chunk written so far durable: flushes the chunk and index
+    /// memtables (atomically, as one) to blob and SST files, which RocksDB
+    /// fsyncs before it records them.
+    fn persist_chunks(&self) -> Result<()> {
+        self.check_writable()?;
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        self.db
+            .flush_cfs_opt(&[self.cf(CF_CHUNKS), self.cf(CF_CHUNK_INDEX)], &opts)
+            .map_err(|e| {
+                self.poisoned.store(true, Ordering::Release);
+                Error::Poisoned(e.to_string())
+            })
     }
 
     /// Atomically and durably (fsync) stores a manifest and moves the
@@ -212,6 +234,8 @@ impl RocksStore {
             // The same content again: nothing moves.
             return Ok(record);
         }
+        // Chunks first: a manifest must never be durable before its chunks.
+        self.persist_chunks()?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id), bytes);
         batch.put_cf(
@@ -357,7 +381,13 @@ impl ChunkStore for RocksStore {
             &key,
             (data.len() as u32).to_le_bytes(),
         );
-        self.write(batch, false)?;
+        // Chunk bytes bypass the WAL: written once (to blob files at flush)
+        // instead of twice. Losing unflushed chunks in a crash is harmless:
+        // nothing refers to them until `commit_snapshot`, which flushes them
+        // before the manifest is written.
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.write_opt(batch, &opts)?;
         Ok(true)
     }
 
@@ -390,7 +420,7 @@ impl ChunkStore for RocksStore {
     }
 
     fn sync(&self) -> Result<()> {
-        self.check_writable()?;
+        self.persist_chunks()?;
         self.db.flush_wal(true).map_err(|e| {
             self.poisoned.store(true, Ordering::Release);
             Error::Poisoned(e.to_string())
