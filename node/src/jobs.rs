@@ -10,7 +10,7 @@ use bitclone_storage::{CpuPool, RocksStore};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 
-use crate::job::{Backoff, Failure, Job, JobState};
+use bitclone_raft::job::{Backoff, Failure, Job, JobState};
 
 const KEY_PREFIX: &str = "job/";
 

@@ -2,7 +2,6 @@
 
 mod cli;
 mod config;
-mod job;
 mod jobs;
 mod node;
 mod server;

@@ -15,8 +15,8 @@ use bitclone_storage::{
 };
 
 use crate::config::NodeConfig;
-use crate::job::{Backoff, Failure, Job};
 use crate::jobs::{now_ms, Jobs};
+use bitclone_raft::job::{Backoff, Failure, Job};
 
 pub struct Node {
     pub config: NodeConfig,
@@ -262,7 +262,7 @@ impl Node {
                                 if last.elapsed().as_millis() >= 100 {
                                     last = Instant::now();
                                     jobs.report(&id, |j| {
-                                        j.progress = crate::job::Progress {
+                                        j.progress = bitclone_raft::job::Progress {
                                             phase: "ingesting source".into(),
                                             files_done: files,
                                             files_total,

@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::job::{Job, JobState};
 use crate::jobs::now_ms;
 use crate::node::{validate_job_urls, Node};
+use bitclone_raft::job::{Job, JobState};
 
 pub struct Api {
     pub node: Arc<Node>,

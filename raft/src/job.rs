@@ -65,6 +65,19 @@ pub struct Job {
     pub progress: Progress,
     /// Set by a cancel request; a running job stops at its next check.
     pub cancel_requested: bool,
+    /// Who may run the job until when (cluster mode).
+    #[serde(default)]
+    pub lease: Option<Lease>,
+    /// Grows with every lease grant; every effect of the job carries it.
+    #[serde(default)]
+    pub fencing_token: u64,
+}
+
+/// The right to run a job until a deadline, renewed by heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub holder: u64,
+    pub deadline_unix_ms: i64,
 }
 
 /// Retry timing.
@@ -91,7 +104,7 @@ impl Backoff {
 }
 
 /// Whether an error can go away by itself (retry) or not (fail now).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Failure {
     Transient,
     Permanent,
@@ -124,6 +137,8 @@ impl Job {
             checkpoint: Checkpoint::default(),
             progress: Progress::default(),
             cancel_requested: false,
+            lease: None,
+            fencing_token: 0,
         }
     }
 

@@ -1,0 +1,861 @@
+//! The replicated cluster state and its pure transition function.
+//!
+//! `apply(state, request)` is the whole state machine: no IO, no clock (the
+//! leader stamps `now_ms` into every request), so it is tested without a
+//! runtime and every replica computes the same result.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Backoff, Checkpoint, Failure, Job, JobState, Lease};
+use crate::placement::{plan, shard_of, Layout};
+use crate::NodeId;
+
+/// Where a member can be reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Public gRPC API address (clients).
+    pub api_addr: String,
+    /// Internal address (Raft, forwarding), mutual TLS.
+    pub peer_addr: String,
+}
+
+impl std::fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "api={} peer={}", self.api_addr, self.peer_addr)
+    }
+}
+
+/// A dataset's pointer to its latest snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetHead {
+    pub snapshot: String,
+    /// The node that holds the snapshot's chunks (until QUIC replication).
+    pub written_by: NodeId,
+    pub updated_unix_ms: i64,
+    /// Every snapshot of the dataset, oldest first.
+    pub history: Vec<SnapshotEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub id: String,
+    pub parent: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub created_unix_ms: i64,
+    pub written_by: NodeId,
+}
+
+/// Everything the cluster agrees on. Small data only: chunks and manifests
+/// never go through Raft.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub members: BTreeMap<NodeId, NodeInfo>,
+    /// tenant → number of shards.
+    pub tenants: BTreeMap<String, u32>,
+    pub layout: Layout,
+    /// The layout before the last change; valid until the new one is in effect.
+    pub previous_layout: Option<Layout>,
+    /// (tenant, dataset) → head.
+    pub datasets: BTreeMap<String, BTreeMap<String, DatasetHead>>,
+    pub jobs: BTreeMap<String, Job>,
+    /// client id → (last sequence number, its response): a retried request
+    /// is answered again instead of applied twice.
+    pub sessions: BTreeMap<u64, (u64, Response)>,
+    pub settings: Settings,
+}
+
+/// Cluster-wide knobs, set at bootstrap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub default_shards: u32,
+    pub lease_ms: i64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            default_shards: 8,
+            lease_ms: 5_000,
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+/// A write to the cluster state, stamped by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Who sent it (a node id or a client's random id) and its sequence
+    /// number: together they make retries idempotent. `seq == 0` opts out.
+    pub client: u64,
+    pub seq: u64,
+    /// Leader time when proposed.
+    pub now_ms: i64,
+    pub cmd: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds or updates a member's addresses; replans the layout.
+    UpsertMember {
+        id: NodeId,
+        info: NodeInfo,
+    },
+    /// Removes a member; replans the layout without it.
+    RemoveMember {
+        id: NodeId,
+    },
+    /// Creates a tenant (or changes its shard count; only growth is allowed).
+    SetTenant {
+        tenant: String,
+        shards: u32,
+    },
+    /// The new layout's replicas hold their data: drop the previous layout.
+    CompleteLayout {
+        version: u64,
+    },
+    /// Moves a dataset's head to `snapshot` if it is still at `parent`
+    /// (compare-and-set). `fenced_by`: the job and lease this effect comes
+    /// from, if a job made it; a stale token is refused.
+    CommitSnapshot {
+        tenant: String,
+        dataset: String,
+        snapshot: SnapshotEntry,
+        parent: String,
+        fenced_by: Option<(String, Fence)>,
+    },
+    SubmitJob {
+        job: Job,
+    },
+    /// Grants `node` the lease of a due job (or of one whose lease lapsed).
+    AcquireLease {
+        job: String,
+        node: NodeId,
+    },
+    RenewLease {
+        job: String,
+        fence: Fence,
+    },
+    SaveCheckpoint {
+        job: String,
+        fence: Fence,
+        checkpoint: Checkpoint,
+    },
+    /// Ends the current attempt. `jitter` in [0, 1) is drawn by the proposer.
+    FinishAttempt {
+        job: String,
+        fence: Fence,
+        outcome: Result<(), (String, Failure)>,
+        jitter: f64,
+    },
+    CancelJob {
+        job: String,
+    },
+}
+
+/// The holder and token an effect claims to come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub node: NodeId,
+    pub token: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Job(Job),
+    Lease { token: u64, job: Job },
+    Layout { version: u64 },
+    Err(CommandError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("fenced: token {given} of node {node} is stale, the job is at token {current}")]
+    Fenced {
+        node: NodeId,
+        given: u64,
+        current: u64,
+    },
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("duplicate request {seq} from client {client} (already at {last})")]
+    Duplicate { client: u64, seq: u64, last: u64 },
+}
+
+impl ClusterState {
+    /// The replica set that owns a dataset's shard.
+    pub fn replicas_of(&self, tenant: &str, dataset: &str) -> Vec<NodeId> {
+        let shards = self
+            .tenants
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.settings.default_shards);
+        self.layout
+            .replicas(tenant, shard_of(dataset, shards))
+            .map(|s| s.to_vec())
+            // A tenant not placed yet: any member may act for it.
+            .unwrap_or_else(|| self.members.keys().copied().collect())
+    }
+
+    /// Jobs `node` may take now: due, or running under a lapsed lease, and
+    /// in a shard `node` replicates.
+    pub fn claimable(&self, node: NodeId, now_ms: i64) -> Vec<&Job> {
+        let mut v: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|j| can_acquire(j, now_ms))
+            .filter(|j| self.replicas_of(&j.tenant, &j.dataset).contains(&node))
+            .collect();
+        v.sort_by_key(|j| (j.next_attempt_unix_ms, j.created_unix_ms));
+        v
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: std::time::Duration::from_millis(self.settings.backoff_base_ms),
+            max: std::time::Duration::from_millis(self.settings.backoff_max_ms),
+        }
+    }
+
+    fn replan(&mut self) {
+        let members: BTreeSet<NodeId> = self.members.keys().copied().collect();
+        let next = plan(&members, &self.tenants, &self.layout);
+        if next.version != self.layout.version {
+            // Keep the oldest layout still in force: two quick changes must not
+            // drop the one whose data is actually in place.
+            if self.previous_layout.is_none() {
+                self.previous_layout = Some(self.layout.clone());
+            }
+            self.layout = next;
+        }
+    }
+
+    fn ensure_tenant(&mut self, tenant: &str) {
+        if !self.tenants.contains_key(tenant) {
+            self.tenants
+                .insert(tenant.to_string(), self.settings.default_shards);
+            self.replan();
+        }
+    }
+}
+
+fn can_acquire(j: &Job, now_ms: i64) -> bool {
+    match j.state {
+        JobState::Pending => j.next_attempt_unix_ms <= now_ms,
+        JobState::Running => j.lease.is_none_or(|l| l.deadline_unix_ms < now_ms),
+        _ => false,
+    }
+}
+
+fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {
+    let holder_ok = job.lease.is_some_and(|l| l.holder == fence.node);
+    if fence.token != job.fencing_token || !holder_ok || job.state != JobState::Running {
+        return Err(CommandError::Fenced {
+            node: fence.node,
+            given: fence.token,
+            current: job.fencing_token,
+        });
+    }
+    Ok(())
+}
+
+/// Applies one request. Pure: the same state and request give the same result.
+pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
+    if req.seq != 0 {
+        if let Some((last, resp)) = state.sessions.get(&req.client) {
+            if req.seq == *last {
+                return resp.clone();
+            }
+            if req.seq < *last {
+                return Response::Err(CommandError::Duplicate {
+                    client: req.client,
+                    seq: req.seq,
+                    last: *last,
+                });
+            }
+        }
+    }
+    let resp = match apply_cmd(state, req.now_ms, &req.cmd) {
+        Ok(r) => r,
+        Err(e) => Response::Err(e),
+    };
+    if req.seq != 0 {
+        state.sessions.insert(req.client, (req.seq, resp.clone()));
+    }
+    resp
+}
+
+fn job_mut<'a>(state: &'a mut ClusterState, id: &str) -> Result<&'a mut Job, CommandError> {
+    state
+        .jobs
+        .get_mut(id)
+        .ok_or_else(|| CommandError::NotFound(format!("job {id}")))
+}
+
+fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Response, CommandError> {
+    match cmd {
+        Command::UpsertMember { id, info } => {
+            state.members.insert(*id, info.clone());
+            state.replan();
+            Ok(Response::Layout {
+                version: state.layout.version,
+            })
+        }
+        Command::RemoveMember { id } => {
+            if state.members.remove(id).is_none() {
+                return Err(CommandError::NotFound(format!("member {id}")));
+            }
+            state.replan();
+            Ok(Response::Layout {
+                version: state.layout.version,
+            })
+        }
+        Command::SetTenant { tenant, shards } => {
+            if *shards == 0 || *shards > 4096 {
+                return Err(CommandError::Invalid("shards must be 1..=4096".into()));
+            }
+            // Datasets hash onto shards: shrinking would move them silently.
+            if let Some(old) = state.tenants.get(tenant) {
+                if shards < old {
+                    return Err(CommandError::Invalid(format!(
+                        "tenant {tenant} has {old} shards; the count can only grow"
+                    )));
+                }
+            }
+            state.tenants.insert(tenant.clone(), *shards);
+            state.replan();
+            Ok(Response::Layout {
+                version: state.layout.version,
+            })
+        }
+        Command::CompleteLayout { version } => {
+            if *version == state.layout.version {
+                state.previous_layout = None;
+            }
+            Ok(Response::Ok)
+        }
+        Command::CommitSnapshot {
+            tenant,
+            dataset,
+            snapshot,
+            parent,
+            fenced_by,
+        } => {
+            if let Some((job_id, fence)) = fenced_by {
+                check_fence(job_mut(state, job_id)?, *fence)?;
+            }
+            state.ensure_tenant(tenant);
+            let heads = state.datasets.entry(tenant.clone()).or_default();
+            let current = heads
+                .get(dataset)
+                .map(|h| h.snapshot.clone())
+                .unwrap_or_default();
+            if current == snapshot.id {
+                return Ok(Response::Ok);
+            }
+            if &current != parent {
+                return Err(CommandError::Conflict(format!(
+                    "dataset {dataset} is at {} now, not at {}; retry",
+                    if current.is_empty() {
+                        "nothing"
+                    } else {
+                        &current
+                    },
+                    if parent.is_empty() { "nothing" } else { parent }
+                )));
+            }
+            let head = heads.entry(dataset.clone()).or_insert_with(|| DatasetHead {
+                snapshot: String::new(),
+                written_by: snapshot.written_by,
+                updated_unix_ms: now,
+                history: Vec::new(),
+            });
+            head.snapshot = snapshot.id.clone();
+            head.written_by = snapshot.written_by;
+            head.updated_unix_ms = now;
+            head.history.push(snapshot.clone());
+            Ok(Response::Ok)
+        }
+        Command::SubmitJob { job } => {
+            if state.jobs.contains_key(&job.id) {
+                return Err(CommandError::Conflict(format!("job {} exists", job.id)));
+            }
+            state.ensure_tenant(&job.tenant);
+            let mut job = job.clone();
+            job.created_unix_ms = now;
+            job.updated_unix_ms = now;
+            job.next_attempt_unix_ms = now;
+            state.jobs.insert(job.id.clone(), job.clone());
+            Ok(Response::Job(job))
+        }
+        Command::AcquireLease { job, node } => {
+            let lease_ms = state.settings.lease_ms;
+            let eligible = {
+                let j = state
+                    .jobs
+                    .get(job)
+                    .ok_or_else(|| CommandError::NotFound(format!("job {job}")))?;
+                state.replicas_of(&j.tenant, &j.dataset).contains(node)
+            };
+            let j = job_mut(state, job)?;
+            if !can_acquire(j, now) {
+                return Err(CommandError::Conflict(format!(
+                    "job {job} is not available ({:?}, lease {:?})",
+                    j.state, j.lease
+                )));
+            }
+            if !eligible {
+                return Err(CommandError::Invalid(format!(
+                    "node {node} is not in the replica set of job {job}'s shard"
+                )));
+            }
+            if j.state == JobState::Running {
+                // The holder's lease lapsed: its attempt was interrupted.
+                j.interrupted(now);
+            }
+            j.start(now);
+            j.fencing_token += 1;
+            j.lease = Some(Lease {
+                holder: *node,
+                deadline_unix_ms: now + lease_ms,
+            });
+            Ok(Response::Lease {
+                token: j.fencing_token,
+                job: j.clone(),
+            })
+        }
+        Command::RenewLease { job, fence } => {
+            let lease_ms = state.settings.lease_ms;
+            let j = job_mut(state, job)?;
+            check_fence(j, *fence)?;
+            j.lease = Some(Lease {
+                holder: fence.node,
+                deadline_unix_ms: now + lease_ms,
+            });
+            Ok(Response::Job(j.clone()))
+        }
+        Command::SaveCheckpoint {
+            job,
+            fence,
+            checkpoint,
+        } => {
+            let j = job_mut(state, job)?;
+            check_fence(j, *fence)?;
+            j.checkpoint = checkpoint.clone();
+            j.updated_unix_ms = now;
+            Ok(Response::Job(j.clone()))
+        }
+        Command::FinishAttempt {
+            job,
+            fence,
+            outcome,
+            jitter,
+        } => {
+            let backoff = state.backoff();
+            let j = job_mut(state, job)?;
+            check_fence(j, *fence)?;
+            match outcome {
+                Ok(()) => j.succeed(now),
+                Err(_) if j.cancel_requested => j.cancelled(now),
+                Err((msg, kind)) => j.fail(msg.clone(), *kind, backoff, *jitter, now),
+            }
+            j.lease = None;
+            Ok(Response::Job(j.clone()))
+        }
+        Command::CancelJob { job } => {
+            let j = job_mut(state, job)?;
+            if j.request_cancel(now) {
+                j.lease = None;
+            }
+            Ok(Response::Job(j.clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sm {
+        state: ClusterState,
+        seq: u64,
+    }
+
+    impl Sm {
+        fn new(nodes: &[NodeId]) -> Sm {
+            let mut sm = Sm {
+                state: ClusterState::default(),
+                seq: 0,
+            };
+            for n in nodes {
+                sm.ok(
+                    0,
+                    Command::UpsertMember {
+                        id: *n,
+                        info: NodeInfo {
+                            api_addr: format!("127.0.0.1:{}", 7000 + n),
+                            peer_addr: format!("127.0.0.1:{}", 8000 + n),
+                        },
+                    },
+                );
+            }
+            sm
+        }
+
+        fn run(&mut self, now: i64, cmd: Command) -> Response {
+            self.seq += 1;
+            apply(
+                &mut self.state,
+                &Request {
+                    client: 1,
+                    seq: self.seq,
+                    now_ms: now,
+                    cmd,
+                },
+            )
+        }
+
+        fn ok(&mut self, now: i64, cmd: Command) -> Response {
+            let r = self.run(now, cmd);
+            assert!(!matches!(r, Response::Err(_)), "{r:?}");
+            r
+        }
+
+        fn submit(&mut self, id: &str, now: i64) {
+            let job = Job::new(
+                id.into(),
+                "t".into(),
+                "d".into(),
+                "file:///x".into(),
+                vec![],
+                3,
+                now,
+            );
+            self.ok(now, Command::SubmitJob { job });
+        }
+
+        fn acquire(&mut self, id: &str, node: NodeId, now: i64) -> Result<u64, CommandError> {
+            match self.run(
+                now,
+                Command::AcquireLease {
+                    job: id.into(),
+                    node,
+                },
+            ) {
+                Response::Lease { token, .. } => Ok(token),
+                Response::Err(e) => Err(e),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn entry(id: &str) -> SnapshotEntry {
+        SnapshotEntry {
+            id: id.into(),
+            parent: String::new(),
+            files: 1,
+            bytes: 1,
+            created_unix_ms: 0,
+            written_by: 1,
+        }
+    }
+
+    #[test]
+    fn lease_lapses_and_another_replica_takes_over_with_a_higher_token() {
+        let mut sm = Sm::new(&[1, 2, 3]);
+        sm.submit("j", 1000);
+        let t1 = sm.acquire("j", 1, 1000).unwrap();
+        assert_eq!(t1, 1);
+        // Held: nobody else gets it before the deadline (lease 5 s).
+        assert!(matches!(
+            sm.acquire("j", 2, 5999),
+            Err(CommandError::Conflict(_))
+        ));
+        // Renewal moves the deadline.
+        sm.ok(
+            5000,
+            Command::RenewLease {
+                job: "j".into(),
+                fence: Fence { node: 1, token: t1 },
+            },
+        );
+        assert!(sm.acquire("j", 2, 9000).is_err());
+        // Not renewed by 10 s: lapsed.
+        assert_eq!(sm.state.claimable(2, 10_001).len(), 1);
+        let t2 = sm.acquire("j", 2, 10_001).unwrap();
+        assert_eq!(t2, 2);
+        let j = &sm.state.jobs["j"];
+        assert_eq!(j.lease.unwrap().holder, 2);
+        assert_eq!(
+            j.attempts, 1,
+            "a takeover does not count as a failed attempt"
+        );
+    }
+
+    #[test]
+    fn a_stale_token_cannot_renew_checkpoint_finish_or_commit() {
+        let mut sm = Sm::new(&[1, 2, 3]);
+        sm.submit("j", 0);
+        let old = sm.acquire("j", 1, 0).unwrap();
+        let new = sm.acquire("j", 2, 10_000).unwrap();
+        assert!(new > old);
+        let stale = Fence {
+            node: 1,
+            token: old,
+        };
+        let fenced = |r: Response| matches!(r, Response::Err(CommandError::Fenced { .. }));
+        assert!(fenced(sm.run(
+            10_001,
+            Command::RenewLease {
+                job: "j".into(),
+                fence: stale
+            }
+        )));
+        assert!(fenced(sm.run(
+            10_001,
+            Command::SaveCheckpoint {
+                job: "j".into(),
+                fence: stale,
+                checkpoint: Checkpoint::default(),
+            }
+        )));
+        assert!(fenced(sm.run(
+            10_001,
+            Command::FinishAttempt {
+                job: "j".into(),
+                fence: stale,
+                outcome: Ok(()),
+                jitter: 0.0,
+            }
+        )));
+        assert!(fenced(sm.run(
+            10_001,
+            Command::CommitSnapshot {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                snapshot: entry("s1"),
+                parent: String::new(),
+                fenced_by: Some(("j".into(), stale)),
+            }
+        )));
+        // A forged token above the current one is refused too.
+        let forged = Fence {
+            node: 2,
+            token: new + 5,
+        };
+        assert!(fenced(sm.run(
+            10_001,
+            Command::RenewLease {
+                job: "j".into(),
+                fence: forged
+            }
+        )));
+        assert!(sm.state.datasets.is_empty(), "nothing was committed");
+        // The real holder commits.
+        let cur = Fence {
+            node: 2,
+            token: new,
+        };
+        sm.ok(
+            10_002,
+            Command::CommitSnapshot {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                snapshot: entry("s1"),
+                parent: String::new(),
+                fenced_by: Some(("j".into(), cur)),
+            },
+        );
+        sm.ok(
+            10_003,
+            Command::FinishAttempt {
+                job: "j".into(),
+                fence: cur,
+                outcome: Ok(()),
+                jitter: 0.0,
+            },
+        );
+        assert_eq!(sm.state.jobs["j"].state, JobState::Succeeded);
+        assert!(sm.state.jobs["j"].lease.is_none());
+    }
+
+    #[test]
+    fn failures_back_off_then_fail_after_max_attempts() {
+        let mut sm = Sm::new(&[1]);
+        sm.submit("j", 0);
+        let mut now = 0;
+        for attempt in 1..=3 {
+            let token = sm.acquire("j", 1, now).unwrap();
+            let r = sm.ok(
+                now,
+                Command::FinishAttempt {
+                    job: "j".into(),
+                    fence: Fence { node: 1, token },
+                    outcome: Err(("disk on fire".into(), Failure::Transient)),
+                    jitter: 0.0,
+                },
+            );
+            let Response::Job(j) = r else { panic!() };
+            if attempt < 3 {
+                assert_eq!(j.state, JobState::Pending);
+                assert!(j.next_attempt_unix_ms > now);
+                // Not before the backoff has passed.
+                assert!(sm.acquire("j", 1, j.next_attempt_unix_ms - 1).is_err());
+                now = j.next_attempt_unix_ms;
+            } else {
+                assert_eq!(j.state, JobState::Failed);
+                assert_eq!(j.last_error, "disk on fire");
+            }
+        }
+        assert!(sm.state.claimable(1, i64::MAX).is_empty());
+    }
+
+    #[test]
+    fn dataset_pointer_moves_by_compare_and_set() {
+        let mut sm = Sm::new(&[1]);
+        let commit = |sm: &mut Sm, id: &str, parent: &str| {
+            sm.run(
+                0,
+                Command::CommitSnapshot {
+                    tenant: "t".into(),
+                    dataset: "d".into(),
+                    snapshot: entry(id),
+                    parent: parent.into(),
+                    fenced_by: None,
+                },
+            )
+        };
+        assert_eq!(commit(&mut sm, "s1", ""), Response::Ok);
+        assert!(matches!(
+            commit(&mut sm, "s2", ""),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        assert_eq!(commit(&mut sm, "s2", "s1"), Response::Ok);
+        assert!(matches!(
+            commit(&mut sm, "s3", "s1"),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        // Committing the current head again is a no-op, not a conflict.
+        assert_eq!(commit(&mut sm, "s2", "s1"), Response::Ok);
+        let head = &sm.state.datasets["t"]["d"];
+        assert_eq!(head.snapshot, "s2");
+        assert_eq!(head.history.len(), 2);
+    }
+
+    #[test]
+    fn retried_requests_apply_once() {
+        let mut st = ClusterState::default();
+        let job = Job::new("j".into(), "t".into(), "d".into(), "s".into(), vec![], 3, 0);
+        let req = Request {
+            client: 9,
+            seq: 1,
+            now_ms: 0,
+            cmd: Command::SubmitJob { job },
+        };
+        let first = apply(&mut st, &req);
+        assert!(matches!(first, Response::Job(_)));
+        assert_eq!(
+            apply(&mut st, &req),
+            first,
+            "the retry gets the same answer"
+        );
+        assert_eq!(st.jobs.len(), 1);
+        let older = Request {
+            seq: 0,
+            ..req.clone()
+        };
+        // seq 0 opts out of deduplication: the job exists now.
+        assert!(matches!(
+            apply(&mut st, &older),
+            Response::Err(CommandError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn membership_changes_replan_and_keep_the_previous_layout() {
+        let mut sm = Sm::new(&[1, 2, 3]);
+        sm.submit("j", 0); // creates tenant t
+        let v = sm.state.layout.version;
+        assert!(sm.state.replicas_of("t", "d").len() == 3);
+        sm.ok(
+            0,
+            Command::UpsertMember {
+                id: 4,
+                info: NodeInfo::default(),
+            },
+        );
+        assert!(sm.state.layout.version > v);
+        assert!(sm.state.previous_layout.is_some());
+        assert!(sm.state.layout.load().get(&4).copied().unwrap_or(0) > 0);
+        let v4 = sm.state.layout.version;
+        sm.ok(0, Command::CompleteLayout { version: v4 });
+        assert!(sm.state.previous_layout.is_none());
+        sm.ok(0, Command::RemoveMember { id: 2 });
+        assert!(
+            !sm.state.layout.load().contains_key(&2),
+            "the removed node's shards moved away"
+        );
+        assert!(matches!(
+            sm.run(0, Command::RemoveMember { id: 2 }),
+            Response::Err(CommandError::NotFound(_))
+        ));
+        assert!(matches!(
+            sm.run(
+                0,
+                Command::SetTenant {
+                    tenant: "t".into(),
+                    shards: 2
+                }
+            ),
+            Response::Err(CommandError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn cancel_pending_and_running_jobs() {
+        let mut sm = Sm::new(&[1]);
+        sm.submit("a", 0);
+        sm.ok(0, Command::CancelJob { job: "a".into() });
+        assert_eq!(sm.state.jobs["a"].state, JobState::Cancelled);
+        sm.submit("b", 0);
+        let token = sm.acquire("b", 1, 0).unwrap();
+        sm.ok(1, Command::CancelJob { job: "b".into() });
+        assert!(sm.state.jobs["b"].cancel_requested);
+        sm.ok(
+            2,
+            Command::FinishAttempt {
+                job: "b".into(),
+                fence: Fence { node: 1, token },
+                outcome: Err(("cancelled".into(), Failure::Transient)),
+                jitter: 0.0,
+            },
+        );
+        assert_eq!(sm.state.jobs["b"].state, JobState::Cancelled);
+    }
+
+    #[test]
+    fn a_node_outside_the_replica_set_cannot_take_the_job() {
+        let mut sm = Sm::new(&[1, 2, 3, 4]);
+        sm.submit("j", 0);
+        let replicas = sm.state.replicas_of("t", "d");
+        let outsider = [1, 2, 3, 4]
+            .into_iter()
+            .find(|n| !replicas.contains(n))
+            .unwrap();
+        assert!(matches!(
+            sm.acquire("j", outsider, 0),
+            Err(CommandError::Invalid(_))
+        ));
+        assert!(sm.state.claimable(outsider, 0).is_empty());
+    }
+}
