@@ -556,6 +556,23 @@ impl Client {
             .await
     }
 
+    /// Members, leader, term, indexes and shard layout as the answering node
+    /// sees them.
+    pub async fn cluster_status(&self) -> Result<proto::ClusterStatusResponse> {
+        self.call(
+            |mut grpc| async move { grpc.cluster_status(proto::ClusterStatusRequest {}).await },
+        )
+        .await
+    }
+
+    /// Removes node `id` from the cluster (send it to the leader).
+    pub async fn remove_node(&self, id: u64) -> Result<proto::ClusterStatusResponse> {
+        self.call(
+            move |mut grpc| async move { grpc.remove_node(proto::RemoveNodeRequest { id }).await },
+        )
+        .await
+    }
+
     /// A gRPC client on the current endpoint, for streaming calls that are
     /// not retried elsewhere once started.
     pub(crate) fn current_grpc(&self) -> BitCloneClient<Channel> {

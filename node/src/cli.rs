@@ -170,6 +170,69 @@ fn job_line(j: &proto::Job) -> String {
     s
 }
 
+pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
+    json!({
+        "node_id": st.node_id,
+        "clustered": st.clustered,
+        "leader": if st.leader_id == 0 { serde_json::Value::Null } else { json!(st.leader_id) },
+        "term": st.term,
+        "applied_index": st.applied_index,
+        "last_log_index": st.last_log_index,
+        "raft_state": st.raft_state,
+        "members": st.members.iter().map(|m| json!({
+            "id": m.id, "api_addr": m.api_addr, "peer_addr": m.peer_addr, "voter": m.voter,
+        })).collect::<Vec<_>>(),
+        "layout_version": st.layout_version,
+        "previous_layout_version": if st.previous_layout_version == 0 { serde_json::Value::Null } else { json!(st.previous_layout_version) },
+        "shards": st.shards.iter().map(|s| json!({
+            "tenant": s.tenant, "shard": s.shard, "replicas": s.replicas,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(st: &proto::ClusterStatusResponse) {
+    if !st.clustered {
+        println!("standalone node (not part of a cluster)");
+        return;
+    }
+    println!(
+        "node {}  state {}  leader {}  term {}  applied {}  last log {}",
+        st.node_id,
+        st.raft_state,
+        if st.leader_id == 0 {
+            "none".to_string()
+        } else {
+            st.leader_id.to_string()
+        },
+        st.term,
+        st.applied_index,
+        st.last_log_index
+    );
+    for m in &st.members {
+        println!(
+            "  member {}  api {}  peer {}  {}",
+            m.id,
+            m.api_addr,
+            m.peer_addr,
+            if m.voter { "voter" } else { "learner" }
+        );
+    }
+    println!(
+        "  layout v{} ({} shards)",
+        st.layout_version,
+        st.shards.len()
+    );
+    let mut load: std::collections::BTreeMap<u64, usize> = Default::default();
+    for s in &st.shards {
+        for r in &s.replicas {
+            *load.entry(*r).or_default() += 1;
+        }
+    }
+    for (n, l) in load {
+        println!("    node {n}: {l} shard replicas");
+    }
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{v}");
 }
@@ -208,7 +271,32 @@ async fn follow(client: &Client, id: &str, ctx: &Ctx, show_bar: bool) -> Result<
 pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
-        Cmd::Node(_) => unreachable!("handled by main"),
+        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) => unreachable!("handled by main"),
+        Cmd::Cluster(crate::ClusterCmd::Status) => {
+            let st = client.cluster_status().await?;
+            if ctx.json {
+                print_json(&status_json(&st));
+            } else {
+                print_status(&st);
+            }
+        }
+        Cmd::Cluster(crate::ClusterCmd::Remove { id }) => {
+            // Membership changes go through the leader.
+            let st = client.cluster_status().await?;
+            let leader = st
+                .members
+                .iter()
+                .find(|m| m.id == st.leader_id)
+                .with_context(|| "no leader is known right now; retry".to_string())?;
+            let leader_client = Client::connect([format!("http://{}", leader.api_addr)]).await?;
+            let st = leader_client.remove_node(id).await?;
+            if ctx.json {
+                print_json(&status_json(&st));
+            } else {
+                eprintln!("node {id} removed");
+                print_status(&st);
+            }
+        }
         Cmd::Put { dir, dataset } => {
             let bar = Bar::new("put", ctx.json);
             let s = client.upload_dir(&dataset, &dir, &bar).await;

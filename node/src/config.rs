@@ -23,6 +23,21 @@ pub struct FileConfig {
     #[serde(default)]
     pub jobs: FileJobs,
     pub shutdown_grace: Option<String>,
+    #[serde(default)]
+    pub cluster: FileCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    pub node_id: Option<u64>,
+    pub peer_listen: Option<String>,
+    pub certs: Option<PathBuf>,
+    pub bootstrap: Option<bool>,
+    pub join: Option<String>,
+    pub heartbeat: Option<String>,
+    pub election_timeout_min: Option<String>,
+    pub election_timeout_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +63,11 @@ pub struct FileJobs {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub node_id: Option<u64>,
+    pub peer_listen: Option<String>,
+    pub certs: Option<PathBuf>,
+    pub bootstrap: bool,
+    pub join: Option<String>,
     pub cpu_threads: Option<usize>,
     pub job_workers: Option<usize>,
 }
@@ -65,6 +85,20 @@ pub struct NodeConfig {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub shutdown_grace: Duration,
+    /// Set when the node is part of a Raft cluster.
+    pub cluster: Option<ClusterSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_id: u64,
+    pub peer_listen: SocketAddr,
+    pub certs: PathBuf,
+    pub bootstrap: bool,
+    /// Public API address (HOST:PORT or URL) of any member to join through.
+    pub join: Option<String>,
+    pub heartbeat: Duration,
+    pub election_timeout: (Duration, Duration),
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -94,6 +128,13 @@ impl NodeConfig {
         env: &dyn Fn(&str) -> Option<String>,
         flags: Overrides,
     ) -> Result<NodeConfig> {
+        let flags_cluster = ClusterFlags {
+            node_id: flags.node_id,
+            peer_listen: flags.peer_listen.clone(),
+            certs: flags.certs.clone(),
+            bootstrap: flags.bootstrap,
+            join: flags.join.clone(),
+        };
         // Precedence: flag > environment > file > default.
         let pick = |flag: Option<String>, var: &str, file: Option<String>| {
             flag.or_else(|| env(var)).or(file)
@@ -175,6 +216,7 @@ impl NodeConfig {
         let backoff_base = dur("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base, "1s")?;
         let backoff_max = dur("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max, "60s")?;
         let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
+        let cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         if cpu_threads == 0 || job_workers == 0 {
             bail!("cpu_threads and jobs.workers must be at least 1");
         }
@@ -195,8 +237,96 @@ impl NodeConfig {
             backoff_base,
             backoff_max,
             shutdown_grace,
+            cluster,
         })
     }
+}
+
+struct ClusterFlags {
+    node_id: Option<u64>,
+    peer_listen: Option<String>,
+    certs: Option<PathBuf>,
+    bootstrap: bool,
+    join: Option<String>,
+}
+
+fn resolve_cluster(
+    fc: FileCluster,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &ClusterFlags,
+    data_dir: &Path,
+) -> Result<Option<ClusterSettings>> {
+    let peer_listen = flags
+        .peer_listen
+        .clone()
+        .or_else(|| env("BITCLONE_PEER_LISTEN"))
+        .or(fc.peer_listen);
+    let Some(peer_listen) = peer_listen else {
+        if flags.bootstrap || flags.join.is_some() || flags.node_id.is_some() {
+            bail!("--bootstrap, --join and --node-id need --peer-listen (the mutual-TLS peer address)");
+        }
+        return Ok(None);
+    };
+    let peer_listen: SocketAddr = peer_listen
+        .parse()
+        .with_context(|| format!("peer listen address {peer_listen:?} is not IP:PORT"))?;
+    let node_id = match flags.node_id {
+        Some(n) => Some(n),
+        None => env("BITCLONE_NODE_ID")
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("BITCLONE_NODE_ID={v:?}"))
+            })
+            .transpose()?
+            .or(fc.node_id),
+    }
+    .context("a cluster node needs --node-id (a number, unique and stable for the node)")?;
+    if node_id == 0 {
+        bail!("node ids start at 1");
+    }
+    let certs = flags
+        .certs
+        .clone()
+        .or_else(|| env("BITCLONE_CERTS").map(PathBuf::from))
+        .or(fc.certs)
+        .unwrap_or_else(|| data_dir.join("certs"));
+    let truthy = |v: String| matches!(v.as_str(), "1" | "true" | "yes");
+    let bootstrap = flags.bootstrap
+        || env("BITCLONE_BOOTSTRAP").map(truthy).unwrap_or(false)
+        || fc.bootstrap.unwrap_or(false);
+    let join = flags
+        .join
+        .clone()
+        .or_else(|| env("BITCLONE_JOIN"))
+        .or(fc.join);
+    if bootstrap && join.is_some() {
+        bail!("--bootstrap starts a new cluster and --join joins one: pass only one");
+    }
+    let dur = |var: &str, file: Option<String>, default: &str| -> Result<Duration> {
+        let s = env(var).or(file).unwrap_or_else(|| default.to_string());
+        humantime::parse_duration(&s).with_context(|| format!("{var}={s:?} is not a duration"))
+    };
+    // openraft's 50/150-300 ms defaults are tight for real disks (CRATES.md).
+    let heartbeat = dur("BITCLONE_RAFT_HEARTBEAT", fc.heartbeat, "100ms")?;
+    let emin = dur(
+        "BITCLONE_RAFT_ELECTION_MIN",
+        fc.election_timeout_min,
+        "500ms",
+    )?;
+    let emax = dur("BITCLONE_RAFT_ELECTION_MAX", fc.election_timeout_max, "1s")?;
+    if !(heartbeat < emin && emin < emax) {
+        bail!("need heartbeat < election_timeout_min < election_timeout_max");
+    }
+    Ok(Some(ClusterSettings {
+        node_id,
+        peer_listen,
+        certs,
+        bootstrap,
+        join,
+        heartbeat,
+        election_timeout: (emin, emax),
+    }))
 }
 
 fn u32_size(v: u64) -> Result<u32> {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod dev;
 mod jobs;
 mod node;
 mod server;
@@ -93,6 +94,50 @@ enum Cmd {
     },
     /// Show node statistics.
     Stats,
+    /// Cluster membership: status, remove a node.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Certificates for the cluster's mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Local development clusters (background processes on loopback).
+    #[command(subcommand)]
+    Dev(DevCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term, commit index and shard layout.
+    Status,
+    /// Drain a node out of the cluster (its shards move to the others).
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Make (or extend) a development CA and node certificates node-1..node-N.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Start a local cluster of N nodes (mutual TLS, bootstrap, join) and wait until it is ready.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Stop the local cluster started in DATA_DIR.
+    Down {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +156,9 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Node(args) => server::run(args).await,
+            Cmd::Certs(CertsCmd::Dev { out, nodes }) => dev::certs(&out, nodes, cli.json),
+            Cmd::Dev(DevCmd::Up { nodes, data_dir }) => dev::up(&data_dir, nodes, cli.json).await,
+            Cmd::Dev(DevCmd::Down { data_dir }) => dev::down(&data_dir, cli.json).await,
             cmd => {
                 let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json);
                 cli::run(ctx, cmd).await

@@ -20,6 +20,8 @@ use bitclone_raft::job::{Backoff, Failure, Job};
 
 pub struct Node {
     pub config: NodeConfig,
+    /// Set in cluster mode.
+    pub cluster: Option<Arc<bitclone_raft::Cluster>>,
     pub node_id: String,
     pub store: Arc<RocksStore>,
     pub pool: CpuPool,
@@ -30,10 +32,16 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn open(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+    pub fn open(
+        config: NodeConfig,
+        cluster: Option<Arc<bitclone_raft::Cluster>>,
+    ) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let node_id = load_or_create_id(&config.data_dir.join("node.id"))?;
+        let node_id = match &cluster {
+            Some(c) => c.id.to_string(),
+            None => load_or_create_id(&config.data_dir.join("node.id"))?,
+        };
         let store = Arc::new(
             RocksStore::open(&config.data_dir.join("db"), &RocksOptions::default())
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
@@ -50,6 +58,7 @@ impl Node {
         )?);
         Ok(Arc::new(Node {
             config,
+            cluster,
             node_id,
             store,
             pool,

@@ -12,7 +12,11 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::config::{NodeConfig, Overrides};
+use bitclone_raft::state::NodeInfo;
+use bitclone_raft::tls::PeerTls;
+use bitclone_raft::{Cluster, ClusterConfig};
+
+use crate::config::{ClusterSettings, NodeConfig, Overrides};
 use crate::jobs::Jobs;
 use crate::node::{classify, Node};
 use crate::service::Api;
@@ -37,13 +41,31 @@ pub struct NodeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "BITCLONE_LOG_JSON")]
     log_json: bool,
+    /// This node's id in the cluster (a number ≥ 1, stable for the node).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Mutual-TLS address for Raft and forwarding (IP:PORT); enables cluster mode.
+    #[arg(long)]
+    peer_listen: Option<String>,
+    /// Directory with ca.pem and node-<id>.pem/.key (default <data-dir>/certs).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Start a new cluster with this node as its first member.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Join the cluster through any member's public API address.
+    #[arg(long)]
+    join: Option<String>,
 }
 
 fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    // openraft narrates every election at info; its warnings are what matter.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
@@ -63,20 +85,29 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             listen: args.listen,
             cpu_threads: args.cpu_threads,
             job_workers: args.job_workers,
+            node_id: args.node_id,
+            peer_listen: args.peer_listen,
+            certs: args.certs,
+            bootstrap: args.bootstrap,
+            join: args.join,
         },
     )?;
-    let node = Node::open(config.clone())?;
     let incoming = TcpIncoming::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?
         .with_nodelay(Some(true));
     let addr = incoming.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cluster = match &config.cluster {
+        Some(c) => Some(start_cluster(c, &config, addr, stop_rx.clone()).await?),
+        None => None,
+    };
+    let node = Node::open(config.clone(), cluster.clone())?;
 
     let mut workers = Vec::new();
     for _ in 0..config.job_workers {
         workers.push(tokio::spawn(worker(node.clone())));
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let jobs: Arc<Jobs> = node.jobs.clone();
     tokio::spawn(async move {
         let reason = wait_for_signal().await;
@@ -122,9 +153,95 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .run(move || store.flush())
         .await
         .context("flushing the store")?;
+    if let Some(c) = &cluster {
+        c.shutdown().await;
+    }
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts Raft and its mutual-TLS peer server, then bootstraps or joins.
+async fn start_cluster(
+    c: &ClusterSettings,
+    config: &NodeConfig,
+    api_addr: std::net::SocketAddr,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<Cluster>> {
+    bitclone_raft::tls::install_crypto_provider();
+    let tls = PeerTls::load(&c.certs, c.node_id)?;
+    let peer_incoming = TcpIncoming::bind(c.peer_listen)
+        .with_context(|| format!("binding the peer address {}", c.peer_listen))?
+        .with_nodelay(Some(true));
+    let peer_addr = peer_incoming.local_addr()?;
+    let cluster = Cluster::start(ClusterConfig {
+        id: c.node_id,
+        dir: config.data_dir.join("raft"),
+        info: NodeInfo {
+            api_addr: api_addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+        },
+        tls,
+        heartbeat: c.heartbeat,
+        election_timeout: c.election_timeout,
+        rpc_timeout: std::time::Duration::from_secs(5),
+    })
+    .await?;
+    let peer_server = Server::builder()
+        .tls_config(cluster.server_tls())
+        .context("peer TLS")?
+        .add_service(cluster.peer_service())
+        .serve_with_incoming_shutdown(peer_incoming, stopped(stop_rx));
+    tokio::spawn(async move {
+        if let Err(e) = peer_server.await {
+            tracing::error!(error = %e, "peer server failed");
+        }
+    });
+    tracing::info!(node_id = c.node_id, %peer_addr, "peer server (mutual TLS) up");
+    if c.bootstrap {
+        cluster
+            .bootstrap()
+            .await
+            .context("bootstrapping the cluster")?;
+        tracing::info!("bootstrapped a new cluster");
+    } else if let Some(seed) = &c.join {
+        join_through(&cluster, seed).await?;
+    }
+    Ok(cluster)
+}
+
+/// Finds the leader through a member's public API and asks it to admit us.
+async fn join_through(cluster: &Cluster, seed: &str) -> anyhow::Result<()> {
+    let url = if seed.contains("://") {
+        seed.to_string()
+    } else {
+        format!("http://{seed}")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let client = bitclone_client::Client::connect([url.as_str()]).await?;
+            let status = client.cluster_status().await?;
+            let leader = status
+                .members
+                .iter()
+                .find(|m| m.id == status.leader_id)
+                .ok_or_else(|| anyhow::anyhow!("{seed} knows no leader yet"))?;
+            cluster.join(leader.id, &leader.peer_addr).await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => {
+                tracing::info!(seed, "joined the cluster");
+                return Ok(());
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(seed, error = %format!("{e:#}"), "join failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context(format!("joining through {seed}"))),
+        }
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -526,6 +526,34 @@ impl BitClone for Api {
         }
     }
 
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(cluster_status_pb(&self.node)))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let id = request.into_inner().id;
+        let c = self
+            .node
+            .cluster
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this node is not part of a cluster"))?;
+        if !c.local(|s| s.members.contains_key(&id)) {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        c.remove(id).await.map_err(|e| match e {
+            bitclone_raft::ClusterError::Refused(m) => Status::failed_precondition(m),
+            other => Status::unavailable(other.to_string()),
+        })?;
+        tracing::info!(node = id, "node removed from the cluster");
+        Ok(Response::new(cluster_status_pb(&self.node)))
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
@@ -545,6 +573,52 @@ impl BitClone for Api {
             bytes_stored: self.node.bytes_stored.load(Ordering::Relaxed),
             uptime_seconds: self.node.started.elapsed().as_secs(),
         }))
+    }
+}
+
+fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
+    let Some(c) = &node.cluster else {
+        return pb::ClusterStatusResponse {
+            node_id: 0,
+            clustered: false,
+            raft_state: "standalone".into(),
+            ..Default::default()
+        };
+    };
+    let st = c.status();
+    pb::ClusterStatusResponse {
+        node_id: st.id,
+        clustered: true,
+        leader_id: st.leader.unwrap_or(0),
+        term: st.term,
+        applied_index: st.last_applied.unwrap_or(0),
+        last_log_index: st.last_log_index.unwrap_or(0),
+        raft_state: st.state,
+        members: st
+            .members
+            .iter()
+            .map(|(id, info)| pb::ClusterMember {
+                id: *id,
+                api_addr: info.api_addr.clone(),
+                peer_addr: info.peer_addr.clone(),
+                voter: st.voters.contains(id),
+            })
+            .collect(),
+        layout_version: st.layout_version,
+        shards: st
+            .layout
+            .iter()
+            .flat_map(|(tenant, sets)| {
+                sets.iter()
+                    .enumerate()
+                    .map(move |(i, set)| pb::ShardReplicas {
+                        tenant: tenant.clone(),
+                        shard: i as u32,
+                        replicas: set.clone(),
+                    })
+            })
+            .collect(),
+        previous_layout_version: st.previous_layout_version.unwrap_or(0),
     }
 }
 

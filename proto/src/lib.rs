@@ -7,6 +7,13 @@ pub mod v1 {
     tonic::include_proto!("bitclone.v1");
 }
 
+/// Node-to-node RPCs (mutual TLS), not part of the public API.
+pub mod internal {
+    pub mod v1 {
+        tonic::include_proto!("bitclone.internal.v1");
+    }
+}
+
 /// Largest gRPC message either side accepts by default: one data frame of
 /// up to 1 MiB plus headroom. Larger frames are refused.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

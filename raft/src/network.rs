@@ -1,0 +1,212 @@
+//! The Raft network: openraft RPCs over tonic gRPC with mutual TLS. One
+//! lazily connected channel per peer; a timeout per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bitclone_proto::internal::v1::peer_client::PeerClient;
+use bitclone_proto::internal::v1::PeerMessage;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state::NodeInfo;
+use crate::tls::PeerTls;
+use crate::types::TypeConfig;
+use crate::NodeId;
+
+/// Largest peer message (AppendEntries batches, snapshot chunks).
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+
+/// Peer channels, shared by Raft replication and request forwarding.
+#[derive(Clone)]
+pub struct Peers {
+    pub me: NodeId,
+    tls: PeerTls,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {peer} at {addr}: {detail}")]
+    Unreachable {
+        peer: NodeId,
+        addr: String,
+        detail: String,
+    },
+    #[error("peer {peer}: {status}")]
+    Status { peer: NodeId, status: tonic::Status },
+    #[error("peer {peer}: bad reply: {detail}")]
+    Decode { peer: NodeId, detail: String },
+}
+
+impl Peers {
+    pub fn new(me: NodeId, tls: PeerTls) -> Self {
+        Peers {
+            me,
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    fn channel(&self, peer: NodeId, addr: &str) -> Result<Channel, PeerError> {
+        let key = (peer, addr.to_string());
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let unreachable = |detail: String| PeerError::Unreachable {
+            peer,
+            addr: addr.to_string(),
+            detail,
+        };
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .tls_config(self.tls.client_config(peer))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let ch = endpoint.connect_lazy();
+        map.insert(key, ch.clone());
+        Ok(ch)
+    }
+
+    /// Calls `rpc` on `peer` with a JSON payload and decodes the JSON reply.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        rpc: PeerRpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let payload = serde_json::to_vec(req).map_err(|e| PeerError::Decode {
+            peer,
+            detail: e.to_string(),
+        })?;
+        let mut client = PeerClient::new(self.channel(peer, addr)?)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let mut request = tonic::Request::new(PeerMessage {
+            from: self.me,
+            payload: payload.into(),
+        });
+        request.set_timeout(timeout);
+        let reply = match rpc {
+            PeerRpc::AppendEntries => client.append_entries(request).await,
+            PeerRpc::Vote => client.vote(request).await,
+            PeerRpc::InstallSnapshot => client.install_snapshot(request).await,
+            PeerRpc::Forward => client.forward(request).await,
+            PeerRpc::ReadIndex => client.read_index(request).await,
+            PeerRpc::Join => client.join(request).await,
+        };
+        let reply = reply.map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                PeerError::Unreachable {
+                    peer,
+                    addr: addr.to_string(),
+                    detail: status.message().to_string(),
+                }
+            }
+            _ => PeerError::Status { peer, status },
+        })?;
+        serde_json::from_slice(&reply.into_inner().payload).map_err(|e| PeerError::Decode {
+            peer,
+            detail: e.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+    Forward,
+    ReadIndex,
+    Join,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerLink {
+        PeerLink {
+            peers: self.clone(),
+            target,
+            addr: node.peer_addr.clone(),
+        }
+    }
+}
+
+/// openraft's handle on one peer.
+pub struct PeerLink {
+    peers: Peers,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerLink {
+    async fn send<Req, Resp, E>(
+        &self,
+        rpc: PeerRpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, NodeInfo, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: Result<Result<Resp, E>, PeerError> = self
+            .peers
+            .call(self.target, &self.addr, rpc, req, option.hard_ttl())
+            .await;
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
+            Err(e @ PeerError::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.send(PeerRpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(PeerRpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.send(PeerRpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,383 @@
+//! openraft storage on RocksDB: the log and vote, durably; the state machine
+//! in memory, rebuilt at start from the last snapshot plus the log.
+
+// openraft fixes the error type of its storage traits; helpers share it.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, RaftLogId, RaftLogReader, RaftSnapshotBuilder,
+    Snapshot, SnapshotMeta, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{apply, ClusterState, NodeInfo, Response};
+use crate::types::{StorageError, TypeConfig};
+use crate::NodeId;
+
+const CF_LOGS: &str = "logs";
+const CF_STORE: &str = "store";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+fn io_err(e: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&e)
+}
+
+/// Opens the Raft RocksDB (log + vote + snapshot) under `dir`.
+pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_STORE, Options::default()),
+    ];
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StorageError> {
+    db.cf_handle(name).ok_or_else(|| {
+        StorageIOError::read(AnyError::error(format!("column family {name} missing"))).into()
+    })
+}
+
+fn synced() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(db: &DB, key: &[u8]) -> Result<Option<T>, StorageError> {
+    let Some(bytes) = db
+        .get_cf(cf(db, CF_STORE)?, key)
+        .map_err(|e| StorageIOError::read(io_err(e)))?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StorageIOError::read(io_err(e)).into())
+}
+
+fn put_json<T: Serialize>(db: &DB, key: &[u8], value: &T) -> Result<(), StorageError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(io_err(e)))?;
+    db.put_cf_opt(cf(db, CF_STORE)?, key, bytes, &synced())
+        .map_err(|e| StorageIOError::write(io_err(e)).into())
+}
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> Self {
+        LogStore { db }
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        let mut it = self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOGS)?, IteratorMode::End);
+        match it.next() {
+            Some(Ok((_, v))) => {
+                let e: Entry<TypeConfig> =
+                    serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+                Ok(Some(*e.get_log_id()))
+            }
+            Some(Err(e)) => Err(StorageIOError::read_logs(io_err(e)).into()),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let key = start.to_be_bytes();
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_LOGS)?,
+            IteratorMode::From(&key, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+            let idx = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StorageIOError::read_logs(AnyError::error("bad log key")))?,
+            );
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId<NodeId>> = get_json(&self.db, KEY_PURGED)?;
+        let last = self.last_log_id()?.or(last_purged);
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        put_json(&self.db, KEY_VOTE, vote).map_err(|_| {
+            StorageIOError::write_vote(AnyError::error("writing the vote failed")).into()
+        })
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        get_json(&self.db, KEY_VOTE)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
+        put_json(&self.db, KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        // One batch, synced, and only then the callback (CRATES.md).
+        let logs = cf(&self.db, CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            let v = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            batch.put_cf(logs, e.get_log_id().index.to_be_bytes(), v);
+        }
+        let res = self.db.write_opt(batch, &synced());
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(io_err(e)).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // Remove log_id.index and everything after it.
+        let logs = cf(&self.db, CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(logs, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
+        batch.delete_cf(logs, u64::MAX.to_be_bytes());
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // Record the purge point first: a crash in between leaves extra logs,
+        // never a gap.
+        put_json(&self.db, KEY_PURGED, &log_id)?;
+        let logs = cf(&self.db, CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(logs, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+    }
+}
+
+/// The applied state: the cluster state plus what openraft needs to know
+/// about how far it got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub state: ClusterState,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, NodeInfo>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    data: Vec<u8>,
+}
+
+/// The state machine. The cluster state is shared (`shared()`) with readers.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<DB>,
+    applied: Arc<RwLock<Applied>>,
+    snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StateMachine {
+    /// Loads the last snapshot, if any; openraft re-applies the log after it.
+    pub fn open(db: Arc<DB>) -> Result<Self, StorageError> {
+        let applied = match get_json::<StoredSnapshot>(&db, KEY_SNAPSHOT)? {
+            Some(s) => serde_json::from_slice(&s.data)
+                .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?,
+            None => Applied::default(),
+        };
+        Ok(StateMachine {
+            db,
+            applied: Arc::new(RwLock::new(applied)),
+            snapshot_seq: Arc::default(),
+        })
+    }
+
+    /// The live state, for reads.
+    pub fn shared(&self) -> Arc<RwLock<Applied>> {
+        self.applied.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, membership) = {
+            let a = self.read();
+            let data = serde_json::to_vec(&*a)
+                .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+            (data, a.last_applied, a.membership.clone())
+        };
+        let seq = self
+            .snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        put_json(
+            &self.db,
+            KEY_SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            },
+        )?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError> {
+        let a = self.read();
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut a = self.write();
+        let mut out = Vec::new();
+        for e in entries {
+            a.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => out.push(Response::Ok),
+                EntryPayload::Normal(req) => out.push(apply(&mut a.state, &req)),
+                EntryPayload::Membership(m) => {
+                    a.membership = StoredMembership::new(Some(e.log_id), m);
+                    out.push(Response::Ok);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let applied: Applied = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+        put_json(
+            &self.db,
+            KEY_SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        *self.write() = applied;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(
+            get_json::<StoredSnapshot>(&self.db, KEY_SNAPSHOT)?.map(|s| Snapshot {
+                meta: s.meta,
+                snapshot: Box::new(Cursor::new(s.data)),
+            }),
+        )
+    }
+}
