@@ -38,6 +38,23 @@ impl TestNode {
     }
 
     pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> TestNode {
+        Self::spawn(data_dir, "127.0.0.1:0", &[], env)
+    }
+
+    /// Starts `bitclone node` listening on `listen` with extra arguments and
+    /// waits until it serves.
+    pub fn spawn(data_dir: &Path, listen: &str, args: &[String], env: &[(&str, &str)]) -> TestNode {
+        Self::spawn_opts(data_dir, listen, args, env, true)
+    }
+
+    /// Like `spawn`; with `wait == false` returns as soon as the process runs.
+    pub fn spawn_opts(
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> TestNode {
         std::fs::create_dir_all(data_dir).unwrap();
         let addr_file = data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
@@ -50,7 +67,8 @@ impl TestNode {
         let mut cmd = clean_command(BIN);
         cmd.args(["node", "--data-dir"])
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log_file);
         for (k, v) in env {
@@ -64,7 +82,7 @@ impl TestNode {
             child: Some(child),
             log,
         };
-        loop {
+        while wait {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                 node.endpoint = format!("http://{}", addr.trim());
                 return node;
@@ -79,6 +97,7 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        node
     }
 
     pub fn log_text(&self) -> String {
@@ -262,4 +281,138 @@ pub fn assert_same_tree(a: &Path, b: &Path, modes: bool, skip: &[&str]) {
 
 pub fn file_url(p: &Path) -> String {
     format!("file://{}", p.display())
+}
+
+/// A free loopback port (released before use; fine for tests on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Real `bitclone node` processes forming a Raft cluster over mutual TLS.
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub nodes: BTreeMap<u64, TestNode>,
+    pub ports: BTreeMap<u64, (u16, u16)>,
+}
+
+impl TestCluster {
+    /// Certificates for `max_nodes`, node 1 bootstraps, 2..=n join one by one.
+    pub fn start(dir: &Path, n: u64, max_nodes: u64) -> TestCluster {
+        let certs = dir.join("certs");
+        let out = clean_command(BIN)
+            .args(["certs", "dev", "--out"])
+            .arg(&certs)
+            .args(["--nodes", &max_nodes.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut c = TestCluster {
+            dir: dir.to_path_buf(),
+            nodes: BTreeMap::new(),
+            ports: BTreeMap::new(),
+        };
+        c.start_node(1, &["--bootstrap".to_string()]);
+        c.wait_voters(1, 1);
+        for id in 2..=n {
+            c.join(id);
+        }
+        c
+    }
+
+    pub fn join(&mut self, id: u64) {
+        let seed = self.nodes.values().next().unwrap().endpoint.clone();
+        self.start_node(id, &["--join".to_string(), seed]);
+        let voters = self.nodes.len();
+        self.wait_voters(id, voters);
+    }
+
+    /// Starts (or restarts, on the same ports) node `id`.
+    pub fn start_node(&mut self, id: u64, extra: &[String]) {
+        let (api, peer) = *self
+            .ports
+            .entry(id)
+            .or_insert_with(|| (free_port(), free_port()));
+        let mut args = vec![
+            "--node-id".to_string(),
+            id.to_string(),
+            "--peer-listen".to_string(),
+            format!("127.0.0.1:{peer}"),
+            "--certs".to_string(),
+            self.dir.join("certs").display().to_string(),
+        ];
+        args.extend_from_slice(extra);
+        let node = TestNode::spawn(
+            &self.dir.join(format!("node-{id}")),
+            &format!("127.0.0.1:{api}"),
+            &args,
+            &[("BITCLONE_SHUTDOWN_GRACE", "5s")],
+        );
+        self.nodes.insert(id, node);
+    }
+
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[&id]
+    }
+
+    pub fn status(&self, id: u64) -> Option<serde_json::Value> {
+        let out = self.nodes.get(&id)?.cli(&["--json", "cluster", "status"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn leader(&self, via: u64) -> Option<u64> {
+        self.status(via).and_then(|s| s["leader"].as_u64())
+    }
+
+    /// Polls `f` every 50 ms until it holds, for at most `secs` seconds.
+    pub fn wait_for(&self, what: &str, secs: u64, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_voters(&self, via: u64, voters: usize) {
+        self.wait_for(
+            &format!("{voters} voters and a leader seen by node {via}"),
+            60,
+            |c| {
+                c.status(via).is_some_and(|s| {
+                    s["leader"].as_u64().is_some()
+                        && s["members"]
+                            .as_array()
+                            .map(|m| m.iter().filter(|m| m["voter"] == true).count())
+                            == Some(voters)
+                })
+            },
+        );
+    }
+
+    /// node → number of shard replicas it holds, as `via` sees the layout.
+    pub fn shard_load(&self, via: u64) -> BTreeMap<u64, usize> {
+        let mut load = BTreeMap::new();
+        if let Some(s) = self.status(via) {
+            for shard in s["shards"].as_array().unwrap() {
+                for r in shard["replicas"].as_array().unwrap() {
+                    *load.entry(r.as_u64().unwrap()).or_insert(0) += 1;
+                }
+            }
+        }
+        load
+    }
+
+    pub fn kill9(&mut self, id: u64) {
+        self.nodes.remove(&id).unwrap().kill9();
+    }
 }

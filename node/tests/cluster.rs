@@ -1,0 +1,198 @@
+//! Three (and four) real nodes on loopback forming a Raft cluster over
+//! mutual TLS: formation, leader loss, join, removal, refused peers.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+
+fn put_through(c: &TestCluster, id: u64, src: &std::path::Path, dataset: &str) -> String {
+    let v = c
+        .node(id)
+        .json(&["put", src.to_str().unwrap(), "--dataset", dataset]);
+    v["snapshot"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn cluster_forms_and_survives_the_loss_of_its_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+    let src = tmp.path().join("src");
+    generate_tree(&src, 21, 10, 0);
+    // Every node sees the same leader and three voters.
+    let leader = c.leader(1).unwrap();
+    for id in 1..=3 {
+        assert_eq!(
+            c.leader(id),
+            Some(leader),
+            "node {id} disagrees on the leader"
+        );
+    }
+    let st = c.status(2).unwrap();
+    assert!(st["layout_version"].as_u64().unwrap() >= 1);
+    assert_eq!(st["members"].as_array().unwrap().len(), 3);
+    for id in 1..=3 {
+        put_through(&c, id, &src, &format!("via{id}"));
+    }
+
+    let old_term = c.status(leader).unwrap()["term"].as_u64().unwrap();
+    let killed = Instant::now();
+    c.kill9(leader);
+    let survivor = (1..=3).find(|n| *n != leader).unwrap();
+    c.wait_for("a new leader", 30, |c| {
+        c.leader(survivor).is_some_and(|l| l != leader)
+    });
+    let elected = killed.elapsed();
+    let new_leader = c.leader(survivor).unwrap();
+    let st = c.status(survivor).unwrap();
+    assert!(st["term"].as_u64().unwrap() > old_term, "a new term begins");
+    // A write through each survivor.
+    for id in (1..=3).filter(|n| *n != leader) {
+        put_through(&c, id, &src, &format!("after{id}"));
+    }
+    println!(
+        "leader {leader} killed; node {new_leader} elected after {:.0} ms; first write ok after {:.0} ms",
+        elected.as_secs_f64() * 1000.0,
+        killed.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // The killed node comes back on the same addresses and catches up.
+    c.start_node(leader, &[]);
+    c.wait_for("the old leader to rejoin as follower", 30, |c| {
+        c.leader(leader) == Some(new_leader)
+    });
+}
+
+#[test]
+fn a_fourth_node_joins_and_gets_shards_then_a_removed_node_loses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 4);
+    let before = c.shard_load(1);
+    assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    c.join(4);
+    c.wait_for("node 4 to hold shards", 30, |c| {
+        c.shard_load(1).contains_key(&4)
+    });
+    let load = c.shard_load(4);
+    assert_eq!(load.len(), 4, "{load:?}");
+    let (lo, hi) = (load.values().min().unwrap(), load.values().max().unwrap());
+    assert!(hi - lo <= 1, "balanced: {load:?}");
+
+    let out = c.node(3).cli(&["--json", "cluster", "remove", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for("node 2's shards to move away", 30, |c| {
+        let l = c.shard_load(1);
+        !l.contains_key(&2) && l.len() == 3
+    });
+    let st = c.status(1).unwrap();
+    let ids: Vec<u64> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3, 4]);
+    // Removing a node that is not a member is a clear error.
+    let e = c.node(1).fails(&["cluster", "remove", "2"]);
+    assert!(e.contains("not a member"), "{e}");
+}
+
+#[test]
+fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+
+    // A node whose certificate comes from another CA cannot join.
+    let other = tmp.path().join("other-ca");
+    let out = clean_command(BIN)
+        .args(["certs", "dev", "--out"])
+        .arg(&other)
+        .args(["--nodes", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let seed = c.node(1).endpoint.clone();
+    let intruder = TestNode::spawn_opts(
+        &tmp.path().join("intruder"),
+        "127.0.0.1:0",
+        &[
+            "--node-id".into(),
+            "4".into(),
+            "--peer-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--certs".into(),
+            other.display().to_string(),
+            "--join".into(),
+            seed,
+        ],
+        &[],
+        false,
+    );
+    c.wait_for("the intruder's join to fail", 30, |_| {
+        intruder.log_text().contains("join failed")
+    });
+    let st = c.status(1).unwrap();
+    assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
+    drop(intruder);
+
+    // Raw peer RPCs: a valid certificate for an id that is not a member, a
+    // certificate used to claim another id, and a vote from a stale term.
+    let out = clean_command(BIN)
+        .args(["certs", "dev", "--out"])
+        .arg(tmp.path().join("certs"))
+        .args(["--nodes", "9"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let leader = c.leader(1).unwrap();
+    let peer_port = c.ports[&leader].1;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let vote = |cert_id: u64, from: u64, term: u64| {
+        let certs = tmp.path().join("certs");
+        rt.block_on(async move {
+            bitclone_raft::tls::install_crypto_provider();
+            let tls = bitclone_raft::tls::PeerTls::load(&certs, cert_id).unwrap();
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{peer_port}"))
+                .unwrap()
+                .tls_config(tls.client_config(leader))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = bitclone_proto::internal::v1::peer_client::PeerClient::new(ch);
+            let payload = format!(
+                r#"{{"vote":{{"leader_id":{{"term":{term},"node_id":{from}}},"committed":false}},"last_log_id":null}}"#
+            );
+            client
+                .vote(bitclone_proto::internal::v1::PeerMessage {
+                    from,
+                    payload: payload.into_bytes().into(),
+                })
+                .await
+        })
+    };
+    let unknown = vote(9, 9, 1_000).unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::PermissionDenied, "{unknown}");
+    assert!(unknown.message().contains("not a member"), "{unknown}");
+    let forged = vote(9, 3, 1_000).unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged}");
+    assert!(forged.message().contains("node-3"), "{forged}");
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let stale = vote(follower, follower, 0).unwrap().into_inner();
+    let reply = String::from_utf8(stale.payload.to_vec()).unwrap();
+    assert!(
+        reply.contains("\"vote_granted\":false"),
+        "stale-term vote must be refused: {reply}"
+    );
+    drop(rt);
+    assert_eq!(c.leader(1), Some(leader), "the leader kept its place");
+    c.kill9(leader);
+}
