@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Three (and four) real nodes on loopback forming a Raft cluster over
 //! mutual TLS: formation, leader loss, join, removal, refused peers.
 

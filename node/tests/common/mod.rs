@@ -82,7 +82,10 @@ impl TestNode {
             child: Some(child),
             log,
         };
-        while wait {
+        if !wait {
+            return node;
+        }
+        loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                 node.endpoint = format!("http://{}", addr.trim());
                 return node;
@@ -97,7 +100,6 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        node
     }
 
     pub fn log_text(&self) -> String {
