@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry};
 use bitclone_storage::export::{self, ExportProgress};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::rocks::DatasetSummary;
 use bitclone_storage::{
     ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore, SnapshotId,
     SnapshotRecord,
@@ -82,6 +84,93 @@ impl Node {
         self.pool.run(move || f(&store)).await
     }
 
+    /// The latest snapshot of a dataset (through Raft in a cluster).
+    pub async fn head(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> Result<Option<SnapshotId>, StoreError> {
+        match &self.cluster {
+            Some(c) => {
+                let head = c
+                    .read(|s| {
+                        s.datasets
+                            .get(tenant)
+                            .and_then(|d| d.get(dataset))
+                            .map(|h| h.snapshot.clone())
+                    })
+                    .await
+                    .map_err(unavailable)?;
+                head.map(|h| h.parse()).transpose()
+            }
+            None => {
+                let (t, d) = (tenant.to_string(), dataset.to_string());
+                self.blocking(move |s| s.head(&t, &d)).await
+            }
+        }
+    }
+
+    /// The snapshots of a dataset, oldest first.
+    pub async fn snapshots(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        match &self.cluster {
+            Some(c) => c
+                .read(|s| {
+                    s.datasets
+                        .get(tenant)
+                        .and_then(|d| d.get(dataset))
+                        .map(|h| h.history.iter().map(|e| record_of(dataset, e)).collect())
+                        .unwrap_or_default()
+                })
+                .await
+                .map_err(unavailable),
+            None => {
+                let (t, d) = (tenant.to_string(), dataset.to_string());
+                self.blocking(move |s| s.list_snapshots(&t, &d)).await
+            }
+        }
+    }
+
+    /// The datasets of a tenant.
+    pub async fn datasets(&self, tenant: &str) -> Result<Vec<DatasetSummary>, StoreError> {
+        match &self.cluster {
+            Some(c) => {
+                let heads = c
+                    .read(|s| {
+                        s.datasets
+                            .get(tenant)
+                            .map(|d| {
+                                d.iter()
+                                    .map(|(name, h)| {
+                                        (name.clone(), h.snapshot.clone(), h.history.len())
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .await
+                    .map_err(unavailable)?;
+                heads
+                    .into_iter()
+                    .map(|(name, head, n)| {
+                        Ok(DatasetSummary {
+                            name,
+                            head: head.parse()?,
+                            snapshots: n as u64,
+                        })
+                    })
+                    .collect()
+            }
+            None => {
+                let t = tenant.to_string();
+                self.blocking(move |s| s.list_datasets(&t)).await
+            }
+        }
+    }
+
     /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset.
     pub async fn resolve_snapshot(
         &self,
@@ -91,36 +180,108 @@ impl Node {
     ) -> Result<(SnapshotId, Manifest), StoreError> {
         bitclone_storage::path::validate_name("tenant", tenant)?;
         bitclone_storage::path::validate_name("dataset", dataset)?;
-        let (t, d, s) = (
-            tenant.to_string(),
-            dataset.to_string(),
-            snapshot.to_string(),
-        );
-        self.blocking(move |store| {
-            let id = if s.is_empty() {
-                store.head(&t, &d)?.ok_or(StoreError::NotFound {
+        let id = if snapshot.is_empty() {
+            self.head(tenant, dataset)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
                     kind: "dataset",
-                    name: d.clone(),
+                    name: dataset.to_string(),
                 })?
-            } else {
-                let id: SnapshotId = s.parse()?;
-                // The snapshot must belong to this dataset, not just exist.
-                if !store
-                    .list_snapshots(&t, &d)?
-                    .iter()
-                    .any(|r| r.id == id.to_hex())
-                {
-                    return Err(StoreError::NotFound {
-                        kind: "snapshot",
-                        name: format!("{s} of dataset {d}"),
-                    });
-                }
-                id
-            };
-            let m = export::load_manifest(store, &t, &id)?;
-            Ok((id, m))
-        })
-        .await
+        } else {
+            let id: SnapshotId = snapshot.parse()?;
+            // The snapshot must belong to this dataset, not just exist.
+            if !self
+                .snapshots(tenant, dataset)
+                .await?
+                .iter()
+                .any(|r| r.id == id.to_hex())
+            {
+                return Err(StoreError::NotFound {
+                    kind: "snapshot",
+                    name: format!("{snapshot} of dataset {dataset}"),
+                });
+            }
+            id
+        };
+        let t = tenant.to_string();
+        let m = self
+            .blocking(move |store| export::load_manifest(store, &t, &id))
+            .await;
+        match (m, &self.cluster) {
+            (Ok(m), _) => Ok((id, m)),
+            (Err(StoreError::NotFound { .. }), Some(c)) => {
+                // Committed in the cluster but stored on another node.
+                let writer = c.local(|s| {
+                    s.datasets
+                        .get(tenant)
+                        .and_then(|d| d.get(dataset))
+                        .and_then(|h| h.history.iter().find(|e| e.id == id.to_hex()))
+                        .map(|e| {
+                            (
+                                e.written_by,
+                                s.members.get(&e.written_by).map(|m| m.api_addr.clone()),
+                            )
+                        })
+                });
+                Err(StoreError::Unavailable(match writer {
+                    Some((n, addr)) => format!(
+                        "snapshot {id} is stored on node {n} ({}); moving chunks between nodes comes with the QUIC data plane: read it through that node",
+                        addr.unwrap_or_else(|| "no longer a member".into())
+                    ),
+                    None => format!("snapshot {id} is not stored on this node"),
+                }))
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Encodes and durably commits a manifest: locally, or in a cluster the
+    /// manifest locally and the dataset pointer through Raft (compare-and-set
+    /// on the parent, fenced when a job makes the commit).
+    pub async fn commit_manifest(
+        &self,
+        manifest: Manifest,
+        fenced_by: Option<(String, Fence)>,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let Some(c) = &self.cluster else {
+            return self
+                .blocking(move |store| {
+                    let (id, bytes) = manifest.encode_with_id()?;
+                    store.commit_snapshot(&manifest, &id, &bytes)
+                })
+                .await;
+        };
+        let (id, bytes) = manifest.encode_with_id()?;
+        let tenant = manifest.tenant.clone();
+        self.blocking(move |store| store.store_manifest_durable(&tenant, &id, &bytes))
+            .await?;
+        let entry = SnapshotEntry {
+            id: id.to_hex(),
+            parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),
+            files: manifest.file_count(),
+            bytes: manifest.total_bytes(),
+            created_unix_ms: manifest.created_unix_ms,
+            written_by: c.id,
+        };
+        let resp = c
+            .write(Command::CommitSnapshot {
+                tenant: manifest.tenant.clone(),
+                dataset: manifest.dataset.clone(),
+                snapshot: entry.clone(),
+                parent: entry.parent.clone(),
+                fenced_by,
+            })
+            .await
+            .map_err(unavailable)?;
+        match resp {
+            Response::Err(CommandError::Conflict(m)) => Err(StoreError::Conflict(m)),
+            Response::Err(e @ CommandError::Fenced { .. }) => {
+                tracing::warn!(error = %e, "a fenced commit was refused");
+                Err(StoreError::Conflict(e.to_string()))
+            }
+            Response::Err(e) => Err(StoreError::InvalidArgument(e.to_string())),
+            _ => Ok(record_of(&manifest.dataset, &entry)),
+        }
     }
 
     /// Encodes and durably commits a snapshot built by `builder`.
@@ -128,13 +289,9 @@ impl Node {
         &self,
         builder: SnapshotBuilder,
     ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
-        self.blocking(move |store| {
-            let (manifest, stats) = builder.finish(now_ms())?;
-            let (id, bytes) = manifest.encode_with_id()?;
-            let record = store.commit_snapshot(&manifest, &id, &bytes)?;
-            Ok((record, stats))
-        })
-        .await
+        let (manifest, stats) = builder.finish(now_ms())?;
+        let record = self.commit_manifest(manifest, None).await?;
+        Ok((record, stats))
     }
 
     /// The latest snapshot of a dataset and its manifest, to diff against.
@@ -308,12 +465,7 @@ impl Node {
                     created_unix_ms: now_ms(),
                     ..manifest
                 };
-                let record = self
-                    .blocking(move |store| {
-                        let (id, bytes) = m.encode_with_id()?;
-                        store.commit_snapshot(&m, &id, &bytes)
-                    })
-                    .await?;
+                let record = self.commit_manifest(m, None).await?;
                 record.id.parse()
             }
         }
@@ -393,6 +545,21 @@ fn injected_export_fault(url: &str) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+fn unavailable(e: bitclone_raft::ClusterError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn record_of(dataset: &str, e: &SnapshotEntry) -> SnapshotRecord {
+    SnapshotRecord {
+        id: e.id.clone(),
+        dataset: dataset.to_string(),
+        parent: e.parent.clone(),
+        files: e.files,
+        bytes: e.bytes,
+        created_unix_ms: e.created_unix_ms,
+    }
 }
 
 /// Whether retrying can help.

@@ -42,7 +42,9 @@ pub fn status(e: StoreError) -> Status {
         StoreError::CorruptChunk { .. }
         | StoreError::MissingChunk(_)
         | StoreError::Decode { .. } => Status::data_loss(msg),
-        StoreError::PoolClosed | StoreError::Poisoned(_) => Status::unavailable(msg),
+        StoreError::PoolClosed | StoreError::Poisoned(_) | StoreError::Unavailable(_) => {
+            Status::unavailable(msg)
+        }
         StoreError::Io { .. }
         | StoreError::Rocks(_)
         | StoreError::ObjectStore(_)
@@ -325,11 +327,7 @@ impl BitClone for Api {
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let tenant = request.into_inner().tenant;
         validate_name("tenant", &tenant).map_err(status)?;
-        let list = self
-            .node
-            .blocking(move |s| s.list_datasets(&tenant))
-            .await
-            .map_err(status)?;
+        let list = self.node.datasets(&tenant).await.map_err(status)?;
         Ok(Response::new(pb::ListDatasetsResponse {
             datasets: list
                 .into_iter()
@@ -348,10 +346,9 @@ impl BitClone for Api {
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        let (t, d) = (r.tenant.clone(), r.dataset.clone());
         let list = self
             .node
-            .blocking(move |s| s.list_snapshots(&t, &d))
+            .snapshots(&r.tenant, &r.dataset)
             .await
             .map_err(status)?;
         if list.is_empty() {
@@ -558,7 +555,14 @@ impl BitClone for Api {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
+        let mut s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
+        if let Some(c) = &self.node.cluster {
+            // Datasets and snapshots are the cluster's, not this store's.
+            (s.datasets, s.snapshots) = c.local(|st| {
+                let heads = st.datasets.values().flat_map(|d| d.values());
+                heads.fold((0, 0), |(d, n), h| (d + 1, n + h.history.len() as u64))
+            });
+        }
         let (pending, running) = self.node.jobs.counts();
         Ok(Response::new(pb::StatsResponse {
             node_id: self.node.node_id.clone(),

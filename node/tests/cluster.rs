@@ -33,9 +33,36 @@ fn cluster_forms_and_survives_the_loss_of_its_leader() {
     let st = c.status(2).unwrap();
     assert!(st["layout_version"].as_u64().unwrap() >= 1);
     assert_eq!(st["members"].as_array().unwrap().len(), 3);
+    let mut snaps = Vec::new();
     for id in 1..=3 {
-        put_through(&c, id, &src, &format!("via{id}"));
+        snaps.push(put_through(&c, id, &src, &format!("via{id}")));
     }
+    // Dataset pointers live in the replicated state: every node lists all three.
+    for id in 1..=3 {
+        let ds = c.node(id).json(&["datasets"]);
+        let names: Vec<&str> = ds["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["via1", "via2", "via3"], "as seen by node {id}");
+        let s = c.node(id).json(&["snapshots", "--dataset", "via1"]);
+        assert_eq!(s["snapshots"][0]["id"], snaps[0].as_str());
+    }
+    // Chunks stay on the writer until the QUIC data plane: a read through the
+    // writer works, another node names the writer instead of failing vaguely.
+    let restore = tmp.path().join("restore");
+    c.node(1)
+        .json(&["get", "--dataset", "via1", restore.to_str().unwrap()]);
+    assert_same_tree(&src, &restore, true, &[]);
+    let e = c.node(2).fails(&[
+        "get",
+        "--dataset",
+        "via1",
+        tmp.path().join("r2").to_str().unwrap(),
+    ]);
+    assert!(e.contains("stored on node 1"), "{e}");
 
     let old_term = c.status(leader).unwrap()["term"].as_u64().unwrap();
     let killed = Instant::now();

@@ -51,6 +51,10 @@ pub enum Error {
     /// A compare-and-set lost (e.g. the dataset moved on since the parent).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Something the operation depends on (the cluster's leader, a peer)
+    /// cannot be reached right now; retrying later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The operation was cancelled by its caller.
     #[error("cancelled")]
     Cancelled,

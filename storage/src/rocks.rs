@@ -249,6 +249,20 @@ impl RocksStore {
         Ok(record)
     }
 
+    /// Durably stores a manifest (after its chunks) without moving any
+    /// dataset head: in a cluster the head moves through Raft instead.
+    pub fn store_manifest_durable(
+        &self,
+        tenant: &str,
+        id: &SnapshotId,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.persist_chunks()?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id), bytes);
+        self.write(batch, true)
+    }
+
     /// The latest snapshot of a dataset, if it has one.
     pub fn head(&self, tenant: &str, dataset: &str) -> Result<Option<SnapshotId>> {
         match self
