@@ -270,7 +270,15 @@ pub(crate) async fn upload_dir(
                 .collect();
             (id, entries)
         }
-        Err(Error::Status(status)) if status.code() == tonic::Code::NotFound => {
+        // NotFound: a new dataset. Unavailable: the latest snapshot's
+        // manifest is held by another node; upload everything and let the
+        // node compare-and-set on whatever the head is.
+        Err(Error::Status(status))
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::Unavailable
+            ) =>
+        {
             (String::new(), HashMap::new())
         }
         Err(error) => return Err(error),

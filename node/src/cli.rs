@@ -141,6 +141,8 @@ fn job_json(j: &proto::Job) -> serde_json::Value {
         "created_unix_ms": j.created_unix_ms,
         "updated_unix_ms": j.updated_unix_ms,
         "next_attempt_unix_ms": j.next_attempt_unix_ms,
+        "lease_holder": if j.lease_holder == 0 { serde_json::Value::Null } else { json!(j.lease_holder) },
+        "fencing_token": j.fencing_token,
     })
 }
 

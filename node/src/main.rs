@@ -4,6 +4,7 @@ mod cli;
 mod config;
 mod dev;
 mod jobs;
+mod link;
 mod node;
 mod server;
 mod service;

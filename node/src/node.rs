@@ -12,13 +12,14 @@ use bitclone_storage::export::{self, ExportProgress};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::rocks::DatasetSummary;
 use bitclone_storage::{
-    ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore, SnapshotId,
-    SnapshotRecord,
+    ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore,
+    SnapshotId, SnapshotRecord,
 };
 
 use crate::config::NodeConfig;
 use crate::jobs::{now_ms, Jobs};
-use bitclone_raft::job::{Backoff, Failure, Job};
+use crate::link::JobLink;
+use bitclone_raft::job::{Backoff, Checkpoint, Failure, Job};
 
 pub struct Node {
     pub config: NodeConfig,
@@ -171,6 +172,17 @@ impl Node {
         }
     }
 
+    /// A job by id (linearizable in a cluster).
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, tonic::Status> {
+        match &self.cluster {
+            Some(c) => c
+                .read(|s| s.jobs.get(id).cloned())
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string())),
+            None => Ok(self.jobs.get(id)),
+        }
+    }
+
     /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset.
     pub async fn resolve_snapshot(
         &self,
@@ -294,19 +306,36 @@ impl Node {
         Ok((record, stats))
     }
 
-    /// The latest snapshot of a dataset and its manifest, to diff against.
-    pub async fn parent_of(
+    /// A builder for the next snapshot of a dataset: incremental against the
+    /// head if its manifest is here, and always compare-and-set on the head.
+    pub async fn builder_for(
         &self,
         tenant: &str,
         dataset: &str,
-    ) -> Result<Option<(SnapshotId, Manifest)>, StoreError> {
-        match self.resolve_snapshot(tenant, dataset, "").await {
-            Ok(p) => Ok(Some(p)),
-            Err(StoreError::NotFound {
-                kind: "dataset", ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        chunking: Option<ChunkParams>,
+    ) -> Result<(SnapshotBuilder, Option<SnapshotId>), StoreError> {
+        let head = self.head(tenant, dataset).await?;
+        let manifest = match head {
+            Some(id) => {
+                let t = tenant.to_string();
+                match self
+                    .blocking(move |store| export::load_manifest(store, &t, &id))
+                    .await
+                {
+                    Ok(m) => Some(m),
+                    // Held by another node (cluster): no diff base here.
+                    Err(StoreError::NotFound { .. }) if self.cluster.is_some() => None,
+                    Err(e) => return Err(e),
+                }
+            }
+            None => None,
+        };
+        let chunking = chunking
+            .or(manifest.as_ref().map(|m| m.chunking))
+            .unwrap_or(self.config.chunking);
+        let builder = SnapshotBuilder::new(tenant, dataset, head.zip(manifest), chunking)?
+            .with_parent_id(head);
+        Ok((builder, head))
     }
 
     /// Runs one attempt of a clone job, resuming from its checkpoint.
@@ -314,29 +343,39 @@ impl Node {
         self: &Arc<Self>,
         job: Job,
         stop: Arc<AtomicBool>,
+        link: &JobLink,
     ) -> Result<(), StoreError> {
-        let snapshot = match &job.checkpoint.snapshot {
-            Some(s) => s.parse::<SnapshotId>()?,
-            None => {
-                let id = self.ingest_source(&job, stop.clone()).await?;
-                let hex = id.to_hex();
-                self.checkpoint(&job.id, |j| j.checkpoint.snapshot = Some(hex.clone()))
-                    .await?;
+        let mut cp = link.checkpoint(&job.id);
+        // A snapshot checkpointed by another node whose chunks are not here
+        // (no replication yet) is ingested again from the source.
+        let usable = match &cp.snapshot {
+            Some(s) => {
+                let (t, id) = (job.tenant.clone(), s.parse::<SnapshotId>()?);
+                self.blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
+                    .await?
+            }
+            None => false,
+        };
+        let snapshot = match (&cp.snapshot, usable) {
+            (Some(s), true) => s.parse::<SnapshotId>()?,
+            _ => {
+                let id = self.ingest_source(&job, stop.clone(), link).await?;
+                cp = Checkpoint {
+                    snapshot: Some(id.to_hex()),
+                    ..Checkpoint::default()
+                };
+                link.save(&job.id, cp.clone()).await?;
                 id
             }
         };
         let (_, manifest) = self
             .resolve_snapshot(&job.tenant, &job.dataset, &snapshot.to_hex())
             .await?;
-        let mut cp = self
-            .jobs
-            .get(&job.id)
-            .map(|j| j.checkpoint)
-            .unwrap_or_default();
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
         while cp.destinations_done < job.destinations.len() {
             let url = &job.destinations[cp.destinations_done];
             injected_export_fault(url)?;
+            injected_export_delay(&stop).await?;
             let (dest, prefix) = export::open_destination(url)?;
             let from = ExportProgress {
                 next_entry: cp.next_entry,
@@ -344,20 +383,20 @@ impl Node {
                 bytes_done: cp.bytes_done,
             };
             let id = job.id.clone();
-            let jobs = &self.jobs;
             let phase = format!("writing {url}");
-            // Progress and the checkpoint live in memory; `Jobs::finish`
-            // persists them, so a retry after an error resumes mid-destination.
+            // Progress and the checkpoint live in memory; the link persists
+            // them later (at the end of the attempt, or with the heartbeat in
+            // a cluster), so a retry resumes mid-destination.
             let mut on_progress = |p: ExportProgress| {
-                jobs.report(&id, |j| {
-                    j.progress.phase = phase.clone();
-                    j.progress.files_done = p.files_done;
-                    j.progress.files_total = files_total;
-                    j.progress.bytes_done = p.bytes_done;
-                    j.progress.bytes_total = bytes_total;
-                    j.checkpoint.next_entry = p.next_entry;
-                    j.checkpoint.files_done = p.files_done;
-                    j.checkpoint.bytes_done = p.bytes_done;
+                link.report(&id, |progress, checkpoint| {
+                    progress.phase = phase.clone();
+                    progress.files_done = p.files_done;
+                    progress.files_total = files_total;
+                    progress.bytes_done = p.bytes_done;
+                    progress.bytes_total = bytes_total;
+                    checkpoint.next_entry = p.next_entry;
+                    checkpoint.files_done = p.files_done;
+                    checkpoint.bytes_done = p.bytes_done;
                 });
             };
             export::export_snapshot(
@@ -376,18 +415,8 @@ impl Node {
             cp.next_entry = 0;
             cp.files_done = 0;
             cp.bytes_done = 0;
-            let saved = cp.clone();
-            self.checkpoint(&job.id, move |j| j.checkpoint = saved)
-                .await?;
+            link.save(&job.id, cp.clone()).await?;
         }
-        Ok(())
-    }
-
-    async fn checkpoint(&self, id: &str, f: impl FnOnce(&mut Job)) -> Result<(), StoreError> {
-        self.jobs
-            .update(id, false, f)
-            .await
-            .map_err(|e| StoreError::InvalidArgument(format!("saving checkpoint: {e:#}")))?;
         Ok(())
     }
 
@@ -396,18 +425,13 @@ impl Node {
         &self,
         job: &Job,
         stop: Arc<AtomicBool>,
+        link: &JobLink,
     ) -> Result<SnapshotId, StoreError> {
         match parse_source(&job.source)? {
             Source::Dir(root) => {
-                let parent = self.parent_of(&job.tenant, &job.dataset).await?;
-                let chunking = parent
-                    .as_ref()
-                    .map(|(_, m)| m.chunking)
-                    .unwrap_or(self.config.chunking);
-                let mut builder =
-                    SnapshotBuilder::new(&job.tenant, &job.dataset, parent, chunking)?;
+                let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let store = self.chunk_store();
-                let (jobs, id) = (self.jobs.clone(), job.id.clone());
+                let (link2, id) = (link.clone(), job.id.clone());
                 let builder = self
                     .pool
                     .run(move || {
@@ -427,8 +451,8 @@ impl Node {
                             &mut |files, bytes| {
                                 if last.elapsed().as_millis() >= 100 {
                                     last = Instant::now();
-                                    jobs.report(&id, |j| {
-                                        j.progress = bitclone_raft::job::Progress {
+                                    link2.report(&id, |p, _| {
+                                        *p = bitclone_raft::job::Progress {
                                             phase: "ingesting source".into(),
                                             files_done: files,
                                             files_total,
@@ -442,7 +466,10 @@ impl Node {
                         Ok(builder)
                     })
                     .await?;
-                let (record, stats) = self.commit(builder).await?;
+                let (manifest, stats) = builder.finish(now_ms())?;
+                let record = self
+                    .commit_manifest(manifest, link.fenced_by(&job.id))
+                    .await?;
                 self.bytes_ingested
                     .fetch_add(stats.bytes, Ordering::Relaxed);
                 self.bytes_stored
@@ -458,14 +485,13 @@ impl Node {
                 }
                 // Cloning a snapshot into another dataset is a metadata
                 // operation: the same entries and chunks, a new manifest.
-                let parent = self.parent_of(&job.tenant, &job.dataset).await?;
                 let m = Manifest {
                     dataset: job.dataset.clone(),
-                    parent: parent.map(|(p, _)| p),
+                    parent: self.head(&job.tenant, &job.dataset).await?,
                     created_unix_ms: now_ms(),
                     ..manifest
                 };
-                let record = self.commit_manifest(m, None).await?;
+                let record = self.commit_manifest(m, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
         }
@@ -560,6 +586,24 @@ fn record_of(dataset: &str, e: &SnapshotEntry) -> SnapshotRecord {
         bytes: e.bytes,
         created_unix_ms: e.created_unix_ms,
     }
+}
+
+/// Test hook, inert unless set: `BITCLONE_FAULT_EXPORT_DELAY_MS=N` holds
+/// every destination write back N ms (stoppable), so that process-level
+/// tests can act on a job that is certainly running.
+async fn injected_export_delay(stop: &AtomicBool) -> Result<(), StoreError> {
+    let ms: u64 = std::env::var("BITCLONE_FAULT_EXPORT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let until = Instant::now() + std::time::Duration::from_millis(ms);
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return Err(StoreError::Cancelled);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Whether retrying can help.

@@ -12,12 +12,16 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use bitclone_raft::state::NodeInfo;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bitclone_raft::job::Job;
+use bitclone_raft::state::{Command, Fence, NodeInfo, Response};
 use bitclone_raft::tls::PeerTls;
 use bitclone_raft::{Cluster, ClusterConfig};
 
 use crate::config::{ClusterSettings, NodeConfig, Overrides};
 use crate::jobs::Jobs;
+use crate::link::{fenced_error, JobLink, Live};
 use crate::node::{classify, Node};
 use crate::service::Api;
 
@@ -105,7 +109,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 
     let mut workers = Vec::new();
     for _ in 0..config.job_workers {
-        workers.push(tokio::spawn(worker(node.clone())));
+        workers.push(match &cluster {
+            Some(c) => tokio::spawn(cluster_worker(node.clone(), c.clone())),
+            None => tokio::spawn(worker(node.clone())),
+        });
     }
 
     let jobs: Arc<Jobs> = node.jobs.clone();
@@ -270,7 +277,11 @@ async fn worker(node: Arc<Node>) {
                 let id = claimed.job.id.clone();
                 tracing::info!(job = id, attempt = claimed.job.attempts, "job started");
                 let outcome = node
-                    .run_job(claimed.job, claimed.stop)
+                    .run_job(
+                        claimed.job,
+                        claimed.stop,
+                        &JobLink::Local(node.jobs.clone()),
+                    )
                     .await
                     .map_err(|e| (e.to_string(), classify(&e)));
                 if let Err(e) = node.jobs.finish(&id, outcome).await {
@@ -283,6 +294,173 @@ async fn worker(node: Arc<Node>) {
                 tracing::error!(error = %format!("{e:#}"), "claiming a job failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// One job worker in a cluster: takes leases on claimable jobs of the shards
+/// this node replicates, runs them under a heartbeat, ends them fenced.
+async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
+    while !node.jobs.is_shutting_down() {
+        let now = bitclone_raft::cluster::now_ms();
+        let candidates: Vec<String> = cluster.local(|s| {
+            s.claimable(cluster.id, now)
+                .iter()
+                .map(|j| j.id.clone())
+                .collect()
+        });
+        let mut ran = false;
+        for id in candidates {
+            let r = cluster
+                .write(Command::AcquireLease {
+                    job: id.clone(),
+                    node: cluster.id,
+                })
+                .await;
+            match r {
+                Ok(Response::Lease { token, job }) => {
+                    run_leased(&node, &cluster, job, token).await;
+                    ran = true;
+                    break;
+                }
+                // Another node was faster, or the job moved on.
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(job = id, error = %e, "could not take a lease");
+                    break;
+                }
+            }
+        }
+        if !ran {
+            node.jobs.wait(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn run_leased(node: &Arc<Node>, cluster: &Arc<Cluster>, job: Job, token: u64) {
+    let fence = Fence {
+        node: cluster.id,
+        token,
+    };
+    let id = job.id.clone();
+    tracing::info!(
+        job = id,
+        token,
+        attempt = job.attempts,
+        "lease acquired; job started"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(std::sync::Mutex::new(Live {
+        checkpoint: job.checkpoint.clone(),
+        ..Live::default()
+    }));
+    let lease_ms = cluster.local(|s| s.settings.lease_ms).max(300) as u64;
+    let hb = tokio::spawn(heartbeat(
+        node.clone(),
+        cluster.clone(),
+        id.clone(),
+        fence,
+        stop.clone(),
+        live.clone(),
+        Duration::from_millis(lease_ms / 3),
+    ));
+    let link = JobLink::Cluster {
+        cluster: cluster.clone(),
+        fence,
+        live: live.clone(),
+    };
+    let outcome = node.run_job(job, stop.clone(), &link).await;
+    hb.abort();
+    let cmd = match outcome {
+        Err(bitclone_storage::Error::Cancelled) if node.jobs.is_shutting_down() => {
+            Command::ReleaseLease {
+                job: id.clone(),
+                fence,
+            }
+        }
+        outcome => {
+            // Publish the last checkpoint with the outcome's attempt.
+            let cp = live
+                .lock()
+                .map(|l| l.checkpoint.clone())
+                .unwrap_or_default();
+            let _ = cluster
+                .write(Command::SaveCheckpoint {
+                    job: id.clone(),
+                    fence,
+                    checkpoint: cp,
+                    progress: None,
+                })
+                .await;
+            Command::FinishAttempt {
+                job: id.clone(),
+                fence,
+                outcome: outcome.map_err(|e| (e.to_string(), classify(&e))),
+                jitter: rand::random(),
+            }
+        }
+    };
+    match cluster.write(cmd).await {
+        Ok(r) => {
+            // A refusal is logged by fenced_error.
+            if fenced_error(&id, r).is_ok() {
+                tracing::info!(job = id, token, "attempt recorded");
+            }
+        }
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "recording the attempt failed; the lease will lapse")
+        }
+    }
+}
+
+/// Renews the lease while the job runs and publishes its checkpoint; stops
+/// the job when the lease is lost, the job is cancelled or the node stops.
+async fn heartbeat(
+    node: Arc<Node>,
+    cluster: Arc<Cluster>,
+    id: String,
+    fence: Fence,
+    stop: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<Live>>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if node.jobs.is_shutting_down() {
+            stop.store(true, Ordering::Release);
+        }
+        let r = cluster
+            .write(Command::RenewLease {
+                job: id.clone(),
+                fence,
+            })
+            .await;
+        match r {
+            Ok(Response::Job(j)) if j.cancel_requested => {
+                stop.store(true, Ordering::Release);
+            }
+            Ok(Response::Err(e)) => {
+                tracing::warn!(job = id, error = %e, "lease lost; stopping the job");
+                stop.store(true, Ordering::Release);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(job = id, error = %e, "lease renewal failed"),
+        }
+        let publish = {
+            let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+            let dirty = std::mem::take(&mut l.dirty);
+            dirty.then(|| (l.checkpoint.clone(), l.progress.clone()))
+        };
+        if let Some((checkpoint, progress)) = publish {
+            let _ = cluster
+                .write(Command::SaveCheckpoint {
+                    job: id.clone(),
+                    fence,
+                    checkpoint,
+                    progress: Some(progress),
+                })
+                .await;
         }
     }
 }

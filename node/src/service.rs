@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bitclone_proto::v1 as pb;
 use bitclone_proto::v1::bit_clone_server::BitClone;
 use bitclone_proto::DATA_FRAME_BYTES;
-use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::ingest;
 use bitclone_storage::path::{validate_name, validate_path};
 use bitclone_storage::{ChunkParams, Entry, EntryKind, Error as StoreError, SnapshotRecord};
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::jobs::now_ms;
 use crate::node::{validate_job_urls, Node};
 use bitclone_raft::job::{Job, JobState};
+use bitclone_raft::state::{Command, CommandError, Response as RaftResponse};
 
 pub struct Api {
     pub node: Arc<Node>,
@@ -111,6 +112,8 @@ pub fn job_pb(j: &Job) -> pb::Job {
         created_unix_ms: j.created_unix_ms,
         updated_unix_ms: j.updated_unix_ms,
         next_attempt_unix_ms: j.next_attempt_unix_ms,
+        lease_holder: j.lease.map(|l| l.holder).unwrap_or(0),
+        fencing_token: j.fencing_token,
     }
 }
 
@@ -215,15 +218,17 @@ impl BitClone for Api {
             }
         };
         names(&begin.tenant, &begin.dataset)?;
-        let parent = self
+        let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
+            min_size: c.min_size,
+            avg_size: c.avg_size,
+            max_size: c.max_size,
+        });
+        let (mut builder, head) = self
             .node
-            .parent_of(&begin.tenant, &begin.dataset)
+            .builder_for(&begin.tenant, &begin.dataset, chunking)
             .await
             .map_err(status)?;
-        let head = parent
-            .as_ref()
-            .map(|(id, _)| id.to_hex())
-            .unwrap_or_default();
+        let head = head.map(|h| h.to_hex()).unwrap_or_default();
         if !begin.parent.is_empty() && begin.parent != head {
             return Err(Status::aborted(format!(
                 "dataset {} is at {} now, not at the parent {} the upload was built on; retry",
@@ -232,17 +237,7 @@ impl BitClone for Api {
                 begin.parent
             )));
         }
-        let chunking = match (&begin.chunking, &parent) {
-            (Some(c), _) => ChunkParams {
-                min_size: c.min_size,
-                avg_size: c.avg_size,
-                max_size: c.max_size,
-            },
-            (None, Some((_, m))) => m.chunking,
-            (None, None) => self.node.config.chunking,
-        };
-        let mut builder = SnapshotBuilder::new(&begin.tenant, &begin.dataset, parent, chunking)
-            .map_err(status)?;
+        let chunking = builder.chunking();
         while let Some(msg) = stream.message().await? {
             match msg.msg {
                 Some(pb::upload_request::Msg::FileStart(meta)) => {
@@ -456,12 +451,22 @@ impl BitClone for Api {
             max_attempts,
             now_ms(),
         );
-        let job = self
-            .node
-            .jobs
-            .submit(job)
-            .await
-            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let job = match &self.node.cluster {
+            Some(c) => match c
+                .write(Command::SubmitJob { job })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+            {
+                RaftResponse::Job(j) => j,
+                other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
+            },
+            None => self
+                .node
+                .jobs
+                .submit(job)
+                .await
+                .map_err(|e| Status::internal(format!("{e:#}")))?,
+        };
         tracing::info!(job = job.id, source = job.source, "clone job submitted");
         Ok(Response::new(job_pb(&job)))
     }
@@ -469,8 +474,8 @@ impl BitClone for Api {
     async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         self.node
-            .jobs
-            .get(&id)
+            .job(&id)
+            .await?
             .map(|j| Response::new(job_pb(&j)))
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))
     }
@@ -481,8 +486,24 @@ impl BitClone for Api {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let tenant = request.into_inner().tenant;
         validate_name("tenant", &tenant).map_err(status)?;
+        let jobs = match &self.node.cluster {
+            Some(c) => c
+                .read(|s| {
+                    let mut v: Vec<Job> = s
+                        .jobs
+                        .values()
+                        .filter(|j| j.tenant == tenant)
+                        .cloned()
+                        .collect();
+                    v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+                    v
+                })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?,
+            None => self.node.jobs.list(&tenant),
+        };
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: self.node.jobs.list(&tenant).iter().map(job_pb).collect(),
+            jobs: jobs.iter().map(job_pb).collect(),
         }))
     }
 
@@ -493,6 +514,36 @@ impl BitClone for Api {
         request: Request<pb::JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = request.into_inner().id;
+        if let Some(c) = self.node.cluster.clone() {
+            let first = self
+                .node
+                .job(&id)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+            // The replicated job changes by Raft entries; follow this node's
+            // copy of it (it is at least as new as the read above).
+            let stream = async_stream(
+                move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
+                    let mut last = first;
+                    if tx.send(Ok(job_pb(&last))).await.is_err() {
+                        return;
+                    }
+                    while !last.state.is_final() {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        let Some(j) = c.local(|s| s.jobs.get(&id).cloned()) else {
+                            return;
+                        };
+                        if j != last {
+                            if tx.send(Ok(job_pb(&j))).await.is_err() {
+                                return;
+                            }
+                            last = j;
+                        }
+                    }
+                },
+            );
+            return Ok(Response::new(stream));
+        }
         let mut rx = self
             .node
             .jobs
@@ -516,6 +567,19 @@ impl BitClone for Api {
 
     async fn cancel_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
+        if let Some(c) = &self.node.cluster {
+            return match c
+                .write(Command::CancelJob { job: id.clone() })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+            {
+                RaftResponse::Job(j) => Ok(Response::new(job_pb(&j))),
+                RaftResponse::Err(CommandError::NotFound(_)) => {
+                    Err(Status::not_found(format!("job {id} not found")))
+                }
+                other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+            };
+        }
         match self.node.jobs.cancel(&id).await {
             Ok(Some(j)) => Ok(Response::new(job_pb(&j))),
             Ok(None) => Err(Status::not_found(format!("job {id} not found"))),
@@ -563,7 +627,13 @@ impl BitClone for Api {
                 heads.fold((0, 0), |(d, n), h| (d + 1, n + h.history.len() as u64))
             });
         }
-        let (pending, running) = self.node.jobs.counts();
+        let (pending, running) = match &self.node.cluster {
+            Some(c) => c.local(|s| {
+                let count = |st| s.jobs.values().filter(|j| j.state == st).count() as u64;
+                (count(JobState::Pending), count(JobState::Running))
+            }),
+            None => self.node.jobs.counts(),
+        };
         Ok(Response::new(pb::StatsResponse {
             node_id: self.node.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Backoff, Checkpoint, Failure, Job, JobState, Lease};
+use crate::job::{Backoff, Checkpoint, Failure, Job, JobState, Lease, Progress};
 use crate::placement::{plan, shard_of, Layout};
 use crate::NodeId;
 
@@ -141,10 +141,18 @@ pub enum Command {
         job: String,
         fence: Fence,
     },
+    /// Records where the holder got to (and its progress, for watchers).
     SaveCheckpoint {
         job: String,
         fence: Fence,
         checkpoint: Checkpoint,
+        progress: Option<Progress>,
+    },
+    /// The holder stops without an outcome (node shutdown): the job goes
+    /// back to Pending at once instead of waiting for the lease to lapse.
+    ReleaseLease {
+        job: String,
+        fence: Fence,
     },
     /// Ends the current attempt. `jitter` in [0, 1) is drawn by the proposer.
     FinishAttempt {
@@ -448,11 +456,22 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             job,
             fence,
             checkpoint,
+            progress,
         } => {
             let j = job_mut(state, job)?;
             check_fence(j, *fence)?;
             j.checkpoint = checkpoint.clone();
+            if let Some(p) = progress {
+                j.progress = p.clone();
+            }
             j.updated_unix_ms = now;
+            Ok(Response::Job(j.clone()))
+        }
+        Command::ReleaseLease { job, fence } => {
+            let j = job_mut(state, job)?;
+            check_fence(j, *fence)?;
+            j.interrupted(now);
+            j.lease = None;
             Ok(Response::Job(j.clone()))
         }
         Command::FinishAttempt {
@@ -627,6 +646,14 @@ mod tests {
                 job: "j".into(),
                 fence: stale,
                 checkpoint: Checkpoint::default(),
+                progress: None,
+            }
+        )));
+        assert!(fenced(sm.run(
+            10_001,
+            Command::ReleaseLease {
+                job: "j".into(),
+                fence: stale
             }
         )));
         assert!(fenced(sm.run(
@@ -819,6 +846,36 @@ mod tests {
             ),
             Response::Err(CommandError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_released_lease_makes_the_job_available_at_once() {
+        let mut sm = Sm::new(&[1, 2]);
+        sm.submit("j", 0);
+        let token = sm.acquire("j", 1, 0).unwrap();
+        sm.ok(
+            10,
+            Command::SaveCheckpoint {
+                job: "j".into(),
+                fence: Fence { node: 1, token },
+                checkpoint: Checkpoint {
+                    snapshot: Some("s".into()),
+                    ..Default::default()
+                },
+                progress: None,
+            },
+        );
+        sm.ok(
+            20,
+            Command::ReleaseLease {
+                job: "j".into(),
+                fence: Fence { node: 1, token },
+            },
+        );
+        let j = &sm.state.jobs["j"];
+        assert_eq!((j.state, j.attempts), (JobState::Pending, 0));
+        assert_eq!(sm.acquire("j", 2, 21).unwrap(), token + 1);
+        assert_eq!(sm.state.jobs["j"].checkpoint.snapshot.as_deref(), Some("s"));
     }
 
     #[test]

@@ -135,6 +135,14 @@ impl SnapshotBuilder {
         })
     }
 
+    /// Records `id` as the parent without its entries: used when the parent's
+    /// manifest is not available here, so nothing can be skipped, but the
+    /// lineage (and a compare-and-set on it) stays right.
+    pub fn with_parent_id(mut self, id: Option<SnapshotId>) -> Self {
+        self.parent_id = id;
+        self
+    }
+
     /// The parent snapshot, if any.
     pub fn parent_id(&self) -> Option<SnapshotId> {
         self.parent_id

@@ -299,11 +299,17 @@ pub struct TestCluster {
     pub dir: PathBuf,
     pub nodes: BTreeMap<u64, TestNode>,
     pub ports: BTreeMap<u64, (u16, u16)>,
+    /// Extra environment for every node.
+    pub env: Vec<(String, String)>,
 }
 
 impl TestCluster {
     /// Certificates for `max_nodes`, node 1 bootstraps, 2..=n join one by one.
     pub fn start(dir: &Path, n: u64, max_nodes: u64) -> TestCluster {
+        Self::start_with_env(dir, n, max_nodes, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, n: u64, max_nodes: u64, env: &[(&str, &str)]) -> TestCluster {
         let certs = dir.join("certs");
         let out = clean_command(BIN)
             .args(["certs", "dev", "--out"])
@@ -320,6 +326,10 @@ impl TestCluster {
             dir: dir.to_path_buf(),
             nodes: BTreeMap::new(),
             ports: BTreeMap::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         c.start_node(1, &["--bootstrap".to_string()]);
         c.wait_voters(1, 1);
@@ -351,11 +361,13 @@ impl TestCluster {
             self.dir.join("certs").display().to_string(),
         ];
         args.extend_from_slice(extra);
+        let mut env: Vec<(&str, &str)> = vec![("BITCLONE_SHUTDOWN_GRACE", "5s")];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let node = TestNode::spawn(
             &self.dir.join(format!("node-{id}")),
             &format!("127.0.0.1:{api}"),
             &args,
-            &[("BITCLONE_SHUTDOWN_GRACE", "5s")],
+            &env,
         );
         self.nodes.insert(id, node);
     }
