@@ -184,6 +184,8 @@ pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
         "members": st.members.iter().map(|m| json!({
             "id": m.id, "api_addr": m.api_addr, "peer_addr": m.peer_addr, "voter": m.voter,
         })).collect::<Vec<_>>(),
+        "snapshot_index": st.snapshot_index,
+        "purged_index": st.purged_index,
         "layout_version": st.layout_version,
         "previous_layout_version": if st.previous_layout_version == 0 { serde_json::Value::Null } else { json!(st.previous_layout_version) },
         "shards": st.shards.iter().map(|s| json!({

@@ -38,6 +38,7 @@ pub struct FileCluster {
     pub heartbeat: Option<String>,
     pub election_timeout_min: Option<String>,
     pub election_timeout_max: Option<String>,
+    pub snapshot_logs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +100,7 @@ pub struct ClusterSettings {
     pub join: Option<String>,
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
+    pub snapshot_logs: u64,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -318,6 +320,16 @@ fn resolve_cluster(
     if !(heartbeat < emin && emin < emax) {
         bail!("need heartbeat < election_timeout_min < election_timeout_max");
     }
+    let snapshot_logs = match env("BITCLONE_RAFT_SNAPSHOT_LOGS") {
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("BITCLONE_RAFT_SNAPSHOT_LOGS={v:?}"))?,
+        None => fc.snapshot_logs.unwrap_or(1000),
+    };
+    if snapshot_logs < 5 {
+        bail!("cluster.snapshot_logs must be at least 5");
+    }
     Ok(Some(ClusterSettings {
         node_id,
         peer_listen,
@@ -326,6 +338,7 @@ fn resolve_cluster(
         join,
         heartbeat,
         election_timeout: (emin, emax),
+        snapshot_logs,
     }))
 }
 

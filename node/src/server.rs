@@ -192,6 +192,7 @@ async fn start_cluster(
         heartbeat: c.heartbeat,
         election_timeout: c.election_timeout,
         rpc_timeout: std::time::Duration::from_secs(5),
+        snapshot_logs: c.snapshot_logs,
     })
     .await?;
     let peer_server = Server::builder()

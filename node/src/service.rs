@@ -693,6 +693,8 @@ fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
             })
             .collect(),
         previous_layout_version: st.previous_layout_version.unwrap_or(0),
+        snapshot_index: st.snapshot_index.unwrap_or(0),
+        purged_index: st.purged_index.unwrap_or(0),
     }
 }
 

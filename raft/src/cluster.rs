@@ -36,6 +36,8 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
     pub rpc_timeout: Duration,
+    /// Build a state-machine snapshot (and purge the log) every this many entries.
+    pub snapshot_logs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub struct Status {
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
+    /// Last log index covered by this node's snapshot, and purged up to.
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
     pub members: BTreeMap<NodeId, NodeInfo>,
@@ -98,8 +103,8 @@ impl Cluster {
             heartbeat_interval: cfg.heartbeat.as_millis() as u64,
             election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
             election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
-            max_in_snapshot_log_to_keep: 200,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs.max(1)),
+            max_in_snapshot_log_to_keep: cfg.snapshot_logs.max(1) / 5,
             ..Default::default()
         }
         .validate()
@@ -380,6 +385,8 @@ impl Cluster {
             term: m.current_term,
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             members: a.state.members.clone(),
