@@ -31,8 +31,8 @@ W="$ROOT/.bitclone/demo"
 SRC="$W/source"
 EXPORT="$W/export"
 RESTORE="$W/restore"
-NODE_DIR="$W/node"
-NODE_LOG="$W/node.log"
+CLUSTER_DIR="$W/cluster"
+NODE_LOG="$CLUSTER_DIR/node-1.log"
 DATASET=demo
 
 # Files a sink may write next to the data (manifest, commit records): names
@@ -40,24 +40,12 @@ DATASET=demo
 META_GLOBS=('.bitclone*' '_bitclone*')
 
 # ---------------------------------------------------------------- node process
-NODE_PID=""
+CLUSTER_UP=0
 stop_node() {
-    # SIGTERM, then wait up to 35 s (the node's shutdown grace is 30 s by default);
-    # returns the node's exit status.
-    local pid="$NODE_PID" status=0
-    [[ -n "$pid" ]] || return 0
-    NODE_PID=""
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 350); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "demo: node did not stop within 35 s of SIGTERM; killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || status=$?
-    return "$status"
+    # `bitclone dev down`: SIGTERM to every node, wait, SIGKILL stragglers.
+    ((CLUSTER_UP)) || return 0
+    CLUSTER_UP=0
+    "$BIN" dev down --data-dir "$CLUSTER_DIR" >/dev/null
 }
 cleanup() {
     local status=$?
@@ -235,19 +223,14 @@ PY
 # ================================================================ the demo
 say "work dir $W (wiped)"
 rm -rf -- "$W"
-mkdir -p "$W" "$NODE_DIR"
+mkdir -p "$W"
 
-say "starting node: $BIN node --data-dir $NODE_DIR --listen 127.0.0.1:0 (log: $NODE_LOG)"
-"$BIN" node --data-dir "$NODE_DIR" --listen 127.0.0.1:0 >"$NODE_LOG" 2>&1 &
-NODE_PID=$!
-for _ in $(seq 1 300); do
-    [[ -s "$NODE_DIR/node.addr" ]] && break
-    kill -0 "$NODE_PID" 2>/dev/null || die "the node exited during startup"
-    sleep 0.1
-done
-[[ -s "$NODE_DIR/node.addr" ]] || die "the node did not write $NODE_DIR/node.addr within 30 s"
-ENDPOINT="http://$(tr -d '[:space:]' <"$NODE_DIR/node.addr")"
-say "node $NODE_PID listening, endpoint $ENDPOINT"
+say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR (mutual TLS, bootstrap, join)"
+CLUSTER_UP=1
+run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR") || die "dev up failed"
+ENDPOINT=$(jfields "$run_up" nodes | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["endpoint"])')
+say "cluster up; talking to node 1 at $ENDPOINT (chunks stay on the node that stored them until the QUIC data plane)"
+cli cluster status
 
 say "generating the sample dataset in $SRC (seeded, deterministic)"
 t=$(now)
@@ -313,14 +296,16 @@ verify export "$EXPORT"
 say "node stats:"
 cli stats || say "WARNING: 'bitclone stats' failed"
 
-say "stopping the node (SIGTERM)"
+say "stopping the cluster (SIGTERM to every node)"
 node_status=0
+say "cluster status:"
+cli cluster status
 stop_node || node_status=$?
 ((node_status == 0)) || die "the node exited with status $node_status on SIGTERM (expected a clean shutdown)"
 
 # ---------------------------------------------------------------- summary
 echo
-echo "BitClone demo summary (one node, data under ${W#"$ROOT"/})"
+echo "BitClone demo summary (three-node cluster, data under ${W#"$ROOT"/})"
 printf '%-14s %7s %10s %12s %9s %9s\n' step files MB "new MB" seconds "MB/s"
 printf '%-14s %7s %10s %12s %9s %9s\n' "put #1" "$files1" "$(mb "$bytes1")" "$(mb "$new1")" "$(f2 "$secs1")" "$(mbps "$bytes1" "$secs1")"
 printf '%-14s %7s %10s %12s %9s %9s\n' "put #2" "$files2" "$(mb "$bytes2")" "$(mb "$new2") ($(pct "$new2" "$bytes2"))" "$(f2 "$secs2")" "$(mbps "$bytes2" "$secs2")"

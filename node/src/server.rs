@@ -307,6 +307,7 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
         let candidates: Vec<String> = cluster.local(|s| {
             s.claimable(cluster.id, now)
                 .iter()
+                .filter(|j| runs_here(s, cluster.id, j))
                 .map(|j| j.id.clone())
                 .collect()
         });
@@ -335,6 +336,23 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
         if !ran {
             node.jobs.wait(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Until chunks move between nodes (QUIC data plane), a clone of a stored
+/// snapshot can only run where that snapshot's chunks are.
+fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
+    let Some(rest) = j.source.strip_prefix("snapshot://") else {
+        return true;
+    };
+    let (dataset, id) = rest.split_once('@').unwrap_or((rest, ""));
+    let Some(head) = s.datasets.get(&j.tenant).and_then(|d| d.get(dataset)) else {
+        return true; // unknown dataset: let the attempt fail with a clear error
+    };
+    let id = if id.is_empty() { head.snapshot.as_str() } else { id };
+    match head.history.iter().find(|e| e.id == id) {
+        Some(e) if s.members.contains_key(&e.written_by) => e.written_by == me,
+        _ => true,
     }
 }
 
