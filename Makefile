@@ -33,13 +33,14 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u AWS_PROFILE -u BITCLONE_ENDPOINT -u BITCLONE_TENANT
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench test build fmt clippy demo bench clean-cache
+.PHONY: help deps deps-bench test build fmt clippy demo bench bench-cluster clean-cache
 
 help:
 	@echo "BitClone make targets:"
 	@echo "  make test         install deps, then fmt check, clippy, build, cargo test (what CI runs)"
 	@echo "  make demo         build the node and run scripts/demo.sh (put, incremental put, clone, restore, verify)"
 	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
+	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make build        cargo build --workspace"
 	@echo "  make fmt          cargo fmt --all (rewrites files)"
 	@echo "  make clippy       cargo clippy --workspace --all-targets -D warnings"
@@ -88,3 +89,8 @@ clean-cache:
 		echo "refusing to delete CARGO_TARGET_DIR='$(CARGO_TARGET_DIR)'" >&2; exit 1;; esac
 	@echo "deleting $(CARGO_TARGET_DIR) and .bitclone/ (the next build recompiles RocksDB, 20+ min)"
 	rm -rf -- "$(CARGO_TARGET_DIR)" .bitclone
+
+bench-cluster: deps
+	@$(STEP) build-bench $(CARGO) build --workspace --locked
+	@mkdir -p .bitclone
+	@$(STEP) bench-cluster bash -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-cluster" --bitclone "$(BITCLONE)" | tee .bitclone/bench-cluster.json'

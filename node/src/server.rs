@@ -349,7 +349,11 @@ fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
     let Some(head) = s.datasets.get(&j.tenant).and_then(|d| d.get(dataset)) else {
         return true; // unknown dataset: let the attempt fail with a clear error
     };
-    let id = if id.is_empty() { head.snapshot.as_str() } else { id };
+    let id = if id.is_empty() {
+        head.snapshot.as_str()
+    } else {
+        id
+    };
     match head.history.iter().find(|e| e.id == id) {
         Some(e) if s.members.contains_key(&e.written_by) => e.written_by == me,
         _ => true,

@@ -228,7 +228,8 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
 #[test]
 fn a_new_node_catches_up_from_a_snapshot_after_the_log_was_purged() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = TestCluster::start_with_env(tmp.path(), 3, 4, &[("BITCLONE_RAFT_SNAPSHOT_LOGS", "10")]);
+    let mut c =
+        TestCluster::start_with_env(tmp.path(), 3, 4, &[("BITCLONE_RAFT_SNAPSHOT_LOGS", "10")]);
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), b"small").unwrap();
@@ -237,19 +238,29 @@ fn a_new_node_catches_up_from_a_snapshot_after_the_log_was_purged() {
     }
     c.wait_for("the leader to purge its log", 30, |c| {
         let l = c.leader(1).unwrap();
-        c.status(l).is_some_and(|s| s["purged_index"].as_u64().unwrap_or(0) > 0)
+        c.status(l)
+            .is_some_and(|s| s["purged_index"].as_u64().unwrap_or(0) > 0)
     });
     c.join(4);
     c.wait_for("node 4 to hold every dataset", 30, |c| {
-        c.node(4).json(&["datasets"])["datasets"].as_array().map(|a| a.len()) == Some(25)
+        c.node(4).json(&["datasets"])["datasets"]
+            .as_array()
+            .map(|a| a.len())
+            == Some(25)
     });
     let st = c.status(4).unwrap();
-    assert!(st["snapshot_index"].as_u64().unwrap() > 0, "node 4 installed a snapshot: {st}");
+    assert!(
+        st["snapshot_index"].as_u64().unwrap() > 0,
+        "node 4 installed a snapshot: {st}"
+    );
     // Restarted, a node rebuilds its state from its snapshot and log.
     c.kill9(2);
     c.start_node(2, &[]);
     c.wait_for("node 2 to serve its state again", 30, |c| {
         c.status(2).is_some_and(|s| s["leader"].as_u64().is_some())
-            && c.node(2).json(&["datasets"])["datasets"].as_array().map(|a| a.len()) == Some(25)
+            && c.node(2).json(&["datasets"])["datasets"]
+                .as_array()
+                .map(|a| a.len())
+                == Some(25)
     });
 }

@@ -1,0 +1,399 @@
+//! `bitclone-bench-cluster`: failover and Raft throughput of a 3-node
+//! cluster of real `bitclone` processes on loopback.
+//!
+//! Measures (one JSON object on stdout, progress on stderr):
+//! - Raft write throughput: clone-job submissions per second, 32 in flight;
+//! - leader failover: SIGKILL the leader, time until the first successful
+//!   write through a survivor (median of `--rounds`), then restart it;
+//! - lease takeover: SIGKILL the node holding a running job's lease, time
+//!   until another node holds it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bitclone_client::Client;
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "bitclone-bench-cluster",
+    about = "Failover and Raft write throughput of a 3-node cluster"
+)]
+struct Args {
+    /// Path to the `bitclone` binary.
+    #[arg(long, env = "BITCLONE_BIN")]
+    bitclone: PathBuf,
+    /// Leader-kill rounds (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Lease-takeover rounds.
+    #[arg(long, default_value_t = 3)]
+    lease_rounds: usize,
+    /// Job submissions for the throughput figure.
+    #[arg(long, default_value_t = 2000)]
+    jobs: usize,
+    /// Work directory (default: a new one under the temp dir; removed at the end).
+    #[arg(long)]
+    work: Option<PathBuf>,
+}
+
+/// Holds each destination write back so that a job is running when its
+/// holder is killed (the node's opt-in test hook).
+const SLOW_SINK_MS: &str = "3000";
+
+#[derive(Clone)]
+struct Member {
+    id: u64,
+    endpoint: String,
+    api: String,
+    peer: String,
+    pid: u32,
+}
+
+fn log(msg: &str) {
+    eprintln!("bench-cluster: {msg}");
+}
+
+fn kill(sig: &str, pid: u32) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+struct Bench {
+    bin: PathBuf,
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Bench {
+    fn restart(&mut self, id: u64) -> Result<()> {
+        let m = self
+            .members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .context("unknown member")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))?;
+        let child = Command::new(&self.bin)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{id}")))
+            .args([
+                "--listen",
+                &m.api,
+                "--peer-listen",
+                &m.peer,
+                "--node-id",
+                &id.to_string(),
+            ])
+            .arg("--certs")
+            .arg(self.dir.join("certs"))
+            .env("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        m.pid = child.id();
+        Ok(())
+    }
+
+    fn member(&self, id: u64) -> Result<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .context("unknown member")
+    }
+}
+
+async fn connect(endpoint: &str) -> Result<Client> {
+    Ok(Client::connect([endpoint]).await?)
+}
+
+/// The leader every member agrees on (and which says it leads), once every
+/// member is a voter and caught up: a restarted node may still believe in
+/// an old leader for a moment.
+async fn settled_leader(members: &[Member], timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut views = Vec::new();
+        for m in members {
+            let st = match connect(&m.endpoint).await {
+                Ok(c) => c.cluster_status().await.ok(),
+                Err(_) => None,
+            };
+            views.push(st);
+        }
+        let agreed = views.iter().all(|v| {
+            v.as_ref().is_some_and(|s| {
+                s.leader_id != 0
+                    && s.leader_id == views[0].as_ref().map(|f| f.leader_id).unwrap_or(0)
+                    && s.members.iter().filter(|m| m.voter).count() == members.len()
+            })
+        });
+        if agreed {
+            let leader = views[0].as_ref().map(|s| s.leader_id).unwrap_or(0);
+            let leads = members.iter().zip(&views).any(|(m, v)| {
+                m.id == leader && v.as_ref().is_some_and(|s| s.raft_state == "Leader")
+            });
+            if leads {
+                return Ok(leader);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("cluster did not settle");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+async fn write_throughput(b: &Bench, jobs: usize) -> Result<Value> {
+    let endpoints: Vec<String> = b.members.iter().map(|m| m.endpoint.clone()).collect();
+    let client = Client::connect(&endpoints).await?;
+    let dest = vec![format!("file://{}/tp-out", b.dir.display())];
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut failed = 0usize;
+    use futures::stream::{self, StreamExt};
+    let mut results = stream::iter(0..jobs)
+        .map(|i| {
+            let (client, dest) = (client.clone(), dest.clone());
+            async move {
+                client
+                    .submit_clone(
+                        &format!("tp{}", i % 64),
+                        "file:///nonexistent/bench-source",
+                        &dest,
+                        1,
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(32);
+    while let Some(r) = results.next().await {
+        match r {
+            Ok(_) => done += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    log(&format!(
+        "{done} submissions in {secs:.2} s ({:.0}/s), {failed} failed",
+        done as f64 / secs
+    ));
+    Ok(
+        json!({"jobs": done, "failed": failed, "seconds": secs, "per_sec": done as f64 / secs, "in_flight": 32}),
+    )
+}
+
+async fn leader_failover(b: &mut Bench, rounds: usize) -> Result<Value> {
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        let leader = settled_leader(&b.members, Duration::from_secs(60)).await?;
+        let pid = b.member(leader)?.pid;
+        let survivor = b
+            .members
+            .iter()
+            .find(|m| m.id != leader)
+            .context("no survivor")?
+            .endpoint
+            .clone();
+        let client = connect(&survivor).await?;
+        let dest = vec![format!("file://{}/fo-out", b.dir.display())];
+        kill("-KILL", pid);
+        let t0 = Instant::now();
+        loop {
+            // Short attempts: a write stuck on the dead leader is abandoned
+            // and retried, so the figure is not rounded up to the timeout.
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(200),
+                client.submit_clone("failover", "file:///nonexistent/x", &dest, 1),
+            )
+            .await;
+            if matches!(attempt, Ok(Ok(_))) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("no write succeeded within 60 s of killing leader {leader}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        log(&format!(
+            "round {round}: leader {leader} killed; first write after {ms:.0} ms"
+        ));
+        times.push(ms);
+        while alive(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b.restart(leader)?;
+    }
+    let raw = times.clone();
+    Ok(json!({"rounds": rounds, "ms": raw, "median_ms": median(&mut times)}))
+}
+
+async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
+    let src = b.dir.join("lease-src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("f"), vec![7u8; 1 << 20])?;
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        settled_leader(&b.members, Duration::from_secs(60)).await?;
+        let endpoints: Vec<String> = b.members.iter().map(|m| m.endpoint.clone()).collect();
+        let client = Client::connect(&endpoints).await?;
+        let out = format!("file://{}/lease-out-{round}", b.dir.display());
+        let job = client
+            .submit_clone(
+                &format!("lease{round}"),
+                &format!("file://{}", src.display()),
+                &[out],
+                3,
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let holder = loop {
+            let j = client.get_job(&job.id).await?;
+            if j.lease_holder != 0 && j.state == bitclone_client::proto::JobState::Running as i32 {
+                break j.lease_holder;
+            }
+            if Instant::now() > deadline {
+                bail!("job {} never ran", job.id);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let pid = b.member(holder)?.pid;
+        kill("-KILL", pid);
+        let t0 = Instant::now();
+        let others: Vec<String> = b
+            .members
+            .iter()
+            .filter(|m| m.id != holder)
+            .map(|m| m.endpoint.clone())
+            .collect();
+        let client = Client::connect(&others).await?;
+        let next = loop {
+            if let Ok(j) = client.get_job(&job.id).await {
+                if j.lease_holder != 0 && j.lease_holder != holder {
+                    break j.lease_holder;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("no takeover within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        log(&format!(
+            "round {round}: holder {holder} killed; node {next} holds the lease after {ms:.0} ms"
+        ));
+        times.push(ms);
+        while alive(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b.restart(holder)?;
+    }
+    let raw = times.clone();
+    Ok(json!({"rounds": rounds, "ms": raw, "median_ms": median(&mut times), "lease_ms": 5000}))
+}
+
+fn dev(bin: &Path, args: &[&str], dir: &Path) -> Result<Value> {
+    let out = Command::new(bin)
+        .arg("--json")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        // Holds each destination write back 3 s so a job is running when
+        // its holder is killed (lease takeover rounds).
+        .env("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("bitclone {args:?} failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = match &args.work {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("bitclone-bench-cluster-{}", std::process::id())),
+    };
+    if dir.exists() {
+        bail!("work dir {} exists; pass a new one", dir.display());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let bin = std::fs::canonicalize(&args.bitclone)?;
+    let up = dev(&bin, &["dev", "up", "--nodes", "3"], &dir)?;
+    let members = up["nodes"]
+        .as_array()
+        .context("dev up output")?
+        .iter()
+        .map(|n| -> Result<Member> {
+            let endpoint = n["endpoint"].as_str().context("endpoint")?.to_string();
+            Ok(Member {
+                id: n["id"].as_u64().context("id")?,
+                api: endpoint.trim_start_matches("http://").to_string(),
+                endpoint,
+                peer: n["peer_addr"].as_str().context("peer")?.to_string(),
+                pid: n["pid"].as_u64().context("pid")? as u32,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut b = Bench {
+        bin: bin.clone(),
+        dir: dir.clone(),
+        members,
+    };
+    let result = async {
+        let throughput = write_throughput(&b, args.jobs).await?;
+        let failover = leader_failover(&mut b, args.rounds).await?;
+        let takeover = lease_takeover(&mut b, args.lease_rounds).await?;
+        anyhow::Ok(json!({
+            "cluster": {"nodes": 3, "heartbeat_ms": 100, "election_timeout_ms": [500, 1000]},
+            "raft_write_throughput": throughput,
+            "leader_failover": failover,
+            "lease_takeover": takeover,
+        }))
+    }
+    .await;
+    for m in &b.members {
+        kill("-TERM", m.pid);
+    }
+    for m in &b.members {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(m.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill("-KILL", m.pid);
+    }
+    let report = result?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if args.work.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
