@@ -565,6 +565,21 @@ impl Client {
         .await
     }
 
+    /// Creates tenant `tenant` with `shards` shards, or grows its shard
+    /// count (it never shrinks); returns the new layout version.
+    pub async fn set_tenant(&self, tenant: &str, shards: u32) -> Result<u64> {
+        let tenant = tenant.to_string();
+        self.call(move |mut grpc| {
+            let tenant = tenant.clone();
+            async move {
+                grpc.set_tenant(proto::SetTenantRequest { tenant, shards })
+                    .await
+            }
+        })
+        .await
+        .map(|r| r.layout_version)
+    }
+
     /// Removes node `id` from the cluster (send it to the leader).
     pub async fn remove_node(&self, id: u64) -> Result<proto::ClusterStatusResponse> {
         self.call(

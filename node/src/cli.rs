@@ -276,6 +276,14 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
         Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) => unreachable!("handled by main"),
+        Cmd::Tenant { name, shards } => {
+            let version = client.set_tenant(&name, shards).await?;
+            if ctx.json {
+                print_json(&json!({"tenant": name, "shards": shards, "layout_version": version}));
+            } else {
+                println!("tenant {name}: {shards} shards (layout v{version})");
+            }
+        }
         Cmd::Cluster(crate::ClusterCmd::Status) => {
             let st = client.cluster_status().await?;
             if ctx.json {

@@ -95,6 +95,12 @@ enum Cmd {
     },
     /// Show node statistics.
     Stats,
+    /// Create a tenant with N shards, or grow its shard count.
+    Tenant {
+        name: String,
+        #[arg(long)]
+        shards: u32,
+    },
     /// Cluster membership: status, remove a node.
     #[command(subcommand)]
     Cluster(ClusterCmd),

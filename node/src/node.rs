@@ -172,6 +172,35 @@ impl Node {
         }
     }
 
+    /// In a cluster: the public API address of the node that stores the
+    /// snapshot (`snapshot`, or the head when empty), when that is another
+    /// live member. Reads are proxied there until chunks move between nodes.
+    pub async fn remote_holder(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        snapshot: &str,
+    ) -> Option<String> {
+        let c = self.cluster.as_ref()?;
+        let me = c.id;
+        c.read(|s| {
+            let head = s.datasets.get(tenant)?.get(dataset)?;
+            let id = if snapshot.is_empty() {
+                head.snapshot.as_str()
+            } else {
+                snapshot
+            };
+            let e = head.history.iter().find(|e| e.id == id)?;
+            if e.written_by == me {
+                return None;
+            }
+            s.members.get(&e.written_by).map(|m| m.api_addr.clone())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// A job by id (linearizable in a cluster).
     pub async fn job(&self, id: &str) -> Result<Option<Job>, tonic::Status> {
         match &self.cluster {
@@ -235,13 +264,18 @@ impl Node {
                             )
                         })
                 });
-                Err(StoreError::Unavailable(match writer {
-                    Some((n, addr)) => format!(
-                        "snapshot {id} is stored on node {n} ({}); moving chunks between nodes comes with the QUIC data plane: read it through that node",
-                        addr.unwrap_or_else(|| "no longer a member".into())
-                    ),
-                    None => format!("snapshot {id} is not stored on this node"),
-                }))
+                // NotFound (here): an uploader then sends everything, which
+                // is right, since this node has none of the parent's chunks.
+                Err(StoreError::NotFound {
+                    kind: "snapshot",
+                    name: match writer {
+                        Some((n, addr)) => format!(
+                            "{id} on this node (it is stored on node {n} at {}; chunks move between nodes with the QUIC data plane)",
+                            addr.unwrap_or_else(|| "an address no longer in the cluster".into())
+                        ),
+                        None => format!("{id} on this node"),
+                    },
+                })
             }
             (Err(e), _) => Err(e),
         }

@@ -298,6 +298,8 @@ impl BitClone for Api {
     ) -> Result<Response<pb::GetManifestResponse>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
+        // Not proxied: an upload through this node diffs only against a
+        // manifest whose chunks are here (Unavailable → a full upload).
         let (id, m) = self
             .node
             .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
@@ -365,6 +367,16 @@ impl BitClone for Api {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
+        if let Some(addr) = self
+            .node
+            .remote_holder(&r.tenant, &r.dataset, &r.snapshot)
+            .await
+        {
+            // The snapshot's chunks are on another node: stream it from there.
+            let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
+            let stream = c.download(r).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let (id, manifest) = self
             .node
             .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
@@ -615,6 +627,33 @@ impl BitClone for Api {
         Ok(Response::new(cluster_status_pb(&self.node)))
     }
 
+    async fn set_tenant(
+        &self,
+        request: Request<pb::SetTenantRequest>,
+    ) -> Result<Response<pb::SetTenantResponse>, Status> {
+        let r = request.into_inner();
+        validate_name("tenant", &r.tenant).map_err(status)?;
+        let c = self.node.cluster.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "tenants and shards are placed by a cluster; this node is standalone",
+            )
+        })?;
+        match c
+            .write(Command::SetTenant {
+                tenant: r.tenant,
+                shards: r.shards,
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        {
+            RaftResponse::Layout { version } => Ok(Response::new(pb::SetTenantResponse {
+                layout_version: version,
+            })),
+            RaftResponse::Err(e) => Err(Status::invalid_argument(e.to_string())),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
@@ -696,6 +735,23 @@ fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
         snapshot_index: st.snapshot_index.unwrap_or(0),
         purged_index: st.purged_index.unwrap_or(0),
     }
+}
+
+/// A client of the member that holds a snapshot's chunks.
+async fn holder_client(
+    addr: &str,
+    max_message: usize,
+) -> Result<bitclone_proto::v1::bit_clone_client::BitCloneClient<tonic::transport::Channel>, Status>
+{
+    let c = bitclone_proto::v1::bit_clone_client::BitCloneClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "the node holding this snapshot ({addr}) is unreachable: {e}"
+            ))
+        })?;
+    Ok(c.max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message))
 }
 
 /// A stream fed by a spawned task through a small channel.

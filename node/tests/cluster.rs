@@ -50,19 +50,24 @@ fn cluster_forms_and_survives_the_loss_of_its_leader() {
         let s = c.node(id).json(&["snapshots", "--dataset", "via1"]);
         assert_eq!(s["snapshots"][0]["id"], snaps[0].as_str());
     }
-    // Chunks stay on the writer until the QUIC data plane: a read through the
-    // writer works, another node names the writer instead of failing vaguely.
-    let restore = tmp.path().join("restore");
-    c.node(1)
-        .json(&["get", "--dataset", "via1", restore.to_str().unwrap()]);
-    assert_same_tree(&src, &restore, true, &[]);
-    let e = c.node(2).fails(&[
-        "get",
-        "--dataset",
-        "via1",
-        tmp.path().join("r2").to_str().unwrap(),
-    ]);
-    assert!(e.contains("stored on node 1"), "{e}");
+    // Chunks stay on the writer until the QUIC data plane; a read through
+    // any node is served from the writer.
+    for id in 1..=3 {
+        let restore = tmp.path().join(format!("restore{id}"));
+        c.node(id)
+            .json(&["get", "--dataset", "via1", restore.to_str().unwrap()]);
+        assert_same_tree(&src, &restore, true, &[]);
+    }
+    // A put through another node than the writer works too: the same tree
+    // (stored again there, since chunks do not move yet) and a changed one.
+    put_through(&c, 3, &src, "via1");
+    let src2 = tmp.path().join("src2");
+    generate_tree(&src2, 21, 10, 0);
+    std::fs::write(src2.join("added.txt"), b"one more file").unwrap();
+    let p = c
+        .node(3)
+        .json(&["put", src2.to_str().unwrap(), "--dataset", "via1"]);
+    assert_eq!(p["files"], 11);
 
     let old_term = c.status(leader).unwrap()["term"].as_u64().unwrap();
     let killed = Instant::now();
@@ -98,6 +103,18 @@ fn a_fourth_node_joins_and_gets_shards_then_a_removed_node_loses_them() {
     let mut c = TestCluster::start(tmp.path(), 3, 4);
     let before = c.shard_load(1);
     assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    // Tenants get their own shard count; it can grow, never shrink.
+    let t = c.node(2).json(&["tenant", "acme", "--shards", "4"]);
+    assert!(t["layout_version"].as_u64().unwrap() > 0);
+    let acme = c.status(1).unwrap()["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["tenant"] == "acme")
+        .count();
+    assert_eq!(acme, 4);
+    let e = c.node(1).fails(&["tenant", "acme", "--shards", "2"]);
+    assert!(e.contains("only grow"), "{e}");
     c.join(4);
     c.wait_for("node 4 to hold shards", 30, |c| {
         c.shard_load(1).contains_key(&4)
