@@ -119,3 +119,21 @@ fn a_paused_holder_is_fenced_when_it_wakes() {
     assert_ne!(next, holder);
     assert_same_tree(&src, &out, false, &[".bitclone"]);
 }
+
+#[test]
+fn a_running_job_is_cancelled_from_another_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start_with_env(tmp.path(), 3, 3, &[SLOW_SINK]);
+    let src = tmp.path().join("src");
+    generate_tree(&src, 9, 5, 0);
+    let id = submit(&c, 1, &src, &tmp.path().join("out"), "cj");
+    let holder = wait_holder(&c, 1, &id, None);
+    let other = (1..=3).find(|n| *n != holder).unwrap();
+    let j = c.node(other).json(&["cancel", &id]);
+    assert!(j["state"] == "Running" || j["state"] == "Cancelled", "{j}");
+    c.wait_for("the job to end Cancelled", 60, |c| {
+        job(c, other, &id).is_some_and(|j| j["state"] == "Cancelled")
+    });
+    let j = job(&c, holder, &id).unwrap();
+    assert!(j["lease_holder"].is_null(), "the lease is released: {j}");
+}
