@@ -44,6 +44,9 @@ struct Args {
 /// holder is killed (the node's opt-in test hook).
 const SLOW_SINK_MS: &str = "3000";
 
+/// Pause after a restarted member has caught up, before the next round.
+const STEADY: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 struct Member {
     id: u64,
@@ -249,9 +252,16 @@ async fn leader_failover(b: &mut Bench, rounds: usize) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         b.restart(leader)?;
+        // Measure failover of a steady cluster: a member that has just come
+        // back refuses votes until its own election timeout has passed, which
+        // would add a second election to the next round.
+        settled_leader(&b.members, Duration::from_secs(60)).await?;
+        tokio::time::sleep(STEADY).await;
     }
     let raw = times.clone();
-    Ok(json!({"rounds": rounds, "ms": raw, "median_ms": median(&mut times)}))
+    Ok(
+        json!({"rounds": rounds, "ms": raw, "median_ms": median(&mut times), "steady_ms_between_rounds": STEADY.as_millis() as u64}),
+    )
 }
 
 async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
