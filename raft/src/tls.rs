@@ -142,6 +142,59 @@ impl PeerTls {
             .domain_name(node_name(peer))
     }
 
+    /// rustls server config for QUIC: TLS 1.3, this node's certificate,
+    /// client certificates required and verified against the cluster CA.
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(self.roots()?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Cert(format!("client verifier: {e}")))?;
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Cert(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain()?, self.key()?)
+            .map_err(|e| TlsError::Cert(e.to_string()))
+    }
+
+    /// rustls client config for QUIC: trust only the cluster CA, present
+    /// this node's certificate. The server name (`node-<id>`) is given per
+    /// connection.
+    pub fn rustls_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Cert(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain()?, self.key()?)
+            .map_err(|e| TlsError::Cert(e.to_string()))
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let cert = cert.map_err(|e| TlsError::Cert(format!("CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError::Cert(format!("CA certificate: {e}")))?;
+        }
+        Ok(roots)
+    }
+
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Cert(format!("node certificate: {e}")))
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| TlsError::Cert(format!("node key: {e}")))
+    }
+
     /// The cluster CA certificate(s), PEM.
     pub fn ca_pem(&self) -> &[u8] {
         &self.ca_pem

@@ -1,14 +1,47 @@
-//! BitClone's node-to-node data plane: QUIC (quinn) endpoints with mutual
-//! TLS, the chunk transfer protocol (which chunks do you lack, store these,
-//! send me these) and a peer connection pool.
+//! BitClone's node-to-node data plane: one QUIC (quinn) endpoint per node,
+//! client and server, mutual TLS with the cluster CA, and the chunk
+//! protocol on it: "which of these do you lack", "store these" (each chunk
+//! verified against its BLAKE3 name before it is stored), "send me these".
 //!
-//! Not built yet: a single node needs no transfer. The replication issue
-//! fills this crate in.
+//! Framing: every message is `[u8 kind][u32 len LE][len bytes]`; a frame
+//! longer than the configured limit is refused before it is read. One
+//! request per bidirectional stream; many streams per connection; QUIC flow
+//! control carries back-pressure from a slow receiver to the sender.
+
+mod frame;
+mod peer;
+
+pub use peer::{ChunkServer, Transport, TransportConfig};
 
 /// Errors of the transport layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The transport layer is not part of this build yet.
-    #[error("the QUIC transport is not built yet")]
-    NotBuilt,
+    /// Setting up the endpoint or TLS failed.
+    #[error("transport setup: {0}")]
+    Setup(String),
+    /// The peer could not be reached or the connection broke.
+    #[error("peer {peer}: {detail}")]
+    Connection {
+        /// The peer's node id.
+        peer: u64,
+        /// What happened.
+        detail: String,
+    },
+    /// The peer answered with an error.
+    #[error("peer {peer} refused: {message}")]
+    Remote {
+        /// The peer's node id.
+        peer: u64,
+        /// Its message.
+        message: String,
+    },
+    /// A frame broke the protocol (unknown kind, too long, truncated).
+    #[error("protocol: {0}")]
+    Protocol(String),
 }
+
+/// Result alias of the transport crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// ALPN protocol id of the chunk protocol.
+pub const ALPN: &[u8] = b"bitclone-chunks/1";

@@ -1,0 +1,426 @@
+//! The QUIC endpoint: serving the chunk protocol and calling peers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+
+use crate::frame::{self, kind, op};
+use crate::{Error, Result};
+
+/// The local side of the protocol: where received chunks go and where
+/// requested ones come from. Methods block (RocksDB); they run on tokio's
+/// blocking pool.
+pub trait ChunkServer: Send + Sync + 'static {
+    /// Checks that the certificate chain (already verified against the
+    /// cluster CA) belongs to node `claimed` and that it may talk to us.
+    fn authorize(
+        &self,
+        peer_certs: &[CertificateDer<'static>],
+        claimed: u64,
+    ) -> std::result::Result<(), String>;
+    /// For each name, whether this node lacks it.
+    fn missing(&self, tenant: &str, ids: &[[u8; 32]]) -> std::result::Result<Vec<bool>, String>;
+    /// Stores a chunk whose name was verified; returns true if it was new.
+    fn store(&self, tenant: &str, id: &[u8; 32], data: &[u8]) -> std::result::Result<bool, String>;
+    /// Reads a chunk (verified by the store), or `None` if it is not here.
+    fn load(&self, tenant: &str, id: &[u8; 32]) -> std::result::Result<Option<Vec<u8>>, String>;
+}
+
+/// Flow control and limits; the defaults suit bulk transfer on loopback and
+/// on a real network.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Largest frame accepted (a chunk is at most 4 MiB + its name).
+    pub max_frame: usize,
+    /// Per-stream receive window.
+    pub stream_window: u64,
+    /// Per-connection receive window.
+    pub connection_window: u64,
+    /// Concurrent bidirectional streams a peer may open.
+    pub max_streams: u32,
+    /// UDP socket send and receive buffers.
+    pub udp_buffer: usize,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_frame: (4 << 20) + 64,
+            // Enough for a 1 Gbit/s × 100 ms path; loopback needs less.
+            stream_window: 16 << 20,
+            connection_window: 64 << 20,
+            max_streams: 256,
+            udp_buffer: 8 << 20,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One node's QUIC endpoint, server and client.
+pub struct Transport {
+    me: u64,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    conns: Mutex<HashMap<(u64, SocketAddr), Connection>>,
+    max_frame: usize,
+}
+
+fn transport_config(cfg: &TransportConfig) -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    let varint = |v: u64| quinn::VarInt::from_u64(v).map_err(|e| Error::Setup(e.to_string()));
+    t.stream_receive_window(varint(cfg.stream_window)?)
+        .receive_window(varint(cfg.connection_window)?)
+        .send_window(cfg.connection_window)
+        .max_concurrent_bidi_streams(cfg.max_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(cfg.idle_timeout)
+                .map_err(|e| Error::Setup(e.to_string()))?,
+        ));
+    Ok(Arc::new(t))
+}
+
+impl Transport {
+    /// Binds `addr` (UDP) and starts serving `server`. The rustls configs
+    /// must require client certificates (server) and present one (client).
+    pub fn bind(
+        me: u64,
+        addr: SocketAddr,
+        mut server_tls: rustls::ServerConfig,
+        mut client_tls: rustls::ClientConfig,
+        server: Arc<dyn ChunkServer>,
+        cfg: TransportConfig,
+    ) -> Result<Arc<Transport>> {
+        server_tls.alpn_protocols = vec![crate::ALPN.to_vec()];
+        client_tls.alpn_protocols = vec![crate::ALPN.to_vec()];
+        let tc = transport_config(&cfg)?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).map_err(|e| Error::Setup(e.to_string()))?,
+        ));
+        server_config.transport_config(tc.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).map_err(|e| Error::Setup(e.to_string()))?,
+        ));
+        client.transport_config(tc);
+
+        // Large socket buffers matter most for throughput (CRATES.md).
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .map_err(|e| Error::Setup(format!("udp socket: {e}")))?;
+        let _ = socket.set_recv_buffer_size(cfg.udp_buffer);
+        let _ = socket.set_send_buffer_size(cfg.udp_buffer);
+        socket
+            .bind(&addr.into())
+            .map_err(|e| Error::Setup(format!("binding {addr}: {e}")))?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket.into(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| Error::Setup(e.to_string()))?;
+        let t = Arc::new(Transport {
+            me,
+            endpoint: endpoint.clone(),
+            client,
+            conns: Mutex::default(),
+            max_frame: cfg.max_frame,
+        });
+        tokio::spawn(serve(endpoint, server, cfg.max_frame));
+        Ok(t)
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::Setup(e.to_string()))
+    }
+
+    /// Closes the endpoint and its connections.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    async fn connection(&self, peer: u64, addr: SocketAddr) -> Result<Connection> {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(peer, addr))
+        {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let err = |detail: String| Error::Connection { peer, detail };
+        // The server must prove it is node `peer`: its name is checked.
+        let conn = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, &format!("node-{peer}"))
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((peer, addr), conn.clone());
+        Ok(conn)
+    }
+
+    async fn request(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        operation: u8,
+        tenant: &str,
+    ) -> Result<(SendStream, RecvStream)> {
+        let conn = self.connection(peer, addr).await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| Error::Connection {
+            peer,
+            detail: e.to_string(),
+        })?;
+        frame::write(
+            &mut send,
+            kind::REQUEST,
+            &[&self.me.to_le_bytes(), &[operation], tenant.as_bytes()],
+        )
+        .await?;
+        Ok((send, recv))
+    }
+
+    /// Which of `ids` the peer lacks.
+    pub async fn missing(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        tenant: &str,
+        ids: &[[u8; 32]],
+    ) -> Result<Vec<[u8; 32]>> {
+        let (mut send, mut recv) = self.request(peer, addr, op::MISSING, tenant).await?;
+        let flat: Vec<u8> = ids.iter().flat_map(|i| i.iter().copied()).collect();
+        frame::write(&mut send, kind::IDS, &[&flat]).await?;
+        let _ = send.finish();
+        let (k, payload) = frame::read(&mut recv, self.max_frame.max(ids.len() + 64)).await?;
+        match k {
+            kind::MISSING if payload.len() == ids.len() => Ok(ids
+                .iter()
+                .zip(payload)
+                .filter(|(_, m)| *m == 1)
+                .map(|(i, _)| *i)
+                .collect()),
+            kind::ERROR => Err(remote(peer, &payload)),
+            _ => Err(Error::Protocol("unexpected reply to missing".into())),
+        }
+    }
+
+    /// Sends chunks (name, bytes); the peer verifies each name before it
+    /// stores. Returns how many were new there.
+    pub async fn put(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        tenant: &str,
+        chunks: &[([u8; 32], &[u8])],
+    ) -> Result<u64> {
+        let (mut send, mut recv) = self.request(peer, addr, op::PUT, tenant).await?;
+        for (id, data) in chunks {
+            frame::write(&mut send, kind::CHUNK, &[id, data]).await?;
+        }
+        frame::write(&mut send, kind::END, &[]).await?;
+        let _ = send.finish();
+        let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
+        match k {
+            kind::STORED if payload.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&payload);
+                Ok(u64::from_le_bytes(b))
+            }
+            kind::ERROR => Err(remote(peer, &payload)),
+            _ => Err(Error::Protocol("unexpected reply to put".into())),
+        }
+    }
+
+    /// Fetches chunks; each one is verified against its name here too.
+    pub async fn get(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        tenant: &str,
+        ids: &[[u8; 32]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let (mut send, mut recv) = self.request(peer, addr, op::GET, tenant).await?;
+        let flat: Vec<u8> = ids.iter().flat_map(|i| i.iter().copied()).collect();
+        frame::write(&mut send, kind::IDS, &[&flat]).await?;
+        let _ = send.finish();
+        let mut out = Vec::with_capacity(ids.len());
+        for want in ids {
+            let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
+            match k {
+                kind::CHUNK => {
+                    let (id, data) = frame::split_chunk(&payload)?;
+                    if &id != want || blake3::hash(data).as_bytes() != want {
+                        return Err(Error::Remote {
+                            peer,
+                            message: "sent a chunk that does not match its name".into(),
+                        });
+                    }
+                    out.push(data.to_vec());
+                }
+                kind::ERROR => return Err(remote(peer, &payload)),
+                _ => return Err(Error::Protocol("unexpected reply to get".into())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn remote(peer: u64, payload: &[u8]) -> Error {
+    Error::Remote {
+        peer,
+        message: String::from_utf8_lossy(payload).into_owned(),
+    }
+}
+
+async fn serve(endpoint: Endpoint, server: Arc<dyn ChunkServer>, max_frame: usize) {
+    while let Some(incoming) = endpoint.accept().await {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "QUIC handshake refused");
+                    return;
+                }
+            };
+            let certs: Vec<CertificateDer<'static>> = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .map(|b| *b)
+                .unwrap_or_default();
+            let certs = Arc::new(certs);
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+                let (server, certs) = (server.clone(), certs.clone());
+                tokio::spawn(async move {
+                    let mut send = send;
+                    if let Err(e) = handle(&server, &certs, &mut send, recv, max_frame).await {
+                        let msg = e.to_string();
+                        tracing::warn!(error = msg, "chunk request failed");
+                        let _ = frame::write(&mut send, kind::ERROR, &[msg.as_bytes()]).await;
+                    }
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?
+        .map_err(Error::Protocol)
+}
+
+async fn handle(
+    server: &Arc<dyn ChunkServer>,
+    certs: &Arc<Vec<CertificateDer<'static>>>,
+    send: &mut SendStream,
+    mut recv: RecvStream,
+    max_frame: usize,
+) -> Result<()> {
+    let (k, header) = frame::read(&mut recv, 4096).await?;
+    if k != kind::REQUEST || header.len() < 9 {
+        return Err(Error::Protocol("a stream must start with a request".into()));
+    }
+    let mut from = [0u8; 8];
+    from.copy_from_slice(&header[..8]);
+    let from = u64::from_le_bytes(from);
+    let operation = header[8];
+    let tenant = String::from_utf8(header[9..].to_vec())
+        .map_err(|_| Error::Protocol("tenant is not UTF-8".into()))?;
+    server
+        .authorize(certs, from)
+        .map_err(|e| Error::Protocol(format!("peer refused: {e}")))?;
+    match operation {
+        op::MISSING => {
+            let (k, payload) = frame::read(&mut recv, max_frame).await?;
+            if k != kind::IDS {
+                return Err(Error::Protocol("expected ids".into()));
+            }
+            let ids = frame::split_ids(&payload)?;
+            let s = server.clone();
+            let missing = blocking(move || s.missing(&tenant, &ids)).await?;
+            let bytes: Vec<u8> = missing.iter().map(|m| u8::from(*m)).collect();
+            frame::write(send, kind::MISSING, &[&bytes]).await
+        }
+        op::PUT => {
+            let mut stored = 0u64;
+            loop {
+                let (k, payload) = frame::read(&mut recv, max_frame).await?;
+                match k {
+                    kind::END => break,
+                    kind::CHUNK => {
+                        let (id, data) = frame::split_chunk(&payload)?;
+                        // Never store bytes under a name they do not have.
+                        if blake3::hash(data).as_bytes() != &id {
+                            return Err(Error::Protocol(format!(
+                                "chunk {} does not match its name; nothing stored for it",
+                                blake3::Hash::from(id).to_hex()
+                            )));
+                        }
+                        let (s, t) = (server.clone(), tenant.clone());
+                        let stored_new = blocking(move || {
+                            let (_, data) =
+                                frame::split_chunk(&payload).map_err(|e| e.to_string())?;
+                            s.store(&t, &id, data)
+                        })
+                        .await?;
+                        if stored_new {
+                            stored += 1;
+                        }
+                    }
+                    _ => return Err(Error::Protocol("expected a chunk or the end".into())),
+                }
+            }
+            frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
+        }
+        op::GET => {
+            let (k, payload) = frame::read(&mut recv, max_frame).await?;
+            if k != kind::IDS {
+                return Err(Error::Protocol("expected ids".into()));
+            }
+            for id in frame::split_ids(&payload)? {
+                let (s, t) = (server.clone(), tenant.clone());
+                match blocking(move || s.load(&t, &id)).await? {
+                    Some(data) => frame::write(send, kind::CHUNK, &[&id, &data]).await?,
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "chunk {} is not here",
+                            blake3::Hash::from(id).to_hex()
+                        )))
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => Err(Error::Protocol(format!("unknown operation {other}"))),
+    }
+}
