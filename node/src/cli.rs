@@ -461,6 +461,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 "jobs_pending": s.jobs_pending, "jobs_running": s.jobs_running,
                 "bytes_ingested": s.bytes_ingested, "bytes_stored": s.bytes_stored,
                 "uptime_seconds": s.uptime_seconds,
+                "bytes_replicated": s.bytes_replicated,
             });
             if ctx.json {
                 print_json(&v);

@@ -6,6 +6,7 @@ mod dev;
 mod jobs;
 mod link;
 mod node;
+mod replica;
 mod server;
 mod service;
 

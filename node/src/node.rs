@@ -32,6 +32,10 @@ pub struct Node {
     pub started: Instant,
     pub bytes_ingested: AtomicU64,
     pub bytes_stored: AtomicU64,
+    /// Chunk bytes sent to replicas over QUIC.
+    pub bytes_replicated: Arc<AtomicU64>,
+    /// The QUIC chunk transport (cluster mode), attached once bound.
+    pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
 }
 
 impl Node {
@@ -69,6 +73,8 @@ impl Node {
             started: Instant::now(),
             bytes_ingested: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
+            bytes_replicated: Arc::default(),
+            transport: std::sync::OnceLock::new(),
         }))
     }
 
@@ -183,6 +189,17 @@ impl Node {
     ) -> Option<String> {
         let c = self.cluster.as_ref()?;
         let me = c.id;
+        // Served here when this node holds the manifest (a replica).
+        if let Some(id) = self.head_or(tenant, dataset, snapshot).await {
+            let t = tenant.to_string();
+            if self
+                .blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
+                .await
+                .unwrap_or(false)
+            {
+                return None;
+            }
+        }
         c.read(|s| {
             let head = s.datasets.get(tenant)?.get(dataset)?;
             let id = if snapshot.is_empty() {
@@ -199,6 +216,14 @@ impl Node {
         .await
         .ok()
         .flatten()
+    }
+
+    async fn head_or(&self, tenant: &str, dataset: &str, snapshot: &str) -> Option<SnapshotId> {
+        if snapshot.is_empty() {
+            self.head(tenant, dataset).await.ok().flatten()
+        } else {
+            snapshot.parse().ok()
+        }
     }
 
     /// A job by id (linearizable in a cluster).
@@ -299,8 +324,22 @@ impl Node {
         };
         let (id, bytes) = manifest.encode_with_id()?;
         let tenant = manifest.tenant.clone();
-        self.blocking(move |store| store.store_manifest_durable(&tenant, &id, &bytes))
+        let b = bytes.clone();
+        self.blocking(move |store| store.store_manifest_durable(&tenant, &id, &b))
             .await?;
+        // Durable on a majority of the shard's replicas before the commit.
+        if let Some(t) = self.transport.get() {
+            crate::replica::replicate(
+                t,
+                c,
+                &self.store,
+                &manifest,
+                &id,
+                &bytes,
+                &self.bytes_replicated,
+            )
+            .await?;
+        }
         let entry = SnapshotEntry {
             id: id.to_hex(),
             parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),

@@ -106,6 +106,30 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let node = Node::open(config.clone(), cluster.clone())?;
+    if let (Some(c), Some(cs)) = (&cluster, &config.cluster) {
+        // QUIC on the peer address (UDP; the same port number as the TCP
+        // peer gRPC service).
+        let peer_addr: std::net::SocketAddr = c
+            .info()
+            .peer_addr
+            .parse()
+            .with_context(|| format!("peer address {}", c.info().peer_addr))?;
+        let tls = PeerTls::load(&cs.certs, cs.node_id)?;
+        let t = bitclone_transport::Transport::bind(
+            c.id,
+            peer_addr,
+            tls.rustls_server_config()?,
+            tls.rustls_client_config()?,
+            Arc::new(crate::replica::NodeChunks {
+                store: node.store.clone(),
+                cluster: c.clone(),
+            }),
+            bitclone_transport::TransportConfig::default(),
+        )
+        .with_context(|| format!("binding QUIC on {peer_addr}"))?;
+        tracing::info!(%peer_addr, "QUIC chunk transport (mutual TLS) up");
+        let _ = node.transport.set(t);
+    }
 
     let mut workers = Vec::new();
     for _ in 0..config.job_workers {

@@ -685,6 +685,7 @@ impl BitClone for Api {
             bytes_ingested: self.node.bytes_ingested.load(Ordering::Relaxed),
             bytes_stored: self.node.bytes_stored.load(Ordering::Relaxed),
             uptime_seconds: self.node.started.elapsed().as_secs(),
+            bytes_replicated: self.node.bytes_replicated.load(Ordering::Relaxed),
         }))
     }
 }

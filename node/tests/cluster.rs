@@ -281,3 +281,36 @@ fn a_new_node_catches_up_from_a_snapshot_after_the_log_was_purged() {
                 == Some(25)
     });
 }
+
+#[test]
+fn an_acknowledged_put_survives_its_writer_and_a_second_put_sends_no_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+    let src = tmp.path().join("src");
+    let total = generate_tree(&src, seed(), 30, 1);
+    let stats = |c: &TestCluster, id: u64| c.node(id).json(&["stats"]);
+    put_through(&c, 1, &src, "rep");
+    // Both other replicas receive every chunk (random data: no dedup); the
+    // put returns once a majority has it, the third finishes in background.
+    c.wait_for("both replicas to hold the snapshot", 30, |c| {
+        stats(c, 1)["bytes_replicated"].as_u64() == Some(2 * total)
+    });
+    let sent = 2 * total;
+    for id in 2..=3 {
+        assert!(
+            stats(&c, id)["chunks"].as_u64().unwrap() > 0,
+            "node {id} holds chunks"
+        );
+    }
+    // The same tree again: every chunk is already on every replica.
+    put_through(&c, 1, &src, "rep");
+    assert_eq!(stats(&c, 1)["bytes_replicated"].as_u64().unwrap(), sent);
+    // The writer dies; the snapshot reads back from the replicas.
+    c.kill9(1);
+    for id in 2..=3 {
+        let restore = tmp.path().join(format!("r{id}"));
+        c.node(id)
+            .json(&["get", "--dataset", "rep", restore.to_str().unwrap()]);
+        assert_same_tree(&src, &restore, true, &[]);
+    }
+}

@@ -148,6 +148,11 @@ impl Cluster {
         f(&self.applied().state)
     }
 
+    /// This node's own addresses.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }
@@ -338,6 +343,24 @@ impl Cluster {
     /// Runs `f` on state that includes every write acknowledged before the
     /// call (a linearizable read through the leader's read index).
     pub async fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> Result<T, ClusterError> {
+        // Across a leader change: retry until a leader answers (bounded).
+        let mut last = ClusterError::NoLeader;
+        for attempt in 0..20u64 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 * attempt.min(10))).await;
+            }
+            match self.read_barrier().await {
+                Ok(()) => return Ok(self.local(f)),
+                Err(e @ (ClusterError::Peer(_) | ClusterError::NoLeader)) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Waits until this node has applied every write acknowledged before the
+    /// call.
+    async fn read_barrier(&self) -> Result<(), ClusterError> {
         let leader = self.wait_leader(Duration::from_secs(5)).await?;
         let index = if leader == self.id {
             self.read_index().await?
@@ -363,7 +386,7 @@ impl Cluster {
                 }
             }
         }
-        Ok(self.local(f))
+        Ok(())
     }
 
     async fn read_index(&self) -> Result<Option<u64>, ClusterError> {

@@ -27,6 +27,7 @@ pub mod op {
     pub const MISSING: u8 = 1;
     pub const PUT: u8 = 2;
     pub const GET: u8 = 3;
+    pub const PUT_MANIFEST: u8 = 4;
 }
 
 pub async fn write(send: &mut SendStream, kind: u8, payload: &[&[u8]]) -> Result<()> {

@@ -29,6 +29,15 @@ pub trait ChunkServer: Send + Sync + 'static {
     fn store(&self, tenant: &str, id: &[u8; 32], data: &[u8]) -> std::result::Result<bool, String>;
     /// Reads a chunk (verified by the store), or `None` if it is not here.
     fn load(&self, tenant: &str, id: &[u8; 32]) -> std::result::Result<Option<Vec<u8>>, String>;
+    /// Makes every stored chunk durable; a put is acknowledged only after.
+    fn flush(&self) -> std::result::Result<(), String>;
+    /// Durably stores a manifest whose name was verified.
+    fn store_manifest(
+        &self,
+        tenant: &str,
+        id: &[u8; 32],
+        bytes: &[u8],
+    ) -> std::result::Result<(), String>;
 }
 
 /// Flow control and limits; the defaults suit bulk transfer on loopback and
@@ -58,7 +67,8 @@ impl Default for TransportConfig {
             connection_window: 64 << 20,
             max_streams: 256,
             udp_buffer: 8 << 20,
-            idle_timeout: Duration::from_secs(30),
+            // Also bounds how long a handshake with a dead peer can hang.
+            idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -252,6 +262,26 @@ impl Transport {
         }
     }
 
+    /// Sends a manifest (named by its BLAKE3); acknowledged once durable.
+    pub async fn put_manifest(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        tenant: &str,
+        id: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<()> {
+        let (mut send, mut recv) = self.request(peer, addr, op::PUT_MANIFEST, tenant).await?;
+        frame::write(&mut send, kind::CHUNK, &[id, bytes]).await?;
+        let _ = send.finish();
+        let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
+        match k {
+            kind::STORED => Ok(()),
+            kind::ERROR => Err(remote(peer, &payload)),
+            _ => Err(Error::Protocol("unexpected reply to put_manifest".into())),
+        }
+    }
+
     /// Fetches chunks; each one is verified against its name here too.
     pub async fn get(
         &self,
@@ -400,7 +430,27 @@ async fn handle(
                     _ => return Err(Error::Protocol("expected a chunk or the end".into())),
                 }
             }
+            // Acknowledge only what is on disk.
+            let s = server.clone();
+            blocking(move || s.flush()).await?;
             frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
+        }
+        op::PUT_MANIFEST => {
+            let (k, payload) = frame::read(&mut recv, max_frame).await?;
+            if k != kind::CHUNK {
+                return Err(Error::Protocol("expected a manifest".into()));
+            }
+            let (id, bytes) = frame::split_chunk(&payload)?;
+            if blake3::hash(bytes).as_bytes() != &id {
+                return Err(Error::Protocol("manifest does not match its name".into()));
+            }
+            let s = server.clone();
+            blocking(move || {
+                let (id, bytes) = frame::split_chunk(&payload).map_err(|e| e.to_string())?;
+                s.store_manifest(&tenant, &id, bytes)
+            })
+            .await?;
+            frame::write(send, kind::STORED, &[&1u64.to_le_bytes()]).await
         }
         op::GET => {
             let (k, payload) = frame::read(&mut recv, max_frame).await?;
