@@ -35,6 +35,9 @@ struct Args {
     /// Job submissions for the throughput figure.
     #[arg(long, default_value_t = 2000)]
     jobs: usize,
+    /// Size of the cold put with R = 3 (bytes, or with KiB/MiB/GiB); 0 skips it.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    put_size: u64,
     /// Work directory (default: a new one under the temp dir; removed at the end).
     #[arg(long)]
     work: Option<PathBuf>,
@@ -157,6 +160,94 @@ async fn settled_leader(members: &[Member], timeout: Duration) -> Result<u64> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}")),
+    };
+    Ok(n * mult)
+}
+
+fn sync() -> Result<()> {
+    Command::new("sync").status()?;
+    Ok(())
+}
+
+/// Cold put of `size` bytes through node 1 with R = 3, against three
+/// `cp -r` + `sync` of the same tree (all three replicas share this disk).
+async fn cold_put(b: &Bench, size: u64) -> Result<Value> {
+    use rand::{RngCore, SeedableRng};
+    let src = b.dir.join("put-src");
+    std::fs::create_dir_all(&src)?;
+    let files = 256u64;
+    let per = size / files;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut buf = vec![0u8; per as usize];
+    for i in 0..files {
+        rng.fill_bytes(&mut buf);
+        std::fs::write(src.join(format!("f{i:04}")), &buf)?;
+    }
+    let bytes = per * files;
+    sync()?;
+    let t = Instant::now();
+    for k in 0..3 {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&src)
+            .arg(b.dir.join(format!("cp{k}")))
+            .status()?;
+        if !status.success() {
+            bail!("cp -r failed");
+        }
+    }
+    sync()?;
+    let cp3 = t.elapsed().as_secs_f64();
+    for k in 0..3 {
+        std::fs::remove_dir_all(b.dir.join(format!("cp{k}")))?;
+    }
+    sync()?;
+    let node1 = b.member(1)?;
+    let client = connect(&node1.endpoint).await?;
+    let before = client.stats().await?.bytes_replicated;
+    let t = Instant::now();
+    let out = Command::new(&b.bin)
+        .args(["--endpoint", &node1.endpoint, "--json", "put"])
+        .arg(&src)
+        .args(["--dataset", "coldput"])
+        .output()?;
+    if !out.status.success() {
+        bail!("put failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let acked = t.elapsed().as_secs_f64();
+    // The put returns once a majority holds it; wait for the third replica.
+    while client.stats().await?.bytes_replicated < before + 2 * bytes {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the third replica never caught up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all3 = t.elapsed().as_secs_f64();
+    let limit = 3.0 * bytes as f64 / cp3;
+    log(&format!(
+        "cold put {bytes} bytes, R=3: acked after {acked:.2} s, on all replicas after {all3:.2} s; three cp -r + sync {cp3:.2} s; ratio {:.2}",
+        (3.0 * bytes as f64 / all3) / limit
+    ));
+    std::fs::remove_dir_all(&src)?;
+    Ok(json!({
+        "bytes": bytes, "files": files,
+        "three_cp_sync_seconds": cp3,
+        "acked_seconds": acked, "all_replicas_seconds": all3,
+        "ratio_to_limit": (3.0 * bytes as f64 / all3) / limit,
+    }))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -379,11 +470,17 @@ async fn main() -> Result<()> {
         members,
     };
     let result = async {
+        let put = if args.put_size > 0 {
+            cold_put(&b, args.put_size).await?
+        } else {
+            Value::Null
+        };
         let throughput = write_throughput(&b, args.jobs).await?;
         let failover = leader_failover(&mut b, args.rounds).await?;
         let takeover = lease_takeover(&mut b, args.lease_rounds).await?;
         anyhow::Ok(json!({
             "cluster": {"nodes": 3, "heartbeat_ms": 100, "election_timeout_ms": [500, 1000]},
+            "cold_put_r3": put,
             "raft_write_throughput": throughput,
             "leader_failover": failover,
             "lease_takeover": takeover,
