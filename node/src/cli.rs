@@ -462,6 +462,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 "bytes_ingested": s.bytes_ingested, "bytes_stored": s.bytes_stored,
                 "uptime_seconds": s.uptime_seconds,
                 "bytes_replicated": s.bytes_replicated,
+                "chunks_repaired": s.chunks_repaired,
             });
             if ctx.json {
                 print_json(&v);

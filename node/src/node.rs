@@ -32,6 +32,8 @@ pub struct Node {
     pub started: Instant,
     pub bytes_ingested: AtomicU64,
     pub bytes_stored: AtomicU64,
+    /// Chunks found corrupt or missing on read and replaced from a replica.
+    pub chunks_repaired: AtomicU64,
     /// Chunk bytes sent to replicas over QUIC.
     pub bytes_replicated: Arc<AtomicU64>,
     /// The QUIC chunk transport (cluster mode), attached once bound.
@@ -74,6 +76,7 @@ impl Node {
             bytes_ingested: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             bytes_replicated: Arc::default(),
+            chunks_repaired: AtomicU64::new(0),
             transport: std::sync::OnceLock::new(),
         }))
     }
@@ -224,6 +227,47 @@ impl Node {
         } else {
             snapshot.parse().ok()
         }
+    }
+
+    /// Fetches a chunk from another replica of the dataset's shard (verified
+    /// by the transport) and repairs the local copy with it.
+    pub async fn repair_from_replicas(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        id: &SnapshotId,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (Some(c), Some(t)) = (&self.cluster, self.transport.get()) else {
+            return Err(StoreError::Unavailable(
+                "no replicas: not in a cluster".into(),
+            ));
+        };
+        let (replicas, members) = c.local(|s| (s.replicas_of(tenant, dataset), s.members.clone()));
+        let mut errors = Vec::new();
+        for peer in replicas.into_iter().filter(|p| *p != c.id) {
+            let Some(addr) = members.get(&peer).and_then(|m| m.peer_addr.parse().ok()) else {
+                continue;
+            };
+            match t.get(peer, addr, tenant, &[id.0]).await {
+                Ok(mut v) if v.len() == 1 => {
+                    let data = v.remove(0);
+                    let (store, tn, d, cid) =
+                        (self.store.clone(), tenant.to_string(), data.clone(), *id);
+                    self.pool
+                        .run(move || store.repair_chunk(&tn, &cid, &d))
+                        .await?;
+                    self.chunks_repaired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(chunk = %id, from = peer, "chunk was bad here; repaired from a replica");
+                    return Ok(data);
+                }
+                Ok(_) => errors.push(format!("node {peer}: short reply")),
+                Err(e) => errors.push(format!("node {peer}: {e}")),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "no replica could supply chunk {id}: {}",
+            errors.join("; ")
+        )))
     }
 
     /// A job by id (linearizable in a cluster).

@@ -394,6 +394,7 @@ impl BitClone for Api {
         };
         // A long-lived producer: a blocking thread of its own rather than a
         // CPU pool worker, so slow readers cannot starve ingest.
+        let (node, handle) = (self.node.clone(), tokio::runtime::Handle::current());
         tokio::task::spawn_blocking(move || {
             use pb::download_response::Msg;
             let send = |m: Msg| {
@@ -417,6 +418,27 @@ impl BitClone for Api {
                 for c in &e.chunks {
                     let data = match store.get_chunk(&manifest.tenant, &c.id) {
                         Ok(d) => Bytes::from(d),
+                        // A bad or missing chunk is never served: in a cluster
+                        // it is fetched from a replica and repaired here.
+                        Err(
+                            err @ (StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_)),
+                        ) if node.cluster.is_some() => {
+                            tracing::error!(chunk = %c.id, error = %err, "bad chunk on read");
+                            match handle.block_on(node.repair_from_replicas(
+                                &manifest.tenant,
+                                &manifest.dataset,
+                                &c.id,
+                            )) {
+                                Ok(d) => Bytes::from(d),
+                                Err(repair) => {
+                                    let _ = tx.blocking_send(Err(Status::data_loss(format!(
+                                        "reading {:?}: {err}; {repair}",
+                                        e.path
+                                    ))));
+                                    return;
+                                }
+                            }
+                        }
                         Err(err) => {
                             tracing::error!(path = e.path, error = %err, "download failed");
                             let _ = tx.blocking_send(Err(Status::data_loss(format!(
@@ -686,6 +708,7 @@ impl BitClone for Api {
             bytes_stored: self.node.bytes_stored.load(Ordering::Relaxed),
             uptime_seconds: self.node.started.elapsed().as_secs(),
             bytes_replicated: self.node.bytes_replicated.load(Ordering::Relaxed),
+            chunks_repaired: self.node.chunks_repaired.load(Ordering::Relaxed),
         }))
     }
 }

@@ -314,3 +314,50 @@ fn an_acknowledged_put_survives_its_writer_and_a_second_put_sends_no_chunks() {
         assert_same_tree(&src, &restore, true, &[]);
     }
 }
+
+#[test]
+fn a_corrupt_chunk_on_one_replica_is_repaired_from_another_and_never_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Below the minimum chunk size: exactly one chunk.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+    let data = random_bytes(&mut rng, 200_000);
+    std::fs::write(src.join("victim.bin"), &data).unwrap();
+    put_through(&c, 1, &src, "heal");
+    c.wait_for("both replicas to hold the snapshot", 30, |c| {
+        c.node(1).json(&["stats"])["bytes_replicated"].as_u64() == Some(400_000)
+    });
+    // Flip a byte of the chunk in node 2's store (stopped, so it is flushed).
+    c.nodes.remove(&2).unwrap().stop();
+    let needle = &data[100_000..100_064];
+    let mut flipped = 0;
+    for e in walkdir::WalkDir::new(tmp.path().join("node-2/db")) {
+        let e = e.unwrap();
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + 7] ^= 0x20;
+            std::fs::write(e.path(), &bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped >= 1, "chunk bytes not found in node 2's store");
+    c.start_node(2, &[]);
+    c.wait_voters(2, 3);
+    for round in 0..2 {
+        let restore = tmp.path().join(format!("r{round}"));
+        c.node(2)
+            .json(&["get", "--dataset", "heal", restore.to_str().unwrap()]);
+        assert_eq!(std::fs::read(restore.join("victim.bin")).unwrap(), data);
+    }
+    let st = c.node(2).json(&["stats"]);
+    assert_eq!(
+        st["chunks_repaired"], 1,
+        "repaired once, then served from the repaired copy: {st}"
+    );
+    assert!(c.node(2).log_text().contains("repaired from a replica"));
+}

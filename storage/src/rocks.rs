@@ -263,6 +263,29 @@ impl RocksStore {
         self.write(batch, true)
     }
 
+    /// Replaces a stored chunk with good bytes (from a replica) after a read
+    /// found it corrupt or missing, and makes the repair durable.
+    pub fn repair_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<()> {
+        if !id.verify(data) {
+            return Err(Error::CorruptChunk {
+                chunk: *id,
+                detail: "the replacement does not match the chunk's name either".into(),
+            });
+        }
+        let key = tenant_key(tenant, id);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), &key, data);
+        batch.put_cf(
+            self.cf(CF_CHUNK_INDEX),
+            &key,
+            (data.len() as u32).to_le_bytes(),
+        );
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.write_opt(batch, &opts)?;
+        self.persist_chunks()
+    }
+
     /// The latest snapshot of a dataset, if it has one.
     pub fn head(&self, tenant: &str, dataset: &str) -> Result<Option<SnapshotId>> {
         match self
