@@ -33,7 +33,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u AWS_PROFILE -u BITCLONE_ENDPOINT -u BITCLONE_TENANT
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench test build fmt clippy demo bench bench-cluster clean-cache
+.PHONY: help deps deps-bench test build fmt clippy demo bench bench-cluster bench-transport clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -41,6 +41,7 @@ help:
 	@echo "  make demo         build the node and run scripts/demo.sh (put, incremental put, clone, restore, verify)"
 	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
+	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make build        cargo build --workspace"
 	@echo "  make fmt          cargo fmt --all (rewrites files)"
 	@echo "  make clippy       cargo clippy --workspace --all-targets -D warnings"
@@ -94,3 +95,8 @@ bench-cluster: deps
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p .bitclone
 	@$(STEP) bench-cluster bash -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-cluster" --bitclone "$(BITCLONE)" | tee .bitclone/bench-cluster.json'
+
+bench-transport: deps-bench
+	@$(STEP) build-bench $(CARGO) build --workspace --locked
+	@mkdir -p .bitclone
+	@$(STEP) bench-transport bash -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-transport" | tee .bitclone/bench-transport.json'

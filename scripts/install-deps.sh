@@ -10,7 +10,7 @@
 #   g++                  RocksDB's C++ sources
 #   make, pkg-config     build scripts of the -sys crates
 #   python3              generates the demo's sample dataset (scripts/demo.sh)
-#   restic               (--bench only) the bench's side-by-side comparison
+#   restic, socat        (--bench only) the benches' side-by-side comparisons
 set -euo pipefail
 
 want_bench=0
@@ -32,7 +32,7 @@ log() { echo "install-deps: $*"; }
 
 required=(clang libclang-dev g++ make pkg-config)
 optional=()
-[[ "$want_bench" == 1 ]] && optional+=(restic)
+[[ "$want_bench" == 1 ]] && optional+=(restic socat)
 
 # python3 may come from elsewhere (pyenv, /usr/local): only ask for the Debian
 # package when no python3 is on PATH at all.

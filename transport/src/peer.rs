@@ -369,6 +369,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(Error::Protocol)
 }
 
+/// Chunks of one put verified and stored concurrently.
+const STORE_PIPELINE: usize = 4;
+
+type StoreTask = tokio::task::JoinHandle<std::result::Result<bool, String>>;
+
+/// Waits for the oldest store of a put; true if the chunk was new.
+async fn settle(in_flight: &mut std::collections::VecDeque<StoreTask>) -> Result<bool> {
+    match in_flight.pop_front() {
+        Some(task) => task
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))?
+            .map_err(Error::Protocol),
+        None => Ok(false),
+    }
+}
+
 async fn handle(
     server: &Arc<dyn ChunkServer>,
     certs: &Arc<Vec<CertificateDer<'static>>>,
@@ -403,32 +419,37 @@ async fn handle(
         }
         op::PUT => {
             let mut stored = 0u64;
+            let mut in_flight = std::collections::VecDeque::new();
             loop {
                 let (k, payload) = frame::read(&mut recv, max_frame).await?;
                 match k {
                     kind::END => break,
                     kind::CHUNK => {
-                        let (id, data) = frame::split_chunk(&payload)?;
-                        // Never store bytes under a name they do not have.
-                        if blake3::hash(data).as_bytes() != &id {
-                            return Err(Error::Protocol(format!(
-                                "chunk {} does not match its name; nothing stored for it",
-                                blake3::Hash::from(id).to_hex()
-                            )));
-                        }
-                        let (s, t) = (server.clone(), tenant.clone());
-                        let stored_new = blocking(move || {
+                        let (id, _) = frame::split_chunk(&payload)?;
+                        let (srv, t) = (server.clone(), tenant.clone());
+                        // Verify and store off the async threads, a few
+                        // chunks at a time, while the next frames arrive.
+                        in_flight.push_back(tokio::task::spawn_blocking(move || {
                             let (_, data) =
                                 frame::split_chunk(&payload).map_err(|e| e.to_string())?;
-                            s.store(&t, &id, data)
-                        })
-                        .await?;
-                        if stored_new {
-                            stored += 1;
+                            // Never store bytes under a name they do not have.
+                            if blake3::hash(data).as_bytes() != &id {
+                                return Err(format!(
+                                    "chunk {} does not match its name; nothing stored for it",
+                                    blake3::Hash::from(id).to_hex()
+                                ));
+                            }
+                            srv.store(&t, &id, data)
+                        }));
+                        if in_flight.len() >= STORE_PIPELINE {
+                            stored += u64::from(settle(&mut in_flight).await?);
                         }
                     }
                     _ => return Err(Error::Protocol("expected a chunk or the end".into())),
                 }
+            }
+            while !in_flight.is_empty() {
+                stored += u64::from(settle(&mut in_flight).await?);
             }
             // Acknowledge only what is on disk.
             let s = server.clone();
