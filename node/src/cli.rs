@@ -187,6 +187,7 @@ pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
         "snapshot_index": st.snapshot_index,
         "purged_index": st.purged_index,
         "layout_version": st.layout_version,
+        "ready_nodes": st.ready_nodes,
         "previous_layout_version": if st.previous_layout_version == 0 { serde_json::Value::Null } else { json!(st.previous_layout_version) },
         "shards": st.shards.iter().map(|s| json!({
             "tenant": s.tenant, "shard": s.shard, "replicas": s.replicas,

@@ -71,6 +71,15 @@ impl ChunkServer for NodeChunks {
         self.store.sync().map_err(|e| e.to_string())
     }
 
+    fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
+        tenant_ok(tenant)?;
+        match self.store.get_manifest(tenant, &ChunkId(*id)) {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     fn store_manifest(&self, tenant: &str, id: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
         tenant_ok(tenant)?;
         self.store
@@ -219,4 +228,173 @@ pub async fn replicate(
         )));
     }
     Ok(())
+}
+
+/// Largest manifest accepted from a peer.
+const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Chunks fetched per request during repair.
+const REPAIR_BATCH: usize = 32;
+
+/// Repair: pulls what the current layout places on this node (manifests
+/// and chunks it lacks) from the other members, and reports the node ready
+/// for the layout once it holds all of it. Runs until shutdown.
+pub async fn repair_loop(
+    node: Arc<crate::node::Node>,
+    cluster: Arc<Cluster>,
+    transport: Arc<Transport>,
+) {
+    let mut last_scan: Option<(u64, std::time::Instant)> = None;
+    while !node.jobs.is_shutting_down() {
+        let (version, ready) = cluster.local(|s| (s.layout.version, s.ready.contains(&cluster.id)));
+        // Scan when the layout is not in effect for us yet, when it changed,
+        // and every 30 s (to catch snapshots a down replica missed).
+        let due = !ready
+            || last_scan.is_none_or(|(v, at)| {
+                v != version || at.elapsed() > std::time::Duration::from_secs(30)
+            });
+        if due {
+            match repair_once(&node, &cluster, &transport).await {
+                Ok(true) => {
+                    last_scan = Some((version, std::time::Instant::now()));
+                    if !ready {
+                        let r = cluster
+                            .write(bitclone_raft::state::Command::ReplicaReady {
+                                node: cluster.id,
+                                version,
+                            })
+                            .await;
+                        match r {
+                            Ok(_) => tracing::info!(version, "holding all data of the layout"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reporting repair progress failed")
+                            }
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = e, "repair pass failed"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// One pass; true when this node holds everything the layout gives it.
+async fn repair_once(
+    node: &crate::node::Node,
+    cluster: &Cluster,
+    transport: &Transport,
+) -> Result<bool, String> {
+    let me = cluster.id;
+    let (work, members) = cluster.local(|s| {
+        let mut work = Vec::new();
+        for (tenant, sets) in &s.datasets {
+            for (name, head) in sets {
+                if !s.replicas_of(tenant, name).contains(&me) {
+                    continue;
+                }
+                for e in &head.history {
+                    // Ask the writer first, then everyone else.
+                    let mut from = vec![e.written_by];
+                    from.extend(
+                        s.members
+                            .keys()
+                            .filter(|m| **m != me && **m != e.written_by),
+                    );
+                    from.retain(|m| *m != me);
+                    work.push((tenant.clone(), e.id.clone(), from));
+                }
+            }
+        }
+        (work, s.members.clone())
+    });
+    let addr = |peer: &u64| {
+        members
+            .get(peer)
+            .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
+    };
+    let mut complete = true;
+    for (tenant, id_hex, from) in work {
+        let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
+        let (store, t) = (node.store.clone(), tenant.clone());
+        let local = tokio::task::spawn_blocking(move || store.get_manifest(&t, &id).ok())
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes = match local {
+            Some(b) => b,
+            None => {
+                let mut got = None;
+                for peer in &from {
+                    let Some(a) = addr(peer) else { continue };
+                    if let Ok(b) = transport
+                        .get_manifest(*peer, a, &tenant, &id.0, MAX_MANIFEST_BYTES)
+                        .await
+                    {
+                        got = Some(b);
+                        break;
+                    }
+                }
+                let Some(b) = got else {
+                    complete = false;
+                    continue;
+                };
+                let (store, t, bb) = (node.store.clone(), tenant.clone(), b.clone());
+                tokio::task::spawn_blocking(move || store.store_manifest_durable(&t, &id, &bb))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                b
+            }
+        };
+        let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        let mut ids: Vec<ChunkId> = manifest
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| c.id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let (store, t) = (node.store.clone(), tenant.clone());
+        let missing: Vec<[u8; 32]> = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .filter(|i| !store.has_chunk(&t, i).unwrap_or(false))
+                .map(|i| i.0)
+                .collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if missing.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            snapshot = id_hex,
+            chunks = missing.len(),
+            "repair: pulling chunks"
+        );
+        for batch in missing.chunks(REPAIR_BATCH) {
+            let mut done = false;
+            for peer in &from {
+                let Some(a) = addr(peer) else { continue };
+                if let Ok(datas) = transport.get(*peer, a, &tenant, batch).await {
+                    let (store, t, ids) = (node.store.clone(), tenant.clone(), batch.to_vec());
+                    tokio::task::spawn_blocking(move || -> Result<(), String> {
+                        for (i, d) in ids.iter().zip(datas) {
+                            store
+                                .put_chunk(&t, &ChunkId(*i), &d)
+                                .map_err(|e| e.to_string())?;
+                        }
+                        store.sync().map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())??;
+                    done = true;
+                    break;
+                }
+            }
+            if !done {
+                complete = false;
+            }
+        }
+    }
+    Ok(complete)
 }

@@ -128,7 +128,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("binding QUIC on {peer_addr}"))?;
         tracing::info!(%peer_addr, "QUIC chunk transport (mutual TLS) up");
-        let _ = node.transport.set(t);
+        let _ = node.transport.set(t.clone());
+        tokio::spawn(crate::replica::repair_loop(node.clone(), c.clone(), t));
     }
 
     let mut workers = Vec::new();

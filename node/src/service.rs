@@ -758,6 +758,7 @@ fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
         previous_layout_version: st.previous_layout_version.unwrap_or(0),
         snapshot_index: st.snapshot_index.unwrap_or(0),
         purged_index: st.purged_index.unwrap_or(0),
+        ready_nodes: st.ready.iter().copied().collect(),
     }
 }
 

@@ -361,3 +361,42 @@ fn a_corrupt_chunk_on_one_replica_is_repaired_from_another_and_never_served() {
     );
     assert!(c.node(2).log_text().contains("repaired from a replica"));
 }
+
+#[test]
+fn repair_moves_data_to_new_replicas_after_a_join_and_a_removal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 4);
+    let src = tmp.path().join("src");
+    let total = generate_tree(&src, seed(), 20, 1);
+    put_through(&c, 1, &src, "rp");
+    c.wait_for("both replicas to hold the snapshot", 30, |c| {
+        c.node(1).json(&["stats"])["bytes_replicated"].as_u64() == Some(2 * total)
+    });
+    let settled = |c: &TestCluster| {
+        c.status(1)
+            .is_some_and(|s| s["previous_layout_version"].is_null())
+    };
+    c.join(4);
+    c.wait_for("the layout with node 4 to take effect", 60, settled);
+    let out = c.node(3).cli(&["--json", "cluster", "remove", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for("the layout without node 2 to take effect", 60, |c| {
+        settled(c) && !c.shard_load(1).contains_key(&2)
+    });
+    // Members 1, 3, 4 with R = 3 all hold every shard. Without the writer,
+    // nodes 3 and 4 serve the snapshot from their own stores.
+    c.kill9(1);
+    c.kill9(2);
+    for id in [3, 4] {
+        let restore = tmp.path().join(format!("r{id}"));
+        c.node(id)
+            .json(&["get", "--dataset", "rp", restore.to_str().unwrap()]);
+        assert_same_tree(&src, &restore, true, &[]);
+        let st = c.node(id).json(&["stats"]);
+        assert_eq!(st["chunks_repaired"], 0, "node {id} had every chunk: {st}");
+    }
+}

@@ -78,6 +78,7 @@ pub struct Status {
     pub layout_version: u64,
     pub layout: BTreeMap<String, Vec<Vec<NodeId>>>,
     pub previous_layout_version: Option<u64>,
+    pub ready: BTreeSet<NodeId>,
 }
 
 pub struct Cluster {
@@ -416,6 +417,7 @@ impl Cluster {
             layout_version: a.state.layout.version,
             layout: a.state.layout.shards.clone(),
             previous_layout_version: a.state.previous_layout.as_ref().map(|l| l.version),
+            ready: a.state.ready.clone(),
         }
     }
 

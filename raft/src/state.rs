@@ -58,6 +58,10 @@ pub struct ClusterState {
     pub layout: Layout,
     /// The layout before the last change; valid until the new one is in effect.
     pub previous_layout: Option<Layout>,
+    /// Nodes that hold all the data the current layout gives them (repair
+    /// done); once every node of the layout is here, it takes effect.
+    #[serde(default)]
+    pub ready: std::collections::BTreeSet<NodeId>,
     /// (tenant, dataset) → head.
     pub datasets: BTreeMap<String, BTreeMap<String, DatasetHead>>,
     pub jobs: BTreeMap<String, Job>,
@@ -117,6 +121,11 @@ pub enum Command {
     },
     /// The new layout's replicas hold their data: drop the previous layout.
     CompleteLayout {
+        version: u64,
+    },
+    /// `node` holds every snapshot the layout `version` places on it.
+    ReplicaReady {
+        node: NodeId,
         version: u64,
     },
     /// Moves a dataset's head to `snapshot` if it is still at `parent`
@@ -239,6 +248,8 @@ impl ClusterState {
         let members: BTreeSet<NodeId> = self.members.keys().copied().collect();
         let next = plan(&members, &self.tenants, &self.layout);
         if next.version != self.layout.version {
+            // Every node must confirm again that it holds its new share.
+            self.ready.clear();
             // Keep the oldest layout still in force: two quick changes must not
             // drop the one whose data is actually in place.
             if self.previous_layout.is_none() {
@@ -349,6 +360,17 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
         Command::CompleteLayout { version } => {
             if *version == state.layout.version {
                 state.previous_layout = None;
+            }
+            Ok(Response::Ok)
+        }
+        Command::ReplicaReady { node, version } => {
+            // A report for an older layout says nothing about this one.
+            if *version == state.layout.version && state.members.contains_key(node) {
+                state.ready.insert(*node);
+                let placed: BTreeSet<NodeId> = state.layout.load().keys().copied().collect();
+                if placed.iter().all(|n| state.ready.contains(n)) {
+                    state.previous_layout = None;
+                }
             }
             Ok(Response::Ok)
         }
@@ -876,6 +898,55 @@ mod tests {
         assert_eq!((j.state, j.attempts), (JobState::Pending, 0));
         assert_eq!(sm.acquire("j", 2, 21).unwrap(), token + 1);
         assert_eq!(sm.state.jobs["j"].checkpoint.snapshot.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn a_new_layout_takes_effect_once_every_placed_node_is_ready() {
+        let mut sm = Sm::new(&[1, 2, 3]);
+        sm.submit("j", 0);
+        sm.ok(
+            0,
+            Command::UpsertMember {
+                id: 4,
+                info: NodeInfo::default(),
+            },
+        );
+        let v = sm.state.layout.version;
+        assert!(sm.state.previous_layout.is_some());
+        for n in [1, 2, 3] {
+            sm.ok(
+                0,
+                Command::ReplicaReady {
+                    node: n,
+                    version: v,
+                },
+            );
+            assert!(
+                sm.state.previous_layout.is_some(),
+                "node 4 has not caught up yet"
+            );
+        }
+        // A stale report (older version) does not count.
+        sm.ok(
+            0,
+            Command::ReplicaReady {
+                node: 4,
+                version: v - 1,
+            },
+        );
+        assert!(sm.state.previous_layout.is_some());
+        sm.ok(
+            0,
+            Command::ReplicaReady {
+                node: 4,
+                version: v,
+            },
+        );
+        assert!(sm.state.previous_layout.is_none());
+        // A further change needs fresh reports.
+        sm.ok(0, Command::RemoveMember { id: 2 });
+        assert!(sm.state.previous_layout.is_some());
+        assert!(sm.state.ready.is_empty());
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod op {
     pub const PUT: u8 = 2;
     pub const GET: u8 = 3;
     pub const PUT_MANIFEST: u8 = 4;
+    pub const GET_MANIFEST: u8 = 5;
 }
 
 pub async fn write(send: &mut SendStream, kind: u8, payload: &[&[u8]]) -> Result<()> {

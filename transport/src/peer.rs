@@ -31,6 +31,12 @@ pub trait ChunkServer: Send + Sync + 'static {
     fn load(&self, tenant: &str, id: &[u8; 32]) -> std::result::Result<Option<Vec<u8>>, String>;
     /// Makes every stored chunk durable; a put is acknowledged only after.
     fn flush(&self) -> std::result::Result<(), String>;
+    /// Reads a manifest, or `None` if it is not here.
+    fn load_manifest(
+        &self,
+        tenant: &str,
+        id: &[u8; 32],
+    ) -> std::result::Result<Option<Vec<u8>>, String>;
     /// Durably stores a manifest whose name was verified.
     fn store_manifest(
         &self,
@@ -282,6 +288,35 @@ impl Transport {
         }
     }
 
+    /// Fetches a manifest (verified against its name), `max` bytes at most.
+    pub async fn get_manifest(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        tenant: &str,
+        id: &[u8; 32],
+        max: usize,
+    ) -> Result<Vec<u8>> {
+        let (mut send, mut recv) = self.request(peer, addr, op::GET_MANIFEST, tenant).await?;
+        frame::write(&mut send, kind::IDS, &[id]).await?;
+        let _ = send.finish();
+        let (k, payload) = frame::read(&mut recv, max).await?;
+        match k {
+            kind::CHUNK => {
+                let (got, bytes) = frame::split_chunk(&payload)?;
+                if &got != id || blake3::hash(bytes).as_bytes() != id {
+                    return Err(Error::Remote {
+                        peer,
+                        message: "sent a manifest that does not match its name".into(),
+                    });
+                }
+                Ok(bytes.to_vec())
+            }
+            kind::ERROR => Err(remote(peer, &payload)),
+            _ => Err(Error::Protocol("unexpected reply to get_manifest".into())),
+        }
+    }
+
     /// Fetches chunks; each one is verified against its name here too.
     pub async fn get(
         &self,
@@ -455,6 +490,25 @@ async fn handle(
             let s = server.clone();
             blocking(move || s.flush()).await?;
             frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
+        }
+        op::GET_MANIFEST => {
+            let (k, payload) = frame::read(&mut recv, max_frame).await?;
+            let ids = if k == kind::IDS {
+                frame::split_ids(&payload)?
+            } else {
+                Vec::new()
+            };
+            let [id] = ids.as_slice() else {
+                return Err(Error::Protocol("expected one manifest name".into()));
+            };
+            let (s, t, id) = (server.clone(), tenant.clone(), *id);
+            match blocking(move || s.load_manifest(&t, &id)).await? {
+                Some(bytes) => frame::write(send, kind::CHUNK, &[&id, &bytes]).await,
+                None => Err(Error::Protocol(format!(
+                    "manifest {} is not here",
+                    blake3::Hash::from(id).to_hex()
+                ))),
+            }
         }
         op::PUT_MANIFEST => {
             let (k, payload) = frame::read(&mut recv, max_frame).await?;

@@ -45,6 +45,9 @@ impl ChunkServer for MemServer {
     fn flush(&self) -> Result<(), String> {
         Ok(())
     }
+    fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
+        self.load(tenant, id)
+    }
     fn store_manifest(&self, tenant: &str, id: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
         self.store(tenant, id, bytes).map(|_| ())
     }
@@ -103,6 +106,13 @@ async fn chunks_move_verified_and_only_once() {
         ]
     );
     assert_eq!(b_store.chunks.lock().unwrap().len(), 20);
+    // Manifests travel verified the same way.
+    let (mid, m) = chunk(99, 5000);
+    a.put_manifest(2, b_addr, "t", &mid, &m).await.unwrap();
+    assert_eq!(
+        a.get_manifest(2, b_addr, "t", &mid, 1 << 20).await.unwrap(),
+        m
+    );
     let e = a.get(2, b_addr, "t", &[[9u8; 32]]).await.unwrap_err();
     assert!(e.to_string().contains("not here"), "{e}");
 }

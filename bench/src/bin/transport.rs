@@ -58,6 +58,9 @@ impl ChunkServer for Sink {
     fn flush(&self) -> Result<(), String> {
         Ok(())
     }
+    fn load_manifest(&self, _: &str, _: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
     fn store_manifest(&self, _: &str, _: &[u8; 32], _: &[u8]) -> Result<(), String> {
         Ok(())
     }
