@@ -25,6 +25,19 @@ pub struct FileConfig {
     pub shutdown_grace: Option<String>,
     #[serde(default)]
     pub cluster: FileCluster,
+    #[serde(default)]
+    pub transport: FileTransport,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTransport {
+    pub max_frame: Option<String>,
+    pub stream_window: Option<String>,
+    pub connection_window: Option<String>,
+    pub max_streams: Option<u32>,
+    pub udp_buffer: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +101,8 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     /// Set when the node is part of a Raft cluster.
     pub cluster: Option<ClusterSettings>,
+    /// QUIC chunk transport tuning (cluster mode).
+    pub transport: bitclone_transport::TransportConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +234,7 @@ impl NodeConfig {
         let backoff_max = dur("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max, "60s")?;
         let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
         let cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
+        let transport = resolve_transport(fc.transport)?;
         if cpu_threads == 0 || job_workers == 0 {
             bail!("cpu_threads and jobs.workers must be at least 1");
         }
@@ -240,8 +256,42 @@ impl NodeConfig {
             backoff_max,
             shutdown_grace,
             cluster,
+            transport,
         })
     }
+}
+
+fn resolve_transport(ft: FileTransport) -> Result<bitclone_transport::TransportConfig> {
+    let d = bitclone_transport::TransportConfig::default();
+    let size = |v: Option<String>, default: u64, what: &str| -> Result<u64> {
+        v.map(|s| parse_size(&s).with_context(|| format!("transport.{what}")))
+            .unwrap_or(Ok(default))
+    };
+    let t = bitclone_transport::TransportConfig {
+        max_frame: size(ft.max_frame, d.max_frame as u64, "max_frame")? as usize,
+        stream_window: size(ft.stream_window, d.stream_window, "stream_window")?,
+        connection_window: size(
+            ft.connection_window,
+            d.connection_window,
+            "connection_window",
+        )?,
+        max_streams: ft.max_streams.unwrap_or(d.max_streams),
+        udp_buffer: size(ft.udp_buffer, d.udp_buffer as u64, "udp_buffer")? as usize,
+        idle_timeout: match ft.idle_timeout {
+            Some(s) => humantime::parse_duration(&s)
+                .with_context(|| format!("transport.idle_timeout {s:?}"))?,
+            None => d.idle_timeout,
+        },
+    };
+    if t.max_frame < (4 << 20) + 64 {
+        bail!(
+            "transport.max_frame must hold a 4 MiB chunk and its name (at least 4MiB + 64 bytes)"
+        );
+    }
+    if t.stream_window > t.connection_window {
+        bail!("transport.stream_window is larger than transport.connection_window");
+    }
+    Ok(t)
 }
 
 struct ClusterFlags {

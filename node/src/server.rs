@@ -124,7 +124,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
                 store: node.store.clone(),
                 cluster: c.clone(),
             }),
-            bitclone_transport::TransportConfig::default(),
+            config.transport.clone(),
         )
         .with_context(|| format!("binding QUIC on {peer_addr}"))?;
         tracing::info!(%peer_addr, "QUIC chunk transport (mutual TLS) up");
@@ -364,8 +364,9 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
     }
 }
 
-/// Until chunks move between nodes (QUIC data plane), a clone of a stored
-/// snapshot can only run where that snapshot's chunks are.
+/// A clone of a stored snapshot runs where the snapshot's data is: on a
+/// replica of its shard (they hold it once replicated or repaired), or on
+/// the node that wrote it.
 fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
     let Some(rest) = j.source.strip_prefix("snapshot://") else {
         return true;
@@ -380,8 +381,8 @@ fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
         id
     };
     match head.history.iter().find(|e| e.id == id) {
-        Some(e) if s.members.contains_key(&e.written_by) => e.written_by == me,
-        _ => true,
+        Some(e) => e.written_by == me || s.replicas_of(&j.tenant, dataset).contains(&me),
+        None => true,
     }
 }
 

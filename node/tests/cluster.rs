@@ -305,7 +305,8 @@ fn an_acknowledged_put_survives_its_writer_and_a_second_put_sends_no_chunks() {
     // The same tree again: every chunk is already on every replica.
     put_through(&c, 1, &src, "rep");
     assert_eq!(stats(&c, 1)["bytes_replicated"].as_u64().unwrap(), sent);
-    // The writer dies; the snapshot reads back from the replicas.
+    // The writer dies; the snapshot reads back from the replicas, and a
+    // clone of it runs on a surviving replica.
     c.kill9(1);
     for id in 2..=3 {
         let restore = tmp.path().join(format!("r{id}"));
@@ -313,6 +314,19 @@ fn an_acknowledged_put_survives_its_writer_and_a_second_put_sends_no_chunks() {
             .json(&["get", "--dataset", "rep", restore.to_str().unwrap()]);
         assert_same_tree(&src, &restore, true, &[]);
     }
+    let out = tmp.path().join("clone");
+    let job = c.node(2).json(&[
+        "clone",
+        "--from",
+        "snapshot://rep",
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "rep",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    assert_same_tree(&src, &out, false, &[".bitclone"]);
 }
 
 #[test]
