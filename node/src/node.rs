@@ -181,15 +181,15 @@ impl Node {
         }
     }
 
-    /// In a cluster: the public API address of the node that stores the
-    /// snapshot (`snapshot`, or the head when empty), when that is another
-    /// live member. Reads are proxied there until chunks move between nodes.
-    pub async fn remote_holder(
+    /// In a cluster, when this node does not hold the snapshot (`snapshot`,
+    /// or the head when empty): the public API addresses of the members that
+    /// do, the writer first. Reads are streamed from the first that answers.
+    pub async fn remote_holders(
         &self,
         tenant: &str,
         dataset: &str,
         snapshot: &str,
-    ) -> Option<String> {
+    ) -> Option<Vec<String>> {
         let c = self.cluster.as_ref()?;
         let me = c.id;
         // Served here when this node holds the manifest (a replica).
@@ -214,7 +214,20 @@ impl Node {
             if e.written_by == me {
                 return None;
             }
-            s.members.get(&e.written_by).map(|m| m.api_addr.clone())
+            // The writer first, then the shard's replicas (which hold it once
+            // replicated or repaired).
+            let mut nodes = vec![e.written_by];
+            nodes.extend(
+                s.replicas_of(tenant, dataset)
+                    .into_iter()
+                    .filter(|n| *n != me && *n != e.written_by),
+            );
+            Some(
+                nodes
+                    .iter()
+                    .filter_map(|n| s.members.get(n).map(|m| m.api_addr.clone()))
+                    .collect(),
+            )
         })
         .await
         .ok()
@@ -489,6 +502,7 @@ impl Node {
             .resolve_snapshot(&job.tenant, &job.dataset, &snapshot.to_hex())
             .await?;
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
+        let mut repairs = 0;
         while cp.destinations_done < job.destinations.len() {
             let url = &job.destinations[cp.destinations_done];
             injected_export_fault(url)?;
@@ -516,7 +530,7 @@ impl Node {
                     checkpoint.bytes_done = p.bytes_done;
                 });
             };
-            export::export_snapshot(
+            let result = export::export_snapshot(
                 &self.pool,
                 self.chunk_store(),
                 &manifest,
@@ -527,7 +541,25 @@ impl Node {
                 stop.clone(),
                 &mut on_progress,
             )
-            .await?;
+            .await;
+            match result {
+                Ok(()) => {}
+                // A bad local chunk: replace it from a replica and resume
+                // this destination from the in-memory checkpoint.
+                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
+                    if self.cluster.is_some() && repairs < MAX_REPAIRS_PER_ATTEMPT =>
+                {
+                    repairs += 1;
+                    self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
+                        .await?;
+                    let live = link.checkpoint(&job.id);
+                    cp.next_entry = live.next_entry;
+                    cp.files_done = live.files_done;
+                    cp.bytes_done = live.bytes_done;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             cp.destinations_done += 1;
             cp.next_entry = 0;
             cp.files_done = 0;
@@ -722,6 +754,9 @@ async fn injected_export_delay(stop: &AtomicBool) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Chunks one export attempt may repair from replicas before giving up.
+const MAX_REPAIRS_PER_ATTEMPT: usize = 64;
 
 /// Whether retrying can help.
 pub fn classify(e: &StoreError) -> Failure {

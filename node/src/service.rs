@@ -367,15 +367,25 @@ impl BitClone for Api {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        if let Some(addr) = self
+        if let Some(holders) = self
             .node
-            .remote_holder(&r.tenant, &r.dataset, &r.snapshot)
+            .remote_holders(&r.tenant, &r.dataset, &r.snapshot)
             .await
         {
-            // The snapshot's chunks are on another node: stream it from there.
-            let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
-            let stream = c.download(r).await?.into_inner();
-            return Ok(Response::new(Box::pin(stream)));
+            // The snapshot is held by other members: stream it from the
+            // first that answers.
+            let mut last = Status::unavailable("no member holding this snapshot is known");
+            for addr in holders {
+                let attempt = async {
+                    let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
+                    c.download(r.clone()).await
+                };
+                match attempt.await {
+                    Ok(resp) => return Ok(Response::new(Box::pin(resp.into_inner()))),
+                    Err(e) => last = e,
+                }
+            }
+            return Err(last);
         }
         let (id, manifest) = self
             .node
