@@ -272,6 +272,15 @@ impl RocksStore {
                 detail: "the replacement does not match the chunk's name either".into(),
             });
         }
+        self.write_chunk(tenant, id, data)?;
+        self.persist_chunks()
+    }
+
+    /// Writes a chunk and its index entry together. Chunk bytes bypass the
+    /// WAL: written once (to blob files at flush) instead of twice. Losing
+    /// unflushed chunks in a crash is harmless: nothing refers to them until
+    /// `commit_snapshot`, which flushes them before the manifest is written.
+    fn write_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<()> {
         let key = tenant_key(tenant, id);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_CHUNKS), &key, data);
@@ -282,8 +291,7 @@ impl RocksStore {
         );
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
-        self.write_opt(batch, &opts)?;
-        self.persist_chunks()
+        self.write_opt(batch, &opts)
     }
 
     /// The latest snapshot of a dataset, if it has one.
@@ -410,21 +418,7 @@ impl ChunkStore for RocksStore {
         if self.has_chunk(tenant, id)? {
             return Ok(false);
         }
-        let key = tenant_key(tenant, id);
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_CHUNKS), &key, data);
-        batch.put_cf(
-            self.cf(CF_CHUNK_INDEX),
-            &key,
-            (data.len() as u32).to_le_bytes(),
-        );
-        // Chunk bytes bypass the WAL: written once (to blob files at flush)
-        // instead of twice. Losing unflushed chunks in a crash is harmless:
-        // nothing refers to them until `commit_snapshot`, which flushes them
-        // before the manifest is written.
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.write_opt(batch, &opts)?;
+        self.write_chunk(tenant, id, data)?;
         Ok(true)
     }
 
