@@ -65,9 +65,9 @@ pub struct ClusterState {
     /// (tenant, dataset) → head.
     pub datasets: BTreeMap<String, BTreeMap<String, DatasetHead>>,
     pub jobs: BTreeMap<String, Job>,
-    /// client id → (last sequence number, its response): a retried request
-    /// is answered again instead of applied twice.
-    pub sessions: BTreeMap<u64, (u64, Response)>,
+    /// client id → its recent requests' answers: a retried request is
+    /// answered again instead of applied twice.
+    pub sessions: BTreeMap<u64, Session>,
     pub settings: Settings,
 }
 
@@ -289,18 +289,39 @@ fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {
 }
 
 /// Applies one request. Pure: the same state and request give the same result.
+/// What the state machine remembers of one client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// Leader time of the client's last request (for dropping idle clients).
+    pub last_ms: i64,
+    /// sequence number → answer, the most recent `SESSION_WINDOW`.
+    pub recent: BTreeMap<u64, Response>,
+}
+
+/// Clients remembered; the longest idle is forgotten first (every node
+/// restart is a new client).
+pub const MAX_SESSIONS: usize = 256;
+
+/// Answers kept per client for retries. A client has requests in flight
+/// concurrently, so they may be applied out of order; only a request older
+/// than everything remembered is refused (it cannot be told from a retry).
+pub const SESSION_WINDOW: usize = 1024;
+
 pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     if req.seq != 0 {
-        if let Some((last, resp)) = state.sessions.get(&req.client) {
-            if req.seq == *last {
+        if let Some(session) = state.sessions.get(&req.client) {
+            let recent = &session.recent;
+            if let Some(resp) = recent.get(&req.seq) {
                 return resp.clone();
             }
-            if req.seq < *last {
-                return Response::Err(CommandError::Duplicate {
-                    client: req.client,
-                    seq: req.seq,
-                    last: *last,
-                });
+            if let Some((&oldest, _)) = recent.first_key_value() {
+                if recent.len() >= SESSION_WINDOW && req.seq < oldest {
+                    return Response::Err(CommandError::Duplicate {
+                        client: req.client,
+                        seq: req.seq,
+                        last: oldest,
+                    });
+                }
             }
         }
     }
@@ -309,7 +330,26 @@ pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
         Err(e) => Response::Err(e),
     };
     if req.seq != 0 {
-        state.sessions.insert(req.client, (req.seq, resp.clone()));
+        let session = state.sessions.entry(req.client).or_default();
+        session.last_ms = session.last_ms.max(req.now_ms);
+        session.recent.insert(req.seq, resp.clone());
+        while session.recent.len() > SESSION_WINDOW {
+            session.recent.pop_first();
+        }
+        while state.sessions.len() > MAX_SESSIONS {
+            let idle = state
+                .sessions
+                .iter()
+                .filter(|(c, _)| **c != req.client)
+                .min_by_key(|(_, s)| s.last_ms)
+                .map(|(c, _)| *c);
+            match idle {
+                Some(c) => {
+                    state.sessions.remove(&c);
+                }
+                None => break,
+            }
+        }
     }
     resp
 }
@@ -828,6 +868,53 @@ mod tests {
             apply(&mut st, &older),
             Response::Err(CommandError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn sessions_are_bounded_per_client_and_in_number() {
+        let mut st = ClusterState::default();
+        for client in 0..(MAX_SESSIONS as u64 + 40) {
+            for seq in 1..=3 {
+                apply(
+                    &mut st,
+                    &Request {
+                        client,
+                        seq,
+                        now_ms: client as i64,
+                        cmd: Command::CompleteLayout { version: 99 },
+                    },
+                );
+            }
+        }
+        assert_eq!(st.sessions.len(), MAX_SESSIONS);
+        assert!(
+            !st.sessions.contains_key(&0),
+            "the longest idle client is forgotten"
+        );
+        let mut one = ClusterState::default();
+        for seq in 1..=(SESSION_WINDOW as u64 + 10) {
+            apply(
+                &mut one,
+                &Request {
+                    client: 1,
+                    seq,
+                    now_ms: 0,
+                    cmd: Command::CompleteLayout { version: 99 },
+                },
+            );
+        }
+        assert_eq!(one.sessions[&1].recent.len(), SESSION_WINDOW);
+        // Older than everything remembered: refused rather than applied twice.
+        let r = apply(
+            &mut one,
+            &Request {
+                client: 1,
+                seq: 1,
+                now_ms: 0,
+                cmd: Command::CompleteLayout { version: 99 },
+            },
+        );
+        assert!(matches!(r, Response::Err(CommandError::Duplicate { .. })));
     }
 
     #[test]

@@ -286,11 +286,18 @@ async fn write_throughput(b: &Bench, jobs: usize) -> Result<Value> {
             }
         })
         .buffer_unordered(32);
+    let mut first_error = None;
     while let Some(r) = results.next().await {
         match r {
             Ok(_) => done += 1,
-            Err(_) => failed += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
         }
+    }
+    if let Some(e) = &first_error {
+        log(&format!("first failed submission: {e}"));
     }
     let secs = started.elapsed().as_secs_f64();
     log(&format!(
