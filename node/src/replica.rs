@@ -245,7 +245,18 @@ pub async fn repair_loop(
 ) {
     let mut last_scan: Option<(u64, std::time::Instant)> = None;
     while !node.jobs.is_shutting_down() {
-        let (version, ready) = cluster.local(|s| (s.layout.version, s.ready.contains(&cluster.id)));
+        let (version, ready, member) = cluster.local(|s| {
+            (
+                s.layout.version,
+                s.ready.contains(&cluster.id),
+                s.members.contains_key(&cluster.id),
+            )
+        });
+        if !member {
+            // Removed (or not yet admitted): nothing is placed here.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
         // Scan when the layout is not in effect for us yet, when it changed,
         // and every 30 s (to catch snapshots a down replica missed).
         let due = !ready
