@@ -192,54 +192,43 @@ impl Node {
     ) -> Option<Vec<String>> {
         let c = self.cluster.as_ref()?;
         let me = c.id;
-        // Served here when this node holds the manifest (a replica).
-        if let Some(id) = self.head_or(tenant, dataset, snapshot).await {
-            let t = tenant.to_string();
-            if self
-                .blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
-                .await
-                .unwrap_or(false)
-            {
-                return None;
-            }
-        }
-        c.read(|s| {
-            let head = s.datasets.get(tenant)?.get(dataset)?;
-            let id = if snapshot.is_empty() {
-                head.snapshot.as_str()
-            } else {
-                snapshot
-            };
-            let e = head.history.iter().find(|e| e.id == id)?;
-            if e.written_by == me {
-                return None;
-            }
-            // The writer first, then the shard's replicas (which hold it once
-            // replicated or repaired).
-            let mut nodes = vec![e.written_by];
-            nodes.extend(
-                s.replicas_of(tenant, dataset)
-                    .into_iter()
-                    .filter(|n| *n != me && *n != e.written_by),
-            );
-            Some(
-                nodes
+        // One linearizable read: the snapshot meant, who wrote it, and the
+        // members that hold it (the writer first, then the shard's replicas).
+        let (id, holders) = c
+            .read(|s| {
+                let head = s.datasets.get(tenant)?.get(dataset)?;
+                let id = if snapshot.is_empty() {
+                    head.snapshot.as_str()
+                } else {
+                    snapshot
+                };
+                let e = head.history.iter().find(|e| e.id == id)?;
+                if e.written_by == me {
+                    return None;
+                }
+                let mut nodes = vec![e.written_by];
+                nodes.extend(
+                    s.replicas_of(tenant, dataset)
+                        .into_iter()
+                        .filter(|n| *n != me && *n != e.written_by),
+                );
+                let addrs = nodes
                     .iter()
                     .filter_map(|n| s.members.get(n).map(|m| m.api_addr.clone()))
-                    .collect(),
-            )
-        })
-        .await
-        .ok()
-        .flatten()
-    }
-
-    async fn head_or(&self, tenant: &str, dataset: &str, snapshot: &str) -> Option<SnapshotId> {
-        if snapshot.is_empty() {
-            self.head(tenant, dataset).await.ok().flatten()
-        } else {
-            snapshot.parse().ok()
-        }
+                    .collect::<Vec<_>>();
+                Some((e.id.clone(), addrs))
+            })
+            .await
+            .ok()
+            .flatten()?;
+        // Served here when this node holds the manifest (a replica).
+        let id: SnapshotId = id.parse().ok()?;
+        let t = tenant.to_string();
+        let local = self
+            .blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
+            .await
+            .unwrap_or(false);
+        (!local).then_some(holders)
     }
 
     /// Fetches a chunk from another replica of the dataset's shard (verified

@@ -216,6 +216,21 @@ impl Transport {
         Ok((send, recv))
     }
 
+    /// Opens a request whose whole body is one IDS frame; returns the reply side.
+    async fn request_ids(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        operation: u8,
+        tenant: &str,
+        ids: &[[u8; 32]],
+    ) -> Result<RecvStream> {
+        let (mut send, recv) = self.request(peer, addr, operation, tenant).await?;
+        frame::write(&mut send, kind::IDS, &[ids.as_flattened()]).await?;
+        let _ = send.finish();
+        Ok(recv)
+    }
+
     /// Which of `ids` the peer lacks.
     pub async fn missing(
         &self,
@@ -224,10 +239,9 @@ impl Transport {
         tenant: &str,
         ids: &[[u8; 32]],
     ) -> Result<Vec<[u8; 32]>> {
-        let (mut send, mut recv) = self.request(peer, addr, op::MISSING, tenant).await?;
-        let flat: Vec<u8> = ids.iter().flat_map(|i| i.iter().copied()).collect();
-        frame::write(&mut send, kind::IDS, &[&flat]).await?;
-        let _ = send.finish();
+        let mut recv = self
+            .request_ids(peer, addr, op::MISSING, tenant, ids)
+            .await?;
         let (k, payload) = frame::read(&mut recv, self.max_frame.max(ids.len() + 64)).await?;
         match k {
             kind::MISSING if payload.len() == ids.len() => Ok(ids
@@ -297,9 +311,9 @@ impl Transport {
         id: &[u8; 32],
         max: usize,
     ) -> Result<Vec<u8>> {
-        let (mut send, mut recv) = self.request(peer, addr, op::GET_MANIFEST, tenant).await?;
-        frame::write(&mut send, kind::IDS, &[id]).await?;
-        let _ = send.finish();
+        let mut recv = self
+            .request_ids(peer, addr, op::GET_MANIFEST, tenant, &[*id])
+            .await?;
         let (k, payload) = frame::read(&mut recv, max).await?;
         match k {
             kind::CHUNK => {
@@ -325,10 +339,7 @@ impl Transport {
         tenant: &str,
         ids: &[[u8; 32]],
     ) -> Result<Vec<Vec<u8>>> {
-        let (mut send, mut recv) = self.request(peer, addr, op::GET, tenant).await?;
-        let flat: Vec<u8> = ids.iter().flat_map(|i| i.iter().copied()).collect();
-        frame::write(&mut send, kind::IDS, &[&flat]).await?;
-        let _ = send.finish();
+        let mut recv = self.request_ids(peer, addr, op::GET, tenant, ids).await?;
         let mut out = Vec::with_capacity(ids.len());
         for want in ids {
             let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
