@@ -75,6 +75,21 @@ pub enum Error {
     /// The object store (sink) reported an error.
     #[error("object store: {0}")]
     ObjectStore(#[from] object_store::Error),
+    /// A sink refused or failed an operation; `permanent` when retrying
+    /// cannot help (a missing bucket, bad credentials).
+    #[error("sink {sink}: {detail}")]
+    Sink {
+        /// The sink's URL (without credentials or query).
+        sink: String,
+        /// What failed, with the server's words.
+        detail: String,
+        /// Whether a retry could succeed.
+        permanent: bool,
+    },
+    /// A writer holding a lower fencing token than one the sink already
+    /// committed was refused: its lease was superseded.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// An earlier write failed; the store refuses writes from now on.
     #[error("store is poisoned by an earlier failed write: {0}")]
     Poisoned(String),

@@ -148,6 +148,11 @@ impl SnapshotBuilder {
         self.parent_id
     }
 
+    /// The tenant the snapshot belongs to.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
     /// The chunking every file of this snapshot uses.
     pub fn chunking(&self) -> ChunkParams {
         self.chunking

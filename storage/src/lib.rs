@@ -12,6 +12,7 @@ pub mod export;
 pub mod ingest;
 pub mod manifest;
 pub mod path;
+pub mod restore;
 mod pool;
 pub mod rocks;
 mod store;

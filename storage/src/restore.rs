@@ -1,0 +1,321 @@
+//! Reading out of an object-store sink: restoring a committed snapshot into a
+//! directory without the cluster, and objects as a clone source.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::chunk::SnapshotId;
+use crate::error::{Error, Result};
+use crate::export::{self, join, relative, sink_error, Target, META_DIR};
+use crate::ingest::{ingest_stream, SnapshotBuilder};
+use crate::manifest::{EntryKind, Manifest};
+use crate::path::validate_path;
+use crate::pool::CpuPool;
+use crate::store::ChunkStore;
+
+/// Picks the snapshot to restore: `wanted` if a commit record names it, else
+/// the committed one with the highest fencing token. Uncommitted manifests
+/// are never trusted.
+pub async fn committed_snapshot(
+    target: &Target,
+    wanted: Option<&SnapshotId>,
+) -> Result<(export::CommitRecord, Manifest)> {
+    let commits = export::list_commits(target).await?;
+    let (token, snapshot) = match wanted {
+        Some(id) => commits
+            .iter()
+            .rev()
+            .find(|(_, s)| *s == id.to_hex())
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: "committed snapshot",
+                name: format!("{id} in {}", target.url),
+            })?,
+        None => commits.last().cloned().ok_or_else(|| Error::NotFound {
+            kind: "committed snapshot",
+            name: format!("in {} (no commit records under {META_DIR}/commits)", target.url),
+        })?,
+    };
+    let record = export::read_commit(target, token, &snapshot).await?;
+    let id = record.snapshot_id()?;
+    let manifest = export::read_manifest(target, &id).await?;
+    Ok((record, manifest))
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Files written.
+    pub files: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Rebuilds `manifest` under `dir` (missing or empty) from the objects of
+/// `target`, checking every file's size and BLAKE3 against the manifest.
+/// Each file is written under a temporary name and renamed once verified,
+/// so nothing unverified is left under its real name.
+pub async fn restore_into(
+    target: &Target,
+    manifest: &Manifest,
+    dir: &Path,
+    progress: &(dyn Fn(RestoreStats) + Sync),
+) -> Result<RestoreStats> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "restore target {} is not empty",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        }
+        Err(e) => return Err(Error::io("read", dir, e)),
+    }
+    for e in &manifest.entries {
+        validate_path(&e.path)?;
+        let parent = match e.kind {
+            EntryKind::Dir => dir.join(&e.path),
+            EntryKind::File => match Path::new(&e.path).parent() {
+                Some(p) => dir.join(p),
+                None => dir.to_path_buf(),
+            },
+        };
+        std::fs::create_dir_all(&parent).map_err(|err| Error::io("create", &parent, err))?;
+    }
+    let done = std::sync::Mutex::new(RestoreStats::default());
+    futures::stream::iter(
+        manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File),
+    )
+    .map(|e| {
+        let done = &done;
+        async move {
+            let path = dir.join(&e.path);
+            restore_file(target, &e.path, &path, e.size, &e.blake3).await?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
+                .map_err(|err| Error::io("chmod", &path, err))?;
+            let now = {
+                let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                d.files += 1;
+                d.bytes += e.size;
+                *d
+            };
+            progress(now);
+            Ok::<_, Error>(())
+        }
+    })
+    .buffer_unordered(target.concurrency)
+    .try_collect::<Vec<()>>()
+    .await?;
+    // Directory modes last: a read-only directory must not block its files.
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let path = dir.join(&e.path);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
+            .map_err(|err| Error::io("chmod", &path, err))?;
+    }
+    let stats = *done.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(stats)
+}
+
+async fn restore_file(
+    target: &Target,
+    rel: &str,
+    path: &Path,
+    size: u64,
+    want: &[u8; 32],
+) -> Result<()> {
+    let loc = join(&target.prefix, rel)?;
+    let part = PathBuf::from(format!("{}.bitclone-part", path.display()));
+    let result = async {
+        let got = target
+            .store
+            .get(&loc)
+            .await
+            .map_err(|e| sink_error(target, &format!("reading {rel}"), e))?;
+        let mut stream = got.into_stream();
+        let mut file = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| Error::io("create", &part, e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut n = 0u64;
+        while let Some(buf) = stream.next().await {
+            let buf = buf.map_err(|e| sink_error(target, &format!("reading {rel}"), e))?;
+            hasher.update(&buf);
+            n += buf.len() as u64;
+            file.write_all(&buf)
+                .await
+                .map_err(|e| Error::io("write", &part, e))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| Error::io("sync", &part, e))?;
+        let got = *hasher.finalize().as_bytes();
+        if n != size || got != *want {
+            return Err(Error::Sink {
+                sink: target.url.clone(),
+                detail: format!(
+                    "object {rel} does not match the snapshot: {n} bytes with BLAKE3 {}, the manifest says {size} bytes with BLAKE3 {} (changed since the commit?)",
+                    export::hex(&got),
+                    export::hex(want)
+                ),
+                permanent: true,
+            });
+        }
+        tokio::fs::rename(&part, path)
+            .await
+            .map_err(|e| Error::io("rename", path, e))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// A blocking reader over an object's byte stream, fed by an async task:
+/// lets the chunker (on the CPU pool) read an object as it downloads.
+struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    buf: Bytes,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.buf.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.buf = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        let _ = self.buf.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Ingests every object under `target` (outside `.bitclone/`) into
+/// `builder`: objects stream through the chunker on `pool`; an object whose
+/// size and modification time match the parent snapshot is taken over
+/// without reading it. Keys that are not safe relative paths are skipped
+/// (and reported by the builder). `progress(files, bytes)` follows the work.
+pub async fn ingest_objects(
+    target: &Target,
+    pool: &CpuPool,
+    store: Arc<dyn ChunkStore>,
+    mut builder: SnapshotBuilder,
+    cancel: Arc<AtomicBool>,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<SnapshotBuilder> {
+    let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
+    let mut objects: Vec<(String, object_store::ObjectMeta)> = Vec::new();
+    let mut list = target.store.list(prefix);
+    while let Some(m) = list.next().await {
+        let m = m.map_err(|e| sink_error(target, "listing the source", e))?;
+        let Some(rel) = relative(&target.prefix, &m.location) else {
+            continue;
+        };
+        if rel == META_DIR || rel.starts_with(".bitclone/") {
+            continue;
+        }
+        objects.push((rel, m));
+    }
+    objects.sort_by(|a, b| a.0.cmp(&b.0));
+    let tenant = builder.tenant().to_string();
+    let params = builder.chunking();
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut todo = Vec::new();
+    for (rel, meta) in objects {
+        let mtime_ns = meta
+            .last_modified
+            .timestamp_nanos_opt()
+            .unwrap_or_else(|| meta.last_modified.timestamp() * 1_000_000_000);
+        if validate_path(&rel).is_err() {
+            builder.skip(rel);
+        } else if builder
+            .unchanged(&rel, meta.size, mtime_ns, 0o644)
+            .is_some()
+        {
+            builder.add_unchanged(&rel, meta.size, mtime_ns, 0o644)?;
+            files += 1;
+            bytes += meta.size;
+            progress(files, bytes);
+        } else {
+            todo.push((rel, meta, mtime_ns));
+        }
+    }
+    let mut results = futures::stream::iter(todo.into_iter().map(|(rel, meta, mtime_ns)| {
+        let (store, tenant, cancel) = (store.clone(), tenant.clone(), cancel.clone());
+        async move {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let got = target
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(|e| sink_error(target, &format!("reading {rel}"), e))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut stream = got.into_stream();
+            let feeder = tokio::spawn(async move {
+                while let Some(b) = stream.next().await {
+                    let b = b.map_err(|e| std::io::Error::other(e.to_string()));
+                    if tx.send(b).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let source = PathBuf::from(format!("{}/{rel}", target.url));
+            let data = pool
+                .run(move || {
+                    let reader = StreamReader {
+                        rx,
+                        buf: Bytes::new(),
+                    };
+                    ingest_stream(
+                        store.as_ref(),
+                        &tenant,
+                        params,
+                        reader,
+                        &source,
+                        &cancel,
+                        &mut |_| {},
+                    )
+                })
+                .await;
+            feeder.abort();
+            Ok((rel, mtime_ns, data?))
+        }
+    }))
+    .buffered(target.concurrency.min(pool_width()));
+    while let Some(r) = results.next().await {
+        let (rel, mtime_ns, data) = r?;
+        files += 1;
+        bytes += data.size;
+        builder.add_file(&rel, 0o644, mtime_ns, data)?;
+        progress(files, bytes);
+    }
+    Ok(builder)
+}
+
+fn pool_width() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
