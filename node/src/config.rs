@@ -27,6 +27,10 @@ pub struct FileConfig {
     pub cluster: FileCluster,
     #[serde(default)]
     pub transport: FileTransport,
+    /// S3 endpoint and credentials for `s3://` sinks and sources; unset
+    /// fields come from the standard `AWS_*` variables.
+    #[serde(default)]
+    pub s3: bitclone_storage::export::S3Options,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +107,8 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterSettings>,
     /// QUIC chunk transport tuning (cluster mode).
     pub transport: bitclone_transport::TransportConfig,
+    /// How `s3://` sinks and sources are reached.
+    pub s3: bitclone_storage::export::S3Options,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +263,7 @@ impl NodeConfig {
             shutdown_grace,
             cluster,
             transport,
+            s3: fc.s3.or_env(),
         })
     }
 }

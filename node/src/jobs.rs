@@ -28,6 +28,9 @@ pub struct Jobs {
     shutting_down: AtomicBool,
     pub backoff: Backoff,
     pub default_max_attempts: u32,
+    /// The last fencing token granted to an attempt on this node; sinks
+    /// order commits by it (the cluster has its own, in the state machine).
+    fence_seq: std::sync::atomic::AtomicU64,
 }
 
 /// What a worker got from [`Jobs::claim`].
@@ -78,7 +81,13 @@ impl Jobs {
                 },
             );
         }
+        let fence_seq = slots
+            .values()
+            .map(|s: &Slot| s.job.fencing_token)
+            .max()
+            .unwrap_or(0);
         Ok(Jobs {
+            fence_seq: fence_seq.into(),
             slots: Mutex::new(slots),
             store,
             pool,
@@ -203,6 +212,7 @@ impl Jobs {
                         return Ok(Err(Duration::ZERO));
                     };
                     slot.job.start(now);
+                    slot.job.fencing_token = self.fence_seq.fetch_add(1, Ordering::AcqRel) + 1;
                     slot.stop.store(false, Ordering::Release);
                     slot.tx.send_replace(slot.job.clone());
                     Ok(Claimed {

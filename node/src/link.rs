@@ -85,6 +85,19 @@ impl JobLink {
         }
     }
 
+    /// Who writes a job's sink effects: the job and its attempt's fencing
+    /// token (the lease's in a cluster, this node's sequence standalone).
+    pub fn writer(&self, job: &bitclone_raft::job::Job) -> bitclone_storage::export::Writer {
+        let token = match self {
+            JobLink::Local(_) => job.fencing_token,
+            JobLink::Cluster { fence, .. } => fence.token,
+        };
+        bitclone_storage::export::Writer {
+            job: job.id.clone(),
+            token,
+        }
+    }
+
     /// The job and lease a fenced effect comes from (cluster only).
     pub fn fenced_by(&self, id: &str) -> Option<(String, Fence)> {
         match self {

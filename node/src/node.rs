@@ -10,6 +10,7 @@ use anyhow::Context;
 use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry};
 use bitclone_storage::export::{self, ExportProgress};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::restore;
 use bitclone_storage::rocks::DatasetSummary;
 use bitclone_storage::{
     ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore,
@@ -491,63 +492,86 @@ impl Node {
             .resolve_snapshot(&job.tenant, &job.dataset, &snapshot.to_hex())
             .await?;
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
+        let writer = link.writer(&job);
         let mut repairs = 0;
         while cp.destinations_done < job.destinations.len() {
             let url = &job.destinations[cp.destinations_done];
             injected_export_fault(url)?;
             injected_export_delay(&stop).await?;
-            let (dest, prefix) = export::open_destination(url)?;
-            let from = ExportProgress {
-                next_entry: cp.next_entry,
-                files_done: cp.files_done,
-                bytes_done: cp.bytes_done,
-            };
-            let id = job.id.clone();
-            let phase = format!("writing {url}");
-            // Progress and the checkpoint live in memory; the link persists
-            // them later (at the end of the attempt, or with the heartbeat in
-            // a cluster), so a retry resumes mid-destination.
-            let mut on_progress = |p: ExportProgress| {
-                link.report(&id, |progress, checkpoint| {
-                    progress.phase = phase.clone();
-                    progress.files_done = p.files_done;
-                    progress.files_total = files_total;
-                    progress.bytes_done = p.bytes_done;
-                    progress.bytes_total = bytes_total;
-                    checkpoint.next_entry = p.next_entry;
-                    checkpoint.files_done = p.files_done;
-                    checkpoint.bytes_done = p.bytes_done;
-                });
-            };
-            let result = export::export_snapshot(
-                &self.pool,
-                self.chunk_store(),
-                &manifest,
-                &snapshot,
-                dest,
-                &prefix,
-                from,
-                stop.clone(),
-                &mut on_progress,
-            )
-            .await;
-            match result {
-                Ok(()) => {}
-                // A bad local chunk: replace it from a replica and resume
-                // this destination from the in-memory checkpoint.
-                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
-                    if self.cluster.is_some() && repairs < MAX_REPAIRS_PER_ATTEMPT =>
-                {
-                    repairs += 1;
-                    self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
+            match parse_destination(url, &self.config.s3)? {
+                Destination::Catalog(url) => {
+                    self.write_catalog(&url, &manifest, &snapshot, &writer)
                         .await?;
-                    let live = link.checkpoint(&job.id);
-                    cp.next_entry = live.next_entry;
-                    cp.files_done = live.files_done;
-                    cp.bytes_done = live.bytes_done;
-                    continue;
                 }
-                Err(e) => return Err(e),
+                Destination::Objects(target) => {
+                    export::check_create_only(&target).await?;
+                    let from = ExportProgress {
+                        next_entry: cp.next_entry,
+                        files_done: cp.files_done,
+                        bytes_done: cp.bytes_done,
+                    };
+                    let id = job.id.clone();
+                    let phase = format!("writing {}", target.url);
+                    // Progress and the checkpoint live in memory; the link
+                    // persists them later (at the end of the attempt, or with
+                    // the heartbeat in a cluster), so a retry resumes
+                    // mid-destination.
+                    let mut on_progress = |p: ExportProgress| {
+                        link.report(&id, |progress, checkpoint| {
+                            progress.phase = phase.clone();
+                            progress.files_done = p.files_done;
+                            progress.files_total = files_total;
+                            progress.bytes_done = p.bytes_done;
+                            progress.bytes_total = bytes_total;
+                            checkpoint.next_entry = p.next_entry;
+                            checkpoint.files_done = p.files_done;
+                            checkpoint.bytes_done = p.bytes_done;
+                        });
+                    };
+                    let result = export::export_snapshot(
+                        &self.pool,
+                        self.chunk_store(),
+                        &manifest,
+                        &snapshot,
+                        &target,
+                        &writer,
+                        from,
+                        stop.clone(),
+                        &mut on_progress,
+                    )
+                    .await;
+                    match result {
+                        Ok(stats) => {
+                            tracing::info!(
+                                job = job.id,
+                                sink = target.url,
+                                snapshot = %snapshot,
+                                token = writer.token,
+                                written = stats.files_written,
+                                unchanged = stats.files_unchanged,
+                                bytes_written = stats.bytes_written,
+                                deleted = stats.objects_deleted,
+                                already_committed = stats.already_committed,
+                                "sink committed"
+                            );
+                        }
+                        // A bad local chunk: replace it from a replica and
+                        // resume this destination from the in-memory checkpoint.
+                        Err(
+                            StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk),
+                        ) if self.cluster.is_some() && repairs < MAX_REPAIRS_PER_ATTEMPT => {
+                            repairs += 1;
+                            self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
+                                .await?;
+                            let live = link.checkpoint(&job.id);
+                            cp.next_entry = live.next_entry;
+                            cp.files_done = live.files_done;
+                            cp.bytes_done = live.bytes_done;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             cp.destinations_done += 1;
             cp.next_entry = 0;
@@ -558,6 +582,20 @@ impl Node {
         Ok(())
     }
 
+    /// Records a snapshot in a Postgres catalog, fenced by the writer's token.
+    async fn write_catalog(
+        &self,
+        url: &str,
+        manifest: &Manifest,
+        snapshot: &SnapshotId,
+        writer: &export::Writer,
+    ) -> Result<(), StoreError> {
+        let _ = (url, manifest, snapshot, writer);
+        Err(StoreError::InvalidArgument(
+            "postgres sinks are not wired yet".into(),
+        ))
+    }
+
     /// Turns the job's source into a committed snapshot of its dataset.
     async fn ingest_source(
         &self,
@@ -565,7 +603,7 @@ impl Node {
         stop: Arc<AtomicBool>,
         link: &JobLink,
     ) -> Result<SnapshotId, StoreError> {
-        match parse_source(&job.source)? {
+        match parse_source(&job.source, &self.config.s3)? {
             Source::Dir(root) => {
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let store = self.chunk_store();
@@ -614,6 +652,39 @@ impl Node {
                     .fetch_add(stats.new_bytes, Ordering::Relaxed);
                 record.id.parse()
             }
+            Source::Objects(target) => {
+                let (builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
+                let (link2, id) = (link.clone(), job.id.clone());
+                let phase = format!("reading {}", target.url);
+                let mut last = Instant::now();
+                let builder = restore::ingest_objects(
+                    &target,
+                    &self.pool,
+                    self.chunk_store(),
+                    builder,
+                    stop,
+                    &mut |files, bytes| {
+                        if last.elapsed().as_millis() >= 100 {
+                            last = Instant::now();
+                            link2.report(&id, |p, _| {
+                                p.phase = phase.clone();
+                                p.files_done = files;
+                                p.bytes_done = bytes;
+                            });
+                        }
+                    },
+                )
+                .await?;
+                let (manifest, stats) = builder.finish(now_ms())?;
+                let record = self
+                    .commit_manifest(manifest, link.fenced_by(&job.id))
+                    .await?;
+                self.bytes_ingested
+                    .fetch_add(stats.bytes, Ordering::Relaxed);
+                self.bytes_stored
+                    .fetch_add(stats.new_bytes, Ordering::Relaxed);
+                record.id.parse()
+            }
             Source::Snapshot { dataset, snapshot } => {
                 let (id, manifest) = self
                     .resolve_snapshot(&job.tenant, &dataset, snapshot.as_deref().unwrap_or(""))
@@ -638,14 +709,16 @@ impl Node {
 
 enum Source {
     Dir(PathBuf),
+    Objects(export::Target),
     Snapshot {
         dataset: String,
         snapshot: Option<String>,
     },
 }
 
-/// Parses a clone source: `file:///abs/path` or `snapshot://NAME[@ID]`.
-fn parse_source(source: &str) -> Result<Source, StoreError> {
+/// Parses a clone source: `file:///abs/path`, `s3://bucket/prefix` or
+/// `snapshot://NAME[@ID]`.
+fn parse_source(source: &str, s3: &export::S3Options) -> Result<Source, StoreError> {
     if let Some(rest) = source.strip_prefix("snapshot://") {
         let (dataset, snapshot) = match rest.split_once('@') {
             Some((d, s)) => (d.to_string(), Some(s.to_string())),
@@ -657,11 +730,14 @@ fn parse_source(source: &str) -> Result<Source, StoreError> {
         }
         return Ok(Source::Snapshot { dataset, snapshot });
     }
+    if source.starts_with("s3://") {
+        return Ok(Source::Objects(export::open_target(source, s3)?));
+    }
     let url = url::Url::parse(source)
         .map_err(|e| StoreError::InvalidArgument(format!("source {source:?}: {e}")))?;
     if url.scheme() != "file" {
         return Err(StoreError::InvalidArgument(format!(
-            "source {source:?}: supported sources are file:///abs/path and snapshot://NAME[@ID]"
+            "source {source:?}: supported sources are file:///abs/path, s3://bucket/prefix and snapshot://NAME[@ID]"
         )));
     }
     let path = url.to_file_path().map_err(|_| {
@@ -670,17 +746,29 @@ fn parse_source(source: &str) -> Result<Source, StoreError> {
     Ok(Source::Dir(path))
 }
 
+enum Destination {
+    Objects(export::Target),
+    Catalog(String),
+}
+
+/// Parses a destination: an object store (`s3://…`, `file://…`) or a
+/// Postgres catalog (`postgres://…`).
+fn parse_destination(url: &str, s3: &export::S3Options) -> Result<Destination, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Destination::Catalog(url.to_string()));
+    }
+    Ok(Destination::Objects(export::open_target(url, s3)?))
+}
+
 /// Checks a job's source and destinations before it is accepted.
-pub fn validate_job_urls(source: &str, destinations: &[String]) -> Result<(), StoreError> {
-    parse_source(source)?;
+pub fn validate_job_urls(
+    source: &str,
+    destinations: &[String],
+    s3: &export::S3Options,
+) -> Result<(), StoreError> {
+    parse_source(source, s3)?;
     for d in destinations {
-        let url = url::Url::parse(d)
-            .map_err(|e| StoreError::InvalidArgument(format!("destination {d:?}: {e}")))?;
-        if url.scheme() != "file" || url.to_file_path().is_err() {
-            return Err(StoreError::InvalidArgument(format!(
-                "destination {d:?}: this build supports file:///abs/path object-store destinations"
-            )));
-        }
+        parse_destination(d, s3)?;
     }
     Ok(())
 }
@@ -755,7 +843,11 @@ pub fn classify(e: &StoreError) -> Failure {
         | StoreError::NotFound { .. }
         | StoreError::Decode { .. }
         | StoreError::CorruptChunk { .. }
-        | StoreError::MissingChunk(_) => Failure::Permanent,
+        | StoreError::MissingChunk(_)
+        | StoreError::Fenced(_)
+        | StoreError::Sink {
+            permanent: true, ..
+        } => Failure::Permanent,
         StoreError::Io { source, .. }
             if matches!(
                 source.kind(),

@@ -38,7 +38,8 @@ pub fn status(e: StoreError) -> Status {
         StoreError::InvalidPath { .. } | StoreError::InvalidArgument(_) => {
             Status::invalid_argument(msg)
         }
-        StoreError::Conflict(_) => Status::aborted(msg),
+        StoreError::Conflict(_) | StoreError::Fenced(_) => Status::aborted(msg),
+        StoreError::Sink { .. } => Status::failed_precondition(msg),
         StoreError::Cancelled => Status::cancelled(msg),
         StoreError::CorruptChunk { .. }
         | StoreError::MissingChunk(_)
@@ -480,7 +481,7 @@ impl BitClone for Api {
     ) -> Result<Response<pb::Job>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        validate_job_urls(&r.source, &r.destinations).map_err(status)?;
+        validate_job_urls(&r.source, &r.destinations, &self.node.config.s3).map_err(status)?;
         let max_attempts = if r.max_attempts == 0 {
             self.node.jobs.default_max_attempts
         } else {

@@ -69,6 +69,10 @@ pub struct ClusterState {
     /// answered again instead of applied twice.
     pub sessions: BTreeMap<u64, Session>,
     pub settings: Settings,
+    /// The last fencing token granted, over all jobs: tokens grow across jobs
+    /// too, so a sink that two jobs write to can order their commits.
+    #[serde(default)]
+    pub fence_seq: u64,
 }
 
 /// Cluster-wide knobs, set at bootstrap.
@@ -477,6 +481,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                     .ok_or_else(|| CommandError::NotFound(format!("job {job}")))?;
                 state.replicas_of(&j.tenant, &j.dataset).contains(node)
             };
+            let fence_seq = state.fence_seq;
             let j = job_mut(state, job)?;
             if !can_acquire(j, now) {
                 return Err(CommandError::Conflict(format!(
@@ -494,15 +499,15 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                 j.interrupted(now);
             }
             j.start(now);
-            j.fencing_token += 1;
+            let token = fence_seq.max(j.fencing_token) + 1;
+            j.fencing_token = token;
             j.lease = Some(Lease {
                 holder: *node,
                 deadline_unix_ms: now + lease_ms,
             });
-            Ok(Response::Lease {
-                token: j.fencing_token,
-                job: j.clone(),
-            })
+            let job = j.clone();
+            state.fence_seq = token;
+            Ok(Response::Lease { token, job })
         }
         Command::RenewLease { job, fence } => {
             let lease_ms = state.settings.lease_ms;
@@ -1034,6 +1039,20 @@ mod tests {
         sm.ok(0, Command::RemoveMember { id: 2 });
         assert!(sm.state.previous_layout.is_some());
         assert!(sm.state.ready.is_empty());
+    }
+
+    #[test]
+    fn fencing_tokens_grow_across_jobs() {
+        let mut sm = Sm::new(&[1]);
+        sm.submit("a", 0);
+        sm.submit("b", 0);
+        let a = sm.acquire("a", 1, 0).unwrap();
+        let b = sm.acquire("b", 1, 0).unwrap();
+        assert!(b > a, "a later grant on another job gets a higher token");
+        // A takeover of `a` after its lease lapsed outranks both.
+        let a2 = sm.acquire("a", 1, 1_000_000).unwrap();
+        assert!(a2 > b);
+        assert_eq!(sm.state.fence_seq, a2);
     }
 
     #[test]

@@ -464,7 +464,9 @@ pub async fn export_snapshot(
                 async move { ctx.write_entry(e).await.map(|w| (i, e, w)) }
             }),
     )
-    .buffered(target.concurrency);
+    .buffered(target.concurrency)
+    // Boxing pins down the lifetimes, so that callers' futures stay Send.
+    .boxed();
     while let Some(r) = results.next().await {
         let (i, e, written) = r?;
         if e.kind == EntryKind::File {
@@ -752,6 +754,7 @@ async fn delete_extra(
             }
         })
         .buffer_unordered(target.concurrency)
+        .boxed()
         .try_collect::<Vec<()>>()
         .await?;
     Ok(n)

@@ -119,6 +119,7 @@ pub async fn restore_into(
         }
     })
     .buffer_unordered(target.concurrency)
+    .boxed()
     .try_collect::<Vec<()>>()
     .await?;
     // Directory modes last: a read-only directory must not block its files.
@@ -302,7 +303,8 @@ pub async fn ingest_objects(
             Ok((rel, mtime_ns, data?))
         }
     }))
-    .buffered(target.concurrency.min(pool_width()));
+    .buffered(target.concurrency.min(pool_width()))
+    .boxed();
     while let Some(r) = results.next().await {
         let (rel, mtime_ns, data) = r?;
         files += 1;
