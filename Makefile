@@ -52,9 +52,11 @@ help:
 
 deps:
 	@$(STEP) install-deps bash scripts/install-deps.sh
+	@$(STEP) install-garage bash scripts/install-garage.sh
 
 deps-bench:
 	@$(STEP) install-deps bash scripts/install-deps.sh --bench
+	@$(STEP) install-garage bash scripts/install-garage.sh
 
 test: deps
 	@start=$$(date +%s); \

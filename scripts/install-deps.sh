@@ -10,7 +10,12 @@
 #   g++                  RocksDB's C++ sources
 #   make, pkg-config     build scripts of the -sys crates
 #   python3              generates the demo's sample dataset (scripts/demo.sh)
-#   restic, socat        (--bench only) the benches' side-by-side comparisons
+#   postgresql           initdb/pg_ctl for the throwaway Postgres servers the sink
+#                        tests start (as an unprivileged user), and the demo's catalog
+#   restic, socat, rclone  (--bench only) the benches' side-by-side comparisons
+#
+# Garage (the S3 server the sink tests run against) is not a Debian package:
+# scripts/install-garage.sh builds it once per machine; `make test` runs both.
 set -euo pipefail
 
 want_bench=0
@@ -18,7 +23,7 @@ for arg in "$@"; do
     case "$arg" in
         --bench) want_bench=1 ;;
         -h | --help)
-            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -30,9 +35,9 @@ done
 
 log() { echo "install-deps: $*"; }
 
-required=(clang libclang-dev g++ make pkg-config)
+required=(clang libclang-dev g++ make pkg-config postgresql)
 optional=()
-[[ "$want_bench" == 1 ]] && optional+=(restic socat)
+[[ "$want_bench" == 1 ]] && optional+=(restic socat rclone)
 
 # python3 may come from elsewhere (pyenv, /usr/local): only ask for the Debian
 # package when no python3 is on PATH at all.

@@ -276,7 +276,9 @@ async fn follow(client: &Client, id: &str, ctx: &Ctx, show_bar: bool) -> Result<
 pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
-        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) => unreachable!("handled by main"),
+        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) | Cmd::Restore { .. } => {
+            unreachable!("handled by main")
+        }
         Cmd::Tenant { name, shards } => {
             let version = client.set_tenant(&name, shards).await?;
             if ctx.json {

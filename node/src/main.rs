@@ -7,6 +7,7 @@ mod jobs;
 mod link;
 mod node;
 mod replica;
+mod restore;
 mod server;
 mod service;
 
@@ -62,7 +63,9 @@ enum Cmd {
         snapshot: Option<String>,
         dir: PathBuf,
     },
-    /// Submit a clone job: SRC (file:///abs/path or snapshot://NAME[@ID]) to each DST.
+    /// Submit a clone job: SRC (file:///abs/path, s3://bucket/prefix or
+    /// snapshot://NAME[@ID]) to each DST (s3://bucket/prefix[?mirror=true],
+    /// file:///abs/dir, postgres://…).
     Clone {
         #[arg(long)]
         from: String,
@@ -76,6 +79,29 @@ enum Cmd {
         /// Attempts before the job fails (default: the node's setting).
         #[arg(long)]
         max_attempts: Option<u32>,
+    },
+    /// Rebuild a committed snapshot into DIR from the sinks alone (no
+    /// cluster): the objects under an s3:// (or file://) prefix, checked
+    /// against a Postgres catalog when one is given. Every file's BLAKE3 is
+    /// verified. Credentials come from the AWS_* variables.
+    Restore {
+        /// The object-store sink: s3://bucket/prefix or file:///abs/dir.
+        #[arg(long)]
+        from: String,
+        /// A Postgres catalog the job also wrote (postgres://…).
+        #[arg(long)]
+        catalog: Option<String>,
+        /// The snapshot to restore (default: the newest committed one).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// S3 endpoint (default: AWS_ENDPOINT_URL / AWS_ENDPOINT, else AWS).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        /// S3 region (default: AWS_REGION, else us-east-1).
+        #[arg(long)]
+        s3_region: Option<String>,
+        /// Where to restore: a missing or empty directory.
+        dir: PathBuf,
     },
     /// Show a job, or follow it with --watch.
     Job {
@@ -167,6 +193,29 @@ fn main() -> std::process::ExitCode {
             Cmd::Certs(CertsCmd::Dev { out, nodes }) => dev::certs(&out, nodes, cli.json),
             Cmd::Dev(DevCmd::Up { nodes, data_dir }) => dev::up(&data_dir, nodes, cli.json).await,
             Cmd::Dev(DevCmd::Down { data_dir }) => dev::down(&data_dir, cli.json).await,
+            Cmd::Restore {
+                from,
+                catalog,
+                snapshot,
+                s3_endpoint,
+                s3_region,
+                dir,
+            } => {
+                let s3 = bitclone_storage::export::S3Options {
+                    endpoint: s3_endpoint,
+                    region: s3_region,
+                    ..Default::default()
+                };
+                restore::run(
+                    &from,
+                    catalog.as_deref(),
+                    snapshot.as_deref(),
+                    s3,
+                    &dir,
+                    cli.json,
+                )
+                .await
+            }
             cmd => {
                 let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json);
                 cli::run(ctx, cmd).await

@@ -10,8 +10,8 @@ use anyhow::Context;
 use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry};
 use bitclone_storage::export::{self, ExportProgress};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
-use bitclone_storage::restore;
 use bitclone_storage::rocks::DatasetSummary;
+use bitclone_storage::{catalog, restore};
 use bitclone_storage::{
     ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore,
     SnapshotId, SnapshotRecord,
@@ -39,6 +39,8 @@ pub struct Node {
     pub bytes_replicated: Arc<AtomicU64>,
     /// The QUIC chunk transport (cluster mode), attached once bound.
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
+    /// Postgres catalogs by URL, each a connection pool.
+    catalogs: tokio::sync::Mutex<std::collections::HashMap<String, catalog::Catalog>>,
 }
 
 impl Node {
@@ -79,6 +81,7 @@ impl Node {
             bytes_replicated: Arc::default(),
             chunks_repaired: AtomicU64::new(0),
             transport: std::sync::OnceLock::new(),
+            catalogs: Default::default(),
         }))
     }
 
@@ -558,7 +561,8 @@ impl Node {
                         // A bad local chunk: replace it from a replica and
                         // resume this destination from the in-memory checkpoint.
                         Err(
-                            StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk),
+                            StoreError::CorruptChunk { chunk, .. }
+                            | StoreError::MissingChunk(chunk),
                         ) if self.cluster.is_some() && repairs < MAX_REPAIRS_PER_ATTEMPT => {
                             repairs += 1;
                             self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
@@ -590,10 +594,36 @@ impl Node {
         snapshot: &SnapshotId,
         writer: &export::Writer,
     ) -> Result<(), StoreError> {
-        let _ = (url, manifest, snapshot, writer);
-        Err(StoreError::InvalidArgument(
-            "postgres sinks are not wired yet".into(),
-        ))
+        let catalog = self.catalog(url).await?;
+        let outcome = catalog
+            .commit(&catalog::CatalogCommit {
+                manifest,
+                snapshot,
+                job: &writer.job,
+                fencing_token: writer.token,
+            })
+            .await?;
+        tracing::info!(
+            sink = catalog.redacted_url(),
+            snapshot = %snapshot,
+            token = writer.token,
+            ?outcome,
+            "catalog committed"
+        );
+        Ok(())
+    }
+
+    /// A pooled connection to a catalog, opened (and migrated) once per URL.
+    async fn catalog(&self, url: &str) -> Result<catalog::Catalog, StoreError> {
+        if let Some(c) = self.catalogs.lock().await.get(url) {
+            return Ok(c.clone());
+        }
+        let c = catalog::Catalog::connect(url).await?;
+        self.catalogs
+            .lock()
+            .await
+            .insert(url.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Turns the job's source into a committed snapshot of its dataset.

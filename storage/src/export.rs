@@ -117,7 +117,9 @@ impl S3Options {
             .secret_access_key
             .or_else(|| var("AWS_SECRET_ACCESS_KEY"));
         self.session_token = self.session_token.or_else(|| var("AWS_SESSION_TOKEN"));
-        self.ca_file = self.ca_file.or_else(|| var("AWS_CA_BUNDLE").map(PathBuf::from));
+        self.ca_file = self
+            .ca_file
+            .or_else(|| var("AWS_CA_BUNDLE").map(PathBuf::from));
         self
     }
 }
@@ -143,8 +145,8 @@ pub struct Target {
 /// Opens `file:///abs/dir[?mirror=true]` (object_store's local filesystem
 /// backend; the directory is created) or `s3://bucket[/prefix][?mirror=true]`.
 pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
-    let parsed = url::Url::parse(url)
-        .map_err(|e| Error::InvalidArgument(format!("sink {url:?}: {e}")))?;
+    let parsed =
+        url::Url::parse(url).map_err(|e| Error::InvalidArgument(format!("sink {url:?}: {e}")))?;
     let mut mirror = false;
     for (k, v) in parsed.query_pairs() {
         match (k.as_ref(), v.as_ref()) {
@@ -184,9 +186,8 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
                     "sink {url:?}: no bucket (expected s3://bucket/prefix)"
                 )));
             }
-            let prefix = ObjectPath::parse(parsed.path().trim_matches('/')).map_err(|e| {
-                Error::InvalidArgument(format!("sink {url:?}: bad prefix: {e}"))
-            })?;
+            let prefix = ObjectPath::parse(parsed.path().trim_matches('/'))
+                .map_err(|e| Error::InvalidArgument(format!("sink {url:?}: bad prefix: {e}")))?;
             Ok(Target {
                 store: Arc::new(build_s3(bucket, s3, url)?),
                 prefix,
@@ -510,7 +511,10 @@ pub async fn export_snapshot(
     };
     let loc = join(
         &target.prefix,
-        &format!("{META_DIR}/commits/{}", commit_name(writer.token, &record.snapshot)),
+        &format!(
+            "{META_DIR}/commits/{}",
+            commit_name(writer.token, &record.snapshot)
+        ),
     )?;
     let body = serde_json::to_vec_pretty(&record)
         .map_err(|e| Error::InvalidArgument(format!("encoding commit record: {e}")))?;
@@ -580,7 +584,11 @@ impl Ctx<'_> {
             );
         }
         if e.size < MULTIPART_THRESHOLD {
-            let (s, t, c) = (self.store.clone(), self.tenant.to_string(), e.chunks.clone());
+            let (s, t, c) = (
+                self.store.clone(),
+                self.tenant.to_string(),
+                e.chunks.clone(),
+            );
             let data = self
                 .pool
                 .run(move || read_chunks(s.as_ref(), &t, &c))
@@ -766,7 +774,11 @@ async fn delete_extra(
 pub async fn check_create_only(target: &Target) -> Result<bool> {
     static SEEN: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
-    if let Some(v) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(&target.url) {
+    if let Some(v) = seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&target.url)
+    {
         return Ok(*v);
     }
     let loc = join(
@@ -783,7 +795,10 @@ pub async fn check_create_only(target: &Target) -> Result<bool> {
     create()
         .await
         .map_err(|e| sink_error(target, "probing conditional create", e))?;
-    let refused = matches!(create().await, Err(object_store::Error::AlreadyExists { .. }));
+    let refused = matches!(
+        create().await,
+        Err(object_store::Error::AlreadyExists { .. })
+    );
     let _ = target.store.delete(&loc).await;
     if !refused {
         tracing::warn!(

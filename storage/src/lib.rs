@@ -4,6 +4,7 @@
 //! Nothing here knows about Raft, QUIC or gRPC. Blocking work (chunking,
 //! hashing, RocksDB) runs on a [`CpuPool`], never on the async runtime.
 
+pub mod catalog;
 mod chunk;
 pub mod chunker;
 pub mod conformance;
@@ -12,8 +13,8 @@ pub mod export;
 pub mod ingest;
 pub mod manifest;
 pub mod path;
-pub mod restore;
 mod pool;
+pub mod restore;
 pub mod rocks;
 mod store;
 

@@ -41,7 +41,10 @@ pub async fn committed_snapshot(
             })?,
         None => commits.last().cloned().ok_or_else(|| Error::NotFound {
             kind: "committed snapshot",
-            name: format!("in {} (no commit records under {META_DIR}/commits)", target.url),
+            name: format!(
+                "in {} (no commit records under {META_DIR}/commits)",
+                target.url
+            ),
         })?,
     };
     let record = export::read_commit(target, token, &snapshot).await?;

@@ -590,9 +590,8 @@ impl PgServer {
     /// Runs `sql` in `db` with `psql -At -F '|'`; returns stdout, panics
     /// (with stderr and the server log tail) on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        self.try_psql(db, sql).unwrap_or_else(|e| {
-            panic!("{e}\n--- server log tail ---\n{}", self.log_tail())
-        })
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("{e}\n--- server log tail ---\n{}", self.log_tail()))
     }
 
     /// Stops the server (`pg_ctl stop -m immediate`). Idempotent.
@@ -694,7 +693,9 @@ impl Garage {
     pub fn binary() -> Option<PathBuf> {
         let path = match std::env::var_os("BITCLONE_GARAGE").filter(|p| !p.is_empty()) {
             Some(p) => PathBuf::from(p),
-            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/bitclone/garage/bin/garage"),
+            None => {
+                PathBuf::from(std::env::var_os("HOME")?).join(".cache/bitclone/garage/bin/garage")
+            }
         };
         path.is_file().then_some(path)
     }
@@ -750,8 +751,7 @@ admin_token = "{admin_token}"
         );
         let config = dir.path().join("garage.toml");
         fs::write(&config, config_text).expect("write garage.toml");
-        fs::set_permissions(&config, fs::Permissions::from_mode(0o600))
-            .expect("chmod garage.toml");
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).expect("chmod garage.toml");
 
         let log = dir.path().join("garage.log");
         let log_file = fs::File::create(&log).expect("create garage.log");
@@ -812,7 +812,10 @@ admin_token = "{admin_token}"
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(describe_failure(&format!("garage {}", args.join(" ")), &out))
+            Err(describe_failure(
+                &format!("garage {}", args.join(" ")),
+                &out,
+            ))
         }
     }
 
@@ -835,7 +838,10 @@ admin_token = "{admin_token}"
                     if let Some(out) = done(self) {
                         return out;
                     }
-                    if Instant::now() >= deadline {
+                    // A rejected request (e.g. an invalid bucket name) will
+                    // not get better by waiting.
+                    let permanent = e.contains("InvalidRequest") || e.contains("Bad request");
+                    if permanent || Instant::now() >= deadline {
                         self.fail(&e);
                     }
                 }
@@ -897,7 +903,9 @@ admin_token = "{admin_token}"
 
     fn setup_layout(&self) {
         let id = self.node_id();
-        self.cli_retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &id], |_| None);
+        self.cli_retry(&["layout", "assign", "-z", "dc1", "-c", "1G", &id], |_| {
+            None
+        });
         // `layout show` prints "Current cluster layout version: <n>".
         self.cli_retry(&["layout", "apply", "--version", "1"], |g| {
             g.try_cli(&["layout", "show"])
@@ -907,13 +915,10 @@ admin_token = "{admin_token}"
     }
 
     fn create_key(&mut self) {
-        let out = self.cli_retry(
-            &["key", "create", GARAGE_KEY_NAME],
-            |g| {
-                g.try_cli(&["key", "info", "--show-secret", GARAGE_KEY_NAME])
-                    .ok()
-            },
-        );
+        let out = self.cli_retry(&["key", "create", GARAGE_KEY_NAME], |g| {
+            g.try_cli(&["key", "info", "--show-secret", GARAGE_KEY_NAME])
+                .ok()
+        });
         match parse_key_info(&out) {
             Some((id, secret)) => {
                 self.access_key = id;
