@@ -435,6 +435,39 @@ pub async fn export_snapshot(
     cancel: Arc<AtomicBool>,
     on_progress: &mut (dyn FnMut(ExportProgress) + Send),
 ) -> Result<ExportStats> {
+    let mut stats = upload_snapshot(
+        pool,
+        store,
+        manifest,
+        id,
+        target,
+        writer,
+        from,
+        cancel,
+        on_progress,
+    )
+    .await?;
+    if !stats.already_committed {
+        commit_snapshot(target, manifest, id, writer, &mut stats).await?;
+    }
+    Ok(stats)
+}
+
+/// The first half of [`export_snapshot`]: the objects and the manifest,
+/// nothing a reader trusts yet. `already_committed` in the result means
+/// the writer's record for this snapshot exists and nothing was done.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_snapshot(
+    pool: &CpuPool,
+    store: Arc<dyn ChunkStore>,
+    manifest: &Manifest,
+    id: &SnapshotId,
+    target: &Target,
+    writer: &Writer,
+    from: ExportProgress,
+    cancel: Arc<AtomicBool>,
+    on_progress: &mut (dyn FnMut(ExportProgress) + Send),
+) -> Result<ExportStats> {
     let mut stats = ExportStats::default();
     if let Some((t, s)) = check_fence(target, writer.token).await? {
         if t == writer.token && s == id.to_hex() {
@@ -496,6 +529,19 @@ pub async fn export_snapshot(
         )
         .await
         .map_err(|e| sink_error(target, "writing the manifest", e))?;
+    Ok(stats)
+}
+
+/// The second half of [`export_snapshot`]: the commit record (create-only,
+/// refused when a higher token has committed), then, with `mirror`, the
+/// deletion of objects the snapshot does not have.
+pub async fn commit_snapshot(
+    target: &Target,
+    manifest: &Manifest,
+    id: &SnapshotId,
+    writer: &Writer,
+    stats: &mut ExportStats,
+) -> Result<()> {
     // Fenced again right before the commit point: a newer holder may have
     // committed while this one was uploading.
     check_fence(target, writer.token).await?;
@@ -545,10 +591,11 @@ pub async fn export_snapshot(
         // Only the latest commit prunes: an older writer that raced past the
         // fence check must not delete a newer snapshot's objects.
         if check_fence(target, writer.token).await.is_ok() {
+            let existing = list_objects(target).await?;
             stats.objects_deleted = delete_extra(target, manifest, &existing).await?;
         }
     }
-    Ok(stats)
+    Ok(())
 }
 
 struct Ctx<'a> {
