@@ -520,6 +520,7 @@ impl Node {
                     // the heartbeat in a cluster), so a retry resumes
                     // mid-destination.
                     let mut on_progress = |p: ExportProgress| {
+                        injected_file_delay();
                         link.report(&id, |progress, checkpoint| {
                             progress.phase = phase.clone();
                             progress.files_done = p.files_done;
@@ -860,6 +861,24 @@ async fn injected_export_delay(stop: &AtomicBool) -> Result<(), StoreError> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// Test hook, inert unless set: `BITCLONE_FAULT_EXPORT_FILE_DELAY_MS=N`
+/// slows an object-store export down by N ms per file, so that a test can
+/// kill the holder in the middle of an upload.
+fn injected_file_delay() {
+    use std::sync::OnceLock;
+    static MS: OnceLock<u64> = OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        std::env::var("BITCLONE_FAULT_EXPORT_FILE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        // Blocking on purpose: it stalls the whole export, as a slow link would.
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Chunks one export attempt may repair from replicas before giving up.

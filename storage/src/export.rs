@@ -868,7 +868,7 @@ pub(crate) fn sink_error(target: &Target, doing: &str, e: object_store::Error) -
         | object_store::Error::Unauthenticated { .. } => SinkErrorKind::Denied,
         _ => SinkErrorKind::Other,
     };
-    let text = e.to_string();
+    let text = condense(&e.to_string());
     // A missing bucket shows up as NotFound on list; say it plainly.
     let hint = if text.contains("NoSuchBucket") {
         " (the bucket does not exist)"
@@ -885,6 +885,25 @@ pub(crate) fn sink_error(target: &Target, doing: &str, e: object_store::Error) -
         sink: target.url.clone(),
         detail: format!("{doing}: {text}{hint}"),
         permanent: !matches!(kind, SinkErrorKind::Other) || !hint.is_empty(),
+    }
+}
+
+/// S3 errors carry the server's XML body: keep its code and message only.
+fn condense(text: &str) -> String {
+    let Some(at) = text.find("<?xml") else {
+        return text.to_string();
+    };
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find('<')? + start;
+        Some(text[start..end].to_string())
+    };
+    let head = text[..at].trim_end_matches([' ', ':']);
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("{head}: {c}: {m}"),
+        (Some(c), None) => format!("{head}: {c}"),
+        _ => head.to_string(),
     }
 }
 
@@ -947,6 +966,16 @@ mod tests {
         assert_eq!(o.region.as_deref(), Some("eu"), "config wins over env");
         assert_eq!(o.access_key_id.as_deref(), Some("k"));
         assert_eq!(o.ca_file, None);
+    }
+
+    #[test]
+    fn s3_error_bodies_are_condensed() {
+        let t = "Error performing PUT http://h/b/k - Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>Bucket not found: b</Message></Error>";
+        assert_eq!(
+            condense(t),
+            "Error performing PUT http://h/b/k - Server returned non-2xx status code: 404 Not Found: NoSuchBucket: Bucket not found: b"
+        );
+        assert_eq!(condense("plain"), "plain");
     }
 
     #[test]

@@ -1,0 +1,390 @@
+//! Clone jobs into real sinks: a Garage S3 server and a throwaway Postgres on
+//! loopback, with real `bitclone` processes; restore from the sinks alone.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../../storage/tests/servers/mod.rs"]
+mod servers;
+
+use std::path::Path;
+use std::time::Instant;
+
+use bitclone_storage::export::{self, S3Options};
+use common::*;
+use servers::{Garage, PgServer};
+
+fn garage() -> Garage {
+    assert!(
+        Garage::available(),
+        "garage is not installed: run scripts/install-garage.sh (make test does)"
+    );
+    Garage::start()
+}
+
+fn pg() -> PgServer {
+    assert!(
+        PgServer::available(),
+        "Postgres binaries not found: scripts/install-deps.sh installs them (make test does)"
+    );
+    PgServer::start()
+}
+
+fn s3_env(g: &Garage) -> Vec<(String, String)> {
+    g.env_vars()
+}
+
+fn env_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// `bitclone restore` as an operator runs it: no node, only the sinks.
+fn restore(g: &Garage, args: &[&str]) -> std::process::Output {
+    clean_command(BIN)
+        .envs(s3_env(g))
+        .arg("--json")
+        .arg("restore")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn target(g: &Garage, url: &str) -> export::Target {
+    export::open_target(
+        url,
+        &S3Options {
+            endpoint: Some(g.endpoint()),
+            region: Some(g.region().into()),
+            access_key_id: Some(g.access_key().into()),
+            secret_access_key: Some(g.secret_key().into()),
+            ..S3Options::default()
+        },
+    )
+    .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The catalog's rows for a snapshot as path → (BLAKE3 hex, mode), files only.
+fn catalog_files(
+    db: &PgServer,
+    snapshot: &str,
+) -> std::collections::BTreeMap<String, (String, u32)> {
+    db.psql(
+        "catalog",
+        &format!(
+            "SELECT path, encode(blake3, 'hex'), mode FROM bitclone_entries \
+             WHERE snapshot = '{snapshot}' AND blake3 IS NOT NULL"
+        ),
+    )
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split('|').collect();
+        (f[0].to_string(), (f[1].to_string(), f[2].parse().unwrap()))
+    })
+    .collect()
+}
+
+fn edit_tree(src: &Path) {
+    std::fs::write(src.join("d1/s1/f1.bin"), b"edited one").unwrap();
+    std::fs::write(src.join("d2/s2/f2.bin"), b"edited two").unwrap();
+    std::fs::write(src.join("d3/s0/f3.bin"), b"edited three").unwrap();
+    std::fs::write(src.join("added.txt"), b"a new file").unwrap();
+    std::fs::remove_file(src.join("d4/s1/f4.bin")).unwrap();
+}
+
+#[test]
+fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
+    let g = garage();
+    g.create_bucket("clones");
+    let db = pg();
+    db.create_database("catalog");
+    let catalog = db.url("catalog");
+    let tmp = tempfile::tempdir().unwrap();
+    let env = s3_env(&g);
+    let node = TestNode::start_with(&tmp.path().join("n"), &env_refs(&env));
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 60, 1);
+    let s3 = "s3://clones/team/ds?mirror=true";
+
+    let job = node.json(&[
+        "clone",
+        "--from",
+        &file_url(&src),
+        "--to",
+        s3,
+        "--to",
+        &catalog,
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let snap1 = job["snapshot"].as_str().unwrap().to_string();
+    // Every row: the catalog has each file with its BLAKE3 and mode.
+    assert_eq!(catalog_files(&db, &snap1), tree_digest(&src, &[]));
+
+    // Incremental: 3 edits, 1 new file, 1 removed → only 4 objects written
+    // (plus the manifest and the commit record), 1 deleted.
+    edit_tree(&src);
+    let before = g.object_write_count();
+    let job = node.json(&[
+        "clone",
+        "--from",
+        &file_url(&src),
+        "--to",
+        s3,
+        "--to",
+        &catalog,
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let snap2 = job["snapshot"].as_str().unwrap().to_string();
+    assert_eq!(
+        g.object_write_count() - before,
+        4 + 2,
+        "only changed objects"
+    );
+    assert_eq!(catalog_files(&db, &snap2), tree_digest(&src, &[]));
+    let heads = db.psql(
+        "catalog",
+        "SELECT head_snapshot, max_fencing_token FROM bitclone_datasets",
+    );
+    assert!(heads.starts_with(&snap2), "{heads}");
+
+    // Restore from S3 + the catalog into an empty dir: byte-identical, modes kept.
+    let out = tmp.path().join("restored");
+    let r = restore(
+        &g,
+        &["--from", s3, "--catalog", &catalog, out.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(summary["snapshot"], snap2.as_str());
+    assert_eq!(summary["catalog_checked"], true);
+    assert_same_tree(&src, &out, true, &[]);
+
+    // The restore refuses a snapshot that was never committed there.
+    let r = restore(
+        &g,
+        &[
+            "--from",
+            s3,
+            "--snapshot",
+            &"0".repeat(64),
+            tmp.path().join("none").to_str().unwrap(),
+        ],
+    );
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not found"));
+
+    // S3 as a source: the objects stream through the chunker into a new
+    // dataset and out to a directory, identical to the tree.
+    let copy = tmp.path().join("copy");
+    let job = node.json(&[
+        "clone",
+        "--from",
+        "s3://clones/team/ds",
+        "--to",
+        &file_url(&copy),
+        "--dataset",
+        "from-s3",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    assert_same_tree(&src, &copy, false, &[".bitclone"]);
+    // S3 → S3: a second run finds every object unchanged on the destination.
+    let s3_copy = |node: &TestNode| {
+        node.json(&[
+            "clone",
+            "--from",
+            "s3://clones/team/ds",
+            "--to",
+            "s3://clones/mirror",
+            "--dataset",
+            "s3-copy",
+            "--wait",
+        ])
+    };
+    assert_eq!(s3_copy(&node)["state"], "Succeeded");
+    let before = g.object_write_count();
+    assert_eq!(s3_copy(&node)["state"], "Succeeded");
+    assert_eq!(
+        g.object_write_count() - before,
+        2,
+        "only the manifest and the commit record"
+    );
+}
+
+#[test]
+fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
+    let g = garage();
+    g.create_bucket("real-bucket");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    generate_tree(&src, 3, 5, 0);
+    let env = s3_env(&g);
+    let node = TestNode::start_with(&tmp.path().join("n"), &env_refs(&env));
+    // The job ends Failed, so `clone --wait` would exit non-zero: submit,
+    // watch to the end, then read the job.
+    let clone = |node: &TestNode, to: &str, ds: &str| {
+        let id = node
+            .ok(&[
+                "clone",
+                "--from",
+                &file_url(&src),
+                "--to",
+                to,
+                "--dataset",
+                ds,
+                "--max-attempts",
+                "2",
+            ])
+            .trim()
+            .to_string();
+        node.cli(&["job", &id, "--watch"]);
+        node.json(&["job", &id])
+    };
+
+    // A bucket that does not exist: permanent, one attempt.
+    let j = clone(&node, "s3://no-such-bucket/x", "a");
+    assert_eq!(j["state"], "Failed", "{j}");
+    assert_eq!(j["attempts"], 1, "not retried: {j}");
+    let err = j["last_error"].as_str().unwrap();
+    assert!(err.contains("no-such-bucket"), "{err}");
+
+    // An unreachable Postgres: a clear error after the retries.
+    let port = free_port();
+    let j = clone(
+        &node,
+        &format!("postgres://postgres@127.0.0.1:{port}/x"),
+        "b",
+    );
+    assert_eq!(j["state"], "Failed", "{j}");
+    let err = j["last_error"].as_str().unwrap();
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+    drop(node);
+
+    // Wrong credentials: permanent, and nothing committed in the bucket.
+    let mut env = s3_env(&g);
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "0".repeat(64);
+        }
+    }
+    let node = TestNode::start_with(&tmp.path().join("n2"), &env_refs(&env));
+    let j = clone(&node, "s3://real-bucket/x", "c");
+    assert_eq!(j["state"], "Failed", "{j}");
+    assert_eq!(j["attempts"], 1, "not retried: {j}");
+    let err = j["last_error"].as_str().unwrap();
+    assert!(err.contains("credentials"), "{err}");
+    let t = target(&g, "s3://real-bucket/x");
+    assert!(rt().block_on(export::latest_commit(&t)).unwrap().is_none());
+}
+
+#[test]
+fn killing_the_holder_mid_upload_leaves_exactly_one_commit_in_each_sink() {
+    let g = garage();
+    g.create_bucket("failover");
+    let db = pg();
+    db.create_database("catalog");
+    let catalog = db.url("catalog");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut env = s3_env(&g);
+    // Slow enough per file that the kill lands in the middle of the upload.
+    env.push(("BITCLONE_FAULT_EXPORT_FILE_DELAY_MS".into(), "150".into()));
+    let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env_refs(&env));
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 40, 1);
+    let s3 = "s3://failover/ds";
+    let id = c
+        .node(1)
+        .ok(&[
+            "clone",
+            "--from",
+            &file_url(&src),
+            "--to",
+            s3,
+            "--to",
+            &catalog,
+            "--dataset",
+            "fo",
+        ])
+        .trim()
+        .to_string();
+    let job = |c: &TestCluster, via: u64| -> Option<serde_json::Value> {
+        let out = c.nodes.get(&via)?.cli(&["--json", "job", &id]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    };
+    // Wait until the holder is uploading (some files done, not all).
+    let mut holder = 0;
+    c.wait_for("the upload to be under way", 120, |c| {
+        let Some(j) = job(c, 1) else { return false };
+        holder = j["lease_holder"].as_u64().unwrap_or(0);
+        let p = &j["progress"];
+        holder != 0
+            && p["phase"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("writing s3://")
+            && p["files_done"].as_u64().unwrap_or(0) > 0
+    });
+    let via = (1..=3).find(|n| *n != holder).unwrap();
+    let killed = Instant::now();
+    c.kill9(holder);
+    c.wait_for("the job to succeed on another node", 180, |c| {
+        job(c, via).is_some_and(|j| j["state"] == "Succeeded")
+    });
+    let j = job(&c, via).unwrap();
+    println!(
+        "holder {holder} killed mid-upload; job done after {:.1} s with token {}",
+        killed.elapsed().as_secs_f64(),
+        j["fencing_token"]
+    );
+    let snap = j["snapshot"].as_str().unwrap().to_string();
+
+    // The bucket: one commit record (the new holder's), and exactly the
+    // snapshot's files.
+    let t = target(&g, s3);
+    let rt = rt();
+    let commits = rt.block_on(export::list_commits(&t)).unwrap();
+    assert_eq!(commits.len(), 1, "{commits:?}");
+    assert_eq!(commits[0].1, snap);
+    assert_eq!(commits[0].0, j["fencing_token"].as_u64().unwrap());
+    let out = tmp.path().join("restored");
+    let r = restore(
+        &g,
+        &["--from", s3, "--catalog", &catalog, out.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_same_tree(&src, &out, true, &[]);
+    let objects = rt
+        .block_on(async {
+            use futures::TryStreamExt;
+            t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
+        })
+        .unwrap()
+        .into_iter()
+        .filter(|m| !m.location.as_ref().contains("/.bitclone/"))
+        .count();
+    assert_eq!(objects, tree_digest(&src, &[]).len(), "no stray objects");
+    // The catalog: exactly one row set.
+    assert_eq!(
+        db.psql(
+            "catalog",
+            "SELECT count(*), min(id) FROM bitclone_snapshots"
+        )
+        .trim(),
+        format!("1|{snap}")
+    );
+    assert_eq!(catalog_files(&db, &snap), tree_digest(&src, &[]));
+}
