@@ -221,11 +221,21 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
         "--from",
         "snapshot://real",
         "--to",
-        "s3://bucket/p",
+        "s3://bucket/p?bogus=1",
         "--dataset",
         "real",
     ]);
-    assert!(e.contains("destination"), "{e}");
+    assert!(e.contains("unknown option bogus=1"), "{e}");
+    let e = node.fails(&[
+        "clone",
+        "--from",
+        "snapshot://real",
+        "--to",
+        "mysql://h/db",
+        "--dataset",
+        "real",
+    ]);
+    assert!(e.contains("supported: s3://, file://, postgres://"), "{e}");
 
     // The dataset is untouched by all of this.
     let snaps = node.json(&["snapshots", "--dataset", "real"]);

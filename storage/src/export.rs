@@ -198,7 +198,7 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
             })
         }
         other => Err(Error::InvalidArgument(format!(
-            "sink {url:?}: scheme {other}:// is not an object store (supported: s3://, file://)"
+            "sink {url:?}: scheme {other}:// is not a sink (supported: s3://, file://, postgres://)"
         ))),
     }
 }
