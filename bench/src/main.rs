@@ -3,8 +3,10 @@
 //!
 //! Steps, in this order (restic must back up the original tree before the edit):
 //! generate → `cp -r` baseline → restic cold backup → bitclone cold put →
-//! edit → bitclone incremental put → restic incremental backup → optional
-//! restore + verify. One JSON object goes to stdout; progress lines to stderr.
+//! [--s3: export the snapshot to a local Garage, and `rclone copy` the tree to
+//! it] → edit → bitclone incremental put → [--s3: both again] → restic
+//! incremental backup → optional restore + verify. One JSON object goes to
+//! stdout; progress lines to stderr.
 //!
 //! The dataset is deterministic for a given `--seed`, `--size`, `--files`,
 //! `--dup` and `--edit`. File contents are random bytes (incompressible), so
@@ -21,6 +23,9 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
+
+#[path = "../../storage/tests/servers/mod.rs"]
+mod servers;
 
 const KIB: u64 = 1024;
 /// Smallest generated file.
@@ -80,6 +85,11 @@ struct Args {
     /// Also restore the final snapshot with `bitclone get` and check it byte for byte.
     #[arg(long)]
     verify: bool,
+    /// Also export each snapshot to a Garage S3 server on loopback (started
+    /// here; scripts/install-garage.sh installs it) and time `rclone copy` of
+    /// the same tree to the same Garage.
+    #[arg(long)]
+    s3: bool,
 }
 
 /// Parses `1GiB`, `512MiB`, `1.5GB`, `4096`.
@@ -427,15 +437,16 @@ struct Node {
 }
 
 impl Node {
-    fn start(bin: &Path, dir: &Path, log: &Path) -> Result<Node> {
+    fn start(bin: &Path, dir: &Path, log: &Path, env: &[(String, String)]) -> Result<Node> {
         fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
         let log_file = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let child = Command::new(bin)
+        let child = without_aws(&mut Command::new(bin))
             .arg("node")
             .arg("--data-dir")
             .arg(dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -551,6 +562,114 @@ fn put(bin: &Path, endpoint: &str, src: &Path) -> Result<(Value, f64)> {
     Ok((parse_json_output(&out.stdout)?, wall))
 }
 
+/// A Garage server for the `--s3` comparison, with a bucket for each tool.
+struct S3Bench {
+    garage: servers::Garage,
+    rclone_version: String,
+}
+
+impl S3Bench {
+    fn start() -> Result<S3Bench> {
+        if !servers::Garage::available() {
+            bail!("--s3: garage is not installed; run scripts/install-garage.sh");
+        }
+        let out = Command::new("rclone")
+            .arg("version")
+            .output()
+            .context("--s3: rclone not found (apt-get install rclone)")?;
+        let rclone_version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let garage = servers::Garage::start();
+        garage.create_bucket("bench-bitclone");
+        garage.create_bucket("bench-rclone");
+        Ok(S3Bench {
+            garage,
+            rclone_version,
+        })
+    }
+
+    /// One round: export the dataset's head to Garage with a clone job, then
+    /// `rclone copy` the same tree to Garage; both timed, objects counted.
+    fn round(
+        &self,
+        bin: &Path,
+        endpoint: &str,
+        src: &Path,
+        label: &str,
+        p: &Progress,
+    ) -> Result<Value> {
+        let g = &self.garage;
+        let writes = || g.object_write_count();
+        let w0 = writes();
+        let t = Instant::now();
+        run_checked(
+            Command::new(bin)
+                .arg("--endpoint")
+                .arg(endpoint)
+                .arg("--json")
+                .args(["clone", "--from", "snapshot://bench", "--dataset", DATASET])
+                .args(["--to", "s3://bench-bitclone/tree?mirror=true", "--wait"]),
+            "bitclone clone to s3",
+        )?;
+        let bitclone_s = secs(t.elapsed());
+        let w1 = writes();
+        let t = Instant::now();
+        run_checked(
+            without_aws(&mut Command::new("rclone"))
+                .args(["copy", "--config", "/dev/null"])
+                .arg(src)
+                .arg("garage:bench-rclone/tree")
+                .envs(self.rclone_env()),
+            "rclone copy",
+        )?;
+        let rclone_s = secs(t.elapsed());
+        let w2 = writes();
+        p.say(&format!(
+            "s3 {label}: bitclone export {bitclone_s:.2} s ({} object writes), rclone copy {rclone_s:.2} s ({} object writes)",
+            w1 - w0,
+            w2 - w1
+        ));
+        Ok(json!({
+            "bitclone_export_seconds": r3(bitclone_s),
+            "bitclone_object_writes": w1 - w0,
+            "rclone_copy_seconds": r3(rclone_s),
+            "rclone_object_writes": w2 - w1,
+            "ratio_rclone_over_bitclone": r3(rclone_s / bitclone_s),
+        }))
+    }
+
+    /// rclone's remote `garage:` from the environment, with nothing inherited.
+    fn rclone_env(&self) -> Vec<(String, String)> {
+        let g = &self.garage;
+        [
+            ("TYPE", "s3".to_string()),
+            ("PROVIDER", "Other".to_string()),
+            ("ACCESS_KEY_ID", g.access_key().to_string()),
+            ("SECRET_ACCESS_KEY", g.secret_key().to_string()),
+            ("ENDPOINT", g.endpoint()),
+            ("REGION", g.region().to_string()),
+            ("FORCE_PATH_STYLE", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("RCLONE_CONFIG_GARAGE_{k}"), v))
+        .collect()
+    }
+}
+
+/// The S3 settings of the node and rclone come from the bench only, never
+/// from the caller's AWS_* variables (this machine sets AWS_CA_BUNDLE).
+fn without_aws(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 fn restic_available() -> bool {
     Command::new("restic")
         .arg("version")
@@ -648,8 +767,19 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     }
 
     // 4. bitclone, cold
+    let garage = if args.s3 {
+        let g = S3Bench::start()?;
+        p.say(&format!("garage serving S3 at {}", g.garage.endpoint()));
+        Some(g)
+    } else {
+        None
+    };
+    let node_env = garage
+        .as_ref()
+        .map(|g| g.garage.env_vars())
+        .unwrap_or_default();
     let node_dir = work.join("node");
-    let mut node = Node::start(bin, &node_dir, &work.join("node.log"))?;
+    let mut node = Node::start(bin, &node_dir, &work.join("node.log"), &node_env)?;
     p.say(&format!("node {} serving at {}", node.pid, node.endpoint));
     let (cold, cold_s) = put(bin, &node.endpoint, &src)?;
     let cold_bytes = get_u64(&cold, "bytes")?;
@@ -659,6 +789,11 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
         "bitclone cold put: {cold_s:.2} s, {:.1} MB/s, {cold_bytes} bytes, {cold_new} new",
         mb_s(cold_bytes, cold_s)
     ));
+
+    let s3_cold = match &garage {
+        Some(g) => Some(g.round(bin, &node.endpoint, &src, "cold", p)?),
+        None => None,
+    };
 
     // 5. edit, then bitclone incremental
     let edited = edit_files(&plan, &src, args.edit, &mut rng)?;
@@ -670,6 +805,14 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     p.say(&format!(
         "bitclone incremental put: {inc_s:.2} s, {inc_new} new bytes"
     ));
+
+    let s3_out = match (&garage, s3_cold) {
+        (Some(g), Some(cold)) => {
+            let inc = g.round(bin, &node.endpoint, &src, "incremental", p)?;
+            json!({ "cold": cold, "incremental": inc, "rclone": g.rclone_version })
+        }
+        _ => Value::Null,
+    };
 
     // 6. restic, incremental
     let restic_out = match restic_cold {
@@ -754,6 +897,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
             "edited_files": edited,
         },
         "restic": restic_out,
+        "s3": s3_out,
         "restore": restore_out,
         "node_peak_rss_bytes": rss,
         "store_bytes": store_bytes,
