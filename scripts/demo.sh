@@ -3,9 +3,12 @@
 #   1. start `bitclone node` on a free loopback port
 #   2. generate a deterministic ~150 MiB sample dataset (200 files, nested dirs)
 #   3. put it, modify a little of it, put it again (only the changes are stored)
-#   4. clone the latest snapshot to a local directory (file:// sink)
-#   5. restore it with `bitclone get`
-#   6. check restore and export are byte-identical to the modified source
+#   4. clone the latest snapshot to the sinks: a local object-store directory
+#      (the S3 stand-in, file://…?mirror=true) and, when the machine has
+#      Postgres binaries, a catalog in a throwaway Postgres server
+#   5. restore it with `bitclone get`, and off-cluster with `bitclone restore`
+#      from the sinks alone
+#   6. check every restore and the export are byte-identical to the source
 #
 # usage: scripts/demo.sh PATH/TO/bitclone      (or simply: make demo)
 # Everything lives in .bitclone/demo/ under the repo, wiped at each run.
@@ -47,9 +50,19 @@ stop_node() {
     CLUSTER_UP=0
     "$BIN" dev down --data-dir "$CLUSTER_DIR" >/dev/null
 }
+PG_DIR=""
+PG_AS=()
+PG_BIN=""
+stop_pg() {
+    [[ -n "$PG_DIR" ]] || return 0
+    "${PG_AS[@]}" env -i PATH="$PATH" LANG=C "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true
+    rm -rf -- "$PG_DIR"
+    PG_DIR=""
+}
 cleanup() {
     local status=$?
     stop_node || true
+    stop_pg || true
     if ((status != 0)) && [[ -f "$NODE_LOG" ]]; then
         echo "demo: last lines of $NODE_LOG:" >&2
         tail -n 30 "$NODE_LOG" >&2 || true
@@ -220,6 +233,36 @@ print(files, total)
 PY
 }
 
+# start_pg : a throwaway Postgres for the catalog sink, if the machine has the
+# binaries; sets CATALOG. Postgres refuses to run as root: as root it runs as
+# `nobody`, in a private directory under /tmp that nobody can reach.
+CATALOG=""
+start_pg() {
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [[ -z "$PG_BIN" || ! -x "$PG_BIN/initdb" ]]; then
+        say "no Postgres binaries (/usr/lib/postgresql/*/bin): skipping the catalog sink"
+        return 0
+    fi
+    PG_DIR=$(mktemp -d /tmp/bitclone-demo-pg.XXXXXX)
+    if [[ "$(id -u)" == 0 ]]; then
+        command -v setpriv >/dev/null || die "setpriv (util-linux) is needed to run Postgres as nobody"
+        chown nobody:nogroup "$PG_DIR"
+        PG_AS=(setpriv --reuid=nobody --regid=nogroup --clear-groups)
+    fi
+    chmod 700 "$PG_DIR"
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "${PG_AS[@]}" env -i PATH="$PATH" LANG=C "$PG_BIN/initdb" -A trust -U postgres --no-sync -E UTF8 --locale=C -D "$PG_DIR/data" >"$W/initdb.log" 2>&1 ||
+        die "initdb failed (see $W/initdb.log)"
+    "${PG_AS[@]}" env -i PATH="$PATH" LANG=C "$PG_BIN/pg_ctl" -w -t 60 -D "$PG_DIR/data" -l "$PG_DIR/data/log" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $PG_DIR/data -c fsync=off" start >/dev/null ||
+        die "Postgres did not start: $(tail -n 5 "$PG_DIR/data/log" 2>/dev/null)"
+    "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE demo" >/dev/null ||
+        die "CREATE DATABASE failed"
+    CATALOG="postgres://postgres@127.0.0.1:$port/demo"
+    say "Postgres $("$PG_BIN/postgres" --version | awk '{print $3}') for the catalog sink at $CATALOG"
+}
+
 # ================================================================ the demo
 say "work dir $W (wiped)"
 rm -rf -- "$W"
@@ -267,11 +310,14 @@ fi
 say "snapshots of dataset $DATASET:"
 cli snapshots --dataset "$DATASET" || say "WARNING: 'bitclone snapshots' failed"
 
-# 3. clone the latest snapshot to a directory
+# 3. clone the latest snapshot to the sinks
+start_pg
 mkdir -p "$EXPORT"
-say "clone: bitclone clone --from snapshot://$DATASET --to file://$EXPORT --dataset $DATASET --wait"
+SINKS=(--to "file://$EXPORT?mirror=true")
+[[ -z "$CATALOG" ]] || SINKS+=(--to "$CATALOG")
+say "clone: bitclone clone --from snapshot://$DATASET ${SINKS[*]} --dataset $DATASET --wait"
 t=$(now)
-run clone --json clone --from "snapshot://$DATASET" --to "file://$EXPORT" --dataset "$DATASET" --wait
+run clone --json clone --from "snapshot://$DATASET" "${SINKS[@]}" --dataset "$DATASET" --wait
 wall_clone=$(since "$t")
 { read -r job_id; read -r job_state; read -r job_snap; read -r job_err; read -r job_attempts; } < <(jfields "$OUT" id state snapshot last_error attempts)
 say "clone job $job_id: $job_state (snapshot $job_snap, attempts $job_attempts) in $wall_clone s"
@@ -289,9 +335,21 @@ if [[ "$get_snap" != "-" && "$snap2" != "-" && "$get_snap" != "$snap2" ]]; then
     die "get without --snapshot restored $get_snap, not the latest snapshot $snap2"
 fi
 
-# 5. verify
+# 5. the operators' drill: restore from the sinks alone, no cluster involved
+SINK_RESTORE="$W/restore-from-sinks"
+DRILL=(restore --from "file://$EXPORT")
+[[ -z "$CATALOG" ]] || DRILL+=(--catalog "$CATALOG")
+say "off-cluster restore: bitclone ${DRILL[*]} $SINK_RESTORE"
+"$BIN" "${DRILL[@]}" "$SINK_RESTORE" || die "bitclone restore from the sinks failed"
+if [[ -n "$CATALOG" ]]; then
+    rows=$("$PG_BIN/psql" -X -At "$CATALOG" -c "SELECT count(*) FROM bitclone_entries WHERE snapshot = '$snap2'")
+    say "catalog: snapshot $snap2 has $rows entry rows in bitclone_entries"
+fi
+
+# 6. verify
 verify restore "$RESTORE"
 verify export "$EXPORT"
+verify restore-from-sinks "$SINK_RESTORE"
 
 say "node stats:"
 cli stats || say "WARNING: 'bitclone stats' failed"
@@ -311,4 +369,5 @@ printf '%-14s %7s %10s %12s %9s %9s\n' "put #1" "$files1" "$(mb "$bytes1")" "$(m
 printf '%-14s %7s %10s %12s %9s %9s\n' "put #2" "$files2" "$(mb "$bytes2")" "$(mb "$new2") ($(pct "$new2" "$bytes2"))" "$(f2 "$secs2")" "$(mbps "$bytes2" "$secs2")"
 printf '%-14s %7s %10s %12s %9s %9s\n' "restore" "$get_files" "$(mb "$get_bytes")" "-" "$(f2 "$get_secs")" "$(mbps "$get_bytes" "$get_secs")"
 printf '%-14s %s\n' "clone job" "$job_state in $wall_clone s (attempts $job_attempts) -> file://$EXPORT"
-printf '%-14s %s\n' "verification" "OK: restore and export byte-identical to the modified source ($mod_files files)"
+printf '%-14s %s\n' "sinks" "file://$EXPORT (S3 stand-in)${CATALOG:+ and the Postgres catalog $CATALOG}"
+printf '%-14s %s\n' "verification" "OK: get, export and off-cluster restore byte-identical to the modified source ($mod_files files)"

@@ -562,9 +562,12 @@ fn put(bin: &Path, endpoint: &str, src: &Path) -> Result<(Value, f64)> {
     Ok((parse_json_output(&out.stdout)?, wall))
 }
 
-/// A Garage server for the `--s3` comparison, with a bucket for each tool.
+/// Garage servers for the `--s3` comparison: one per tool, because Garage
+/// deduplicates blocks across buckets, so whichever tool went second to a
+/// shared server would find its data already stored.
 struct S3Bench {
     garage: servers::Garage,
+    rclone_garage: servers::Garage,
     rclone_version: String,
 }
 
@@ -584,26 +587,38 @@ impl S3Bench {
             .to_string();
         let garage = servers::Garage::start();
         garage.create_bucket("bench-bitclone");
-        garage.create_bucket("bench-rclone");
+        let rclone_garage = servers::Garage::start();
+        rclone_garage.create_bucket("bench-rclone");
         Ok(S3Bench {
             garage,
+            rclone_garage,
             rclone_version,
         })
     }
 
-    /// One round: export the dataset's head to Garage with a clone job, then
-    /// `rclone copy` the same tree to Garage; both timed, objects counted.
+    /// One round: export the dataset's head to one Garage with a clone job,
+    /// then `rclone copy` the same tree to the other; both timed, object
+    /// writes and CPU seconds counted.
     fn round(
         &self,
         bin: &Path,
-        endpoint: &str,
+        (endpoint, node_pid): (&str, u32),
         src: &Path,
         label: &str,
         p: &Progress,
     ) -> Result<Value> {
-        let g = &self.garage;
-        let writes = || g.object_write_count();
+        let (g, rg) = (&self.garage, &self.rclone_garage);
+        let writes = || g.object_write_count() + rg.object_write_count();
+        let cpu = || -> Result<[f64; 4]> {
+            Ok([
+                proc_cpu_seconds(g.pid(), false)?,
+                proc_cpu_seconds(node_pid, false)?,
+                proc_cpu_seconds(std::process::id(), true)?,
+                proc_cpu_seconds(rg.pid(), false)?,
+            ])
+        };
         let w0 = writes();
+        let c0 = cpu()?;
         let t = Instant::now();
         run_checked(
             Command::new(bin)
@@ -616,6 +631,7 @@ impl S3Bench {
         )?;
         let bitclone_s = secs(t.elapsed());
         let w1 = writes();
+        let c1 = cpu()?;
         let t = Instant::now();
         run_checked(
             without_aws(&mut Command::new("rclone"))
@@ -627,23 +643,33 @@ impl S3Bench {
         )?;
         let rclone_s = secs(t.elapsed());
         let w2 = writes();
+        let c2 = cpu()?;
         p.say(&format!(
-            "s3 {label}: bitclone export {bitclone_s:.2} s ({} object writes), rclone copy {rclone_s:.2} s ({} object writes)",
+            "s3 {label}: bitclone export {bitclone_s:.2} s ({} object writes; CPU s: node {:.1}, garage {:.1}), \
+             rclone copy {rclone_s:.2} s ({} object writes; CPU s: rclone {:.1}, garage {:.1})",
             w1 - w0,
-            w2 - w1
+            c1[1] - c0[1],
+            c1[0] - c0[0],
+            w2 - w1,
+            c2[2] - c1[2],
+            c2[3] - c1[3],
         ));
         Ok(json!({
             "bitclone_export_seconds": r3(bitclone_s),
             "bitclone_object_writes": w1 - w0,
+            "bitclone_node_cpu_seconds": r3(c1[1] - c0[1]),
+            "garage_cpu_seconds_for_bitclone": r3(c1[0] - c0[0]),
             "rclone_copy_seconds": r3(rclone_s),
             "rclone_object_writes": w2 - w1,
+            "rclone_cpu_seconds": r3(c2[2] - c1[2]),
+            "garage_cpu_seconds_for_rclone": r3(c2[3] - c1[3]),
             "ratio_rclone_over_bitclone": r3(rclone_s / bitclone_s),
         }))
     }
 
     /// rclone's remote `garage:` from the environment, with nothing inherited.
     fn rclone_env(&self) -> Vec<(String, String)> {
-        let g = &self.garage;
+        let g = &self.rclone_garage;
         [
             ("TYPE", "s3".to_string()),
             ("PROVIDER", "Other".to_string()),
@@ -657,6 +683,36 @@ impl S3Bench {
         .map(|(k, v)| (format!("RCLONE_CONFIG_GARAGE_{k}"), v))
         .collect()
     }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat; with
+/// `children`, those of its waited-for children instead.
+fn proc_cpu_seconds(pid: u32, children: bool) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14..17 of stat: 11..14 here.
+    let at = if children { 13 } else { 11 };
+    let ticks: f64 = f
+        .get(at..at + 2)
+        .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
+        .iter()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Ok(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// The S3 settings of the node and rclone come from the bench only, never
@@ -791,7 +847,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     ));
 
     let s3_cold = match &garage {
-        Some(g) => Some(g.round(bin, &node.endpoint, &src, "cold", p)?),
+        Some(g) => Some(g.round(bin, (&node.endpoint, node.pid), &src, "cold", p)?),
         None => None,
     };
 
@@ -808,7 +864,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
 
     let s3_out = match (&garage, s3_cold) {
         (Some(g), Some(cold)) => {
-            let inc = g.round(bin, &node.endpoint, &src, "incremental", p)?;
+            let inc = g.round(bin, (&node.endpoint, node.pid), &src, "incremental", p)?;
             json!({ "cold": cold, "incremental": inc, "rclone": g.rclone_version })
         }
         _ => Value::Null,

@@ -15,7 +15,7 @@
 //! highest committed one is refused before it writes anything and again just
 //! before it commits ([`Error::Fenced`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -481,9 +481,27 @@ pub async fn upload_snapshot(
         store: &store,
         tenant: &manifest.tenant,
         target,
-        existing: &existing,
         cancel: &cancel,
     };
+    // Which objects already hold their file's bytes: checked up front, with
+    // more requests in flight than uploads (a check is one small request).
+    let unchanged: HashSet<usize> = futures::stream::iter(
+        manifest
+            .entries
+            .iter()
+            .enumerate()
+            .skip(from.next_entry)
+            .filter(|(_, e)| e.kind == EntryKind::File && existing.get(&e.path) == Some(&e.size)),
+    )
+    .map(|(i, e)| {
+        let ctx = &ctx;
+        async move { Ok::<_, Error>(ctx.holds(e).await?.then_some(i)) }
+    })
+    .buffer_unordered((target.concurrency * 4).min(64))
+    .try_filter_map(|i| async move { Ok(i) })
+    .boxed()
+    .try_collect()
+    .await?;
     let mut at = from;
     // `buffered` keeps results in order: the checkpoint is a watermark below
     // which every entry is done, while up to `concurrency` run at once.
@@ -495,7 +513,8 @@ pub async fn upload_snapshot(
             .skip(from.next_entry)
             .map(|(i, e)| {
                 let ctx = &ctx;
-                async move { ctx.write_entry(e).await.map(|w| (i, e, w)) }
+                let skip = unchanged.contains(&i);
+                async move { ctx.write_entry(e, skip).await.map(|w| (i, e, w)) }
             }),
     )
     .buffered(target.concurrency)
@@ -603,26 +622,20 @@ struct Ctx<'a> {
     store: &'a Arc<dyn ChunkStore>,
     tenant: &'a str,
     target: &'a Target,
-    existing: &'a HashMap<String, u64>,
     cancel: &'a AtomicBool,
 }
 
 impl Ctx<'_> {
     /// Writes one entry's object unless it already holds the same bytes.
     /// Returns whether it wrote.
-    async fn write_entry(&self, e: &Entry) -> Result<bool> {
+    async fn write_entry(&self, e: &Entry, unchanged: bool) -> Result<bool> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        if e.kind != EntryKind::File {
+        if e.kind != EntryKind::File || unchanged {
             return Ok(false);
         }
         let location = join(&self.target.prefix, &e.path)?;
-        if self.existing.get(&e.path) == Some(&e.size)
-            && self.stored_blake3(&location).await? == Some(e.blake3)
-        {
-            return Ok(false);
-        }
         let mut attributes = Attributes::new();
         if self.target.local_root.is_none() {
             attributes.insert(
@@ -653,6 +666,12 @@ impl Ctx<'_> {
             self.put_multipart(&e.chunks, &location, attributes).await?;
         }
         Ok(true)
+    }
+
+    /// Whether the object for `e` already holds the file's bytes.
+    async fn holds(&self, e: &Entry) -> Result<bool> {
+        let location = join(&self.target.prefix, &e.path)?;
+        Ok(self.stored_blake3(&location).await? == Some(e.blake3))
     }
 
     /// The BLAKE3 the object at `location` holds: from its metadata on S3, by

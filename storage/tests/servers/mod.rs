@@ -952,6 +952,11 @@ admin_token = "{admin_token}"
     }
 
     /// `http://127.0.0.1:<s3 port>`
+    /// Process id of the server (for CPU accounting in benches).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
     }
