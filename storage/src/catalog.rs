@@ -614,16 +614,17 @@ impl Failure {
         match self {
             Failure::Other(e) => e,
             Failure::Pg(e) | Failure::Pool(PoolError::Backend(e)) => {
+                let text = with_causes(&e);
                 if is_connection_error(&e) {
-                    Error::Unavailable(format!("postgres at {endpoint} is unreachable: {e}"))
+                    Error::Unavailable(format!("postgres at {endpoint} is unreachable: {text}"))
                 } else if is_transient(&e) {
                     Error::Unavailable(format!(
-                        "postgres at {endpoint}: {e} (gave up after {ATTEMPTS} attempts)"
+                        "postgres at {endpoint}: {text} (gave up after {ATTEMPTS} attempts)"
                     ))
                 } else {
                     Error::Sink {
                         sink: sink.to_owned(),
-                        detail: e.to_string(),
+                        detail: text,
                         permanent: e.code().is_none_or(|c| is_permanent_sqlstate(c.code())),
                     }
                 }
@@ -631,6 +632,22 @@ impl Failure {
             Failure::Pool(e) => Error::Unavailable(format!("postgres at {endpoint}: {e}")),
         }
     }
+}
+
+/// `e` and its causes: tokio-postgres puts the reason (a refused
+/// certificate, a refused connection) in the source, not the message.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Connection exceptions and server shutdown / start-up.
@@ -810,6 +827,13 @@ fn parse_url(url: &str) -> Result<Target> {
         return Err(bad("no host given"));
     }
     config.ssl_mode(mode);
+    // As libpq does: a password can stay out of the URL (and so out of job
+    // records and listings) in the process's PGPASSWORD.
+    if config.get_password().is_none() {
+        if let Some(p) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty()) {
+            config.password(p.as_encoded_bytes());
+        }
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }

@@ -527,3 +527,124 @@ async fn unreachable_postgres_is_a_clear_error() {
     let err = Catalog::connect("postgres://[bad").await.err().unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
+
+/// A CA and a server certificate for 127.0.0.1 made with the openssl CLI.
+fn tls_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bitclone test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_catalog_over_tls_when_the_url_asks() {
+    let server = pg();
+    server.create_database("catalog");
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, crt, key) = tls_files(certs.path());
+    server.enable_tls(&crt, &key);
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        server.url("catalog"),
+        ca.display()
+    );
+    let cat = Catalog::connect(&url).await.unwrap();
+    let rig = Rig::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a"), b"over tls").unwrap();
+    let (m, id) = rig.snapshot(src.path());
+    cat.commit(&CatalogCommit {
+        manifest: &m,
+        snapshot: &id,
+        job: "tls",
+        fencing_token: 1,
+    })
+    .await
+    .unwrap();
+    // The catalog's connections are encrypted (seen from the server's side).
+    let ssl = server.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.datname = 'catalog'",
+    );
+    assert_ne!(ssl.trim(), "0", "no TLS connection from the catalog");
+    // A server whose certificate does not chain to the given CA is refused.
+    let other = tempfile::tempdir().unwrap();
+    let (wrong_ca, _, _) = tls_files(other.path());
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        server.url("catalog"),
+        wrong_ca.display()
+    );
+    let err = Catalog::connect(&url).await.err().unwrap();
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}

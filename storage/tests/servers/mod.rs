@@ -527,6 +527,23 @@ impl PgServer {
         &self.data
     }
 
+    /// Turns TLS on with `cert` (PEM chain) and `key` (PEM private key):
+    /// copies them into the data dir, owned by the server's user, and
+    /// reloads the configuration (`ssl` needs no restart).
+    pub fn enable_tls(&self, cert: &Path, key: &Path) {
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = self.data.join(name);
+            fs::copy(from, &to).unwrap();
+            if self.as_nobody {
+                let (uid, gid) = nobody_ids().unwrap();
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+            }
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        self.psql("postgres", "ALTER SYSTEM SET ssl = on");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
