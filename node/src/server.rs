@@ -411,7 +411,7 @@ async fn run_leased(node: &Arc<Node>, cluster: &Arc<Cluster>, job: Job, token: u
         fence,
         stop.clone(),
         live.clone(),
-        Duration::from_millis(lease_ms / 3),
+        Duration::from_millis(lease_ms),
     ));
     let link = JobLink::Cluster {
         cluster: cluster.clone(),
@@ -462,8 +462,11 @@ async fn run_leased(node: &Arc<Node>, cluster: &Arc<Cluster>, job: Job, token: u
     }
 }
 
-/// Renews the lease while the job runs and publishes its checkpoint; stops
-/// the job when the lease is lost, the job is cancelled or the node stops.
+/// Renews the lease (every third of it) while the job runs and publishes
+/// its checkpoint; stops the job when the lease is lost, the job is
+/// cancelled or the node stops, and also when no renewal has succeeded for a
+/// whole lease: a holder cut off from the cluster (or paused) may already
+/// have been replaced, so it stops its own effects without waiting to hear.
 async fn heartbeat(
     node: Arc<Node>,
     cluster: Arc<Cluster>,
@@ -471,13 +474,25 @@ async fn heartbeat(
     fence: Fence,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<Live>>,
-    every: Duration,
+    lease: Duration,
 ) {
+    // The lease was granted just before this task started; a renewal's
+    // deadline counts from when its request was sent, at the earliest.
+    let mut renewed = std::time::Instant::now();
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(lease / 3).await;
         if node.jobs.is_shutting_down() {
             stop.store(true, Ordering::Release);
         }
+        if renewed.elapsed() >= lease {
+            tracing::warn!(
+                job = id,
+                "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
+            );
+            stop.store(true, Ordering::Release);
+            return;
+        }
+        let sent = std::time::Instant::now();
         let r = cluster
             .write(Command::RenewLease {
                 job: id.clone(),
@@ -485,15 +500,18 @@ async fn heartbeat(
             })
             .await;
         match r {
-            Ok(Response::Job(j)) if j.cancel_requested => {
-                stop.store(true, Ordering::Release);
+            Ok(Response::Job(j)) => {
+                renewed = sent;
+                if j.cancel_requested {
+                    stop.store(true, Ordering::Release);
+                }
             }
             Ok(Response::Err(e)) => {
                 tracing::warn!(job = id, error = %e, "lease lost; stopping the job");
                 stop.store(true, Ordering::Release);
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => renewed = sent,
             Err(e) => tracing::warn!(job = id, error = %e, "lease renewal failed"),
         }
         let publish = {

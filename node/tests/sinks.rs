@@ -291,6 +291,24 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
 
 #[test]
 fn killing_the_holder_mid_upload_leaves_exactly_one_commit_in_each_sink() {
+    holder_lost_mid_upload(Fault::Kill);
+}
+
+#[test]
+fn a_holder_paused_mid_upload_is_fenced_out_of_both_sinks() {
+    holder_lost_mid_upload(Fault::Pause);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// SIGKILL: the holder is gone.
+    Kill,
+    /// SIGSTOP until another node has finished the job, then SIGCONT: a
+    /// zombie that wakes up holding a superseded lease.
+    Pause,
+}
+
+fn holder_lost_mid_upload(fault: Fault) {
     let g = garage();
     g.create_bucket("failover");
     let db = pg();
@@ -340,16 +358,37 @@ fn killing_the_holder_mid_upload_leaves_exactly_one_commit_in_each_sink() {
     });
     let via = (1..=3).find(|n| *n != holder).unwrap();
     let killed = Instant::now();
-    c.kill9(holder);
+    let signal = |pid: u32, sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let paused = c.node(holder).pid();
+    match fault {
+        Fault::Kill => c.kill9(holder),
+        Fault::Pause => signal(paused, "-STOP"),
+    }
     c.wait_for("the job to succeed on another node", 180, |c| {
         job(c, via).is_some_and(|j| j["state"] == "Succeeded")
     });
     let j = job(&c, via).unwrap();
     println!(
-        "holder {holder} killed mid-upload; job done after {:.1} s with token {}",
+        "holder {holder} {fault:?} mid-upload; job done after {:.1} s with token {}",
         killed.elapsed().as_secs_f64(),
         j["fencing_token"]
     );
+    if fault == Fault::Pause {
+        // The zombie wakes, finds no renewal for a whole lease and stops
+        // before it can commit anywhere.
+        signal(paused, "-CONT");
+        c.wait_for("the woken holder to stop its attempt", 60, |c| {
+            let log = c.node(holder).log_text();
+            log.contains("no lease renewal for a whole lease") || log.contains("lease lost")
+        });
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
     let snap = j["snapshot"].as_str().unwrap().to_string();
 
     // The bucket: one commit record (the new holder's), and exactly the
