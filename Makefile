@@ -30,7 +30,8 @@ BENCH_OUT  ?= .bitclone/bench.json
 # the S3 client and the CLI would otherwise pick up.
 TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u AWS_SESSION_TOKEN -u AWS_ENDPOINT -u AWS_REGION -u AWS_DEFAULT_REGION \
-	-u AWS_PROFILE -u BITCLONE_ENDPOINT -u BITCLONE_TENANT
+	-u AWS_PROFILE -u AWS_ENDPOINT_URL -u AWS_ENDPOINT_URL_S3 -u BITCLONE_ENDPOINT \
+	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
 .PHONY: help deps deps-bench test build fmt clippy demo bench bench-cluster bench-transport clean-cache

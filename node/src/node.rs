@@ -673,15 +673,7 @@ impl Node {
                         Ok(builder)
                     })
                     .await?;
-                let (manifest, stats) = builder.finish(now_ms())?;
-                let record = self
-                    .commit_manifest(manifest, link.fenced_by(&job.id))
-                    .await?;
-                self.bytes_ingested
-                    .fetch_add(stats.bytes, Ordering::Relaxed);
-                self.bytes_stored
-                    .fetch_add(stats.new_bytes, Ordering::Relaxed);
-                record.id.parse()
+                self.commit_ingested(builder, job, link).await
             }
             Source::Objects(target) => {
                 let (builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
@@ -706,15 +698,7 @@ impl Node {
                     },
                 )
                 .await?;
-                let (manifest, stats) = builder.finish(now_ms())?;
-                let record = self
-                    .commit_manifest(manifest, link.fenced_by(&job.id))
-                    .await?;
-                self.bytes_ingested
-                    .fetch_add(stats.bytes, Ordering::Relaxed);
-                self.bytes_stored
-                    .fetch_add(stats.new_bytes, Ordering::Relaxed);
-                record.id.parse()
+                self.commit_ingested(builder, job, link).await
             }
             Source::Snapshot { dataset, snapshot } => {
                 let (id, manifest) = self
@@ -735,6 +719,26 @@ impl Node {
                 record.id.parse()
             }
         }
+    }
+}
+
+impl Node {
+    /// Commits what an ingest built, fenced by the job's lease, and counts it.
+    async fn commit_ingested(
+        &self,
+        builder: SnapshotBuilder,
+        job: &Job,
+        link: &JobLink,
+    ) -> Result<SnapshotId, StoreError> {
+        let (manifest, stats) = builder.finish(now_ms())?;
+        let record = self
+            .commit_manifest(manifest, link.fenced_by(&job.id))
+            .await?;
+        self.bytes_ingested
+            .fetch_add(stats.bytes, Ordering::Relaxed);
+        self.bytes_stored
+            .fetch_add(stats.new_bytes, Ordering::Relaxed);
+        record.id.parse()
     }
 }
 

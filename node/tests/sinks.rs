@@ -110,19 +110,23 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 60, 1);
     let s3 = "s3://clones/team/ds?mirror=true";
+    let clone_to_both = |node: &TestNode| {
+        let from = file_url(&src);
+        node.json(&[
+            "clone",
+            "--from",
+            &from,
+            "--to",
+            s3,
+            "--to",
+            &catalog,
+            "--dataset",
+            "ds",
+            "--wait",
+        ])
+    };
 
-    let job = node.json(&[
-        "clone",
-        "--from",
-        &file_url(&src),
-        "--to",
-        s3,
-        "--to",
-        &catalog,
-        "--dataset",
-        "ds",
-        "--wait",
-    ]);
+    let job = clone_to_both(&node);
     assert_eq!(job["state"], "Succeeded", "{job}");
     let snap1 = job["snapshot"].as_str().unwrap().to_string();
     // Every row: the catalog has each file with its BLAKE3 and mode.
@@ -132,18 +136,7 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     // (plus the manifest and the commit record), 1 deleted.
     edit_tree(&src);
     let before = g.object_write_count();
-    let job = node.json(&[
-        "clone",
-        "--from",
-        &file_url(&src),
-        "--to",
-        s3,
-        "--to",
-        &catalog,
-        "--dataset",
-        "ds",
-        "--wait",
-    ]);
+    let job = clone_to_both(&node);
     assert_eq!(job["state"], "Succeeded", "{job}");
     let snap2 = job["snapshot"].as_str().unwrap().to_string();
     assert_eq!(

@@ -17,7 +17,11 @@ pub fn clean_command(program: &str) -> Command {
     let mut cmd = Command::new(program);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().to_string();
-        if k.starts_with("BITCLONE_") || k.starts_with("AWS_") || k == "RUST_LOG" {
+        if k.starts_with("BITCLONE_")
+            || k.starts_with("AWS_")
+            || k.starts_with("PG")
+            || k == "RUST_LOG"
+        {
             cmd.env_remove(&k);
         }
     }
