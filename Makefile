@@ -23,7 +23,7 @@ STEP       := bash scripts/step.sh
 BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
 BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
 # Extra flags for bitclone-bench, e.g. make bench BENCH_ARGS="--size 256MiB --files 500"
-BENCH_ARGS ?= --restic
+BENCH_ARGS ?= --restic --s3
 BENCH_OUT  ?= .bitclone/bench.json
 
 # Tests must not depend on the caller's environment: drop the variables that
