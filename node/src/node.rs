@@ -501,6 +501,11 @@ impl Node {
             let url = &job.destinations[cp.destinations_done];
             injected_export_fault(url)?;
             injected_export_delay(&stop).await?;
+            // A stopped attempt (cancelled, lease lost) makes no further
+            // sink effects: not the next destination, not a catalog commit.
+            if stop.load(Ordering::Relaxed) {
+                return Err(StoreError::Cancelled);
+            }
             match parse_destination(url, &self.config.s3)? {
                 Destination::Catalog(url) => {
                     self.write_catalog(&url, &manifest, &snapshot, &writer)
@@ -508,17 +513,12 @@ impl Node {
                 }
                 Destination::Objects(target) => {
                     export::check_create_only(&target).await?;
-                    let from = ExportProgress {
-                        next_entry: cp.next_entry,
-                        files_done: cp.files_done,
-                        bytes_done: cp.bytes_done,
-                    };
                     let id = job.id.clone();
                     let phase = format!("writing {}", target.url);
-                    // Progress and the checkpoint live in memory; the link
-                    // persists them later (at the end of the attempt, or with
-                    // the heartbeat in a cluster), so a retry resumes
-                    // mid-destination.
+                    // Progress lives in memory; the link publishes it later
+                    // (at the end of the attempt, or with the heartbeat in a
+                    // cluster). A retry walks the destination again and
+                    // skips the objects already written.
                     let mut on_progress = |p: ExportProgress| {
                         injected_file_delay();
                         link.report(&id, |progress, checkpoint| {
@@ -539,7 +539,6 @@ impl Node {
                         &snapshot,
                         &target,
                         &writer,
-                        from,
                         stop.clone(),
                         &mut on_progress,
                     )
@@ -560,7 +559,8 @@ impl Node {
                             );
                         }
                         // A bad local chunk: replace it from a replica and
-                        // resume this destination from the in-memory checkpoint.
+                        // walk this destination again (written objects are
+                        // found unchanged and skipped).
                         Err(
                             StoreError::CorruptChunk { chunk, .. }
                             | StoreError::MissingChunk(chunk),
@@ -568,10 +568,6 @@ impl Node {
                             repairs += 1;
                             self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
                                 .await?;
-                            let live = link.checkpoint(&job.id);
-                            cp.next_entry = live.next_entry;
-                            cp.files_done = live.files_done;
-                            cp.bytes_done = live.bytes_done;
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -682,7 +678,6 @@ impl Node {
                 let mut last = Instant::now();
                 let builder = restore::ingest_objects(
                     &target,
-                    &self.pool,
                     self.chunk_store(),
                     builder,
                     stop,
@@ -781,6 +776,15 @@ fn parse_source(source: &str, s3: &export::S3Options) -> Result<Source, StoreErr
     Ok(Source::Dir(path))
 }
 
+/// A destination as shown to users: catalog passwords are never echoed.
+pub fn display_destination(url: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        catalog::redact_url(url)
+    } else {
+        url.to_string()
+    }
+}
+
 enum Destination {
     Objects(export::Target),
     Catalog(String),
@@ -790,6 +794,7 @@ enum Destination {
 /// Postgres catalog (`postgres://…`).
 fn parse_destination(url: &str, s3: &export::S3Options) -> Result<Destination, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        catalog::check_url(url)?;
         return Ok(Destination::Catalog(url.to_string()));
     }
     Ok(Destination::Objects(export::open_target(url, s3)?))

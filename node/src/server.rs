@@ -338,6 +338,9 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
         });
         let mut ran = false;
         for id in candidates {
+            // The lease runs from the leader's clock when it applies the
+            // grant, which is after this: counting from here is safe.
+            let asked = std::time::Instant::now();
             let r = cluster
                 .write(Command::AcquireLease {
                     job: id.clone(),
@@ -346,7 +349,7 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
                 .await;
             match r {
                 Ok(Response::Lease { token, job }) => {
-                    run_leased(&node, &cluster, job, token).await;
+                    run_leased(&node, &cluster, job, token, asked).await;
                     ran = true;
                     break;
                 }
@@ -386,7 +389,13 @@ fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
     }
 }
 
-async fn run_leased(node: &Arc<Node>, cluster: &Arc<Cluster>, job: Job, token: u64) {
+async fn run_leased(
+    node: &Arc<Node>,
+    cluster: &Arc<Cluster>,
+    job: Job,
+    token: u64,
+    asked: std::time::Instant,
+) {
     let fence = Fence {
         node: cluster.id,
         token,
@@ -411,7 +420,7 @@ async fn run_leased(node: &Arc<Node>, cluster: &Arc<Cluster>, job: Job, token: u
         fence,
         stop.clone(),
         live.clone(),
-        Duration::from_millis(lease_ms),
+        (asked, Duration::from_millis(lease_ms)),
     ));
     let link = JobLink::Cluster {
         cluster: cluster.clone(),
@@ -474,31 +483,37 @@ async fn heartbeat(
     fence: Fence,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<Live>>,
-    lease: Duration,
+    (asked, lease): (std::time::Instant, Duration),
 ) {
-    // The lease was granted just before this task started; a renewal's
-    // deadline counts from when its request was sent, at the earliest.
-    let mut renewed = std::time::Instant::now();
+    // A lease (or renewal) runs from when the leader applied it, which is
+    // after its request was sent: counting from the send is safe.
+    let mut renewed = asked;
+    let self_fence = |id: &str| {
+        tracing::warn!(
+            job = id,
+            "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
+        );
+        stop.store(true, Ordering::Release);
+    };
     loop {
         tokio::time::sleep(lease / 3).await;
         if node.jobs.is_shutting_down() {
             stop.store(true, Ordering::Release);
         }
-        if renewed.elapsed() >= lease {
-            tracing::warn!(
-                job = id,
-                "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
-            );
-            stop.store(true, Ordering::Release);
-            return;
+        let deadline = tokio::time::Instant::from_std(renewed + lease);
+        if tokio::time::Instant::now() >= deadline {
+            return self_fence(&id);
         }
         let sent = std::time::Instant::now();
-        let r = cluster
-            .write(Command::RenewLease {
+        // A renewal stuck behind a leaderless cluster must not keep the job
+        // running past the lease it may already have lost.
+        let r = tokio::select! {
+            r = cluster.write(Command::RenewLease {
                 job: id.clone(),
                 fence,
-            })
-            .await;
+            }) => r,
+            _ = tokio::time::sleep_until(deadline) => return self_fence(&id),
+        };
         match r {
             Ok(Response::Job(j)) => {
                 renewed = sent;
@@ -520,14 +535,17 @@ async fn heartbeat(
             dirty.then(|| (l.checkpoint.clone(), l.progress.clone()))
         };
         if let Some((checkpoint, progress)) = publish {
-            let _ = cluster
-                .write(Command::SaveCheckpoint {
-                    job: id.clone(),
-                    fence,
-                    checkpoint,
-                    progress: Some(progress),
-                })
-                .await;
+            let save = cluster.write(Command::SaveCheckpoint {
+                job: id.clone(),
+                fence,
+                checkpoint,
+                progress: Some(progress),
+            });
+            let deadline = tokio::time::Instant::from_std(renewed + lease);
+            tokio::select! {
+                _ = save => {}
+                _ = tokio::time::sleep_until(deadline) => return self_fence(&id),
+            }
         }
     }
 }

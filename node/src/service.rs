@@ -91,7 +91,11 @@ pub fn job_pb(j: &Job) -> pb::Job {
         tenant: j.tenant.clone(),
         dataset: j.dataset.clone(),
         source: j.source.clone(),
-        destinations: j.destinations.clone(),
+        destinations: j
+            .destinations
+            .iter()
+            .map(|d| crate::node::display_destination(d))
+            .collect(),
         state: match j.state {
             JobState::Pending => pb::JobState::Pending,
             JobState::Running => pb::JobState::Running,

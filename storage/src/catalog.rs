@@ -394,10 +394,15 @@ impl Catalog {
             .await?
             .is_some();
         if exists {
-            // token >= max here: raising the fence is all that is left to do.
+            // token >= max here. A higher token re-committing a snapshot the
+            // catalog already has makes it the head again, as the object
+            // sink's newest record does; an equal one (a retry) changes
+            // nothing.
             tx.execute(
-                "UPDATE bitclone_datasets SET max_fencing_token = $3 WHERE tenant = $1 AND name = $2",
-                &[&tenant, &dataset, &token],
+                "UPDATE bitclone_datasets SET max_fencing_token = $3, \
+                 head_snapshot = CASE WHEN $3 > max_fencing_token THEN $4 ELSE head_snapshot END \
+                 WHERE tenant = $1 AND name = $2",
+                &[&tenant, &dataset, &token, &id],
             )
             .await?;
             tx.commit().await?;
@@ -615,7 +620,13 @@ impl Failure {
             Failure::Other(e) => e,
             Failure::Pg(e) | Failure::Pool(PoolError::Backend(e)) => {
                 let text = with_causes(&e);
-                if is_connection_error(&e) {
+                if tls_refused(&e) {
+                    Error::Sink {
+                        sink: sink.to_owned(),
+                        detail: text,
+                        permanent: true,
+                    }
+                } else if is_connection_error(&e) {
                     Error::Unavailable(format!("postgres at {endpoint} is unreachable: {text}"))
                 } else if is_transient(&e) {
                     Error::Unavailable(format!(
@@ -625,7 +636,9 @@ impl Failure {
                     Error::Sink {
                         sink: sink.to_owned(),
                         detail: text,
-                        permanent: e.code().is_none_or(|c| is_permanent_sqlstate(c.code())),
+                        // Without an SQLSTATE nothing is known to be lasting
+                        // (a DNS hiccup): worth the job's retries.
+                        permanent: e.code().is_some_and(|c| is_permanent_sqlstate(c.code())),
                     }
                 }
             }
@@ -648,6 +661,20 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Whether `e` comes from a TLS failure (a certificate that does not verify,
+/// a server without TLS): retrying cannot fix it.
+fn tls_refused(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    let text = with_causes(e);
+    text.contains("TLS") || text.contains("certificate")
 }
 
 /// Connection exceptions and server shutdown / start-up.
@@ -875,6 +902,17 @@ fn endpoint(rest: &str, default_port: &str) -> String {
 
 /// `url` with the password (in the user info or a `password=` parameter)
 /// replaced by `***`.
+/// `url` with any password replaced by `***`: for job listings and logs.
+pub fn redact_url(url: &str) -> String {
+    redact(url)
+}
+
+/// Checks a catalog URL without connecting (a clear error at submit time
+/// rather than when the job runs).
+pub fn check_url(url: &str) -> Result<()> {
+    parse_url(url).map(|_| ())
+}
+
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".to_owned();

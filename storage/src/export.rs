@@ -169,7 +169,9 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
                 Error::InvalidArgument(format!("sink {url:?} is not an absolute file:// path"))
             })?;
             std::fs::create_dir_all(&path).map_err(|e| Error::io("create sink", &path, e))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)?;
+            // Synced like a durable sink should be: the commit record must
+            // never reach the disk before the files it vouches for.
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)?.with_fsync(true);
             Ok(Target {
                 store: Arc::new(fs),
                 prefix: ObjectPath::default(),
@@ -368,7 +370,9 @@ async fn check_fence(target: &Target, token: u64) -> Result<Option<(u64, String)
     if let Some((t, s)) = &latest {
         if *t > token {
             return Err(Error::Fenced(format!(
-                "{}: snapshot {s} is committed with fencing token {t}, higher than this writer's {token}",
+                "{}: snapshot {s} is committed with fencing token {t}, higher than this writer's \
+                 {token} (a newer attempt or job wrote it; tokens from another cluster or a \
+                 rebuilt node do not compare: give those a fresh prefix)",
                 target.url
             )));
         }
@@ -376,8 +380,7 @@ async fn check_fence(target: &Target, token: u64) -> Result<Option<(u64, String)
     Ok(latest)
 }
 
-/// Where an export stands; saved as a job checkpoint so that a retried
-/// export skips the entries already done.
+/// Where an export stands, for progress reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExportProgress {
     /// Index into the manifest's entries of the next entry to write.
@@ -412,17 +415,37 @@ pub struct ExportStats {
     pub already_committed: bool,
 }
 
+/// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
+/// which [`commit_snapshot`] checks again before the commit point.
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// What was done so far.
+    pub stats: ExportStats,
+    /// Every file's object as this writer left it: path → (size, e_tag).
+    objects: HashMap<String, (u64, Option<String>)>,
+    /// The objects found under the prefix before the upload: the only ones
+    /// a mirror commit may delete (a concurrent writer's new objects are
+    /// not this writer's to remove).
+    listed: HashMap<String, Listed>,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listed {
+    size: u64,
+    e_tag: Option<String>,
+}
+
 /// Writes every file of `manifest` as the object `prefix/path` (skipping
 /// objects whose stored BLAKE3 matches), then the manifest and, last, the
 /// commit record. With `mirror`, objects the snapshot lacks are deleted
-/// after the commit.
+/// after the commit. An export always walks the whole manifest: a retry
+/// finds the files an earlier attempt wrote unchanged and skips them.
 ///
-/// Starts at `from` (a checkpoint of an earlier attempt) and reports progress
-/// through `on_progress`. Chunk reads run on `pool`; large files stream as
-/// multipart uploads, so memory stays within a few parts per upload.
-///
-/// Not cancel-safe in the middle of a multipart upload: use `cancel`, which
-/// aborts uploads cleanly, instead of dropping the future.
+/// Reports progress through `on_progress`. Chunk reads run on `pool`; large
+/// files stream as multipart uploads, so memory stays within a few parts per
+/// upload. `cancel` stops it between files and before the commit; uploads in
+/// flight are aborted, never left half-done.
 #[allow(clippy::too_many_arguments)]
 pub async fn export_snapshot(
     pool: &CpuPool,
@@ -431,26 +454,24 @@ pub async fn export_snapshot(
     id: &SnapshotId,
     target: &Target,
     writer: &Writer,
-    from: ExportProgress,
     cancel: Arc<AtomicBool>,
     on_progress: &mut (dyn FnMut(ExportProgress) + Send),
 ) -> Result<ExportStats> {
-    let mut stats = upload_snapshot(
+    let mut upload = upload_snapshot(
         pool,
         store,
         manifest,
         id,
         target,
         writer,
-        from,
-        cancel,
+        cancel.clone(),
         on_progress,
     )
     .await?;
-    if !stats.already_committed {
-        commit_snapshot(target, manifest, id, writer, &mut stats).await?;
+    if !upload.stats.already_committed {
+        commit_snapshot(target, manifest, id, writer, &mut upload, &cancel).await?;
     }
-    Ok(stats)
+    Ok(upload.stats)
 }
 
 /// The first half of [`export_snapshot`]: the objects and the manifest,
@@ -464,78 +485,98 @@ pub async fn upload_snapshot(
     id: &SnapshotId,
     target: &Target,
     writer: &Writer,
-    from: ExportProgress,
     cancel: Arc<AtomicBool>,
     on_progress: &mut (dyn FnMut(ExportProgress) + Send),
-) -> Result<ExportStats> {
-    let mut stats = ExportStats::default();
+) -> Result<Upload> {
+    let mut upload = Upload::default();
+    if let Some(e) = manifest
+        .entries
+        .iter()
+        .find(|e| e.path == META_DIR || e.path.starts_with(".bitclone/"))
+    {
+        return Err(Error::InvalidPath {
+            path: e.path.clone(),
+            reason: "collides with the sink's own records under .bitclone/",
+        });
+    }
     if let Some((t, s)) = check_fence(target, writer.token).await? {
         if t == writer.token && s == id.to_hex() {
-            stats.already_committed = true;
-            return Ok(stats);
+            upload.stats.already_committed = true;
+            return Ok(upload);
         }
     }
-    let existing = list_objects(target).await?;
+    upload.listed = list_objects(target).await?;
+    let listed = &upload.listed;
+    let abort = AtomicBool::new(false);
     let ctx = Ctx {
         pool,
         store: &store,
         tenant: &manifest.tenant,
         target,
         cancel: &cancel,
+        abort: &abort,
     };
     // Which objects already hold their file's bytes: checked up front, with
     // more requests in flight than uploads (a check is one small request).
-    let unchanged: HashSet<usize> = futures::stream::iter(
-        manifest
-            .entries
-            .iter()
-            .enumerate()
-            .skip(from.next_entry)
-            .filter(|(_, e)| e.kind == EntryKind::File && existing.get(&e.path) == Some(&e.size)),
-    )
-    .map(|(i, e)| {
+    let unchanged: HashSet<usize> =
+        futures::stream::iter(manifest.entries.iter().enumerate().filter(|(_, e)| {
+            e.kind == EntryKind::File && listed.get(&e.path).map(|l| l.size) == Some(e.size)
+        }))
+        .map(|(i, e)| {
+            let ctx = &ctx;
+            async move { Ok::<_, Error>(ctx.holds(e).await?.then_some(i)) }
+        })
+        .buffer_unordered((target.concurrency * 4).min(64))
+        .try_filter_map(|i| async move { Ok(i) })
+        .boxed()
+        .try_collect()
+        .await?;
+    let mut at = ExportProgress::default();
+    // `buffered` keeps results in order, while up to `concurrency` run at once.
+    let mut results = futures::stream::iter(manifest.entries.iter().enumerate().map(|(i, e)| {
         let ctx = &ctx;
-        async move { Ok::<_, Error>(ctx.holds(e).await?.then_some(i)) }
-    })
-    .buffer_unordered((target.concurrency * 4).min(64))
-    .try_filter_map(|i| async move { Ok(i) })
-    .boxed()
-    .try_collect()
-    .await?;
-    let mut at = from;
-    // `buffered` keeps results in order: the checkpoint is a watermark below
-    // which every entry is done, while up to `concurrency` run at once.
-    let mut results = futures::stream::iter(
-        manifest
-            .entries
-            .iter()
-            .enumerate()
-            .skip(from.next_entry)
-            .map(|(i, e)| {
-                let ctx = &ctx;
-                let skip = unchanged.contains(&i);
-                async move { ctx.write_entry(e, skip).await.map(|w| (i, e, w)) }
-            }),
-    )
+        let skip = unchanged.contains(&i);
+        async move { ctx.write_entry(e, skip).await.map(|w| (i, e, w)) }
+    }))
     .buffered(target.concurrency)
     // Boxing pins down the lifetimes, so that callers' futures stay Send.
     .boxed();
+    let mut failed = None;
     while let Some(r) = results.next().await {
-        let (i, e, written) = r?;
-        if e.kind == EntryKind::File {
-            at.files_done += 1;
-            at.bytes_done += e.size;
-            if written {
-                stats.files_written += 1;
-                stats.bytes_written += e.size;
-            } else {
-                stats.files_unchanged += 1;
+        let (i, e, written) = match r {
+            Ok(v) => v,
+            Err(err) => {
+                // Let the uploads in flight see the flag and abort cleanly
+                // rather than dropping them half-done; keep the first error.
+                abort.store(true, Ordering::Relaxed);
+                failed.get_or_insert(err);
+                continue;
             }
+        };
+        if failed.is_some() || e.kind != EntryKind::File {
+            continue;
         }
+        let e_tag = match written {
+            Some(tag) => {
+                upload.stats.files_written += 1;
+                upload.stats.bytes_written += e.size;
+                tag
+            }
+            None => {
+                upload.stats.files_unchanged += 1;
+                listed.get(&e.path).and_then(|l| l.e_tag.clone())
+            }
+        };
+        upload.objects.insert(e.path.clone(), (e.size, e_tag));
+        at.files_done += 1;
+        at.bytes_done += e.size;
         at.next_entry = i + 1;
         on_progress(at);
     }
     drop(results);
+    if let Some(err) = failed {
+        return Err(err);
+    }
     let bytes = manifest.encode()?;
     target
         .store
@@ -548,22 +589,51 @@ pub async fn upload_snapshot(
         )
         .await
         .map_err(|e| sink_error(target, "writing the manifest", e))?;
-    Ok(stats)
+    Ok(upload)
 }
 
-/// The second half of [`export_snapshot`]: the commit record (create-only,
-/// refused when a higher token has committed), then, with `mirror`, the
-/// deletion of objects the snapshot does not have.
+/// The second half of [`export_snapshot`]: checks that every object is still
+/// as the upload left it, writes the commit record (create-only, refused
+/// when a higher token has committed), then, with `mirror`, deletes the
+/// objects the snapshot does not have.
 pub async fn commit_snapshot(
     target: &Target,
     manifest: &Manifest,
     id: &SnapshotId,
     writer: &Writer,
-    stats: &mut ExportStats,
+    upload: &mut Upload,
+    cancel: &AtomicBool,
 ) -> Result<()> {
     // Fenced again right before the commit point: a newer holder may have
     // committed while this one was uploading.
     check_fence(target, writer.token).await?;
+    // Another writer on the same prefix may have replaced or removed an
+    // object since: then this snapshot is not what the bucket holds.
+    let now = list_objects(target).await?;
+    for e in manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+    {
+        let (size, tag) = upload
+            .objects
+            .get(&e.path)
+            .cloned()
+            .unwrap_or((e.size, None));
+        let here = now.get(&e.path);
+        let same = here.is_some_and(|l| {
+            l.size == size && (tag.is_none() || l.e_tag.is_none() || l.e_tag == tag)
+        });
+        if !same {
+            return Err(Error::Conflict(format!(
+                "{}: object {} changed while job {} was writing it (another writer on this prefix?); not committed",
+                target.url, e.path, writer.job
+            )));
+        }
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
     let record = CommitRecord {
         snapshot: id.to_hex(),
         tenant: manifest.tenant.clone(),
@@ -602,17 +672,18 @@ pub async fn commit_snapshot(
                     target.url, writer.token, prev.job
                 )));
             }
-            stats.already_committed = true;
+            upload.stats.already_committed = true;
         }
         Err(e) => return Err(sink_error(target, "writing the commit record", e)),
     }
-    if target.mirror {
-        // Only the latest commit prunes: an older writer that raced past the
-        // fence check must not delete a newer snapshot's objects.
-        if check_fence(target, writer.token).await.is_ok() {
-            let existing = list_objects(target).await?;
-            stats.objects_deleted = delete_extra(target, manifest, &existing).await?;
-        }
+    // Only the newest commit prunes, and only what it listed before its
+    // upload: an older writer must not delete a newer snapshot's objects.
+    let newest = list_commits(target).await?.pop();
+    if target.mirror
+        && newest.is_some_and(|(t, _)| t <= writer.token)
+        && !cancel.load(Ordering::Relaxed)
+    {
+        upload.stats.objects_deleted = delete_extra(target, manifest, &upload.listed).await?;
     }
     Ok(())
 }
@@ -623,17 +694,23 @@ struct Ctx<'a> {
     tenant: &'a str,
     target: &'a Target,
     cancel: &'a AtomicBool,
+    /// Set when another upload of this export failed.
+    abort: &'a AtomicBool,
 }
 
 impl Ctx<'_> {
+    fn stopped(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.abort.load(Ordering::Relaxed)
+    }
+
     /// Writes one entry's object unless it already holds the same bytes.
-    /// Returns whether it wrote.
-    async fn write_entry(&self, e: &Entry, unchanged: bool) -> Result<bool> {
-        if self.cancel.load(Ordering::Relaxed) {
+    /// Returns `Some(e_tag)` when it wrote, `None` when it did not.
+    async fn write_entry(&self, e: &Entry, unchanged: bool) -> Result<Option<Option<String>>> {
+        if self.stopped() {
             return Err(Error::Cancelled);
         }
         if e.kind != EntryKind::File || unchanged {
-            return Ok(false);
+            return Ok(None);
         }
         let location = join(&self.target.prefix, &e.path)?;
         let mut attributes = Attributes::new();
@@ -653,7 +730,8 @@ impl Ctx<'_> {
                 .pool
                 .run(move || read_chunks(s.as_ref(), &t, &c))
                 .await?;
-            self.target
+            let done = self
+                .target
                 .store
                 .put_opts(
                     &location,
@@ -662,10 +740,12 @@ impl Ctx<'_> {
                 )
                 .await
                 .map_err(|err| sink_error(self.target, "uploading", err))?;
+            Ok(Some(done.e_tag))
         } else {
-            self.put_multipart(&e.chunks, &location, attributes).await?;
+            self.put_multipart(&e.chunks, &location, attributes)
+                .await
+                .map(Some)
         }
-        Ok(true)
     }
 
     /// Whether the object for `e` already holds the file's bytes.
@@ -719,7 +799,7 @@ impl Ctx<'_> {
         chunks: &[ChunkRef],
         location: &ObjectPath,
         attributes: Attributes,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let mut upload = self
             .target
             .store
@@ -729,7 +809,7 @@ impl Ctx<'_> {
         let result = async {
             let mut start = 0;
             while start < chunks.len() {
-                if self.cancel.load(Ordering::Relaxed) {
+                if self.stopped() {
                     return Err(Error::Cancelled);
                 }
                 let mut end = start;
@@ -753,11 +833,11 @@ impl Ctx<'_> {
                     .map_err(|e| sink_error(self.target, "uploading a part", e))?;
                 start = end;
             }
-            upload
+            let done = upload
                 .complete()
                 .await
                 .map_err(|e| sink_error(self.target, "completing a multipart upload", e))?;
-            Ok(())
+            Ok(done.e_tag)
         }
         .await;
         if result.is_err() {
@@ -770,7 +850,7 @@ impl Ctx<'_> {
 
 /// Lists the objects under the prefix (outside `.bitclone/`): relative path →
 /// size.
-async fn list_objects(target: &Target) -> Result<HashMap<String, u64>> {
+async fn list_objects(target: &Target) -> Result<HashMap<String, Listed>> {
     let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
     let mut out = HashMap::new();
     let mut s = target.store.list(prefix);
@@ -782,7 +862,13 @@ async fn list_objects(target: &Target) -> Result<HashMap<String, u64>> {
         if rel == META_DIR || rel.starts_with(".bitclone/") {
             continue;
         }
-        out.insert(rel, m.size);
+        out.insert(
+            rel,
+            Listed {
+                size: m.size,
+                e_tag: m.e_tag,
+            },
+        );
     }
     Ok(out)
 }
@@ -805,7 +891,7 @@ pub(crate) fn relative(prefix: &ObjectPath, location: &ObjectPath) -> Option<Str
 async fn delete_extra(
     target: &Target,
     manifest: &Manifest,
-    existing: &HashMap<String, u64>,
+    existing: &HashMap<String, Listed>,
 ) -> Result<u64> {
     let keep: std::collections::HashSet<&str> = manifest
         .entries
@@ -1073,7 +1159,6 @@ mod tests {
                     job: format!("j{token}"),
                     token,
                 },
-                ExportProgress::default(),
                 Arc::new(AtomicBool::new(false)),
                 &mut |p| last = p,
             ));

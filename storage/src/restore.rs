@@ -1,6 +1,7 @@
 //! Reading out of an object-store sink: restoring a committed snapshot into a
 //! directory without the cluster, and objects as a clone source.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,6 @@ use crate::export::{self, join, relative, sink_error, Target, META_DIR};
 use crate::ingest::{ingest_stream, SnapshotBuilder};
 use crate::manifest::{EntryKind, Manifest};
 use crate::path::validate_path;
-use crate::pool::CpuPool;
 use crate::store::ChunkStore;
 
 /// Picks the snapshot to restore: `wanted` if a commit record names it, else
@@ -64,8 +64,9 @@ pub struct RestoreStats {
 
 /// Rebuilds `manifest` under `dir` (missing or empty) from the objects of
 /// `target`, checking every file's size and BLAKE3 against the manifest.
-/// Each file is written under a temporary name and renamed once verified,
-/// so nothing unverified is left under its real name.
+/// Each file is written into a staging directory next to `dir` and renamed
+/// into place once verified, so nothing unverified is left under a real name.
+/// Set-user-id and set-group-id bits are not restored.
 pub async fn restore_into(
     target: &Target,
     manifest: &Manifest,
@@ -97,19 +98,66 @@ pub async fn restore_into(
         };
         std::fs::create_dir_all(&parent).map_err(|err| Error::io("create", &parent, err))?;
     }
+    // Files are written into a private directory next to `dir` (same file
+    // system, so a rename moves them in), never under a name a snapshot
+    // file could also have; it goes away whatever happens.
+    let staging = staging_dir(dir)?;
+    let result = restore_files(target, manifest, dir, &staging, progress).await;
+    let _ = std::fs::remove_dir_all(&staging);
+    let stats = result?;
+    // Directory modes last: a read-only directory must not block its files.
+    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let path = dir.join(&e.path);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
+            .map_err(|err| Error::io("chmod", &path, err))?;
+    }
+    Ok(stats)
+}
+
+/// Permission bits to restore: set-user-id and set-group-id are dropped, so
+/// a restore (often run as root) never creates privileged executables from
+/// what a bucket says.
+fn safe_mode(mode: u32) -> u32 {
+    mode & 0o1777
+}
+
+fn staging_dir(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "restore".into());
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let staging = parent.join(format!(
+        ".{name}.bitclone-restore-{}-{}",
+        std::process::id(),
+        export::now_ms()
+    ));
+    std::fs::create_dir(&staging).map_err(|e| Error::io("create", &staging, e))?;
+    Ok(staging)
+}
+
+async fn restore_files(
+    target: &Target,
+    manifest: &Manifest,
+    dir: &Path,
+    staging: &Path,
+    progress: &(dyn Fn(RestoreStats) + Sync),
+) -> Result<RestoreStats> {
     let done = std::sync::Mutex::new(RestoreStats::default());
     futures::stream::iter(
         manifest
             .entries
             .iter()
-            .filter(|e| e.kind == EntryKind::File),
+            .enumerate()
+            .filter(|(_, e)| e.kind == EntryKind::File),
     )
-    .map(|e| {
+    .map(|(i, e)| {
         let done = &done;
         async move {
             let path = dir.join(&e.path);
-            restore_file(target, &e.path, &path, e.size, &e.blake3).await?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
+            let part = staging.join(i.to_string());
+            restore_file(target, &e.path, &part, &path, e.size, &e.blake3).await?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
                 .map_err(|err| Error::io("chmod", &path, err))?;
             let now = {
                 let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
@@ -125,12 +173,6 @@ pub async fn restore_into(
     .boxed()
     .try_collect::<Vec<()>>()
     .await?;
-    // Directory modes last: a read-only directory must not block its files.
-    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        let path = dir.join(&e.path);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|err| Error::io("chmod", &path, err))?;
-    }
     let stats = *done.lock().unwrap_or_else(|p| p.into_inner());
     Ok(stats)
 }
@@ -138,12 +180,12 @@ pub async fn restore_into(
 async fn restore_file(
     target: &Target,
     rel: &str,
+    part: &Path,
     path: &Path,
     size: u64,
     want: &[u8; 32],
 ) -> Result<()> {
     let loc = join(&target.prefix, rel)?;
-    let part = PathBuf::from(format!("{}.bitclone-part", path.display()));
     let result = async {
         let got = target
             .store
@@ -151,22 +193,25 @@ async fn restore_file(
             .await
             .map_err(|e| sink_error(target, &format!("reading {rel}"), e))?;
         let mut stream = got.into_stream();
-        let mut file = tokio::fs::File::create(&part)
+        let mut file = tokio::fs::File::create(part)
             .await
-            .map_err(|e| Error::io("create", &part, e))?;
+            .map_err(|e| Error::io("create", part, e))?;
         let mut hasher = blake3::Hasher::new();
         let mut n = 0u64;
         while let Some(buf) = stream.next().await {
             let buf = buf.map_err(|e| sink_error(target, &format!("reading {rel}"), e))?;
             hasher.update(&buf);
             n += buf.len() as u64;
+            if n > size {
+                break;
+            }
             file.write_all(&buf)
                 .await
-                .map_err(|e| Error::io("write", &part, e))?;
+                .map_err(|e| Error::io("write", part, e))?;
         }
         file.sync_all()
             .await
-            .map_err(|e| Error::io("sync", &part, e))?;
+            .map_err(|e| Error::io("sync", part, e))?;
         let got = *hasher.finalize().as_bytes();
         if n != size || got != *want {
             return Err(Error::Sink {
@@ -179,19 +224,19 @@ async fn restore_file(
                 permanent: true,
             });
         }
-        tokio::fs::rename(&part, path)
+        tokio::fs::rename(part, path)
             .await
             .map_err(|e| Error::io("rename", path, e))
     }
     .await;
     if result.is_err() {
-        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(part);
     }
     result
 }
 
 /// A blocking reader over an object's byte stream, fed by an async task:
-/// lets the chunker (on the CPU pool) read an object as it downloads.
+/// lets the chunker (on a blocking thread) read an object as it downloads.
 struct StreamReader {
     rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
     buf: Bytes,
@@ -214,13 +259,14 @@ impl Read for StreamReader {
 }
 
 /// Ingests every object under `target` (outside `.bitclone/`) into
-/// `builder`: objects stream through the chunker on `pool`; an object whose
+/// `builder`: objects stream through the chunker on blocking threads (up to
+/// the target's concurrency, at most one per core); an object whose
 /// size and modification time match the parent snapshot is taken over
 /// without reading it. Keys that are not safe relative paths are skipped
+/// (keys object_store cannot parse at all, such as `a//b`, fail the listing)
 /// (and reported by the builder). `progress(files, bytes)` follows the work.
 pub async fn ingest_objects(
     target: &Target,
-    pool: &CpuPool,
     store: Arc<dyn ChunkStore>,
     mut builder: SnapshotBuilder,
     cancel: Arc<AtomicBool>,
@@ -240,6 +286,18 @@ pub async fn ingest_objects(
         objects.push((rel, m));
     }
     objects.sort_by(|a, b| a.0.cmp(&b.0));
+    // Empty "folder" objects (`dir/`, as S3 consoles make them) name a
+    // directory that other keys are under: they are not files.
+    let dirs: HashSet<&str> = objects
+        .iter()
+        .flat_map(|(rel, _)| rel.match_indices('/').map(move |(i, _)| &rel[..i]))
+        .collect();
+    let folders: HashSet<String> = objects
+        .iter()
+        .filter(|(rel, m)| m.size == 0 && dirs.contains(rel.as_str()))
+        .map(|(rel, _)| rel.clone())
+        .collect();
+    objects.retain(|(rel, _)| !folders.contains(rel));
     let tenant = builder.tenant().to_string();
     let params = builder.chunking();
     let (mut files, mut bytes) = (0u64, 0u64);
@@ -248,7 +306,7 @@ pub async fn ingest_objects(
         let mtime_ns = meta
             .last_modified
             .timestamp_nanos_opt()
-            .unwrap_or_else(|| meta.last_modified.timestamp() * 1_000_000_000);
+            .unwrap_or_else(|| meta.last_modified.timestamp().saturating_mul(1_000_000_000));
         if validate_path(&rel).is_err() {
             builder.skip(rel);
         } else if builder
@@ -285,28 +343,31 @@ pub async fn ingest_objects(
                 }
             });
             let source = PathBuf::from(format!("{}/{rel}", target.url));
-            let data = pool
-                .run(move || {
-                    let reader = StreamReader {
-                        rx,
-                        buf: Bytes::new(),
-                    };
-                    ingest_stream(
-                        store.as_ref(),
-                        &tenant,
-                        params,
-                        reader,
-                        &source,
-                        &cancel,
-                        &mut |_| {},
-                    )
-                })
-                .await;
+            // On a blocking thread, not the CPU pool: this reader waits on
+            // the network, and the pool's few threads serve the whole node.
+            let data = tokio::task::spawn_blocking(move || {
+                let reader = StreamReader {
+                    rx,
+                    buf: Bytes::new(),
+                };
+                ingest_stream(
+                    store.as_ref(),
+                    &tenant,
+                    params,
+                    reader,
+                    &source,
+                    &cancel,
+                    &mut |_| {},
+                )
+            })
+            .await
+            .map_err(|_| Error::Panicked)
+            .and_then(|r| r);
             feeder.abort();
             Ok((rel, mtime_ns, data?))
         }
     }))
-    .buffered(target.concurrency.min(pool_width()))
+    .buffered(target.concurrency.min(cores()))
     .boxed();
     while let Some(r) = results.next().await {
         let (rel, mtime_ns, data) = r?;
@@ -318,7 +379,7 @@ pub async fn ingest_objects(
     Ok(builder)
 }
 
-fn pool_width() -> usize {
+fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)

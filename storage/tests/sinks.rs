@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bitclone_storage::catalog::{Catalog, CatalogCommit, CommitOutcome};
-use bitclone_storage::export::{self, ExportProgress, ExportStats, S3Options, Target, Writer};
+use bitclone_storage::export::{self, ExportStats, S3Options, Target, Writer};
 use bitclone_storage::ingest::{ingest_dir, walk_dir, SnapshotBuilder};
 use bitclone_storage::restore;
 use bitclone_storage::{
@@ -100,7 +100,6 @@ impl Rig {
             id,
             t,
             &writer(token),
-            ExportProgress::default(),
             Arc::new(AtomicBool::new(false)),
             &mut |_| {},
         )
@@ -226,7 +225,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
     std::fs::write(root.join("new.txt"), b"the new holder").unwrap();
     let (m4, id4) = rig.snapshot(root);
     rig.export(&m4, &id4, t, 4).await.unwrap();
-    let err = export::commit_snapshot(t, &m3, &id3, &writer(3), &mut late)
+    let err = export::commit_snapshot(t, &m3, &id3, &writer(3), &mut late, &AtomicBool::new(false))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Fenced(_)), "{err}");
@@ -264,7 +263,30 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
         .unwrap_err();
     assert!(err.to_string().contains("new.txt"), "{err}");
     assert!(!dest2.join("new.txt").exists());
-    assert!(!dest2.join("new.txt.bitclone-part").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("bitclone-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+
+    // Another writer replacing an object between the upload and the commit:
+    // the commit is refused, no record is written.
+    let mut up = rig_upload(&rig, &m4, &id4, t, 5).await;
+    t.store
+        .put(
+            &t.prefix.clone().join("d0").join("e0").join("f00.bin"),
+            object_store::PutPayload::from_static(b"someone else"),
+        )
+        .await
+        .unwrap();
+    let err = export::commit_snapshot(t, &m4, &id4, &writer(5), &mut up, &AtomicBool::new(false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert!(err.to_string().contains("d0/e0/f00.bin"), "{err}");
+    let latest = export::latest_commit(t).await.unwrap().unwrap();
+    assert_eq!(latest.fencing_token, 4, "no record for the refused commit");
 
     // Whether the server refuses a second create-only put is probed, not
     // assumed: the fencing above held either way, since commit records are
@@ -283,7 +305,7 @@ async fn rig_upload(
     id: &SnapshotId,
     t: &Target,
     token: u64,
-) -> ExportStats {
+) -> export::Upload {
     export::upload_snapshot(
         &rig.pool,
         rig.store.clone(),
@@ -291,7 +313,6 @@ async fn rig_upload(
         id,
         t,
         &writer(token),
-        ExportProgress::default(),
         Arc::new(AtomicBool::new(false)),
         &mut |_| {},
     )
@@ -433,7 +454,8 @@ async fn postgres_catalog_commits_are_fenced_idempotent_and_complete() {
     // Several nodes starting at once: the migrations run once, under the lock.
     let connects = (0..4).map(|_| Catalog::connect(&url));
     let cats = futures::future::join_all(connects).await;
-    let cat = cats.into_iter().map(|c| c.unwrap()).next().unwrap();
+    let mut cats: Vec<Catalog> = cats.into_iter().map(|c| c.unwrap()).collect();
+    let cat = cats.pop().unwrap();
     let versions = server.psql("catalog", "SELECT count(*) FROM bitclone_schema_migrations");
     assert_eq!(
         versions.trim(),
@@ -646,5 +668,15 @@ async fn postgres_catalog_over_tls_when_the_url_asks() {
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
+    );
+    assert!(
+        matches!(
+            err,
+            Error::Sink {
+                permanent: true,
+                ..
+            }
+        ),
+        "a refused certificate is not worth retrying: {err:?}"
     );
 }
