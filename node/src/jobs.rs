@@ -201,9 +201,17 @@ impl Jobs {
         let now = now_ms();
         let claimed = {
             let mut slots = self.lock();
+            // Two jobs never write one prefix at once: a due job whose sink
+            // a running one writes waits for it.
+            let running: Vec<&Job> = slots
+                .values()
+                .filter(|s| s.job.state == JobState::Running)
+                .map(|s| &s.job)
+                .collect();
             let next = slots
                 .values()
                 .filter(|s| s.job.is_due(now))
+                .filter(|s| !running.iter().any(|r| r.shares_a_sink(&s.job)))
                 .min_by_key(|s| (s.job.next_attempt_unix_ms, s.job.created_unix_ms))
                 .map(|s| s.job.id.clone());
             match next {
@@ -221,9 +229,11 @@ impl Jobs {
                     })
                 }
                 None => {
+                    // Jobs waiting for a sink wake up when a job finishes.
                     let soonest = slots
                         .values()
                         .filter(|s| s.job.state == JobState::Pending)
+                        .filter(|s| !running.iter().any(|r| r.shares_a_sink(&s.job)))
                         .map(|s| s.job.next_attempt_unix_ms)
                         .min();
                     Err(match soonest {

@@ -110,7 +110,35 @@ pub enum Failure {
     Permanent,
 }
 
+/// Whether two sink URLs can write the same objects: the same location, or
+/// one prefix inside the other (a mirror of the outer one deletes the inner
+/// one's objects). Options (`?mirror=true`) and trailing slashes do not
+/// matter. Catalogs never overlap: their commits are transactions.
+pub fn sinks_overlap(a: &str, b: &str) -> bool {
+    let catalog = |u: &str| u.starts_with("postgres://") || u.starts_with("postgresql://");
+    if catalog(a) || catalog(b) {
+        return false;
+    }
+    let norm = |u: &str| {
+        u.split('?')
+            .next()
+            .unwrap_or(u)
+            .trim_end_matches('/')
+            .to_string()
+    };
+    let (a, b) = (norm(a), norm(b));
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+}
+
 impl Job {
+    /// Whether this job and `other` write overlapping sinks, so that they
+    /// must not run at the same time.
+    pub fn shares_a_sink(&self, other: &Job) -> bool {
+        self.destinations
+            .iter()
+            .any(|a| other.destinations.iter().any(|b| sinks_overlap(a, b)))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,

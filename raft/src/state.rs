@@ -231,14 +231,27 @@ impl ClusterState {
     /// Jobs `node` may take now: due, or running under a lapsed lease, and
     /// in a shard `node` replicates.
     pub fn claimable(&self, node: NodeId, now_ms: i64) -> Vec<&Job> {
+        let writing = self.writing(now_ms);
         let mut v: Vec<&Job> = self
             .jobs
             .values()
             .filter(|j| can_acquire(j, now_ms))
             .filter(|j| self.replicas_of(&j.tenant, &j.dataset).contains(&node))
+            .filter(|j| sink_busy(&writing, j).is_none())
             .collect();
         v.sort_by_key(|j| (j.next_attempt_unix_ms, j.created_unix_ms));
         v
+    }
+
+    /// Jobs running under a live lease: they hold their sinks.
+    fn writing(&self, now_ms: i64) -> Vec<&Job> {
+        self.jobs
+            .values()
+            .filter(|o| {
+                o.state == JobState::Running
+                    && o.lease.is_some_and(|l| l.deadline_unix_ms >= now_ms)
+            })
+            .collect()
     }
 
     fn backoff(&self) -> Backoff {
@@ -270,6 +283,15 @@ impl ClusterState {
             self.replan();
         }
     }
+}
+
+/// A job of `writing` (other than `j`) that writes a sink `j` also writes:
+/// `j` waits for it, so that two jobs never write one prefix at once.
+fn sink_busy<'a>(writing: &[&'a Job], j: &Job) -> Option<&'a Job> {
+    writing
+        .iter()
+        .find(|o| o.id != j.id && o.shares_a_sink(j))
+        .copied()
 }
 
 fn can_acquire(j: &Job, now_ms: i64) -> bool {
@@ -474,13 +496,22 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
         }
         Command::AcquireLease { job, node } => {
             let lease_ms = state.settings.lease_ms;
-            let eligible = {
+            let (eligible, busy) = {
                 let j = state
                     .jobs
                     .get(job)
                     .ok_or_else(|| CommandError::NotFound(format!("job {job}")))?;
-                state.replicas_of(&j.tenant, &j.dataset).contains(node)
+                let writing = state.writing(now);
+                (
+                    state.replicas_of(&j.tenant, &j.dataset).contains(node),
+                    sink_busy(&writing, j).map(|o| o.id.clone()),
+                )
             };
+            if let Some(other) = busy {
+                return Err(CommandError::Conflict(format!(
+                    "job {job} waits: job {other} is writing one of its destinations"
+                )));
+            }
             let fence_seq = state.fence_seq;
             let j = job_mut(state, job)?;
             if !can_acquire(j, now) {
@@ -1039,6 +1070,50 @@ mod tests {
         sm.ok(0, Command::RemoveMember { id: 2 });
         assert!(sm.state.previous_layout.is_some());
         assert!(sm.state.ready.is_empty());
+    }
+
+    #[test]
+    fn jobs_writing_one_prefix_take_turns() {
+        let mut sm = Sm::new(&[1]);
+        let job = |id: &str, dest: &str| {
+            Job::new(
+                id.into(),
+                "t".into(),
+                "d".into(),
+                "file:///x".into(),
+                vec![dest.into(), "postgres://u@h/catalog".into()],
+                3,
+                0,
+            )
+        };
+        for (id, dest) in [
+            ("a", "s3://b/p?mirror=true"),
+            ("b", "s3://b/p/"),
+            ("c", "s3://b/p/inner"),
+            ("d", "s3://b/other"),
+        ] {
+            sm.ok(0, Command::SubmitJob { job: job(id, dest) });
+        }
+        sm.acquire("a", 1, 0).unwrap();
+        // Same prefix, or one inside it: wait, and are not offered.
+        assert!(matches!(
+            sm.acquire("b", 1, 0),
+            Err(CommandError::Conflict(_))
+        ));
+        assert!(matches!(
+            sm.acquire("c", 1, 0),
+            Err(CommandError::Conflict(_))
+        ));
+        let offered: Vec<&str> = sm
+            .state
+            .claimable(1, 0)
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect();
+        assert_eq!(offered, ["d"], "a shared catalog does not serialize");
+        // Once a's lease lapses it no longer holds the prefix.
+        let later = 1_000_000;
+        assert!(sm.acquire("b", 1, later).is_ok());
     }
 
     #[test]
