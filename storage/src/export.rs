@@ -848,33 +848,45 @@ impl Ctx<'_> {
     }
 }
 
-/// Lists the objects under the prefix (outside `.bitclone/`): relative path →
-/// size.
-async fn list_objects(target: &Target) -> Result<HashMap<String, Listed>> {
+/// The objects under the prefix, outside `.bitclone/`, with their paths
+/// relative to it.
+pub(crate) async fn list_under(
+    target: &Target,
+    doing: &str,
+) -> Result<Vec<(String, object_store::ObjectMeta)>> {
     let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
-    let mut out = HashMap::new();
+    let mut out = Vec::new();
     let mut s = target.store.list(prefix);
     while let Some(m) = s.next().await {
-        let m = m.map_err(|e| sink_error(target, "listing objects", e))?;
+        let m = m.map_err(|e| sink_error(target, doing, e))?;
         let Some(rel) = relative(&target.prefix, &m.location) else {
             continue;
         };
         if rel == META_DIR || rel.starts_with(".bitclone/") {
             continue;
         }
-        out.insert(
-            rel,
-            Listed {
-                size: m.size,
-                e_tag: m.e_tag,
-            },
-        );
+        out.push((rel, m));
     }
     Ok(out)
 }
 
+/// [`list_under`] as path → size and e_tag.
+async fn list_objects(target: &Target) -> Result<HashMap<String, Listed>> {
+    Ok(list_under(target, "listing objects")
+        .await?
+        .into_iter()
+        .map(|(rel, m)| {
+            let l = Listed {
+                size: m.size,
+                e_tag: m.e_tag,
+            };
+            (rel, l)
+        })
+        .collect())
+}
+
 /// `location` relative to `prefix`, if it is under it.
-pub(crate) fn relative(prefix: &ObjectPath, location: &ObjectPath) -> Option<String> {
+fn relative(prefix: &ObjectPath, location: &ObjectPath) -> Option<String> {
     let parts: Vec<_> = location.prefix_match(prefix)?.collect();
     if parts.is_empty() {
         return None;

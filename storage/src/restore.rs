@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::chunk::SnapshotId;
 use crate::error::{Error, Result};
-use crate::export::{self, join, relative, sink_error, Target, META_DIR};
+use crate::export::{self, join, sink_error, Target, META_DIR};
 use crate::ingest::{ingest_stream, SnapshotBuilder};
 use crate::manifest::{EntryKind, Manifest};
 use crate::path::validate_path;
@@ -272,19 +272,7 @@ pub async fn ingest_objects(
     cancel: Arc<AtomicBool>,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<SnapshotBuilder> {
-    let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
-    let mut objects: Vec<(String, object_store::ObjectMeta)> = Vec::new();
-    let mut list = target.store.list(prefix);
-    while let Some(m) = list.next().await {
-        let m = m.map_err(|e| sink_error(target, "listing the source", e))?;
-        let Some(rel) = relative(&target.prefix, &m.location) else {
-            continue;
-        };
-        if rel == META_DIR || rel.starts_with(".bitclone/") {
-            continue;
-        }
-        objects.push((rel, m));
-    }
+    let mut objects = export::list_under(target, "listing the source").await?;
     objects.sort_by(|a, b| a.0.cmp(&b.0));
     // Empty "folder" objects (`dir/`, as S3 consoles make them) name a
     // directory that other keys are under: they are not files.
