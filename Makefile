@@ -34,7 +34,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench test build fmt clippy demo bench bench-cluster bench-transport clean-cache
+.PHONY: help deps deps-bench deps-garage test build fmt clippy demo bench bench-cluster bench-transport clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -53,13 +53,15 @@ help:
 
 deps:
 	@$(STEP) install-deps bash scripts/install-deps.sh
+
+# The S3 server the sink tests and the S3 bench run against (built once per machine).
+deps-garage:
 	@$(STEP) install-garage bash scripts/install-garage.sh
 
 deps-bench:
 	@$(STEP) install-deps bash scripts/install-deps.sh --bench
-	@$(STEP) install-garage bash scripts/install-garage.sh
 
-test: deps
+test: deps deps-garage
 	@start=$$(date +%s); \
 	$(STEP) fmt-check $(CARGO) fmt --all -- --check; \
 	$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings; \
@@ -81,7 +83,7 @@ demo: deps
 	@$(STEP) build-node $(CARGO) build --workspace --locked
 	@$(STEP) demo bash scripts/demo.sh "$(BITCLONE)"
 
-bench: deps-bench
+bench: deps-bench deps-garage
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p "$(dir $(BENCH_OUT))"
 	@$(STEP) bench "$(BENCH_BIN)" --bitclone "$(BITCLONE)" $(BENCH_ARGS) > "$(BENCH_OUT)"
