@@ -3,7 +3,7 @@
 # and bench need. Idempotent: a second run finds everything and changes nothing.
 #
 #   scripts/install-deps.sh           # build + tests + demo
-#   scripts/install-deps.sh --bench   # also restic, the bench's comparison tool (optional)
+#   scripts/install-deps.sh --bench   # also restic and rclone, the benches' comparison tools (optional)
 #
 # Why these packages:
 #   clang, libclang-dev  bindgen (librocksdb-sys) loads libclang at build time
@@ -12,7 +12,8 @@
 #   python3              generates the demo's sample dataset (scripts/demo.sh)
 #   postgresql           initdb/pg_ctl for the throwaway Postgres servers the sink
 #                        tests start (as an unprivileged user), and the demo's catalog
-#   restic, socat, rclone  (--bench only) the benches' side-by-side comparisons
+#   openssl, socat       test certificates, and a TLS front for the test S3 server
+#   restic, rclone       (--bench only) the benches' side-by-side comparisons
 #
 # Garage (the S3 server the sink tests run against) is not a Debian package:
 # scripts/install-garage.sh builds it once per machine; `make test` runs both.
@@ -23,7 +24,7 @@ for arg in "$@"; do
     case "$arg" in
         --bench) want_bench=1 ;;
         -h | --help)
-            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -35,9 +36,9 @@ done
 
 log() { echo "install-deps: $*"; }
 
-required=(clang libclang-dev g++ make pkg-config postgresql)
+required=(clang libclang-dev g++ make pkg-config postgresql openssl socat)
 optional=()
-[[ "$want_bench" == 1 ]] && optional+=(restic socat rclone)
+[[ "$want_bench" == 1 ]] && optional+=(restic rclone)
 
 # python3 may come from elsewhere (pyenv, /usr/local): only ask for the Debian
 # package when no python3 is on PATH at all.

@@ -33,7 +33,7 @@ use tokio_postgres::{NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::chunk::SnapshotId;
-use crate::error::{Error, Result};
+use crate::error::{with_causes, Error, Result};
 use crate::manifest::{EntryKind, Manifest};
 
 /// Schema migrations, applied in order at start: `(version, name, SQL)`.
@@ -645,22 +645,6 @@ impl Failure {
             Failure::Pool(e) => Error::Unavailable(format!("postgres at {endpoint}: {e}")),
         }
     }
-}
-
-/// `e` and its causes: tokio-postgres puts the reason (a refused
-/// certificate, a refused connection) in the source, not the message.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Whether `e` comes from a TLS failure (a certificate that does not verify,

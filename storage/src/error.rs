@@ -127,3 +127,20 @@ impl Error {
 
 /// Result alias of the storage crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `e` and its causes: client libraries (tokio-postgres, object_store) keep
+/// the reason (a refused certificate, a refused connection) in the source
+/// chain, not in the message.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

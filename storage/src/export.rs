@@ -985,10 +985,12 @@ pub(crate) fn sink_error(target: &Target, doing: &str, e: object_store::Error) -
         | object_store::Error::Unauthenticated { .. } => SinkErrorKind::Denied,
         _ => SinkErrorKind::Other,
     };
-    let text = condense(&e.to_string());
+    let text = condense(&crate::error::with_causes(&e));
     // A missing bucket shows up as NotFound on list; say it plainly.
     let hint = if text.contains("NoSuchBucket") {
         " (the bucket does not exist)"
+    } else if text.contains("certificate") {
+        " (the endpoint's certificate is not trusted: see ca_file / AWS_CA_BUNDLE)"
     } else if matches!(kind, SinkErrorKind::Denied)
         || text.contains("InvalidAccessKeyId")
         || text.contains("SignatureDoesNotMatch")

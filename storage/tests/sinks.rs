@@ -680,3 +680,77 @@ async fn postgres_catalog_over_tls_when_the_url_asks() {
         "a refused certificate is not worth retrying: {err:?}"
     );
 }
+
+/// `socat` terminating TLS in front of a loopback port; killed on drop.
+struct TlsFront(std::process::Child);
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tls_front(to: u16, crt: &Path, key: &Path) -> (TlsFront, u16) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = std::process::Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            crt.display(),
+            key.display()
+        ))
+        .arg(format!("TCP:127.0.0.1:{to}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat is needed for the S3-over-TLS test (scripts/install-deps.sh)");
+    let front = TlsFront(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "socat did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (front, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_over_https_trusts_the_configured_ca_only() {
+    let g = garage();
+    g.create_bucket("over-tls");
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, crt, key) = tls_files(certs.path());
+    let (_front, port) = tls_front(g.s3_port(), &crt, &key);
+    let rig = Rig::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a"), b"over https").unwrap();
+    let (m, id) = rig.snapshot(src.path());
+    let https = |ca_file: Option<std::path::PathBuf>| S3Options {
+        endpoint: Some(format!("https://127.0.0.1:{port}")),
+        ca_file,
+        ..garage_options(&g)
+    };
+
+    // Without the private CA the server's certificate is not trusted.
+    let t = export::open_target("s3://over-tls/x", &https(None)).unwrap();
+    let err = rig.export(&m, &id, &t, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Sink {
+                permanent: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    // With it (`ca_file`, or AWS_CA_BUNDLE through `or_env`), the export works.
+    let t = export::open_target("s3://over-tls/x", &https(Some(ca))).unwrap();
+    rig.export(&m, &id, &t, 1).await.unwrap();
+    let latest = export::latest_commit(&t).await.unwrap().unwrap();
+    assert_eq!(latest.snapshot, id.to_hex());
+    assert_eq!(objects_of(&t).await["a"], b"over https");
+}
