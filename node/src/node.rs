@@ -806,9 +806,17 @@ pub fn validate_job_urls(
     destinations: &[String],
     s3: &export::S3Options,
 ) -> Result<(), StoreError> {
-    parse_source(source, s3)?;
+    if source.starts_with("s3://") {
+        export::check_target(source, s3)?;
+    } else {
+        parse_source(source, s3)?;
+    }
     for d in destinations {
-        parse_destination(d, s3)?;
+        if d.starts_with("postgres://") || d.starts_with("postgresql://") {
+            catalog::check_url(d)?;
+        } else {
+            export::check_target(d, s3)?;
+        }
     }
     Ok(())
 }

@@ -145,6 +145,16 @@ pub struct Target {
 /// Opens `file:///abs/dir[?mirror=true]` (object_store's local filesystem
 /// backend; the directory is created) or `s3://bucket[/prefix][?mirror=true]`.
 pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
+    open(url, s3, true)?.ok_or_else(|| Error::InvalidArgument(format!("sink {url:?}: not opened")))
+}
+
+/// Checks a sink URL as [`open_target`] would, without touching anything
+/// (a `file://` directory is not created): for validating a job at submit.
+pub fn check_target(url: &str, s3: &S3Options) -> Result<()> {
+    open(url, s3, false).map(|_| ())
+}
+
+fn open(url: &str, s3: &S3Options, create: bool) -> Result<Option<Target>> {
     let parsed =
         url::Url::parse(url).map_err(|e| Error::InvalidArgument(format!("sink {url:?}: {e}")))?;
     let mut mirror = false;
@@ -168,18 +178,21 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
             let path = parsed.to_file_path().map_err(|_| {
                 Error::InvalidArgument(format!("sink {url:?} is not an absolute file:// path"))
             })?;
+            if !create {
+                return Ok(None);
+            }
             std::fs::create_dir_all(&path).map_err(|e| Error::io("create sink", &path, e))?;
             // Synced like a durable sink should be: the commit record must
             // never reach the disk before the files it vouches for.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)?.with_fsync(true);
-            Ok(Target {
+            Ok(Some(Target {
                 store: Arc::new(fs),
                 prefix: ObjectPath::default(),
                 url: display,
                 mirror,
                 concurrency,
                 local_root: Some(path),
-            })
+            }))
         }
         "s3" => {
             let bucket = parsed.host_str().unwrap_or_default();
@@ -190,14 +203,14 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
             }
             let prefix = ObjectPath::parse(parsed.path().trim_matches('/'))
                 .map_err(|e| Error::InvalidArgument(format!("sink {url:?}: bad prefix: {e}")))?;
-            Ok(Target {
+            Ok(Some(Target {
                 store: Arc::new(build_s3(bucket, s3, url)?),
                 prefix,
                 url: display,
                 mirror,
                 concurrency,
                 local_root: None,
-            })
+            }))
         }
         other => Err(Error::InvalidArgument(format!(
             "sink {url:?}: scheme {other}:// is not a sink (supported: s3://, file://, postgres://)"
@@ -1111,6 +1124,12 @@ mod tests {
         assert!(open_target("s3:///x", &s3).is_err());
         assert!(open_target("file://relative", &s3).is_err());
         assert!(open_target("ftp://h/x", &s3).is_err());
+        // Checking a job's sink at submit time creates nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let later = dir.path().join("later");
+        check_target(&format!("file://{}?mirror=1", later.display()), &s3).unwrap();
+        assert!(!later.exists());
+        assert!(check_target("file:///x?bogus=1", &s3).is_err());
         let bad = S3Options {
             endpoint: Some("127.0.0.1:9".into()),
             ..S3Options::default()
