@@ -691,12 +691,34 @@ pub async fn commit_snapshot(
     }
     // Only the newest commit prunes, and only what it listed before its
     // upload: an older writer must not delete a newer snapshot's objects.
-    let newest = list_commits(target).await?.pop();
-    if target.mirror
-        && newest.is_some_and(|(t, _)| t <= writer.token)
-        && !cancel.load(Ordering::Relaxed)
-    {
-        upload.stats.objects_deleted = delete_extra(target, manifest, &upload.listed).await?;
+    let commits = list_commits(target).await?;
+    let newest = commits.last().is_some_and(|(t, _)| *t <= writer.token);
+    if newest && !cancel.load(Ordering::Relaxed) {
+        if target.mirror {
+            upload.stats.objects_deleted = delete_extra(target, manifest, &upload.listed).await?;
+        }
+        prune_commits(target, &commits).await?;
+    }
+    Ok(())
+}
+
+/// Commit records kept per prefix: readers need only the newest, and every
+/// export lists them all.
+pub const KEEP_COMMITS: usize = 64;
+
+/// Deletes all but the newest [`KEEP_COMMITS`] commit records (their small
+/// manifests stay). Only the newest writer prunes.
+async fn prune_commits(target: &Target, commits: &[(u64, String)]) -> Result<()> {
+    let old = commits.len().saturating_sub(KEEP_COMMITS);
+    for (token, snapshot) in &commits[..old] {
+        let loc = join(
+            &target.prefix,
+            &format!("{META_DIR}/commits/{}", commit_name(*token, snapshot)),
+        )?;
+        match target.store.delete(&loc).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(sink_error(target, "pruning old commit records", e)),
+        }
     }
     Ok(())
 }
@@ -1098,6 +1120,48 @@ mod tests {
         assert_eq!(o.region.as_deref(), Some("eu"), "config wins over env");
         assert_eq!(o.access_key_id.as_deref(), Some("k"));
         assert_eq!(o.ca_file, None);
+    }
+
+    #[test]
+    fn only_the_newest_commit_records_are_kept() {
+        let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
+        let pool = CpuPool::new(1, "t").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let target = open_target(
+            &format!("file://{}", out.path().display()),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = KEEP_COMMITS as u64 + 3;
+        for token in 1..=n {
+            let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+            b.add_dir("d", 0o755, token as i64).unwrap();
+            let (m, _) = b.finish(0).unwrap();
+            let (id, _) = m.encode_with_id().unwrap();
+            let writer = Writer {
+                job: format!("j{token}"),
+                token,
+            };
+            rt.block_on(export_snapshot(
+                &pool,
+                store.clone(),
+                &m,
+                &id,
+                &target,
+                &writer,
+                Arc::new(AtomicBool::new(false)),
+                &mut |_| {},
+            ))
+            .unwrap();
+        }
+        let commits = rt.block_on(list_commits(&target)).unwrap();
+        assert_eq!(commits.len(), KEEP_COMMITS);
+        assert_eq!(commits.first().unwrap().0, n - KEEP_COMMITS as u64 + 1);
+        assert_eq!(commits.last().unwrap().0, n);
     }
 
     #[test]
