@@ -521,15 +521,12 @@ impl Node {
                     // skips the objects already written.
                     let mut on_progress = |p: ExportProgress| {
                         injected_file_delay();
-                        link.report(&id, |progress, checkpoint| {
+                        link.report(&id, |progress, _| {
                             progress.phase = phase.clone();
                             progress.files_done = p.files_done;
                             progress.files_total = files_total;
                             progress.bytes_done = p.bytes_done;
                             progress.bytes_total = bytes_total;
-                            checkpoint.next_entry = p.next_entry;
-                            checkpoint.files_done = p.files_done;
-                            checkpoint.bytes_done = p.bytes_done;
                         });
                     };
                     let result = export::export_snapshot(
@@ -575,9 +572,6 @@ impl Node {
                 }
             }
             cp.destinations_done += 1;
-            cp.next_entry = 0;
-            cp.files_done = 0;
-            cp.bytes_done = 0;
             link.save(&job.id, cp.clone()).await?;
         }
         Ok(())

@@ -32,7 +32,9 @@ pub struct Checkpoint {
     pub snapshot: Option<String>,
     /// Destinations fully written.
     pub destinations_done: usize,
-    /// Within the current destination: next manifest entry, files and bytes written.
+    /// Within the current destination: next manifest entry, files and bytes
+    /// written. No longer set (an export walks its destination again and
+    /// skips what is already there); kept so older records still decode.
     pub next_entry: usize,
     pub files_done: u64,
     pub bytes_done: u64,
