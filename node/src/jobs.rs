@@ -40,12 +40,7 @@ pub struct Claimed {
     pub stop: Arc<AtomicBool>,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use bitclone_raft::cluster::now_ms;
 
 impl Jobs {
     /// Loads persisted jobs; those that were running when the node stopped

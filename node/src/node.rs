@@ -419,13 +419,19 @@ impl Node {
         }
     }
 
-    /// Encodes and durably commits a snapshot built by `builder`.
+    /// Encodes and durably commits a snapshot built by `builder` (fenced when
+    /// a job makes the commit) and counts its bytes in the node's stats.
     pub async fn commit(
         &self,
         builder: SnapshotBuilder,
+        fenced_by: Option<(String, Fence)>,
     ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
         let (manifest, stats) = builder.finish(now_ms())?;
-        let record = self.commit_manifest(manifest, None).await?;
+        let record = self.commit_manifest(manifest, fenced_by).await?;
+        self.bytes_ingested
+            .fetch_add(stats.bytes, Ordering::Relaxed);
+        self.bytes_stored
+            .fetch_add(stats.new_bytes, Ordering::Relaxed);
         Ok((record, stats))
     }
 
@@ -663,7 +669,8 @@ impl Node {
                         Ok(builder)
                     })
                     .await?;
-                self.commit_ingested(builder, job, link).await
+                let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
+                record.id.parse()
             }
             Source::Objects(target) => {
                 let (builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
@@ -687,7 +694,8 @@ impl Node {
                     },
                 )
                 .await?;
-                self.commit_ingested(builder, job, link).await
+                let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
+                record.id.parse()
             }
             Source::Snapshot { dataset, snapshot } => {
                 let (id, manifest) = self
@@ -708,26 +716,6 @@ impl Node {
                 record.id.parse()
             }
         }
-    }
-}
-
-impl Node {
-    /// Commits what an ingest built, fenced by the job's lease, and counts it.
-    async fn commit_ingested(
-        &self,
-        builder: SnapshotBuilder,
-        job: &Job,
-        link: &JobLink,
-    ) -> Result<SnapshotId, StoreError> {
-        let (manifest, stats) = builder.finish(now_ms())?;
-        let record = self
-            .commit_manifest(manifest, link.fenced_by(&job.id))
-            .await?;
-        self.bytes_ingested
-            .fetch_add(stats.bytes, Ordering::Relaxed);
-        self.bytes_stored
-            .fetch_add(stats.new_bytes, Ordering::Relaxed);
-        record.id.parse()
     }
 }
 

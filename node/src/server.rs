@@ -106,7 +106,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let node = Node::open(config.clone(), cluster.clone())?;
-    if let (Some(c), Some(cs)) = (&cluster, &config.cluster) {
+    if let Some(c) = &cluster {
         // QUIC on the peer address (UDP; the same port number as the TCP
         // peer gRPC service).
         let peer_addr: std::net::SocketAddr = c
@@ -114,7 +114,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             .peer_addr
             .parse()
             .with_context(|| format!("peer address {}", c.info().peer_addr))?;
-        let tls = PeerTls::load(&cs.certs, cs.node_id)?;
+        let tls = c.tls();
         let t = bitclone_transport::Transport::bind(
             c.id,
             peer_addr,
@@ -221,7 +221,7 @@ async fn start_cluster(
     })
     .await?;
     let peer_server = Server::builder()
-        .tls_config(cluster.server_tls())
+        .tls_config(cluster.tls().server_config())
         .context("peer TLS")?
         .add_service(cluster.peer_service())
         .serve_with_incoming_shutdown(peer_incoming, stopped(stop_rx));

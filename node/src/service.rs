@@ -270,13 +270,7 @@ impl BitClone for Api {
                 None => return Err(Status::invalid_argument("empty upload message")),
             }
         }
-        let (record, stats) = self.node.commit(builder).await.map_err(status)?;
-        self.node
-            .bytes_ingested
-            .fetch_add(stats.bytes, Ordering::Relaxed);
-        self.node
-            .bytes_stored
-            .fetch_add(stats.new_bytes, Ordering::Relaxed);
+        let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
         tracing::info!(
             tenant = begin.tenant,
             dataset = begin.dataset,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bitclone_proto::internal::v1::peer_server::{Peer, PeerServer};
 use bitclone_proto::internal::v1::PeerMessage;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, Config, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
@@ -136,8 +136,9 @@ impl Cluster {
         .max_encoding_message_size(MAX_PEER_MESSAGE)
     }
 
-    pub fn server_tls(&self) -> tonic::transport::ServerTlsConfig {
-        self.tls.server_config()
+    /// The node's certificates, as loaded and checked at start.
+    pub fn tls(&self) -> &PeerTls {
+        &self.tls
     }
 
     fn applied(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
@@ -419,15 +420,6 @@ impl Cluster {
             previous_layout_version: a.state.previous_layout.as_ref().map(|l| l.version),
             ready: a.state.ready.clone(),
         }
-    }
-
-    pub fn server_state(&self) -> ServerState {
-        self.raft.metrics().borrow().state
-    }
-
-    /// The metrics channel (term, leader, indexes), for observers.
-    pub fn metrics(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>> {
-        self.raft.metrics()
     }
 
     pub async fn shutdown(&self) {

@@ -82,6 +82,13 @@ pub struct Lease {
     pub deadline_unix_ms: i64,
 }
 
+impl Lease {
+    /// Whether the holder may still act at `now_ms`.
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.deadline_unix_ms >= now_ms
+    }
+}
+
 /// Retry timing.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {

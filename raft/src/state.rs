@@ -247,10 +247,7 @@ impl ClusterState {
     fn writing(&self, now_ms: i64) -> Vec<&Job> {
         self.jobs
             .values()
-            .filter(|o| {
-                o.state == JobState::Running
-                    && o.lease.is_some_and(|l| l.deadline_unix_ms >= now_ms)
-            })
+            .filter(|o| o.state == JobState::Running && o.lease.is_some_and(|l| l.is_live(now_ms)))
             .collect()
     }
 
@@ -295,11 +292,8 @@ fn sink_busy<'a>(writing: &[&'a Job], j: &Job) -> Option<&'a Job> {
 }
 
 fn can_acquire(j: &Job, now_ms: i64) -> bool {
-    match j.state {
-        JobState::Pending => j.next_attempt_unix_ms <= now_ms,
-        JobState::Running => j.lease.is_none_or(|l| l.deadline_unix_ms < now_ms),
-        _ => false,
-    }
+    j.is_due(now_ms)
+        || (j.state == JobState::Running && !j.lease.is_some_and(|l| l.is_live(now_ms)))
 }
 
 fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {

@@ -199,16 +199,6 @@ impl PeerTls {
     pub fn ca_pem(&self) -> &[u8] {
         &self.ca_pem
     }
-
-    /// This node's certificate, PEM.
-    pub fn cert_pem(&self) -> &[u8] {
-        &self.cert_pem
-    }
-
-    /// This node's private key, PEM.
-    pub fn key_pem(&self) -> &[u8] {
-        &self.key_pem
-    }
 }
 
 /// Checks that the caller of an RPC is the node it claims to be.
@@ -759,12 +749,5 @@ mod tests {
         fs::remove_file(tmp.path().join("ca.key")).unwrap();
         let err = generate_dev(tmp.path(), 2).unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
-    }
-
-    #[test]
-    fn install_crypto_provider_is_idempotent() {
-        install_crypto_provider();
-        install_crypto_provider();
-        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
     }
 }
