@@ -98,10 +98,10 @@ async fn newest_in_both(
     if commits.is_empty() {
         bail!("no committed snapshot in {}", target.url);
     }
-    for (_, snap) in commits.iter().rev() {
+    for (token, snap) in commits.iter().rev() {
         let id: SnapshotId = snap.parse()?;
         if cat.find_snapshot(&id).await?.is_some() {
-            return Ok(restore::committed_snapshot(target, Some(&id)).await?);
+            return Ok(restore::read_committed(target, *token, snap).await?);
         }
     }
     bail!(

@@ -249,12 +249,6 @@ impl Catalog {
         Ok(found.into_iter().next())
     }
 
-    /// The head snapshot of every dataset, ordered by tenant and dataset.
-    pub async fn heads(&self) -> Result<Vec<CatalogSnapshot>> {
-        let sql = snapshot_query("s.id = d.head_snapshot");
-        self.select("heads", &sql, &[], snapshot_from_row).await
-    }
-
     /// The entries of a snapshot, ordered by path (byte order, as in manifests).
     pub async fn entries(&self, s: &CatalogSnapshot) -> Result<Vec<CatalogEntry>> {
         let sql = "SELECT path, kind, size, mode, blake3, chunk_count FROM bitclone_entries \

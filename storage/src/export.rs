@@ -29,7 +29,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::SnapshotId;
+use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Entry, EntryKind, Manifest};
 use crate::pool::CpuPool;
@@ -300,6 +300,25 @@ fn commit_name(token: u64, snapshot: &str) -> String {
     format!("{token:020}-{snapshot}")
 }
 
+fn commit_loc(target: &Target, token: u64, snapshot: &str) -> Result<ObjectPath> {
+    join(
+        &target.prefix,
+        &format!("{META_DIR}/commits/{}", commit_name(token, snapshot)),
+    )
+}
+
+fn manifest_loc(target: &Target, id: &SnapshotId) -> Result<ObjectPath> {
+    join(
+        &target.prefix,
+        &format!("{META_DIR}/manifests/{}", id.to_hex()),
+    )
+}
+
+/// Whether a relative path lies in the sink's own records.
+fn is_meta(rel: &str) -> bool {
+    rel.split('/').next() == Some(META_DIR)
+}
+
 /// Lists the commit records' names under `target`: (token, snapshot hex),
 /// highest token last.
 pub async fn list_commits(target: &Target) -> Result<Vec<(u64, String)>> {
@@ -324,10 +343,7 @@ pub async fn list_commits(target: &Target) -> Result<Vec<(u64, String)>> {
 
 /// Reads one commit record.
 pub async fn read_commit(target: &Target, token: u64, snapshot: &str) -> Result<CommitRecord> {
-    let loc = join(
-        &target.prefix,
-        &format!("{META_DIR}/commits/{}", commit_name(token, snapshot)),
-    )?;
+    let loc = commit_loc(target, token, snapshot)?;
     let bytes = target
         .store
         .get(&loc)
@@ -356,10 +372,7 @@ pub async fn latest_commit(target: &Target) -> Result<Option<CommitRecord>> {
 
 /// Reads and checks the manifest of a committed snapshot from the sink.
 pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest> {
-    let loc = join(
-        &target.prefix,
-        &format!("{META_DIR}/manifests/{}", id.to_hex()),
-    )?;
+    let loc = manifest_loc(target, id)?;
     let bytes = target
         .store
         .get(&loc)
@@ -396,8 +409,6 @@ async fn check_fence(target: &Target, token: u64) -> Result<Option<(u64, String)
 /// Where an export stands, for progress reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExportProgress {
-    /// Index into the manifest's entries of the next entry to write.
-    pub next_entry: usize,
     /// Files done so far (written or found unchanged).
     pub files_done: u64,
     /// Bytes done so far.
@@ -434,8 +445,9 @@ pub struct ExportStats {
 pub struct Upload {
     /// What was done so far.
     pub stats: ExportStats,
-    /// Every file's object as this writer left it: path → (size, e_tag).
-    objects: HashMap<String, (u64, Option<String>)>,
+    /// Every file's object as this writer left it: path → e_tag (its size
+    /// is the manifest's).
+    objects: HashMap<String, Option<String>>,
     /// The objects found under the prefix before the upload: the only ones
     /// a mirror commit may delete (a concurrent writer's new objects are
     /// not this writer's to remove).
@@ -502,11 +514,7 @@ pub async fn upload_snapshot(
     on_progress: &mut (dyn FnMut(ExportProgress) + Send),
 ) -> Result<Upload> {
     let mut upload = Upload::default();
-    if let Some(e) = manifest
-        .entries
-        .iter()
-        .find(|e| e.path == META_DIR || e.path.starts_with(".bitclone/"))
-    {
+    if let Some(e) = manifest.entries.iter().find(|e| is_meta(&e.path)) {
         return Err(Error::InvalidPath {
             path: e.path.clone(),
             reason: "collides with the sink's own records under .bitclone/",
@@ -549,14 +557,14 @@ pub async fn upload_snapshot(
     let mut results = futures::stream::iter(manifest.entries.iter().enumerate().map(|(i, e)| {
         let ctx = &ctx;
         let skip = unchanged.contains(&i);
-        async move { ctx.write_entry(e, skip).await.map(|w| (i, e, w)) }
+        async move { ctx.write_entry(e, skip).await.map(|w| (e, w)) }
     }))
     .buffered(target.concurrency)
     // Boxing pins down the lifetimes, so that callers' futures stay Send.
     .boxed();
     let mut failed = None;
     while let Some(r) = results.next().await {
-        let (i, e, written) = match r {
+        let (e, written) = match r {
             Ok(v) => v,
             Err(err) => {
                 // Let the uploads in flight see the flag and abort cleanly
@@ -580,10 +588,9 @@ pub async fn upload_snapshot(
                 listed.get(&e.path).and_then(|l| l.e_tag.clone())
             }
         };
-        upload.objects.insert(e.path.clone(), (e.size, e_tag));
+        upload.objects.insert(e.path.clone(), e_tag);
         at.files_done += 1;
         at.bytes_done += e.size;
-        at.next_entry = i + 1;
         on_progress(at);
     }
     drop(results);
@@ -593,13 +600,7 @@ pub async fn upload_snapshot(
     let bytes = manifest.encode()?;
     target
         .store
-        .put(
-            &join(
-                &target.prefix,
-                &format!("{META_DIR}/manifests/{}", id.to_hex()),
-            )?,
-            PutPayload::from(bytes),
-        )
+        .put(&manifest_loc(target, id)?, PutPayload::from(bytes))
         .await
         .map_err(|e| sink_error(target, "writing the manifest", e))?;
     Ok(upload)
@@ -628,14 +629,9 @@ pub async fn commit_snapshot(
         .iter()
         .filter(|e| e.kind == EntryKind::File)
     {
-        let (size, tag) = upload
-            .objects
-            .get(&e.path)
-            .cloned()
-            .unwrap_or((e.size, None));
-        let here = now.get(&e.path);
-        let same = here.is_some_and(|l| {
-            l.size == size && (tag.is_none() || l.e_tag.is_none() || l.e_tag == tag)
+        let tag = upload.objects.get(&e.path).cloned().flatten();
+        let same = now.get(&e.path).is_some_and(|l| {
+            l.size == e.size && (tag.is_none() || l.e_tag.is_none() || l.e_tag == tag)
         });
         if !same {
             return Err(Error::Conflict(format!(
@@ -657,13 +653,7 @@ pub async fn commit_snapshot(
         bytes: manifest.total_bytes(),
         committed_unix_ms: now_ms(),
     };
-    let loc = join(
-        &target.prefix,
-        &format!(
-            "{META_DIR}/commits/{}",
-            commit_name(writer.token, &record.snapshot)
-        ),
-    )?;
+    let loc = commit_loc(target, writer.token, &record.snapshot)?;
     let body = serde_json::to_vec_pretty(&record)
         .map_err(|e| Error::InvalidArgument(format!("encoding commit record: {e}")))?;
     let put = target
@@ -711,10 +701,7 @@ pub const KEEP_COMMITS: usize = 64;
 async fn prune_commits(target: &Target, commits: &[(u64, String)]) -> Result<()> {
     let old = commits.len().saturating_sub(KEEP_COMMITS);
     for (token, snapshot) in &commits[..old] {
-        let loc = join(
-            &target.prefix,
-            &format!("{META_DIR}/commits/{}", commit_name(*token, snapshot)),
-        )?;
+        let loc = commit_loc(target, *token, snapshot)?;
         match target.store.delete(&loc).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(sink_error(target, "pruning old commit records", e)),
@@ -752,7 +739,7 @@ impl Ctx<'_> {
         if self.target.local_root.is_none() {
             attributes.insert(
                 Attribute::Metadata(BLAKE3_METADATA.into()),
-                AttributeValue::from(hex(&e.blake3)),
+                AttributeValue::from(ChunkId(e.blake3).to_hex()),
             );
         }
         if e.size < MULTIPART_THRESHOLD {
@@ -823,7 +810,8 @@ impl Ctx<'_> {
             Ok(r) => Ok(r
                 .attributes
                 .get(&Attribute::Metadata(BLAKE3_METADATA.into()))
-                .and_then(|v| parse_hex32(v.as_ref()))),
+                .and_then(|v| v.as_ref().parse::<ChunkId>().ok())
+                .map(|c| c.0)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(sink_error(self.target, "reading object metadata", e)),
         }
@@ -897,7 +885,7 @@ pub(crate) async fn list_under(
         let Some(rel) = relative(&target.prefix, &m.location) else {
             continue;
         };
-        if rel == META_DIR || rel.starts_with(".bitclone/") {
+        if is_meta(&rel) {
             continue;
         }
         out.push((rel, m));
@@ -1078,14 +1066,6 @@ pub(crate) fn join(prefix: &ObjectPath, rel: &str) -> Result<ObjectPath> {
         p = p.join(part);
     }
     Ok(p)
-}
-
-pub(crate) fn hex(b: &[u8; 32]) -> String {
-    blake3::Hash::from_bytes(*b).to_hex().to_string()
-}
-
-pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    blake3::Hash::from_hex(s.trim()).ok().map(|h| *h.as_bytes())
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -13,7 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::chunk::SnapshotId;
+use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::export::{self, join, sink_error, Target, META_DIR};
 use crate::ingest::{ingest_stream, SnapshotBuilder};
@@ -30,26 +30,39 @@ pub async fn committed_snapshot(
 ) -> Result<(export::CommitRecord, Manifest)> {
     let commits = export::list_commits(target).await?;
     let (token, snapshot) = match wanted {
-        Some(id) => commits
-            .iter()
-            .rev()
-            .find(|(_, s)| *s == id.to_hex())
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "committed snapshot",
-                name: format!("{id} in {}", target.url),
-            })?,
-        None => commits.last().cloned().ok_or_else(|| Error::NotFound {
-            kind: "committed snapshot",
-            name: format!(
-                "in {} (no commit records under {META_DIR}/commits)",
-                target.url
-            ),
+        Some(id) => {
+            let hex = id.to_hex();
+            commits
+                .iter()
+                .rev()
+                .find(|(_, s)| *s == hex)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::not_found("committed snapshot", format!("{id} in {}", target.url))
+                })?
+        }
+        None => commits.last().cloned().ok_or_else(|| {
+            Error::not_found(
+                "committed snapshot",
+                format!(
+                    "in {} (no commit records under {META_DIR}/commits)",
+                    target.url
+                ),
+            )
         })?,
     };
-    let record = export::read_commit(target, token, &snapshot).await?;
-    let id = record.snapshot_id()?;
-    let manifest = export::read_manifest(target, &id).await?;
+    read_committed(target, token, &snapshot).await
+}
+
+/// The commit record `(token, snapshot)` (a name from
+/// [`export::list_commits`]) and the manifest it vouches for.
+pub async fn read_committed(
+    target: &Target,
+    token: u64,
+    snapshot: &str,
+) -> Result<(export::CommitRecord, Manifest)> {
+    let record = export::read_commit(target, token, snapshot).await?;
+    let manifest = export::read_manifest(target, &record.snapshot_id()?).await?;
     Ok((record, manifest))
 }
 
@@ -143,38 +156,30 @@ async fn restore_files(
     staging: &Path,
     progress: &(dyn Fn(RestoreStats) + Sync),
 ) -> Result<RestoreStats> {
-    let done = std::sync::Mutex::new(RestoreStats::default());
-    futures::stream::iter(
+    let mut files = futures::stream::iter(
         manifest
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.kind == EntryKind::File),
     )
-    .map(|(i, e)| {
-        let done = &done;
-        async move {
-            let path = dir.join(&e.path);
-            let part = staging.join(i.to_string());
-            restore_file(target, &e.path, &part, &path, e.size, &e.blake3).await?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
-                .map_err(|err| Error::io("chmod", &path, err))?;
-            let now = {
-                let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
-                d.files += 1;
-                d.bytes += e.size;
-                *d
-            };
-            progress(now);
-            Ok::<_, Error>(())
-        }
+    .map(|(i, e)| async move {
+        let path = dir.join(&e.path);
+        let part = staging.join(i.to_string());
+        restore_file(target, &e.path, &part, &path, e.size, &e.blake3).await?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
+            .map_err(|err| Error::io("chmod", &path, err))?;
+        Ok::<_, Error>(e.size)
     })
     .buffer_unordered(target.concurrency)
-    .boxed()
-    .try_collect::<Vec<()>>()
-    .await?;
-    let stats = *done.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(stats)
+    .boxed();
+    let mut done = RestoreStats::default();
+    while let Some(size) = files.try_next().await? {
+        done.files += 1;
+        done.bytes += size;
+        progress(done);
+    }
+    Ok(done)
 }
 
 async fn restore_file(
@@ -218,8 +223,8 @@ async fn restore_file(
                 sink: target.url.clone(),
                 detail: format!(
                     "object {rel} does not match the snapshot: {n} bytes with BLAKE3 {}, the manifest says {size} bytes with BLAKE3 {} (changed since the commit?)",
-                    export::hex(&got),
-                    export::hex(want)
+                    ChunkId(got),
+                    ChunkId(*want)
                 ),
                 permanent: true,
             });

@@ -108,7 +108,7 @@ impl RocksStore {
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(8 << 20);
         db_opts.set_max_total_wal_size(512 << 20);
-        // Chunk data skips the WAL (see `put_chunk`); flushing the chunk and
+        // Chunk data skips the WAL (see `write_chunk`); flushing the chunk and
         // index families together keeps "indexed" and "stored" in step.
         db_opts.set_atomic_flush(true);
 
@@ -182,11 +182,14 @@ impl RocksStore {
 
     fn write_opt(&self, batch: WriteBatch, opts: &WriteOptions) -> Result<()> {
         self.check_writable()?;
-        self.db.write_opt(batch, opts).map_err(|e| {
-            // After a failed (synced) write we no longer know what is on disk.
-            self.poisoned.store(true, Ordering::Release);
-            Error::Poisoned(e.to_string())
-        })
+        self.db.write_opt(batch, opts).map_err(|e| self.poison(e))
+    }
+
+    /// After a failed (synced) write we no longer know what is on disk: the
+    /// store refuses writes from now on.
+    fn poison(&self, e: rocksdb::Error) -> Error {
+        self.poisoned.store(true, Ordering::Release);
+        Error::Poisoned(e.to_string())
     }
 
     /// Makes every chunk written so far durable: flushes the chunk and index
@@ -198,10 +201,7 @@ impl RocksStore {
         opts.set_wait(true);
         self.db
             .flush_cfs_opt(&[self.cf(CF_CHUNKS), self.cf(CF_CHUNK_INDEX)], &opts)
-            .map_err(|e| {
-                self.poisoned.store(true, Ordering::Release);
-                Error::Poisoned(e.to_string())
-            })
+            .map_err(|e| self.poison(e))
     }
 
     /// Atomically and durably (fsync) stores a manifest and moves the
@@ -466,10 +466,7 @@ impl ChunkStore for RocksStore {
 
     fn sync(&self) -> Result<()> {
         self.persist_chunks()?;
-        self.db.flush_wal(true).map_err(|e| {
-            self.poisoned.store(true, Ordering::Release);
-            Error::Poisoned(e.to_string())
-        })
+        self.db.flush_wal(true).map_err(|e| self.poison(e))
     }
 }
 
