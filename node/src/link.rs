@@ -34,24 +34,15 @@ fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
 }
 
 impl JobLink {
-    /// Updates progress and the in-memory checkpoint (cheap; no IO).
-    pub fn report(&self, id: &str, f: impl FnOnce(&mut Progress, &mut Checkpoint)) {
+    /// Updates progress (cheap; no IO).
+    pub fn report(&self, id: &str, f: impl FnOnce(&mut Progress)) {
         match self {
-            JobLink::Local(jobs) => jobs.report(id, |j| f(&mut j.progress, &mut j.checkpoint)),
+            JobLink::Local(jobs) => jobs.report(id, |j| f(&mut j.progress)),
             JobLink::Cluster { live, .. } => {
                 let mut l = lock(live);
-                let l = &mut *l;
-                f(&mut l.progress, &mut l.checkpoint);
+                f(&mut l.progress);
                 l.dirty = true;
             }
-        }
-    }
-
-    /// The checkpoint the attempt starts from.
-    pub fn checkpoint(&self, id: &str) -> Checkpoint {
-        match self {
-            JobLink::Local(jobs) => jobs.get(id).map(|j| j.checkpoint).unwrap_or_default(),
-            JobLink::Cluster { live, .. } => lock(live).checkpoint.clone(),
         }
     }
 
@@ -69,8 +60,11 @@ impl JobLink {
                 fence,
                 live,
             } => {
-                lock(live).checkpoint = cp.clone();
-                let progress = Some(lock(live).progress.clone());
+                let progress = {
+                    let mut l = lock(live);
+                    l.checkpoint = cp.clone();
+                    Some(l.progress.clone())
+                };
                 let r = cluster
                     .write(Command::SaveCheckpoint {
                         job: id.to_string(),

@@ -20,7 +20,7 @@ use bitclone_storage::{
 use crate::config::NodeConfig;
 use crate::jobs::{now_ms, Jobs};
 use crate::link::JobLink;
-use bitclone_raft::job::{Backoff, Checkpoint, Failure, Job};
+use bitclone_raft::job::{is_catalog_url, Backoff, Checkpoint, Failure, Job};
 
 pub struct Node {
     pub config: NodeConfig,
@@ -474,32 +474,31 @@ impl Node {
         stop: Arc<AtomicBool>,
         link: &JobLink,
     ) -> Result<(), StoreError> {
-        let mut cp = link.checkpoint(&job.id);
-        // A snapshot checkpointed by another node whose chunks are not here
-        // (no replication yet) is ingested again from the source.
-        let usable = match &cp.snapshot {
+        let mut cp = job.checkpoint.clone();
+        // A snapshot checkpointed by another node whose manifest is not here
+        // (not a replica, or not repaired yet) is ingested again.
+        let checkpointed = match &cp.snapshot {
             Some(s) => {
                 let (t, id) = (job.tenant.clone(), s.parse::<SnapshotId>()?);
-                self.blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
+                self.blocking(move |store| Ok(export::load_manifest(store, &t, &id).ok()))
                     .await?
+                    .map(|m| (id, m))
             }
-            None => false,
+            None => None,
         };
-        let snapshot = match (&cp.snapshot, usable) {
-            (Some(s), true) => s.parse::<SnapshotId>()?,
-            _ => {
+        let (snapshot, manifest) = match checkpointed {
+            Some(found) => found,
+            None => {
                 let id = self.ingest_source(&job, stop.clone(), link).await?;
                 cp = Checkpoint {
                     snapshot: Some(id.to_hex()),
                     ..Checkpoint::default()
                 };
                 link.save(&job.id, cp.clone()).await?;
-                id
+                self.resolve_snapshot(&job.tenant, &job.dataset, &id.to_hex())
+                    .await?
             }
         };
-        let (_, manifest) = self
-            .resolve_snapshot(&job.tenant, &job.dataset, &snapshot.to_hex())
-            .await?;
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
         let writer = link.writer(&job);
         let mut repairs = 0;
@@ -527,7 +526,7 @@ impl Node {
                     // skips the objects already written.
                     let mut on_progress = |p: ExportProgress| {
                         injected_file_delay();
-                        link.report(&id, |progress, _| {
+                        link.report(&id, |progress| {
                             progress.phase = phase.clone();
                             progress.files_done = p.files_done;
                             progress.files_total = files_total;
@@ -654,7 +653,7 @@ impl Node {
                             &mut |files, bytes| {
                                 if last.elapsed().as_millis() >= 100 {
                                     last = Instant::now();
-                                    link2.report(&id, |p, _| {
+                                    link2.report(&id, |p| {
                                         *p = bitclone_raft::job::Progress {
                                             phase: "ingesting source".into(),
                                             files_done: files,
@@ -685,7 +684,7 @@ impl Node {
                     &mut |files, bytes| {
                         if last.elapsed().as_millis() >= 100 {
                             last = Instant::now();
-                            link2.report(&id, |p, _| {
+                            link2.report(&id, |p| {
                                 p.phase = phase.clone();
                                 p.files_done = files;
                                 p.bytes_done = bytes;
@@ -760,7 +759,7 @@ fn parse_source(source: &str, s3: &export::S3Options) -> Result<Source, StoreErr
 
 /// A destination as shown to users: catalog passwords are never echoed.
 pub fn display_destination(url: &str) -> String {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_catalog_url(url) {
         catalog::redact_url(url)
     } else {
         url.to_string()
@@ -775,7 +774,7 @@ enum Destination {
 /// Parses a destination: an object store (`s3://…`, `file://…`) or a
 /// Postgres catalog (`postgres://…`).
 fn parse_destination(url: &str, s3: &export::S3Options) -> Result<Destination, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_catalog_url(url) {
         catalog::check_url(url)?;
         return Ok(Destination::Catalog(url.to_string()));
     }
@@ -788,13 +787,9 @@ pub fn validate_job_urls(
     destinations: &[String],
     s3: &export::S3Options,
 ) -> Result<(), StoreError> {
-    if source.starts_with("s3://") {
-        export::check_target(source, s3)?;
-    } else {
-        parse_source(source, s3)?;
-    }
+    parse_source(source, s3)?;
     for d in destinations {
-        if d.starts_with("postgres://") || d.starts_with("postgresql://") {
+        if is_catalog_url(d) {
             catalog::check_url(d)?;
         } else {
             export::check_target(d, s3)?;

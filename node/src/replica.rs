@@ -116,15 +116,16 @@ async fn replicate_to(
                 .map_err(|e| e.to_string())?,
         );
     }
+    let missing: Arc<[[u8; 32]]> = missing.into();
     let mut sent = 0u64;
     let mut i = 0;
     while i < missing.len() {
         // Read a batch locally (blocking), then send it.
-        let (s, t, rest) = (store.clone(), tenant.to_string(), missing[i..].to_vec());
+        let (s, t, ids, start) = (store.clone(), tenant.to_string(), missing.clone(), i);
         let batch = tokio::task::spawn_blocking(move || -> Result<Vec<NamedChunk>, String> {
             let mut out = Vec::new();
             let mut size = 0u64;
-            for id in rest {
+            for &id in &ids[start..] {
                 let data = s.get_chunk(&t, &ChunkId(id)).map_err(|e| e.to_string())?;
                 size += data.len() as u64;
                 out.push((id, data));

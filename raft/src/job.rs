@@ -119,13 +119,17 @@ pub enum Failure {
     Permanent,
 }
 
+/// Whether a destination is a Postgres catalog (the others are object stores).
+pub fn is_catalog_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 /// Whether two sink URLs can write the same objects: the same location, or
 /// one prefix inside the other (a mirror of the outer one deletes the inner
 /// one's objects). Options (`?mirror=true`) and trailing slashes do not
 /// matter. Catalogs never overlap: their commits are transactions.
 pub fn sinks_overlap(a: &str, b: &str) -> bool {
-    let catalog = |u: &str| u.starts_with("postgres://") || u.starts_with("postgresql://");
-    if catalog(a) || catalog(b) {
+    if is_catalog_url(a) || is_catalog_url(b) {
         return false;
     }
     let norm = |u: &str| {
