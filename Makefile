@@ -99,9 +99,9 @@ clean-cache:
 bench-cluster: deps
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p .bitclone
-	@$(STEP) bench-cluster bash -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-cluster" --bitclone "$(BITCLONE)" | tee .bitclone/bench-cluster.json'
+	@$(STEP) bench-cluster bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-cluster" --bitclone "$(BITCLONE)" | tee .bitclone/bench-cluster.json'
 
 bench-transport: deps-bench
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p .bitclone
-	@$(STEP) bench-transport bash -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-transport" | tee .bitclone/bench-transport.json'
+	@$(STEP) bench-transport bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-transport" | tee .bitclone/bench-transport.json'

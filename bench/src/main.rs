@@ -706,13 +706,18 @@ fn proc_cpu_seconds(pid: u32, children: bool) -> Result<f64> {
     Ok(ticks / clock_ticks())
 }
 
+/// Asked once: a `getconf` child per sample would be counted in the
+/// children's CPU time the bench reports for rclone.
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The S3 settings of the node and rclone come from the bench only, never

@@ -89,6 +89,19 @@ fn catalog_files(
     .collect()
 }
 
+/// Objects under the target's prefix, outside `.bitclone/`. On `rt`, the
+/// runtime that already drove `t` (its pooled connections belong to it).
+fn object_count(rt: &tokio::runtime::Runtime, t: &export::Target) -> usize {
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
+    })
+    .unwrap()
+    .into_iter()
+    .filter(|m| !m.location.as_ref().contains("/.bitclone/"))
+    .count()
+}
+
 fn edit_tree(src: &Path) {
     std::fs::write(src.join("d1/s1/f1.bin"), b"edited one").unwrap();
     std::fs::write(src.join("d2/s2/f2.bin"), b"edited two").unwrap();
@@ -143,6 +156,11 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
         g.object_write_count() - before,
         4 + 2,
         "only changed objects"
+    );
+    assert_eq!(
+        object_count(&rt(), &target(&g, s3)),
+        tree_digest(&src, &[]).len(),
+        "the removed file's object is deleted (mirror)"
     );
     assert_eq!(catalog_files(&db, &snap2), tree_digest(&src, &[]));
     let heads = db.psql(
@@ -409,16 +427,11 @@ fn holder_lost_mid_upload(fault: Fault) {
     );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_same_tree(&src, &out, true, &[]);
-    let objects = rt
-        .block_on(async {
-            use futures::TryStreamExt;
-            t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
-        })
-        .unwrap()
-        .into_iter()
-        .filter(|m| !m.location.as_ref().contains("/.bitclone/"))
-        .count();
-    assert_eq!(objects, tree_digest(&src, &[]).len(), "no stray objects");
+    assert_eq!(
+        object_count(&rt, &t),
+        tree_digest(&src, &[]).len(),
+        "no stray objects"
+    );
     // The catalog: exactly one row set.
     assert_eq!(
         db.psql(

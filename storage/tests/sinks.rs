@@ -105,6 +105,26 @@ impl Rig {
         )
         .await
     }
+    async fn upload(
+        &self,
+        m: &Manifest,
+        id: &SnapshotId,
+        t: &Target,
+        token: u64,
+    ) -> export::Upload {
+        export::upload_snapshot(
+            &self.pool,
+            self.store.clone(),
+            m,
+            id,
+            t,
+            &writer(token),
+            Arc::new(AtomicBool::new(false)),
+            &mut |_| {},
+        )
+        .await
+        .unwrap()
+    }
 }
 
 fn writer(token: u64) -> Writer {
@@ -221,7 +241,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
     }
     // A writer that uploaded, then lost its lease to a higher token that
     // committed first: its late commit is refused.
-    let mut late = rig_upload(&rig, &m3, &id3, t, 3).await;
+    let mut late = rig.upload(&m3, &id3, t, 3).await;
     std::fs::write(root.join("new.txt"), b"the new holder").unwrap();
     let (m4, id4) = rig.snapshot(root);
     rig.export(&m4, &id4, t, 4).await.unwrap();
@@ -272,7 +292,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
 
     // Another writer replacing an object between the upload and the commit:
     // the commit is refused, no record is written.
-    let mut up = rig_upload(&rig, &m4, &id4, t, 5).await;
+    let mut up = rig.upload(&m4, &id4, t, 5).await;
     t.store
         .put(
             &t.prefix.clone().join("d0").join("e0").join("f00.bin"),
@@ -297,27 +317,6 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
         "{}",
         t.url
     );
-}
-
-async fn rig_upload(
-    rig: &Rig,
-    m: &Manifest,
-    id: &SnapshotId,
-    t: &Target,
-    token: u64,
-) -> export::Upload {
-    export::upload_snapshot(
-        &rig.pool,
-        rig.store.clone(),
-        m,
-        id,
-        t,
-        &writer(token),
-        Arc::new(AtomicBool::new(false)),
-        &mut |_| {},
-    )
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,8 +323,8 @@ async fn leader_failover(b: &mut Bench, rounds: usize) -> Result<Value> {
             .clone();
         let client = connect(&survivor).await?;
         let dest = vec![format!("file://{}/fo-out", b.dir.display())];
-        kill("-KILL", pid);
         let t0 = Instant::now();
+        kill("-KILL", pid);
         loop {
             // Short attempts: a write stuck on the dead leader is abandoned
             // and retried, so the figure is not rounded up to the timeout.
@@ -392,8 +392,8 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let pid = b.member(holder)?.pid;
-        kill("-KILL", pid);
         let t0 = Instant::now();
+        kill("-KILL", pid);
         let others: Vec<String> = b
             .members
             .iter()

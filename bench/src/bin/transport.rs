@@ -86,10 +86,13 @@ fn socat_copy(file: &Path, listen: &str, connect: &str) -> Result<f64> {
         .args(["-u", &format!("OPEN:{}", file.display()), connect])
         .status()?;
     let secs = t.elapsed().as_secs_f64();
-    let _ = server.wait();
     if !status.success() {
+        // The server never got its client: it would wait for ever.
+        let _ = server.kill();
+        let _ = server.wait();
         bail!("socat client failed for {connect}");
     }
+    let _ = server.wait();
     Ok(secs)
 }
 
@@ -175,7 +178,7 @@ async fn main() -> Result<()> {
     let tls_s = socat_copy(
         &file,
         &format!(
-            "OPENSSL-LISTEN:{port},reuseaddr,cert={},key={},cafile={},verify=1",
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,cert={},key={},cafile={},verify=1",
             c("node-2.pem"),
             c("node-2.key"),
             c("ca.pem")
@@ -194,7 +197,7 @@ async fn main() -> Result<()> {
     let port = free_port()?;
     let tcp_s = socat_copy(
         &file,
-        &format!("TCP-LISTEN:{port},reuseaddr"),
+        &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"),
         &format!("TCP:127.0.0.1:{port}"),
     )?;
     eprintln!(

@@ -361,7 +361,7 @@ pub struct PgServer {
 
 impl PgServer {
     /// Whether PostgreSQL binaries (and, as root, `setpriv`) were found.
-    /// Tests should print a message and return early when this is false.
+    /// The tests fail with a clear message when this is false.
     pub fn available() -> bool {
         pg_bin_dir().is_some() && (!running_as_root() || find_tool("setpriv").is_some())
     }
@@ -710,15 +710,17 @@ impl Garage {
     pub fn binary() -> Option<PathBuf> {
         let path = match std::env::var_os("BITCLONE_GARAGE").filter(|p| !p.is_empty()) {
             Some(p) => PathBuf::from(p),
-            None => {
-                PathBuf::from(std::env::var_os("HOME")?).join(".cache/bitclone/garage/bin/garage")
-            }
+            // Where scripts/install-garage.sh puts it.
+            None => std::env::var_os("BITCLONE_CACHE")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/bitclone")))?
+                .join("garage/bin/garage"),
         };
         path.is_file().then_some(path)
     }
 
-    /// Whether the garage binary was found. Tests should print a message and
-    /// return early when this is false.
+    /// Whether the garage binary was found (the tests fail without it).
     pub fn available() -> bool {
         Self::binary().is_some()
     }
