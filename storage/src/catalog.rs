@@ -685,7 +685,7 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
 fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.code() {
         Some(code) => is_transient_sqlstate(code.code()),
-        None => e.is_closed() || broken_io(e),
+        None => is_connection_error(e),
     }
 }
 

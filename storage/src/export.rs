@@ -97,7 +97,8 @@ pub struct S3Options {
 }
 
 impl S3Options {
-    /// Fills unset fields from `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`/
+    /// Fills unset fields from `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`/
+    /// `AWS_ENDPOINT`, `AWS_REGION`/
     /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_SESSION_TOKEN` and `AWS_CA_BUNDLE`.
     pub fn or_env(self) -> Self {
@@ -273,7 +274,7 @@ fn build_s3(bucket: &str, o: &S3Options, url: &str) -> Result<object_store::aws:
 pub struct CommitRecord {
     /// The committed snapshot (hex).
     pub snapshot: String,
-    /// Owner and dataset of the snapshot.
+    /// Owner of the snapshot.
     pub tenant: String,
     /// Dataset of the snapshot.
     pub dataset: String,
@@ -281,7 +282,7 @@ pub struct CommitRecord {
     pub job: String,
     /// The fencing token of the lease the job held.
     pub fencing_token: u64,
-    /// Files and bytes of the snapshot.
+    /// Number of regular files.
     pub files: u64,
     /// Total file bytes.
     pub bytes: u64,
@@ -1002,19 +1003,18 @@ pub async fn check_create_only(target: &Target) -> Result<bool> {
 
 /// Adds what was being done and where to an object-store error.
 pub(crate) fn sink_error(target: &Target, doing: &str, e: object_store::Error) -> Error {
-    let kind = match &e {
-        object_store::Error::NotFound { .. } => SinkErrorKind::NotFound,
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => SinkErrorKind::Denied,
-        _ => SinkErrorKind::Other,
-    };
+    let denied = matches!(
+        e,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    );
+    let known = denied || matches!(e, object_store::Error::NotFound { .. });
     let text = condense(&crate::error::with_causes(&e));
     // A missing bucket shows up as NotFound on list; say it plainly.
     let hint = if text.contains("NoSuchBucket") {
         " (the bucket does not exist)"
     } else if text.contains("certificate") {
         " (the endpoint's certificate is not trusted: see ca_file / AWS_CA_BUNDLE)"
-    } else if matches!(kind, SinkErrorKind::Denied)
+    } else if denied
         || text.contains("InvalidAccessKeyId")
         || text.contains("SignatureDoesNotMatch")
         || text.contains("AccessDenied")
@@ -1026,7 +1026,7 @@ pub(crate) fn sink_error(target: &Target, doing: &str, e: object_store::Error) -
     Error::Sink {
         sink: target.url.clone(),
         detail: format!("{doing}: {text}{hint}"),
-        permanent: !matches!(kind, SinkErrorKind::Other) || !hint.is_empty(),
+        permanent: known || !hint.is_empty(),
     }
 }
 
@@ -1047,12 +1047,6 @@ fn condense(text: &str) -> String {
         (Some(c), None) => format!("{head}: {c}"),
         _ => head.to_string(),
     }
-}
-
-enum SinkErrorKind {
-    NotFound,
-    Denied,
-    Other,
 }
 
 /// Joins a validated relative path onto a prefix.

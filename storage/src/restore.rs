@@ -265,7 +265,7 @@ impl Read for StreamReader {
 
 /// Ingests every object under `target` (outside `.bitclone/`) into
 /// `builder`: objects stream through the chunker on blocking threads (up to
-/// the target's concurrency, at most one per core); an object whose
+/// the target's concurrency, and no more than the cores, two at least); an object whose
 /// size and modification time match the parent snapshot is taken over
 /// without reading it. Keys that are not safe relative paths are skipped
 /// (keys object_store cannot parse at all, such as `a//b`, fail the listing)

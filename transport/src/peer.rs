@@ -13,8 +13,9 @@ use crate::frame::{self, kind, op};
 use crate::{Error, Result};
 
 /// The local side of the protocol: where received chunks go and where
-/// requested ones come from. Methods block (RocksDB); they run on tokio's
-/// blocking pool.
+/// requested ones come from. Methods block (RocksDB) and run on tokio's
+/// blocking pool, all but `authorize`, which runs on the async thread and
+/// must not block.
 pub trait ChunkServer: Send + Sync + 'static {
     /// Checks that the certificate chain (already verified against the
     /// cluster CA) belongs to node `claimed` and that it may talk to us.
