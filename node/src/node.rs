@@ -185,9 +185,9 @@ impl Node {
         }
     }
 
-    /// In a cluster, when this node does not hold the snapshot (`snapshot`,
-    /// or the head when empty): the public API addresses of the members that
-    /// do, the writer first. Reads are streamed from the first that answers.
+    /// In a cluster, for a snapshot (`snapshot`, or the head when empty) this
+    /// node does not hold: the public API addresses of the members that do,
+    /// the writer first. Reads are streamed from the first that answers.
     pub async fn remote_holders(
         &self,
         tenant: &str,
@@ -198,41 +198,32 @@ impl Node {
         let me = c.id;
         // One linearizable read: the snapshot meant, who wrote it, and the
         // members that hold it (the writer first, then the shard's replicas).
-        let (id, holders) = c
-            .read(|s| {
-                let head = s.datasets.get(tenant)?.get(dataset)?;
-                let id = if snapshot.is_empty() {
-                    head.snapshot.as_str()
-                } else {
-                    snapshot
-                };
-                let e = head.history.iter().find(|e| e.id == id)?;
-                if e.written_by == me {
-                    return None;
-                }
-                let mut nodes = vec![e.written_by];
-                nodes.extend(
-                    s.replicas_of(tenant, dataset)
-                        .into_iter()
-                        .filter(|n| *n != me && *n != e.written_by),
-                );
-                let addrs = nodes
-                    .iter()
-                    .filter_map(|n| s.members.get(n).map(|m| m.api_addr.clone()))
-                    .collect::<Vec<_>>();
-                Some((e.id.clone(), addrs))
-            })
-            .await
-            .ok()
-            .flatten()?;
-        // Served here when this node holds the manifest (a replica).
-        let id: SnapshotId = id.parse().ok()?;
-        let t = tenant.to_string();
-        let local = self
-            .blocking(move |store| Ok(store.get_manifest(&t, &id).is_ok()))
-            .await
-            .unwrap_or(false);
-        (!local).then_some(holders)
+        c.read(|s| {
+            let head = s.datasets.get(tenant)?.get(dataset)?;
+            let id = if snapshot.is_empty() {
+                head.snapshot.as_str()
+            } else {
+                snapshot
+            };
+            let e = head.history.iter().find(|e| e.id == id)?;
+            if e.written_by == me {
+                return None;
+            }
+            let mut nodes = vec![e.written_by];
+            nodes.extend(
+                s.replicas_of(tenant, dataset)
+                    .into_iter()
+                    .filter(|n| *n != me && *n != e.written_by),
+            );
+            let addrs = nodes
+                .iter()
+                .filter_map(|n| s.members.get(n).map(|m| m.api_addr.clone()))
+                .collect::<Vec<_>>();
+            Some(addrs)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Fetches a chunk from another replica of the dataset's shard (verified

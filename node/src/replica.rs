@@ -1,6 +1,7 @@
 //! Chunk replication over QUIC: this node's side of the chunk protocol, and
 //! pushing a snapshot's chunks and manifest to its shard's replicas.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -326,6 +327,7 @@ async fn repair_once(
             .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
     };
     let mut complete = true;
+    let mut present: HashMap<String, HashSet<ChunkId>> = HashMap::new();
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
         let (store, t) = (node.store.clone(), tenant.clone());
@@ -366,15 +368,21 @@ async fn repair_once(
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        let (store, t) = (node.store.clone(), tenant.clone());
+        // Snapshots of a dataset share most chunks: check each one once a pass.
+        let seen = present.entry(tenant.clone()).or_default();
+        ids.retain(|i| !seen.contains(i));
+        let (store, t, check) = (node.store.clone(), tenant.clone(), ids.clone());
         let missing: Vec<[u8; 32]> = tokio::task::spawn_blocking(move || {
-            ids.into_iter()
+            check
+                .into_iter()
                 .filter(|i| !store.has_chunk(&t, i).unwrap_or(false))
                 .map(|i| i.0)
                 .collect()
         })
         .await
         .map_err(|e| e.to_string())?;
+        let absent: HashSet<[u8; 32]> = missing.iter().copied().collect();
+        seen.extend(ids.into_iter().filter(|i| !absent.contains(&i.0)));
         if missing.is_empty() {
             continue;
         }

@@ -366,31 +366,37 @@ impl BitClone for Api {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        if let Some(holders) = self
-            .node
-            .remote_holders(&r.tenant, &r.dataset, &r.snapshot)
-            .await
-        {
-            // The snapshot is held by other members: stream it from the
-            // first that answers.
-            let mut last = Status::unavailable("no member holding this snapshot is known");
-            for addr in holders {
-                let attempt = async {
-                    let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
-                    c.download(r.clone()).await
-                };
-                match attempt.await {
-                    Ok(resp) => return Ok(Response::new(Box::pin(resp.into_inner()))),
-                    Err(e) => last = e,
-                }
-            }
-            return Err(last);
-        }
-        let (id, manifest) = self
+        let (id, manifest) = match self
             .node
             .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
             .await
-            .map_err(status)?;
+        {
+            Ok(found) => found,
+            // Not here: in a cluster, stream it from the first member
+            // holding it that answers.
+            Err(e @ StoreError::NotFound { .. }) => {
+                let Some(holders) = self
+                    .node
+                    .remote_holders(&r.tenant, &r.dataset, &r.snapshot)
+                    .await
+                else {
+                    return Err(status(e));
+                };
+                let mut last = Status::unavailable("no member holding this snapshot is known");
+                for addr in holders {
+                    let attempt = async {
+                        let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
+                        c.download(r.clone()).await
+                    };
+                    match attempt.await {
+                        Ok(resp) => return Ok(Response::new(Box::pin(resp.into_inner()))),
+                        Err(e) => last = e,
+                    }
+                }
+                return Err(last);
+            }
+            Err(e) => return Err(status(e)),
+        };
         let (tx, rx) = mpsc::channel::<Result<pb::DownloadResponse, Status>>(8);
         let store = self.node.chunk_store();
         let info = pb::SnapshotInfo {
