@@ -31,8 +31,6 @@ impl std::fmt::Display for NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetHead {
     pub snapshot: String,
-    /// The node that holds the snapshot's chunks (until QUIC replication).
-    pub written_by: NodeId,
     pub updated_unix_ms: i64,
     /// Every snapshot of the dataset, oldest first.
     pub history: Vec<SnapshotEntry>,
@@ -308,7 +306,6 @@ fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// Applies one request. Pure: the same state and request give the same result.
 /// What the state machine remembers of one client.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -327,6 +324,7 @@ pub const MAX_SESSIONS: usize = 256;
 /// than everything remembered is refused (it cannot be told from a retry).
 pub const SESSION_WINDOW: usize = 1024;
 
+/// Applies one request. Pure: the same state and request give the same result.
 pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     if req.seq != 0 {
         if let Some(session) = state.sessions.get(&req.client) {
@@ -427,8 +425,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             // A report for an older layout says nothing about this one.
             if *version == state.layout.version && state.members.contains_key(node) {
                 state.ready.insert(*node);
-                let placed: BTreeSet<NodeId> = state.layout.load().keys().copied().collect();
-                if placed.iter().all(|n| state.ready.contains(n)) {
+                if state.layout.load().keys().all(|n| state.ready.contains(n)) {
                     state.previous_layout = None;
                 }
             }
@@ -466,12 +463,10 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             }
             let head = heads.entry(dataset.clone()).or_insert_with(|| DatasetHead {
                 snapshot: String::new(),
-                written_by: snapshot.written_by,
                 updated_unix_ms: now,
                 history: Vec::new(),
             });
             head.snapshot = snapshot.id.clone();
-            head.written_by = snapshot.written_by;
             head.updated_unix_ms = now;
             head.history.push(snapshot.clone());
             Ok(Response::Ok)
