@@ -289,36 +289,25 @@ impl Cluster {
             now_ms: 0,
             cmd,
         };
-        let mut last = ClusterError::NoLeader;
-        for attempt in 0..20u64 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 * attempt.min(10))).await;
-            }
-            let Ok(leader) = self.wait_leader(Duration::from_secs(5)).await else {
-                continue;
-            };
-            if leader == self.id {
-                match self.propose(req.clone()).await {
-                    Ok(r) => return Ok(r),
-                    Err(e) => last = e,
-                }
-                continue;
-            }
-            let Some(addr) = self.peer_addr(leader) else {
-                last = ClusterError::NoLeader;
-                continue;
-            };
-            let r: Result<Result<Response, String>, PeerError> = self
-                .peers
-                .call(leader, &addr, PeerRpc::Forward, &req, self.rpc_timeout)
-                .await;
-            match r {
-                Ok(Ok(resp)) => return Ok(resp),
-                Ok(Err(msg)) => last = ClusterError::Raft(msg),
-                Err(e) => last = e.into(),
-            }
+        retrying(|_| true, || self.write_once(&req)).await
+    }
+
+    /// One attempt of [`Cluster::write`]: propose here if this node leads,
+    /// else forward to the leader.
+    async fn write_once(&self, req: &Request) -> Result<Response, ClusterError> {
+        let leader = self
+            .wait_leader(Duration::from_secs(5))
+            .await
+            .map_err(|_| ClusterError::NoLeader)?;
+        if leader == self.id {
+            return self.propose(req.clone()).await;
         }
-        Err(last)
+        let addr = self.peer_addr(leader).ok_or(ClusterError::NoLeader)?;
+        let r: Result<Result<Response, String>, PeerError> = self
+            .peers
+            .call(leader, &addr, PeerRpc::Forward, req, self.rpc_timeout)
+            .await;
+        r?.map_err(ClusterError::Raft)
     }
 
     fn peer_addr(&self, id: NodeId) -> Option<String> {
@@ -346,18 +335,12 @@ impl Cluster {
     /// call (a linearizable read through the leader's read index).
     pub async fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> Result<T, ClusterError> {
         // Across a leader change: retry until a leader answers (bounded).
-        let mut last = ClusterError::NoLeader;
-        for attempt in 0..20u64 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 * attempt.min(10))).await;
-            }
-            match self.read_barrier().await {
-                Ok(()) => return Ok(self.local(f)),
-                Err(e @ (ClusterError::Peer(_) | ClusterError::NoLeader)) => last = e,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last)
+        retrying(
+            |e| matches!(e, ClusterError::Peer(_) | ClusterError::NoLeader),
+            || self.read_barrier(),
+        )
+        .await?;
+        Ok(self.local(f))
     }
 
     /// Waits until this node has applied every write acknowledged before the
@@ -432,6 +415,30 @@ impl Cluster {
         // A node not yet part of any membership accepts its first leader.
         m.get_node(&id).is_some() || m.nodes().next().is_none()
     }
+}
+
+/// Runs `f` until it succeeds, up to 20 attempts across leader changes
+/// (backing off 50 ms more each time, 500 ms at most), while `retryable`
+/// says the error is worth another try; then the last error.
+async fn retrying<T, Fut>(
+    retryable: impl Fn(&ClusterError) -> bool,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, ClusterError>
+where
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let mut last = ClusterError::NoLeader;
+    for attempt in 0..20u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * attempt.min(10))).await;
+        }
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if retryable(&e) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 pub fn now_ms() -> i64 {
