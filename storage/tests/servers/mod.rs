@@ -366,11 +366,6 @@ impl PgServer {
         pg_bin_dir().is_some() && (!running_as_root() || find_tool("setpriv").is_some())
     }
 
-    /// The directory holding `initdb`, `pg_ctl`, ... if any.
-    pub fn bin_dir() -> Option<PathBuf> {
-        pg_bin_dir()
-    }
-
     /// Starts a fresh server; panics (with the server log tail) on failure.
     pub fn start() -> PgServer {
         Self::try_start().unwrap_or_else(|e| panic!("PgServer::start: {e}"))
@@ -513,18 +508,13 @@ impl PgServer {
     }
 
     /// Path of the server log (inside the data directory).
-    pub fn log_path(&self) -> PathBuf {
+    fn log_path(&self) -> PathBuf {
         self.data.join("log")
     }
 
     /// The last lines of the server log.
     pub fn log_tail(&self) -> String {
         file_tail(&self.log_path(), 40)
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data
     }
 
     /// Turns TLS on with `cert` (PEM chain) and `key` (PEM private key):
@@ -542,10 +532,6 @@ impl PgServer {
         }
         self.psql("postgres", "ALTER SYSTEM SET ssl = on");
         self.psql("postgres", "SELECT pg_reload_conf()");
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/<db>`
@@ -980,21 +966,8 @@ admin_token = "{admin_token}"
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
-    /// `http://127.0.0.1:<admin port>`
-    pub fn admin_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
-    }
-
     pub fn s3_port(&self) -> u16 {
         self.s3_port
-    }
-
-    pub fn admin_port(&self) -> u16 {
-        self.admin_port
-    }
-
-    pub fn rpc_port(&self) -> u16 {
-        self.rpc_port
     }
 
     pub fn access_key(&self) -> &str {
@@ -1007,19 +980,6 @@ admin_token = "{admin_token}"
 
     pub fn region(&self) -> &str {
         "garage"
-    }
-
-    pub fn metrics_token(&self) -> &str {
-        &self.metrics_token
-    }
-
-    pub fn admin_token(&self) -> &str {
-        &self.admin_token
-    }
-
-    /// Path of the server's stdout/stderr log.
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// The last lines of the server log.
@@ -1049,11 +1009,6 @@ admin_token = "{admin_token}"
             "api_endpoint",
             endpoint,
         )
-    }
-
-    /// Number of single-part `PutObject` calls.
-    pub fn put_object_count(&self) -> u64 {
-        self.request_count("PutObject")
     }
 
     /// Objects written either way: `PutObject` + `CompleteMultipartUpload`
