@@ -175,7 +175,6 @@ fn job_line(j: &proto::Job) -> String {
 pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
     json!({
         "node_id": st.node_id,
-        "clustered": st.clustered,
         "leader": if st.leader_id == 0 { serde_json::Value::Null } else { json!(st.leader_id) },
         "term": st.term,
         "applied_index": st.applied_index,
@@ -196,10 +195,6 @@ pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
 }
 
 fn print_status(st: &proto::ClusterStatusResponse) {
-    if !st.clustered {
-        println!("standalone node (not part of a cluster)");
-        return;
-    }
     println!(
         "node {}  state {}  leader {}  term {}  applied {}  last log {}",
         st.node_id,
@@ -466,6 +461,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 "uptime_seconds": s.uptime_seconds,
                 "bytes_replicated": s.bytes_replicated,
                 "chunks_repaired": s.chunks_repaired,
+                "fatal": if s.fatal.is_empty() { serde_json::Value::Null } else { json!(s.fatal) },
             });
             if ctx.json {
                 print_json(&v);

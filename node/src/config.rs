@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bitclone_raft::state::{SettingsUpdate, MIN_LEASE_MS};
 use bitclone_storage::ChunkParams;
 use serde::Deserialize;
 
@@ -30,7 +31,7 @@ pub struct FileConfig {
     /// S3 endpoint and credentials for `s3://` sinks and sources; unset
     /// fields come from the standard `AWS_*` variables.
     #[serde(default)]
-    pub s3: bitclone_storage::export::S3Options,
+    pub s3: bitclone_storage::sink::objects::S3Options,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +57,10 @@ pub struct FileCluster {
     pub election_timeout_min: Option<String>,
     pub election_timeout_max: Option<String>,
     pub snapshot_logs: Option<u64>,
+    /// How long a job's lease lasts without a renewal (cluster-wide).
+    pub lease: Option<String>,
+    /// Shards of a tenant created without a count (cluster-wide).
+    pub default_shards: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,15 +105,13 @@ pub struct NodeConfig {
     pub cpu_threads: usize,
     pub job_workers: usize,
     pub max_attempts: u32,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
     pub shutdown_grace: Duration,
-    /// Set when the node is part of a Raft cluster.
-    pub cluster: Option<ClusterSettings>,
-    /// QUIC chunk transport tuning (cluster mode).
+    /// Raft membership; a node on its own is a cluster of one.
+    pub cluster: ClusterSettings,
+    /// QUIC chunk transport tuning.
     pub transport: bitclone_transport::TransportConfig,
     /// How `s3://` sinks and sources are reached.
-    pub s3: bitclone_storage::export::S3Options,
+    pub s3: bitclone_storage::sink::objects::S3Options,
 }
 
 #[derive(Debug, Clone)]
@@ -116,13 +119,21 @@ pub struct ClusterSettings {
     pub node_id: u64,
     pub peer_listen: SocketAddr,
     pub certs: PathBuf,
-    pub bootstrap: bool,
+    /// No certificate directory was configured: a node that starts a
+    /// cluster makes its own CA and certificate there when none exist.
+    pub certs_are_default: bool,
     /// Public API address (HOST:PORT or URL) of any member to join through.
     pub join: Option<String>,
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
     pub snapshot_logs: u64,
+    /// Cluster-wide settings this node's config gives (the rest stay as
+    /// the cluster has them).
+    pub settings: SettingsUpdate,
 }
+
+/// The peer address of a node given none: loopback, any free port.
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:0";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
@@ -236,19 +247,33 @@ impl NodeConfig {
             humantime::parse_duration(&s)
                 .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
         };
-        let backoff_base = dur("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base, "1s")?;
-        let backoff_max = dur("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max, "60s")?;
+        // Given or not: only what is given changes the cluster's settings.
+        let given = |var: &str, file: Option<String>| -> Result<Option<Duration>> {
+            env(var)
+                .or(file)
+                .map(|s| {
+                    humantime::parse_duration(&s)
+                        .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
+                })
+                .transpose()
+        };
+        let backoff_base = given("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base)?;
+        let backoff_max = given("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max)?;
+        if let (Some(base), Some(max)) = (backoff_base, backoff_max) {
+            if base > max {
+                bail!("jobs.backoff_base ({base:?}) is larger than jobs.backoff_max ({max:?})");
+            }
+        }
         let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
-        let cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
+        let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
+        cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);
+        cluster.settings.backoff_max_ms = backoff_max.map(|d| d.as_millis() as u64);
         let transport = resolve_transport(fc.transport)?;
         if cpu_threads == 0 || job_workers == 0 {
             bail!("cpu_threads and jobs.workers must be at least 1");
         }
         if max_attempts == 0 {
             bail!("jobs.max_attempts must be at least 1");
-        }
-        if backoff_base > backoff_max {
-            bail!("jobs.backoff_base ({backoff_base:?}) is larger than jobs.backoff_max ({backoff_max:?})");
         }
         Ok(NodeConfig {
             data_dir,
@@ -258,8 +283,6 @@ impl NodeConfig {
             cpu_threads,
             job_workers,
             max_attempts,
-            backoff_base,
-            backoff_max,
             shutdown_grace,
             cluster,
             transport,
@@ -314,23 +337,19 @@ fn resolve_cluster(
     env: &dyn Fn(&str) -> Option<String>,
     flags: &ClusterFlags,
     data_dir: &Path,
-) -> Result<Option<ClusterSettings>> {
+) -> Result<ClusterSettings> {
     let peer_listen = flags
         .peer_listen
         .clone()
         .or_else(|| env("BITCLONE_PEER_LISTEN"))
-        .or(fc.peer_listen);
-    let Some(peer_listen) = peer_listen else {
-        if flags.bootstrap || flags.join.is_some() || flags.node_id.is_some() {
-            bail!("--bootstrap, --join and --node-id need --peer-listen (the mutual-TLS peer address)");
-        }
-        return Ok(None);
-    };
+        .or(fc.peer_listen)
+        .unwrap_or_else(|| DEFAULT_PEER_LISTEN.to_string());
     let peer_listen: SocketAddr = peer_listen
         .parse()
         .with_context(|| format!("peer listen address {peer_listen:?} is not IP:PORT"))?;
+    // A node on its own is node 1 of its cluster of one.
     let node_id = match flags.node_id {
-        Some(n) => Some(n),
+        Some(n) => n,
         None => env("BITCLONE_NODE_ID")
             .map(|v| {
                 v.trim()
@@ -338,9 +357,9 @@ fn resolve_cluster(
                     .with_context(|| format!("BITCLONE_NODE_ID={v:?}"))
             })
             .transpose()?
-            .or(fc.node_id),
-    }
-    .context("a cluster node needs --node-id (a number, unique and stable for the node)")?;
+            .or(fc.node_id)
+            .unwrap_or(1),
+    };
     if node_id == 0 {
         bail!("node ids start at 1");
     }
@@ -348,8 +367,11 @@ fn resolve_cluster(
         .certs
         .clone()
         .or_else(|| env("BITCLONE_CERTS").map(PathBuf::from))
-        .or(fc.certs)
-        .unwrap_or_else(|| data_dir.join("certs"));
+        .or(fc.certs);
+    let certs_are_default = certs.is_none();
+    let certs = certs.unwrap_or_else(|| data_dir.join("certs"));
+    // A node that is not told to join starts a cluster of its own anyway;
+    // `--bootstrap` stays accepted and must not be combined with `--join`.
     let truthy = |v: String| matches!(v.as_str(), "1" | "true" | "yes");
     let bootstrap = flags.bootstrap
         || env("BITCLONE_BOOTSTRAP").map(truthy).unwrap_or(false)
@@ -387,16 +409,44 @@ fn resolve_cluster(
     if snapshot_logs < 5 {
         bail!("cluster.snapshot_logs must be at least 5");
     }
-    Ok(Some(ClusterSettings {
+    let lease = env("BITCLONE_LEASE")
+        .or(fc.lease)
+        .map(|s| {
+            humantime::parse_duration(&s)
+                .with_context(|| format!("cluster.lease {s:?} is not a duration"))
+        })
+        .transpose()?;
+    if let Some(l) = lease {
+        if (l.as_millis() as i64) < MIN_LEASE_MS {
+            bail!("cluster.lease must be at least {MIN_LEASE_MS}ms");
+        }
+    }
+    let default_shards = match env("BITCLONE_DEFAULT_SHARDS") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u32>()
+                .with_context(|| format!("BITCLONE_DEFAULT_SHARDS={v:?}"))?,
+        ),
+        None => fc.default_shards,
+    };
+    if default_shards.is_some_and(|n| n == 0 || n > 4096) {
+        bail!("cluster.default_shards must be 1..=4096");
+    }
+    Ok(ClusterSettings {
         node_id,
         peer_listen,
         certs,
-        bootstrap,
+        certs_are_default,
         join,
         heartbeat,
         election_timeout: (emin, emax),
         snapshot_logs,
-    }))
+        settings: SettingsUpdate {
+            default_shards,
+            lease_ms: lease.map(|l| l.as_millis() as i64),
+            ..SettingsUpdate::default()
+        },
+    })
 }
 
 fn u32_size(v: u64) -> Result<u32> {
@@ -482,8 +532,54 @@ mod tests {
         assert!(with("[chunking]\nmin_size = \"8MiB\"\n").is_err());
         assert!(with("listen = \"nowhere\"\n").is_err());
         assert!(with("[jobs]\nbackoff_base = \"2m\"\nbackoff_max = \"1m\"\n").is_err());
+        assert!(with("[cluster]\nlease = \"10ms\"\n").is_err());
+        assert!(with("[cluster]\ndefault_shards = 0\n").is_err());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
         assert!(NodeConfig::resolve(FileConfig::default(), &no_env, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn a_node_given_no_cluster_settings_is_node_1_of_its_own_cluster() {
+        let cfg = NodeConfig::resolve(
+            FileConfig::default(),
+            &no_env,
+            Overrides {
+                data_dir: Some("/d".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let c = &cfg.cluster;
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.peer_listen.to_string(), DEFAULT_PEER_LISTEN);
+        assert!(c.peer_listen.ip().is_loopback());
+        assert_eq!(c.certs, PathBuf::from("/d/certs"));
+        assert!(c.certs_are_default);
+        // Nothing given: the cluster's settings stay as they are.
+        assert_eq!(c.settings, SettingsUpdate::default());
+    }
+
+    #[test]
+    fn cluster_settings_given_in_config_reach_the_state_machine_update() {
+        let fc: FileConfig = toml::from_str(
+            "[jobs]\nbackoff_base = \"50ms\"\n[cluster]\nlease = \"2s\"\ndefault_shards = 4\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "BITCLONE_JOB_BACKOFF_MAX").then(|| "200ms".to_string());
+        let flags = Overrides {
+            data_dir: Some("/d".into()),
+            ..Default::default()
+        };
+        let cfg = NodeConfig::resolve(fc, &env, flags).unwrap();
+        assert_eq!(
+            cfg.cluster.settings,
+            SettingsUpdate {
+                default_shards: Some(4),
+                lease_ms: Some(2_000),
+                backoff_base_ms: Some(50),
+                backoff_max_ms: Some(200),
+            }
+        );
     }
 
     #[test]

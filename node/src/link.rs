@@ -1,6 +1,6 @@
 //! Where a running job attempt reports progress and saves checkpoints: the
-//! local job table (standalone) or the Raft state machine under its lease
-//! (cluster), where every save carries the fencing token.
+//! Raft state machine, under the attempt's lease. Every save carries the
+//! fencing token.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,8 +8,6 @@ use bitclone_raft::job::{Checkpoint, Progress};
 use bitclone_raft::state::{Command, CommandError, Fence, Response};
 use bitclone_raft::Cluster;
 use bitclone_storage::Error as StoreError;
-
-use crate::jobs::Jobs;
 
 /// What the holder knows of its running job; the heartbeat publishes it.
 #[derive(Debug, Default)]
@@ -20,13 +18,10 @@ pub struct Live {
 }
 
 #[derive(Clone)]
-pub enum JobLink {
-    Local(Arc<Jobs>),
-    Cluster {
-        cluster: Arc<Cluster>,
-        fence: Fence,
-        live: Arc<Mutex<Live>>,
-    },
+pub struct JobLink {
+    pub cluster: Arc<Cluster>,
+    pub fence: Fence,
+    pub live: Arc<Mutex<Live>>,
 }
 
 fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
@@ -34,70 +29,49 @@ fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
 }
 
 impl JobLink {
-    /// Updates progress (cheap; no IO).
-    pub fn report(&self, id: &str, f: impl FnOnce(&mut Progress)) {
-        match self {
-            JobLink::Local(jobs) => jobs.report(id, |j| f(&mut j.progress)),
-            JobLink::Cluster { live, .. } => {
-                let mut l = lock(live);
-                f(&mut l.progress);
-                l.dirty = true;
-            }
-        }
+    /// Updates progress (cheap; no IO: the heartbeat publishes it).
+    pub fn report(&self, f: impl FnOnce(&mut Progress)) {
+        let mut l = lock(&self.live);
+        f(&mut l.progress);
+        l.dirty = true;
     }
 
-    /// Saves a checkpoint durably; in a cluster a stale lease is refused.
+    /// Saves a checkpoint durably; a stale lease is refused.
     pub async fn save(&self, id: &str, cp: Checkpoint) -> Result<(), StoreError> {
-        match self {
-            JobLink::Local(jobs) => {
-                jobs.update(id, false, |j| j.checkpoint = cp)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("saving checkpoint: {e:#}")))?;
-                Ok(())
-            }
-            JobLink::Cluster {
-                cluster,
-                fence,
-                live,
-            } => {
-                let progress = {
-                    let mut l = lock(live);
-                    l.checkpoint = cp.clone();
-                    Some(l.progress.clone())
-                };
-                let r = cluster
-                    .write(Command::SaveCheckpoint {
-                        job: id.to_string(),
-                        fence: *fence,
-                        checkpoint: cp,
-                        progress,
-                    })
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                fenced_error(id, r)
-            }
-        }
-    }
-
-    /// Who writes a job's sink effects: the job and its attempt's fencing
-    /// token (the lease's in a cluster, this node's sequence standalone).
-    pub fn writer(&self, job: &bitclone_raft::job::Job) -> bitclone_storage::export::Writer {
-        let token = match self {
-            JobLink::Local(_) => job.fencing_token,
-            JobLink::Cluster { fence, .. } => fence.token,
+        let progress = {
+            let mut l = lock(&self.live);
+            l.checkpoint = cp.clone();
+            Some(l.progress.clone())
         };
-        bitclone_storage::export::Writer {
+        let r = self
+            .cluster
+            .write(Command::SaveCheckpoint {
+                job: id.to_string(),
+                fence: self.fence,
+                checkpoint: cp,
+                progress,
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        fenced_error(id, r)
+    }
+
+    /// The last checkpoint saved.
+    pub fn checkpoint(&self) -> Checkpoint {
+        lock(&self.live).checkpoint.clone()
+    }
+
+    /// Who writes a job's sink effects: the job and its lease's token.
+    pub fn writer(&self, job: &bitclone_raft::job::Job) -> bitclone_storage::sink::Writer {
+        bitclone_storage::sink::Writer {
             job: job.id.clone(),
-            token,
+            token: self.fence.token,
         }
     }
 
-    /// The job and lease a fenced effect comes from (cluster only).
+    /// The job and lease a fenced effect comes from.
     pub fn fenced_by(&self, id: &str) -> Option<(String, Fence)> {
-        match self {
-            JobLink::Local(_) => None,
-            JobLink::Cluster { fence, .. } => Some((id.to_string(), *fence)),
-        }
+        Some((id.to_string(), self.fence))
     }
 }
 

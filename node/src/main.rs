@@ -3,8 +3,8 @@
 mod cli;
 mod config;
 mod dev;
-mod jobs;
 mod link;
+mod migrate;
 mod node;
 mod replica;
 mod restore;
@@ -201,7 +201,7 @@ fn main() -> std::process::ExitCode {
                 s3_region,
                 dir,
             } => {
-                let s3 = bitclone_storage::export::S3Options {
+                let s3 = bitclone_storage::sink::objects::S3Options {
                     endpoint: s3_endpoint,
                     region: s3_region,
                     ..Default::default()

@@ -1,35 +1,30 @@
 //! The node: one place that builds the whole system (store, CPU pool, jobs)
 //! and the job executor that runs clone jobs on it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry};
-use bitclone_storage::export::{self, ExportProgress};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
-use bitclone_storage::rocks::DatasetSummary;
-use bitclone_storage::{catalog, restore};
+use bitclone_storage::sink::objects::{self, ExportProgress};
+use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source};
 use bitclone_storage::{
-    ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions, RocksStore,
-    SnapshotId, SnapshotRecord,
+    load_manifest, ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions,
+    RocksStore, SnapshotId, SnapshotRecord,
 };
 
 use crate::config::NodeConfig;
-use crate::jobs::{now_ms, Jobs};
 use crate::link::JobLink;
-use bitclone_raft::job::{is_catalog_url, Backoff, Checkpoint, Failure, Job};
+use bitclone_raft::cluster::now_ms;
+use bitclone_raft::job::{Checkpoint, Failure, Job};
 
 pub struct Node {
     pub config: NodeConfig,
-    /// Set in cluster mode.
-    pub cluster: Option<Arc<bitclone_raft::Cluster>>,
-    pub node_id: String,
+    pub cluster: Arc<bitclone_raft::Cluster>,
     pub store: Arc<RocksStore>,
     pub pool: CpuPool,
-    pub jobs: Arc<Jobs>,
     pub started: Instant,
     pub bytes_ingested: AtomicU64,
     pub bytes_stored: AtomicU64,
@@ -37,56 +32,97 @@ pub struct Node {
     pub chunks_repaired: AtomicU64,
     /// Chunk bytes sent to replicas over QUIC.
     pub bytes_replicated: Arc<AtomicU64>,
-    /// The QUIC chunk transport (cluster mode), attached once bound.
+    /// The QUIC chunk transport, attached once bound.
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
-    /// Postgres catalogs by URL, each a connection pool.
-    catalogs: tokio::sync::Mutex<std::collections::HashMap<String, catalog::Catalog>>,
+    /// Set on SIGTERM: job workers take no new job and running ones stop.
+    shutting_down: AtomicBool,
+    /// Wakes idle job workers (a job was submitted here, or shutdown).
+    wake: tokio::sync::Notify,
+    /// Opened sinks by destination (a catalog is a connection pool).
+    sinks: tokio::sync::Mutex<std::collections::HashMap<Destination, Sink>>,
+}
+
+/// A dataset as listings show it.
+pub struct DatasetSummary {
+    pub name: String,
+    pub head: SnapshotId,
+    pub snapshots: u64,
 }
 
 impl Node {
     pub fn open(
         config: NodeConfig,
-        cluster: Option<Arc<bitclone_raft::Cluster>>,
+        cluster: Arc<bitclone_raft::Cluster>,
     ) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let node_id = match &cluster {
-            Some(c) => c.id.to_string(),
-            None => load_or_create_id(&config.data_dir.join("node.id"))?,
-        };
         let store = Arc::new(
             RocksStore::open(&config.data_dir.join("db"), &RocksOptions::default())
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
         );
         let pool = CpuPool::new(config.cpu_threads, "bitclone-cpu")?;
-        let jobs = Arc::new(Jobs::load(
-            store.clone(),
-            pool.clone(),
-            Backoff {
-                base: config.backoff_base,
-                max: config.backoff_max,
-            },
-            config.max_attempts,
-        )?);
         Ok(Arc::new(Node {
             config,
             cluster,
-            node_id,
             store,
             pool,
-            jobs,
             started: Instant::now(),
             bytes_ingested: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             bytes_replicated: Arc::default(),
             chunks_repaired: AtomicU64::new(0),
             transport: std::sync::OnceLock::new(),
-            catalogs: Default::default(),
+            shutting_down: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+            sinks: Default::default(),
         }))
     }
 
     pub fn chunk_store(&self) -> Arc<dyn ChunkStore> {
         self.store.clone()
+    }
+
+    /// Stops taking jobs; running attempts see it at their next check.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Wakes the idle job workers (a job may be claimable now).
+    pub fn wake_workers(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until woken or until `d` passes.
+    pub async fn idle(&self, d: std::time::Duration) {
+        let _ = tokio::time::timeout(d, self.wake.notified()).await;
+    }
+
+    /// Why this node has stopped taking writes, if it has: its store refused
+    /// a write (poisoned until a restart) or its Raft stopped.
+    pub fn fatal(&self) -> Option<String> {
+        if let Some(why) = self.store.poisoned() {
+            return Some(format!("the store refused a write: {why}"));
+        }
+        self.cluster
+            .fatal()
+            .map(|why| format!("Raft stopped: {why}"))
+    }
+
+    /// Refuses a write at once on a node that has stopped taking writes,
+    /// instead of failing it somewhere inside as if it were transient.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        match self.fatal() {
+            Some(why) => Err(StoreError::Poisoned(format!(
+                "node {} has stopped taking writes ({why}); restart it",
+                self.cluster.id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Runs a blocking storage call on the CPU pool.
@@ -98,30 +134,30 @@ impl Node {
         self.pool.run(move || f(&store)).await
     }
 
-    /// The latest snapshot of a dataset (through Raft in a cluster).
+    /// Runs `f` on the cluster state after every acknowledged write
+    /// (linearizable).
+    pub async fn read<T>(
+        &self,
+        f: impl FnOnce(&bitclone_raft::state::ClusterState) -> T,
+    ) -> Result<T, StoreError> {
+        self.cluster.read(f).await.map_err(unavailable)
+    }
+
+    /// The latest snapshot of a dataset.
     pub async fn head(
         &self,
         tenant: &str,
         dataset: &str,
     ) -> Result<Option<SnapshotId>, StoreError> {
-        match &self.cluster {
-            Some(c) => {
-                let head = c
-                    .read(|s| {
-                        s.datasets
-                            .get(tenant)
-                            .and_then(|d| d.get(dataset))
-                            .map(|h| h.snapshot.clone())
-                    })
-                    .await
-                    .map_err(unavailable)?;
-                head.map(|h| h.parse()).transpose()
-            }
-            None => {
-                let (t, d) = (tenant.to_string(), dataset.to_string());
-                self.blocking(move |s| s.head(&t, &d)).await
-            }
-        }
+        let head = self
+            .read(|s| {
+                s.datasets
+                    .get(tenant)
+                    .and_then(|d| d.get(dataset))
+                    .map(|h| h.snapshot.clone())
+            })
+            .await?;
+        head.map(|h| h.parse()).transpose()
     }
 
     /// The snapshots of a dataset, oldest first.
@@ -130,71 +166,73 @@ impl Node {
         tenant: &str,
         dataset: &str,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        match &self.cluster {
-            Some(c) => c
-                .read(|s| {
-                    s.datasets
-                        .get(tenant)
-                        .and_then(|d| d.get(dataset))
-                        .map(|h| h.history.iter().map(|e| record_of(dataset, e)).collect())
-                        .unwrap_or_default()
-                })
-                .await
-                .map_err(unavailable),
-            None => {
-                let (t, d) = (tenant.to_string(), dataset.to_string());
-                self.blocking(move |s| s.list_snapshots(&t, &d)).await
-            }
-        }
+        self.read(|s| {
+            s.datasets
+                .get(tenant)
+                .and_then(|d| d.get(dataset))
+                .map(|h| h.history.iter().map(|e| record_of(dataset, e)).collect())
+                .unwrap_or_default()
+        })
+        .await
     }
 
-    /// The datasets of a tenant.
+    /// The datasets of a tenant, by name.
     pub async fn datasets(&self, tenant: &str) -> Result<Vec<DatasetSummary>, StoreError> {
-        match &self.cluster {
-            Some(c) => {
-                let heads = c
-                    .read(|s| {
-                        s.datasets
-                            .get(tenant)
-                            .map(|d| {
-                                d.iter()
-                                    .map(|(name, h)| {
-                                        (name.clone(), h.snapshot.clone(), h.history.len())
-                                    })
-                                    .collect::<Vec<_>>()
-                            })
-                            .unwrap_or_default()
+        let heads = self
+            .read(|s| {
+                s.datasets
+                    .get(tenant)
+                    .map(|d| {
+                        d.iter()
+                            .map(|(name, h)| (name.clone(), h.snapshot.clone(), h.history.len()))
+                            .collect::<Vec<_>>()
                     })
-                    .await
-                    .map_err(unavailable)?;
-                heads
-                    .into_iter()
-                    .map(|(name, head, n)| {
-                        Ok(DatasetSummary {
-                            name,
-                            head: head.parse()?,
-                            snapshots: n as u64,
-                        })
-                    })
-                    .collect()
-            }
-            None => {
-                let t = tenant.to_string();
-                self.blocking(move |s| s.list_datasets(&t)).await
-            }
-        }
+                    .unwrap_or_default()
+            })
+            .await?;
+        heads
+            .into_iter()
+            .map(|(name, head, n)| {
+                Ok(DatasetSummary {
+                    name,
+                    head: head.parse()?,
+                    snapshots: n as u64,
+                })
+            })
+            .collect()
     }
 
-    /// In a cluster, for a snapshot (`snapshot`, or the head when empty) this
-    /// node does not hold: the public API addresses of the members that do,
-    /// the writer first. Reads are streamed from the first that answers.
+    /// Submits a clone job through the cluster.
+    pub async fn submit_job(&self, job: Job) -> Result<Job, StoreError> {
+        let job = match self
+            .cluster
+            .write(Command::SubmitJob { job })
+            .await
+            .map_err(unavailable)?
+        {
+            Response::Job(j) => j,
+            Response::Err(e) => return Err(StoreError::InvalidArgument(e.to_string())),
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "unexpected reply {other:?}"
+                )))
+            }
+        };
+        // A worker here may take it at once instead of at its next poll.
+        self.wake_workers();
+        Ok(job)
+    }
+
+    /// For a snapshot (`snapshot`, or the head when empty) this node does
+    /// not hold: the public API addresses of the members that do, the writer
+    /// first. Reads are streamed from the first that answers.
     pub async fn remote_holders(
         &self,
         tenant: &str,
         dataset: &str,
         snapshot: &str,
     ) -> Option<Vec<String>> {
-        let c = self.cluster.as_ref()?;
+        let c = &self.cluster;
         let me = c.id;
         // One linearizable read: the snapshot meant, who wrote it, and the
         // members that hold it (the writer first, then the shard's replicas).
@@ -234,9 +272,10 @@ impl Node {
         dataset: &str,
         id: &SnapshotId,
     ) -> Result<Vec<u8>, StoreError> {
-        let (Some(c), Some(t)) = (&self.cluster, self.transport.get()) else {
+        let c = &self.cluster;
+        let Some(t) = self.transport.get() else {
             return Err(StoreError::Unavailable(
-                "no replicas: not in a cluster".into(),
+                "no replicas: the chunk transport is not up yet".into(),
             ));
         };
         let (replicas, members) = c.local(|s| (s.replicas_of(tenant, dataset), s.members.clone()));
@@ -267,15 +306,9 @@ impl Node {
         )))
     }
 
-    /// A job by id (linearizable in a cluster).
-    pub async fn job(&self, id: &str) -> Result<Option<Job>, tonic::Status> {
-        match &self.cluster {
-            Some(c) => c
-                .read(|s| s.jobs.get(id).cloned())
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string())),
-            None => Ok(self.jobs.get(id)),
-        }
+    /// A job by id (linearizable).
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.read(|s| s.jobs.get(id).cloned()).await
     }
 
     /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset.
@@ -312,13 +345,13 @@ impl Node {
         };
         let t = tenant.to_string();
         let m = self
-            .blocking(move |store| export::load_manifest(store, &t, &id))
+            .blocking(move |store| load_manifest(store, &t, &id))
             .await;
-        match (m, &self.cluster) {
-            (Ok(m), _) => Ok((id, m)),
-            (Err(StoreError::NotFound { .. }), Some(c)) => {
+        match m {
+            Ok(m) => Ok((id, m)),
+            Err(StoreError::NotFound { .. }) => {
                 // Committed in the cluster but stored on another node.
-                let writer = c.local(|s| {
+                let writer = self.cluster.local(|s| {
                     s.datasets
                         .get(tenant)
                         .and_then(|d| d.get(dataset))
@@ -343,26 +376,20 @@ impl Node {
                     },
                 })
             }
-            (Err(e), _) => Err(e),
+            Err(e) => Err(e),
         }
     }
 
-    /// Encodes and durably commits a manifest: locally, or in a cluster the
-    /// manifest locally and the dataset pointer through Raft (compare-and-set
-    /// on the parent, fenced when a job makes the commit).
+    /// Encodes and durably commits a manifest: the manifest here and on a
+    /// majority of the shard's replicas, then the dataset pointer through
+    /// Raft (compare-and-set on the parent, fenced when a job makes the
+    /// commit).
     pub async fn commit_manifest(
         &self,
         manifest: Manifest,
         fenced_by: Option<(String, Fence)>,
     ) -> Result<SnapshotRecord, StoreError> {
-        let Some(c) = &self.cluster else {
-            return self
-                .blocking(move |store| {
-                    let (id, bytes) = manifest.encode_with_id()?;
-                    store.commit_snapshot(&manifest, &id, &bytes)
-                })
-                .await;
-        };
+        let c = &self.cluster;
         let (id, bytes) = manifest.encode_with_id()?;
         let tenant = manifest.tenant.clone();
         let b = bytes.clone();
@@ -439,12 +466,12 @@ impl Node {
             Some(id) => {
                 let t = tenant.to_string();
                 match self
-                    .blocking(move |store| export::load_manifest(store, &t, &id))
+                    .blocking(move |store| load_manifest(store, &t, &id))
                     .await
                 {
                     Ok(m) => Some(m),
-                    // Held by another node (cluster): no diff base here.
-                    Err(StoreError::NotFound { .. }) if self.cluster.is_some() => None,
+                    // Held by another node: no diff base here.
+                    Err(StoreError::NotFound { .. }) => None,
                     Err(e) => return Err(e),
                 }
             }
@@ -471,7 +498,7 @@ impl Node {
         let checkpointed = match &cp.snapshot {
             Some(s) => {
                 let (t, id) = (job.tenant.clone(), s.parse::<SnapshotId>()?);
-                self.blocking(move |store| Ok(export::load_manifest(store, &t, &id).ok()))
+                self.blocking(move |store| Ok(load_manifest(store, &t, &id).ok()))
                     .await?
                     .map(|m| (id, m))
             }
@@ -494,78 +521,66 @@ impl Node {
         let writer = link.writer(&job);
         let mut repairs = 0;
         while cp.destinations_done < job.destinations.len() {
-            let url = &job.destinations[cp.destinations_done];
-            injected_export_fault(url)?;
+            let dest = &job.destinations[cp.destinations_done];
+            injected_export_fault(dest)?;
             injected_export_delay(&stop).await?;
             // A stopped attempt (cancelled, lease lost) makes no further
             // sink effects: not the next destination, not a catalog commit.
             if stop.load(Ordering::Relaxed) {
                 return Err(StoreError::Cancelled);
             }
-            match parse_destination(url, &self.config.s3)? {
-                Destination::Catalog(url) => {
-                    self.write_catalog(&url, &manifest, &snapshot, &writer)
+            let sink = self.sink(dest).await?;
+            let phase = format!("writing {}", sink.name());
+            // Progress lives in memory; the heartbeat publishes it. A retry
+            // walks the destination again and skips what is already there.
+            let mut on_progress = |p: ExportProgress| {
+                injected_file_delay();
+                link.report(|progress| {
+                    progress.phase = phase.clone();
+                    progress.files_done = p.files_done;
+                    progress.files_total = files_total;
+                    progress.bytes_done = p.bytes_done;
+                    progress.bytes_total = bytes_total;
+                });
+            };
+            let result = sink
+                .write(SinkWrite {
+                    pool: &self.pool,
+                    store: self.chunk_store(),
+                    manifest: &manifest,
+                    snapshot: &snapshot,
+                    writer: &writer,
+                    stop: stop.clone(),
+                    on_progress: &mut on_progress,
+                })
+                .await;
+            match result {
+                Ok(w) => {
+                    tracing::info!(
+                        job = job.id,
+                        sink = sink.name(),
+                        snapshot = %snapshot,
+                        token = writer.token,
+                        written = w.files_written,
+                        unchanged = w.files_unchanged,
+                        bytes_written = w.bytes_written,
+                        deleted = w.objects_deleted,
+                        already_committed = w.already_committed,
+                        "sink committed"
+                    );
+                }
+                // A bad local chunk: replace it from a replica and walk this
+                // destination again (written objects are found unchanged and
+                // skipped).
+                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
+                    if repairs < MAX_REPAIRS_PER_ATTEMPT =>
+                {
+                    repairs += 1;
+                    self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
                         .await?;
+                    continue;
                 }
-                Destination::Objects(target) => {
-                    export::check_create_only(&target).await?;
-                    let id = job.id.clone();
-                    let phase = format!("writing {}", target.url);
-                    // Progress lives in memory; the link publishes it later
-                    // (at the end of the attempt, or with the heartbeat in a
-                    // cluster). A retry walks the destination again and
-                    // skips the objects already written.
-                    let mut on_progress = |p: ExportProgress| {
-                        injected_file_delay();
-                        link.report(&id, |progress| {
-                            progress.phase = phase.clone();
-                            progress.files_done = p.files_done;
-                            progress.files_total = files_total;
-                            progress.bytes_done = p.bytes_done;
-                            progress.bytes_total = bytes_total;
-                        });
-                    };
-                    let result = export::export_snapshot(
-                        &self.pool,
-                        self.chunk_store(),
-                        &manifest,
-                        &snapshot,
-                        &target,
-                        &writer,
-                        stop.clone(),
-                        &mut on_progress,
-                    )
-                    .await;
-                    match result {
-                        Ok(stats) => {
-                            tracing::info!(
-                                job = job.id,
-                                sink = target.url,
-                                snapshot = %snapshot,
-                                token = writer.token,
-                                written = stats.files_written,
-                                unchanged = stats.files_unchanged,
-                                bytes_written = stats.bytes_written,
-                                deleted = stats.objects_deleted,
-                                already_committed = stats.already_committed,
-                                "sink committed"
-                            );
-                        }
-                        // A bad local chunk: replace it from a replica and
-                        // walk this destination again (written objects are
-                        // found unchanged and skipped).
-                        Err(
-                            StoreError::CorruptChunk { chunk, .. }
-                            | StoreError::MissingChunk(chunk),
-                        ) if self.cluster.is_some() && repairs < MAX_REPAIRS_PER_ATTEMPT => {
-                            repairs += 1;
-                            self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
-                                .await?;
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+                Err(e) => return Err(e),
             }
             cp.destinations_done += 1;
             link.save(&job.id, cp.clone()).await?;
@@ -573,44 +588,15 @@ impl Node {
         Ok(())
     }
 
-    /// Records a snapshot in a Postgres catalog, fenced by the writer's token.
-    async fn write_catalog(
-        &self,
-        url: &str,
-        manifest: &Manifest,
-        snapshot: &SnapshotId,
-        writer: &export::Writer,
-    ) -> Result<(), StoreError> {
-        let catalog = self.catalog(url).await?;
-        let outcome = catalog
-            .commit(&catalog::CatalogCommit {
-                manifest,
-                snapshot,
-                job: &writer.job,
-                fencing_token: writer.token,
-            })
-            .await?;
-        tracing::info!(
-            sink = catalog.redacted_url(),
-            snapshot = %snapshot,
-            token = writer.token,
-            ?outcome,
-            "catalog committed"
-        );
-        Ok(())
-    }
-
-    /// A pooled connection to a catalog, opened (and migrated) once per URL.
-    async fn catalog(&self, url: &str) -> Result<catalog::Catalog, StoreError> {
-        if let Some(c) = self.catalogs.lock().await.get(url) {
-            return Ok(c.clone());
+    /// An opened sink, kept per destination: a catalog's pool is connected
+    /// (and migrated) once, not once per job.
+    async fn sink(&self, dest: &Destination) -> Result<Sink, StoreError> {
+        if let Some(s) = self.sinks.lock().await.get(dest) {
+            return Ok(s.clone());
         }
-        let c = catalog::Catalog::connect(url).await?;
-        self.catalogs
-            .lock()
-            .await
-            .insert(url.to_string(), c.clone());
-        Ok(c)
+        let s = Sink::open(dest, &self.config.s3).await?;
+        self.sinks.lock().await.insert(dest.clone(), s.clone());
+        Ok(s)
     }
 
     /// Turns the job's source into a committed snapshot of its dataset.
@@ -620,11 +606,12 @@ impl Node {
         stop: Arc<AtomicBool>,
         link: &JobLink,
     ) -> Result<SnapshotId, StoreError> {
-        match parse_source(&job.source, &self.config.s3)? {
-            Source::Dir(root) => {
+        match &job.source {
+            Source::Dir { path: root } => {
+                let root = root.clone();
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let store = self.chunk_store();
-                let (link2, id) = (link.clone(), job.id.clone());
+                let link2 = link.clone();
                 let builder = self
                     .pool
                     .run(move || {
@@ -644,7 +631,7 @@ impl Node {
                             &mut |files, bytes| {
                                 if last.elapsed().as_millis() >= 100 {
                                     last = Instant::now();
-                                    link2.report(&id, |p| {
+                                    link2.report(|p| {
                                         *p = bitclone_raft::job::Progress {
                                             phase: "ingesting source".into(),
                                             files_done: files,
@@ -662,12 +649,13 @@ impl Node {
                 let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
-            Source::Objects(target) => {
+            Source::Objects { location } => {
+                let target = objects::open_location(location, false, &self.config.s3)?;
                 let (builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
-                let (link2, id) = (link.clone(), job.id.clone());
+                let link2 = link.clone();
                 let phase = format!("reading {}", target.url);
                 let mut last = Instant::now();
-                let builder = restore::ingest_objects(
+                let builder = source::ingest_objects(
                     &target,
                     self.chunk_store(),
                     builder,
@@ -675,7 +663,7 @@ impl Node {
                     &mut |files, bytes| {
                         if last.elapsed().as_millis() >= 100 {
                             last = Instant::now();
-                            link2.report(&id, |p| {
+                            link2.report(|p| {
                                 p.phase = phase.clone();
                                 p.files_done = files;
                                 p.bytes_done = bytes;
@@ -688,10 +676,11 @@ impl Node {
                 record.id.parse()
             }
             Source::Snapshot { dataset, snapshot } => {
+                let snapshot = snapshot.map(|s| s.to_hex()).unwrap_or_default();
                 let (id, manifest) = self
-                    .resolve_snapshot(&job.tenant, &dataset, snapshot.as_deref().unwrap_or(""))
+                    .resolve_snapshot(&job.tenant, dataset, &snapshot)
                     .await?;
-                if dataset == job.dataset {
+                if *dataset == job.dataset {
                     return Ok(id);
                 }
                 // Cloning a snapshot into another dataset is a metadata
@@ -709,82 +698,23 @@ impl Node {
     }
 }
 
-enum Source {
-    Dir(PathBuf),
-    Objects(export::Target),
-    Snapshot {
-        dataset: String,
-        snapshot: Option<String>,
-    },
-}
-
-/// Parses a clone source: `file:///abs/path`, `s3://bucket/prefix` or
-/// `snapshot://NAME[@ID]`.
-fn parse_source(source: &str, s3: &export::S3Options) -> Result<Source, StoreError> {
-    if let Some(rest) = source.strip_prefix("snapshot://") {
-        let (dataset, snapshot) = match rest.split_once('@') {
-            Some((d, s)) => (d.to_string(), Some(s.to_string())),
-            None => (rest.to_string(), None),
-        };
-        bitclone_storage::path::validate_name("dataset", &dataset)?;
-        if let Some(s) = &snapshot {
-            s.parse::<SnapshotId>()?;
-        }
-        return Ok(Source::Snapshot { dataset, snapshot });
-    }
-    if source.starts_with("s3://") {
-        return Ok(Source::Objects(export::open_target(source, s3)?));
-    }
-    let url = url::Url::parse(source)
-        .map_err(|e| StoreError::InvalidArgument(format!("source {source:?}: {e}")))?;
-    if url.scheme() != "file" {
-        return Err(StoreError::InvalidArgument(format!(
-            "source {source:?}: supported sources are file:///abs/path, s3://bucket/prefix and snapshot://NAME[@ID]"
-        )));
-    }
-    let path = url.to_file_path().map_err(|_| {
-        StoreError::InvalidArgument(format!("source {source:?} is not an absolute file:// path"))
-    })?;
-    Ok(Source::Dir(path))
-}
-
-/// A destination as shown to users: catalog passwords are never echoed.
-pub fn display_destination(url: &str) -> String {
-    if is_catalog_url(url) {
-        catalog::redact_url(url)
-    } else {
-        url.to_string()
-    }
-}
-
-enum Destination {
-    Objects(export::Target),
-    Catalog(String),
-}
-
-/// Parses a destination: an object store (`s3://…`, `file://…`) or a
-/// Postgres catalog (`postgres://…`).
-fn parse_destination(url: &str, s3: &export::S3Options) -> Result<Destination, StoreError> {
-    if is_catalog_url(url) {
-        catalog::check_url(url)?;
-        return Ok(Destination::Catalog(url.to_string()));
-    }
-    Ok(Destination::Objects(export::open_target(url, s3)?))
-}
-
-/// Checks a job's source and destinations before it is accepted.
-pub fn validate_job_urls(
-    source: &str,
-    destinations: &[String],
-    s3: &export::S3Options,
+/// Checks a job's source and destinations against this node's settings
+/// before it is accepted (the URLs were parsed into them already).
+pub fn check_job_spec(
+    source: &Source,
+    destinations: &[Destination],
+    s3: &objects::S3Options,
 ) -> Result<(), StoreError> {
-    parse_source(source, s3)?;
-    for d in destinations {
-        if is_catalog_url(d) {
-            catalog::check_url(d)?;
-        } else {
-            export::check_target(d, s3)?;
-        }
+    let locations = destinations.iter().filter_map(|d| match d {
+        Destination::Objects { location, .. } => Some(location),
+        Destination::Catalog { .. } => None,
+    });
+    let source = match source {
+        Source::Objects { location } => Some(location),
+        _ => None,
+    };
+    for l in locations.chain(source) {
+        objects::check_location(l, s3)?;
     }
     Ok(())
 }
@@ -793,7 +723,7 @@ pub fn validate_job_urls(
 /// set: `BITCLONE_FAULT_EXPORT_FAILURES=N` makes the first N destination
 /// writes of this process fail with a transient error, so that retries,
 /// backoff and cancellation run against the real binary.
-fn injected_export_fault(url: &str) -> Result<(), StoreError> {
+fn injected_export_fault(dest: &Destination) -> Result<(), StoreError> {
     use std::sync::atomic::AtomicI64;
     use std::sync::OnceLock;
     static LEFT: OnceLock<AtomicI64> = OnceLock::new();
@@ -808,15 +738,30 @@ fn injected_export_fault(url: &str) -> Result<(), StoreError> {
     if left.fetch_sub(1, Ordering::Relaxed) > 0 {
         return Err(StoreError::Io {
             op: "write (injected fault, BITCLONE_FAULT_EXPORT_FAILURES)",
-            path: url.into(),
+            path: dest.display().into(),
             source: std::io::Error::other("injected transient failure"),
         });
     }
     Ok(())
 }
 
-fn unavailable(e: bitclone_raft::ClusterError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// A cluster error as the storage layer's kinds, which the API edge maps to
+/// status codes: a stopped Raft makes the node unfit for writes (as a
+/// poisoned store does); refusals keep their kind; the rest can go away.
+fn unavailable(e: bitclone_raft::Error) -> StoreError {
+    use bitclone_raft::state::CommandError as C;
+    use bitclone_raft::Error as E;
+    match e {
+        E::Fatal(why) => StoreError::Poisoned(format!("Raft stopped: {why}")),
+        E::Command(C::Conflict(m)) => StoreError::Conflict(m),
+        E::Command(e @ C::Fenced { .. }) => StoreError::Conflict(e.to_string()),
+        E::Command(C::NotFound(what)) => StoreError::NotFound {
+            kind: "record",
+            name: what,
+        },
+        E::Command(e) => StoreError::InvalidArgument(e.to_string()),
+        e => StoreError::Unavailable(e.to_string()),
+    }
 }
 
 fn record_of(dataset: &str, e: &SnapshotEntry) -> SnapshotRecord {
@@ -896,18 +841,4 @@ pub fn classify(e: &StoreError) -> Failure {
         }
         _ => Failure::Transient,
     }
-}
-
-fn load_or_create_id(path: &std::path::Path) -> anyhow::Result<String> {
-    if let Ok(id) = std::fs::read_to_string(path) {
-        let id = id.trim().to_string();
-        if !id.is_empty() {
-            return Ok(id);
-        }
-    }
-    let id = format!("{:016x}", rand::random::<u64>());
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &id).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(id)
 }

@@ -246,7 +246,7 @@ pub async fn repair_loop(
     transport: Arc<Transport>,
 ) {
     let mut last_scan: Option<(u64, std::time::Instant)> = None;
-    while !node.jobs.is_shutting_down() {
+    while !node.is_shutting_down() {
         let (version, ready, member) = cluster.local(|s| {
             (
                 s.layout.version,

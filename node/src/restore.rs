@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bitclone_storage::catalog::{Catalog, CatalogEntry};
-use bitclone_storage::export::{self, S3Options};
-use bitclone_storage::restore::{self, RestoreStats};
+use bitclone_storage::sink::catalog::{Catalog, CatalogEntry};
+use bitclone_storage::sink::objects::{self, S3Options};
+use bitclone_storage::sink::restore::{self, RestoreStats};
 use bitclone_storage::{EntryKind, Manifest, SnapshotId};
 use serde_json::json;
 
@@ -22,7 +22,7 @@ pub async fn run(
     dir: &Path,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let target = export::open_target(from, &s3.or_env())?;
+    let target = objects::open_target(from, &s3.or_env())?;
     let wanted: Option<SnapshotId> = snapshot
         .map(|s| s.parse())
         .transpose()
@@ -91,10 +91,10 @@ pub async fn run(
 /// The newest snapshot committed in the object store that the catalog also
 /// has: a snapshot counts only once both sinks committed it.
 async fn newest_in_both(
-    target: &export::Target,
+    target: &objects::Target,
     cat: &Catalog,
-) -> Result<(export::CommitRecord, Manifest)> {
-    let commits = export::list_commits(target).await?;
+) -> Result<(objects::CommitRecord, Manifest)> {
+    let commits = objects::list_commits(target).await?;
     if commits.is_empty() {
         bail!("no committed snapshot in {}", target.url);
     }

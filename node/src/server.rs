@@ -14,20 +14,19 @@ use tonic::transport::Server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bitclone_raft::job::Job;
-use bitclone_raft::state::{Command, Fence, NodeInfo, Response};
+use bitclone_raft::job::{Job, JobState, LeaseHolder, Renewal, Source, Stop};
+use bitclone_raft::state::{Command, Fence, NodeInfo, Response, SettingsUpdate};
 use bitclone_raft::tls::PeerTls;
 use bitclone_raft::{Cluster, ClusterConfig};
 
 use crate::config::{ClusterSettings, NodeConfig, Overrides};
-use crate::jobs::Jobs;
 use crate::link::{fenced_error, JobLink, Live};
 use crate::node::{classify, Node};
 use crate::service::Api;
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
-    /// Directory for the store and job records.
+    /// Directory for the store, the Raft log and (unless --certs) the certificates.
     #[arg(long, env = "BITCLONE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// gRPC address, IP:PORT (port 0: any free port).
@@ -45,16 +44,18 @@ pub struct NodeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "BITCLONE_LOG_JSON")]
     log_json: bool,
-    /// This node's id in the cluster (a number ≥ 1, stable for the node).
+    /// This node's id in the cluster (a number ≥ 1, stable for the node; default 1).
     #[arg(long)]
     node_id: Option<u64>,
-    /// Mutual-TLS address for Raft and forwarding (IP:PORT); enables cluster mode.
+    /// Mutual-TLS address for Raft, forwarding and QUIC (IP:PORT; default 127.0.0.1:0).
     #[arg(long)]
     peer_listen: Option<String>,
-    /// Directory with ca.pem and node-<id>.pem/.key (default <data-dir>/certs).
+    /// Directory with ca.pem and node-<id>.pem/.key (default <data-dir>/certs,
+    /// made on first start by a node that starts its own cluster).
     #[arg(long)]
     certs: Option<PathBuf>,
-    /// Start a new cluster with this node as its first member.
+    /// Start a new cluster with this node as its first member (what a node
+    /// that is not told to --join does anyway on first start).
     #[arg(long)]
     bootstrap: bool,
     /// Join the cluster through any member's public API address.
@@ -101,50 +102,48 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .with_nodelay(Some(true));
     let addr = incoming.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cluster = match &config.cluster {
-        Some(c) => Some(start_cluster(c, &config, addr, stop_rx.clone()).await?),
-        None => None,
-    };
+    let cluster = start_cluster(&config.cluster, &config, addr, stop_rx.clone()).await?;
     let node = Node::open(config.clone(), cluster.clone())?;
-    if let Some(c) = &cluster {
-        // QUIC on the peer address (UDP; the same port number as the TCP
-        // peer gRPC service).
-        let peer_addr: std::net::SocketAddr = c
-            .info()
-            .peer_addr
-            .parse()
-            .with_context(|| format!("peer address {}", c.info().peer_addr))?;
-        let tls = c.tls();
-        let t = bitclone_transport::Transport::bind(
-            c.id,
-            peer_addr,
-            tls.rustls_server_config()?,
-            tls.rustls_client_config()?,
-            Arc::new(crate::replica::NodeChunks {
-                store: node.store.clone(),
-                cluster: c.clone(),
-            }),
-            config.transport.clone(),
-        )
-        .with_context(|| format!("binding QUIC on {peer_addr}"))?;
-        tracing::info!(%peer_addr, "QUIC chunk transport (mutual TLS) up");
-        let _ = node.transport.set(t.clone());
-        tokio::spawn(crate::replica::repair_loop(node.clone(), c.clone(), t));
-    }
+    crate::migrate::legacy(&node)
+        .await
+        .context("moving the previous release's datasets and jobs into the cluster state")?;
+    // QUIC on the peer address (UDP; the same port number as the TCP peer
+    // gRPC service).
+    let peer_addr: std::net::SocketAddr = cluster
+        .info()
+        .peer_addr
+        .parse()
+        .with_context(|| format!("peer address {}", cluster.info().peer_addr))?;
+    let tls = cluster.tls();
+    let t = bitclone_transport::Transport::bind(
+        cluster.id,
+        peer_addr,
+        tls.rustls_server_config()?,
+        tls.rustls_client_config()?,
+        Arc::new(crate::replica::NodeChunks {
+            store: node.store.clone(),
+            cluster: cluster.clone(),
+        }),
+        config.transport.clone(),
+    )
+    .with_context(|| format!("binding QUIC on {peer_addr}"))?;
+    tracing::info!(%peer_addr, "QUIC chunk transport (mutual TLS) up");
+    let _ = node.transport.set(t.clone());
+    tokio::spawn(crate::replica::repair_loop(
+        node.clone(),
+        cluster.clone(),
+        t,
+    ));
 
-    let mut workers = Vec::new();
-    for _ in 0..config.job_workers {
-        workers.push(match &cluster {
-            Some(c) => tokio::spawn(cluster_worker(node.clone(), c.clone())),
-            None => tokio::spawn(worker(node.clone())),
-        });
-    }
+    let workers: Vec<_> = (0..config.job_workers)
+        .map(|_| tokio::spawn(worker(node.clone())))
+        .collect();
 
-    let jobs: Arc<Jobs> = node.jobs.clone();
+    let n = node.clone();
     tokio::spawn(async move {
         let reason = wait_for_signal().await;
         tracing::info!(signal = reason, "shutting down: draining requests and jobs");
-        jobs.shut_down();
+        n.shut_down();
         let _ = stop_tx.send(true);
     });
 
@@ -162,7 +161,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let tmp = config.data_dir.join("node.addr.tmp");
     std::fs::write(&tmp, addr.to_string()).context("writing node.addr")?;
     std::fs::rename(&tmp, &addr_file).context("writing node.addr")?;
-    tracing::info!(%addr, node_id = node.node_id, data_dir = %config.data_dir.display(), "serving");
+    tracing::info!(%addr, node_id = cluster.id, data_dir = %config.data_dir.display(), "serving");
     println!("listening on {addr}");
 
     let grace = config.shutdown_grace;
@@ -185,15 +184,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .run(move || store.flush())
         .await
         .context("flushing the store")?;
-    if let Some(c) = &cluster {
-        c.shutdown().await;
-    }
+    cluster.shutdown().await;
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts Raft and its mutual-TLS peer server, then bootstraps or joins.
+/// Starts Raft and its mutual-TLS peer server. A node whose Raft state is
+/// new joins the cluster it is told to join, or else starts one of its own
+/// (a node on its own is a cluster of one voter); a node that has Raft state
+/// rejoins in the background with its current addresses.
 async fn start_cluster(
     c: &ClusterSettings,
     config: &NodeConfig,
@@ -201,7 +201,21 @@ async fn start_cluster(
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<Arc<Cluster>> {
     bitclone_raft::tls::install_crypto_provider();
-    let tls = PeerTls::load(&c.certs, c.node_id)?;
+    if c.certs_are_default && c.join.is_none() && !c.certs.join("ca.pem").exists() {
+        // Nobody configured certificates: this node starts its own cluster
+        // and is its own CA (`bitclone certs dev` makes the same files).
+        bitclone_raft::tls::generate_dev(&c.certs, c.node_id).with_context(|| {
+            format!("making a CA and node certificate in {}", c.certs.display())
+        })?;
+        tracing::info!(dir = %c.certs.display(), "made a CA and node certificate for this node's cluster");
+    }
+    let tls = PeerTls::load(&c.certs, c.node_id).with_context(|| {
+        format!(
+            "loading node {}'s certificate from {} (a node that joins needs the cluster's CA and its own certificate there: `bitclone certs dev`)",
+            c.node_id,
+            c.certs.display()
+        )
+    })?;
     let peer_incoming = TcpIncoming::bind(c.peer_listen)
         .with_context(|| format!("binding the peer address {}", c.peer_listen))?
         .with_nodelay(Some(true));
@@ -224,23 +238,46 @@ async fn start_cluster(
         .tls_config(cluster.tls().server_config())
         .context("peer TLS")?
         .add_service(cluster.peer_service())
-        .serve_with_incoming_shutdown(peer_incoming, stopped(stop_rx));
+        .serve_with_incoming_shutdown(peer_incoming, stopped(stop_rx.clone()));
     tokio::spawn(async move {
         if let Err(e) = peer_server.await {
             tracing::error!(error = %e, "peer server failed");
         }
     });
     tracing::info!(node_id = c.node_id, %peer_addr, "peer server (mutual TLS) up");
-    if c.bootstrap {
-        cluster
-            .bootstrap()
-            .await
-            .context("bootstrapping the cluster")?;
-        tracing::info!("bootstrapped a new cluster");
+    if cluster.is_initialized().await? {
+        tokio::spawn(rejoin(cluster.clone(), c.settings.clone(), stop_rx));
     } else if let Some(seed) = &c.join {
         join_through(&cluster, seed).await?;
+        cluster
+            .update_settings(&c.settings)
+            .await
+            .context("applying the configured cluster settings")?;
+    } else {
+        cluster
+            .bootstrap(&c.settings)
+            .await
+            .context("starting a cluster of this node")?;
+        tracing::info!("bootstrapped a new cluster");
     }
     Ok(cluster)
+}
+
+/// A restarted node records its current addresses and configured settings
+/// once a leader answers (it may be behind a partition for a while).
+async fn rejoin(cluster: Arc<Cluster>, settings: SettingsUpdate, stop: watch::Receiver<bool>) {
+    loop {
+        match cluster.rejoin(&settings).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record this node's addresses yet; retrying")
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Finds the leader through a member's public API and asks it to admit us.
@@ -295,39 +332,11 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-/// One job worker: claims due jobs and runs them until shutdown.
+/// One job worker: takes leases on claimable jobs of the shards this node
+/// replicates, runs them under a heartbeat, ends them fenced.
 async fn worker(node: Arc<Node>) {
-    while !node.jobs.is_shutting_down() {
-        match node.jobs.claim().await {
-            Ok(Ok(claimed)) => {
-                let id = claimed.job.id.clone();
-                tracing::info!(job = id, attempt = claimed.job.attempts, "job started");
-                let outcome = node
-                    .run_job(
-                        claimed.job,
-                        claimed.stop,
-                        &JobLink::Local(node.jobs.clone()),
-                    )
-                    .await
-                    .map_err(|e| (e.to_string(), classify(&e)));
-                if let Err(e) = node.jobs.finish(&id, outcome).await {
-                    tracing::error!(job = id, error = %format!("{e:#}"), "recording the job's outcome failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            Ok(Err(wait)) => node.jobs.wait(wait).await,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "claiming a job failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// One job worker in a cluster: takes leases on claimable jobs of the shards
-/// this node replicates, runs them under a heartbeat, ends them fenced.
-async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
-    while !node.jobs.is_shutting_down() {
+    let cluster = node.cluster.clone();
+    while !node.is_shutting_down() {
         let now = bitclone_raft::cluster::now_ms();
         let candidates: Vec<String> = cluster.local(|s| {
             s.claimable(cluster.id, now)
@@ -362,7 +371,7 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
             }
         }
         if !ran {
-            node.jobs.wait(Duration::from_millis(200)).await;
+            node.idle(Duration::from_millis(200)).await;
         }
     }
 }
@@ -371,17 +380,15 @@ async fn cluster_worker(node: Arc<Node>, cluster: Arc<Cluster>) {
 /// replica of its shard (they hold it once replicated or repaired), or on
 /// the node that wrote it.
 fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
-    let Some(rest) = j.source.strip_prefix("snapshot://") else {
+    let Source::Snapshot { dataset, snapshot } = &j.source else {
         return true;
     };
-    let (dataset, id) = rest.split_once('@').unwrap_or((rest, ""));
     let Some(head) = s.datasets.get(&j.tenant).and_then(|d| d.get(dataset)) else {
         return true; // unknown dataset: let the attempt fail with a clear error
     };
-    let id = if id.is_empty() {
-        head.snapshot.as_str()
-    } else {
-        id
+    let id = match snapshot {
+        Some(id) => id.to_hex(),
+        None => head.snapshot.clone(),
     };
     match head.history.iter().find(|e| e.id == id) {
         Some(e) => e.written_by == me || s.replicas_of(&j.tenant, dataset).contains(&me),
@@ -412,7 +419,9 @@ async fn run_leased(
         checkpoint: job.checkpoint.clone(),
         ..Live::default()
     }));
-    let lease_ms = cluster.local(|s| s.settings.lease_ms).max(300) as u64;
+    let lease_ms = cluster
+        .local(|s| s.settings.lease_ms)
+        .max(bitclone_raft::state::MIN_LEASE_MS) as u64;
     let hb = tokio::spawn(heartbeat(
         node.clone(),
         cluster.clone(),
@@ -420,9 +429,9 @@ async fn run_leased(
         fence,
         stop.clone(),
         live.clone(),
-        (asked, Duration::from_millis(lease_ms)),
+        LeaseHolder::new(asked, Duration::from_millis(lease_ms)),
     ));
-    let link = JobLink::Cluster {
+    let link = JobLink {
         cluster: cluster.clone(),
         fence,
         live: live.clone(),
@@ -430,7 +439,7 @@ async fn run_leased(
     let outcome = node.run_job(job, stop.clone(), &link).await;
     hb.abort();
     let cmd = match outcome {
-        Err(bitclone_storage::Error::Cancelled) if node.jobs.is_shutting_down() => {
+        Err(bitclone_storage::Error::Cancelled) if node.is_shutting_down() => {
             Command::ReleaseLease {
                 job: id.clone(),
                 fence,
@@ -438,15 +447,11 @@ async fn run_leased(
         }
         outcome => {
             // Publish the last checkpoint with the outcome's attempt.
-            let cp = live
-                .lock()
-                .map(|l| l.checkpoint.clone())
-                .unwrap_or_default();
             let _ = cluster
                 .write(Command::SaveCheckpoint {
                     job: id.clone(),
                     fence,
-                    checkpoint: cp,
+                    checkpoint: link.checkpoint(),
                     progress: None,
                 })
                 .await;
@@ -458,12 +463,32 @@ async fn run_leased(
             }
         }
     };
+    let released = matches!(cmd, Command::ReleaseLease { .. });
     match cluster.write(cmd).await {
+        Ok(Response::Job(_)) if released => {
+            tracing::info!(job = id, token, "lease released; the job resumes later")
+        }
+        Ok(Response::Job(j)) => match j.state {
+            JobState::Failed => tracing::warn!(
+                job = id,
+                token,
+                attempts = j.attempts,
+                error = j.last_error,
+                "job failed"
+            ),
+            JobState::Pending => tracing::info!(
+                job = id,
+                token,
+                attempts = j.attempts,
+                error = j.last_error,
+                retry_at_ms = j.next_attempt_unix_ms,
+                "job will retry"
+            ),
+            state => tracing::info!(job = id, token, ?state, "attempt recorded"),
+        },
+        // A refusal is logged by fenced_error.
         Ok(r) => {
-            // A refusal is logged by fenced_error.
-            if fenced_error(&id, r).is_ok() {
-                tracing::info!(job = id, token, "attempt recorded");
-            }
+            let _ = fenced_error(&id, r);
         }
         Err(e) => {
             tracing::error!(job = id, error = %e, "recording the attempt failed; the lease will lapse")
@@ -471,11 +496,10 @@ async fn run_leased(
     }
 }
 
-/// Renews the lease (every third of it) while the job runs and publishes
-/// its checkpoint; stops the job when the lease is lost, the job is
-/// cancelled or the node stops, and also when no renewal has succeeded for a
-/// whole lease: a holder cut off from the cluster (or paused) may already
-/// have been replaced, so it stops its own effects without waiting to hear.
+/// Drives the lease holder's rule (`LeaseHolder`): renews the lease while
+/// the job runs and publishes its progress; stops the job when the rule says
+/// so (lease lost, cancelled, no renewal for a whole lease) and when the
+/// node shuts down.
 async fn heartbeat(
     node: Arc<Node>,
     cluster: Arc<Cluster>,
@@ -483,27 +507,31 @@ async fn heartbeat(
     fence: Fence,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<Live>>,
-    (asked, lease): (std::time::Instant, Duration),
+    mut holder: LeaseHolder,
 ) {
-    // A lease (or renewal) runs from when the leader applied it, which is
-    // after its request was sent: counting from the send is safe.
-    let mut renewed = asked;
-    let self_fence = |id: &str| {
-        tracing::warn!(
-            job = id,
-            "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
-        );
+    let stopped = |why: Stop| {
+        match why {
+            Stop::NoRenewal => tracing::warn!(
+                job = id,
+                "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
+            ),
+            Stop::LeaseLost | Stop::Cancelled => {
+                tracing::warn!(job = id, ?why, "lease lost; stopping the job")
+            }
+        }
         stop.store(true, Ordering::Release);
     };
     loop {
-        tokio::time::sleep(lease / 3).await;
-        if node.jobs.is_shutting_down() {
+        tokio::time::sleep(holder.cadence()).await;
+        if node.is_shutting_down() {
+            // The attempt winds down and releases its lease; keep renewing
+            // until then.
             stop.store(true, Ordering::Release);
         }
-        let deadline = tokio::time::Instant::from_std(renewed + lease);
-        if tokio::time::Instant::now() >= deadline {
-            return self_fence(&id);
+        if let Err(why) = holder.check(std::time::Instant::now()) {
+            return stopped(why);
         }
+        let deadline = tokio::time::Instant::from_std(holder.deadline());
         let sent = std::time::Instant::now();
         // A renewal stuck behind a leaderless cluster must not keep the job
         // running past the lease it may already have lost.
@@ -512,22 +540,30 @@ async fn heartbeat(
                 job: id.clone(),
                 fence,
             }) => r,
-            _ = tokio::time::sleep_until(deadline) => return self_fence(&id),
+            _ = tokio::time::sleep_until(deadline) => return stopped(Stop::NoRenewal),
         };
-        match r {
-            Ok(Response::Job(j)) => {
-                renewed = sent;
-                if j.cancel_requested {
-                    stop.store(true, Ordering::Release);
-                }
-            }
+        let renewal = match r {
+            Ok(Response::Job(j)) => Renewal::Renewed {
+                cancel_requested: j.cancel_requested,
+            },
             Ok(Response::Err(e)) => {
-                tracing::warn!(job = id, error = %e, "lease lost; stopping the job");
-                stop.store(true, Ordering::Release);
-                return;
+                tracing::warn!(job = id, error = %e, "lease renewal refused");
+                Renewal::Refused
             }
-            Ok(_) => renewed = sent,
-            Err(e) => tracing::warn!(job = id, error = %e, "lease renewal failed"),
+            Ok(_) => Renewal::Renewed {
+                cancel_requested: false,
+            },
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "lease renewal failed");
+                Renewal::Failed
+            }
+        };
+        match holder.renewal(sent, renewal) {
+            Ok(()) => {}
+            // The attempt winds down and ends Cancelled under its lease:
+            // keep renewing until then.
+            Err(Stop::Cancelled) => stop.store(true, Ordering::Release),
+            Err(why) => return stopped(why),
         }
         let publish = {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
@@ -541,10 +577,10 @@ async fn heartbeat(
                 checkpoint,
                 progress: Some(progress),
             });
-            let deadline = tokio::time::Instant::from_std(renewed + lease);
+            let deadline = tokio::time::Instant::from_std(holder.deadline());
             tokio::select! {
                 _ = save => {}
-                _ = tokio::time::sleep_until(deadline) => return self_fence(&id),
+                _ = tokio::time::sleep_until(deadline) => return stopped(Stop::NoRenewal),
             }
         }
     }

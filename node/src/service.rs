@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::jobs::now_ms;
-use crate::node::{validate_job_urls, Node};
+use crate::node::{check_job_spec, Node};
+use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Job, JobState};
 use bitclone_raft::state::{Command, CommandError, Response as RaftResponse};
+use bitclone_storage::sink::{Destination, Source};
 
 pub struct Api {
     pub node: Arc<Node>,
@@ -90,12 +91,8 @@ pub fn job_pb(j: &Job) -> pb::Job {
         id: j.id.clone(),
         tenant: j.tenant.clone(),
         dataset: j.dataset.clone(),
-        source: j.source.clone(),
-        destinations: j
-            .destinations
-            .iter()
-            .map(|d| crate::node::display_destination(d))
-            .collect(),
+        source: j.source.display(),
+        destinations: j.destinations.iter().map(Destination::display).collect(),
         state: match j.state {
             JobState::Pending => pb::JobState::Pending,
             JobState::Running => pb::JobState::Running,
@@ -223,6 +220,7 @@ impl BitClone for Api {
             }
         };
         names(&begin.tenant, &begin.dataset)?;
+        self.node.check_writable().map_err(status)?;
         let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
             min_size: c.min_size,
             avg_size: c.avg_size,
@@ -372,7 +370,7 @@ impl BitClone for Api {
             .await
         {
             Ok(found) => found,
-            // Not here: in a cluster, stream it from the first member
+            // Not here: stream it from the first member
             // holding it that answers.
             Err(e @ StoreError::NotFound { .. }) => {
                 let Some(holders) = self
@@ -433,11 +431,11 @@ impl BitClone for Api {
                 for c in &e.chunks {
                     let data = match store.get_chunk(&manifest.tenant, &c.id) {
                         Ok(d) => Bytes::from(d),
-                        // A bad or missing chunk is never served: in a cluster
+                        // A bad or missing chunk is never served:
                         // it is fetched from a replica and repaired here.
                         Err(
                             err @ (StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_)),
-                        ) if node.cluster.is_some() => {
+                        ) => {
                             tracing::error!(chunk = %c.id, error = %err, "bad chunk on read");
                             match handle.block_on(node.repair_from_replicas(
                                 &manifest.tenant,
@@ -485,9 +483,18 @@ impl BitClone for Api {
     ) -> Result<Response<pb::Job>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        validate_job_urls(&r.source, &r.destinations, &self.node.config.s3).map_err(status)?;
+        self.node.check_writable().map_err(status)?;
+        // Parsed once, here: the job keeps the typed values.
+        let source = Source::parse(&r.source).map_err(status)?;
+        let destinations = r
+            .destinations
+            .iter()
+            .map(|d| Destination::parse(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status)?;
+        check_job_spec(&source, &destinations, &self.node.config.s3).map_err(status)?;
         let max_attempts = if r.max_attempts == 0 {
-            self.node.jobs.default_max_attempts
+            self.node.config.max_attempts
         } else {
             r.max_attempts.min(100)
         };
@@ -495,28 +502,13 @@ impl BitClone for Api {
             format!("{:016x}", rand::random::<u64>()),
             r.tenant,
             r.dataset,
-            r.source,
-            r.destinations,
+            source,
+            destinations,
             max_attempts,
             now_ms(),
         );
-        let job = match &self.node.cluster {
-            Some(c) => match c
-                .write(Command::SubmitJob { job })
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-            {
-                RaftResponse::Job(j) => j,
-                other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
-            },
-            None => self
-                .node
-                .jobs
-                .submit(job)
-                .await
-                .map_err(|e| Status::internal(format!("{e:#}")))?,
-        };
-        tracing::info!(job = job.id, source = job.source, "clone job submitted");
+        let job = self.node.submit_job(job).await.map_err(status)?;
+        tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
         Ok(Response::new(job_pb(&job)))
     }
 
@@ -524,7 +516,8 @@ impl BitClone for Api {
         let id = request.into_inner().id;
         self.node
             .job(&id)
-            .await?
+            .await
+            .map_err(status)?
             .map(|j| Response::new(job_pb(&j)))
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))
     }
@@ -535,22 +528,20 @@ impl BitClone for Api {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let tenant = request.into_inner().tenant;
         validate_name("tenant", &tenant).map_err(status)?;
-        let jobs = match &self.node.cluster {
-            Some(c) => c
-                .read(|s| {
-                    let mut v: Vec<Job> = s
-                        .jobs
-                        .values()
-                        .filter(|j| j.tenant == tenant)
-                        .cloned()
-                        .collect();
-                    v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
-                    v
-                })
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?,
-            None => self.node.jobs.list(&tenant),
-        };
+        let jobs = self
+            .node
+            .read(|s| {
+                let mut v: Vec<Job> = s
+                    .jobs
+                    .values()
+                    .filter(|j| j.tenant == tenant)
+                    .cloned()
+                    .collect();
+                v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+                v
+            })
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(job_pb).collect(),
         }))
@@ -563,50 +554,31 @@ impl BitClone for Api {
         request: Request<pb::JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = request.into_inner().id;
-        if let Some(c) = self.node.cluster.clone() {
-            let first = self
-                .node
-                .job(&id)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-            // The replicated job changes by Raft entries; follow this node's
-            // copy of it (it is at least as new as the read above).
-            let stream = async_stream(
-                move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
-                    let mut last = first;
-                    if tx.send(Ok(job_pb(&last))).await.is_err() {
-                        return;
-                    }
-                    while !last.state.is_final() {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        let Some(j) = c.local(|s| s.jobs.get(&id).cloned()) else {
-                            return;
-                        };
-                        if j != last {
-                            if tx.send(Ok(job_pb(&j))).await.is_err() {
-                                return;
-                            }
-                            last = j;
-                        }
-                    }
-                },
-            );
-            return Ok(Response::new(stream));
-        }
-        let mut rx = self
+        let first = self
             .node
-            .jobs
-            .subscribe(&id)
+            .job(&id)
+            .await
+            .map_err(status)?
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let c = self.node.cluster.clone();
+        // The replicated job changes by Raft entries; follow this node's
+        // copy of it (it is at least as new as the read above).
         let stream = async_stream(
             move |tx: mpsc::Sender<Result<pb::Job, Status>>| async move {
-                loop {
-                    let job = rx.borrow_and_update().clone();
-                    if tx.send(Ok(job_pb(&job))).await.is_err() || job.state.is_final() {
+                let mut last = first;
+                if tx.send(Ok(job_pb(&last))).await.is_err() {
+                    return;
+                }
+                while !last.state.is_final() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    let Some(j) = c.local(|s| s.jobs.get(&id).cloned()) else {
                         return;
-                    }
-                    if rx.changed().await.is_err() {
-                        return;
+                    };
+                    if j != last {
+                        if tx.send(Ok(job_pb(&j))).await.is_err() {
+                            return;
+                        }
+                        last = j;
                     }
                 }
             },
@@ -616,23 +588,19 @@ impl BitClone for Api {
 
     async fn cancel_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
-        if let Some(c) = &self.node.cluster {
-            return match c
-                .write(Command::CancelJob { job: id.clone() })
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-            {
-                RaftResponse::Job(j) => Ok(Response::new(job_pb(&j))),
-                RaftResponse::Err(CommandError::NotFound(_)) => {
-                    Err(Status::not_found(format!("job {id} not found")))
-                }
-                other => Err(Status::internal(format!("unexpected reply {other:?}"))),
-            };
-        }
-        match self.node.jobs.cancel(&id).await {
-            Ok(Some(j)) => Ok(Response::new(job_pb(&j))),
-            Ok(None) => Err(Status::not_found(format!("job {id} not found"))),
-            Err(e) => Err(Status::internal(format!("{e:#}"))),
+        self.node.check_writable().map_err(status)?;
+        match self
+            .node
+            .cluster
+            .write(Command::CancelJob { job: id.clone() })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        {
+            RaftResponse::Job(j) => Ok(Response::new(job_pb(&j))),
+            RaftResponse::Err(CommandError::NotFound(_)) => {
+                Err(Status::not_found(format!("job {id} not found")))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -648,16 +616,14 @@ impl BitClone for Api {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let id = request.into_inner().id;
-        let c = self
-            .node
-            .cluster
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this node is not part of a cluster"))?;
+        let c = &self.node.cluster;
         if !c.local(|s| s.members.contains_key(&id)) {
             return Err(Status::not_found(format!("node {id} is not a member")));
         }
         c.remove(id).await.map_err(|e| match e {
-            bitclone_raft::ClusterError::Refused(m) => Status::failed_precondition(m),
+            bitclone_raft::Error::Refused(_) | bitclone_raft::Error::Command(_) => {
+                Status::failed_precondition(e.to_string())
+            }
             other => Status::unavailable(other.to_string()),
         })?;
         tracing::info!(node = id, "node removed from the cluster");
@@ -670,12 +636,9 @@ impl BitClone for Api {
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
         let r = request.into_inner();
         validate_name("tenant", &r.tenant).map_err(status)?;
-        let c = self.node.cluster.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "tenants and shards are placed by a cluster; this node is standalone",
-            )
-        })?;
-        match c
+        match self
+            .node
+            .cluster
             .write(Command::SetTenant {
                 tenant: r.tenant,
                 shards: r.shards,
@@ -695,28 +658,22 @@ impl BitClone for Api {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let mut s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
-        if let Some(c) = &self.node.cluster {
-            // Datasets and snapshots are the cluster's, not this store's.
-            (s.datasets, s.snapshots) = c.local(|st| {
-                let heads = st.datasets.values().flat_map(|d| d.values());
-                heads.fold((0, 0), |(d, n), h| (d + 1, n + h.history.len() as u64))
-            });
-        }
-        let (pending, running) = match &self.node.cluster {
-            Some(c) => c.local(|s| {
-                let count = |st| s.jobs.values().filter(|j| j.state == st).count() as u64;
-                (count(JobState::Pending), count(JobState::Running))
-            }),
-            None => self.node.jobs.counts(),
-        };
+        let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
+        // Datasets, snapshots and jobs are the cluster's, as this node has
+        // applied them.
+        let (datasets, snapshots, pending, running) = self.node.cluster.local(|st| {
+            let heads = st.datasets.values().flat_map(|d| d.values());
+            let (d, n) = heads.fold((0, 0), |(d, n), h| (d + 1, n + h.history.len() as u64));
+            let count = |state| st.jobs.values().filter(|j| j.state == state).count() as u64;
+            (d, n, count(JobState::Pending), count(JobState::Running))
+        });
         Ok(Response::new(pb::StatsResponse {
-            node_id: self.node.node_id.clone(),
+            node_id: self.node.cluster.id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             chunks: s.chunks,
             chunk_bytes: s.chunk_bytes,
-            datasets: s.datasets,
-            snapshots: s.snapshots,
+            datasets,
+            snapshots,
             jobs_pending: pending,
             jobs_running: running,
             bytes_ingested: self.node.bytes_ingested.load(Ordering::Relaxed),
@@ -724,20 +681,13 @@ impl BitClone for Api {
             uptime_seconds: self.node.started.elapsed().as_secs(),
             bytes_replicated: self.node.bytes_replicated.load(Ordering::Relaxed),
             chunks_repaired: self.node.chunks_repaired.load(Ordering::Relaxed),
+            fatal: self.node.fatal().unwrap_or_default(),
         }))
     }
 }
 
 fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
-    let Some(c) = &node.cluster else {
-        return pb::ClusterStatusResponse {
-            node_id: 0,
-            clustered: false,
-            raft_state: "standalone".into(),
-            ..Default::default()
-        };
-    };
-    let st = c.status();
+    let st = node.cluster.status();
     pb::ClusterStatusResponse {
         node_id: st.id,
         clustered: true,

@@ -242,3 +242,71 @@ fn sigterm_resumes_nothing_lost_and_jobs_survive_restart() {
     assert_eq!(again["snapshot"], job["snapshot"]);
     node.stop();
 }
+
+#[test]
+fn a_node_on_its_own_is_a_cluster_of_one_that_others_can_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d1 = tmp.path().join("n1");
+    let node = TestNode::start(&d1);
+    // One voter, the leader, with a CA and certificate it made itself.
+    let st = node.json(&["cluster", "status"]);
+    assert_eq!(st["leader"], 1, "{st}");
+    assert_eq!(st["members"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["members"][0]["voter"], true);
+    assert!(st["members"][0]["peer_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let certs = d1.join("certs");
+    assert!(certs.join("ca.pem").is_file() && certs.join("node-1.pem").is_file());
+    let src = tmp.path().join("src");
+    generate_tree(&src, 5, 12, 0);
+    let snap = node.json(&["put", src.to_str().unwrap(), "--dataset", "ds"])["snapshot"].clone();
+
+    // Grow it: a certificate for node 2 from the node's own CA, then join.
+    let out = clean_command(BIN)
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .args(["--nodes", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args: Vec<String> = vec![
+        "--node-id".into(),
+        "2".into(),
+        "--certs".into(),
+        certs.display().to_string(),
+        "--join".into(),
+        node.endpoint.clone(),
+    ];
+    let node2 = TestNode::spawn(&tmp.path().join("n2"), "127.0.0.1:0", &args, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let st = node2.json(&["cluster", "status"]);
+        let voters = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .count();
+        if voters == 2 && st["leader"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 never joined: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The dataset written while alone reads back through the new member.
+    let restore = tmp.path().join("restore");
+    let got = node2.json(&["get", "--dataset", "ds", restore.to_str().unwrap()]);
+    assert_eq!(got["snapshot"], snap);
+    assert_same_tree(&src, &restore, true, &[]);
+    node2.stop();
+    node.stop();
+}

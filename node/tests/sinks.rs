@@ -9,7 +9,7 @@ mod servers;
 use std::path::Path;
 use std::time::Instant;
 
-use bitclone_storage::export::{self, S3Options};
+use bitclone_storage::sink::objects::{self, S3Options};
 use common::*;
 use servers::{Garage, PgServer};
 
@@ -48,8 +48,8 @@ fn restore(g: &Garage, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn target(g: &Garage, url: &str) -> export::Target {
-    export::open_target(
+fn target(g: &Garage, url: &str) -> objects::Target {
+    objects::open_target(
         url,
         &S3Options {
             endpoint: Some(g.endpoint()),
@@ -91,7 +91,7 @@ fn catalog_files(
 
 /// Objects under the target's prefix, outside `.bitclone/`. On `rt`, the
 /// runtime that already drove `t` (its pooled connections belong to it).
-fn object_count(rt: &tokio::runtime::Runtime, t: &export::Target) -> usize {
+fn object_count(rt: &tokio::runtime::Runtime, t: &objects::Target) -> usize {
     rt.block_on(async {
         use futures::TryStreamExt;
         t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
@@ -297,7 +297,7 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
     let err = j["last_error"].as_str().unwrap();
     assert!(err.contains("credentials"), "{err}");
     let t = target(&g, "s3://real-bucket/x");
-    assert!(rt().block_on(export::latest_commit(&t)).unwrap().is_none());
+    assert!(rt().block_on(objects::latest_commit(&t)).unwrap().is_none());
 }
 
 #[test]
@@ -416,7 +416,7 @@ fn holder_lost_mid_upload(fault: Fault) {
     // snapshot's files.
     let t = target(&g, s3);
     let rt = rt();
-    let commits = rt.block_on(export::list_commits(&t)).unwrap();
+    let commits = rt.block_on(objects::list_commits(&t)).unwrap();
     assert_eq!(commits.len(), 1, "{commits:?}");
     assert_eq!(commits[0].1, snap);
     assert_eq!(commits[0].0, j["fencing_token"].as_u64().unwrap());

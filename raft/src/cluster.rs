@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use bitclone_proto::internal::v1::peer_server::{Peer, PeerServer};
 use bitclone_proto::internal::v1::PeerMessage;
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStatus};
 
-use crate::network::{PeerError, PeerRpc, Peers, MAX_PEER_MESSAGE};
-use crate::state::{ClusterState, Command, NodeInfo, Request, Response};
+use crate::error::Error;
+use crate::job::Backoff;
+use crate::network::{PeerRpc, Peers, MAX_PEER_MESSAGE};
+use crate::state::{ClusterState, Command, NodeInfo, Request, Response, SettingsUpdate};
 use crate::store::{open_db, Applied, LogStore, StateMachine};
 use crate::tls::{check_peer, PeerTls};
 use crate::types::Raft;
@@ -38,20 +39,6 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// Build a state-machine snapshot (and purge the log) every this many entries.
     pub snapshot_logs: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("raft storage: {0}")]
-    Storage(String),
-    #[error("no leader is known right now; retry")]
-    NoLeader,
-    #[error(transparent)]
-    Peer(#[from] PeerError),
-    #[error("raft: {0}")]
-    Raft(String),
-    #[error("refused: {0}")]
-    Refused(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,10 +81,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub async fn start(cfg: ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
-        let db = open_db(&cfg.dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
+    pub async fn start(cfg: ClusterConfig) -> Result<Arc<Cluster>, Error> {
+        let db =
+            open_db(&cfg.dir).map_err(|e| Error::Fatal(format!("opening the Raft store: {e}")))?;
         let log = LogStore::new(db.clone());
-        let sm = StateMachine::open(db).map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(db)
+            .map_err(|e| Error::Fatal(format!("loading the state machine: {e}")))?;
         let applied = sm.shared();
         let config = Config {
             cluster_name: "bitclone".into(),
@@ -109,11 +98,9 @@ impl Cluster {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        .map_err(|e| Error::Config(e.to_string()))?;
         let peers = Peers::new(cfg.id, cfg.tls.clone());
-        let raft = Raft::new(cfg.id, Arc::new(config), peers.clone(), log, sm)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let raft = Raft::new(cfg.id, Arc::new(config), peers.clone(), log, sm).await?;
         Ok(Arc::new(Cluster {
             id: cfg.id,
             raft,
@@ -155,6 +142,18 @@ impl Cluster {
         &self.info
     }
 
+    /// Why this node's Raft has stopped (storage failed, or openraft hit a
+    /// fatal error), if it has: the node then takes no more writes.
+    pub fn fatal(&self) -> Option<String> {
+        self.raft
+            .metrics()
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(|f| f.to_string())
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }
@@ -164,7 +163,7 @@ impl Cluster {
     }
 
     /// Waits (bounded) until a leader is known.
-    pub async fn wait_leader(&self, timeout: Duration) -> Result<NodeId, ClusterError> {
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<NodeId, Error> {
         let mut rx = self.raft.metrics();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -175,28 +174,29 @@ impl Cluster {
                 .await
                 .is_err()
             {
-                return Err(ClusterError::NoLeader);
+                return Err(Error::NoLeader);
             }
         }
     }
 
+    /// Whether this node's Raft state exists (it bootstrapped or joined
+    /// before).
+    pub async fn is_initialized(&self) -> Result<bool, Error> {
+        Ok(self.raft.is_initialized().await?)
+    }
+
     /// Starts a new cluster with this node as its only voter (no-op if this
-    /// node's Raft state is already initialized), and records its addresses.
-    pub async fn bootstrap(&self) -> Result<(), ClusterError> {
-        let initialized = self
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        if !initialized {
+    /// node's Raft state is already initialized), records its addresses,
+    /// applies `settings` and creates the default tenant.
+    pub async fn bootstrap(&self, settings: &SettingsUpdate) -> Result<(), Error> {
+        if !self.is_initialized().await? {
             let members: BTreeMap<NodeId, NodeInfo> = [(self.id, self.info.clone())].into();
-            self.raft
-                .initialize(members)
-                .await
-                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            self.raft.initialize(members).await?;
         }
         self.wait_leader(Duration::from_secs(30)).await?;
         self.register_self().await?;
+        // Before the default tenant, which takes the default shard count.
+        self.update_settings(settings).await?;
         // The default tenant exists from the start, so the layout is visible.
         let has_default = self.local(|s| s.tenants.contains_key(DEFAULT_TENANT));
         if !has_default {
@@ -210,7 +210,32 @@ impl Cluster {
         Ok(())
     }
 
-    async fn register_self(&self) -> Result<(), ClusterError> {
+    /// On a restart: records this node's addresses (they may have changed)
+    /// and applies `settings`, once a leader answers.
+    pub async fn rejoin(&self, settings: &SettingsUpdate) -> Result<(), Error> {
+        self.register_self().await?;
+        self.update_settings(settings).await
+    }
+
+    /// Applies the settings this node's config gives, unless the cluster
+    /// already has them.
+    pub async fn update_settings(&self, update: &SettingsUpdate) -> Result<(), Error> {
+        let current = self.local(|s| s.settings.clone());
+        if update.applied_to(&current) == current {
+            return Ok(());
+        }
+        match self
+            .write(Command::UpdateSettings {
+                update: update.clone(),
+            })
+            .await?
+        {
+            Response::Err(e) => Err(Error::Command(e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn register_self(&self) -> Result<(), Error> {
         let known = self.local(|s| s.members.get(&self.id) == Some(&self.info));
         if !known {
             self.write(Command::UpsertMember {
@@ -224,12 +249,12 @@ impl Cluster {
 
     /// Joins the cluster through `leader` (id and peer address, found by the
     /// caller through any member's public API).
-    pub async fn join(&self, leader: NodeId, leader_peer_addr: &str) -> Result<(), ClusterError> {
+    pub async fn join(&self, leader: NodeId, leader_peer_addr: &str) -> Result<(), Error> {
         let req = JoinRequest {
             id: self.id,
             info: self.info.clone(),
         };
-        let r: Result<(), String> = self
+        let r: Result<(), Error> = self
             .peers
             .call(
                 leader,
@@ -239,75 +264,65 @@ impl Cluster {
                 Duration::from_secs(60),
             )
             .await?;
-        r.map_err(ClusterError::Refused)
+        r
     }
 
     /// On the leader: learner first, then voter, then its addresses.
-    async fn admit(&self, id: NodeId, info: NodeInfo) -> Result<(), ClusterError> {
+    async fn admit(&self, id: NodeId, info: NodeInfo) -> Result<(), Error> {
         if !self.is_leader() {
-            return Err(ClusterError::Refused(format!(
-                "node {} is not the leader (leader: {:?})",
-                self.id,
-                self.leader()
-            )));
+            return Err(Error::NotLeader {
+                leader: self.leader(),
+            });
         }
-        self.raft
-            .add_learner(id, info.clone(), true)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.raft.add_learner(id, info.clone(), true).await?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            .await?;
         self.write(Command::UpsertMember { id, info }).await?;
         tracing::info!(node = id, "node joined the cluster");
         Ok(())
     }
 
     /// Removes a node: out of the voters, then out of the layout.
-    pub async fn remove(&self, id: NodeId) -> Result<(), ClusterError> {
+    pub async fn remove(&self, id: NodeId) -> Result<(), Error> {
         let leader = self.wait_leader(Duration::from_secs(10)).await?;
         if leader != self.id {
-            return Err(ClusterError::Refused(format!(
+            return Err(Error::Refused(format!(
                 "remove through the leader (node {leader})"
             )));
         }
         self.raft
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            .await?;
         self.write(Command::RemoveMember { id }).await?;
         Ok(())
     }
 
     /// Proposes a command and returns the state machine's answer. On a
     /// follower the request goes to the leader, which stamps the time.
-    pub async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
+    pub async fn write(&self, cmd: Command) -> Result<Response, Error> {
         let req = Request {
             client: self.client,
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             now_ms: 0,
             cmd,
         };
-        retrying(|_| true, || self.write_once(&req)).await
+        retrying(|| self.write_once(&req)).await
     }
 
     /// One attempt of [`Cluster::write`]: propose here if this node leads,
     /// else forward to the leader.
-    async fn write_once(&self, req: &Request) -> Result<Response, ClusterError> {
-        let leader = self
-            .wait_leader(Duration::from_secs(5))
-            .await
-            .map_err(|_| ClusterError::NoLeader)?;
+    async fn write_once(&self, req: &Request) -> Result<Response, Error> {
+        let leader = self.wait_leader(Duration::from_secs(5)).await?;
         if leader == self.id {
             return self.propose(req.clone()).await;
         }
-        let addr = self.peer_addr(leader).ok_or(ClusterError::NoLeader)?;
-        let r: Result<Result<Response, String>, PeerError> = self
+        let addr = self.peer_addr(leader).ok_or(Error::NoLeader)?;
+        let r: Result<Response, Error> = self
             .peers
             .call(leader, &addr, PeerRpc::Forward, req, self.rpc_timeout)
-            .await;
-        r?.map_err(ClusterError::Raft)
+            .await?;
+        r
     }
 
     fn peer_addr(&self, id: NodeId) -> Option<String> {
@@ -320,42 +335,32 @@ impl Cluster {
     }
 
     /// On the leader: stamp the time and append through Raft.
-    async fn propose(&self, mut req: Request) -> Result<Response, ClusterError> {
+    async fn propose(&self, mut req: Request) -> Result<Response, Error> {
         req.now_ms = now_ms();
-        match self.raft.client_write(req).await {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
-                ClusterError::Refused(format!("not the leader; leader is {:?}", f.leader_id)),
-            ),
-            Err(e) => Err(ClusterError::Raft(e.to_string())),
-        }
+        Ok(self.raft.client_write(req).await?.data)
     }
 
     /// Runs `f` on state that includes every write acknowledged before the
     /// call (a linearizable read through the leader's read index).
-    pub async fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> Result<T, ClusterError> {
+    pub async fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> Result<T, Error> {
         // Across a leader change: retry until a leader answers (bounded).
-        retrying(
-            |e| matches!(e, ClusterError::Peer(_) | ClusterError::NoLeader),
-            || self.read_barrier(),
-        )
-        .await?;
+        retrying(|| self.read_barrier()).await?;
         Ok(self.local(f))
     }
 
     /// Waits until this node has applied every write acknowledged before the
     /// call.
-    async fn read_barrier(&self) -> Result<(), ClusterError> {
+    async fn read_barrier(&self) -> Result<(), Error> {
         let leader = self.wait_leader(Duration::from_secs(5)).await?;
         let index = if leader == self.id {
             self.read_index().await?
         } else {
-            let addr = self.peer_addr(leader).ok_or(ClusterError::NoLeader)?;
-            let r: Result<Option<u64>, String> = self
+            let addr = self.peer_addr(leader).ok_or(Error::NoLeader)?;
+            let r: Result<Option<u64>, Error> = self
                 .peers
                 .call(leader, &addr, PeerRpc::ReadIndex, &(), self.rpc_timeout)
                 .await?;
-            r.map_err(ClusterError::Raft)?
+            r?
         };
         if let Some(index) = index {
             let mut rx = self.raft.metrics();
@@ -365,21 +370,15 @@ impl Cluster {
                     .await
                     .is_err()
                 {
-                    return Err(ClusterError::Raft(
-                        "timed out catching up for a read".into(),
-                    ));
+                    return Err(Error::Timeout("catching up for a read".into()));
                 }
             }
         }
         Ok(())
     }
 
-    async fn read_index(&self) -> Result<Option<u64>, ClusterError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map(|l| l.map(|l| l.index))
-            .map_err(|e| ClusterError::Raft(e.to_string()))
+    async fn read_index(&self) -> Result<Option<u64>, Error> {
+        Ok(self.raft.ensure_linearizable().await?.map(|l| l.index))
     }
 
     pub fn status(&self) -> Status {
@@ -417,24 +416,28 @@ impl Cluster {
     }
 }
 
-/// Runs `f` until it succeeds, up to 20 attempts across leader changes
-/// (backing off 50 ms more each time, 500 ms at most), while `retryable`
-/// says the error is worth another try; then the last error.
-async fn retrying<T, Fut>(
-    retryable: impl Fn(&ClusterError) -> bool,
-    mut f: impl FnMut() -> Fut,
-) -> Result<T, ClusterError>
+/// Cluster writes and reads retry across leader changes with the one
+/// backoff (equal jitter, capped).
+const RETRY: Backoff = Backoff {
+    base: Duration::from_millis(50),
+    max: Duration::from_millis(500),
+};
+
+/// Runs `f` until it succeeds, up to 20 attempts, while the error is one
+/// that can go away (no leader, a leader change, an unreachable peer); a
+/// refusal is returned at once.
+async fn retrying<T, Fut>(mut f: impl FnMut() -> Fut) -> Result<T, Error>
 where
-    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    Fut: std::future::Future<Output = Result<T, Error>>,
 {
-    let mut last = ClusterError::NoLeader;
-    for attempt in 0..20u64 {
+    let mut last = Error::NoLeader;
+    for attempt in 0..20u32 {
         if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 * attempt.min(10))).await;
+            tokio::time::sleep(RETRY.delay(attempt, rand::random())).await;
         }
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if retryable(&e) => last = e,
+            Err(e) if e.is_retryable() => last = e,
             Err(e) => return Err(e),
         }
     }
@@ -535,11 +538,7 @@ impl Peer for PeerService {
     ) -> Result<GrpcResponse<PeerMessage>, GrpcStatus> {
         self.authenticate(&req, true)?;
         let request: Request = decode(req.get_ref())?;
-        let r = self
-            .cluster
-            .propose(request)
-            .await
-            .map_err(|e| e.to_string());
+        let r = self.cluster.propose(request).await;
         encode(&r)
     }
 
@@ -548,7 +547,7 @@ impl Peer for PeerService {
         req: GrpcRequest<PeerMessage>,
     ) -> Result<GrpcResponse<PeerMessage>, GrpcStatus> {
         self.authenticate(&req, true)?;
-        let r = self.cluster.read_index().await.map_err(|e| e.to_string());
+        let r = self.cluster.read_index().await;
         encode(&r)
     }
 
@@ -564,11 +563,7 @@ impl Peer for PeerService {
                 j.id
             )));
         }
-        let r = self
-            .cluster
-            .admit(j.id, j.info)
-            .await
-            .map_err(|e| e.to_string());
+        let r = self.cluster.admit(j.id, j.info).await;
         encode(&r)
     }
 }

@@ -54,8 +54,12 @@ pub struct Job {
     pub id: String,
     pub tenant: String,
     pub dataset: String,
-    pub source: String,
-    pub destinations: Vec<String>,
+    /// Parsed once at submit; records of the release before typed specs
+    /// hold URLs, which still read.
+    #[serde(deserialize_with = "bitclone_storage::sink::spec::source_compat")]
+    pub source: Source,
+    #[serde(deserialize_with = "bitclone_storage::sink::spec::destinations_compat")]
+    pub destinations: Vec<Destination>,
     pub state: JobState,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -89,28 +93,8 @@ impl Lease {
     }
 }
 
-/// Retry timing.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// Delay before retry number `attempt` (1 = the first retry): exponential
-    /// from `base`, capped at `max`, with "equal jitter": half fixed, half
-    /// random (`jitter` in [0, 1)), so that retries of many jobs spread out
-    /// but never come back sooner than half the exponential delay.
-    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = self.base.saturating_mul(
-            1u32.checked_shl(attempt.saturating_sub(1).min(31))
-                .unwrap_or(u32::MAX),
-        );
-        let capped = exp.min(self.max);
-        let half = capped / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
-    }
-}
+pub use bitclone_storage::sink::{Destination, Source};
+pub use bitclone_storage::Backoff;
 
 /// Whether an error can go away by itself (retry) or not (fail now).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,37 +103,13 @@ pub enum Failure {
     Permanent,
 }
 
-/// Whether a destination is a Postgres catalog (the others are object stores).
-pub fn is_catalog_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
-/// Whether two sink URLs can write the same objects: the same location, or
-/// one prefix inside the other (a mirror of the outer one deletes the inner
-/// one's objects). Options (`?mirror=true`) and trailing slashes do not
-/// matter. Catalogs never overlap: their commits are transactions.
-pub fn sinks_overlap(a: &str, b: &str) -> bool {
-    if is_catalog_url(a) || is_catalog_url(b) {
-        return false;
-    }
-    let norm = |u: &str| {
-        u.split('?')
-            .next()
-            .unwrap_or(u)
-            .trim_end_matches('/')
-            .to_string()
-    };
-    let (a, b) = (norm(a), norm(b));
-    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
-}
-
 impl Job {
     /// Whether this job and `other` write overlapping sinks, so that they
     /// must not run at the same time.
     pub fn shares_a_sink(&self, other: &Job) -> bool {
         self.destinations
             .iter()
-            .any(|a| other.destinations.iter().any(|b| sinks_overlap(a, b)))
+            .any(|a| other.destinations.iter().any(|b| a.overlaps(b)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -157,8 +117,8 @@ impl Job {
         id: String,
         tenant: String,
         dataset: String,
-        source: String,
-        destinations: Vec<String>,
+        source: Source,
+        destinations: Vec<Destination>,
         max_attempts: u32,
         now_ms: i64,
     ) -> Job {
@@ -263,16 +223,133 @@ impl Job {
     }
 }
 
+/// The lease holder's rule, as plain logic fed with instants: renew every
+/// third of the lease; a renewal counts from when it was sent (the leader
+/// grants the new deadline later than that, so counting from the send is
+/// safe); after a whole lease without a successful renewal the holder stops
+/// its job on its own, since it may already have been replaced. The async
+/// heartbeat (node) is a thin driver around it.
+#[derive(Debug, Clone)]
+pub struct LeaseHolder {
+    lease: Duration,
+    /// When the last successful renewal (or the grant) was asked for.
+    renewed: std::time::Instant,
+}
+
+/// What the cluster answered to a renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The lease runs on; the job may have been asked to stop.
+    Renewed { cancel_requested: bool },
+    /// The state machine refused it: another holder, or the job moved on.
+    Refused,
+    /// No answer (no leader, a partition); the lease may still be live.
+    Failed,
+}
+
+/// Why a holder stops its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A cancel request reached the holder.
+    Cancelled,
+    /// The cluster refused a renewal.
+    LeaseLost,
+    /// No renewal succeeded for a whole lease.
+    NoRenewal,
+}
+
+impl LeaseHolder {
+    /// A holder whose lease was asked for at `asked`.
+    pub fn new(asked: std::time::Instant, lease: Duration) -> LeaseHolder {
+        LeaseHolder {
+            lease,
+            renewed: asked,
+        }
+    }
+
+    /// How often to renew (and publish progress).
+    pub fn cadence(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Until when the holder may act without another successful renewal.
+    pub fn deadline(&self) -> std::time::Instant {
+        self.renewed + self.lease
+    }
+
+    /// Whether the holder must stop at `now` for want of a renewal.
+    pub fn check(&self, now: std::time::Instant) -> Result<(), Stop> {
+        if now >= self.deadline() {
+            return Err(Stop::NoRenewal);
+        }
+        Ok(())
+    }
+
+    /// Takes the answer to a renewal sent at `sent`.
+    pub fn renewal(&mut self, sent: std::time::Instant, r: Renewal) -> Result<(), Stop> {
+        match r {
+            Renewal::Renewed { cancel_requested } => {
+                self.renewed = self.renewed.max(sent);
+                if cancel_requested {
+                    return Err(Stop::Cancelled);
+                }
+                Ok(())
+            }
+            Renewal::Refused => Err(Stop::LeaseLost),
+            Renewal::Failed => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_holder_stops_after_a_whole_lease_without_a_renewal() {
+        let t0 = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = LeaseHolder::new(t0, ms(3_000));
+        assert_eq!(h.cadence(), ms(1_000));
+        assert_eq!(h.check(t0 + ms(2_999)), Ok(()));
+        assert_eq!(h.check(t0 + ms(3_000)), Err(Stop::NoRenewal));
+        // A renewal counts from when it was sent, not when it came back.
+        let renewed = Renewal::Renewed {
+            cancel_requested: false,
+        };
+        assert_eq!(h.renewal(t0 + ms(1_000), renewed), Ok(()));
+        assert_eq!(h.deadline(), t0 + ms(4_000));
+        // Failed renewals move nothing; the lease runs out on its own.
+        assert_eq!(h.renewal(t0 + ms(2_000), Renewal::Failed), Ok(()));
+        assert_eq!(h.renewal(t0 + ms(3_000), Renewal::Failed), Ok(()));
+        assert_eq!(h.check(t0 + ms(3_999)), Ok(()));
+        assert_eq!(h.check(t0 + ms(4_000)), Err(Stop::NoRenewal));
+        // An answer to an older request cannot move the deadline back.
+        let mut h2 = h.clone();
+        assert_eq!(h2.renewal(t0 + ms(500), renewed), Ok(()));
+        assert_eq!(h2.deadline(), t0 + ms(4_000));
+        // A refusal or a cancel stops the job at once.
+        assert_eq!(
+            h.renewal(t0 + ms(3_500), Renewal::Refused),
+            Err(Stop::LeaseLost)
+        );
+        assert_eq!(
+            h.renewal(
+                t0 + ms(3_500),
+                Renewal::Renewed {
+                    cancel_requested: true
+                }
+            ),
+            Err(Stop::Cancelled)
+        );
+    }
 
     fn job() -> Job {
         Job::new(
             "j".into(),
             "t".into(),
             "d".into(),
-            "file:///x".into(),
+            Source::parse("file:///x").unwrap(),
             vec![],
             3,
             1000,
@@ -283,22 +360,6 @@ mod tests {
         base: Duration::from_secs(1),
         max: Duration::from_secs(10),
     };
-
-    #[test]
-    fn backoff_grows_exponentially_with_jitter_and_cap() {
-        assert_eq!(B.delay(1, 0.0), Duration::from_millis(500));
-        let near_top = B.delay(1, 0.999_999);
-        assert!(near_top > Duration::from_millis(999) && near_top < Duration::from_secs(1));
-        assert_eq!(B.delay(2, 0.0), Duration::from_secs(1));
-        assert_eq!(B.delay(3, 0.0), Duration::from_secs(2));
-        assert_eq!(B.delay(20, 0.0), Duration::from_secs(5));
-        assert_eq!(B.delay(200, 1.0), Duration::from_secs(10));
-        for attempt in 1..10 {
-            let lo = B.delay(attempt, 0.0);
-            let hi = B.delay(attempt, 0.99);
-            assert!(lo <= hi && hi <= B.max);
-        }
-    }
 
     #[test]
     fn retries_then_fails_after_max_attempts() {

@@ -5,6 +5,7 @@
 //! network over gRPC with mutual TLS. openraft types stay inside this crate.
 
 pub mod cluster;
+mod error;
 pub mod job;
 mod network;
 pub mod placement;
@@ -13,18 +14,8 @@ mod store;
 pub mod tls;
 mod types;
 
-pub use cluster::{Cluster, ClusterConfig, ClusterError, Status};
+pub use cluster::{Cluster, ClusterConfig, Status};
+pub use error::Error;
 
 /// Node ids are small integers, stable for a node's lifetime.
 pub type NodeId = u64;
-
-/// Errors of the Raft layer.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A command was refused by the state machine.
-    #[error(transparent)]
-    Command(#[from] state::CommandError),
-    /// The cluster could not carry out a request.
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
-}

@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::error::Error;
 use crate::state::NodeInfo;
 use crate::tls::PeerTls;
 use crate::types::TypeConfig;
@@ -35,20 +36,6 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("peer {peer} at {addr}: {detail}")]
-    Unreachable {
-        peer: NodeId,
-        addr: String,
-        detail: String,
-    },
-    #[error("peer {peer}: {status}")]
-    Status { peer: NodeId, status: tonic::Status },
-    #[error("peer {peer}: bad reply: {detail}")]
-    Decode { peer: NodeId, detail: String },
-}
-
 impl Peers {
     pub fn new(me: NodeId, tls: PeerTls) -> Self {
         Peers {
@@ -58,13 +45,13 @@ impl Peers {
         }
     }
 
-    fn channel(&self, peer: NodeId, addr: &str) -> Result<Channel, PeerError> {
+    fn channel(&self, peer: NodeId, addr: &str) -> Result<Channel, Error> {
         let key = (peer, addr.to_string());
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let unreachable = |detail: String| PeerError::Unreachable {
+        let unreachable = |detail: String| Error::Unreachable {
             peer,
             addr: addr.to_string(),
             detail,
@@ -88,8 +75,8 @@ impl Peers {
         rpc: PeerRpc,
         req: &Req,
         timeout: Duration,
-    ) -> Result<Resp, PeerError> {
-        let payload = serde_json::to_vec(req).map_err(|e| PeerError::Decode {
+    ) -> Result<Resp, Error> {
+        let payload = serde_json::to_vec(req).map_err(|e| Error::Protocol {
             peer,
             detail: e.to_string(),
         })?;
@@ -111,15 +98,16 @@ impl Peers {
         };
         let reply = reply.map_err(|status| match status.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                PeerError::Unreachable {
+                Error::Unreachable {
                     peer,
                     addr: addr.to_string(),
                     detail: status.message().to_string(),
                 }
             }
-            _ => PeerError::Status { peer, status },
+            // The peer answered and refused (rights, a bad request).
+            _ => Error::Refused(format!("peer {peer}: {}", status.message())),
         })?;
-        serde_json::from_slice(&reply.into_inner().payload).map_err(|e| PeerError::Decode {
+        serde_json::from_slice(&reply.into_inner().payload).map_err(|e| Error::Protocol {
             peer,
             detail: e.to_string(),
         })
@@ -167,16 +155,14 @@ impl PeerLink {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let result: Result<Result<Resp, E>, PeerError> = self
+        let result: Result<Result<Resp, E>, Error> = self
             .peers
             .call(self.target, &self.addr, rpc, req, option.hard_ttl())
             .await;
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
-            Err(e @ PeerError::Unreachable { .. }) => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(e @ Error::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }

@@ -73,7 +73,8 @@ pub struct ClusterState {
     pub fence_seq: u64,
 }
 
-/// Cluster-wide knobs, set at bootstrap.
+/// Cluster-wide knobs: defaults at bootstrap, then what nodes' configs set
+/// ([`Command::UpdateSettings`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub default_shards: u32,
@@ -92,6 +93,31 @@ impl Default for Settings {
         }
     }
 }
+
+/// A change to [`Settings`]: the fields a node's config sets; `None` keeps
+/// the cluster's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsUpdate {
+    pub default_shards: Option<u32>,
+    pub lease_ms: Option<i64>,
+    pub backoff_base_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+}
+
+impl SettingsUpdate {
+    /// `settings` with this update applied.
+    pub fn applied_to(&self, settings: &Settings) -> Settings {
+        Settings {
+            default_shards: self.default_shards.unwrap_or(settings.default_shards),
+            lease_ms: self.lease_ms.unwrap_or(settings.lease_ms),
+            backoff_base_ms: self.backoff_base_ms.unwrap_or(settings.backoff_base_ms),
+            backoff_max_ms: self.backoff_max_ms.unwrap_or(settings.backoff_max_ms),
+        }
+    }
+}
+
+/// The shortest lease: the holder renews every third of it, over Raft.
+pub const MIN_LEASE_MS: i64 = 300;
 
 /// A write to the cluster state, stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +200,18 @@ pub enum Command {
     },
     CancelJob {
         job: String,
+    },
+    /// Changes cluster-wide settings (validated together).
+    UpdateSettings {
+        update: SettingsUpdate,
+    },
+    /// Brings in what a standalone node of the previous release kept in its
+    /// own store: dataset heads with their history, and jobs. What the state
+    /// already has is left alone, so the import can run again after a crash.
+    ImportLegacy {
+        /// (tenant, dataset, head).
+        datasets: Vec<(String, String, DatasetHead)>,
+        jobs: Vec<Job>,
     },
 }
 
@@ -585,6 +623,50 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             }
             Ok(Response::Job(j.clone()))
         }
+        Command::UpdateSettings { update } => {
+            let next = update.applied_to(&state.settings);
+            if next.default_shards == 0 || next.default_shards > 4096 {
+                return Err(CommandError::Invalid(
+                    "default_shards must be 1..=4096".into(),
+                ));
+            }
+            if next.lease_ms < MIN_LEASE_MS {
+                return Err(CommandError::Invalid(format!(
+                    "the lease must be at least {MIN_LEASE_MS} ms"
+                )));
+            }
+            if next.backoff_base_ms > next.backoff_max_ms {
+                return Err(CommandError::Invalid(format!(
+                    "backoff base {} ms is above backoff max {} ms",
+                    next.backoff_base_ms, next.backoff_max_ms
+                )));
+            }
+            state.settings = next;
+            Ok(Response::Ok)
+        }
+        Command::ImportLegacy { datasets, jobs } => {
+            for (tenant, name, head) in datasets {
+                state.ensure_tenant(tenant);
+                let heads = state.datasets.entry(tenant.clone()).or_default();
+                heads.entry(name.clone()).or_insert_with(|| head.clone());
+            }
+            for job in jobs {
+                // Tokens of the old node's sinks stay below every new grant.
+                state.fence_seq = state.fence_seq.max(job.fencing_token);
+                if state.jobs.contains_key(&job.id) {
+                    continue;
+                }
+                state.ensure_tenant(&job.tenant);
+                let mut j = job.clone();
+                if j.state == JobState::Running {
+                    // It was running when the old node stopped.
+                    j.interrupted(now);
+                }
+                j.lease = None;
+                state.jobs.insert(j.id.clone(), j);
+            }
+            Ok(Response::Ok)
+        }
     }
 }
 
@@ -642,7 +724,7 @@ mod tests {
                 id.into(),
                 "t".into(),
                 "d".into(),
-                "file:///x".into(),
+                src("file:///x"),
                 vec![],
                 3,
                 now,
@@ -663,6 +745,14 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    fn src(url: &str) -> crate::job::Source {
+        crate::job::Source::parse(url).unwrap()
+    }
+
+    fn dst(url: &str) -> crate::job::Destination {
+        crate::job::Destination::parse(url).unwrap()
     }
 
     fn entry(id: &str) -> SnapshotEntry {
@@ -869,7 +959,15 @@ mod tests {
     #[test]
     fn retried_requests_apply_once() {
         let mut st = ClusterState::default();
-        let job = Job::new("j".into(), "t".into(), "d".into(), "s".into(), vec![], 3, 0);
+        let job = Job::new(
+            "j".into(),
+            "t".into(),
+            "d".into(),
+            src("snapshot://s"),
+            vec![],
+            3,
+            0,
+        );
         let req = Request {
             client: 9,
             seq: 1,
@@ -1069,8 +1167,8 @@ mod tests {
                 id.into(),
                 "t".into(),
                 "d".into(),
-                "file:///x".into(),
-                vec![dest.into(), "postgres://u@h/catalog".into()],
+                src("file:///x"),
+                vec![dst(dest), dst("postgres://u@h/catalog")],
                 3,
                 0,
             )
@@ -1155,5 +1253,98 @@ mod tests {
             Err(CommandError::Invalid(_))
         ));
         assert!(sm.state.claimable(outsider, 0).is_empty());
+    }
+
+    #[test]
+    fn settings_update_validates_and_keeps_unset_fields() {
+        let mut sm = Sm::new(&[1]);
+        let update = SettingsUpdate {
+            lease_ms: Some(2_000),
+            backoff_base_ms: Some(50),
+            ..Default::default()
+        };
+        sm.ok(0, Command::UpdateSettings { update });
+        let s = &sm.state.settings;
+        assert_eq!((s.lease_ms, s.backoff_base_ms), (2_000, 50));
+        assert_eq!(s.backoff_max_ms, Settings::default().backoff_max_ms);
+        for bad in [
+            SettingsUpdate {
+                lease_ms: Some(10),
+                ..Default::default()
+            },
+            SettingsUpdate {
+                backoff_base_ms: Some(120_000),
+                ..Default::default()
+            },
+            SettingsUpdate {
+                default_shards: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let before = sm.state.settings.clone();
+            let r = sm.run(1, Command::UpdateSettings { update: bad });
+            assert!(
+                matches!(r, Response::Err(CommandError::Invalid(_))),
+                "{r:?}"
+            );
+            assert_eq!(sm.state.settings, before);
+        }
+        // Retries of a failed job use the new backoff.
+        sm.submit("j", 0);
+        let token = sm.acquire("j", 1, 0).unwrap();
+        sm.ok(
+            0,
+            Command::FinishAttempt {
+                job: "j".into(),
+                fence: Fence { node: 1, token },
+                outcome: Err(("boom".into(), Failure::Transient)),
+                jitter: 0.0,
+            },
+        );
+        assert_eq!(sm.state.jobs["j"].next_attempt_unix_ms, 25);
+    }
+
+    #[test]
+    fn legacy_import_keeps_history_and_jobs_and_runs_once() {
+        let mut sm = Sm::new(&[1]);
+        let head = DatasetHead {
+            snapshot: "b".into(),
+            updated_unix_ms: 5,
+            history: vec![entry("a"), entry("b")],
+        };
+        let mut waiting = Job::new(
+            "w".into(),
+            "acme".into(),
+            "d".into(),
+            src("snapshot://d"),
+            vec![dst("file:///o")],
+            5,
+            1,
+        );
+        waiting.fencing_token = 7;
+        waiting.attempts = 1;
+        waiting.next_attempt_unix_ms = 1_000_000;
+        let mut running = waiting.clone();
+        running.id = "r".into();
+        running.state = JobState::Running;
+        running.fencing_token = 9;
+        let import = Command::ImportLegacy {
+            datasets: vec![("acme".into(), "d".into(), head.clone())],
+            jobs: vec![waiting.clone(), running],
+        };
+        sm.ok(100, import.clone());
+        assert_eq!(sm.state.datasets["acme"]["d"], head);
+        assert!(sm.state.tenants.contains_key("acme"));
+        assert_eq!(sm.state.jobs["w"], waiting);
+        // The interrupted one goes back to Pending, as a restart did.
+        assert_eq!(sm.state.jobs["r"].state, JobState::Pending);
+        assert_eq!(sm.state.fence_seq, 9);
+        // New grants go above every imported token.
+        sm.ok(100, Command::CancelJob { job: "w".into() });
+        assert!(sm.acquire("r", 1, 200).unwrap() > 9);
+        // Importing again changes nothing already there.
+        let before = sm.state.jobs.clone();
+        sm.ok(300, import);
+        assert_eq!(sm.state.jobs, before);
     }
 }

@@ -31,6 +31,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+use crate::error::Error;
+
 /// File name of the cluster CA certificate.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the cluster CA private key.
@@ -46,24 +48,10 @@ pub fn node_name(id: u64) -> String {
     format!("node-{id}")
 }
 
-/// Errors loading, checking or generating TLS material.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read or written.
-    #[error("TLS file {}: {source}", .path.display())]
-    Io { path: PathBuf, source: io::Error },
-    /// A certificate or key is malformed, inconsistent or could not be made.
-    #[error("TLS certificate error: {0}")]
-    Cert(String),
-    /// A peer's certificate does not name the node it claims to be.
-    #[error("peer certificate is not valid for {expected}: {detail}")]
-    Identity { expected: String, detail: String },
-}
-
-fn io_err(path: &Path, source: io::Error) -> TlsError {
-    TlsError::Io {
+fn io_err(path: &Path, source: io::Error) -> Error {
+    Error::TlsFile {
         path: path.to_path_buf(),
-        source,
+        detail: source.to_string(),
     }
 }
 
@@ -92,7 +80,7 @@ impl PeerTls {
     /// valid for [`node_name`]`(node_id)`, and matches the private key. A
     /// misconfigured node therefore fails at start rather than at its first
     /// RPC.
-    pub fn load(dir: &Path, node_id: u64) -> Result<PeerTls, TlsError> {
+    pub fn load(dir: &Path, node_id: u64) -> Result<PeerTls, Error> {
         let name = node_name(node_id);
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(format!("{name}.pem"));
@@ -106,7 +94,7 @@ impl PeerTls {
         let ca_certs = parse_certs(&ca_path, &ca_pem)?;
         let chain = parse_certs(&cert_path, &cert_pem)?;
         verify_node(&ca_certs, &chain, &key_pem, &name).map_err(|e| {
-            TlsError::Cert(format!(
+            Error::Cert(format!(
                 "{} (this node's certificate, node id {node_id}): {e}",
                 cert_path.display()
             ))
@@ -144,55 +132,55 @@ impl PeerTls {
 
     /// rustls server config for QUIC: TLS 1.3, this node's certificate,
     /// client certificates required and verified against the cluster CA.
-    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, Error> {
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             std::sync::Arc::new(self.roots()?),
             provider.clone(),
         )
         .build()
-        .map_err(|e| TlsError::Cert(format!("client verifier: {e}")))?;
+        .map_err(|e| Error::Cert(format!("client verifier: {e}")))?;
         rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Cert(e.to_string()))?
+            .map_err(|e| Error::Cert(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain()?, self.key()?)
-            .map_err(|e| TlsError::Cert(e.to_string()))
+            .map_err(|e| Error::Cert(e.to_string()))
     }
 
     /// rustls client config for QUIC: trust only the cluster CA, present
     /// this node's certificate. The server name (`node-<id>`) is given per
     /// connection.
-    pub fn rustls_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+    pub fn rustls_client_config(&self) -> Result<rustls::ClientConfig, Error> {
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Cert(e.to_string()))?
+            .map_err(|e| Error::Cert(e.to_string()))?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain()?, self.key()?)
-            .map_err(|e| TlsError::Cert(e.to_string()))
+            .map_err(|e| Error::Cert(e.to_string()))
     }
 
-    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+    fn roots(&self) -> Result<rustls::RootCertStore, Error> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
-            let cert = cert.map_err(|e| TlsError::Cert(format!("CA certificate: {e}")))?;
+            let cert = cert.map_err(|e| Error::Cert(format!("CA certificate: {e}")))?;
             roots
                 .add(cert)
-                .map_err(|e| TlsError::Cert(format!("CA certificate: {e}")))?;
+                .map_err(|e| Error::Cert(format!("CA certificate: {e}")))?;
         }
         Ok(roots)
     }
 
-    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, Error> {
         CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Cert(format!("node certificate: {e}")))
+            .map_err(|e| Error::Cert(format!("node certificate: {e}")))
     }
 
-    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+    fn key(&self) -> Result<PrivateKeyDer<'static>, Error> {
         PrivateKeyDer::from_pem_slice(&self.key_pem)
-            .map_err(|e| TlsError::Cert(format!("node key: {e}")))
+            .map_err(|e| Error::Cert(format!("node key: {e}")))
     }
 
     /// The cluster CA certificate(s), PEM.
@@ -207,15 +195,15 @@ impl PeerTls {
 /// already verified the chain against the cluster CA during the handshake
 /// (that is where CA trust is enforced). This only checks that the
 /// end-entity certificate (the first) is valid for [`node_name`]`(claimed)`.
-pub fn check_peer(peer_certs: &[CertificateDer<'static>], claimed: u64) -> Result<(), TlsError> {
+pub fn check_peer(peer_certs: &[CertificateDer<'static>], claimed: u64) -> Result<(), Error> {
     let expected = node_name(claimed);
     let Some(leaf) = peer_certs.first() else {
-        return Err(TlsError::Identity {
+        return Err(Error::Identity {
             expected,
             detail: "the peer presented no certificate".to_string(),
         });
     };
-    check_name(leaf, &expected).map_err(|detail| TlsError::Identity { expected, detail })
+    check_name(leaf, &expected).map_err(|detail| Error::Identity { expected, detail })
 }
 
 /// Installs aws-lc-rs as the process-wide rustls crypto provider. Call it
@@ -234,7 +222,7 @@ pub fn install_crypto_provider() {
 /// not fit the CA is issued afresh (with a warning). Private keys are written
 /// with mode 0600; every file is written atomically. Returns the files
 /// written.
-pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
+pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, Error> {
     fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let mut written = Vec::new();
 
@@ -252,7 +240,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
             let ca_pem = read_string(&ca_cert_path)?;
             let key_pem = read_string(&ca_key_path)?;
             let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-                TlsError::Cert(format!(
+                Error::Cert(format!(
                     "{}: cannot parse the CA private key: {e}",
                     ca_key_path.display()
                 ))
@@ -261,10 +249,10 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
         }
         (false, false) => {
             let key = KeyPair::generate()
-                .map_err(|e| TlsError::Cert(format!("generating the CA key pair: {e}")))?;
+                .map_err(|e| Error::Cert(format!("generating the CA key pair: {e}")))?;
             let cert = ca_params()
                 .self_signed(&key)
-                .map_err(|e| TlsError::Cert(format!("self-signing the dev CA: {e}")))?;
+                .map_err(|e| Error::Cert(format!("self-signing the dev CA: {e}")))?;
             let ca_pem = cert.pem();
             written.push(write_atomic(
                 out,
@@ -276,7 +264,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
             (ca_pem, key)
         }
         (true, false) => {
-            return Err(TlsError::Cert(format!(
+            return Err(Error::Cert(format!(
                 "{} exists but {} is missing, so no node certificates can be issued; \
                  restore the CA key, or remove {} to start a new dev CA (and reissue all nodes)",
                 ca_cert_path.display(),
@@ -285,7 +273,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
             )));
         }
         (false, true) => {
-            return Err(TlsError::Cert(format!(
+            return Err(Error::Cert(format!(
                 "{} exists but {} is missing; restore the CA certificate, or remove {} \
                  to start a new dev CA (and reissue all nodes)",
                 ca_key_path.display(),
@@ -297,7 +285,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
 
     let ca_certs = parse_certs(&ca_cert_path, ca_pem.as_bytes())?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| {
-        TlsError::Cert(format!(
+        Error::Cert(format!(
             "{}: cannot use it as an issuer: {e}",
             ca_cert_path.display()
         ))
@@ -323,10 +311,10 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
         }
 
         let key = KeyPair::generate()
-            .map_err(|e| TlsError::Cert(format!("generating a key pair for {name}: {e}")))?;
+            .map_err(|e| Error::Cert(format!("generating a key pair for {name}: {e}")))?;
         let cert = node_params(&name)?
             .signed_by(&key, &issuer)
-            .map_err(|e| TlsError::Cert(format!("signing the certificate of {name}: {e}")))?;
+            .map_err(|e| Error::Cert(format!("signing the certificate of {name}: {e}")))?;
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
 
@@ -334,7 +322,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, TlsError> {
         // written.
         let chain = vec![cert.der().clone()];
         verify_node(&ca_certs, &chain, key_pem.as_bytes(), &name).map_err(|e| {
-            TlsError::Cert(format!(
+            Error::Cert(format!(
                 "the certificate just issued for {name} does not verify against {}: {e} \
                  (does {} belong to it?)",
                 ca_cert_path.display(),
@@ -368,7 +356,7 @@ fn ca_params() -> CertificateParams {
 }
 
 /// Parameters of a node certificate.
-fn node_params(name: &str) -> Result<CertificateParams, TlsError> {
+fn node_params(name: &str) -> Result<CertificateParams, Error> {
     // `CertificateParams::new` turns strings that parse as IP addresses into
     // IP SANs and the others into DNS SANs.
     let sans = vec![
@@ -378,7 +366,7 @@ fn node_params(name: &str) -> Result<CertificateParams, TlsError> {
         "::1".to_string(),
     ];
     let mut params = CertificateParams::new(sans)
-        .map_err(|e| TlsError::Cert(format!("subject alternative names of {name}: {e}")))?;
+        .map_err(|e| Error::Cert(format!("subject alternative names of {name}: {e}")))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
@@ -408,7 +396,7 @@ fn set_dev_validity(params: &mut CertificateParams) {
 }
 
 /// Reads a TLS file; a missing file names the command that creates one.
-fn read_tls_file(dir: &Path, path: &Path) -> Result<Vec<u8>, TlsError> {
+fn read_tls_file(dir: &Path, path: &Path) -> Result<Vec<u8>, Error> {
     fs::read(path).map_err(|source| {
         let source = if source.kind() == ErrorKind::NotFound {
             io::Error::new(
@@ -426,7 +414,7 @@ fn read_tls_file(dir: &Path, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn read_string(path: &Path) -> Result<String, TlsError> {
+fn read_string(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|e| io_err(path, e))
 }
 
@@ -445,12 +433,12 @@ fn warn_if_key_readable(path: &Path) {
 }
 
 /// All `CERTIFICATE` blocks of a PEM file; at least one.
-fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Cert(format!("{}: bad PEM: {e}", path.display())))?;
+        .map_err(|e| Error::Cert(format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(TlsError::Cert(format!(
+        return Err(Error::Cert(format!(
             "{}: no CERTIFICATE block found",
             path.display()
         )));
@@ -536,7 +524,7 @@ fn existing_node_fits(
 
 /// Writes `dir/name` atomically (temporary file, fsync, rename) with the
 /// given permission bits, and returns its path.
-fn write_atomic(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<PathBuf, TlsError> {
+fn write_atomic(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<PathBuf, Error> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     match fs::remove_file(&tmp) {
@@ -661,7 +649,7 @@ mod tests {
         check_peer(std::slice::from_ref(&node2), 2).unwrap();
         let err = check_peer(std::slice::from_ref(&node2), 1).unwrap_err();
         assert!(
-            matches!(&err, TlsError::Identity { expected, .. } if expected == "node-1"),
+            matches!(&err, Error::Identity { expected, .. } if expected == "node-1"),
             "{err}"
         );
         assert!(err.to_string().contains("node-1"), "{err}");
@@ -739,7 +727,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&missing.display().to_string()), "{msg}");
         assert!(msg.contains("bitclone certs dev"), "{msg}");
-        assert!(matches!(err, TlsError::Io { .. }));
+        assert!(matches!(err, Error::TlsFile { .. }));
     }
 
     #[test]

@@ -4,24 +4,24 @@
 //! Nothing here knows about Raft, QUIC or gRPC. Blocking work (chunking,
 //! hashing, RocksDB) runs on a [`CpuPool`], never on the async runtime.
 
-pub mod catalog;
+mod backoff;
 mod chunk;
 pub mod chunker;
 pub mod conformance;
 mod error;
-pub mod export;
 pub mod ingest;
 pub mod manifest;
 pub mod path;
 mod pool;
-pub mod restore;
 pub mod rocks;
+pub mod sink;
 mod store;
 
+pub use backoff::{jitter, Backoff};
 pub use chunk::{ChunkId, SnapshotId};
 pub use chunker::ChunkParams;
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
-pub use rocks::{RocksOptions, RocksStore, SnapshotRecord};
-pub use store::{ChunkStore, MemStore};
+pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
+pub use store::{load_manifest, read_chunks, ChunkStore, MemStore};

@@ -2,8 +2,6 @@
 //! metadata (dataset heads, snapshot records, opaque records such as jobs).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, ErrorKind, IteratorMode, Options, WriteBatch,
@@ -13,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
 use crate::store::{verified, ChunkStore};
 
 const CF_CHUNKS: &str = "chunks";
@@ -45,8 +42,9 @@ impl Default for RocksOptions {
     }
 }
 
-/// What the store holds about one committed snapshot (the manifest itself is
-/// stored separately, content-addressed).
+/// One committed snapshot as listings show it (the manifest itself is stored
+/// separately, content-addressed); also the previous release's snapshot
+/// record in the metadata family.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     /// Snapshot id (hex BLAKE3 of the manifest).
@@ -63,15 +61,34 @@ pub struct SnapshotRecord {
     pub created_unix_ms: i64,
 }
 
-/// Summary of one dataset.
+/// What the previous release kept in the metadata family of a standalone
+/// node (see [`RocksStore::legacy_metadata`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LegacyMetadata {
+    /// Dataset heads.
+    pub heads: Vec<LegacyHead>,
+    /// (tenant, record) of every snapshot, oldest first within a dataset.
+    pub snapshots: Vec<(String, SnapshotRecord)>,
+    /// Opaque records by key (`job/<id>` → a job as JSON).
+    pub records: Vec<(String, Vec<u8>)>,
+}
+
+/// A dataset head of the previous release.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatasetSummary {
+pub struct LegacyHead {
+    /// Tenant name.
+    pub tenant: String,
     /// Dataset name.
-    pub name: String,
+    pub dataset: String,
     /// Its latest snapshot.
     pub head: SnapshotId,
-    /// How many snapshots it has.
-    pub snapshots: u64,
+}
+
+impl LegacyMetadata {
+    /// Whether there is nothing to migrate.
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty() && self.snapshots.is_empty() && self.records.is_empty()
+    }
 }
 
 /// Rough sizes for the stats endpoint.
@@ -81,10 +98,6 @@ pub struct StoreStats {
     pub chunks: u64,
     /// Bytes on disk used by chunk data (blob files and SSTs).
     pub chunk_bytes: u64,
-    /// Datasets of all tenants.
-    pub datasets: u64,
-    /// Snapshots of all tenants.
-    pub snapshots: u64,
 }
 
 /// [`ChunkStore`] on RocksDB: chunk bytes in a BlobDB column family, a small
@@ -93,9 +106,8 @@ pub struct StoreStats {
 pub struct RocksStore {
     db: DB,
     path: PathBuf,
-    poisoned: AtomicBool,
-    // Serialises the compare-and-set on dataset heads.
-    commit_lock: Mutex<()>,
+    /// The first failed write's error; set once, never cleared.
+    poisoned: std::sync::OnceLock<String>,
 }
 
 impl RocksStore {
@@ -146,8 +158,7 @@ impl RocksStore {
         Ok(RocksStore {
             db,
             path: dir.to_path_buf(),
-            poisoned: AtomicBool::new(false),
-            commit_lock: Mutex::new(()),
+            poisoned: std::sync::OnceLock::new(),
         })
     }
 
@@ -166,12 +177,18 @@ impl RocksStore {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Poisoned(
-                "a previous write failed; restart the node to recover from the WAL".into(),
-            ));
+        if let Some(why) = self.poisoned() {
+            return Err(Error::Poisoned(format!(
+                "a previous write failed ({why}); restart the node to recover from the WAL"
+            )));
         }
         Ok(())
+    }
+
+    /// Why the store refuses writes, once a write has failed: the node is
+    /// then unfit for writes until it restarts.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.get().map(String::as_str)
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
@@ -188,7 +205,7 @@ impl RocksStore {
     /// After a failed (synced) write we no longer know what is on disk: the
     /// store refuses writes from now on.
     fn poison(&self, e: rocksdb::Error) -> Error {
-        self.poisoned.store(true, Ordering::Release);
+        let _ = self.poisoned.set(e.to_string());
         Error::Poisoned(e.to_string())
     }
 
@@ -204,58 +221,9 @@ impl RocksStore {
             .map_err(|e| self.poison(e))
     }
 
-    /// Atomically and durably (fsync) stores a manifest and moves the
-    /// dataset's head to it, if the head is still `manifest.parent`
-    /// (compare-and-set). Returns the record of the new snapshot.
-    pub fn commit_snapshot(
-        &self,
-        manifest: &Manifest,
-        id: &SnapshotId,
-        bytes: &[u8],
-    ) -> Result<SnapshotRecord> {
-        let _guard = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let tenant = &manifest.tenant;
-        let dataset = &manifest.dataset;
-        let head = self.head(tenant, dataset)?;
-        if head != manifest.parent && head != Some(*id) {
-            return Err(Error::Conflict(format!(
-                "dataset {dataset} moved to {} while this snapshot was built on {}; retry",
-                head.map(|h| h.to_hex()).unwrap_or_else(|| "nothing".into()),
-                manifest
-                    .parent
-                    .map(|h| h.to_hex())
-                    .unwrap_or_else(|| "nothing".into())
-            )));
-        }
-        let record = SnapshotRecord {
-            id: id.to_hex(),
-            dataset: dataset.clone(),
-            parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),
-            files: manifest.file_count(),
-            bytes: manifest.total_bytes(),
-            created_unix_ms: manifest.created_unix_ms,
-        };
-        if head == Some(*id) {
-            // The same content again: nothing moves.
-            return Ok(record);
-        }
-        // Chunks first: a manifest must never be durable before its chunks.
-        self.persist_chunks()?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id), bytes);
-        batch.put_cf(
-            self.cf(CF_META),
-            snapshot_key(tenant, dataset, manifest.created_unix_ms, id),
-            serde_json::to_vec(&record)
-                .map_err(|e| Error::InvalidArgument(format!("encode snapshot record: {e}")))?,
-        );
-        batch.put_cf(self.cf(CF_META), head_key(tenant, dataset), id.as_bytes());
-        self.write(batch, true)?;
-        Ok(record)
-    }
-
-    /// Durably stores a manifest (after its chunks) without moving any
-    /// dataset head: in a cluster the head moves through Raft instead.
+    /// Durably stores a manifest, after its chunks. It names no dataset: the
+    /// dataset's head moves through Raft once the manifest is durable here
+    /// (and on a majority of the shard's replicas).
     pub fn store_manifest_durable(
         &self,
         tenant: &str,
@@ -299,74 +267,52 @@ impl RocksStore {
         self.write_opt(batch, &opts)
     }
 
-    /// The latest snapshot of a dataset, if it has one.
-    pub fn head(&self, tenant: &str, dataset: &str) -> Result<Option<SnapshotId>> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_META), head_key(tenant, dataset))?
-        {
-            Some(v) => Ok(Some(ChunkId::from_slice(&v).map_err(|_| {
-                Error::decode("dataset head", format!("{} bytes", v.len()))
-            })?)),
-            None => Ok(None),
-        }
-    }
-
-    /// The datasets of a tenant, sorted by name.
-    pub fn list_datasets(&self, tenant: &str) -> Result<Vec<DatasetSummary>> {
-        let mut out = Vec::new();
-        for (key, value) in self.scan(CF_META, &meta_prefix(b'h', tenant))? {
-            let name =
-                String::from_utf8_lossy(&key[meta_prefix(b'h', tenant).len()..]).into_owned();
-            let head = ChunkId::from_slice(&value)
-                .map_err(|_| Error::decode("dataset head", name.clone()))?;
-            let snapshots = self.list_snapshots(tenant, &name)?.len() as u64;
-            out.push(DatasetSummary {
-                name,
+    /// The dataset heads, snapshot records and opaque records (jobs) that
+    /// the previous release kept in the metadata family of a standalone
+    /// node; empty once they have been moved into the cluster state (see
+    /// [`RocksStore::drop_legacy_metadata`]).
+    ///
+    /// Layout of that release: `h\0<tenant>\0<dataset>` → the head's 32
+    /// bytes; `s\0<tenant>\0<dataset>\0<ms:8 BE><id:32>` → a
+    /// [`SnapshotRecord`] as JSON; `r<key>` → opaque bytes (`job/<id>` → a
+    /// job as JSON).
+    pub fn legacy_metadata(&self) -> Result<LegacyMetadata> {
+        let mut out = LegacyMetadata::default();
+        for (k, v) in self.scan(CF_META, &[b'h', 0])? {
+            let (tenant, dataset) = split_names(&k[2..])
+                .ok_or_else(|| Error::decode("legacy dataset head key", format!("{k:?}")))?;
+            let head = ChunkId::from_slice(&v)
+                .map_err(|_| Error::decode("legacy dataset head", dataset.clone()))?;
+            out.heads.push(LegacyHead {
+                tenant,
+                dataset,
                 head,
-                snapshots,
             });
+        }
+        for (k, v) in self.scan(CF_META, &[b's', 0])? {
+            let (tenant, _) = split_names(&k[2..])
+                .ok_or_else(|| Error::decode("legacy snapshot key", format!("{k:?}")))?;
+            let record: SnapshotRecord = serde_json::from_slice(&v)
+                .map_err(|e| Error::decode("legacy snapshot record", e.to_string()))?;
+            out.snapshots.push((tenant, record));
+        }
+        for (k, v) in self.scan(CF_META, b"r")? {
+            out.records
+                .push((String::from_utf8_lossy(&k[1..]).into_owned(), v));
         }
         Ok(out)
     }
 
-    /// The snapshots of a dataset, oldest first.
-    pub fn list_snapshots(&self, tenant: &str, dataset: &str) -> Result<Vec<SnapshotRecord>> {
-        let mut prefix = meta_prefix(b's', tenant);
-        prefix.extend_from_slice(dataset.as_bytes());
-        prefix.push(0);
-        self.scan(CF_META, &prefix)?
-            .into_iter()
-            .map(|(_, v)| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| Error::decode("snapshot record", e.to_string()))
-            })
-            .collect()
-    }
-
-    /// Stores an opaque record (e.g. a job) under `key` in the metadata family.
-    pub fn put_record(&self, key: &str, value: &[u8], sync: bool) -> Result<()> {
+    /// Deletes everything [`RocksStore::legacy_metadata`] reads, durably, in
+    /// one batch: called once the cluster state holds it.
+    pub fn drop_legacy_metadata(&self) -> Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_META), record_key(key), value);
-        self.write(batch, sync)
-    }
-
-    /// Reads an opaque record.
-    pub fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_META), record_key(key))?
-            .map(|v| v.to_vec()))
-    }
-
-    /// All opaque records whose key starts with `prefix`, in key order.
-    pub fn scan_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let p = record_key(prefix);
-        Ok(self
-            .scan(CF_META, &p)?
-            .into_iter()
-            .map(|(k, v)| (String::from_utf8_lossy(&k[1..]).into_owned(), v))
-            .collect())
+        for prefix in [&[b'h', 0][..], &[b's', 0][..], &b"r"[..]] {
+            for (k, _) in self.scan(CF_META, prefix)? {
+                batch.delete_cf(self.cf(CF_META), k);
+            }
+        }
+        self.write(batch, true)
     }
 
     fn scan(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -396,8 +342,6 @@ impl RocksStore {
             chunks: prop(CF_CHUNK_INDEX, "rocksdb.estimate-num-keys")?,
             chunk_bytes: prop(CF_CHUNKS, "rocksdb.total-blob-file-size")?
                 + prop(CF_CHUNKS, "rocksdb.live-sst-files-size")?,
-            datasets: self.scan(CF_META, &[b'h', 0])?.len() as u64,
-            snapshots: self.scan(CF_META, &[b's', 0])?.len() as u64,
         })
     }
 
@@ -480,41 +424,17 @@ fn tenant_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
     k
 }
 
-// Metadata keys: a one-byte kind, then NUL-separated names (names are
-// validated and never contain NUL).
-fn meta_prefix(kind: u8, tenant: &str) -> Vec<u8> {
-    let mut k = vec![kind, 0];
-    k.extend_from_slice(tenant.as_bytes());
-    k.push(0);
-    k
-}
-
-fn head_key(tenant: &str, dataset: &str) -> Vec<u8> {
-    let mut k = meta_prefix(b'h', tenant);
-    k.extend_from_slice(dataset.as_bytes());
-    k
-}
-
-fn snapshot_key(tenant: &str, dataset: &str, created_ms: i64, id: &ChunkId) -> Vec<u8> {
-    let mut k = meta_prefix(b's', tenant);
-    k.extend_from_slice(dataset.as_bytes());
-    k.push(0);
-    // Big-endian so that keys sort by time (times before 1970 are not expected).
-    k.extend_from_slice(&(created_ms.max(0) as u64).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn record_key(key: &str) -> Vec<u8> {
-    let mut k = vec![b'r'];
-    k.extend_from_slice(key.as_bytes());
-    k
+/// Splits `<tenant>\0<dataset>[\0...]` (names never contain NUL).
+fn split_names(k: &[u8]) -> Option<(String, String)> {
+    let mut parts = k.splitn(3, |b| *b == 0);
+    let tenant = std::str::from_utf8(parts.next()?).ok()?;
+    let dataset = std::str::from_utf8(parts.next()?).ok()?;
+    Some((tenant.to_string(), dataset.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Entry, EntryKind};
 
     #[test]
     fn conformance() {
@@ -528,78 +448,45 @@ mod tests {
         crate::conformance::run_all(&crate::store::MemStore::new());
     }
 
-    fn manifest(parent: Option<SnapshotId>, ms: i64, content: &str) -> Manifest {
-        let id = ChunkId::of(content.as_bytes());
-        Manifest {
-            tenant: "t".into(),
+    #[test]
+    fn legacy_metadata_is_read_in_the_previous_layout_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+        assert!(store.legacy_metadata().unwrap().is_empty());
+        // Written key by key as the previous release wrote them.
+        let id = ChunkId::of(b"snapshot");
+        let record = SnapshotRecord {
+            id: id.to_hex(),
             dataset: "d".into(),
-            parent,
-            created_unix_ms: ms,
-            chunking: Default::default(),
-            entries: vec![Entry {
-                path: "f".into(),
-                kind: EntryKind::File,
-                size: content.len() as u64,
-                mode: 0o644,
-                mtime_ns: 0,
-                blake3: *id.as_bytes(),
-                chunks: vec![crate::manifest::ChunkRef {
-                    id,
-                    len: content.len() as u32,
-                }],
-            }],
-        }
-    }
-
-    #[test]
-    fn commit_is_compare_and_set_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let first;
-        {
-            let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
-            let m1 = manifest(None, 1, "one");
-            let (id1, b1) = m1.encode_with_id().unwrap();
-            store.commit_snapshot(&m1, &id1, &b1).unwrap();
-            // A writer that still believes the dataset is empty loses.
-            let stale = manifest(None, 2, "two");
-            let (id2, b2) = stale.encode_with_id().unwrap();
-            assert!(matches!(
-                store.commit_snapshot(&stale, &id2, &b2),
-                Err(Error::Conflict(_))
-            ));
-            let m2 = manifest(Some(id1), 3, "two");
-            let (id2, b2) = m2.encode_with_id().unwrap();
-            store.commit_snapshot(&m2, &id2, &b2).unwrap();
-            assert_eq!(store.head("t", "d").unwrap(), Some(id2));
-            first = id1;
-        }
-        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
-        let snaps = store.list_snapshots("t", "d").unwrap();
-        assert_eq!(snaps.len(), 2);
-        assert_eq!(snaps[0].id, first.to_hex());
-        let ds = store.list_datasets("t").unwrap();
-        assert_eq!(ds.len(), 1);
-        assert_eq!(ds[0].snapshots, 2);
-        assert!(store.list_datasets("other").unwrap().is_empty());
-        let bytes = store.get_manifest("t", &first).unwrap();
-        assert_eq!(Manifest::decode(&bytes).unwrap(), manifest(None, 1, "one"));
-    }
-
-    #[test]
-    fn records_scan_by_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
-        store.put_record("job/b", b"2", false).unwrap();
-        store.put_record("job/a", b"1", true).unwrap();
-        store.put_record("other", b"x", false).unwrap();
-        let jobs = store.scan_records("job/").unwrap();
+            parent: String::new(),
+            files: 3,
+            bytes: 30,
+            created_unix_ms: 7,
+        };
+        let mut snap_key = b"s\0t\0d\0".to_vec();
+        snap_key.extend_from_slice(&7u64.to_be_bytes());
+        snap_key.extend_from_slice(id.as_bytes());
+        let meta = store.cf(CF_META);
+        store.db.put_cf(meta, b"h\0t\0d", id.as_bytes()).unwrap();
+        store
+            .db
+            .put_cf(meta, &snap_key, serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        store.db.put_cf(meta, b"rjob/j1", b"{}").unwrap();
+        let m = store.legacy_metadata().unwrap();
         assert_eq!(
-            jobs,
-            vec![
-                ("job/a".to_string(), b"1".to_vec()),
-                ("job/b".to_string(), b"2".to_vec())
-            ]
+            m.heads,
+            vec![LegacyHead {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                head: id
+            }]
         );
-        assert_eq!(store.get_record("other").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(m.snapshots, vec![("t".to_string(), record)]);
+        assert_eq!(m.records, vec![("job/j1".to_string(), b"{}".to_vec())]);
+        store.drop_legacy_metadata().unwrap();
+        drop(store);
+        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+        assert!(store.legacy_metadata().unwrap().is_empty());
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
+use crate::manifest::{ChunkRef, Manifest};
 
 /// Content-addressed storage of chunks and manifests, per tenant.
 ///
@@ -111,4 +112,31 @@ pub(crate) fn verified(id: &ChunkId, data: Vec<u8>) -> Result<Vec<u8>> {
             ),
         })
     }
+}
+
+/// Reads `chunks` (verified) and concatenates them. Blocking.
+pub fn read_chunks(store: &dyn ChunkStore, tenant: &str, chunks: &[ChunkRef]) -> Result<Vec<u8>> {
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    let mut out = Vec::with_capacity(total as usize);
+    for c in chunks {
+        let data = store.get_chunk(tenant, &c.id)?;
+        if data.len() != c.len as usize {
+            return Err(Error::CorruptChunk {
+                chunk: c.id,
+                detail: format!("length {} where the manifest says {}", data.len(), c.len),
+            });
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// Loads and decodes a snapshot's manifest. Blocking.
+pub fn load_manifest(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> Result<Manifest> {
+    let bytes = store.get_manifest(tenant, id)?;
+    let m = Manifest::decode(&bytes)?;
+    if m.tenant != tenant {
+        return Err(Error::not_found("snapshot", id.to_hex()));
+    }
+    Ok(m)
 }

@@ -51,8 +51,30 @@ impl TestNode {
         Self::spawn_opts(data_dir, listen, args, env, true)
     }
 
+    /// Like `spawn`, with another `bitclone` binary (e.g. an older release).
+    pub fn spawn_bin(
+        bin: &str,
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> TestNode {
+        Self::spawn_full(bin, data_dir, listen, args, env, true)
+    }
+
     /// Like `spawn`; with `wait == false` returns as soon as the process runs.
     pub fn spawn_opts(
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> TestNode {
+        Self::spawn_full(BIN, data_dir, listen, args, env, wait)
+    }
+
+    fn spawn_full(
+        bin: &str,
         data_dir: &Path,
         listen: &str,
         args: &[String],
@@ -68,7 +90,7 @@ impl TestNode {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = clean_command(BIN);
+        let mut cmd = clean_command(bin);
         cmd.args(["node", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", listen])

@@ -1,0 +1,188 @@
+//! Where things live under an object-store sink's prefix: one object per
+//! file, and the sink's own records under `.bitclone/` (manifests, commit
+//! records), with the readers of those records.
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::SnapshotId;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::sink::objects::s3::sink_error;
+use crate::sink::objects::Target;
+
+/// Where the sink keeps its own records, under the prefix.
+pub const META_DIR: &str = ".bitclone";
+
+/// A commit record: the sink's statement that a snapshot is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// The committed snapshot (hex).
+    pub snapshot: String,
+    /// Owner of the snapshot.
+    pub tenant: String,
+    /// Dataset of the snapshot.
+    pub dataset: String,
+    /// The job that wrote it.
+    pub job: String,
+    /// The fencing token of the lease the job held.
+    pub fencing_token: u64,
+    /// Number of regular files.
+    pub files: u64,
+    /// Total file bytes.
+    pub bytes: u64,
+    /// When the record was written (milliseconds since the Unix epoch).
+    pub committed_unix_ms: i64,
+}
+
+impl CommitRecord {
+    /// The snapshot id.
+    pub fn snapshot_id(&self) -> Result<SnapshotId> {
+        self.snapshot.parse()
+    }
+}
+
+fn commit_name(token: u64, snapshot: &str) -> String {
+    format!("{token:020}-{snapshot}")
+}
+
+pub(super) fn commit_loc(target: &Target, token: u64, snapshot: &str) -> Result<ObjectPath> {
+    join(
+        &target.prefix,
+        &format!("{META_DIR}/commits/{}", commit_name(token, snapshot)),
+    )
+}
+
+pub(super) fn manifest_loc(target: &Target, id: &SnapshotId) -> Result<ObjectPath> {
+    join(
+        &target.prefix,
+        &format!("{META_DIR}/manifests/{}", id.to_hex()),
+    )
+}
+
+/// Whether a relative path lies in the sink's own records.
+pub(super) fn is_meta(rel: &str) -> bool {
+    rel.split('/').next() == Some(META_DIR)
+}
+
+/// Lists the commit records' names under `target`: (token, snapshot hex),
+/// highest token last.
+pub async fn list_commits(target: &Target) -> Result<Vec<(u64, String)>> {
+    let dir = join(&target.prefix, &format!("{META_DIR}/commits"))?;
+    let metas: Vec<_> = target
+        .store
+        .list(Some(&dir))
+        .try_collect()
+        .await
+        .map_err(|e| sink_error(target, "listing commit records", e))?;
+    let mut out: Vec<(u64, String)> = metas
+        .iter()
+        .filter_map(|m| m.location.filename())
+        .filter_map(|name| {
+            let (t, s) = name.split_once('-')?;
+            Some((t.parse().ok()?, s.to_string()))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Reads one commit record.
+pub async fn read_commit(target: &Target, token: u64, snapshot: &str) -> Result<CommitRecord> {
+    let loc = commit_loc(target, token, snapshot)?;
+    let bytes = target
+        .store
+        .get(&loc)
+        .await
+        .map_err(|e| sink_error(target, "reading a commit record", e))?
+        .bytes()
+        .await?;
+    let rec: CommitRecord = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::decode("commit record", format!("{loc}: {e}")))?;
+    if rec.fencing_token != token || rec.snapshot != snapshot {
+        return Err(Error::decode(
+            "commit record",
+            format!("{loc} does not match its name"),
+        ));
+    }
+    Ok(rec)
+}
+
+/// The commit record with the highest fencing token, if any.
+pub async fn latest_commit(target: &Target) -> Result<Option<CommitRecord>> {
+    match list_commits(target).await?.pop() {
+        Some((t, s)) => Ok(Some(read_commit(target, t, &s).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads and checks the manifest of a committed snapshot from the sink.
+pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest> {
+    let loc = manifest_loc(target, id)?;
+    let bytes = target
+        .store
+        .get(&loc)
+        .await
+        .map_err(|e| sink_error(target, "reading a manifest", e))?
+        .bytes()
+        .await?;
+    if SnapshotId::of(&bytes) != *id {
+        return Err(Error::decode(
+            "manifest",
+            format!("{loc} does not hash to its name"),
+        ));
+    }
+    Manifest::decode(&bytes)
+}
+
+/// The objects under the prefix, outside `.bitclone/`, with their paths
+/// relative to it.
+pub(crate) async fn list_under(
+    target: &Target,
+    doing: &str,
+) -> Result<Vec<(String, object_store::ObjectMeta)>> {
+    let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
+    let mut out = Vec::new();
+    let mut s = target.store.list(prefix);
+    while let Some(m) = s.next().await {
+        let m = m.map_err(|e| sink_error(target, doing, e))?;
+        let Some(rel) = relative(&target.prefix, &m.location) else {
+            continue;
+        };
+        if is_meta(&rel) {
+            continue;
+        }
+        out.push((rel, m));
+    }
+    Ok(out)
+}
+
+/// `location` relative to `prefix`, if it is under it.
+fn relative(prefix: &ObjectPath, location: &ObjectPath) -> Option<String> {
+    let parts: Vec<_> = location.prefix_match(prefix)?.collect();
+    if parts.is_empty() {
+        return None;
+    }
+    Some(
+        parts
+            .iter()
+            .map(|p| p.as_ref())
+            .collect::<Vec<_>>()
+            .join("/"),
+    )
+}
+
+/// Joins a validated relative path onto a prefix.
+pub(crate) fn join(prefix: &ObjectPath, rel: &str) -> Result<ObjectPath> {
+    let mut p = prefix.clone();
+    for part in rel.split('/') {
+        let part = object_store::path::PathPart::parse(part).map_err(|_| Error::InvalidPath {
+            path: rel.to_string(),
+            reason: "not a valid object name",
+        })?;
+        p = p.join(part);
+    }
+    Ok(p)
+}

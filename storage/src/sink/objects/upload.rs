@@ -1,0 +1,336 @@
+//! The first half of an export: every file's object (skipping those that
+//! already hold the file's bytes, streaming large ones as multipart uploads)
+//! and the manifest; nothing a reader trusts yet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload,
+};
+
+use crate::chunk::{ChunkId, SnapshotId};
+use crate::error::{Error, Result};
+use crate::manifest::{ChunkRef, Entry, EntryKind, Manifest};
+use crate::pool::CpuPool;
+use crate::sink::objects::commit::check_fence;
+use crate::sink::objects::layout::{is_meta, join, list_under, manifest_loc};
+use crate::sink::objects::s3::sink_error;
+use crate::sink::objects::{
+    ExportProgress, ExportStats, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
+};
+use crate::sink::Writer;
+use crate::store::{read_chunks, ChunkStore};
+
+/// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
+/// which [`commit_snapshot`] checks again before the commit point.
+///
+/// [`commit_snapshot`]: super::commit_snapshot
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// What was done so far.
+    pub stats: ExportStats,
+    /// Every file's object as this writer left it: path → e_tag (its size
+    /// is the manifest's).
+    pub(super) objects: HashMap<String, Option<String>>,
+    /// The objects found under the prefix before the upload: the only ones
+    /// a mirror commit may delete (a concurrent writer's new objects are
+    /// not this writer's to remove).
+    pub(super) listed: HashMap<String, Listed>,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Listed {
+    pub(super) size: u64,
+    pub(super) e_tag: Option<String>,
+}
+
+/// The first half of [`export_snapshot`]: the objects and the manifest,
+/// nothing a reader trusts yet. `already_committed` in the result means
+/// the writer's record for this snapshot exists and nothing was done.
+///
+/// [`export_snapshot`]: super::export_snapshot
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_snapshot(
+    pool: &CpuPool,
+    store: Arc<dyn ChunkStore>,
+    manifest: &Manifest,
+    id: &SnapshotId,
+    target: &Target,
+    writer: &Writer,
+    cancel: Arc<AtomicBool>,
+    on_progress: &mut (dyn FnMut(ExportProgress) + Send),
+) -> Result<Upload> {
+    let mut upload = Upload::default();
+    if let Some(e) = manifest.entries.iter().find(|e| is_meta(&e.path)) {
+        return Err(Error::InvalidPath {
+            path: e.path.clone(),
+            reason: "collides with the sink's own records under .bitclone/",
+        });
+    }
+    if let Some((t, s)) = check_fence(target, writer.token).await? {
+        if t == writer.token && s == id.to_hex() {
+            upload.stats.already_committed = true;
+            return Ok(upload);
+        }
+    }
+    upload.listed = list_objects(target).await?;
+    let listed = &upload.listed;
+    let abort = AtomicBool::new(false);
+    let ctx = Ctx {
+        pool,
+        store: &store,
+        tenant: &manifest.tenant,
+        target,
+        cancel: &cancel,
+        abort: &abort,
+    };
+    // Which objects already hold their file's bytes: checked up front, with
+    // more requests in flight than uploads (a check is one small request).
+    let unchanged: HashSet<usize> =
+        futures::stream::iter(manifest.entries.iter().enumerate().filter(|(_, e)| {
+            e.kind == EntryKind::File && listed.get(&e.path).map(|l| l.size) == Some(e.size)
+        }))
+        .map(|(i, e)| {
+            let ctx = &ctx;
+            async move { Ok::<_, Error>(ctx.holds(e).await?.then_some(i)) }
+        })
+        .buffer_unordered((target.concurrency * 4).min(64))
+        .try_filter_map(|i| async move { Ok(i) })
+        .boxed()
+        .try_collect()
+        .await?;
+    let mut at = ExportProgress::default();
+    // `buffered` keeps results in order, while up to `concurrency` run at once.
+    let mut results = futures::stream::iter(manifest.entries.iter().enumerate().map(|(i, e)| {
+        let ctx = &ctx;
+        let skip = unchanged.contains(&i);
+        async move { ctx.write_entry(e, skip).await.map(|w| (e, w)) }
+    }))
+    .buffered(target.concurrency)
+    // Boxing pins down the lifetimes, so that callers' futures stay Send.
+    .boxed();
+    let mut failed = None;
+    while let Some(r) = results.next().await {
+        let (e, written) = match r {
+            Ok(v) => v,
+            Err(err) => {
+                // Let the uploads in flight see the flag and abort cleanly
+                // rather than dropping them half-done; keep the first error.
+                abort.store(true, Ordering::Relaxed);
+                failed.get_or_insert(err);
+                continue;
+            }
+        };
+        if failed.is_some() || e.kind != EntryKind::File {
+            continue;
+        }
+        let e_tag = match written {
+            Some(tag) => {
+                upload.stats.files_written += 1;
+                upload.stats.bytes_written += e.size;
+                tag
+            }
+            None => {
+                upload.stats.files_unchanged += 1;
+                listed.get(&e.path).and_then(|l| l.e_tag.clone())
+            }
+        };
+        upload.objects.insert(e.path.clone(), e_tag);
+        at.files_done += 1;
+        at.bytes_done += e.size;
+        on_progress(at);
+    }
+    drop(results);
+    if let Some(err) = failed {
+        return Err(err);
+    }
+    let bytes = manifest.encode()?;
+    target
+        .store
+        .put(&manifest_loc(target, id)?, PutPayload::from(bytes))
+        .await
+        .map_err(|e| sink_error(target, "writing the manifest", e))?;
+    Ok(upload)
+}
+
+struct Ctx<'a> {
+    pool: &'a CpuPool,
+    store: &'a Arc<dyn ChunkStore>,
+    tenant: &'a str,
+    target: &'a Target,
+    cancel: &'a AtomicBool,
+    /// Set when another upload of this export failed.
+    abort: &'a AtomicBool,
+}
+
+impl Ctx<'_> {
+    fn stopped(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Writes one entry's object unless it already holds the same bytes.
+    /// Returns `Some(e_tag)` when it wrote, `None` when it did not.
+    async fn write_entry(&self, e: &Entry, unchanged: bool) -> Result<Option<Option<String>>> {
+        if self.stopped() {
+            return Err(Error::Cancelled);
+        }
+        if e.kind != EntryKind::File || unchanged {
+            return Ok(None);
+        }
+        let location = join(&self.target.prefix, &e.path)?;
+        let mut attributes = Attributes::new();
+        if self.target.local_root.is_none() {
+            attributes.insert(
+                Attribute::Metadata(BLAKE3_METADATA.into()),
+                AttributeValue::from(ChunkId(e.blake3).to_hex()),
+            );
+        }
+        if e.size < MULTIPART_THRESHOLD {
+            let (s, t, c) = (
+                self.store.clone(),
+                self.tenant.to_string(),
+                e.chunks.clone(),
+            );
+            let data = self
+                .pool
+                .run(move || read_chunks(s.as_ref(), &t, &c))
+                .await?;
+            let done = self
+                .target
+                .store
+                .put_opts(
+                    &location,
+                    PutPayload::from(data),
+                    PutOptions::from(attributes),
+                )
+                .await
+                .map_err(|err| sink_error(self.target, "uploading", err))?;
+            Ok(Some(done.e_tag))
+        } else {
+            self.put_multipart(&e.chunks, &location, attributes)
+                .await
+                .map(Some)
+        }
+    }
+
+    /// Whether the object for `e` already holds the file's bytes.
+    async fn holds(&self, e: &Entry) -> Result<bool> {
+        let location = join(&self.target.prefix, &e.path)?;
+        Ok(self.stored_blake3(&location).await? == Some(e.blake3))
+    }
+
+    /// The BLAKE3 the object at `location` holds: from its metadata on S3, by
+    /// hashing the file on a local target.
+    async fn stored_blake3(&self, location: &ObjectPath) -> Result<Option<[u8; 32]>> {
+        if let Some(root) = &self.target.local_root {
+            let path = root.join(location.as_ref());
+            return self
+                .pool
+                .run(move || match std::fs::File::open(&path) {
+                    Ok(mut f) => {
+                        let mut h = blake3::Hasher::new();
+                        std::io::copy(&mut f, &mut h)
+                            .map_err(|e| Error::io("read", path.clone(), e))?;
+                        Ok(Some(*h.finalize().as_bytes()))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io("open", path, e)),
+                })
+                .await;
+        }
+        let head = self
+            .target
+            .store
+            .get_opts(
+                location,
+                GetOptions {
+                    head: true,
+                    ..GetOptions::default()
+                },
+            )
+            .await;
+        match head {
+            Ok(r) => Ok(r
+                .attributes
+                .get(&Attribute::Metadata(BLAKE3_METADATA.into()))
+                .and_then(|v| v.as_ref().parse::<ChunkId>().ok())
+                .map(|c| c.0)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(sink_error(self.target, "reading object metadata", e)),
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        chunks: &[ChunkRef],
+        location: &ObjectPath,
+        attributes: Attributes,
+    ) -> Result<Option<String>> {
+        let mut upload = self
+            .target
+            .store
+            .put_multipart_opts(location, PutMultipartOptions::from(attributes))
+            .await
+            .map_err(|e| sink_error(self.target, "starting a multipart upload", e))?;
+        let result = async {
+            let mut start = 0;
+            while start < chunks.len() {
+                if self.stopped() {
+                    return Err(Error::Cancelled);
+                }
+                let mut end = start;
+                let mut bytes = 0u64;
+                while end < chunks.len() && bytes < PART_BYTES {
+                    bytes += u64::from(chunks[end].len);
+                    end += 1;
+                }
+                let (s, t, c) = (
+                    self.store.clone(),
+                    self.tenant.to_string(),
+                    chunks[start..end].to_vec(),
+                );
+                let data = self
+                    .pool
+                    .run(move || read_chunks(s.as_ref(), &t, &c))
+                    .await?;
+                upload
+                    .put_part(PutPayload::from(data))
+                    .await
+                    .map_err(|e| sink_error(self.target, "uploading a part", e))?;
+                start = end;
+            }
+            let done = upload
+                .complete()
+                .await
+                .map_err(|e| sink_error(self.target, "completing a multipart upload", e))?;
+            Ok(done.e_tag)
+        }
+        .await;
+        if result.is_err() {
+            // Leave no half-written object behind; the original error matters more.
+            let _ = upload.abort().await;
+        }
+        result
+    }
+}
+
+/// [`list_under`] as path → size and e_tag.
+pub(super) async fn list_objects(target: &Target) -> Result<HashMap<String, Listed>> {
+    Ok(list_under(target, "listing objects")
+        .await?
+        .into_iter()
+        .map(|(rel, m)| {
+            let l = Listed {
+                size: m.size,
+                e_tag: m.e_tag,
+            };
+            (rel, l)
+        })
+        .collect())
+}

@@ -1,0 +1,356 @@
+//! A clone job's source and destinations as typed values, parsed once from
+//! the URLs a user gives (at submit) and stored as they are (in the cluster
+//! state). Nothing parses the URLs again: sinks open from these values.
+//!
+//! URLs: sources `file:///abs/dir`, `s3://bucket/prefix`,
+//! `snapshot://NAME[@ID]`; destinations `s3://bucket/prefix[?mirror=true]`,
+//! `file:///abs/dir[?mirror=true]`, `postgres://…`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::chunk::SnapshotId;
+use crate::error::{Error, Result};
+
+/// Where objects live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Location {
+    /// An S3 bucket and a `/`-separated prefix inside it (empty: the root).
+    S3 { bucket: String, prefix: String },
+    /// A local directory (absolute).
+    Dir { path: PathBuf },
+}
+
+impl Location {
+    /// The location as a URL, for messages and listings.
+    pub fn url(&self) -> String {
+        match self {
+            Location::S3 { bucket, prefix } if prefix.is_empty() => format!("s3://{bucket}"),
+            Location::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+            Location::Dir { path } => format!("file://{}", path.display()),
+        }
+    }
+
+    /// Whether writing under one can touch objects of the other: the same
+    /// place, or one inside the other (a mirror of the outer one deletes the
+    /// inner one's objects).
+    pub fn overlaps(&self, other: &Location) -> bool {
+        fn nested(a: &str, b: &str) -> bool {
+            let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+            a == b
+                || a.is_empty()
+                || b.is_empty()
+                || a.starts_with(&format!("{b}/"))
+                || b.starts_with(&format!("{a}/"))
+        }
+        match (self, other) {
+            (
+                Location::S3 { bucket, prefix },
+                Location::S3 {
+                    bucket: b2,
+                    prefix: p2,
+                },
+            ) => bucket == b2 && nested(prefix, p2),
+            (Location::Dir { path }, Location::Dir { path: p2 }) => {
+                path.starts_with(p2) || p2.starts_with(path)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where a clone is written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Destination {
+    /// An object store, as a mirror of the snapshot when `mirror` (objects
+    /// the snapshot does not have are deleted).
+    Objects { location: Location, mirror: bool },
+    /// A Postgres catalog (its connection URL, checked at parse; it may hold
+    /// a password, so it is shown redacted).
+    Catalog { url: String },
+}
+
+impl Destination {
+    /// Parses and checks a destination URL.
+    pub fn parse(url: &str) -> Result<Destination> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            crate::sink::catalog::check_url(url)?;
+            return Ok(Destination::Catalog {
+                url: url.to_string(),
+            });
+        }
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::InvalidArgument(format!("sink {url:?}: {e}")))?;
+        let mut mirror = false;
+        for (k, v) in parsed.query_pairs() {
+            match (k.as_ref(), v.as_ref()) {
+                ("mirror", "true" | "1" | "yes") => mirror = true,
+                ("mirror", "false" | "0" | "no") => mirror = false,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "sink {url:?}: unknown option {k}={v} (known: mirror=true|false)"
+                    )))
+                }
+            }
+        }
+        let location = match parsed.scheme() {
+            "file" | "s3" => location(&parsed, url, "sink")?,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "sink {url:?}: scheme {other}:// is not a sink (supported: s3://, file://, postgres://)"
+                )))
+            }
+        };
+        Ok(Destination::Objects { location, mirror })
+    }
+
+    /// The destination as users see it: catalog passwords are never shown.
+    pub fn display(&self) -> String {
+        match self {
+            Destination::Objects { location, mirror } => {
+                let url = location.url();
+                if *mirror {
+                    format!("{url}?mirror=true")
+                } else {
+                    url
+                }
+            }
+            Destination::Catalog { url } => crate::sink::catalog::redact_url(url),
+        }
+    }
+
+    /// Whether two jobs writing these must take turns. Catalogs never
+    /// overlap: their commits are transactions.
+    pub fn overlaps(&self, other: &Destination) -> bool {
+        match (self, other) {
+            (
+                Destination::Objects { location: a, .. },
+                Destination::Objects { location: b, .. },
+            ) => a.overlaps(b),
+            _ => false,
+        }
+    }
+}
+
+/// What a clone job reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Source {
+    /// A local directory on the node.
+    Dir { path: PathBuf },
+    /// The objects under an S3 prefix.
+    Objects { location: Location },
+    /// A stored snapshot of a dataset of the same tenant (the latest when
+    /// `snapshot` is `None`): a metadata-only clone.
+    Snapshot {
+        dataset: String,
+        snapshot: Option<SnapshotId>,
+    },
+}
+
+impl Source {
+    /// Parses and checks a source URL.
+    pub fn parse(url: &str) -> Result<Source> {
+        if let Some(rest) = url.strip_prefix("snapshot://") {
+            let (dataset, snapshot) = match rest.split_once('@') {
+                Some((d, s)) => (d, Some(s.parse::<SnapshotId>()?)),
+                None => (rest, None),
+            };
+            crate::path::validate_name("dataset", dataset)?;
+            return Ok(Source::Snapshot {
+                dataset: dataset.to_string(),
+                snapshot,
+            });
+        }
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::InvalidArgument(format!("source {url:?}: {e}")))?;
+        if parsed.query().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "source {url:?}: a source takes no options"
+            )));
+        }
+        if !matches!(parsed.scheme(), "file" | "s3") {
+            return Err(Error::InvalidArgument(format!(
+                "source {url:?}: supported sources are file:///abs/path, s3://bucket/prefix and snapshot://NAME[@ID]"
+            )));
+        }
+        Ok(match location(&parsed, url, "source")? {
+            Location::Dir { path } => Source::Dir { path },
+            location => Source::Objects { location },
+        })
+    }
+
+    /// The source as a URL, for listings.
+    pub fn display(&self) -> String {
+        match self {
+            Source::Dir { path } => format!("file://{}", path.display()),
+            Source::Objects { location } => location.url(),
+            Source::Snapshot {
+                dataset,
+                snapshot: Some(id),
+            } => format!("snapshot://{dataset}@{id}"),
+            Source::Snapshot { dataset, .. } => format!("snapshot://{dataset}"),
+        }
+    }
+}
+
+/// The location of a `file://` or `s3://` URL.
+fn location(parsed: &url::Url, url: &str, what: &str) -> Result<Location> {
+    match parsed.scheme() {
+        "file" => {
+            let path = parsed.to_file_path().map_err(|_| {
+                Error::InvalidArgument(format!("{what} {url:?} is not an absolute file:// path"))
+            })?;
+            Ok(Location::Dir { path })
+        }
+        "s3" => {
+            let bucket = parsed.host_str().unwrap_or_default();
+            if bucket.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} {url:?}: no bucket (expected s3://bucket/prefix)"
+                )));
+            }
+            let prefix = parsed.path().trim_matches('/');
+            // object_store's own rules for a path (no empty or `.` parts).
+            object_store::path::Path::parse(prefix)
+                .map_err(|e| Error::InvalidArgument(format!("{what} {url:?}: bad prefix: {e}")))?;
+            Ok(Location::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            })
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "{what} {url:?}: scheme {other}:// is not supported here"
+        ))),
+    }
+}
+
+/// Deserializes a [`Source`] written either typed or, by the release
+/// before typed specs, as its URL.
+pub fn source_compat<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Source, D::Error> {
+    match Compat::<Source>::deserialize(d)? {
+        Compat::Typed(s) => Ok(s),
+        Compat::Url(url) => Source::parse(&url).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Deserializes [`Destination`]s written either typed or, by the release
+/// before typed specs, as their URLs.
+pub fn destinations_compat<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<Destination>, D::Error> {
+    Vec::<Compat<Destination>>::deserialize(d)?
+        .into_iter()
+        .map(|c| match c {
+            Compat::Typed(x) => Ok(x),
+            Compat::Url(url) => Destination::parse(&url).map_err(serde::de::Error::custom),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Compat<T> {
+    Typed(T),
+    Url(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_once_into_typed_values() {
+        assert_eq!(
+            Destination::parse("s3://b/some/prefix/?mirror=true").unwrap(),
+            Destination::Objects {
+                location: Location::S3 {
+                    bucket: "b".into(),
+                    prefix: "some/prefix".into()
+                },
+                mirror: true
+            }
+        );
+        assert_eq!(
+            Destination::parse("file:///tmp/out").unwrap(),
+            Destination::Objects {
+                location: Location::Dir {
+                    path: "/tmp/out".into()
+                },
+                mirror: false
+            }
+        );
+        let pg = Destination::parse("postgres://u:secret@127.0.0.1:5/db").unwrap();
+        assert!(matches!(pg, Destination::Catalog { .. }));
+        assert!(!pg.display().contains("secret"), "{}", pg.display());
+        assert_eq!(
+            Source::parse("snapshot://ds").unwrap(),
+            Source::Snapshot {
+                dataset: "ds".into(),
+                snapshot: None
+            }
+        );
+        assert!(matches!(
+            Source::parse("s3://b/p").unwrap(),
+            Source::Objects { .. }
+        ));
+        assert_eq!(
+            Source::parse("file:///data").unwrap(),
+            Source::Dir {
+                path: "/data".into()
+            }
+        );
+        for bad in [
+            "http://x/y",
+            "s3:///nobucket",
+            "file://relative",
+            "snapshot://../x",
+            "snapshot://ds@nothex",
+        ] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+        for bad in ["ftp://x", "s3://b/p?mirrors=1", "file:///x?mirror=maybe"] {
+            assert!(Destination::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overlapping_locations() {
+        let d = |u: &str| Destination::parse(u).unwrap();
+        assert!(d("s3://b/p").overlaps(&d("s3://b/p/?mirror=true")));
+        assert!(d("s3://b/p").overlaps(&d("s3://b/p/q")));
+        assert!(d("s3://b").overlaps(&d("s3://b/p")));
+        assert!(!d("s3://b/p").overlaps(&d("s3://b/pq")));
+        assert!(!d("s3://b/p").overlaps(&d("s3://c/p")));
+        assert!(d("file:///a/b").overlaps(&d("file:///a")));
+        assert!(!d("file:///a/b").overlaps(&d("file:///a/c")));
+        assert!(!d("postgres://u@h/db").overlaps(&d("postgres://u@h/db")));
+    }
+
+    #[test]
+    fn specs_written_as_urls_by_the_previous_release_still_read() {
+        #[derive(Deserialize)]
+        struct Old {
+            #[serde(deserialize_with = "source_compat")]
+            source: Source,
+            #[serde(deserialize_with = "destinations_compat")]
+            destinations: Vec<Destination>,
+        }
+        let old: Old = serde_json::from_str(
+            r#"{"source":"snapshot://ds","destinations":["file:///o?mirror=true"]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.source, Source::parse("snapshot://ds").unwrap());
+        assert_eq!(
+            old.destinations,
+            vec![Destination::parse("file:///o?mirror=true").unwrap()]
+        );
+        // And the typed form round-trips.
+        let typed = serde_json::json!({
+            "source": Source::parse("s3://b/p").unwrap(),
+            "destinations": [Destination::parse("postgres://u@h/db").unwrap()],
+        });
+        let back: Old = serde_json::from_value(typed).unwrap();
+        assert!(matches!(back.source, Source::Objects { .. }));
+    }
+}
