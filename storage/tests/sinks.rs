@@ -87,6 +87,25 @@ impl Rig {
         (m, id)
     }
 
+    /// What a sink write of `m` by `w` takes.
+    fn write<'a>(
+        &'a self,
+        m: &'a Manifest,
+        id: &'a SnapshotId,
+        w: &'a Writer,
+        on_progress: &'a mut (dyn FnMut(objects::ExportProgress) + Send),
+    ) -> SinkWrite<'a> {
+        SinkWrite {
+            pool: &self.pool,
+            store: self.store.clone(),
+            manifest: m,
+            snapshot: id,
+            writer: w,
+            stop: Arc::new(AtomicBool::new(false)),
+            on_progress,
+        }
+    }
+
     async fn export(
         &self,
         m: &Manifest,
@@ -94,17 +113,7 @@ impl Rig {
         t: &Target,
         token: u64,
     ) -> Result<ExportStats, Error> {
-        objects::export_snapshot(
-            &self.pool,
-            self.store.clone(),
-            m,
-            id,
-            t,
-            &writer(token),
-            Arc::new(AtomicBool::new(false)),
-            &mut |_| {},
-        )
-        .await
+        objects::export_snapshot(t, self.write(m, id, &writer(token), &mut |_| {})).await
     }
     async fn upload(
         &self,
@@ -113,18 +122,9 @@ impl Rig {
         t: &Target,
         token: u64,
     ) -> objects::Upload {
-        objects::upload_snapshot(
-            &self.pool,
-            self.store.clone(),
-            m,
-            id,
-            t,
-            &writer(token),
-            Arc::new(AtomicBool::new(false)),
-            &mut |_| {},
-        )
-        .await
-        .unwrap()
+        objects::upload_snapshot(t, &mut self.write(m, id, &writer(token), &mut |_| {}))
+            .await
+            .unwrap()
     }
 }
 
@@ -337,20 +337,10 @@ async fn sink_contract(sink: &Sink) {
         sink.name()
     );
     let write = |m: &Manifest, id: &SnapshotId, token: u64| {
-        let (m, id) = (m.clone(), *id);
-        let store = rig.store.clone();
-        let pool = rig.pool.clone();
+        let (m, id, rig) = (m.clone(), *id, &rig);
         async move {
-            sink.write(SinkWrite {
-                pool: &pool,
-                store,
-                manifest: &m,
-                snapshot: &id,
-                writer: &writer(token),
-                stop: Arc::new(AtomicBool::new(false)),
-                on_progress: &mut |_| {},
-            })
-            .await
+            sink.write(rig.write(&m, &id, &writer(token), &mut |_| {}))
+                .await
         }
     };
     let committed = |id: SnapshotId, token| {

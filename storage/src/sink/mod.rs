@@ -112,17 +112,7 @@ impl Sink {
         match self {
             Sink::Objects(target) => {
                 objects::check_create_only(target).await?;
-                let s = objects::export_snapshot(
-                    w.pool,
-                    w.store,
-                    w.manifest,
-                    w.snapshot,
-                    target,
-                    w.writer,
-                    w.stop,
-                    w.on_progress,
-                )
-                .await?;
+                let s = objects::export_snapshot(target, w).await?;
                 Ok(Written {
                     files_written: s.files_written,
                     files_unchanged: s.files_unchanged,

@@ -255,14 +255,16 @@ mod tests {
                 token,
             };
             rt.block_on(export_snapshot(
-                &pool,
-                store.clone(),
-                &m,
-                &id,
                 &target,
-                &writer,
-                Arc::new(AtomicBool::new(false)),
-                &mut |_| {},
+                crate::sink::SinkWrite {
+                    pool: &pool,
+                    store: store.clone(),
+                    manifest: &m,
+                    snapshot: &id,
+                    writer: &writer,
+                    stop: Arc::new(AtomicBool::new(false)),
+                    on_progress: &mut |_| {},
+                },
             ))
             .unwrap();
         }

@@ -31,10 +31,9 @@ pub use self::layout::{
 };
 pub use self::s3::S3Options;
 pub use self::upload::{upload_snapshot, Upload};
-pub use crate::sink::Writer;
+pub use crate::sink::{SinkWrite, Writer};
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use object_store::path::Path as ObjectPath;
@@ -43,11 +42,7 @@ use object_store::ObjectStore;
 use self::s3::build_s3;
 use super::catalog;
 use super::spec::{Destination, Location};
-use crate::chunk::SnapshotId;
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
-use crate::pool::CpuPool;
-use crate::store::ChunkStore;
 
 /// Files at least this large are sent as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
@@ -171,39 +166,33 @@ pub struct ExportStats {
 /// files stream as multipart uploads, so memory stays within a few parts per
 /// upload. `cancel` stops it between files and before the commit; uploads in
 /// flight are aborted, never left half-done.
-#[allow(clippy::too_many_arguments)]
-pub async fn export_snapshot(
-    pool: &CpuPool,
-    store: Arc<dyn ChunkStore>,
-    manifest: &Manifest,
-    id: &SnapshotId,
-    target: &Target,
-    writer: &Writer,
-    cancel: Arc<AtomicBool>,
-    on_progress: &mut (dyn FnMut(ExportProgress) + Send),
-) -> Result<ExportStats> {
-    let mut upload = upload_snapshot(
-        pool,
-        store,
-        manifest,
-        id,
-        target,
-        writer,
-        cancel.clone(),
-        on_progress,
-    )
-    .await?;
+pub async fn export_snapshot(target: &Target, mut w: SinkWrite<'_>) -> Result<ExportStats> {
+    let mut upload = upload_snapshot(target, &mut w).await?;
     if !upload.stats.already_committed {
-        commit_snapshot(target, manifest, id, writer, &mut upload, &cancel).await?;
+        commit_snapshot(
+            target,
+            w.manifest,
+            w.snapshot,
+            w.writer,
+            &mut upload,
+            &w.stop,
+        )
+        .await?;
     }
     Ok(upload.stats)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
+    use crate::chunk::SnapshotId;
     use crate::chunker::ChunkParams;
     use crate::ingest::{ingest_dir, walk_dir, SnapshotBuilder};
+    use crate::manifest::Manifest;
+    use crate::pool::CpuPool;
+    use crate::store::ChunkStore;
     use crate::store::MemStore;
 
     #[test]
@@ -281,18 +270,21 @@ mod tests {
             .unwrap();
         let export = |m: &Manifest, id: &SnapshotId, token: u64| {
             let mut last = ExportProgress::default();
+            let writer = Writer {
+                job: format!("j{token}"),
+                token,
+            };
             let r = rt.block_on(export_snapshot(
-                &pool,
-                store.clone(),
-                m,
-                id,
                 &target,
-                &Writer {
-                    job: format!("j{token}"),
-                    token,
+                SinkWrite {
+                    pool: &pool,
+                    store: store.clone(),
+                    manifest: m,
+                    snapshot: id,
+                    writer: &writer,
+                    stop: Arc::new(AtomicBool::new(false)),
+                    on_progress: &mut |p| last = p,
                 },
-                Arc::new(AtomicBool::new(false)),
-                &mut |p| last = p,
             ));
             (r, last)
         };

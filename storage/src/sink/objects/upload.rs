@@ -13,9 +13,9 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload,
 };
 
-use crate::chunk::{ChunkId, SnapshotId};
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::manifest::{ChunkRef, Entry, EntryKind, Manifest};
+use crate::manifest::{ChunkRef, Entry, EntryKind};
 use crate::pool::CpuPool;
 use crate::sink::objects::commit::check_fence;
 use crate::sink::objects::layout::{is_meta, join, list_under, manifest_loc};
@@ -23,7 +23,7 @@ use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::{
     ExportProgress, ExportStats, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
 };
-use crate::sink::Writer;
+use crate::sink::SinkWrite;
 use crate::store::{read_chunks, ChunkStore};
 
 /// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
@@ -55,17 +55,10 @@ pub(super) struct Listed {
 /// the writer's record for this snapshot exists and nothing was done.
 ///
 /// [`export_snapshot`]: super::export_snapshot
-#[allow(clippy::too_many_arguments)]
-pub async fn upload_snapshot(
-    pool: &CpuPool,
-    store: Arc<dyn ChunkStore>,
-    manifest: &Manifest,
-    id: &SnapshotId,
-    target: &Target,
-    writer: &Writer,
-    cancel: Arc<AtomicBool>,
-    on_progress: &mut (dyn FnMut(ExportProgress) + Send),
-) -> Result<Upload> {
+pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<Upload> {
+    let (pool, manifest, id, writer) = (w.pool, w.manifest, w.snapshot, w.writer);
+    let (store, cancel) = (w.store.clone(), w.stop.clone());
+    let on_progress = &mut *w.on_progress;
     let mut upload = Upload::default();
     if let Some(e) = manifest.entries.iter().find(|e| is_meta(&e.path)) {
         return Err(Error::InvalidPath {
