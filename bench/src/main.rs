@@ -15,7 +15,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,8 +24,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-#[path = "../../storage/tests/servers/mod.rs"]
-mod servers;
+use bitclone_chaos::servers;
+use bitclone_chaos::TestNode;
 
 const KIB: u64 = 1024;
 /// Smallest generated file.
@@ -428,120 +428,22 @@ fn get_f64(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-/// A `bitclone node` child process, stopped with SIGTERM on drop.
-struct Node {
-    child: Child,
-    pid: u32,
-    endpoint: String,
-    running: bool,
-}
-
-impl Node {
-    fn start(bin: &Path, dir: &Path, log: &Path, env: &[(String, String)]) -> Result<Node> {
-        fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let log_file = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let child = without_aws(&mut Command::new(bin))
-            .arg("node")
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id();
-        let mut node = Node {
-            child,
-            pid,
-            endpoint: String::new(),
-            running: true,
-        };
-        let addr_file = dir.join("node.addr");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(s) = fs::read_to_string(&addr_file) {
-                let addr = s.trim();
-                if !addr.is_empty() {
-                    node.endpoint = format!("http://{addr}");
-                    return Ok(node);
-                }
-            }
-            if let Some(status) = node.child.try_wait()? {
-                node.running = false;
-                bail!(
-                    "the node exited during startup ({status}); see {}",
-                    log.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the node did not write {} within 60 s; see {}",
-                    addr_file.display(),
-                    log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Peak resident set size so far (VmHWM of /proc/PID/status), in bytes.
-    fn peak_rss(&self) -> Result<u64> {
-        let pid = self.pid;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
-        let kb: u64 = line
-            .trim_start_matches("VmHWM:")
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("bad VmHWM line {line:?}"))?;
-        Ok(kb * 1024)
-    }
-
-    /// SIGTERM, then wait up to 30 s (then SIGKILL). The workspace denies
-    /// unsafe code, so the signal is sent with the `kill` command, not libc.
-    fn stop(&mut self) -> Result<ExitStatus> {
-        if !self.running {
-            bail!("the node is not running");
-        }
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status();
-        if !sent.is_ok_and(|s| s.success()) {
-            self.child.kill()?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.running = false;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                self.child.kill()?;
-                let status = self.child.wait()?;
-                self.running = false;
-                bail!("the node did not exit within 30 s of SIGTERM; killed ({status})");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.running && self.stop().is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Peak resident set size so far of process `pid` (VmHWM of
+/// /proc/PID/status), in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("bad VmHWM line {line:?}"))?;
+    Ok(kb * 1024)
 }
 
 /// `bitclone --endpoint E --json put SRC --dataset bench`: (JSON, wall seconds).
@@ -840,8 +742,13 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
         .map(|g| g.garage.env_vars())
         .unwrap_or_default();
     let node_dir = work.join("node");
-    let mut node = Node::start(bin, &node_dir, &work.join("node.log"), &node_env)?;
-    p.say(&format!("node {} serving at {}", node.pid, node.endpoint));
+    let env: Vec<(&str, &str)> = node_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // Logs to <work>/node.log; a failed start or unclean stop panics.
+    let node = TestNode::spawn_bin(bin, &node_dir, "127.0.0.1:0", &[], &env);
+    p.say(&format!("node {} serving at {}", node.pid(), node.endpoint));
     let (cold, cold_s) = put(bin, &node.endpoint, &src)?;
     let cold_bytes = get_u64(&cold, "bytes")?;
     let cold_new = get_u64(&cold, "new_bytes")?;
@@ -852,7 +759,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     ));
 
     let s3_cold = match &garage {
-        Some(g) => Some(g.round(bin, (&node.endpoint, node.pid), &src, "cold", p)?),
+        Some(g) => Some(g.round(bin, (&node.endpoint, node.pid()), &src, "cold", p)?),
         None => None,
     };
 
@@ -869,7 +776,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
 
     let s3_out = match (&garage, s3_cold) {
         (Some(g), Some(cold)) => {
-            let inc = g.round(bin, (&node.endpoint, node.pid), &src, "incremental", p)?;
+            let inc = g.round(bin, (&node.endpoint, node.pid()), &src, "incremental", p)?;
             json!({ "cold": cold, "incremental": inc, "rclone": g.rclone_version })
         }
         _ => Value::Null,
@@ -917,13 +824,8 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     };
 
     // 8. node: peak memory, clean stop, store size
-    let rss = node.peak_rss().ok();
-    let status = node.stop()?;
-    if !status.success() {
-        p.say(&format!(
-            "WARNING: the node exited with {status} on SIGTERM"
-        ));
-    }
+    let rss = peak_rss(node.pid()).ok();
+    node.stop();
     let store_bytes: u64 = walk(&node_dir)?.iter().map(|(_, len)| len).sum();
     // > 1 means the cold put was faster than cp -r + sync.
     let ratio_vs_cp = if cold_s > 0.0 {

@@ -1,11 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! Bad input gets a clear error and changes nothing.
 
-mod common;
-
+use bitclone_chaos::*;
 use bitclone_proto::v1 as pb;
 use bitclone_proto::v1::bit_clone_client::BitCloneClient;
-use common::*;
 use pb::upload_request::Msg;
 
 fn msg(m: Msg) -> pb::UploadRequest {

@@ -2,11 +2,9 @@
 //! Three (and four) real nodes on loopback forming a Raft cluster over
 //! mutual TLS: formation, leader loss, join, removal, refused peers.
 
-mod common;
-
 use std::time::Instant;
 
-use common::*;
+use bitclone_chaos::*;
 
 fn put_through(c: &TestCluster, id: u64, src: &std::path::Path, dataset: &str) -> String {
     let v = c
@@ -152,7 +150,7 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
 
     // A node whose certificate comes from another CA cannot join.
     let other = tmp.path().join("other-ca");
-    let out = clean_command(BIN)
+    let out = clean_command(bin())
         .args(["certs", "dev", "--out"])
         .arg(&other)
         .args(["--nodes", "4"])
@@ -166,8 +164,6 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
         &[
             "--node-id".into(),
             "4".into(),
-            "--peer-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
             "--certs".into(),
             other.display().to_string(),
             "--join".into(),
@@ -185,7 +181,7 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
 
     // Raw peer RPCs: a valid certificate for an id that is not a member, a
     // certificate used to claim another id, and a vote from a stale term.
-    let out = clean_command(BIN)
+    let out = clean_command(bin())
         .args(["certs", "dev", "--out"])
         .arg(tmp.path().join("certs"))
         .args(["--nodes", "9"])

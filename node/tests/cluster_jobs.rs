@@ -2,11 +2,9 @@
 //! fencing of a holder that was paused past its lease.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use bitclone_chaos::*;
 
 /// Holds each destination write back so the job is certainly running when
 /// the test acts on it.

@@ -2,9 +2,7 @@
 //! the checkpoint, attempts run out, cancellation. Transient failures come
 //! from the node's `BITCLONE_FAULT_EXPORT_FAILURES` test hook.
 
-mod common;
-
-use common::*;
+use bitclone_chaos::*;
 
 fn small_tree(root: &std::path::Path) {
     generate_tree(root, 3, 12, 0);

@@ -8,12 +8,10 @@
 //! with `BITCLONE_LEGACY_BIN=/path/to/old/bitclone`); the expected listings
 //! it printed are in `fixtures/legacy-standalone-0.1.0.json`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use bitclone_chaos::*;
 
 const FIXTURE: &str = "legacy-standalone-0.1.0";
 
@@ -55,7 +53,7 @@ fn make_legacy_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("node");
     let node = TestNode::spawn_bin(
-        &bin,
+        std::path::Path::new(&bin),
         &data,
         "127.0.0.1:0",
         &[],

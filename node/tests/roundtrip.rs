@@ -1,10 +1,8 @@
 //! Put, get, incremental put and clone through the real binary.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 
-use common::*;
+use bitclone_chaos::*;
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -188,7 +186,7 @@ fn acknowledged_put_survives_kill_9() {
     // so far may be lost, but the store must not believe it has them.
     let src2 = tmp.path().join("src2");
     generate_tree(&src2, seed ^ 1, 40, 3);
-    let mut put = clean_command(BIN)
+    let mut put = clean_command(bin())
         .args([
             "--endpoint",
             &node.endpoint,
@@ -264,7 +262,7 @@ fn a_node_on_its_own_is_a_cluster_of_one_that_others_can_join() {
     let snap = node.json(&["put", src.to_str().unwrap(), "--dataset", "ds"])["snapshot"].clone();
 
     // Grow it: a certificate for node 2 from the node's own CA, then join.
-    let out = clean_command(BIN)
+    let out = clean_command(bin())
         .args(["certs", "dev", "--out"])
         .arg(&certs)
         .args(["--nodes", "2"])

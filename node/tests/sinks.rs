@@ -2,16 +2,12 @@
 //! loopback, with real `bitclone` processes; restore from the sinks alone.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "../../storage/tests/servers/mod.rs"]
-mod servers;
-
 use std::path::Path;
 use std::time::Instant;
 
+use bitclone_chaos::servers::{Garage, PgServer};
+use bitclone_chaos::*;
 use bitclone_storage::sink::objects::{self, S3Options};
-use common::*;
-use servers::{Garage, PgServer};
 
 fn garage() -> Garage {
     assert!(
@@ -39,7 +35,7 @@ fn env_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
 
 /// `bitclone restore` as an operator runs it: no node, only the sinks.
 fn restore(g: &Garage, args: &[&str]) -> std::process::Output {
-    clean_command(BIN)
+    clean_command(bin())
         .envs(s3_env(g))
         .arg("--json")
         .arg("restore")
@@ -271,7 +267,7 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
     assert!(err.contains("no-such-bucket"), "{err}");
 
     // An unreachable Postgres: a clear error after the retries.
-    let port = free_port();
+    let port = bitclone_chaos::servers::unused_port();
     let j = clone(
         &node,
         &format!("postgres://postgres@127.0.0.1:{port}/x"),

@@ -226,19 +226,122 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// The format of the applied state written into snapshots now: 2 since jobs
+/// hold typed specs (0.1.0 wrote 1, without this field, with URLs; it still
+/// reads).
+pub const STATE_FORMAT: u32 = 2;
+
 /// The applied state: the cluster state plus what openraft needs to know
-/// about how far it got.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// about how far it got. A snapshot's data is this, as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Applied {
+    /// [`STATE_FORMAT`] when written; 1 for snapshots of 0.1.0.
+    #[serde(default = "format_1")]
+    pub format: u32,
     pub state: ClusterState,
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, NodeInfo>,
 }
 
-#[derive(Serialize, Deserialize)]
+fn format_1() -> u32 {
+    1
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Applied {
+            format: STATE_FORMAT,
+            state: ClusterState::default(),
+            last_applied: None,
+            membership: StoredMembership::default(),
+        }
+    }
+}
+
+impl Applied {
+    /// Reads a snapshot's data; refuses a format newer than this code.
+    fn decode(data: &[u8]) -> Result<Applied, String> {
+        let a: Applied = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        if a.format > STATE_FORMAT {
+            return Err(format!(
+                "the state is in format {}, newer than this node's {STATE_FORMAT}: upgrade the node",
+                a.format
+            ));
+        }
+        Ok(a)
+    }
+}
+
+/// A stored snapshot: its meta and its data (the applied state).
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, NodeInfo>,
     data: Vec<u8>,
+}
+
+/// Stored snapshots start with these bytes (format 2): then the meta's
+/// length (u32, little-endian), the meta (JSON) and the data, as they are.
+/// 0.1.0 stored one JSON object whose data was an array of numbers (JSON
+/// inside JSON, four to five bytes a byte); it still reads.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"BCS2";
+
+impl StoredSnapshot {
+    fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let meta = serde_json::to_vec(&self.meta)?;
+        let mut out = Vec::with_capacity(8 + meta.len() + self.data.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.data);
+        Ok(out)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<StoredSnapshot, String> {
+        let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC) else {
+            #[derive(Deserialize)]
+            struct V1 {
+                meta: SnapshotMeta<NodeId, NodeInfo>,
+                data: Vec<u8>,
+            }
+            let v1: V1 = serde_json::from_slice(bytes)
+                .map_err(|e| format!("a stored snapshot of no known format: {e}"))?;
+            return Ok(StoredSnapshot {
+                meta: v1.meta,
+                data: v1.data,
+            });
+        };
+        let (len, rest) = rest
+            .split_first_chunk::<4>()
+            .ok_or("a stored snapshot cut short")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err("a stored snapshot cut short".into());
+        }
+        let (meta, data) = rest.split_at(len);
+        Ok(StoredSnapshot {
+            meta: serde_json::from_slice(meta).map_err(|e| e.to_string())?,
+            data: data.to_vec(),
+        })
+    }
+}
+
+fn get_snapshot(db: &DB) -> Result<Option<StoredSnapshot>, StorageError> {
+    let Some(bytes) = db
+        .get_cf(cf(db, CF_STORE)?, KEY_SNAPSHOT)
+        .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?
+    else {
+        return Ok(None);
+    };
+    StoredSnapshot::decode(&bytes)
+        .map(Some)
+        .map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)).into())
+}
+
+fn put_snapshot(db: &DB, s: &StoredSnapshot) -> Result<(), StorageError> {
+    let bytes = s
+        .encode()
+        .map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
+    db.put_cf_opt(cf(db, CF_STORE)?, KEY_SNAPSHOT, bytes, &synced())
+        .map_err(|e| StorageIOError::write_state_machine(io_err(e)).into())
 }
 
 /// The state machine. The cluster state is shared (`shared()`) with readers.
@@ -252,9 +355,9 @@ pub struct StateMachine {
 impl StateMachine {
     /// Loads the last snapshot, if any; openraft re-applies the log after it.
     pub fn open(db: Arc<DB>) -> Result<Self, StorageError> {
-        let applied = match get_json::<StoredSnapshot>(&db, KEY_SNAPSHOT)? {
-            Some(s) => serde_json::from_slice(&s.data)
-                .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?,
+        let applied = match get_snapshot(&db)? {
+            Some(s) => Applied::decode(&s.data)
+                .map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)))?,
             None => Applied::default(),
         };
         Ok(StateMachine {
@@ -281,8 +384,10 @@ impl StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_applied, membership) = {
-            let a = self.read();
-            let data = serde_json::to_vec(&*a)
+            let mut a = self.read().clone();
+            // Written in this code's format, whatever it was read in.
+            a.format = STATE_FORMAT;
+            let data = serde_json::to_vec(&a)
                 .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
             (data, a.last_applied, a.membership.clone())
         };
@@ -298,9 +403,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        put_json(
+        put_snapshot(
             &self.db,
-            KEY_SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
                 data: data.clone(),
@@ -358,11 +462,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let applied: Applied = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
-        put_json(
+        let applied = Applied::decode(&data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e))
+        })?;
+        put_snapshot(
             &self.db,
-            KEY_SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
                 data,
@@ -373,11 +477,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(
-            get_json::<StoredSnapshot>(&self.db, KEY_SNAPSHOT)?.map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }),
-        )
+        Ok(get_snapshot(&self.db)?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Destination, JobState, Source};
+
+    /// A Raft dir written by 0.1.0 (56dfad0), one node, snapshot at index 14:
+    /// two tenants' datasets and a finished clone job (source and
+    /// destination stored as URLs, the snapshot as JSON inside JSON).
+    #[test]
+    fn a_snapshot_written_by_0_1_0_still_reads_and_is_rewritten_in_format_2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/raft-0.1.0.tar.gz"
+        );
+        let st = std::process::Command::new("tar")
+            .args(["-xzf", fixture, "-C"])
+            .arg(tmp.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let db = open_db(&tmp.path().join("raft")).unwrap();
+        let sm = StateMachine::open(db.clone()).unwrap();
+        let a = sm.read().clone();
+        assert_eq!(a.format, 1);
+        assert_eq!(a.last_applied.map(|l| l.index), Some(14));
+        let s = &a.state;
+        assert_eq!(s.datasets["default"]["ds"].history.len(), 2);
+        assert!(s.datasets["acme"].contains_key("other"));
+        assert_eq!(s.settings, crate::state::Settings::default());
+        let job = s.jobs.values().next().unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(job.source, Source::parse("snapshot://ds").unwrap());
+        assert!(matches!(
+            job.destinations.as_slice(),
+            [Destination::Objects { mirror: false, .. }]
+        ));
+        assert_eq!(job.fencing_token, 1);
+
+        // A new snapshot is written in format 2, binary-framed, and reads back.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut builder = sm.clone();
+        rt.block_on(builder.build_snapshot()).unwrap();
+        let raw = db
+            .get_cf(cf(&db, CF_STORE).unwrap(), KEY_SNAPSHOT)
+            .unwrap()
+            .unwrap();
+        assert!(raw.starts_with(SNAPSHOT_MAGIC));
+        let again = StateMachine::open(db).unwrap();
+        let b = again.read().clone();
+        assert_eq!(b.format, STATE_FORMAT);
+        assert_eq!(b.state, a.state);
+    }
+
+    #[test]
+    fn a_state_newer_than_this_code_is_refused() {
+        let a = Applied {
+            format: STATE_FORMAT + 1,
+            ..Applied::default()
+        };
+        let data = serde_json::to_vec(&a).unwrap();
+        let e = Applied::decode(&data).unwrap_err();
+        assert!(e.contains("newer"), "{e}");
+        assert!(StoredSnapshot::decode(b"BCS2\x09\x00").is_err());
     }
 }

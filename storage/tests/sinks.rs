@@ -3,14 +3,13 @@
 //! Postgres catalog against a throwaway server. Nothing here is mocked.
 #![allow(clippy::unwrap_used)]
 
-mod servers;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use bitclone_chaos::servers::{Garage, PgServer};
 use bitclone_storage::ingest::{ingest_dir, walk_dir, SnapshotBuilder};
 use bitclone_storage::sink::catalog::{Catalog, CatalogCommit, CommitOutcome};
 use bitclone_storage::sink::objects::{self, ExportStats, S3Options, Target, Writer};
@@ -20,7 +19,6 @@ use bitclone_storage::{
     ChunkParams, ChunkStore, CpuPool, EntryKind, Error, Manifest, MemStore, SnapshotId,
 };
 use object_store::ObjectStoreExt;
-use servers::{Garage, PgServer};
 
 /// A deterministic tree: small files, an empty one, one over the multipart
 /// threshold, in nested directories.

@@ -12,7 +12,7 @@ use crate::chunk::SnapshotId;
 use crate::error::{Error, Result};
 use crate::manifest::{EntryKind, Manifest};
 use crate::sink::objects::layout::{
-    commit_loc, join, list_commits, read_commit, CommitRecord, META_DIR,
+    commit_loc, join, list_commits, read_commit, CommitRecord, COMMIT_FORMAT, META_DIR,
 };
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::upload::{list_objects, Listed, Upload};
@@ -76,6 +76,7 @@ pub async fn commit_snapshot(
         return Err(Error::Cancelled);
     }
     let record = CommitRecord {
+        format: COMMIT_FORMAT,
         snapshot: id.to_hex(),
         tenant: manifest.tenant.clone(),
         dataset: manifest.dataset.clone(),

@@ -19,6 +19,9 @@ pub const META_DIR: &str = ".bitclone";
 /// A commit record: the sink's statement that a snapshot is complete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitRecord {
+    /// The record's format ([`COMMIT_FORMAT`]); 0.1.0 wrote none (1).
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// The committed snapshot (hex).
     pub snapshot: String,
     /// Owner of the snapshot.
@@ -35,6 +38,13 @@ pub struct CommitRecord {
     pub bytes: u64,
     /// When the record was written (milliseconds since the Unix epoch).
     pub committed_unix_ms: i64,
+}
+
+/// The format of commit records written now.
+pub const COMMIT_FORMAT: u32 = 1;
+
+fn format_1() -> u32 {
+    1
 }
 
 impl CommitRecord {
@@ -101,6 +111,15 @@ pub async fn read_commit(target: &Target, token: u64, snapshot: &str) -> Result<
         .await?;
     let rec: CommitRecord = serde_json::from_slice(&bytes)
         .map_err(|e| Error::decode("commit record", format!("{loc}: {e}")))?;
+    if rec.format > COMMIT_FORMAT {
+        return Err(Error::decode(
+            "commit record",
+            format!(
+                "{loc} is in format {}, newer than this node's {COMMIT_FORMAT}",
+                rec.format
+            ),
+        ));
+    }
     if rec.fencing_token != token || rec.snapshot != snapshot {
         return Err(Error::decode(
             "commit record",
@@ -185,4 +204,30 @@ pub(crate) fn join(prefix: &ObjectPath, rel: &str) -> Result<ObjectPath> {
         p = p.join(part);
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit record as 0.1.0 (56dfad0) wrote it, from a real clone job.
+    #[test]
+    fn a_commit_record_written_by_0_1_0_still_reads() {
+        let text = include_str!("../../../tests/fixtures/commit-record-0.1.0.json");
+        let rec: CommitRecord = serde_json::from_str(text).unwrap();
+        assert_eq!(rec.format, 1);
+        assert_eq!(rec.fencing_token, 1);
+        assert_eq!((rec.files, rec.bytes), (4, 6002));
+        assert_eq!(
+            rec.snapshot_id().unwrap().to_hex(),
+            "be29d2e94c8a1380087d85a9c50da4bea208fd64d200e33a838aeeea8dcd3af3"
+        );
+        // What is written now carries its format.
+        let now = serde_json::to_value(CommitRecord {
+            format: COMMIT_FORMAT,
+            ..rec
+        })
+        .unwrap();
+        assert_eq!(now["format"], COMMIT_FORMAT);
+    }
 }

@@ -1,11 +1,8 @@
-#![allow(clippy::unwrap_used, dead_code)]
 //! Throwaway servers on loopback for integration tests: a PostgreSQL server
 //! ([`PgServer`]) and a single-node Garage S3 server ([`Garage`]).
 //!
-//! Test-only; std + `tempfile` only, so it can be included from several test
-//! crates (`mod servers;` in storage/tests, `#[path = ...] mod servers;` in
-//! node/tests). Every external program runs with a cleared environment, so the
-//! machine's PG* and AWS_* variables never leak into a test.
+//! Every external program runs with a cleared environment, so the machine's
+//! PG* and AWS_* variables never leak into a test.
 //!
 //! Both servers are stopped and their files removed on drop. Setup failures
 //! panic with the server's log tail.
@@ -26,7 +23,9 @@ const CLEAN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 // shared helpers
 // ---------------------------------------------------------------------------
 
-/// Picks `n` distinct free TCP ports on 127.0.0.1 (bound together, then released).
+/// Picks `n` distinct free TCP ports on 127.0.0.1 (bound together, then
+/// released): for servers that cannot bind port 0 and say which port they
+/// got. `bitclone` nodes bind their own ports.
 fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a free port"))
@@ -37,7 +36,8 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on (for "unreachable server" tests).
+pub fn unused_port() -> u16 {
     free_ports(1)[0]
 }
 
@@ -418,7 +418,7 @@ impl PgServer {
 
         let mut last_error = String::new();
         for attempt in 1..=3 {
-            let port = free_port();
+            let port = unused_port();
             match server.pg_ctl_start(port) {
                 Ok(()) => {
                     server.port = port;
@@ -659,10 +659,8 @@ pub struct Garage {
     config: PathBuf,
     log: PathBuf,
     s3_port: u16,
-    rpc_port: u16,
     admin_port: u16,
     metrics_token: String,
-    admin_token: String,
     access_key: String,
     secret_key: String,
     // Last field: removed after `Drop::drop` has killed the server.
@@ -775,10 +773,8 @@ admin_token = "{admin_token}"
             config,
             log,
             s3_port,
-            rpc_port,
             admin_port,
             metrics_token,
-            admin_token,
             access_key: String::new(),
             secret_key: String::new(),
             dir,

@@ -1,0 +1,18 @@
+//! The one test harness of BitClone: real `bitclone` processes (a node, a
+//! cluster of N; restart, kill, pause), throwaway Garage and Postgres
+//! servers, generated trees compared by BLAKE3, and a scrubbed environment.
+//! The node tests, the storage tests, the benches and the chaos harness all
+//! use it. A harness fails loudly, at the line that broke: it panics rather
+//! than returning errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cluster;
+pub mod env;
+pub mod node;
+pub mod servers;
+pub mod tree;
+
+pub use cluster::TestCluster;
+pub use env::{bin, clean_command, seed};
+pub use node::{tail, TestNode};
+pub use tree::{assert_same_tree, file_url, generate_tree, random_bytes, tree_digest};

@@ -1,0 +1,201 @@
+//! One `bitclone node` process: started on loopback with the API port bound
+//! by the node itself (port 0, read back from `node.addr`), stopped with
+//! SIGTERM, killed, paused and resumed; the CLI run against it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::env::{bin, clean_command};
+
+pub struct TestNode {
+    pub data_dir: PathBuf,
+    pub endpoint: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl TestNode {
+    pub fn start(data_dir: &Path) -> TestNode {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> TestNode {
+        Self::spawn(data_dir, "127.0.0.1:0", &[], env)
+    }
+
+    /// Starts `bitclone node` listening on `listen` with extra arguments and
+    /// waits until it serves.
+    pub fn spawn(data_dir: &Path, listen: &str, args: &[String], env: &[(&str, &str)]) -> TestNode {
+        Self::spawn_opts(data_dir, listen, args, env, true)
+    }
+
+    /// Like `spawn`, with another `bitclone` binary (e.g. an older release).
+    pub fn spawn_bin(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> TestNode {
+        Self::spawn_full(bin, data_dir, listen, args, env, true)
+    }
+
+    /// Like `spawn`; with `wait == false` returns as soon as the process runs.
+    pub fn spawn_opts(
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> TestNode {
+        Self::spawn_full(bin(), data_dir, listen, args, env, wait)
+    }
+
+    fn spawn_full(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> TestNode {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let addr_file = data_dir.join("node.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = clean_command(bin);
+        cmd.args(["node", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", listen])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn bitclone node");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut node = TestNode {
+            data_dir: data_dir.to_path_buf(),
+            endpoint: String::new(),
+            child: Some(child),
+            log,
+        };
+        if !wait {
+            return node;
+        }
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                node.endpoint = format!("http://{}", addr.trim());
+                return node;
+            }
+            if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node exited early ({status}); log:\n{}", node.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not start; log:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let mut c = self.child.take().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "node exit {status}; log:\n{}",
+                    self.log_text()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "node ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = clean_command(bin());
+        cmd.arg("--endpoint").arg(&self.endpoint).args(args);
+        cmd.output().expect("run bitclone")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "bitclone {args:?} failed: {}\nstderr: {}\nnode log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log_text(), 40)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI with --json and parses the single object it prints.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON {out:?}: {e}"))
+    }
+
+    /// Runs the CLI and expects failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "bitclone {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
