@@ -109,9 +109,9 @@ pub fn plan(legacy: &LegacyMetadata, me: NodeId) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitclone_storage::{ChunkId, LegacyHead, SnapshotRecord};
+    use bitclone_storage::{LegacyHead, SnapshotId, SnapshotRecord};
 
-    fn record(dataset: &str, id: &ChunkId, parent: &str, ms: i64) -> SnapshotRecord {
+    fn record(dataset: &str, id: &SnapshotId, parent: &str, ms: i64) -> SnapshotRecord {
         SnapshotRecord {
             id: id.to_hex(),
             dataset: dataset.into(),
@@ -139,7 +139,11 @@ mod tests {
 
     #[test]
     fn heads_get_their_history_and_jobs_decode() {
-        let (a, b, c) = (ChunkId::of(b"a"), ChunkId::of(b"b"), ChunkId::of(b"c"));
+        let (a, b, c) = (
+            SnapshotId::of(b"a"),
+            SnapshotId::of(b"b"),
+            SnapshotId::of(b"c"),
+        );
         let job = Job::new(
             "j1".into(),
             "t".into(),

@@ -11,8 +11,8 @@ use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::sink::objects::{self, ExportProgress};
 use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source};
 use bitclone_storage::{
-    load_manifest, ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest, RocksOptions,
-    RocksStore, SnapshotId, SnapshotRecord,
+    load_manifest, ChunkId, ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest,
+    RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
 };
 
 use crate::config::NodeConfig;
@@ -270,7 +270,7 @@ impl Node {
         &self,
         tenant: &str,
         dataset: &str,
-        id: &SnapshotId,
+        id: &ChunkId,
     ) -> Result<Vec<u8>, StoreError> {
         let c = &self.cluster;
         let Some(t) = self.transport.get() else {

@@ -74,7 +74,7 @@ impl ChunkServer for NodeChunks {
 
     fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         tenant_ok(tenant)?;
-        match self.store.get_manifest(tenant, &ChunkId(*id)) {
+        match self.store.get_manifest(tenant, &SnapshotId(*id)) {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.to_string()),
@@ -84,7 +84,7 @@ impl ChunkServer for NodeChunks {
     fn store_manifest(&self, tenant: &str, id: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
         tenant_ok(tenant)?;
         self.store
-            .store_manifest_durable(tenant, &ChunkId(*id), bytes)
+            .store_manifest_durable(tenant, &SnapshotId(*id), bytes)
             .map_err(|e| e.to_string())
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Call [`run_all`] from a test with a fresh, empty store.
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::Error;
 use crate::store::ChunkStore;
 
@@ -76,14 +76,14 @@ fn corrupt_value_is_never_returned(store: &dyn ChunkStore) {
 
 fn manifests_round_trip_and_verify(store: &dyn ChunkStore) {
     let bytes = b"BCMF manifest bytes".to_vec();
-    let id = ChunkId::of(&bytes);
+    let id = SnapshotId::of(&bytes);
     store.put_manifest("t1", &id, &bytes).expect("put manifest");
     assert_eq!(store.get_manifest("t1", &id).expect("get manifest"), bytes);
     assert!(
         store.get_manifest("t2", &id).is_err(),
         "manifest leaked across tenants"
     );
-    let bad = ChunkId::of(b"something else");
+    let bad = SnapshotId::of(b"something else");
     store.put_manifest("t1", &bad, &bytes).expect("put");
     assert!(matches!(
         store.get_manifest("t1", &bad),

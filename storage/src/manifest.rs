@@ -137,7 +137,7 @@ impl Manifest {
     /// Encodes and names the manifest: the snapshot id is the BLAKE3 of the bytes.
     pub fn encode_with_id(&self) -> Result<(SnapshotId, Vec<u8>)> {
         let bytes = self.encode()?;
-        Ok((ChunkId::of(&bytes), bytes))
+        Ok((SnapshotId::of(&bytes), bytes))
     }
 
     /// Decodes any supported format version, validating everything.
@@ -157,7 +157,7 @@ impl Manifest {
         let dataset = r.str()?;
         let parent = match r.u8()? {
             0 => None,
-            1 => Some(ChunkId::from_slice(r.take(32)?)?),
+            1 => Some(SnapshotId::from_slice(r.take(32)?)?),
             x => return Err(Error::decode("manifest", format!("bad parent flag {x}"))),
         };
         let created_unix_ms = r.i64()?;
@@ -298,7 +298,7 @@ mod tests {
         Manifest {
             tenant: "acme".into(),
             dataset: "training-set".into(),
-            parent: Some(ChunkId::of(b"parent")),
+            parent: Some(SnapshotId::of(b"parent")),
             created_unix_ms: 1_764_000_000_000,
             chunking: ChunkParams::default(),
             entries: vec![

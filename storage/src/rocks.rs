@@ -232,7 +232,11 @@ impl RocksStore {
     ) -> Result<()> {
         self.persist_chunks()?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id), bytes);
+        batch.put_cf(
+            self.cf(CF_MANIFESTS),
+            tenant_key(tenant, id.as_bytes()),
+            bytes,
+        );
         self.write(batch, true)
     }
 
@@ -254,7 +258,7 @@ impl RocksStore {
     /// unflushed chunks in a crash is harmless: nothing refers to them until
     /// `commit_snapshot`, which flushes them before the manifest is written.
     fn write_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<()> {
-        let key = tenant_key(tenant, id);
+        let key = tenant_key(tenant, id.as_bytes());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_CHUNKS), &key, data);
         batch.put_cf(
@@ -281,7 +285,7 @@ impl RocksStore {
         for (k, v) in self.scan(CF_META, &[b'h', 0])? {
             let (tenant, dataset) = split_names(&k[2..])
                 .ok_or_else(|| Error::decode("legacy dataset head key", format!("{k:?}")))?;
-            let head = ChunkId::from_slice(&v)
+            let head = SnapshotId::from_slice(&v)
                 .map_err(|_| Error::decode("legacy dataset head", dataset.clone()))?;
             out.heads.push(LegacyHead {
                 tenant,
@@ -359,7 +363,7 @@ impl ChunkStore for RocksStore {
     fn has_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
         Ok(self
             .db
-            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), tenant_key(tenant, id))?
+            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), tenant_key(tenant, id.as_bytes()))?
             .is_some())
     }
 
@@ -380,7 +384,7 @@ impl ChunkStore for RocksStore {
         opts.set_verify_checksums(false);
         match self
             .db
-            .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id), &opts)
+            .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()), &opts)
         {
             Ok(Some(v)) => verified(id, v),
             Ok(None) => Err(Error::MissingChunk(*id)),
@@ -394,16 +398,20 @@ impl ChunkStore for RocksStore {
 
     fn put_manifest(&self, tenant: &str, id: &SnapshotId, bytes: &[u8]) -> Result<()> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id), bytes);
+        batch.put_cf(
+            self.cf(CF_MANIFESTS),
+            tenant_key(tenant, id.as_bytes()),
+            bytes,
+        );
         self.write(batch, false)
     }
 
     fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
         match self
             .db
-            .get_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id))?
+            .get_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id.as_bytes()))?
         {
-            Some(v) => verified(id, v),
+            Some(v) => verified(&ChunkId(id.0), v),
             None => Err(Error::not_found("snapshot", id.to_hex())),
         }
     }
@@ -416,11 +424,11 @@ impl ChunkStore for RocksStore {
 
 // Chunk and manifest keys: [len(tenant) u8][tenant][32-byte id]. The length
 // prefix keeps tenant "t" from aliasing tenant "t1".
-fn tenant_key(tenant: &str, id: &ChunkId) -> Vec<u8> {
+fn tenant_key(tenant: &str, id: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant.len() + 32);
     k.push(tenant.len() as u8);
     k.extend_from_slice(tenant.as_bytes());
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id);
     k
 }
 
@@ -454,7 +462,7 @@ mod tests {
         let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
         assert!(store.legacy_metadata().unwrap().is_empty());
         // Written key by key as the previous release wrote them.
-        let id = ChunkId::of(b"snapshot");
+        let id = SnapshotId::of(b"snapshot");
         let record = SnapshotRecord {
             id: id.to_hex(),
             dataset: "d".into(),

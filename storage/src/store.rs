@@ -91,7 +91,7 @@ impl ChunkStore for MemStore {
             .get(&(tenant.to_string(), *id))
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", id.to_hex()))?;
-        verified(id, data)
+        verified(&ChunkId(id.0), data)
     }
 
     fn sync(&self) -> Result<()> {
