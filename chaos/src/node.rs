@@ -38,7 +38,14 @@ impl TestNode {
         args: &[String],
         env: &[(&str, &str)],
     ) -> TestNode {
-        Self::spawn_full(bin, data_dir, listen, args, env, true)
+        Self::spawn_full(bin, data_dir, listen, args, env, true, None)
+    }
+
+    /// Starts a node whose chunk store (`<data_dir>/db`) lives on a tmpfs of
+    /// `mib` MiB in a mount namespace of its own, so that it fills up.
+    /// Needs root (`unshare -m`); the tmpfs goes away with the process.
+    pub fn start_with_small_store(data_dir: &Path, mib: u64) -> TestNode {
+        Self::spawn_full(bin(), data_dir, "127.0.0.1:0", &[], &[], true, Some(mib))
     }
 
     /// Like `spawn`; with `wait == false` returns as soon as the process runs.
@@ -49,7 +56,7 @@ impl TestNode {
         env: &[(&str, &str)],
         wait: bool,
     ) -> TestNode {
-        Self::spawn_full(bin(), data_dir, listen, args, env, wait)
+        Self::spawn_full(bin(), data_dir, listen, args, env, wait, None)
     }
 
     fn spawn_full(
@@ -59,6 +66,7 @@ impl TestNode {
         args: &[String],
         env: &[(&str, &str)],
         wait: bool,
+        store_tmpfs_mib: Option<u64>,
     ) -> TestNode {
         std::fs::create_dir_all(data_dir).unwrap();
         let addr_file = data_dir.join("node.addr");
@@ -69,7 +77,23 @@ impl TestNode {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = clean_command(bin);
+        let mut cmd = match store_tmpfs_mib {
+            None => clean_command(bin),
+            Some(mib) => {
+                let db = data_dir.join("db");
+                std::fs::create_dir_all(&db).unwrap();
+                let mut c = clean_command("unshare");
+                // The mount is private to the node's own namespace; `exec`
+                // keeps one process, so signals reach the node itself.
+                c.args(["-m", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount -t tmpfs -o "size=$1m" tmpfs "$2" && shift 2 && exec "$@""#)
+                    .arg("sh")
+                    .arg(mib.to_string())
+                    .arg(&db)
+                    .arg(bin);
+                c
+            }
+        };
         cmd.args(["node", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", listen])

@@ -112,6 +112,11 @@ fn cancel_stops_a_job_waiting_to_retry_and_survives_restart() {
     loop {
         let j = node.json(&["job", &id]);
         if j["attempts"] == 1 && j["state"] == "Pending" {
+            // The configured backoff (60 s, equal jitter: at least 30 s) is
+            // the cluster's now, not the 1 s default.
+            let wait = j["next_attempt_unix_ms"].as_i64().unwrap()
+                - j["updated_unix_ms"].as_i64().unwrap();
+            assert!(wait >= 30_000, "retry in {wait} ms: {j}");
             break;
         }
         assert!(
