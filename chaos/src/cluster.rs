@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::env::{bin, clean_command};
+use crate::env::{bin, dev_certs};
 use crate::node::TestNode;
 
 /// Real `bitclone node` processes forming a Raft cluster over mutual TLS.
 pub struct TestCluster {
+    /// The `bitclone` binary the nodes run.
+    pub bin: PathBuf,
     pub dir: PathBuf,
     pub nodes: BTreeMap<u64, TestNode>,
     pub ports: BTreeMap<u64, (u16, u16)>,
@@ -25,19 +27,20 @@ impl TestCluster {
     }
 
     pub fn start_with_env(dir: &Path, n: u64, max_nodes: u64, env: &[(&str, &str)]) -> TestCluster {
-        let certs = dir.join("certs");
-        let out = clean_command(bin())
-            .args(["certs", "dev", "--out"])
-            .arg(&certs)
-            .args(["--nodes", &max_nodes.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        Self::start_with_bin(bin(), dir, n, max_nodes, env)
+    }
+
+    /// Like `start_with_env`, with another binary (a bench's `--bitclone`).
+    pub fn start_with_bin(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        max_nodes: u64,
+        env: &[(&str, &str)],
+    ) -> TestCluster {
+        dev_certs(bin, &dir.join("certs"), max_nodes);
         let mut c = TestCluster {
+            bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             nodes: BTreeMap::new(),
             ports: BTreeMap::new(),
@@ -77,7 +80,8 @@ impl TestCluster {
         args.extend_from_slice(extra);
         let mut env: Vec<(&str, &str)> = vec![("BITCLONE_SHUTDOWN_GRACE", "5s")];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let node = TestNode::spawn(
+        let node = TestNode::spawn_bin(
+            &self.bin,
             &self.dir.join(format!("node-{id}")),
             &format!("127.0.0.1:{api}"),
             &args,

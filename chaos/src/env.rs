@@ -56,3 +56,19 @@ pub fn seed() -> u64 {
     println!("seed {seed} (replay with BITCLONE_TEST_SEED={seed})");
     seed
 }
+
+/// Makes (or extends) a dev CA and certificates for nodes 1..=`nodes` in
+/// `dir` with `bitclone certs dev`.
+pub fn dev_certs(bin: &Path, dir: &Path, nodes: u64) {
+    let out = clean_command(bin)
+        .args(["certs", "dev", "--out"])
+        .arg(dir)
+        .args(["--nodes", &nodes.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bitclone certs dev: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -13,6 +13,6 @@ pub mod servers;
 pub mod tree;
 
 pub use cluster::TestCluster;
-pub use env::{bin, clean_command, seed};
+pub use env::{bin, clean_command, dev_certs, seed};
 pub use node::{tail, TestNode};
 pub use tree::{assert_same_tree, file_url, generate_tree, random_bytes, tree_digest};

@@ -150,13 +150,7 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
 
     // A node whose certificate comes from another CA cannot join.
     let other = tmp.path().join("other-ca");
-    let out = clean_command(bin())
-        .args(["certs", "dev", "--out"])
-        .arg(&other)
-        .args(["--nodes", "4"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    dev_certs(bin(), &other, 4);
     let seed = c.node(1).endpoint.clone();
     let intruder = TestNode::spawn_opts(
         &tmp.path().join("intruder"),
@@ -181,13 +175,7 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
 
     // Raw peer RPCs: a valid certificate for an id that is not a member, a
     // certificate used to claim another id, and a vote from a stale term.
-    let out = clean_command(bin())
-        .args(["certs", "dev", "--out"])
-        .arg(tmp.path().join("certs"))
-        .args(["--nodes", "9"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    dev_certs(bin(), &tmp.path().join("certs"), 9);
     let leader = c.leader(1).unwrap();
     let peer_port = c.ports[&leader].1;
     let rt = tokio::runtime::Builder::new_current_thread()

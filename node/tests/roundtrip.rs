@@ -262,17 +262,7 @@ fn a_node_on_its_own_is_a_cluster_of_one_that_others_can_join() {
     let snap = node.json(&["put", src.to_str().unwrap(), "--dataset", "ds"])["snapshot"].clone();
 
     // Grow it: a certificate for node 2 from the node's own CA, then join.
-    let out = clean_command(bin())
-        .args(["certs", "dev", "--out"])
-        .arg(&certs)
-        .args(["--nodes", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev_certs(bin(), &certs, 2);
     let args: Vec<String> = vec![
         "--node-id".into(),
         "2".into(),

@@ -8,11 +8,12 @@
 //! - lease takeover: SIGKILL the node holding a running job's lease, time
 //!   until another node holds it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bitclone_chaos::TestCluster;
 use bitclone_client::Client;
 use clap::Parser;
 use serde_json::{json, Value};
@@ -54,8 +55,6 @@ const STEADY: Duration = Duration::from_secs(2);
 struct Member {
     id: u64,
     endpoint: String,
-    api: String,
-    peer: String,
     pid: u32,
 }
 
@@ -73,49 +72,35 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The cluster (the test harness's, so nodes start, bind ports and restart
+/// the one way tests do) and the bench's work dir.
 struct Bench {
     bin: PathBuf,
     dir: PathBuf,
-    members: Vec<Member>,
+    cluster: TestCluster,
 }
 
 impl Bench {
-    fn restart(&mut self, id: u64) -> Result<()> {
-        let m = self
-            .members
-            .iter_mut()
-            .find(|m| m.id == id)
-            .context("unknown member")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{id}.log")))?;
-        let child = Command::new(&self.bin)
-            .arg("node")
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("node-{id}")))
-            .args([
-                "--listen",
-                &m.api,
-                "--peer-listen",
-                &m.peer,
-                "--node-id",
-                &id.to_string(),
-            ])
-            .arg("--certs")
-            .arg(self.dir.join("certs"))
-            .env("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        m.pid = child.id();
-        Ok(())
+    fn members(&self) -> Vec<Member> {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|(id, n)| Member {
+                id: *id,
+                endpoint: n.endpoint.clone(),
+                pid: n.pid(),
+            })
+            .collect()
     }
 
-    fn member(&self, id: u64) -> Result<&Member> {
-        self.members
-            .iter()
+    /// Restarts a killed member on its ports.
+    fn restart(&mut self, id: u64) {
+        self.cluster.start_node(id, &[]);
+    }
+
+    fn member(&self, id: u64) -> Result<Member> {
+        self.members()
+            .into_iter()
             .find(|m| m.id == id)
             .context("unknown member")
     }
@@ -264,7 +249,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 async fn write_throughput(b: &Bench, jobs: usize) -> Result<Value> {
-    let endpoints: Vec<String> = b.members.iter().map(|m| m.endpoint.clone()).collect();
+    let endpoints: Vec<String> = b.members().iter().map(|m| m.endpoint.clone()).collect();
     let client = Client::connect(&endpoints).await?;
     let dest = vec![format!("file://{}/tp-out", b.dir.display())];
     let started = Instant::now();
@@ -312,10 +297,10 @@ async fn write_throughput(b: &Bench, jobs: usize) -> Result<Value> {
 async fn leader_failover(b: &mut Bench, rounds: usize) -> Result<Value> {
     let mut times = Vec::new();
     for round in 0..rounds {
-        let leader = settled_leader(&b.members, Duration::from_secs(60)).await?;
+        let leader = settled_leader(&b.members(), Duration::from_secs(60)).await?;
         let pid = b.member(leader)?.pid;
         let survivor = b
-            .members
+            .members()
             .iter()
             .find(|m| m.id != leader)
             .context("no survivor")?
@@ -349,11 +334,11 @@ async fn leader_failover(b: &mut Bench, rounds: usize) -> Result<Value> {
         while alive(pid) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        b.restart(leader)?;
+        b.restart(leader);
         // Measure failover of a steady cluster: a member that has just come
         // back refuses votes until its own election timeout has passed, which
         // would add a second election to the next round.
-        settled_leader(&b.members, Duration::from_secs(60)).await?;
+        settled_leader(&b.members(), Duration::from_secs(60)).await?;
         tokio::time::sleep(STEADY).await;
     }
     let raw = times.clone();
@@ -368,8 +353,8 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
     std::fs::write(src.join("f"), vec![7u8; 1 << 20])?;
     let mut times = Vec::new();
     for round in 0..rounds {
-        settled_leader(&b.members, Duration::from_secs(60)).await?;
-        let endpoints: Vec<String> = b.members.iter().map(|m| m.endpoint.clone()).collect();
+        settled_leader(&b.members(), Duration::from_secs(60)).await?;
+        let endpoints: Vec<String> = b.members().iter().map(|m| m.endpoint.clone()).collect();
         let client = Client::connect(&endpoints).await?;
         let out = format!("file://{}/lease-out-{round}", b.dir.display());
         let job = client
@@ -395,7 +380,7 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
         let t0 = Instant::now();
         kill("-KILL", pid);
         let others: Vec<String> = b
-            .members
+            .members()
             .iter()
             .filter(|m| m.id != holder)
             .map(|m| m.endpoint.clone())
@@ -420,27 +405,10 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
         while alive(pid) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        b.restart(holder)?;
+        b.restart(holder);
     }
     let raw = times.clone();
     Ok(json!({"rounds": rounds, "ms": raw, "median_ms": median(&mut times), "lease_ms": 5000}))
-}
-
-fn dev(bin: &Path, args: &[&str], dir: &Path) -> Result<Value> {
-    let out = Command::new(bin)
-        .arg("--json")
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        // Holds each destination write back 3 s so a job is running when
-        // its holder is killed (lease takeover rounds).
-        .env("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!("bitclone {args:?} failed");
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 #[tokio::main]
@@ -455,26 +423,19 @@ async fn main() -> Result<()> {
     }
     std::fs::create_dir_all(&dir)?;
     let bin = std::fs::canonicalize(&args.bitclone)?;
-    let up = dev(&bin, &["dev", "up", "--nodes", "3"], &dir)?;
-    let members = up["nodes"]
-        .as_array()
-        .context("dev up output")?
-        .iter()
-        .map(|n| -> Result<Member> {
-            let endpoint = n["endpoint"].as_str().context("endpoint")?.to_string();
-            Ok(Member {
-                id: n["id"].as_u64().context("id")?,
-                api: endpoint.trim_start_matches("http://").to_string(),
-                endpoint,
-                peer: n["peer_addr"].as_str().context("peer")?.to_string(),
-                pid: n["pid"].as_u64().context("pid")? as u32,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Holds each destination write back 3 s so a job is running when its
+    // holder is killed (lease takeover rounds).
+    let cluster = TestCluster::start_with_bin(
+        &bin,
+        &dir,
+        3,
+        3,
+        &[("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)],
+    );
     let mut b = Bench {
         bin: bin.clone(),
         dir: dir.clone(),
-        members,
+        cluster,
     };
     let result = async {
         let put = if args.put_size > 0 {
@@ -494,15 +455,8 @@ async fn main() -> Result<()> {
         }))
     }
     .await;
-    for m in &b.members {
-        kill("-TERM", m.pid);
-    }
-    for m in &b.members {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while alive(m.pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        kill("-KILL", m.pid);
+    for n in std::mem::take(&mut b.cluster.nodes).into_values() {
+        n.stop();
     }
     let report = result?;
     println!("{}", serde_json::to_string_pretty(&report)?);
