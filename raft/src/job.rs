@@ -71,7 +71,7 @@ pub struct Job {
     pub progress: Progress,
     /// Set by a cancel request; a running job stops at its next check.
     pub cancel_requested: bool,
-    /// Who may run the job until when (cluster mode).
+    /// Who may run the job until when.
     #[serde(default)]
     pub lease: Option<Lease>,
     /// Grows with every lease grant; every effect of the job carries it.

@@ -523,10 +523,23 @@ mod tests {
         ));
         assert_eq!(job.fencing_token, 1);
 
-        // A new snapshot is written in format 2, binary-framed, and reads back.
+        // The log entries it kept after the snapshot decode too.
+        let mut log = LogStore::new(db.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        let entries = rt.block_on(log.try_get_log_entries(..)).unwrap();
+        assert!(!entries.is_empty(), "the fixture keeps some log");
+        // Those after the snapshot apply on top of it, as at a start.
+        let later: Vec<_> = entries
+            .into_iter()
+            .filter(|e| e.log_id.index > 14)
+            .collect();
+        let mut applier = sm.clone();
+        rt.block_on(applier.apply(later)).unwrap();
+        let a = sm.read().clone();
+
+        // A new snapshot is written in format 2, binary-framed, and reads back.
         let mut builder = sm.clone();
         rt.block_on(builder.build_snapshot()).unwrap();
         let raw = db

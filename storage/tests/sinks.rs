@@ -603,10 +603,7 @@ async fn postgres_catalog_commits_are_fenced_idempotent_and_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_postgres_is_a_clear_error() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = bitclone_chaos::servers::unused_port();
     let err = Catalog::connect(&format!("postgres://u:secret@127.0.0.1:{port}/x"))
         .await
         .err()
@@ -761,10 +758,7 @@ impl Drop for TlsFront {
 }
 
 fn tls_front(to: u16, crt: &Path, key: &Path) -> (TlsFront, u16) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = bitclone_chaos::servers::unused_port();
     let child = std::process::Command::new("socat")
         .arg(format!(
             "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
