@@ -175,6 +175,9 @@ fn job_line(j: &proto::Job) -> String {
 pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
     json!({
         "node_id": st.node_id,
+        // Always true now (a node on its own is a cluster of one); kept for
+        // scripts written against 0.1.0.
+        "clustered": st.clustered,
         "leader": if st.leader_id == 0 { serde_json::Value::Null } else { json!(st.leader_id) },
         "term": st.term,
         "applied_index": st.applied_index,

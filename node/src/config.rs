@@ -347,9 +347,13 @@ fn resolve_cluster(
     let peer_listen: SocketAddr = peer_listen
         .parse()
         .with_context(|| format!("peer listen address {peer_listen:?} is not IP:PORT"))?;
-    // A node on its own is node 1 of its cluster of one.
+    let join = flags
+        .join
+        .clone()
+        .or_else(|| env("BITCLONE_JOIN"))
+        .or(fc.join);
     let node_id = match flags.node_id {
-        Some(n) => n,
+        Some(n) => Some(n),
         None => env("BITCLONE_NODE_ID")
             .map(|v| {
                 v.trim()
@@ -357,8 +361,16 @@ fn resolve_cluster(
                     .with_context(|| format!("BITCLONE_NODE_ID={v:?}"))
             })
             .transpose()?
-            .or(fc.node_id)
-            .unwrap_or(1),
+            .or(fc.node_id),
+    };
+    // A node on its own is node 1 of its cluster of one; a node that joins
+    // must say which member it is (its certificate names it).
+    let node_id = match (node_id, &join) {
+        (Some(n), _) => n,
+        (None, None) => 1,
+        (None, Some(_)) => bail!(
+            "--join needs --node-id (a number, unique and stable for the node, named by its certificate)"
+        ),
     };
     if node_id == 0 {
         bail!("node ids start at 1");
@@ -376,11 +388,6 @@ fn resolve_cluster(
     let bootstrap = flags.bootstrap
         || env("BITCLONE_BOOTSTRAP").map(truthy).unwrap_or(false)
         || fc.bootstrap.unwrap_or(false);
-    let join = flags
-        .join
-        .clone()
-        .or_else(|| env("BITCLONE_JOIN"))
-        .or(fc.join);
     if bootstrap && join.is_some() {
         bail!("--bootstrap starts a new cluster and --join joins one: pass only one");
     }
@@ -534,6 +541,10 @@ mod tests {
         assert!(with("[jobs]\nbackoff_base = \"2m\"\nbackoff_max = \"1m\"\n").is_err());
         assert!(with("[cluster]\nlease = \"10ms\"\n").is_err());
         assert!(with("[cluster]\ndefault_shards = 0\n").is_err());
+        // A joining node must say which member it is.
+        let e = with("[cluster]\njoin = \"127.0.0.1:7443\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("--node-id"), "{e:#}");
+        assert!(with("[cluster]\njoin = \"127.0.0.1:7443\"\nnode_id = 2\n").is_ok());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
         assert!(NodeConfig::resolve(FileConfig::default(), &no_env, Overrides::default()).is_err());
     }

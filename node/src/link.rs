@@ -52,7 +52,7 @@ impl JobLink {
                 progress,
             })
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(crate::node::raft_error)?;
         fenced_error(id, r)
     }
 
@@ -80,9 +80,9 @@ pub fn fenced_error(id: &str, r: Response) -> Result<(), StoreError> {
     match r {
         Response::Err(e @ CommandError::Fenced { .. }) => {
             tracing::warn!(job = id, error = %e, "commit rejected: this node's lease on the job was superseded");
-            Err(StoreError::Conflict(e.to_string()))
+            Err(crate::node::refused(e))
         }
-        Response::Err(e) => Err(StoreError::InvalidArgument(e.to_string())),
+        Response::Err(e) => Err(crate::node::refused(e)),
         _ => Ok(()),
     }
 }

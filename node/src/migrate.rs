@@ -15,12 +15,29 @@ use crate::node::Node;
 pub async fn legacy(node: &Node) -> anyhow::Result<()> {
     let store = node.store.clone();
     let legacy = node.pool.run(move || store.legacy_metadata()).await?;
-    if legacy.is_empty() {
+    let plan = plan(&legacy, node.cluster.id);
+    if plan.datasets.is_empty() && plan.jobs.is_empty() {
+        // Nothing left but records kept because they could not be read.
         return Ok(());
     }
-    let plan = plan(&legacy, node.cluster.id);
     for (key, why) in &plan.unreadable {
-        tracing::error!(key, error = %why, "a record of the previous release is unreadable; it is not migrated");
+        tracing::error!(key, error = %why, "a record of the previous release is unreadable; it stays in the store and is not migrated");
+    }
+    // The cluster's own datasets and jobs win over the old node's.
+    let clashes: Vec<String> = node
+        .read(|s| {
+            plan.datasets
+                .iter()
+                .filter(|(t, d, _)| s.datasets.get(t).is_some_and(|m| m.contains_key(d)))
+                .map(|(t, d, _)| format!("{t}/{d}"))
+                .collect()
+        })
+        .await?;
+    if !clashes.is_empty() {
+        tracing::warn!(
+            datasets = clashes.join(", "),
+            "the cluster already has datasets of these names; the previous release's are not imported over them"
+        );
     }
     let (datasets, jobs) = (plan.datasets.len(), plan.jobs.len());
     let r = node
@@ -37,7 +54,10 @@ pub async fn legacy(node: &Node) -> anyhow::Result<()> {
     // Only once the cluster holds them: a crash before this imports again,
     // which changes nothing already imported.
     let store = node.store.clone();
-    node.pool.run(move || store.drop_legacy_metadata()).await?;
+    let keep: Vec<String> = plan.unreadable.iter().map(|(k, _)| k.clone()).collect();
+    node.pool
+        .run(move || store.drop_legacy_metadata(&keep))
+        .await?;
     tracing::info!(
         datasets,
         jobs,

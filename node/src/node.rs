@@ -140,7 +140,7 @@ impl Node {
         &self,
         f: impl FnOnce(&bitclone_raft::state::ClusterState) -> T,
     ) -> Result<T, StoreError> {
-        self.cluster.read(f).await.map_err(unavailable)
+        self.cluster.read(f).await.map_err(raft_error)
     }
 
     /// The latest snapshot of a dataset.
@@ -202,16 +202,19 @@ impl Node {
             .collect()
     }
 
+    /// Writes a command through the cluster; a refusal is an error of its
+    /// kind.
+    pub async fn write(&self, cmd: Command) -> Result<Response, StoreError> {
+        match self.cluster.write(cmd).await.map_err(raft_error)? {
+            Response::Err(e) => Err(refused(e)),
+            r => Ok(r),
+        }
+    }
+
     /// Submits a clone job through the cluster.
     pub async fn submit_job(&self, job: Job) -> Result<Job, StoreError> {
-        let job = match self
-            .cluster
-            .write(Command::SubmitJob { job })
-            .await
-            .map_err(unavailable)?
-        {
+        let job = match self.write(Command::SubmitJob { job }).await? {
             Response::Job(j) => j,
-            Response::Err(e) => return Err(StoreError::InvalidArgument(e.to_string())),
             other => {
                 return Err(StoreError::Unavailable(format!(
                     "unexpected reply {other:?}"
@@ -425,14 +428,13 @@ impl Node {
                 fenced_by,
             })
             .await
-            .map_err(unavailable)?;
+            .map_err(raft_error)?;
         match resp {
-            Response::Err(CommandError::Conflict(m)) => Err(StoreError::Conflict(m)),
             Response::Err(e @ CommandError::Fenced { .. }) => {
                 tracing::warn!(error = %e, "a fenced commit was refused");
-                Err(StoreError::Conflict(e.to_string()))
+                Err(refused(e))
             }
-            Response::Err(e) => Err(StoreError::InvalidArgument(e.to_string())),
+            Response::Err(e) => Err(refused(e)),
             _ => Ok(record_of(&manifest.dataset, &entry)),
         }
     }
@@ -572,12 +574,19 @@ impl Node {
                 // A bad local chunk: replace it from a replica and walk this
                 // destination again (written objects are found unchanged and
                 // skipped).
-                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
-                    if repairs < MAX_REPAIRS_PER_ATTEMPT =>
-                {
+                Err(
+                    e @ (StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk)),
+                ) if repairs < MAX_REPAIRS_PER_ATTEMPT => {
                     repairs += 1;
-                    self.repair_from_replicas(&job.tenant, &job.dataset, &chunk)
-                        .await?;
+                    if let Err(repair) = self
+                        .repair_from_replicas(&job.tenant, &job.dataset, &chunk)
+                        .await
+                    {
+                        // No replica had it (a node on its own has none):
+                        // the damage stands, and retrying will not mend it.
+                        tracing::error!(chunk = %chunk, error = %repair, "could not repair a bad chunk");
+                        return Err(e);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -748,19 +757,26 @@ fn injected_export_fault(dest: &Destination) -> Result<(), StoreError> {
 /// A cluster error as the storage layer's kinds, which the API edge maps to
 /// status codes: a stopped Raft makes the node unfit for writes (as a
 /// poisoned store does); refusals keep their kind; the rest can go away.
-fn unavailable(e: bitclone_raft::Error) -> StoreError {
-    use bitclone_raft::state::CommandError as C;
+pub fn raft_error(e: bitclone_raft::Error) -> StoreError {
     use bitclone_raft::Error as E;
     match e {
         E::Fatal(why) => StoreError::Poisoned(format!("Raft stopped: {why}")),
-        E::Command(C::Conflict(m)) => StoreError::Conflict(m),
-        E::Command(e @ C::Fenced { .. }) => StoreError::Conflict(e.to_string()),
-        E::Command(C::NotFound(what)) => StoreError::NotFound {
+        E::Command(c) => refused(c),
+        E::Refused(m) => StoreError::InvalidArgument(m),
+        e => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// A command the state machine refused, as the storage layer's kinds.
+pub fn refused(e: CommandError) -> StoreError {
+    match e {
+        CommandError::Conflict(m) => StoreError::Conflict(m),
+        e @ CommandError::Fenced { .. } => StoreError::Conflict(e.to_string()),
+        CommandError::NotFound(what) => StoreError::NotFound {
             kind: "record",
             name: what,
         },
-        E::Command(e) => StoreError::InvalidArgument(e.to_string()),
-        e => StoreError::Unavailable(e.to_string()),
+        e => StoreError::InvalidArgument(e.to_string()),
     }
 }
 

@@ -216,10 +216,29 @@ async fn start_cluster(
             c.certs.display()
         )
     })?;
-    let peer_incoming = TcpIncoming::bind(c.peer_listen)
-        .with_context(|| format!("binding the peer address {}", c.peer_listen))?
+    // A node given port 0 keeps the port it got the first time: its peers
+    // know it by that address (the Raft membership holds it).
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let saved = config.data_dir.join("peer.addr");
+    let mut peer_listen = c.peer_listen;
+    if peer_listen.port() == 0 {
+        let kept = std::fs::read_to_string(&saved)
+            .ok()
+            .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok());
+        if let Some(kept) = kept {
+            peer_listen.set_port(kept.port());
+        }
+    }
+    let peer_incoming = TcpIncoming::bind(peer_listen)
+        .with_context(|| {
+            format!("binding the peer address {peer_listen} (set cluster.peer_listen to move it)")
+        })?
         .with_nodelay(Some(true));
     let peer_addr = peer_incoming.local_addr()?;
+    let tmp = config.data_dir.join("peer.addr.tmp");
+    std::fs::write(&tmp, peer_addr.to_string()).context("writing peer.addr")?;
+    std::fs::rename(&tmp, &saved).context("writing peer.addr")?;
     let cluster = Cluster::start(ClusterConfig {
         id: c.node_id,
         dir: config.data_dir.join("raft"),
@@ -246,6 +265,12 @@ async fn start_cluster(
     });
     tracing::info!(node_id = c.node_id, %peer_addr, "peer server (mutual TLS) up");
     if cluster.is_initialized().await? {
+        if let Some(seed) = &c.join {
+            tracing::warn!(
+                seed,
+                "this node already belongs to a cluster (it has Raft state); --join is ignored"
+            );
+        }
         tokio::spawn(rejoin(cluster.clone(), c.settings.clone(), stop_rx));
     } else if let Some(seed) = &c.join {
         join_through(&cluster, seed).await?;
@@ -269,6 +294,9 @@ async fn rejoin(cluster: Arc<Cluster>, settings: SettingsUpdate, stop: watch::Re
     loop {
         match cluster.rejoin(&settings).await {
             Ok(()) => return,
+            Err(e) if !e.is_retryable() => {
+                return tracing::error!(error = %e, "recording this node's addresses and settings was refused");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not record this node's addresses yet; retrying")
             }
@@ -305,6 +333,13 @@ async fn join_through(cluster: &Cluster, seed: &str) -> anyhow::Result<()> {
                 tracing::info!(seed, "joined the cluster");
                 return Ok(());
             }
+            // A refusal (not a member's certificate, say) stays a refusal.
+            Err(e)
+                if e.downcast_ref::<bitclone_raft::Error>()
+                    .is_some_and(|r| !r.is_retryable()) =>
+            {
+                return Err(e.context(format!("joining through {seed} was refused")));
+            }
             Err(e) if std::time::Instant::now() < deadline => {
                 tracing::warn!(seed, error = %format!("{e:#}"), "join failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -337,6 +372,11 @@ async fn wait_for_signal() -> &'static str {
 async fn worker(node: Arc<Node>) {
     let cluster = node.cluster.clone();
     while !node.is_shutting_down() {
+        // A node that cannot write takes no job another node could run.
+        if node.fatal().is_some() {
+            node.idle(Duration::from_secs(1)).await;
+            continue;
+        }
         let now = bitclone_raft::cluster::now_ms();
         let candidates: Vec<String> = cluster.local(|s| {
             s.claimable(cluster.id, now)
@@ -439,7 +479,12 @@ async fn run_leased(
     let outcome = node.run_job(job, stop.clone(), &link).await;
     hb.abort();
     let cmd = match outcome {
-        Err(bitclone_storage::Error::Cancelled) if node.is_shutting_down() => {
+        // Stopping, or unable to write: the job is not at fault; it goes
+        // back to Pending at once, for this node later or another now.
+        Err(e)
+            if node.fatal().is_some()
+                || (node.is_shutting_down() && matches!(e, bitclone_storage::Error::Cancelled)) =>
+        {
             Command::ReleaseLease {
                 job: id.clone(),
                 fence,

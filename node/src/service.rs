@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::node::{check_job_spec, Node};
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Job, JobState};
-use bitclone_raft::state::{Command, CommandError, Response as RaftResponse};
+use bitclone_raft::state::{Command, Response as RaftResponse};
 use bitclone_storage::sink::{Destination, Source};
 
 pub struct Api {
@@ -591,16 +591,15 @@ impl BitClone for Api {
         self.node.check_writable().map_err(status)?;
         match self
             .node
-            .cluster
             .write(Command::CancelJob { job: id.clone() })
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
         {
-            RaftResponse::Job(j) => Ok(Response::new(job_pb(&j))),
-            RaftResponse::Err(CommandError::NotFound(_)) => {
+            Ok(RaftResponse::Job(j)) => Ok(Response::new(job_pb(&j))),
+            Err(StoreError::NotFound { .. }) => {
                 Err(Status::not_found(format!("job {id} not found")))
             }
-            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(status(e)),
+            Ok(other) => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -621,10 +620,11 @@ impl BitClone for Api {
             return Err(Status::not_found(format!("node {id} is not a member")));
         }
         c.remove(id).await.map_err(|e| match e {
+            // Not through the leader, or a membership change refused.
             bitclone_raft::Error::Refused(_) | bitclone_raft::Error::Command(_) => {
                 Status::failed_precondition(e.to_string())
             }
-            other => Status::unavailable(other.to_string()),
+            other => status(crate::node::raft_error(other)),
         })?;
         tracing::info!(node = id, "node removed from the cluster");
         Ok(Response::new(cluster_status_pb(&self.node)))
@@ -636,20 +636,19 @@ impl BitClone for Api {
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
         let r = request.into_inner();
         validate_name("tenant", &r.tenant).map_err(status)?;
+        self.node.check_writable().map_err(status)?;
         match self
             .node
-            .cluster
             .write(Command::SetTenant {
                 tenant: r.tenant,
                 shards: r.shards,
             })
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
+            .map_err(status)?
         {
             RaftResponse::Layout { version } => Ok(Response::new(pb::SetTenantResponse {
                 layout_version: version,
             })),
-            RaftResponse::Err(e) => Err(Status::invalid_argument(e.to_string())),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }

@@ -59,8 +59,8 @@ fn make_legacy_fixture() {
         &[],
         &[
             ("BITCLONE_FAULT_EXPORT_FAILURES", "1"),
-            ("BITCLONE_JOB_BACKOFF_BASE", "1h"),
-            ("BITCLONE_JOB_BACKOFF_MAX", "1h"),
+            ("BITCLONE_JOB_BACKOFF_BASE", "87600h"),
+            ("BITCLONE_JOB_BACKOFF_MAX", "87600h"),
         ],
     );
     let (v1, v2, other) = (
@@ -83,7 +83,7 @@ fn make_legacy_fixture() {
         "docs",
     ]);
     // The first attempt of the first job fails (the injected fault) and
-    // waits an hour to retry: an unfinished job.
+    // waits years to retry: an unfinished job that stays one while tests run.
     let waiting = node
         .ok(&[
             "clone",

@@ -220,7 +220,8 @@ impl Cluster {
     /// Applies the settings this node's config gives, unless the cluster
     /// already has them.
     pub async fn update_settings(&self, update: &SettingsUpdate) -> Result<(), Error> {
-        let current = self.local(|s| s.settings.clone());
+        // Linearizable: a node that just joined or restarted may lag.
+        let current = self.read(|s| s.settings.clone()).await?;
         if update.applied_to(&current) == current {
             return Ok(());
         }

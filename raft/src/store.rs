@@ -261,14 +261,20 @@ impl Default for Applied {
 impl Applied {
     /// Reads a snapshot's data; refuses a format newer than this code.
     fn decode(data: &[u8]) -> Result<Applied, String> {
-        let a: Applied = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-        if a.format > STATE_FORMAT {
+        // The format first: a newer state may not decode at all.
+        #[derive(Deserialize)]
+        struct Format {
+            #[serde(default = "format_1")]
+            format: u32,
+        }
+        let f: Format = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        if f.format > STATE_FORMAT {
             return Err(format!(
                 "the state is in format {}, newer than this node's {STATE_FORMAT}: upgrade the node",
-                a.format
+                f.format
             ));
         }
-        Ok(a)
+        serde_json::from_slice(data).map_err(|e| e.to_string())
     }
 }
 

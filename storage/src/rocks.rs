@@ -307,13 +307,18 @@ impl RocksStore {
         Ok(out)
     }
 
-    /// Deletes everything [`RocksStore::legacy_metadata`] reads, durably, in
-    /// one batch: called once the cluster state holds it.
-    pub fn drop_legacy_metadata(&self) -> Result<()> {
+    /// Deletes what [`RocksStore::legacy_metadata`] reads, durably, in one
+    /// batch, but for the records named in `keep` (ones that could not be
+    /// read, left for a person to look at): called once the cluster state
+    /// holds the rest.
+    pub fn drop_legacy_metadata(&self, keep: &[String]) -> Result<()> {
         let mut batch = WriteBatch::default();
+        let kept: Vec<Vec<u8>> = keep.iter().map(|k| [b"r", k.as_bytes()].concat()).collect();
         for prefix in [&[b'h', 0][..], &[b's', 0][..], &b"r"[..]] {
             for (k, _) in self.scan(CF_META, prefix)? {
-                batch.delete_cf(self.cf(CF_META), k);
+                if !kept.contains(&k) {
+                    batch.delete_cf(self.cf(CF_META), k);
+                }
             }
         }
         self.write(batch, true)
@@ -492,9 +497,15 @@ mod tests {
         );
         assert_eq!(m.snapshots, vec![("t".to_string(), record)]);
         assert_eq!(m.records, vec![("job/j1".to_string(), b"{}".to_vec())]);
-        store.drop_legacy_metadata().unwrap();
+        store.db.put_cf(meta, b"rjob/bad", b"{").unwrap();
+        store
+            .drop_legacy_metadata(&["job/bad".to_string()])
+            .unwrap();
         drop(store);
         let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
-        assert!(store.legacy_metadata().unwrap().is_empty());
+        // Only the record kept for a person to look at is left.
+        let left = store.legacy_metadata().unwrap();
+        assert!(left.heads.is_empty() && left.snapshots.is_empty());
+        assert_eq!(left.records, vec![("job/bad".to_string(), b"{".to_vec())]);
     }
 }

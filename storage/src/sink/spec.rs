@@ -201,6 +201,12 @@ fn location(parsed: &url::Url, url: &str, what: &str) -> Result<Location> {
             let path = parsed.to_file_path().map_err(|_| {
                 Error::InvalidArgument(format!("{what} {url:?} is not an absolute file:// path"))
             })?;
+            // Specs are stored as text (JSON, in the Raft log).
+            if path.to_str().is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} {url:?}: the path is not UTF-8"
+                )));
+            }
             Ok(Location::Dir { path })
         }
         "s3" => {
@@ -304,6 +310,7 @@ mod tests {
             "http://x/y",
             "s3:///nobucket",
             "file://relative",
+            "file:///tmp/%FF",
             "snapshot://../x",
             "snapshot://ds@nothex",
         ] {
