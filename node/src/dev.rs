@@ -44,14 +44,6 @@ pub fn certs(out: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn free_port() -> Result<u16> {
-    // The port is released before the node binds it; good enough for a dev
-    // cluster on loopback.
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -68,7 +60,17 @@ async fn status(endpoint: &str) -> Option<bitclone_client::proto::ClusterStatusR
     c.cluster_status().await.ok()
 }
 
-fn spawn_node(dir: &Path, id: u64, api: &str, peer: &str, extra: &[String]) -> Result<DevNode> {
+/// Starts node `id` on `api` and `peer` (port 0: the node binds a free port
+/// and says which: `node.addr` once it serves, `peer.addr` at start) and
+/// waits until it serves (it bootstrapped or joined).
+fn spawn_node(
+    dir: &Path,
+    id: u64,
+    api: &str,
+    peer: &str,
+    extra: &[String],
+    deadline: Instant,
+) -> Result<DevNode> {
     let data_dir = dir.join(format!("node-{id}"));
     std::fs::create_dir_all(&data_dir)?;
     let log = dir.join(format!("node-{id}.log"));
@@ -100,12 +102,31 @@ fn spawn_node(dir: &Path, id: u64, api: &str, peer: &str, extra: &[String]) -> R
     // Its own process group: Ctrl-C in this terminal must not stop the cluster.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd.spawn().context("starting a node")?;
+    let pid = child.id();
+    let read = |name: &str| {
+        std::fs::read_to_string(data_dir.join(name))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let (api_addr, peer_addr) = loop {
+        if let (Some(a), Some(p)) = (read("node.addr"), read("peer.addr")) {
+            break (a, p);
+        }
+        if !alive(pid) {
+            bail!("node {id} exited; see {}", log.display());
+        }
+        if Instant::now() > deadline {
+            bail!("node {id} did not start in time; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     Ok(DevNode {
         id,
-        endpoint: format!("http://{api}"),
-        api_addr: api.to_string(),
-        peer_addr: peer.to_string(),
-        pid: child.id(),
+        endpoint: format!("http://{api_addr}"),
+        api_addr,
+        peer_addr,
+        pid,
         data_dir,
         log,
     })
@@ -155,8 +176,8 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     bitclone_raft::tls::generate_dev(&dir.join("certs"), nodes)?;
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut started = Vec::new();
-    // Restarting a stopped cluster reuses its addresses; members know each
-    // other by them.
+    // Restarting a stopped cluster reuses its addresses (members know each
+    // other by them); new nodes bind free ports themselves.
     let addr_of = |id: u64| -> Result<(String, String)> {
         if let Some(n) = previous
             .as_ref()
@@ -164,10 +185,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
         {
             return Ok((n.api_addr.clone(), n.peer_addr.clone()));
         }
-        Ok((
-            format!("127.0.0.1:{}", free_port()?),
-            format!("127.0.0.1:{}", free_port()?),
-        ))
+        Ok(("127.0.0.1:0".into(), "127.0.0.1:0".into()))
     };
     let fresh = |id: u64| !dir.join(format!("node-{id}/raft")).exists();
     let (api1, peer1) = addr_of(1)?;
@@ -176,7 +194,8 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     } else {
         vec![]
     };
-    let first = spawn_node(dir, 1, &api1, &peer1, &first_extra)?;
+    let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, deadline)?;
+    let api1 = first.api_addr.clone();
     wait_ready(&first, 1, deadline).await?;
     started.push(first);
     for id in 2..=nodes {
@@ -186,7 +205,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
         } else {
             vec![]
         };
-        let n = spawn_node(dir, id, &api, &peer, &extra)?;
+        let n = spawn_node(dir, id, &api, &peer, &extra, deadline)?;
         // Join one at a time: each membership change completes before the next.
         wait_ready(&n, id as usize, deadline).await?;
         started.push(n);
