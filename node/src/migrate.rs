@@ -40,16 +40,15 @@ pub async fn legacy(node: &Node) -> anyhow::Result<()> {
         );
     }
     let (datasets, jobs) = (plan.datasets.len(), plan.jobs.len());
-    let r = node
-        .cluster
-        .write(Command::ImportLegacy {
-            datasets: plan.datasets,
-            jobs: plan.jobs,
-        })
-        .await
-        .context("writing the import to the cluster")?;
-    if let Response::Err(e) = r {
-        anyhow::bail!("the cluster refused the import: {e}");
+    for cmd in batches(plan.datasets, plan.jobs) {
+        let r = node
+            .cluster
+            .write(cmd)
+            .await
+            .context("writing the import to the cluster")?;
+        if let Response::Err(e) = r {
+            anyhow::bail!("the cluster refused the import: {e}");
+        }
     }
     // Only once the cluster holds them: a crash before this imports again,
     // which changes nothing already imported.
@@ -65,6 +64,46 @@ pub async fn legacy(node: &Node) -> anyhow::Result<()> {
         "moved the previous release's datasets and jobs into the cluster state"
     );
     Ok(())
+}
+
+/// Snapshot entries one import command carries at most: a Raft entry
+/// (and the AppendEntries message that sends it to a new member) stays a
+/// few MiB however long the old node's history was.
+const ENTRIES_PER_IMPORT: usize = 10_000;
+
+/// Splits the import into commands of at most [`ENTRIES_PER_IMPORT`]
+/// snapshot entries and jobs (a dataset with a longer history goes alone).
+/// Each applies on its own; together they make the whole import.
+pub fn batches(datasets: Vec<(String, String, DatasetHead)>, jobs: Vec<Job>) -> Vec<Command> {
+    let mut out = Vec::new();
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for d in datasets {
+        let n = d.2.history.len().max(1);
+        if size + n > ENTRIES_PER_IMPORT && !batch.is_empty() {
+            out.push(Command::ImportLegacy {
+                datasets: std::mem::take(&mut batch),
+                jobs: Vec::new(),
+            });
+            size = 0;
+        }
+        size += n;
+        batch.push(d);
+    }
+    if !batch.is_empty() {
+        out.push(Command::ImportLegacy {
+            datasets: batch,
+            jobs: Vec::new(),
+        });
+    }
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        out.push(Command::ImportLegacy {
+            datasets: Vec::new(),
+            jobs: jobs.by_ref().take(ENTRIES_PER_IMPORT).collect(),
+        });
+    }
+    out
 }
 
 /// What the import writes.
@@ -155,6 +194,58 @@ mod tests {
             .collect::<Vec<_>>()
             .into();
         v
+    }
+
+    #[test]
+    fn a_long_history_is_imported_in_bounded_commands() {
+        let head = |n: usize| DatasetHead {
+            snapshot: String::new(),
+            updated_unix_ms: 0,
+            history: (0..n)
+                .map(|i| SnapshotEntry {
+                    id: i.to_string(),
+                    parent: String::new(),
+                    files: 0,
+                    bytes: 0,
+                    created_unix_ms: 0,
+                    written_by: 1,
+                })
+                .collect(),
+        };
+        let ds = |name: &str, n| ("t".to_string(), name.to_string(), head(n));
+        let job = Job::new(
+            "j".into(),
+            "t".into(),
+            "d".into(),
+            bitclone_storage::sink::Source::parse("snapshot://d").unwrap(),
+            vec![],
+            5,
+            1,
+        );
+        let cmds = batches(
+            vec![ds("a", 6_000), ds("b", 6_000), ds("c", 20_000), ds("d", 1)],
+            vec![job; ENTRIES_PER_IMPORT + 1],
+        );
+        let shape: Vec<(usize, usize)> = cmds
+            .iter()
+            .map(|c| match c {
+                Command::ImportLegacy { datasets, jobs } => (datasets.len(), jobs.len()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // a | b | c alone (longer than a batch) | d | jobs in two.
+        assert_eq!(
+            shape,
+            [
+                (1, 0),
+                (1, 0),
+                (1, 0),
+                (1, 0),
+                (0, ENTRIES_PER_IMPORT),
+                (0, 1)
+            ]
+        );
+        assert!(batches(Vec::new(), Vec::new()).is_empty());
     }
 
     #[test]
