@@ -156,11 +156,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
-    // Announce the address only once it is bound, atomically, for scripts.
+    // Announce the address only once it serves, for scripts.
     let addr_file = config.data_dir.join("node.addr");
-    let tmp = config.data_dir.join("node.addr.tmp");
-    std::fs::write(&tmp, addr.to_string()).context("writing node.addr")?;
-    std::fs::rename(&tmp, &addr_file).context("writing node.addr")?;
+    write_address(&addr_file, addr)?;
     tracing::info!(%addr, node_id = cluster.id, data_dir = %config.data_dir.display(), "serving");
     println!("listening on {addr}");
 
@@ -236,9 +234,7 @@ async fn start_cluster(
         })?
         .with_nodelay(Some(true));
     let peer_addr = peer_incoming.local_addr()?;
-    let tmp = config.data_dir.join("peer.addr.tmp");
-    std::fs::write(&tmp, peer_addr.to_string()).context("writing peer.addr")?;
-    std::fs::rename(&tmp, &saved).context("writing peer.addr")?;
+    write_address(&saved, peer_addr)?;
     let cluster = Cluster::start(ClusterConfig {
         id: c.node_id,
         dir: config.data_dir.join("raft"),
@@ -286,6 +282,14 @@ async fn start_cluster(
         tracing::info!("bootstrapped a new cluster");
     }
     Ok(cluster)
+}
+
+/// Writes an address file atomically (readers never see half of it).
+fn write_address(path: &std::path::Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("addr.tmp");
+    std::fs::write(&tmp, addr.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A restarted node records its current addresses and configured settings
@@ -459,9 +463,8 @@ async fn run_leased(
         checkpoint: job.checkpoint.clone(),
         ..Live::default()
     }));
-    let lease_ms = cluster
-        .local(|s| s.settings.lease_ms)
-        .max(bitclone_raft::state::MIN_LEASE_MS) as u64;
+    // At least MIN_LEASE_MS: the state machine validates its settings.
+    let lease_ms = cluster.local(|s| s.settings.lease_ms) as u64;
     let hb = tokio::spawn(heartbeat(
         node.clone(),
         cluster.clone(),
@@ -560,9 +563,7 @@ async fn heartbeat(
                 job = id,
                 "no lease renewal for a whole lease; stopping the job (it may run elsewhere now)"
             ),
-            Stop::LeaseLost | Stop::Cancelled => {
-                tracing::warn!(job = id, ?why, "lease lost; stopping the job")
-            }
+            Stop::LeaseLost => tracing::warn!(job = id, "lease lost; stopping the job"),
         }
         stop.store(true, Ordering::Release);
     };
@@ -604,10 +605,11 @@ async fn heartbeat(
             }
         };
         match holder.renewal(sent, renewal) {
-            Ok(()) => {}
-            // The attempt winds down and ends Cancelled under its lease:
-            // keep renewing until then.
-            Err(Stop::Cancelled) => stop.store(true, Ordering::Release),
+            Ok(cancel) => {
+                if cancel {
+                    stop.store(true, Ordering::Release);
+                }
+            }
             Err(why) => return stopped(why),
         }
         let publish = {

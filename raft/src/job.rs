@@ -247,11 +247,9 @@ pub enum Renewal {
     Failed,
 }
 
-/// Why a holder stops its job.
+/// Why a holder gives up its lease and stops its job at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
-    /// A cancel request reached the holder.
-    Cancelled,
     /// The cluster refused a renewal.
     LeaseLost,
     /// No renewal succeeded for a whole lease.
@@ -285,18 +283,17 @@ impl LeaseHolder {
         Ok(())
     }
 
-    /// Takes the answer to a renewal sent at `sent`.
-    pub fn renewal(&mut self, sent: std::time::Instant, r: Renewal) -> Result<(), Stop> {
+    /// Takes the answer to a renewal sent at `sent`. `Ok(true)`: a cancel
+    /// was requested, so the job stops, but the holder keeps renewing until
+    /// the attempt has wound down and ended Cancelled under its lease.
+    pub fn renewal(&mut self, sent: std::time::Instant, r: Renewal) -> Result<bool, Stop> {
         match r {
             Renewal::Renewed { cancel_requested } => {
                 self.renewed = self.renewed.max(sent);
-                if cancel_requested {
-                    return Err(Stop::Cancelled);
-                }
-                Ok(())
+                Ok(cancel_requested)
             }
             Renewal::Refused => Err(Stop::LeaseLost),
-            Renewal::Failed => Ok(()),
+            Renewal::Failed => Ok(false),
         }
     }
 }
@@ -317,18 +314,19 @@ mod tests {
         let renewed = Renewal::Renewed {
             cancel_requested: false,
         };
-        assert_eq!(h.renewal(t0 + ms(1_000), renewed), Ok(()));
+        assert_eq!(h.renewal(t0 + ms(1_000), renewed), Ok(false));
         assert_eq!(h.deadline(), t0 + ms(4_000));
         // Failed renewals move nothing; the lease runs out on its own.
-        assert_eq!(h.renewal(t0 + ms(2_000), Renewal::Failed), Ok(()));
-        assert_eq!(h.renewal(t0 + ms(3_000), Renewal::Failed), Ok(()));
+        assert_eq!(h.renewal(t0 + ms(2_000), Renewal::Failed), Ok(false));
+        assert_eq!(h.renewal(t0 + ms(3_000), Renewal::Failed), Ok(false));
         assert_eq!(h.check(t0 + ms(3_999)), Ok(()));
         assert_eq!(h.check(t0 + ms(4_000)), Err(Stop::NoRenewal));
         // An answer to an older request cannot move the deadline back.
         let mut h2 = h.clone();
-        assert_eq!(h2.renewal(t0 + ms(500), renewed), Ok(()));
+        assert_eq!(h2.renewal(t0 + ms(500), renewed), Ok(false));
         assert_eq!(h2.deadline(), t0 + ms(4_000));
-        // A refusal or a cancel stops the job at once.
+        // A refusal gives the lease up at once; a cancel stops the job but
+        // the holder keeps renewing while it winds down.
         assert_eq!(
             h.renewal(t0 + ms(3_500), Renewal::Refused),
             Err(Stop::LeaseLost)
@@ -340,7 +338,7 @@ mod tests {
                     cancel_requested: true
                 }
             ),
-            Err(Stop::Cancelled)
+            Ok(true)
         );
     }
 
