@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bitclone_raft::state::{SettingsUpdate, MIN_LEASE_MS};
+use bitclone_raft::state::{Settings, SettingsUpdate};
 use bitclone_storage::ChunkParams;
 use serde::Deserialize;
 
@@ -248,26 +248,23 @@ impl NodeConfig {
                 .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
         };
         // Given or not: only what is given changes the cluster's settings.
-        let given = |var: &str, file: Option<String>| -> Result<Option<Duration>> {
-            env(var)
-                .or(file)
-                .map(|s| {
-                    humantime::parse_duration(&s)
-                        .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
-                })
-                .transpose()
-        };
-        let backoff_base = given("BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base)?;
-        let backoff_max = given("BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max)?;
-        if let (Some(base), Some(max)) = (backoff_base, backoff_max) {
-            if base > max {
-                bail!("jobs.backoff_base ({base:?}) is larger than jobs.backoff_max ({max:?})");
-            }
-        }
+        let backoff_base = opt_duration(env, "BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base)?;
+        let backoff_max = opt_duration(env, "BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max)?;
         let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
         let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);
         cluster.settings.backoff_max_ms = backoff_max.map(|d| d.as_millis() as u64);
+        // Checked as the state machine will, against the defaults for what
+        // is not given (the cluster checks again against its own).
+        cluster
+            .settings
+            .applied_to(&Settings::default())
+            .validate()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cluster settings (jobs.backoff_*, cluster.lease, cluster.default_shards): {e}"
+                )
+            })?;
         let transport = resolve_transport(fc.transport)?;
         if cpu_threads == 0 || job_workers == 0 {
             bail!("cpu_threads and jobs.workers must be at least 1");
@@ -416,18 +413,7 @@ fn resolve_cluster(
     if snapshot_logs < 5 {
         bail!("cluster.snapshot_logs must be at least 5");
     }
-    let lease = env("BITCLONE_LEASE")
-        .or(fc.lease)
-        .map(|s| {
-            humantime::parse_duration(&s)
-                .with_context(|| format!("cluster.lease {s:?} is not a duration"))
-        })
-        .transpose()?;
-    if let Some(l) = lease {
-        if (l.as_millis() as i64) < MIN_LEASE_MS {
-            bail!("cluster.lease must be at least {MIN_LEASE_MS}ms");
-        }
-    }
+    let lease = opt_duration(env, "BITCLONE_LEASE", fc.lease)?;
     let default_shards = match env("BITCLONE_DEFAULT_SHARDS") {
         Some(v) => Some(
             v.trim()
@@ -436,9 +422,6 @@ fn resolve_cluster(
         ),
         None => fc.default_shards,
     };
-    if default_shards.is_some_and(|n| n == 0 || n > 4096) {
-        bail!("cluster.default_shards must be 1..=4096");
-    }
     Ok(ClusterSettings {
         node_id,
         peer_listen,
@@ -454,6 +437,21 @@ fn resolve_cluster(
             ..SettingsUpdate::default()
         },
     })
+}
+
+/// A duration from `var`, else the file's value, if either is given.
+fn opt_duration(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    file: Option<String>,
+) -> Result<Option<Duration>> {
+    env(var)
+        .or(file)
+        .map(|s| {
+            humantime::parse_duration(&s)
+                .with_context(|| format!("{var}={s:?} is not a duration like 5s"))
+        })
+        .transpose()
 }
 
 fn u32_size(v: u64) -> Result<u32> {

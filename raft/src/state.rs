@@ -94,6 +94,25 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Whether the settings make sense together (the one place that says).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_shards == 0 || self.default_shards > 4096 {
+            return Err("default_shards must be 1..=4096".into());
+        }
+        if self.lease_ms < MIN_LEASE_MS {
+            return Err(format!("the lease must be at least {MIN_LEASE_MS} ms"));
+        }
+        if self.backoff_base_ms > self.backoff_max_ms {
+            return Err(format!(
+                "backoff base {} ms is above backoff max {} ms",
+                self.backoff_base_ms, self.backoff_max_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A change to [`Settings`]: the fields a node's config sets; `None` keeps
 /// the cluster's value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -625,22 +644,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
         }
         Command::UpdateSettings { update } => {
             let next = update.applied_to(&state.settings);
-            if next.default_shards == 0 || next.default_shards > 4096 {
-                return Err(CommandError::Invalid(
-                    "default_shards must be 1..=4096".into(),
-                ));
-            }
-            if next.lease_ms < MIN_LEASE_MS {
-                return Err(CommandError::Invalid(format!(
-                    "the lease must be at least {MIN_LEASE_MS} ms"
-                )));
-            }
-            if next.backoff_base_ms > next.backoff_max_ms {
-                return Err(CommandError::Invalid(format!(
-                    "backoff base {} ms is above backoff max {} ms",
-                    next.backoff_base_ms, next.backoff_max_ms
-                )));
-            }
+            next.validate().map_err(CommandError::Invalid)?;
             state.settings = next;
             Ok(Response::Ok)
         }
