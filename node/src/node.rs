@@ -202,9 +202,12 @@ impl Node {
             .collect()
     }
 
-    /// Writes a command through the cluster; a refusal is an error of its
-    /// kind.
+    /// Writes a command through the cluster for a client; a refusal is an
+    /// error of its kind, and a node that has stopped taking writes refuses
+    /// at once. (A job's lease, checkpoints and outcome go to the cluster
+    /// directly: a node unfit for writes must still release them.)
     pub async fn write(&self, cmd: Command) -> Result<Response, StoreError> {
+        self.check_writable()?;
         match self.cluster.write(cmd).await.map_err(raft_error)? {
             Response::Err(e) => Err(refused(e)),
             r => Ok(r),
@@ -419,6 +422,10 @@ impl Node {
             created_unix_ms: manifest.created_unix_ms,
             written_by: c.id,
         };
+        let job = fenced_by
+            .as_ref()
+            .map(|(j, _)| j.clone())
+            .unwrap_or_default();
         let resp = c
             .write(Command::CommitSnapshot {
                 tenant: manifest.tenant.clone(),
@@ -429,14 +436,8 @@ impl Node {
             })
             .await
             .map_err(raft_error)?;
-        match resp {
-            Response::Err(e @ CommandError::Fenced { .. }) => {
-                tracing::warn!(error = %e, "a fenced commit was refused");
-                Err(refused(e))
-            }
-            Response::Err(e) => Err(refused(e)),
-            _ => Ok(record_of(&manifest.dataset, &entry)),
-        }
+        crate::link::fenced_error(&job, resp)?;
+        Ok(record_of(&manifest.dataset, &entry))
     }
 
     /// Encodes and durably commits a snapshot built by `builder` (fenced when
