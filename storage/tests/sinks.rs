@@ -12,9 +12,9 @@ use std::sync::Arc;
 use bitclone_chaos::servers::{Garage, PgServer};
 use bitclone_storage::ingest::{ingest_dir, walk_dir, SnapshotBuilder};
 use bitclone_storage::sink::catalog::{Catalog, CatalogCommit, CommitOutcome};
-use bitclone_storage::sink::objects::{self, ExportStats, S3Options, Target, Writer};
+use bitclone_storage::sink::objects::{self, S3Options, Target, Writer};
 use bitclone_storage::sink::restore;
-use bitclone_storage::sink::{Committed, Destination, Sink, SinkWrite};
+use bitclone_storage::sink::{Committed, Destination, Sink, SinkWrite, Written};
 use bitclone_storage::{
     ChunkParams, ChunkStore, CpuPool, EntryKind, Error, Manifest, MemStore, SnapshotId,
 };
@@ -110,7 +110,7 @@ impl Rig {
         id: &SnapshotId,
         t: &Target,
         token: u64,
-    ) -> Result<ExportStats, Error> {
+    ) -> Result<Written, Error> {
         objects::export_snapshot(t, self.write(m, id, &writer(token), &mut |_| {})).await
     }
     async fn upload(

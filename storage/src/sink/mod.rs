@@ -112,14 +112,7 @@ impl Sink {
         match self {
             Sink::Objects(target) => {
                 objects::check_create_only(target).await?;
-                let s = objects::export_snapshot(target, w).await?;
-                Ok(Written {
-                    files_written: s.files_written,
-                    files_unchanged: s.files_unchanged,
-                    bytes_written: s.bytes_written,
-                    objects_deleted: s.objects_deleted,
-                    already_committed: s.already_committed,
-                })
+                objects::export_snapshot(target, w).await
             }
             Sink::Catalog(c) => {
                 let outcome = c

@@ -31,7 +31,7 @@ pub use self::layout::{
 };
 pub use self::s3::S3Options;
 pub use self::upload::{upload_snapshot, Upload};
-pub use crate::sink::{SinkWrite, Writer};
+pub use crate::sink::{SinkWrite, Writer, Written};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -141,21 +141,6 @@ pub struct ExportProgress {
     pub bytes_done: u64,
 }
 
-/// What one export did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExportStats {
-    /// Files uploaded.
-    pub files_written: u64,
-    /// Files whose object already held the same BLAKE3.
-    pub files_unchanged: u64,
-    /// Bytes uploaded.
-    pub bytes_written: u64,
-    /// Objects deleted because the snapshot no longer has them (mirror).
-    pub objects_deleted: u64,
-    /// The same snapshot was already committed with this token (a re-run).
-    pub already_committed: bool,
-}
-
 /// Writes every file of `manifest` as the object `prefix/path` (skipping
 /// objects whose stored BLAKE3 matches), then the manifest and, last, the
 /// commit record. With `mirror`, objects the snapshot lacks are deleted
@@ -166,7 +151,7 @@ pub struct ExportStats {
 /// files stream as multipart uploads, so memory stays within a few parts per
 /// upload. `cancel` stops it between files and before the commit; uploads in
 /// flight are aborted, never left half-done.
-pub async fn export_snapshot(target: &Target, mut w: SinkWrite<'_>) -> Result<ExportStats> {
+pub async fn export_snapshot(target: &Target, mut w: SinkWrite<'_>) -> Result<Written> {
     let mut upload = upload_snapshot(target, &mut w).await?;
     if !upload.stats.already_committed {
         commit_snapshot(

@@ -21,9 +21,9 @@ use crate::sink::objects::commit::check_fence;
 use crate::sink::objects::layout::{is_meta, join, list_under, manifest_loc};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::{
-    ExportProgress, ExportStats, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
+    ExportProgress, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
 };
-use crate::sink::SinkWrite;
+use crate::sink::{SinkWrite, Written};
 use crate::store::{read_chunks, ChunkStore};
 
 /// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
@@ -33,7 +33,7 @@ use crate::store::{read_chunks, ChunkStore};
 #[derive(Debug, Default)]
 pub struct Upload {
     /// What was done so far.
-    pub stats: ExportStats,
+    pub stats: Written,
     /// Every file's object as this writer left it: path → e_tag (its size
     /// is the manifest's).
     pub(super) objects: HashMap<String, Option<String>>,
