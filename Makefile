@@ -23,8 +23,11 @@ STEP       := bash scripts/step.sh
 BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
 BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
 # Extra flags for bitclone-bench, e.g. make bench BENCH_ARGS="--size 256MiB --files 500"
+# or the many-files profile: make bench BENCH_ARGS="--profile many-files --restic"
 BENCH_ARGS ?= --restic --s3
 BENCH_OUT  ?= .bitclone/bench.json
+# The Markdown report and SVG chart of the profile run (<profile>.md, <profile>.svg).
+BENCH_REPORT ?= $(dir $(BENCH_OUT))
 
 # Tests must not depend on the caller's environment: drop the variables that
 # the S3 client and the CLI would otherwise pick up.
@@ -41,6 +44,7 @@ help:
 	@echo "  make test         install deps, then fmt check, clippy, build, cargo test (what CI runs)"
 	@echo "  make demo         build the node and run scripts/demo.sh (put, incremental put, clone, restore, verify)"
 	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
+	@echo "                   and a report to $(BENCH_REPORT); many files: BENCH_ARGS='--profile many-files --restic'"
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make build        cargo build --workspace"
@@ -86,9 +90,9 @@ demo: deps
 bench: deps-bench deps-garage
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p "$(dir $(BENCH_OUT))"
-	@$(STEP) bench "$(BENCH_BIN)" --bitclone "$(BITCLONE)" $(BENCH_ARGS) > "$(BENCH_OUT)"
+	@$(STEP) bench "$(BENCH_BIN)" --bitclone "$(BITCLONE)" --report "$(BENCH_REPORT)" $(BENCH_ARGS) > "$(BENCH_OUT)"
 	@cat "$(BENCH_OUT)"
-	@echo "bench result saved to $(BENCH_OUT)"
+	@echo "bench result saved to $(BENCH_OUT); report (Markdown + SVG) in $(BENCH_REPORT)"
 
 clean-cache:
 	@case "$(CARGO_TARGET_DIR)" in ""|/|"$(HOME)"|"$(HOME)/") \

@@ -3,7 +3,7 @@
 # and bench need. Idempotent: a second run finds everything and changes nothing.
 #
 #   scripts/install-deps.sh           # build + tests + demo
-#   scripts/install-deps.sh --bench   # also restic and rclone, the benches' comparison tools (optional)
+#   scripts/install-deps.sh --bench   # also restic, rclone and rsync, the benches' comparison tools (optional)
 #
 # Why these packages:
 #   clang, libclang-dev  bindgen (librocksdb-sys) loads libclang at build time
@@ -13,7 +13,8 @@
 #   postgresql           initdb/pg_ctl for the throwaway Postgres servers the sink
 #                        tests start (as an unprivileged user), and the demo's catalog
 #   openssl, socat       test certificates, and a TLS front for the test S3 server
-#   restic, rclone       (--bench only) the benches' side-by-side comparisons
+#   restic, rclone,      (--bench only) the benches' side-by-side comparisons
+#   rsync                (rsync: the many-files profile of bitclone-bench)
 #
 # Garage (the S3 server the sink tests run against) is not a Debian package:
 # scripts/install-garage.sh builds it once per machine; `make test` runs both.
@@ -24,7 +25,7 @@ for arg in "$@"; do
     case "$arg" in
         --bench) want_bench=1 ;;
         -h | --help)
-            sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -38,7 +39,7 @@ log() { echo "install-deps: $*"; }
 
 required=(clang libclang-dev g++ make pkg-config postgresql openssl socat)
 optional=()
-[[ "$want_bench" == 1 ]] && optional+=(restic rclone)
+[[ "$want_bench" == 1 ]] && optional+=(restic rclone rsync)
 
 # python3 may come from elsewhere (pyenv, /usr/local): only ask for the Debian
 # package when no python3 is on PATH at all.
@@ -114,7 +115,7 @@ else
             if apt_install "${missing_optional[@]}"; then
                 log "installed: ${missing_optional[*]}"
             else
-                log "WARNING: could not install ${missing_optional[*]}; the bench will skip the restic comparison" >&2
+                log "WARNING: could not install ${missing_optional[*]}; the bench will skip the comparisons with them" >&2
             fi
         fi
     fi

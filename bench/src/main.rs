@@ -11,6 +11,12 @@
 //! The dataset is deterministic for a given `--seed`, `--size`, `--files`,
 //! `--dup` and `--edit`. File contents are random bytes (incompressible), so
 //! the numbers show chunking, hashing, dedup and storage, not compression.
+//!
+//! That is the `large` profile (the default). `--profile many-files` (module
+//! `files`) times per-file overhead instead: 100,000 small files (or
+//! `--million`) through bitclone on 1 and 3 nodes, restic, rsync and `cp -r`.
+//! Either profile also writes a Markdown report with an SVG chart (module
+//! `report`) to `--report`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -26,6 +32,9 @@ use serde_json::{json, Value};
 
 use bitclone_chaos::servers;
 use bitclone_chaos::TestNode;
+
+mod files;
+mod report;
 
 const KIB: u64 = 1024;
 /// Smallest generated file.
@@ -44,9 +53,28 @@ const WORK_SUBDIRS: &[&str] = &[
     "restic-repo",
     "restic-cache",
     "restore",
+    // many-files: the rsync copy, and the 3-node cluster (certificates and
+    // data dirs in the work dir itself, so its logs outlive a failure).
+    "rsync",
+    "certs",
+    "node-1",
+    "node-2",
+    "node-3",
 ];
+/// Node logs in the work dir, kept when a run fails.
+const WORK_LOGS: &[&str] = &["node.log", "node-1.log", "node-2.log", "node-3.log"];
 /// Marks a directory as a bench work dir, which a later run may clean.
 const WORK_MARKER: &str = ".bitclone-bench";
+
+/// What the bench measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Profile {
+    /// GiBs in a few thousand files: throughput (--size, --files, --dup, --edit, --s3).
+    Large,
+    /// Many small files: per-file overhead against restic, rsync and cp -r
+    /// (--files-count, --million).
+    ManyFiles,
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,6 +86,22 @@ struct Args {
     /// Path to the `bitclone` binary.
     #[arg(long, env = "BITCLONE_BIN")]
     bitclone: PathBuf,
+    /// Which benchmark to run.
+    #[arg(long, value_enum, default_value_t = Profile::Large)]
+    profile: Profile,
+    /// many-files: number of files in the generated tree.
+    #[arg(long, default_value_t = files::DEFAULT_FILES)]
+    files_count: usize,
+    /// many-files: 1,000,000 files instead of --files-count.
+    #[arg(long, conflicts_with = "files_count")]
+    million: bool,
+    /// Directory for the Markdown report and its SVG chart (<profile>.md,
+    /// <profile>.svg) [default: the directory of --out, else .bitclone/bench-report].
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Also write the JSON result to this file (it still goes to stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Total dataset size: bytes, or with a unit (KiB, MiB, GiB, TiB; KB, MB, GB, TB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     size: u64,
@@ -321,8 +365,17 @@ fn edit_files(plan: &Plan, src: &Path, frac: f64, rng: &mut StdRng) -> Result<us
     Ok(k)
 }
 
-/// Every regular file under `root`: (path relative to root, length), sorted.
-fn walk(root: &Path) -> Result<Vec<(PathBuf, u64)>> {
+/// A tree entry, as far as a comparison goes.
+enum Entry {
+    /// A regular file of this length.
+    File(u64),
+    /// A symlink with this target (never followed).
+    Link(PathBuf),
+}
+
+/// Every regular file and symlink under `root`, without following symlinks:
+/// (path relative to root, entry), sorted by path.
+fn walk_entries(root: &Path) -> Result<Vec<(PathBuf, Entry)>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -334,12 +387,27 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, u64)>> {
                 stack.push(path);
             } else if kind.is_file() {
                 let len = entry.metadata()?.len();
-                out.push((path.strip_prefix(root)?.to_path_buf(), len));
+                out.push((path.strip_prefix(root)?.to_path_buf(), Entry::File(len)));
+            } else if kind.is_symlink() {
+                let target =
+                    fs::read_link(&path).with_context(|| format!("readlink {}", path.display()))?;
+                out.push((path.strip_prefix(root)?.to_path_buf(), Entry::Link(target)));
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Every regular file under `root`: (path relative to root, length), sorted.
+fn walk(root: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    Ok(walk_entries(root)?
+        .into_iter()
+        .filter_map(|(path, entry)| match entry {
+            Entry::File(len) => Some((path, len)),
+            Entry::Link(_) => None,
+        })
+        .collect())
 }
 
 fn hash_file(path: &Path) -> Result<blake3::Hash> {
@@ -350,28 +418,68 @@ fn hash_file(path: &Path) -> Result<blake3::Hash> {
     Ok(h.finalize())
 }
 
-/// Checks that `b` holds exactly the files of `a`, byte for byte (BLAKE3).
+/// What a restored tree must hold of the source's symlinks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Links {
+    /// The same symlinks, with the same targets.
+    Kept,
+    /// None of them: for a tool that leaves symlinks out (and says so, as
+    /// `bitclone put` does in its list of skipped entries).
+    Dropped,
+}
+
+/// Checks that `b` holds exactly the files of `a`, byte for byte (BLAKE3),
+/// and its symlinks with the same targets. Returns the number of files.
 fn compare_trees(a: &Path, b: &Path) -> Result<usize> {
-    let fa = walk(a)?;
-    let fb = walk(b)?;
-    if fa.len() != fb.len() {
+    compare_trees_with(a, b, Links::Kept)
+}
+
+/// Like `compare_trees`, with `a`'s symlinks expected as `links` says.
+/// Symlinks are compared by target, never followed.
+fn compare_trees_with(a: &Path, b: &Path, links: Links) -> Result<usize> {
+    let ea: Vec<(PathBuf, Entry)> = walk_entries(a)?
+        .into_iter()
+        .filter(|(_, e)| links == Links::Kept || matches!(e, Entry::File(_)))
+        .collect();
+    let eb = walk_entries(b)?;
+    if ea.len() != eb.len() {
         bail!(
-            "{} has {} files, {} has {}",
+            "{} has {} entries to restore ({links:?} symlinks), {} has {}",
             a.display(),
-            fa.len(),
+            ea.len(),
             b.display(),
-            fb.len()
+            eb.len()
         );
     }
-    for ((pa, la), (pb, lb)) in fa.iter().zip(&fb) {
+    let mut files = 0;
+    for ((pa, xa), (pb, xb)) in ea.iter().zip(&eb) {
         if pa != pb {
             bail!("file lists differ at {} vs {}", pa.display(), pb.display());
         }
-        if la != lb || hash_file(&a.join(pa))? != hash_file(&b.join(pb))? {
-            bail!("{} differs after restore", pa.display());
+        match (xa, xb) {
+            (Entry::File(la), Entry::File(lb)) => {
+                if la != lb || hash_file(&a.join(pa))? != hash_file(&b.join(pb))? {
+                    bail!("{} differs after restore", pa.display());
+                }
+                files += 1;
+            }
+            (Entry::Link(ta), Entry::Link(tb)) => {
+                if ta != tb {
+                    bail!(
+                        "symlink {} points to {} after restore, not {}",
+                        pa.display(),
+                        tb.display(),
+                        ta.display()
+                    );
+                }
+            }
+            _ => bail!(
+                "{} is a file in one tree and a symlink in the other",
+                pa.display()
+            ),
         }
     }
-    Ok(fa.len())
+    Ok(files)
 }
 
 // ------------------------------------------------------------------ processes
@@ -676,7 +784,22 @@ fn check_args(args: &Args) -> Result<()> {
             args.bitclone.display()
         );
     }
+    if args.profile == Profile::ManyFiles && args.s3 {
+        bail!("--s3 belongs to the large profile, not to many-files");
+    }
     Ok(())
+}
+
+/// `--report`, else the directory of `--out`, else .bitclone/bench-report.
+fn report_dir(args: &Args) -> PathBuf {
+    if let Some(dir) = &args.report {
+        return dir.clone();
+    }
+    match args.out.as_deref().and_then(Path::parent) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        Some(_) => PathBuf::from("."),
+        None => PathBuf::from(".bitclone/bench-report"),
+    }
 }
 
 fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
@@ -919,7 +1042,13 @@ fn main() -> Result<()> {
     prepare_work(&work)?;
     p.say(&format!("work dir {}", work.display()));
 
-    let result = bench(&args, &work, &p);
+    let result = match args.profile {
+        Profile::Large => bench(&args, &work, &p).map(|v| {
+            let r = report::Report::from_large(&v);
+            (v, r)
+        }),
+        Profile::ManyFiles => files::bench(&args, &work, &p),
+    };
 
     if args.keep {
         p.say(&format!("kept {}", work.display()));
@@ -933,13 +1062,29 @@ fn main() -> Result<()> {
         if result.is_err() {
             p.say(&format!("logs left in {}", work.display()));
         } else {
-            let _ = fs::remove_file(work.join("node.log"));
+            for log in WORK_LOGS {
+                let _ = fs::remove_file(work.join(log));
+            }
             let _ = fs::remove_file(work.join(WORK_MARKER));
             let _ = fs::remove_dir(&work);
         }
     }
 
-    let out = result?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    let (mut out, rep) = result?;
+    let dir = report_dir(&args);
+    let md = rep.md_path(&dir);
+    if let Some(obj) = out.as_object_mut() {
+        obj.insert("report".to_string(), json!(md.display().to_string()));
+    }
+    // The JSON first: a report that cannot be written loses no measurement.
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    if let Some(path) = &args.out {
+        fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    rep.write(&dir)?;
+    eprint!("{}", rep.text_table());
+    p.say(&format!("report: {}", md.display()));
     Ok(())
 }

@@ -39,6 +39,7 @@ pub fn clean_command(program: impl AsRef<OsStr>) -> Command {
             || k.starts_with("AWS_")
             || k.starts_with("PG")
             || k == "RUST_LOG"
+            || k == "XDG_CACHE_HOME"
         {
             cmd.env_remove(&k);
         }

@@ -15,4 +15,7 @@ pub mod tree;
 pub use cluster::TestCluster;
 pub use env::{bin, clean_command, dev_certs, seed};
 pub use node::{tail, TestNode};
-pub use tree::{assert_same_tree, file_url, generate_tree, random_bytes, tree_digest};
+pub use tree::{
+    assert_same_tree, edit_small_files, file_url, generate_small_files, generate_tree,
+    random_bytes, tree_digest,
+};

@@ -170,9 +170,14 @@ impl TestNode {
         }
     }
 
-    /// Runs the CLI against this node.
+    /// Runs the CLI against this node, with a manifest page cache of its
+    /// own next to the node's data dir (never the user's).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = clean_command(bin());
+        cmd.env(
+            "BITCLONE_CACHE_DIR",
+            self.data_dir.with_extension("client-cache"),
+        );
         cmd.arg("--endpoint").arg(&self.endpoint).args(args);
         cmd.output().expect("run bitclone")
     }

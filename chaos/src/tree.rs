@@ -40,11 +40,88 @@ pub fn generate_tree(root: &Path, seed: u64, files: usize, big_files: usize) -> 
     total
 }
 
-/// path → (BLAKE3 hex, mode) of every regular file, skipping `skip` prefixes.
+/// A tree shaped like a training set or a source tree: `files` files of
+/// 10 B to 3 KiB in directories of 1000, with a relative symbolic link per
+/// 1000 files (one into a sibling directory). Returns the total bytes.
+pub fn generate_small_files(root: &Path, seed: u64, files: usize) -> u64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 3 << 10];
+    for i in 0..files {
+        let dir = root.join(format!("class{:03}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+            if i > 0 {
+                let link = dir.join("previous");
+                let target = format!("../class{:03}/img{:07}.bin", i / 1000 - 1, i - 1);
+                std::os::unix::fs::symlink(target, link).unwrap();
+            }
+        }
+        let size = rng.random_range(10..3 << 10);
+        rng.fill_bytes(&mut buf[..size]);
+        std::fs::write(dir.join(format!("img{i:07}.bin")), &buf[..size]).unwrap();
+        if i % 1000 == 999 {
+            std::os::unix::fs::symlink(format!("img{i:07}.bin"), dir.join("latest")).unwrap();
+        }
+        total += size as u64;
+    }
+    total
+}
+
+/// Rewrites `edits` of the files `generate_small_files` made (spread over
+/// the tree, never a link's target), adds `added` new ones and deletes
+/// `deleted`.
+pub fn edit_small_files(
+    root: &Path,
+    seed: u64,
+    files: usize,
+    edits: usize,
+    added: usize,
+    deleted: usize,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xed17);
+    let path = |i: usize| root.join(format!("class{:03}/img{i:07}.bin", i / 1000));
+    // The last file of each 1000 is a link's target.
+    let pick = |k: usize, n: usize, offset: usize| {
+        let i = (k * files / n.max(1) + offset) % files;
+        if i % 1000 == 999 {
+            i - 1
+        } else {
+            i
+        }
+    };
+    for k in 0..edits {
+        std::fs::write(path(pick(k, edits, 0)), random_bytes(&mut rng, 100 + k)).unwrap();
+    }
+    for k in 0..deleted {
+        let _ = std::fs::remove_file(path(pick(k, deleted, 500)));
+    }
+    for k in 0..added {
+        let dir = root.join(format!("class{:03}", (k * 7) % files.div_ceil(1000)));
+        let name = format!("new{:07}.bin", files + k);
+        std::fs::write(dir.join(name), random_bytes(&mut rng, 500)).unwrap();
+    }
+}
+
+/// path → (BLAKE3 hex, mode) of every regular file, and → ("-> target", 0)
+/// of every symbolic link, skipping `skip` prefixes.
 pub fn tree_digest(root: &Path, skip: &[&str]) -> BTreeMap<String, (String, u32)> {
     let mut out = BTreeMap::new();
     for e in walkdir::WalkDir::new(root) {
         let e = e.unwrap();
+        if e.path_is_symlink() {
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            if !skip.iter().any(|s| rel.starts_with(s)) {
+                let target = std::fs::read_link(e.path()).unwrap();
+                out.insert(rel, (format!("-> {}", target.display()), 0));
+            }
+            continue;
+        }
         if !e.file_type().is_file() {
             continue;
         }

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bitclone_proto::v1::download_response::Msg;
-use bitclone_proto::v1::{DownloadRequest, EntryMeta};
+use bitclone_proto::v1::{DownloadRequest, EntryMeta, FileData};
 
 use crate::{blocking, Client, DownloadSummary, Error, Progress, Result};
 
 /// Makes temporary file names unique within the process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+pub(crate) static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Checks a path sent by the server and turns it into a relative local
 /// path: `/`-separated, non-empty, no NUL, not absolute, and every
@@ -181,9 +181,40 @@ impl PartFile {
         Ok(())
     }
 
-    /// Verifies the hash against the end message, sets mode and mtime,
-    /// syncs and renames into place. Blocking.
-    fn finish(mut self, end: EntryMeta) -> Result<()> {
+    /// Appends `data` to the file and the hash. Blocking.
+    fn append(&mut self, data: &[u8]) -> Result<()> {
+        let Some(sink) = self.sink.as_mut() else {
+            return Err(Error::Internal {
+                message: "download file lost after a failed write".to_owned(),
+            });
+        };
+        sink.file
+            .write_all(data)
+            .map_err(|source| Error::io(&self.tmp, source))?;
+        sink.hasher.update(data);
+        Ok(())
+    }
+
+    /// Verifies, syncs and renames into place. Blocking.
+    fn finish(self, end: EntryMeta) -> Result<()> {
+        let (part, file) = self.seal(end)?;
+        file.sync_all()
+            .map_err(|source| Error::io(&part.tmp, source))?;
+        drop(file);
+        part.rename()
+    }
+
+    /// Renames the sealed file into place.
+    fn rename(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|source| Error::io(&self.target, source))?;
+        self.done = true;
+        Ok(())
+    }
+
+    /// Verifies the hash against the end message and sets mode and mtime;
+    /// the caller makes the bytes durable, then renames. Blocking.
+    fn seal(mut self, end: EntryMeta) -> Result<(PartFile, File)> {
         if !end.path.is_empty() && end.path != self.start.path {
             return Err(Error::protocol(format!(
                 "file {:?} ended as {:?}",
@@ -227,14 +258,41 @@ impl PartFile {
         }
         file.set_modified(system_time(mtime_ns))
             .map_err(|source| Error::io(&self.tmp, source))?;
-        file.sync_all()
-            .map_err(|source| Error::io(&self.tmp, source))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.target)
-            .map_err(|source| Error::io(&self.target, source))?;
-        self.done = true;
-        Ok(())
+        Ok((self, file))
     }
+}
+
+/// Makes everything written to the file system holding `root` durable.
+fn sync_fs(root: &Path) -> Result<()> {
+    let dir = File::open(root).map_err(|source| Error::io(root, source))?;
+    rustix::fs::syncfs(&dir).map_err(|errno| Error::io(root, errno.into()))
+}
+
+/// Batches of whole files being written at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Writes a batch of whole files: each under a temporary name and checked,
+/// then all made durable with one `syncfs` (instead of an fsync per file),
+/// then renamed into place: no file is ever under its real name before its
+/// bytes are on disk. Returns the bytes written. Blocking.
+fn write_batch(root: &Path, files: Vec<FileData>) -> Result<u64> {
+    let mut sealed = Vec::with_capacity(files.len());
+    let mut bytes = 0;
+    for f in files {
+        let meta = f
+            .meta
+            .ok_or_else(|| Error::protocol("a file without its entry"))?;
+        let mut part = PartFile::open(root, meta.clone())?;
+        part.append(&f.data)?;
+        bytes += f.data.len() as u64;
+        sealed.push(part.seal(meta)?);
+    }
+    sync_fs(root)?;
+    for (part, file) in sealed {
+        drop(file);
+        part.rename()?;
+    }
+    Ok(bytes)
 }
 
 /// Creates a directory of the snapshot. Blocking. Returns its path and mode
@@ -263,6 +321,24 @@ fn finish_dirs(mut dirs: Vec<(PathBuf, u32, i64)>) -> Result<()> {
             std::fs::set_permissions(&path, Permissions::from_mode(mode))
                 .map_err(|source| Error::io(&path, source))?;
         }
+    }
+    Ok(())
+}
+
+/// Creates the snapshot's symbolic links, after every file is in (so that
+/// no file is ever written through one). Targets were checked to stay
+/// inside the tree; a parent that is a link is refused. Blocking.
+fn make_links(root: &Path, links: Vec<EntryMeta>) -> Result<()> {
+    for meta in links {
+        let rel = safe_relative_path(&meta.path)?;
+        check_no_symlinks(root, &rel, false)?;
+        let path = root.join(&rel);
+        // A link left by an earlier download into this directory is replaced.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&path).map_err(|source| Error::io(&path, source))?;
+        }
+        std::os::unix::fs::symlink(&meta.target, &path)
+            .map_err(|source| Error::io(&path, source))?;
     }
     Ok(())
 }
@@ -305,7 +381,9 @@ pub(crate) async fn download(
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    let mut links: Vec<EntryMeta> = Vec::new();
     let mut current: Option<PartFile> = None;
+    let mut writing: tokio::task::JoinSet<Result<(u64, u64)>> = tokio::task::JoinSet::new();
 
     while let Some(response) = stream.message().await? {
         let Some(msg) = response.msg else {
@@ -325,6 +403,37 @@ pub(crate) async fn download(
                 }
                 let root = root.clone();
                 dirs.push(blocking(move || make_dir(&root, &meta)).await?);
+            }
+            Msg::Symlink(meta) => {
+                safe_relative_path(&meta.path)?;
+                if !crate::upload::link_stays_inside(&meta.path, &meta.target) {
+                    return Err(Error::invalid_path(
+                        format!("{} -> {}", meta.path, meta.target),
+                        "symbolic link leading out of the restored tree",
+                    ));
+                }
+                links.push(meta);
+            }
+            Msg::Files(batch) => {
+                if let Some(part) = &current {
+                    return Err(Error::protocol(format!(
+                        "files inside file {:?}",
+                        part.start.path
+                    )));
+                }
+                while writing.len() >= BATCHES_IN_FLIGHT {
+                    if let Some(done) = writing.join_next().await {
+                        let (n, written) = done.map_err(|e| Error::Internal {
+                            message: format!("writing files: {e}"),
+                        })??;
+                        files += n;
+                        bytes += written;
+                        progress.advance(written);
+                    }
+                }
+                let root = root.clone();
+                let n = batch.files.len() as u64;
+                writing.spawn_blocking(move || write_batch(&root, batch.files).map(|b| (n, b)));
             }
             Msg::FileStart(meta) => {
                 if let Some(part) = &current {
@@ -363,12 +472,28 @@ pub(crate) async fn download(
             part.start.path
         )));
     }
+    while let Some(done) = writing.join_next().await {
+        let (n, written) = done.map_err(|e| Error::Internal {
+            message: format!("writing files: {e}"),
+        })??;
+        files += n;
+        bytes += written;
+        progress.advance(written);
+    }
+    let symlinks = links.len() as u64;
+    {
+        let root = root.clone();
+        blocking(move || make_links(&root, links)).await?;
+    }
     blocking(move || finish_dirs(dirs)).await?;
+    // The renames and directory entries of the last batches.
+    blocking(move || sync_fs(&root)).await?;
 
     Ok(DownloadSummary {
         snapshot: snapshot_id,
         files,
         bytes,
+        symlinks,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

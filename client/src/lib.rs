@@ -44,10 +44,12 @@
 
 mod download;
 mod error;
+mod pages;
 mod upload;
 
 use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +64,7 @@ use tonic::transport::{Channel, Endpoint};
 /// [`proto::SnapshotInfo`], [`proto::JobState`], ...
 pub use bitclone_proto::v1 as proto;
 pub use error::{Error, Result};
+pub use pages::PageCounts;
 
 /// Tenant used until [`Client::with_tenant`] sets another.
 const DEFAULT_TENANT: &str = "default";
@@ -111,8 +114,18 @@ pub struct UploadSummary {
     pub chunks: u64,
     /// Files sent as unchanged (same size, mtime and mode as in the parent).
     pub unchanged_files: u64,
-    /// Relative paths of symbolic links and other entries that are neither
-    /// regular files nor directories; they are not uploaded.
+    /// Symbolic links kept.
+    pub symlinks: u64,
+    /// Manifest pages the cluster did not have before (the rest are shared
+    /// with earlier snapshots), and their bytes.
+    pub new_pages: u64,
+    /// Bytes of those pages.
+    pub new_page_bytes: u64,
+    /// Manifest pages of the parent read from the node and from the local
+    /// cache while comparing against it.
+    pub parent_pages: PageCounts,
+    /// Relative paths of entries that are not uploaded: sockets, devices,
+    /// and symbolic links leading out of the tree.
     pub skipped: Vec<String>,
     /// Wall-clock duration of the whole call.
     pub seconds: f64,
@@ -127,6 +140,8 @@ pub struct DownloadSummary {
     pub files: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Symbolic links created.
+    pub symlinks: u64,
     /// Wall-clock duration of the whole call.
     pub seconds: f64,
 }
@@ -148,6 +163,7 @@ pub fn is_final(state: i32) -> bool {
 pub struct Client {
     shared: Arc<Shared>,
     tenant: String,
+    page_cache: Option<PathBuf>,
 }
 
 struct Shared {
@@ -301,15 +317,31 @@ impl Client {
                 current: AtomicUsize::new(current),
             }),
             tenant: DEFAULT_TENANT.to_owned(),
+            page_cache: pages::default_cache_dir(),
         })
     }
 
     /// The same client acting for another tenant (the default is `"default"`).
     pub fn with_tenant(self, tenant: impl Into<String>) -> Client {
         Client {
-            shared: self.shared,
             tenant: tenant.into(),
+            ..self
         }
+    }
+
+    /// The same client keeping manifest pages in `dir` (`None`: no cache).
+    /// The default comes from `BITCLONE_CACHE_DIR`, `XDG_CACHE_HOME` or
+    /// `HOME` (`~/.cache/bitclone/pages`).
+    pub fn with_page_cache(self, dir: Option<PathBuf>) -> Client {
+        Client {
+            page_cache: dir,
+            ..self
+        }
+    }
+
+    /// Where manifest pages are cached, if anywhere.
+    pub fn page_cache(&self) -> Option<&Path> {
+        self.page_cache.as_deref()
     }
 
     /// The tenant every call acts for.
@@ -531,7 +563,9 @@ impl Client {
     }
 
     /// The entries of a snapshot (the latest when `snapshot` is `None`),
-    /// without chunk lists. A dataset without snapshots gives
+    /// without chunk lists, in one answer: a snapshot of more than 10,000
+    /// entries gives code `OutOfRange` (read those with
+    /// [`Client::for_each_entry`]). A dataset without snapshots gives
     /// [`Error::Status`] with code `NotFound`.
     pub async fn get_manifest(
         &self,
@@ -542,6 +576,7 @@ impl Client {
             tenant: self.tenant.clone(),
             dataset: dataset.to_owned(),
             snapshot: snapshot.unwrap_or_default().to_owned(),
+            paged: false,
         };
         self.call(|mut grpc| {
             let request = request.clone();

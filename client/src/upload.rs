@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bitclone_proto::v1::upload_request::{self, Msg};
-use bitclone_proto::v1::{EntryKind, EntryMeta, UploadRequest};
-use bitclone_proto::DATA_FRAME_BYTES;
-use futures::Stream;
+use bitclone_proto::v1::{EntryBatch, EntryKind, EntryMeta, FileBatch, FileData, UploadRequest};
+use bitclone_proto::{BATCH_BYTES, BATCH_ENTRIES, DATA_FRAME_BYTES, SMALL_FILE_BYTES};
+use futures::{Stream, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -27,8 +27,10 @@ pub(crate) struct LocalEntry {
     /// Path on the local filesystem.
     pub(crate) abs: PathBuf,
     pub(crate) kind: EntryKind,
-    /// File length; 0 for directories.
+    /// File length; 0 for directories and links.
     pub(crate) size: u64,
+    /// A symbolic link's target.
+    pub(crate) target: Option<String>,
     /// Permission bits (`& 0o7777`).
     pub(crate) mode: u32,
     pub(crate) mtime_ns: i64,
@@ -38,13 +40,14 @@ impl LocalEntry {
     fn new(rel: String, abs: PathBuf, kind: EntryKind, metadata: &std::fs::Metadata) -> Self {
         let size = match kind {
             EntryKind::File => metadata.len(),
-            EntryKind::Dir => 0,
+            EntryKind::Dir | EntryKind::Symlink => 0,
         };
         LocalEntry {
             rel,
             abs,
             kind,
             size,
+            target: None,
             mode: metadata.permissions().mode() & 0o7777,
             mtime_ns: metadata
                 .mtime()
@@ -60,17 +63,40 @@ impl LocalEntry {
             size: self.size,
             mode: self.mode,
             mtime_ns: self.mtime_ns,
+            target: self.target.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
 }
 
+/// Whether a link target, resolved from the link's directory, stays inside
+/// the tree (what the node accepts and a restore can recreate).
+pub(crate) fn link_stays_inside(rel: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    let mut depth = rel.split('/').count() as i64 - 1;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
 /// The result of walking an upload root.
 #[derive(Debug, Default)]
 pub(crate) struct Tree {
-    /// Directories and regular files, sorted by `rel`.
+    /// Directories, regular files and links, sorted by `rel`.
     pub(crate) entries: Vec<LocalEntry>,
-    /// Symbolic links and special files, sorted.
+    /// Special files and links leading out of the tree, sorted.
     pub(crate) skipped: Vec<String>,
 }
 
@@ -110,13 +136,24 @@ pub(crate) fn walk_tree(root: &Path) -> Result<Tree> {
             } else if file_type.is_file() {
                 tree.entries
                     .push(LocalEntry::new(rel, abs, EntryKind::File, &metadata));
-            } else {
-                let what = if file_type.is_symlink() {
-                    "symbolic link"
-                } else {
-                    "special file"
+            } else if file_type.is_symlink() {
+                let target = std::fs::read_link(&abs).map_err(|source| Error::io(&abs, source))?;
+                let Some(target) = target.to_str().map(str::to_owned) else {
+                    return Err(Error::invalid_path(
+                        abs.to_string_lossy(),
+                        "symbolic link target is not valid UTF-8",
+                    ));
                 };
-                tracing::warn!(path = %rel, kind = what, "skipping entry that is not a regular file or directory");
+                if link_stays_inside(&rel, &target) {
+                    let mut entry = LocalEntry::new(rel, abs, EntryKind::Symlink, &metadata);
+                    entry.target = Some(target);
+                    tree.entries.push(entry);
+                } else {
+                    tracing::warn!(path = %rel, %target, "skipping a symbolic link that leads out of the tree");
+                    tree.skipped.push(rel);
+                }
+            } else {
+                tracing::warn!(path = %rel, "skipping a special file (socket, device or pipe)");
                 tree.skipped.push(rel);
             }
         }
@@ -184,9 +221,61 @@ async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Resul
     Ok(filled)
 }
 
+/// Small files read at once (each group in one blocking task).
+const READ_GROUPS_IN_FLIGHT: usize = 4;
+
+/// Reads a group of small files whole. Blocking.
+fn read_group(group: Vec<LocalEntry>) -> Result<Vec<FileData>> {
+    group
+        .into_iter()
+        .map(|entry| {
+            let data = std::fs::read(&entry.abs).map_err(|source| Error::io(&entry.abs, source))?;
+            Ok(FileData {
+                meta: Some(entry.meta()),
+                data: data.into(),
+            })
+        })
+        .collect()
+}
+
+/// Sends one large file as `FileStart`, data frames, `FileEnd`.
+async fn send_streamed(
+    tx: &mpsc::Sender<Frame>,
+    entry: &LocalEntry,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    let mut file = tokio::fs::File::open(&entry.abs)
+        .await
+        .map_err(|source| Error::io(&entry.abs, source))?;
+    if !send(tx, Msg::FileStart(entry.meta())).await {
+        return Ok(false);
+    }
+    loop {
+        let mut frame = vec![0u8; DATA_FRAME_BYTES];
+        let n = read_full(&mut file, &mut frame)
+            .await
+            .map_err(|source| Error::io(&entry.abs, source))?;
+        if n == 0 {
+            break;
+        }
+        frame.truncate(n);
+        if !send(tx, Msg::Data(frame.into())).await {
+            return Ok(false);
+        }
+        progress.advance(n as u64);
+        if n < DATA_FRAME_BYTES {
+            break;
+        }
+    }
+    Ok(send(tx, Msg::FileEnd(upload_request::FileEnd {})).await)
+}
+
 /// Sends the whole upload. `Ok(true)`: every request including the end was
 /// handed over; `Ok(false)`: the call went away first (its result tells
-/// why); `Err`: a local file could not be read.
+/// why); `Err`: a local file could not be read. Directories, links and
+/// unchanged files go first, many to a message; then small files, read
+/// several groups at a time and sent many to a message; then large files,
+/// streamed.
 async fn produce(
     tx: &mpsc::Sender<Frame>,
     begin: upload_request::Begin,
@@ -197,46 +286,57 @@ async fn produce(
     if !send(tx, Msg::Begin(begin)).await {
         return Ok(false);
     }
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let mut listed = Vec::new();
     for entry in entries {
         match entry.kind {
-            EntryKind::Dir => {
-                if !send(tx, Msg::Dir(entry.meta())).await {
-                    return Ok(false);
+            EntryKind::File if !is_unchanged(entry, parent) => {
+                if entry.size <= SMALL_FILE_BYTES {
+                    small.push(entry.clone());
+                } else {
+                    large.push(entry);
                 }
             }
-            EntryKind::File if is_unchanged(entry, parent) => {
-                if !send(tx, Msg::Unchanged(entry.meta())).await {
-                    return Ok(false);
-                }
-            }
-            EntryKind::File => {
-                let mut file = tokio::fs::File::open(&entry.abs)
-                    .await
-                    .map_err(|source| Error::io(&entry.abs, source))?;
-                if !send(tx, Msg::FileStart(entry.meta())).await {
-                    return Ok(false);
-                }
-                loop {
-                    let mut frame = vec![0u8; DATA_FRAME_BYTES];
-                    let n = read_full(&mut file, &mut frame)
-                        .await
-                        .map_err(|source| Error::io(&entry.abs, source))?;
-                    if n == 0 {
-                        break;
-                    }
-                    frame.truncate(n);
-                    if !send(tx, Msg::Data(frame.into())).await {
-                        return Ok(false);
-                    }
-                    progress.advance(n as u64);
-                    if n < DATA_FRAME_BYTES {
-                        break;
-                    }
-                }
-                if !send(tx, Msg::FileEnd(upload_request::FileEnd {})).await {
-                    return Ok(false);
-                }
-            }
+            _ => listed.push(entry.meta()),
+        }
+    }
+    for batch in listed.chunks(BATCH_ENTRIES) {
+        let msg = Msg::Entries(EntryBatch {
+            entries: batch.to_vec(),
+        });
+        if !send(tx, msg).await {
+            return Ok(false);
+        }
+    }
+    let mut groups: Vec<Vec<LocalEntry>> = Vec::new();
+    let mut group_bytes = 0u64;
+    for entry in small {
+        let full = groups.last().is_none_or(|g| {
+            group_bytes + entry.size > BATCH_BYTES as u64 || g.len() >= BATCH_ENTRIES
+        });
+        if full {
+            groups.push(Vec::new());
+            group_bytes = 0;
+        }
+        group_bytes += entry.size;
+        if let Some(g) = groups.last_mut() {
+            g.push(entry);
+        }
+    }
+    let mut reads = futures::stream::iter(groups)
+        .map(|group| blocking(move || read_group(group)))
+        .buffered(READ_GROUPS_IN_FLIGHT);
+    while let Some(files) = reads.next().await {
+        let files = files?;
+        let n: u64 = files.iter().map(|f| f.data.len() as u64).sum();
+        if !send(tx, Msg::Files(FileBatch { files })).await {
+            return Ok(false);
+        }
+        progress.advance(n);
+    }
+    for entry in large {
+        if !send_streamed(tx, entry, progress).await? {
+            return Ok(false);
         }
     }
     Ok(tx.send(Frame::End).await.is_ok())
@@ -260,16 +360,17 @@ pub(crate) async fn upload_dir(
     }
 
     progress.message("reading the latest snapshot");
-    let (parent_id, parent) = match client.get_manifest(dataset, None).await {
-        Ok(manifest) => {
-            let id = manifest.snapshot.map(|info| info.id).unwrap_or_default();
-            let entries: HashMap<String, EntryMeta> = manifest
-                .entries
-                .into_iter()
-                .map(|entry| (entry.path.clone(), entry))
-                .collect();
-            (id, entries)
-        }
+    let mut parent = HashMap::new();
+    let read = client
+        .for_each_entry(dataset, None, |entry| {
+            // Only files can be sent as unchanged.
+            if entry.kind == EntryKind::File as i32 {
+                parent.insert(entry.path.clone(), entry);
+            }
+        })
+        .await;
+    let (parent_id, parent_pages) = match read {
+        Ok((info, counts)) => (info.id, counts),
         // NotFound: a new dataset. Unavailable: the latest snapshot's
         // manifest is held by another node; upload everything and let the
         // node compare-and-set on whatever the head is.
@@ -279,7 +380,8 @@ pub(crate) async fn upload_dir(
                 tonic::Code::NotFound | tonic::Code::Unavailable
             ) =>
         {
-            (String::new(), HashMap::new())
+            parent.clear();
+            (String::new(), Default::default())
         }
         Err(error) => return Err(error),
     };
@@ -335,6 +437,10 @@ pub(crate) async fn upload_dir(
         new_bytes: response.new_bytes,
         chunks: response.chunks,
         unchanged_files: response.unchanged_files,
+        symlinks: response.symlinks,
+        new_pages: response.new_pages,
+        new_page_bytes: response.new_page_bytes,
+        parent_pages,
         skipped: tree.skipped,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -352,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn walk_is_sorted_and_skips_symlinks() -> anyhow::Result<()> {
+    fn walk_is_sorted_and_keeps_links_inside_the_tree() -> anyhow::Result<()> {
         let root = tempfile::tempdir()?;
         std::fs::create_dir_all(root.path().join("a/c"))?;
         std::fs::create_dir(root.path().join("empty"))?;
@@ -361,6 +467,7 @@ mod tests {
         std::fs::write(root.path().join("top.txt"), b"hello")?;
         std::fs::write(root.path().join("a.txt"), b"")?;
         std::os::unix::fs::symlink("top.txt", root.path().join("link"))?;
+        std::os::unix::fs::symlink("../../etc/passwd", root.path().join("a/out"))?;
 
         let tree = walk_tree(root.path())?;
         assert_eq!(
@@ -372,14 +479,16 @@ mod tests {
                 "a/c",
                 "a/c/d.txt",
                 "empty",
+                "link",
                 "top.txt"
             ]
         );
-        assert_eq!(tree.skipped, ["link"]);
+        assert_eq!(tree.skipped, ["a/out"]);
 
         let kinds: Vec<EntryKind> = tree.entries.iter().map(|entry| entry.kind).collect();
-        use EntryKind::{Dir, File};
-        assert_eq!(kinds, [Dir, File, File, Dir, File, Dir, File]);
+        use EntryKind::{Dir, File, Symlink};
+        assert_eq!(kinds, [Dir, File, File, Dir, File, Dir, Symlink, File]);
+        assert_eq!(tree.entries[6].target.as_deref(), Some("top.txt"));
         let top = tree
             .entries
             .iter()
@@ -407,6 +516,7 @@ mod tests {
             size: 10,
             mode: 0o644,
             mtime_ns: 1_700_000_000_123_456_789,
+            target: None,
         };
         let mut parent = HashMap::new();
         assert!(!is_unchanged(&entry, &parent));

@@ -319,16 +319,21 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 print_json(&json!({
                     "snapshot": s.snapshot, "files": s.files, "bytes": s.bytes,
                     "new_chunks": s.new_chunks, "new_bytes": s.new_bytes, "chunks": s.chunks,
-                    "unchanged_files": s.unchanged_files, "skipped": s.skipped, "seconds": s.seconds,
+                    "unchanged_files": s.unchanged_files, "symlinks": s.symlinks,
+                    "new_pages": s.new_pages, "new_page_bytes": s.new_page_bytes,
+                    "parent_pages_fetched": s.parent_pages.fetched,
+                    "parent_pages_cached": s.parent_pages.cached,
+                    "skipped": s.skipped, "seconds": s.seconds,
                 }));
             } else {
                 for p in &s.skipped {
-                    eprintln!("skipped (not a regular file or directory): {p}");
+                    eprintln!("skipped (a socket, device or pipe, or a link leading out of the tree): {p}");
                 }
                 eprintln!(
-                    "{} files, {} bytes in {:.2}s ({:.1} MB/s); stored {} new chunks, {} new bytes; {} files unchanged",
+                    "{} files, {} bytes in {:.2}s ({:.1} MB/s, {:.0} files/s); stored {} new chunks, {} new bytes, {} new manifest pages; {} files unchanged",
                     s.files, s.bytes, s.seconds, s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
-                    s.new_chunks, s.new_bytes, s.unchanged_files
+                    s.files as f64 / s.seconds.max(1e-9),
+                    s.new_chunks, s.new_bytes, s.new_pages, s.unchanged_files
                 );
                 println!("{}", s.snapshot);
             }
@@ -346,7 +351,8 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             let s = s.with_context(|| format!("restoring into {}", dir.display()))?;
             if ctx.json {
                 print_json(
-                    &json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes, "seconds": s.seconds}),
+                    &json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes,
+                        "symlinks": s.symlinks, "seconds": s.seconds}),
                 );
             } else {
                 eprintln!(
@@ -463,6 +469,8 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 "bytes_ingested": s.bytes_ingested, "bytes_stored": s.bytes_stored,
                 "uptime_seconds": s.uptime_seconds,
                 "bytes_replicated": s.bytes_replicated,
+                "page_bytes_stored": s.page_bytes_stored,
+                "page_bytes_replicated": s.page_bytes_replicated,
                 "chunks_repaired": s.chunks_repaired,
                 "fatal": if s.fatal.is_empty() { serde_json::Value::Null } else { json!(s.fatal) },
             });

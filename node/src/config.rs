@@ -24,6 +24,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub jobs: FileJobs,
     pub shutdown_grace: Option<String>,
+    /// An upload that sends nothing for this long is ended (and commits
+    /// nothing).
+    pub upload_idle_timeout: Option<String>,
     #[serde(default)]
     pub cluster: FileCluster,
     #[serde(default)]
@@ -106,6 +109,7 @@ pub struct NodeConfig {
     pub job_workers: usize,
     pub max_attempts: u32,
     pub shutdown_grace: Duration,
+    pub upload_idle_timeout: Duration,
     /// Raft membership; a node on its own is a cluster of one.
     pub cluster: ClusterSettings,
     /// QUIC chunk transport tuning.
@@ -251,6 +255,14 @@ impl NodeConfig {
         let backoff_base = opt_duration(env, "BITCLONE_JOB_BACKOFF_BASE", fc.jobs.backoff_base)?;
         let backoff_max = opt_duration(env, "BITCLONE_JOB_BACKOFF_MAX", fc.jobs.backoff_max)?;
         let shutdown_grace = dur("BITCLONE_SHUTDOWN_GRACE", fc.shutdown_grace, "30s")?;
+        let upload_idle_timeout = dur(
+            "BITCLONE_UPLOAD_IDLE_TIMEOUT",
+            fc.upload_idle_timeout,
+            "60s",
+        )?;
+        if upload_idle_timeout.is_zero() {
+            bail!("upload_idle_timeout must be more than 0s");
+        }
         let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);
         cluster.settings.backoff_max_ms = backoff_max.map(|d| d.as_millis() as u64);
@@ -281,6 +293,7 @@ impl NodeConfig {
             job_workers,
             max_attempts,
             shutdown_grace,
+            upload_idle_timeout,
             cluster,
             transport,
             s3: fc.s3.or_env(),

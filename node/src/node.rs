@@ -11,11 +11,14 @@ use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::sink::objects::{self, ExportProgress};
 use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source};
 use bitclone_storage::{
-    load_manifest, ChunkId, ChunkParams, ChunkStore, CpuPool, Error as StoreError, Manifest,
-    RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
+    load_manifest, put_pages, ChunkId, ChunkParams, ChunkStore, CpuPool, Error as StoreError,
+    Manifest, PutPages, RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
 };
 
 use crate::config::NodeConfig;
+
+/// Bad manifest pages one load repairs from replicas before giving up.
+const MAX_PAGE_REPAIRS: usize = 8;
 use crate::link::JobLink;
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Checkpoint, Failure, Job};
@@ -32,6 +35,10 @@ pub struct Node {
     pub chunks_repaired: AtomicU64,
     /// Chunk bytes sent to replicas over QUIC.
     pub bytes_replicated: Arc<AtomicU64>,
+    /// Manifest page bytes stored here for the first time.
+    pub page_bytes_stored: AtomicU64,
+    /// Manifest page bytes sent to replicas.
+    pub page_bytes_replicated: Arc<AtomicU64>,
     /// The QUIC chunk transport, attached once bound.
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
     /// Set on SIGTERM: job workers take no new job and running ones stop.
@@ -70,6 +77,8 @@ impl Node {
             bytes_ingested: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             bytes_replicated: Arc::default(),
+            page_bytes_stored: AtomicU64::new(0),
+            page_bytes_replicated: Arc::default(),
             chunks_repaired: AtomicU64::new(0),
             transport: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
@@ -317,42 +326,16 @@ impl Node {
         self.read(|s| s.jobs.get(id).cloned()).await
     }
 
-    /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset.
+    /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset
+    /// and loads its manifest.
     pub async fn resolve_snapshot(
         &self,
         tenant: &str,
         dataset: &str,
         snapshot: &str,
     ) -> Result<(SnapshotId, Manifest), StoreError> {
-        bitclone_storage::path::validate_name("tenant", tenant)?;
-        bitclone_storage::path::validate_name("dataset", dataset)?;
-        let id = if snapshot.is_empty() {
-            self.head(tenant, dataset)
-                .await?
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "dataset",
-                    name: dataset.to_string(),
-                })?
-        } else {
-            let id: SnapshotId = snapshot.parse()?;
-            // The snapshot must belong to this dataset, not just exist.
-            if !self
-                .snapshots(tenant, dataset)
-                .await?
-                .iter()
-                .any(|r| r.id == id.to_hex())
-            {
-                return Err(StoreError::NotFound {
-                    kind: "snapshot",
-                    name: format!("{snapshot} of dataset {dataset}"),
-                });
-            }
-            id
-        };
-        let t = tenant.to_string();
-        let m = self
-            .blocking(move |store| load_manifest(store, &t, &id))
-            .await;
+        let id = self.resolve_snapshot_id(tenant, dataset, snapshot).await?;
+        let m = self.load_manifest(tenant, dataset, id).await;
         match m {
             Ok(m) => Ok((id, m)),
             Err(StoreError::NotFound { .. }) => {
@@ -386,31 +369,72 @@ impl Node {
         }
     }
 
-    /// Encodes and durably commits a manifest: the manifest here and on a
-    /// majority of the shard's replicas, then the dataset pointer through
-    /// Raft (compare-and-set on the parent, fenced when a job makes the
-    /// commit).
+    /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset to
+    /// the id of a snapshot committed to it.
+    pub async fn resolve_snapshot_id(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        snapshot: &str,
+    ) -> Result<SnapshotId, StoreError> {
+        bitclone_storage::path::validate_name("tenant", tenant)?;
+        bitclone_storage::path::validate_name("dataset", dataset)?;
+        let id = if snapshot.is_empty() {
+            self.head(tenant, dataset)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "dataset",
+                    name: dataset.to_string(),
+                })?
+        } else {
+            let id: SnapshotId = snapshot.parse()?;
+            // The snapshot must belong to this dataset, not just exist.
+            if !self
+                .snapshots(tenant, dataset)
+                .await?
+                .iter()
+                .any(|r| r.id == id.to_hex())
+            {
+                return Err(StoreError::NotFound {
+                    kind: "snapshot",
+                    name: format!("{snapshot} of dataset {dataset}"),
+                });
+            }
+            id
+        };
+        Ok(id)
+    }
+
+    /// Encodes and durably commits a manifest: its pages and root here and
+    /// on a majority of the shard's replicas, then the dataset pointer
+    /// through Raft (compare-and-set on the parent, fenced when a job makes
+    /// the commit). Returns the record and what the pages added here.
     pub async fn commit_manifest(
         &self,
         manifest: Manifest,
         fenced_by: Option<(String, Fence)>,
-    ) -> Result<SnapshotRecord, StoreError> {
+    ) -> Result<(SnapshotRecord, PutPages), StoreError> {
         let c = &self.cluster;
-        let (id, bytes) = manifest.encode_with_id()?;
-        let tenant = manifest.tenant.clone();
-        let b = bytes.clone();
-        self.blocking(move |store| store.store_manifest_durable(&tenant, &id, &b))
+        let manifest = Arc::new(manifest);
+        let m = manifest.clone();
+        let put = self
+            .blocking(move |store| {
+                let put = put_pages(store, &m)?;
+                store.store_manifest_durable(&m.tenant, &put.id, &put.root)?;
+                Ok(put)
+            })
             .await?;
+        let id = put.id;
         // Durable on a majority of the shard's replicas before the commit.
         if let Some(t) = self.transport.get() {
             crate::replica::replicate(
                 t,
                 c,
                 &self.store,
-                &manifest,
+                (&manifest.tenant, &manifest.dataset),
                 &id,
-                &bytes,
-                &self.bytes_replicated,
+                &put.root,
+                (&self.bytes_replicated, &self.page_bytes_replicated),
             )
             .await?;
         }
@@ -437,7 +461,9 @@ impl Node {
             .await
             .map_err(raft_error)?;
         crate::link::fenced_error(&job, resp)?;
-        Ok(record_of(&manifest.dataset, &entry))
+        self.page_bytes_stored
+            .fetch_add(put.new_bytes, Ordering::Relaxed);
+        Ok((record_of(&manifest.dataset, &entry), put))
     }
 
     /// Encodes and durably commits a snapshot built by `builder` (fenced when
@@ -447,13 +473,44 @@ impl Node {
         builder: SnapshotBuilder,
         fenced_by: Option<(String, Fence)>,
     ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
-        let (manifest, stats) = builder.finish(now_ms())?;
-        let record = self.commit_manifest(manifest, fenced_by).await?;
+        let (manifest, mut stats) = builder.finish(now_ms())?;
+        let (record, put) = self.commit_manifest(manifest, fenced_by).await?;
+        stats.new_pages = put.new_pages;
+        stats.new_page_bytes = put.new_bytes;
         self.bytes_ingested
             .fetch_add(stats.bytes, Ordering::Relaxed);
         self.bytes_stored
             .fetch_add(stats.new_bytes, Ordering::Relaxed);
         Ok((record, stats))
+    }
+
+    /// Loads a snapshot's manifest from this node's store. A page that is
+    /// damaged or missing here is fetched from another replica of the
+    /// dataset's shard (verified against its name) and repaired, then the
+    /// load is tried again.
+    pub async fn load_manifest(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        id: SnapshotId,
+    ) -> Result<Manifest, StoreError> {
+        let mut repaired = 0;
+        loop {
+            let t = tenant.to_string();
+            match self
+                .blocking(move |store| load_manifest(store, &t, &id))
+                .await
+            {
+                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
+                    if repaired < MAX_PAGE_REPAIRS =>
+                {
+                    tracing::warn!(snapshot = %id, page = %chunk, "manifest page bad here; repairing from a replica");
+                    self.repair_from_replicas(tenant, dataset, &chunk).await?;
+                    repaired += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// A builder for the next snapshot of a dataset: incremental against the
@@ -467,11 +524,7 @@ impl Node {
         let head = self.head(tenant, dataset).await?;
         let manifest = match head {
             Some(id) => {
-                let t = tenant.to_string();
-                match self
-                    .blocking(move |store| load_manifest(store, &t, &id))
-                    .await
-                {
+                match self.load_manifest(tenant, dataset, id).await {
                     Ok(m) => Some(m),
                     // Held by another node: no diff base here.
                     Err(StoreError::NotFound { .. }) => None,
@@ -500,9 +553,10 @@ impl Node {
         // (not a replica, or not repaired yet) is ingested again.
         let checkpointed = match &cp.snapshot {
             Some(s) => {
-                let (t, id) = (job.tenant.clone(), s.parse::<SnapshotId>()?);
-                self.blocking(move |store| Ok(load_manifest(store, &t, &id).ok()))
-                    .await?
+                let id = s.parse::<SnapshotId>()?;
+                self.load_manifest(&job.tenant, &job.dataset, id)
+                    .await
+                    .ok()
                     .map(|m| (id, m))
             }
             None => None,
@@ -701,7 +755,7 @@ impl Node {
                     created_unix_ms: now_ms(),
                     ..manifest
                 };
-                let record = self.commit_manifest(m, link.fenced_by(&job.id)).await?;
+                let (record, _) = self.commit_manifest(m, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
         }

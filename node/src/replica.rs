@@ -3,13 +3,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bitclone_raft::Cluster;
+use bitclone_storage::manifest::{decode_root, Page, Stored};
 use bitclone_storage::path::validate_name;
-use bitclone_storage::{
-    ChunkId, ChunkStore, Error as StoreError, Manifest, RocksStore, SnapshotId,
-};
+use bitclone_storage::{ChunkId, ChunkStore, Error as StoreError, RocksStore, SnapshotId};
 use bitclone_transport::{ChunkServer, Transport};
 use rustls::pki_types::CertificateDer;
 
@@ -89,47 +89,52 @@ impl ChunkServer for NodeChunks {
     }
 }
 
-/// Sends `manifest`'s missing chunks and the manifest to one peer; returns
-/// the chunk bytes sent.
-async fn replicate_to(
+/// Asks `peer` which of `ids` it lacks, a frame's worth at a time.
+async fn peer_lacks(
     transport: &Transport,
-    store: &Arc<RocksStore>,
     peer: u64,
     addr: SocketAddr,
-    manifest: &Manifest,
-    id: &SnapshotId,
-    bytes: &[u8],
-) -> Result<u64, String> {
-    let tenant = manifest.tenant.as_str();
-    let mut ids: Vec<[u8; 32]> = manifest
-        .entries
-        .iter()
-        .flat_map(|e| e.chunks.iter().map(|c| c.id.0))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    tenant: &str,
+    ids: &[ChunkId],
+) -> Result<Vec<ChunkId>, String> {
+    let raw: Vec<[u8; 32]> = ids.iter().map(|i| i.0).collect();
     let mut missing = Vec::new();
-    for batch in ids.chunks(IDS_BATCH) {
+    for batch in raw.chunks(IDS_BATCH) {
         missing.extend(
             transport
                 .missing(peer, addr, tenant, batch)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(ChunkId),
         );
     }
-    let missing: Arc<[[u8; 32]]> = missing.into();
+    Ok(missing)
+}
+
+/// Sends chunks (or pages) from the local store to `peer`, a batch of a
+/// few MiB at a time; returns once the peer stored all of them.
+async fn send_chunks(
+    transport: &Transport,
+    store: &Arc<RocksStore>,
+    peer: u64,
+    addr: SocketAddr,
+    tenant: &str,
+    ids: Vec<ChunkId>,
+) -> Result<u64, String> {
+    let ids: Arc<[ChunkId]> = ids.into();
     let mut sent = 0u64;
     let mut i = 0;
-    while i < missing.len() {
+    while i < ids.len() {
         // Read a batch locally (blocking), then send it.
-        let (s, t, ids, start) = (store.clone(), tenant.to_string(), missing.clone(), i);
+        let (s, t, ids, start) = (store.clone(), tenant.to_string(), ids.clone(), i);
         let batch = tokio::task::spawn_blocking(move || -> Result<Vec<NamedChunk>, String> {
             let mut out = Vec::new();
             let mut size = 0u64;
-            for &id in &ids[start..] {
-                let data = s.get_chunk(&t, &ChunkId(id)).map_err(|e| e.to_string())?;
+            for id in &ids[start..] {
+                let data = s.get_chunk(&t, id).map_err(|e| e.to_string())?;
                 size += data.len() as u64;
-                out.push((id, data));
+                out.push((id.0, data));
                 if size >= PUT_BATCH_BYTES {
                     break;
                 }
@@ -146,11 +151,84 @@ async fn replicate_to(
             .map_err(|e| e.to_string())?;
         sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
     }
+    Ok(sent)
+}
+
+/// The children of local pages at `level`, deduplicated (blocking read).
+async fn children_of(
+    store: &Arc<RocksStore>,
+    tenant: &str,
+    pages: &[ChunkId],
+    level: u8,
+) -> Result<Vec<ChunkId>, String> {
+    let (s, t, pages) = (store.clone(), tenant.to_string(), pages.to_vec());
+    tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>, StoreError> {
+        let mut out = Vec::new();
+        for id in &pages {
+            let bytes = s.get_chunk(&t, id)?;
+            out.extend(Page::decode(id, level, &bytes)?.children());
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// Sends a snapshot to one peer: what it lacks, then the root; returns the
+/// chunk bytes and the page bytes sent. The peer's holdings are found top-down (a page it holds is
+/// complete below, since every store writes a page after what it names), so
+/// an incremental snapshot costs what changed, not what the dataset holds;
+/// everything is sent bottom-up (chunks, then pages level by level) to keep
+/// that true on the peer.
+async fn replicate_to(
+    transport: &Transport,
+    store: &Arc<RocksStore>,
+    peer: u64,
+    addr: SocketAddr,
+    tenant: &str,
+    id: &SnapshotId,
+    root: &[u8],
+) -> Result<(u64, u64), String> {
+    let mut levels: Vec<Vec<ChunkId>> = Vec::new();
+    let chunks = match decode_root(root).map_err(|e| e.to_string())? {
+        // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
+        Stored::V1(m) => {
+            let mut ids: Vec<ChunkId> = m
+                .entries
+                .iter()
+                .flat_map(|e| e.chunks.iter().map(|c| c.id))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            peer_lacks(transport, peer, addr, tenant, &ids).await?
+        }
+        Stored::V2(r) => {
+            let mut frontier: Vec<ChunkId> = r.pages.iter().map(|(p, _)| *p).collect();
+            let mut level = r.height;
+            loop {
+                let lacking = peer_lacks(transport, peer, addr, tenant, &frontier).await?;
+                if level == 0 || lacking.is_empty() {
+                    break if level == 0 { lacking } else { Vec::new() };
+                }
+                level -= 1;
+                frontier = children_of(store, tenant, &lacking, level).await?;
+                levels.push(lacking);
+            }
+        }
+    };
+    let sent = send_chunks(transport, store, peer, addr, tenant, chunks).await?;
+    let mut pages_sent = 0;
+    for pages in levels.into_iter().rev() {
+        pages_sent += send_chunks(transport, store, peer, addr, tenant, pages).await?;
+    }
     transport
-        .put_manifest(peer, addr, tenant, &id.0, bytes)
+        .put_manifest(peer, addr, tenant, &id.0, root)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(sent)
+    Ok((sent, pages_sent))
 }
 
 /// Makes a snapshot durable on a majority of its shard's replica set before
@@ -161,18 +239,14 @@ pub async fn replicate(
     transport: &Arc<Transport>,
     cluster: &Cluster,
     store: &Arc<RocksStore>,
-    manifest: &Manifest,
+    (tenant, dataset): (&str, &str),
     id: &SnapshotId,
-    bytes: &[u8],
-    sent: &Arc<std::sync::atomic::AtomicU64>,
+    root: &[u8],
+    (sent, pages_sent): (&Arc<AtomicU64>, &Arc<AtomicU64>),
 ) -> Result<(), StoreError> {
     let me = cluster.id;
-    let (replicas, members) = cluster.local(|s| {
-        (
-            s.replicas_of(&manifest.tenant, &manifest.dataset),
-            s.members.clone(),
-        )
-    });
+    let (replicas, members) =
+        cluster.local(|s| (s.replicas_of(tenant, dataset), s.members.clone()));
     let need = replicas.len() / 2 + 1;
     let mut durable = usize::from(replicas.contains(&me));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -185,21 +259,23 @@ pub async fn replicate(
             continue;
         };
         pending += 1;
-        let (t, s, m, b, id, tx, peer, counter) = (
+        let (t, s, tn, b, id, tx, peer, counter, page_counter) = (
             transport.clone(),
             store.clone(),
-            manifest.clone(),
-            bytes.to_vec(),
+            tenant.to_string(),
+            root.to_vec(),
             *id,
             tx.clone(),
             *r,
             sent.clone(),
+            pages_sent.clone(),
         );
         tokio::spawn(async move {
-            let r = replicate_to(&t, &s, peer, addr, &m, &id, &b).await;
+            let r = replicate_to(&t, &s, peer, addr, &tn, &id, &b).await;
             match &r {
-                Ok(n) => {
-                    counter.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+                Ok((chunks, pages)) => {
+                    counter.fetch_add(*chunks, Ordering::Relaxed);
+                    page_counter.fetch_add(*pages, Ordering::Relaxed);
                 }
                 Err(e) => tracing::warn!(
                     peer,
@@ -334,6 +410,7 @@ async fn repair_once(
         let local = tokio::task::spawn_blocking(move || store.get_manifest(&t, &id).ok())
             .await
             .map_err(|e| e.to_string())?;
+        let is_local = local.is_some();
         let bytes = match local {
             Some(b) => b,
             None => {
@@ -352,15 +429,49 @@ async fn repair_once(
                     complete = false;
                     continue;
                 };
-                let (store, t, bb) = (node.store.clone(), tenant.clone(), b.clone());
-                tokio::task::spawn_blocking(move || store.store_manifest_durable(&t, &id, &bb))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
                 b
             }
         };
-        let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        let manifest = match decode_root(&bytes).map_err(|e| e.to_string())? {
+            Stored::V2(root) => {
+                // A root is stored after everything below it: one that is
+                // here is complete.
+                if is_local {
+                    continue;
+                }
+                let peers: Vec<(u64, SocketAddr)> =
+                    from.iter().filter_map(|p| Some((*p, addr(p)?))).collect();
+                let top: Vec<ChunkId> = root.pages.iter().map(|(p, _)| *p).collect();
+                let lacking = local_lacks(&node.store, &tenant, top).await?;
+                let pulled = Pull {
+                    store: &node.store,
+                    transport,
+                    peers: &peers,
+                    tenant: &tenant,
+                };
+                if !pulled.items(lacking, Some(root.height - 1)).await? {
+                    complete = false;
+                    continue;
+                }
+                let (store, t) = (node.store.clone(), tenant.clone());
+                tokio::task::spawn_blocking(move || store.store_manifest_durable(&t, &id, &bytes))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(snapshot = id_hex, "repair: snapshot complete here");
+                continue;
+            }
+            Stored::V1(m) => m,
+        };
+        // A 0.1.0 snapshot (no pages): its manifest first, then every chunk
+        // it names that is not here.
+        if !is_local {
+            let (store, t, bb) = (node.store.clone(), tenant.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || store.store_manifest_durable(&t, &id, &bb))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
         let mut ids: Vec<ChunkId> = manifest
             .entries
             .iter()
@@ -417,4 +528,92 @@ async fn repair_once(
         }
     }
     Ok(complete)
+}
+
+/// Which of `ids` (chunks or pages) this node's store lacks.
+async fn local_lacks(
+    store: &Arc<RocksStore>,
+    tenant: &str,
+    ids: Vec<ChunkId>,
+) -> Result<Vec<ChunkId>, String> {
+    let (store, t) = (store.clone(), tenant.to_string());
+    tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if !store.has_chunk(&t, &id)? {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// Pulls the missing part of a page tree from peers, depth first: a page is
+/// stored only after everything below it, so that what this store holds
+/// stays complete below every page (and memory holds one batch per level).
+struct Pull<'a> {
+    store: &'a Arc<RocksStore>,
+    transport: &'a Transport,
+    peers: &'a [(u64, SocketAddr)],
+    tenant: &'a str,
+}
+
+impl Pull<'_> {
+    /// Fetches `ids` from the first peer that has them all (verified by the
+    /// transport against their names).
+    async fn fetch(&self, ids: &[ChunkId]) -> Option<Vec<Vec<u8>>> {
+        let raw: Vec<[u8; 32]> = ids.iter().map(|i| i.0).collect();
+        for (peer, addr) in self.peers {
+            if let Ok(datas) = self.transport.get(*peer, *addr, self.tenant, &raw).await {
+                return Some(datas);
+            }
+        }
+        None
+    }
+
+    async fn put(&self, items: Vec<(ChunkId, Vec<u8>)>) -> Result<(), String> {
+        let (store, t) = (self.store.clone(), self.tenant.to_string());
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            for (id, data) in &items {
+                store.put_chunk(&t, id, data)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// Pulls `ids`, which this store lacks: pages of `level`, or chunks
+    /// when `level` is `None`. False when no peer could supply something.
+    fn items(
+        &self,
+        ids: Vec<ChunkId>,
+        level: Option<u8>,
+    ) -> futures::future::BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async move {
+            for batch in ids.chunks(REPAIR_BATCH) {
+                let Some(datas) = self.fetch(batch).await else {
+                    return Ok(false);
+                };
+                let items: Vec<(ChunkId, Vec<u8>)> = batch.iter().copied().zip(datas).collect();
+                if let Some(level) = level {
+                    for (id, bytes) in &items {
+                        let children = Page::decode(id, level, bytes)
+                            .map_err(|e| e.to_string())?
+                            .children();
+                        let lacking = local_lacks(self.store, self.tenant, children).await?;
+                        if !self.items(lacking, level.checked_sub(1)).await? {
+                            return Ok(false);
+                        }
+                    }
+                }
+                self.put(items).await?;
+            }
+            Ok(true)
+        })
+    }
 }

@@ -9,12 +9,15 @@ use std::sync::Arc;
 
 use bitclone_proto::v1 as pb;
 use bitclone_proto::v1::bit_clone_server::BitClone;
-use bitclone_proto::DATA_FRAME_BYTES;
-use bitclone_storage::ingest;
+use bitclone_proto::{BATCH_BYTES, BATCH_ENTRIES, DATA_FRAME_BYTES, SMALL_FILE_BYTES};
+use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::manifest::{decode_root, Page, Stored};
 use bitclone_storage::path::{validate_name, validate_path};
-use bitclone_storage::{ChunkParams, Entry, EntryKind, Error as StoreError, SnapshotRecord};
+use bitclone_storage::{
+    ChunkId, ChunkParams, ChunkStore, Entry, EntryKind, Error as StoreError, SnapshotRecord,
+};
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -66,13 +69,29 @@ fn entry_meta(e: &Entry) -> pb::EntryMeta {
         kind: match e.kind {
             EntryKind::File => pb::EntryKind::File as i32,
             EntryKind::Dir => pb::EntryKind::Dir as i32,
+            EntryKind::Symlink => pb::EntryKind::Symlink as i32,
         },
         size: e.size,
         mode: e.mode,
         mtime_ns: e.mtime_ns,
         blake3: blake3::Hash::from(e.blake3).to_hex().to_string(),
         chunks: e.chunks.len() as u32,
+        target: e.target.clone().unwrap_or_default(),
     }
+}
+
+/// Entries answered inline by an unpaged `GetManifest`: beyond this the
+/// answer could outgrow a message, and the client must ask for pages.
+const MAX_INLINE_ENTRIES: usize = 10_000;
+
+fn page_refs(items: &[(ChunkId, u64)]) -> Vec<pb::PageRef> {
+    items
+        .iter()
+        .map(|(id, entries)| pb::PageRef {
+            id: id.to_hex(),
+            entries: *entries,
+        })
+        .collect()
 }
 
 fn snapshot_info(r: &SnapshotRecord) -> pb::SnapshotInfo {
@@ -140,8 +159,32 @@ impl Read for FrameReader {
     }
 }
 
+/// Batches of whole files an upload has on the CPU pool at once: enough to
+/// keep every worker busy while the next batch arrives.
+const UPLOAD_BATCHES_IN_FLIGHT: usize = 4;
+
+type BatchResult = Result<(Vec<pb::FileData>, Vec<ingest::Ingested>), StoreError>;
+
 impl Api {
-    /// Receives one file's data frames and ingests them on the CPU pool.
+    /// The next message of an upload; an upload that sends nothing for the
+    /// idle timeout is ended with an error (and commits nothing).
+    async fn next_message(
+        &self,
+        stream: &mut Streaming<pb::UploadRequest>,
+    ) -> Result<Option<pb::UploadRequest>, Status> {
+        let idle = self.node.config.upload_idle_timeout;
+        match tokio::time::timeout(idle, stream.message()).await {
+            Ok(message) => message,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "upload sent nothing for {}; ended, nothing committed",
+                humantime::format_duration(idle)
+            ))),
+        }
+    }
+
+    /// Receives one file's data frames and ingests them on a blocking
+    /// thread of its own: a client that stalls mid-file holds that thread,
+    /// never a CPU-pool worker other requests need.
     async fn upload_file(
         &self,
         stream: &mut Streaming<pb::UploadRequest>,
@@ -153,7 +196,7 @@ impl Api {
         let abort = Arc::new(AtomicBool::new(false));
         let store = self.node.chunk_store();
         let (t, p, a) = (tenant.to_string(), path.to_string(), abort.clone());
-        let work = self.node.pool.run(move || {
+        let work = tokio::task::spawn_blocking(move || {
             let reader = FrameReader {
                 rx,
                 current: Bytes::new(),
@@ -170,7 +213,7 @@ impl Api {
         });
         let feed = async {
             loop {
-                let msg = stream.message().await?;
+                let msg = self.next_message(stream).await?;
                 match msg.and_then(|m| m.msg) {
                     Some(pb::upload_request::Msg::Data(d)) => {
                         if tx.send(d).await.is_err() {
@@ -198,10 +241,64 @@ impl Api {
             abort.store(true, Ordering::Release);
         }
         drop(tx);
-        let result = work.await;
+        let result = work
+            .await
+            .map_err(|e| Status::internal(format!("ingesting {path:?}: {e}")))?;
         fed?;
         result.map_err(status)
     }
+
+    /// Cuts and stores a batch of whole files on the CPU pool.
+    fn ingest_batch(
+        &self,
+        tenant: &str,
+        chunking: ChunkParams,
+        files: Vec<pb::FileData>,
+    ) -> impl std::future::Future<Output = BatchResult> + Send + 'static {
+        let (store, t) = (self.node.chunk_store(), tenant.to_string());
+        self.node.pool.run(move || {
+            let datas: Vec<&[u8]> = files.iter().map(|f| f.data.as_ref()).collect();
+            let ingested = ingest::ingest_whole(store.as_ref(), &t, chunking, &datas)?;
+            Ok((files, ingested))
+        })
+    }
+}
+
+/// Adds an entry sent without data: a directory, a link, or a file
+/// unchanged since the parent.
+fn add_entry(builder: &mut SnapshotBuilder, meta: &pb::EntryMeta) -> Result<(), Status> {
+    let mode = meta.mode & 0o7777;
+    match pb::EntryKind::try_from(meta.kind) {
+        Ok(pb::EntryKind::Dir) => builder.add_dir(&meta.path, mode, meta.mtime_ns),
+        Ok(pb::EntryKind::Symlink) => {
+            builder.add_symlink(&meta.path, &meta.target, mode, meta.mtime_ns)
+        }
+        Ok(pb::EntryKind::File) => {
+            builder.add_unchanged(&meta.path, meta.size, meta.mtime_ns, mode)
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "{:?}: unknown entry kind {}",
+                meta.path, meta.kind
+            )))
+        }
+    }
+    .map_err(status)
+}
+
+/// Adds the files of an ingested batch.
+fn add_batch(builder: &mut SnapshotBuilder, done: BatchResult) -> Result<(), Status> {
+    let (files, ingested) = done.map_err(status)?;
+    for (f, data) in files.iter().zip(ingested) {
+        let meta = f
+            .meta
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("a file without its entry"))?;
+        builder
+            .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
+            .map_err(status)?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -241,8 +338,29 @@ impl BitClone for Api {
             )));
         }
         let chunking = builder.chunking();
-        while let Some(msg) = stream.message().await? {
+        let mut batches = futures::stream::FuturesOrdered::new();
+        while let Some(msg) = self.next_message(&mut stream).await? {
             match msg.msg {
+                Some(pb::upload_request::Msg::Files(batch)) => {
+                    for f in &batch.files {
+                        let meta = f
+                            .meta
+                            .as_ref()
+                            .ok_or_else(|| Status::invalid_argument("a file without its entry"))?;
+                        validate_path(&meta.path).map_err(status)?;
+                    }
+                    if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
+                        if let Some(done) = batches.next().await {
+                            add_batch(&mut builder, done)?;
+                        }
+                    }
+                    batches.push_back(self.ingest_batch(&begin.tenant, chunking, batch.files));
+                }
+                Some(pb::upload_request::Msg::Entries(batch)) => {
+                    for meta in &batch.entries {
+                        add_entry(&mut builder, meta)?;
+                    }
+                }
                 Some(pb::upload_request::Msg::FileStart(meta)) => {
                     validate_path(&meta.path).map_err(status)?;
                     let data = self
@@ -258,6 +376,9 @@ impl BitClone for Api {
                 Some(pb::upload_request::Msg::Dir(meta)) => builder
                     .add_dir(&meta.path, meta.mode & 0o7777, meta.mtime_ns)
                     .map_err(status)?,
+                Some(pb::upload_request::Msg::Symlink(meta)) => builder
+                    .add_symlink(&meta.path, &meta.target, meta.mode & 0o7777, meta.mtime_ns)
+                    .map_err(status)?,
                 Some(pb::upload_request::Msg::Data(_))
                 | Some(pb::upload_request::Msg::FileEnd(_)) => {
                     return Err(Status::invalid_argument("file data outside a file"))
@@ -267,6 +388,9 @@ impl BitClone for Api {
                 }
                 None => return Err(Status::invalid_argument("empty upload message")),
             }
+        }
+        while let Some(done) = batches.next().await {
+            add_batch(&mut builder, done)?;
         }
         let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
         tracing::info!(
@@ -286,6 +410,9 @@ impl BitClone for Api {
             new_bytes: stats.new_bytes,
             chunks: stats.chunks,
             unchanged_files: stats.unchanged_files,
+            symlinks: stats.symlinks,
+            new_pages: stats.new_pages,
+            new_page_bytes: stats.new_page_bytes,
         }))
     }
 
@@ -297,21 +424,98 @@ impl BitClone for Api {
         names(&r.tenant, &r.dataset)?;
         // Not proxied: an upload through this node diffs only against a
         // manifest whose chunks are here (Unavailable → a full upload).
-        let (id, m) = self
+        let id = self
             .node
-            .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
+            .resolve_snapshot_id(&r.tenant, &r.dataset, &r.snapshot)
             .await
             .map_err(status)?;
+        let t = r.tenant.clone();
+        let stored = self
+            .node
+            .blocking(move |store| decode_root(&store.get_manifest(&t, &id)?))
+            .await
+            .map_err(status)?;
+        let root = match stored {
+            Stored::V2(root) if r.paged || root.entries > MAX_INLINE_ENTRIES as u64 => root,
+            // Small or v1 (no pages): every entry inline.
+            _ => {
+                let m = self
+                    .node
+                    .load_manifest(&r.tenant, &r.dataset, id)
+                    .await
+                    .map_err(status)?;
+                if m.entries.len() > MAX_INLINE_ENTRIES && !r.paged {
+                    return Err(Status::out_of_range(format!(
+                        "snapshot {id} has {} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged",
+                        m.entries.len()
+                    )));
+                }
+                return Ok(Response::new(pb::GetManifestResponse {
+                    snapshot: Some(pb::SnapshotInfo {
+                        id: id.to_hex(),
+                        dataset: m.dataset.clone(),
+                        parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
+                        files: m.file_count(),
+                        bytes: m.total_bytes(),
+                        created_unix_ms: m.created_unix_ms,
+                    }),
+                    entry_count: m.entries.len() as u64,
+                    entries: m.entries.iter().map(entry_meta).collect(),
+                    ..Default::default()
+                }));
+            }
+        };
+        if !r.paged {
+            return Err(Status::out_of_range(format!(
+                "snapshot {id} has {} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged",
+                root.entries
+            )));
+        }
         Ok(Response::new(pb::GetManifestResponse {
             snapshot: Some(pb::SnapshotInfo {
                 id: id.to_hex(),
-                dataset: m.dataset.clone(),
-                parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
-                files: m.file_count(),
-                bytes: m.total_bytes(),
-                created_unix_ms: m.created_unix_ms,
+                dataset: root.dataset.clone(),
+                parent: root.parent.map(|p| p.to_hex()).unwrap_or_default(),
+                files: root.files,
+                bytes: root.bytes,
+                created_unix_ms: root.created_unix_ms,
             }),
-            entries: m.entries.iter().map(entry_meta).collect(),
+            entries: Vec::new(),
+            pages: page_refs(&root.pages),
+            level: u32::from(root.height - 1),
+            entry_count: root.entries,
+        }))
+    }
+
+    async fn get_manifest_page(
+        &self,
+        request: Request<pb::GetManifestPageRequest>,
+    ) -> Result<Response<pb::ManifestPage>, Status> {
+        let r = request.into_inner();
+        validate_name("tenant", &r.tenant).map_err(status)?;
+        let id: ChunkId = r.page.parse().map_err(status)?;
+        let level = u8::try_from(r.level)
+            .map_err(|_| Status::invalid_argument(format!("no page level {}", r.level)))?;
+        let t = r.tenant.clone();
+        // A tenant reads only its own pages (they are its chunks); a page
+        // that does not decode at the level asked for is refused.
+        let page = self
+            .node
+            .blocking(move |store| Page::decode(&id, level, &store.get_chunk(&t, &id)?))
+            .await
+            .map_err(|e| match e {
+                StoreError::MissingChunk(_) => Status::not_found(format!("manifest page {id}")),
+                e => status(e),
+            })?;
+        let (pages, entries) = match page {
+            Page::Index(items) => (page_refs(&items), Vec::new()),
+            Page::Leaf(entries) => (Vec::new(), entries.iter().map(entry_meta).collect()),
+        };
+        Ok(Response::new(pb::ManifestPage {
+            id: id.to_hex(),
+            level: r.level,
+            pages,
+            entries,
         }))
     }
 
@@ -414,64 +618,91 @@ impl BitClone for Api {
                 tx.blocking_send(Ok(pb::DownloadResponse { msg: Some(m) }))
                     .is_ok()
             };
+            // A chunk, verified; a bad or missing one is never served: it
+            // is fetched from a replica and repaired here. `None`: the
+            // error went to the client.
+            let chunk = |e: &Entry, id: &ChunkId| -> Option<Bytes> {
+                let err = match store.get_chunk(&manifest.tenant, id) {
+                    Ok(d) => return Some(Bytes::from(d)),
+                    Err(err) => err,
+                };
+                let detail = match &err {
+                    StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_) => {
+                        tracing::error!(chunk = %id, error = %err, "bad chunk on read");
+                        match handle.block_on(node.repair_from_replicas(
+                            &manifest.tenant,
+                            &manifest.dataset,
+                            id,
+                        )) {
+                            Ok(d) => return Some(Bytes::from(d)),
+                            Err(repair) => format!("{err}; {repair}"),
+                        }
+                    }
+                    _ => {
+                        tracing::error!(path = e.path, error = %err, "download failed");
+                        err.to_string()
+                    }
+                };
+                let _ = tx.blocking_send(Err(Status::data_loss(format!(
+                    "reading {:?}: {detail}",
+                    e.path
+                ))));
+                None
+            };
             if !send(Msg::Snapshot(info)) {
                 return;
             }
+            // Small files go whole, many to a message.
+            let mut batch: Vec<pb::FileData> = Vec::new();
+            let mut batch_bytes = 0usize;
             for e in &manifest.entries {
                 let meta = entry_meta(e);
-                if e.kind == EntryKind::Dir {
-                    if !send(Msg::Dir(meta)) {
-                        return;
+                let sent = match e.kind {
+                    EntryKind::Dir => send(Msg::Dir(meta)),
+                    EntryKind::Symlink => send(Msg::Symlink(meta)),
+                    EntryKind::File if e.size <= SMALL_FILE_BYTES => {
+                        let mut data = Vec::with_capacity(e.size as usize);
+                        for c in &e.chunks {
+                            let Some(d) = chunk(e, &c.id) else { return };
+                            data.extend_from_slice(&d);
+                        }
+                        batch_bytes += data.len();
+                        batch.push(pb::FileData {
+                            meta: Some(meta),
+                            data: data.into(),
+                        });
+                        if batch_bytes < BATCH_BYTES && batch.len() < BATCH_ENTRIES {
+                            continue;
+                        }
+                        batch_bytes = 0;
+                        send(Msg::Files(pb::FileBatch {
+                            files: std::mem::take(&mut batch),
+                        }))
                     }
-                    continue;
-                }
-                if !send(Msg::FileStart(meta.clone())) {
-                    return;
-                }
-                for c in &e.chunks {
-                    let data = match store.get_chunk(&manifest.tenant, &c.id) {
-                        Ok(d) => Bytes::from(d),
-                        // A bad or missing chunk is never served:
-                        // it is fetched from a replica and repaired here.
-                        Err(
-                            err @ (StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_)),
-                        ) => {
-                            tracing::error!(chunk = %c.id, error = %err, "bad chunk on read");
-                            match handle.block_on(node.repair_from_replicas(
-                                &manifest.tenant,
-                                &manifest.dataset,
-                                &c.id,
-                            )) {
-                                Ok(d) => Bytes::from(d),
-                                Err(repair) => {
-                                    let _ = tx.blocking_send(Err(Status::data_loss(format!(
-                                        "reading {:?}: {err}; {repair}",
-                                        e.path
-                                    ))));
+                    EntryKind::File => {
+                        if !send(Msg::FileStart(meta.clone())) {
+                            return;
+                        }
+                        for c in &e.chunks {
+                            let Some(mut rest) = chunk(e, &c.id) else {
+                                return;
+                            };
+                            while !rest.is_empty() {
+                                let frame = rest.split_to(rest.len().min(DATA_FRAME_BYTES));
+                                if !send(Msg::Data(frame)) {
                                     return;
                                 }
                             }
                         }
-                        Err(err) => {
-                            tracing::error!(path = e.path, error = %err, "download failed");
-                            let _ = tx.blocking_send(Err(Status::data_loss(format!(
-                                "reading {:?}: {err}",
-                                e.path
-                            ))));
-                            return;
-                        }
-                    };
-                    let mut rest = data;
-                    while !rest.is_empty() {
-                        let frame = rest.split_to(rest.len().min(DATA_FRAME_BYTES));
-                        if !send(Msg::Data(frame)) {
-                            return;
-                        }
+                        send(Msg::FileEnd(meta))
                     }
-                }
-                if !send(Msg::FileEnd(meta)) {
+                };
+                if !sent {
                     return;
                 }
+            }
+            if !batch.is_empty() {
+                send(Msg::Files(pb::FileBatch { files: batch }));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -676,6 +907,8 @@ impl BitClone for Api {
             bytes_stored: self.node.bytes_stored.load(Ordering::Relaxed),
             uptime_seconds: self.node.started.elapsed().as_secs(),
             bytes_replicated: self.node.bytes_replicated.load(Ordering::Relaxed),
+            page_bytes_stored: self.node.page_bytes_stored.load(Ordering::Relaxed),
+            page_bytes_replicated: self.node.page_bytes_replicated.load(Ordering::Relaxed),
             chunks_repaired: self.node.chunks_repaired.load(Ordering::Relaxed),
             fatal: self.node.fatal().unwrap_or_default(),
         }))

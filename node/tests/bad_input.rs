@@ -26,8 +26,7 @@ fn file_meta(path: &str, size: u64) -> pb::EntryMeta {
         size,
         mode: 0o644,
         mtime_ns: 1,
-        blake3: String::new(),
-        chunks: 0,
+        ..Default::default()
     }
 }
 

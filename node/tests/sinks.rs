@@ -98,6 +98,18 @@ fn object_count(rt: &tokio::runtime::Runtime, t: &objects::Target) -> usize {
     .count()
 }
 
+/// Manifest pages in the sink.
+fn page_count(rt: &tokio::runtime::Runtime, t: &objects::Target) -> usize {
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
+    })
+    .unwrap()
+    .into_iter()
+    .filter(|m| m.location.as_ref().contains("/.bitclone/pages/"))
+    .count()
+}
+
 fn edit_tree(src: &Path) {
     std::fs::write(src.join("d1/s1/f1.bin"), b"edited one").unwrap();
     std::fs::write(src.join("d2/s2/f2.bin"), b"edited two").unwrap();
@@ -145,12 +157,16 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     // (plus the manifest and the commit record), 1 deleted.
     edit_tree(&src);
     let before = g.object_write_count();
+    let pages_before = page_count(&rt(), &target(&g, s3));
     let job = clone_to_both(&node);
     assert_eq!(job["state"], "Succeeded", "{job}");
     let snap2 = job["snapshot"].as_str().unwrap().to_string();
+    // The manifest pages around the edits are new; the others are shared.
+    let new_pages = page_count(&rt(), &target(&g, s3)) - pages_before;
+    assert!((1..=4).contains(&new_pages), "{new_pages} new pages");
     assert_eq!(
         g.object_write_count() - before,
-        4 + 2,
+        4 + 2 + new_pages as u64,
         "only changed objects"
     );
     assert_eq!(

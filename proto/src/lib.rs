@@ -20,3 +20,13 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Size of the data frames senders cut file bytes into.
 pub const DATA_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Files up to this size travel whole, many to a message (`FileBatch`), on
+/// upload and download; larger ones are streamed in data frames.
+pub const SMALL_FILE_BYTES: u64 = 256 * 1024;
+
+/// A `FileBatch` or `EntryBatch` is closed once it holds this many bytes of
+/// file data or this many entries.
+pub const BATCH_BYTES: usize = DATA_FRAME_BYTES;
+/// See [`BATCH_BYTES`].
+pub const BATCH_ENTRIES: usize = 1024;

@@ -56,6 +56,14 @@ impl ChunkParams {
     }
 }
 
+/// The chunks of a buffer already in memory: the same cut points
+/// [`Chunker`] finds streaming over the same bytes, without its window
+/// (small files are cut straight from the bytes that arrived).
+pub fn chunk_slice(data: &[u8], params: ChunkParams) -> impl Iterator<Item = &[u8]> {
+    FastCDC::new(data, params.min_size, params.avg_size, params.max_size)
+        .map(move |c| &data[c.offset..c.offset + c.length])
+}
+
 /// Cuts a byte stream into content-defined chunks.
 ///
 /// Holds at most two `max_size` windows of the stream in memory. Cut points are

@@ -10,6 +10,7 @@ use crate::store::ChunkStore;
 pub fn run_all(store: &dyn ChunkStore) {
     put_get_round_trip(store);
     put_is_idempotent(store);
+    batches_store_each_chunk_once(store);
     tenants_are_isolated(store);
     missing_chunk_is_an_error(store);
     corrupt_value_is_never_returned(store);
@@ -42,6 +43,18 @@ fn put_is_idempotent(store: &dyn ChunkStore) {
         "second put reported new"
     );
     assert_eq!(store.get_chunk("t1", &id).expect("get"), data);
+}
+
+fn batches_store_each_chunk_once(store: &dyn ChunkStore) {
+    let (a, b) = (b"batch a".as_slice(), b"batch b".as_slice());
+    let (ia, ib) = (ChunkId::of(a), ChunkId::of(b));
+    store.put_chunk("t1", &ia, a).expect("put");
+    let new = store
+        .put_chunks("t1", &[(ia, a), (ib, b), (ib, b)])
+        .expect("put batch");
+    assert_eq!(new, [false, true, false], "stored before, new, repeated");
+    assert_eq!(store.get_chunk("t1", &ib).expect("get"), b);
+    assert!(!store.has_chunk("t2", &ib).expect("has"));
 }
 
 fn tenants_are_isolated(store: &dyn ChunkStore) {

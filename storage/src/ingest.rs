@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::chunk::{ChunkId, SnapshotId};
-use crate::chunker::{ChunkParams, Chunker, ChunkerError};
+use crate::chunker::{chunk_slice, ChunkParams, Chunker, ChunkerError};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Entry, EntryKind, Manifest};
-use crate::path::validate_path;
+use crate::path::{validate_path, validate_symlink};
 use crate::store::ChunkStore;
 
 /// One file's bytes after chunking and storing.
@@ -77,6 +77,52 @@ pub fn ingest_stream<R: Read>(
     Ok(out)
 }
 
+/// Cuts, names and stores files that arrived whole (small files, many at a
+/// time), with one store write for all their new chunks. Blocking: run it
+/// on a [`crate::CpuPool`] worker.
+pub fn ingest_whole(
+    store: &dyn ChunkStore,
+    tenant: &str,
+    params: ChunkParams,
+    files: &[&[u8]],
+) -> Result<Vec<Ingested>> {
+    let mut named: Vec<(ChunkId, &[u8])> = Vec::new();
+    let mut out = Vec::with_capacity(files.len());
+    for data in files {
+        let mut chunks = Vec::new();
+        for c in chunk_slice(data, params) {
+            let id = ChunkId::of(c);
+            chunks.push(ChunkRef {
+                id,
+                len: c.len() as u32,
+            });
+            named.push((id, c));
+        }
+        // A one-chunk file's hash is its chunk's name.
+        let blake3 = match chunks.as_slice() {
+            [only] => only.id.0,
+            _ => *blake3::hash(data).as_bytes(),
+        };
+        out.push(Ingested {
+            chunks,
+            blake3,
+            size: data.len() as u64,
+            new_chunks: 0,
+            new_bytes: 0,
+        });
+    }
+    let mut new = store.put_chunks(tenant, &named)?.into_iter();
+    for file in &mut out {
+        for c in &file.chunks {
+            if new.next() == Some(true) {
+                file.new_chunks += 1;
+                file.new_bytes += u64::from(c.len);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Totals of one ingest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestStats {
@@ -92,7 +138,15 @@ pub struct IngestStats {
     pub new_bytes: u64,
     /// Files taken over from the parent without being read.
     pub unchanged_files: u64,
-    /// Source entries left out (symlinks, sockets…), by path.
+    /// Symbolic links kept.
+    pub symlinks: u64,
+    /// Pages of the manifest stored for the first time (the others are
+    /// shared with earlier snapshots).
+    pub new_pages: u64,
+    /// Bytes of those pages.
+    pub new_page_bytes: u64,
+    /// Source entries left out (sockets, devices, links leading out of the
+    /// tree…), by path.
     pub skipped: Vec<String>,
 }
 
@@ -200,6 +254,7 @@ impl SnapshotBuilder {
             mtime_ns,
             blake3: data.blake3,
             chunks: data.chunks,
+            target: None,
         });
         Ok(())
     }
@@ -207,15 +262,29 @@ impl SnapshotBuilder {
     /// Adds a directory.
     pub fn add_dir(&mut self, path: &str, mode: u32, mtime_ns: i64) -> Result<()> {
         validate_path(path)?;
-        self.entries.push(Entry {
-            path: path.to_string(),
-            kind: EntryKind::Dir,
-            size: 0,
+        self.entries
+            .push(Entry::dir(path.to_string(), mode, mtime_ns));
+        Ok(())
+    }
+
+    /// Adds a symbolic link; a target leading outside the snapshot's root
+    /// is refused.
+    pub fn add_symlink(
+        &mut self,
+        path: &str,
+        target: &str,
+        mode: u32,
+        mtime_ns: i64,
+    ) -> Result<()> {
+        validate_path(path)?;
+        validate_symlink(path, target)?;
+        self.stats.symlinks += 1;
+        self.entries.push(Entry::symlink(
+            path.to_string(),
+            target.to_string(),
             mode,
             mtime_ns,
-            blake3: *blake3::hash(b"").as_bytes(),
-            chunks: Vec::new(),
-        });
+        ));
         Ok(())
     }
 
@@ -252,8 +321,11 @@ impl SnapshotBuilder {
 pub struct SourceEntry {
     /// Relative `/`-separated path.
     pub path: String,
-    /// What it is; `None` for entries that cannot be cloned (symlinks, devices…).
+    /// What it is; `None` for entries that cannot be cloned (sockets,
+    /// devices, links leading out of the tree).
     pub kind: Option<EntryKind>,
+    /// A symbolic link's target.
+    pub target: Option<String>,
     /// Size in bytes.
     pub size: u64,
     /// Permission bits.
@@ -292,17 +364,32 @@ pub fn walk_dir(root: &Path) -> Result<Vec<SourceEntry>> {
             let full = item.path();
             let md = fs::symlink_metadata(&full).map_err(|e| Error::io("stat", &full, e))?;
             let ft = md.file_type();
+            let mut target = None;
             let kind = if ft.is_file() {
                 Some(EntryKind::File)
             } else if ft.is_dir() {
                 stack.push((full.clone(), path.clone()));
                 Some(EntryKind::Dir)
+            } else if ft.is_symlink() {
+                let t = fs::read_link(&full).map_err(|e| Error::io("read link", &full, e))?;
+                let t = t
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|t| Error::InvalidPath {
+                        path: format!("{} -> {}", full.display(), t.to_string_lossy()),
+                        reason: "link target is not valid UTF-8",
+                    })?;
+                // A link out of the tree cannot be restored inside it.
+                let inside = validate_symlink(&path, &t).is_ok();
+                target = Some(t);
+                inside.then_some(EntryKind::Symlink)
             } else {
                 None
             };
             out.push(SourceEntry {
                 path,
                 kind,
+                target,
                 size: if ft.is_file() { md.len() } else { 0 },
                 mode: md.permissions().mode() & 0o7777,
                 mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
@@ -333,6 +420,12 @@ pub fn ingest_dir(
         match e.kind {
             None => builder.skip(e.path.clone()),
             Some(EntryKind::Dir) => builder.add_dir(&e.path, e.mode, e.mtime_ns)?,
+            Some(EntryKind::Symlink) => builder.add_symlink(
+                &e.path,
+                e.target.as_deref().unwrap_or_default(),
+                e.mode,
+                e.mtime_ns,
+            )?,
             Some(EntryKind::File) => {
                 if builder
                     .unchanged(&e.path, e.size, e.mtime_ns, e.mode)
@@ -379,6 +472,7 @@ mod tests {
         fs::write(root.join("a.txt"), b"hello").unwrap();
         fs::write(root.join("sub/b.bin"), vec![7u8; 100_000]).unwrap();
         std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("sub/out")).unwrap();
         let store = MemStore::new();
         let cancel = AtomicBool::new(false);
         let params = ChunkParams {
@@ -393,10 +487,12 @@ mod tests {
         let (m1, s1) = b.finish(1).unwrap();
         assert_eq!(s1.files, 2);
         assert_eq!(s1.bytes, 100_005);
-        assert_eq!(s1.skipped, vec!["link".to_string()]);
+        assert_eq!(s1.skipped, vec!["sub/out".to_string()]);
+        assert_eq!(s1.symlinks, 1);
         let paths: Vec<_> = m1.entries.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["a.txt", "sub", "sub/b.bin", "sub/empty"]);
-        let (id1, _) = m1.encode_with_id().unwrap();
+        assert_eq!(paths, ["a.txt", "link", "sub", "sub/b.bin", "sub/empty"]);
+        assert_eq!(m1.entries[1].target.as_deref(), Some("a.txt"));
+        let id1 = m1.id().unwrap();
 
         fs::write(root.join("a.txt"), b"hello, world").unwrap();
         let mut b = SnapshotBuilder::new("t", "d", Some((id1, m1)), params).unwrap();
@@ -414,6 +510,38 @@ mod tests {
     }
 
     #[test]
+    fn whole_files_match_streamed_ones_and_count_new_chunks_once() {
+        let store = MemStore::new();
+        let params = ChunkParams {
+            min_size: 1024,
+            avg_size: 4096,
+            max_size: 16384,
+        };
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let files: Vec<&[u8]> = vec![b"", b"small", &big, b"small"];
+        let got = ingest_whole(&store, "t", params, &files).unwrap();
+        for (data, whole) in files.iter().zip(&got) {
+            let streamed = ingest_stream(
+                &MemStore::new(),
+                "t",
+                params,
+                *data,
+                Path::new("x"),
+                &AtomicBool::new(false),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(whole.chunks, streamed.chunks);
+            assert_eq!(whole.blake3, streamed.blake3);
+            assert_eq!(whole.size, data.len() as u64);
+        }
+        assert!(got[2].chunks.len() > 1);
+        // "small" twice: stored once.
+        assert_eq!((got[1].new_chunks, got[3].new_chunks), (1, 0));
+        assert_eq!(got.iter().map(|f| f.new_bytes).sum::<u64>(), 100_005);
+    }
+
+    #[test]
     fn duplicate_and_unsafe_paths_are_refused() {
         let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
         assert!(b.add_dir("../up", 0o755, 0).is_err());
@@ -422,6 +550,8 @@ mod tests {
         assert!(b.finish(0).is_err());
         let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
         assert!(b.add_unchanged("f", 1, 1, 0o644).is_err());
+        assert!(b.add_symlink("l", "../outside", 0o777, 0).is_err());
+        assert!(b.add_symlink("l", "/abs", 0o777, 0).is_err());
     }
 
     #[test]

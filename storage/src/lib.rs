@@ -24,4 +24,6 @@ pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
-pub use store::{load_manifest, read_chunks, ChunkStore, MemStore};
+pub use store::{
+    load_manifest, put_pages, read_chunks, store_manifest, ChunkStore, MemStore, PutPages,
+};

@@ -1,26 +1,64 @@
 //! Manifests: the entries of one snapshot, in a versioned binary encoding.
 //!
-//! Layout of format v1 (all integers little-endian):
+//! Format v2 (written by this build) stores a manifest as a tree of
+//! content-addressed pages under a small root; format v1 (one blob holding
+//! every entry) is still read. All integers are little-endian.
 //!
 //! ```text
-//! magic "BCMF" | u16 version=1 | str tenant | str dataset | u8 has_parent [32 parent]
-//! | i64 created_unix_ms | u32 min | u32 avg | u32 max | u64 entry_count | entry*
-//! entry: u8 kind | str path | u64 size | u32 mode | i64 mtime_ns | [32 blake3]
-//!        | u32 chunk_count | (32 id, u32 len)*
-//! str:   u32 byte_len | UTF-8 bytes
+//! root v2: magic "BCMF" | u16 version=2 | str tenant | str dataset
+//!          | u8 has_parent [32 parent] | i64 created_unix_ms | u32 min | u32 avg | u32 max
+//!          | u64 entries | u64 files | u64 bytes | u8 height | u32 n | (32 page id, u64 entries)*n
+//! page:    magic "BCMP" | u8 level | u32 n | item*n
+//!          level 0 items are entries; level L > 0 items are (32 page id, u64 entries)
+//!          naming pages of level L - 1
+//! entry:   u8 kind | str path | u64 size | u32 mode | i64 mtime_ns | [32 blake3]
+//!          | u32 chunk_count | (32 id, u32 len)* | kind 2 (link) only: str target
+//! str:     u32 byte_len | UTF-8 bytes
+//! v1:      magic "BCMF" | u16 version=1 | the root's fields up to u32 max
+//!          | u64 entry_count | entry*   (kinds 0 and 1 only)
 //! ```
 //!
-//! A snapshot is named by the BLAKE3 of these bytes, so encoding is canonical:
-//! entries are sorted by path and unique, which decoding checks too.
+//! A snapshot is named by the BLAKE3 of its root, a page by the BLAKE3 of its
+//! bytes, so encoding is canonical: entries are sorted by path and unique
+//! (decoding checks that too, across pages), and where pages end depends
+//! only on the entries. A leaf page ends after an entry whose path hashes
+//! below a threshold (one path in [`LEAF_FANOUT`]) or once it holds
+//! [`PAGE_SOFT_BYTES`]; an index page ends after a child whose id does. An
+//! edit therefore changes the page holding the entry and the pages above it,
+//! and adding or removing a path at most its neighbours too: an incremental
+//! snapshot shares all other pages with its parent, and stores, sends and
+//! exports only the new ones. Pages are stored as chunks of the tenant, each
+//! written after everything it names, so a store holding a page holds the
+//! whole subtree below it (which lets replication and repair skip subtrees
+//! the other side already has).
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
-use crate::path::validate_path;
+use crate::path::{validate_path, validate_symlink};
 
 const MAGIC: &[u8; 4] = b"BCMF";
+const PAGE_MAGIC: &[u8; 4] = b"BCMP";
 /// The manifest format version this build writes.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// A leaf page ends after one in this many paths, on average.
+pub const LEAF_FANOUT: u32 = 64;
+/// An index page ends after one in this many children, on average.
+pub const INDEX_FANOUT: u32 = 64;
+/// A page ends once it holds at least this many bytes.
+pub const PAGE_SOFT_BYTES: usize = 256 << 10;
+/// The largest page, well inside one peer frame or API message (4 MiB). A
+/// single entry larger than this (a file of more than about 87,000 chunks,
+/// some 85 GiB at the default chunk size) is refused.
+pub const MAX_PAGE_BYTES: usize = 3 << 20;
+/// The root names at most this many pages; more get another index level.
+pub const ROOT_MAX_PAGES: usize = 256;
+/// Deepest page tree accepted when decoding.
+const MAX_HEIGHT: u8 = 8;
+/// Smallest encoded entry (kind, empty path, fixed fields, no chunks).
+const MIN_ENTRY_BYTES: usize = 61;
+/// Encoded size of an index item (page id, entry count).
+const INDEX_ITEM_BYTES: usize = 40;
 
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +67,8 @@ pub enum EntryKind {
     File,
     /// A directory (kept so that empty directories survive a round trip).
     Dir,
+    /// A symbolic link; its target is in [`Entry::target`].
+    Symlink,
 }
 
 /// One chunk of a file: its name and length.
@@ -40,23 +80,73 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
-/// One file or directory of a snapshot.
+/// One file, directory or symbolic link of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Relative `/`-separated path, validated by [`validate_path`].
     pub path: String,
-    /// File or directory.
+    /// File, directory or symbolic link.
     pub kind: EntryKind,
-    /// Length in bytes (0 for directories).
+    /// Length in bytes (0 for directories and links).
     pub size: u64,
     /// Unix permission bits.
     pub mode: u32,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
-    /// BLAKE3 of the whole file (of nothing for directories).
+    /// BLAKE3 of the whole file (of nothing for directories and links).
     pub blake3: [u8; 32],
     /// The file's chunks in order.
     pub chunks: Vec<ChunkRef>,
+    /// Where a symbolic link points (validated by [`validate_symlink`]);
+    /// `None` for files and directories.
+    pub target: Option<String>,
+}
+
+impl Entry {
+    /// A directory entry.
+    pub fn dir(path: String, mode: u32, mtime_ns: i64) -> Entry {
+        Entry {
+            path,
+            kind: EntryKind::Dir,
+            size: 0,
+            mode,
+            mtime_ns,
+            blake3: *blake3::hash(b"").as_bytes(),
+            chunks: Vec::new(),
+            target: None,
+        }
+    }
+
+    /// A symbolic link entry.
+    pub fn symlink(path: String, target: String, mode: u32, mtime_ns: i64) -> Entry {
+        Entry {
+            target: Some(target),
+            kind: EntryKind::Symlink,
+            ..Entry::dir(path, mode, mtime_ns)
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        validate_path(&self.path)?;
+        let sum: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if sum != self.size {
+            return Err(Error::decode(
+                "manifest",
+                format!(
+                    "{:?}: chunks add up to {sum}, size is {}",
+                    self.path, self.size
+                ),
+            ));
+        }
+        match (self.kind, &self.target) {
+            (EntryKind::Symlink, Some(t)) if self.size == 0 => validate_symlink(&self.path, t),
+            (EntryKind::File | EntryKind::Dir, None) => Ok(()),
+            _ => Err(Error::decode(
+                "manifest",
+                format!("{:?}: a link target only on (empty) links", self.path),
+            )),
+        }
+    }
 }
 
 /// The immutable description of one snapshot.
@@ -90,15 +180,81 @@ impl Manifest {
             .count() as u64
     }
 
-    /// Encodes into format v1 after checking the entries (sorted, unique, safe
-    /// paths, chunk lengths adding up to sizes).
-    pub fn encode(&self) -> Result<Vec<u8>> {
+    /// Encodes into format v2 after checking the entries (sorted, unique,
+    /// safe paths and link targets, chunk lengths adding up to sizes).
+    /// `emit(id, bytes)` receives every page, each after the pages it names;
+    /// returns the snapshot id and the root's bytes.
+    pub fn encode_pages(
+        &self,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<(SnapshotId, Vec<u8>)> {
         self.check()?;
-        let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
+        let mut leaves = PageWriter::new(0);
+        let mut scratch = Vec::new();
+        for e in &self.entries {
+            scratch.clear();
+            put_entry(&mut scratch, e);
+            if scratch.len() + 9 > MAX_PAGE_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "{:?} has {} chunks, more than one manifest page holds; use a larger chunk size for it",
+                    e.path,
+                    e.chunks.len()
+                )));
+            }
+            let cut = leaf_boundary(&e.path);
+            leaves.add(&scratch, 1, cut, emit)?;
+        }
+        let mut level = leaves.finish(emit)?;
+        let mut height = 1u8;
+        while level.len() > ROOT_MAX_PAGES {
+            let mut index = PageWriter::new(height);
+            for (id, entries) in &level {
+                scratch.clear();
+                scratch.extend_from_slice(id.as_bytes());
+                scratch.extend_from_slice(&entries.to_le_bytes());
+                index.add(&scratch, *entries, index_boundary(id), emit)?;
+            }
+            level = index.finish(emit)?;
+            height += 1;
+        }
+
+        let mut root = Vec::with_capacity(128 + level.len() * INDEX_ITEM_BYTES);
+        self.put_header(&mut root, FORMAT_VERSION);
+        let (files, bytes) = (self.file_count(), self.total_bytes());
+        for v in [self.entries.len() as u64, files, bytes] {
+            root.extend_from_slice(&v.to_le_bytes());
+        }
+        root.push(height);
+        root.extend_from_slice(&(level.len() as u32).to_le_bytes());
+        for (id, entries) in &level {
+            root.extend_from_slice(id.as_bytes());
+            root.extend_from_slice(&entries.to_le_bytes());
+        }
+        Ok((SnapshotId::of(&root), root))
+    }
+
+    /// The snapshot id this manifest gets (its pages are not kept).
+    pub fn id(&self) -> Result<SnapshotId> {
+        Ok(self.encode_pages(&mut |_, _| Ok(()))?.0)
+    }
+
+    /// Decodes a format v1 manifest (one blob with every entry), validating
+    /// everything. Use [`decode_root`] for stored bytes of either version.
+    pub fn decode_v1(bytes: &[u8]) -> Result<Manifest> {
+        match decode_root(bytes)? {
+            Stored::V1(m) => Ok(m),
+            Stored::V2(_) => Err(Error::decode(
+                "manifest",
+                "a v2 root, not a whole v1 manifest",
+            )),
+        }
+    }
+
+    fn put_header(&self, out: &mut Vec<u8>, version: u16) {
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        put_str(&mut out, &self.tenant);
-        put_str(&mut out, &self.dataset);
+        out.extend_from_slice(&version.to_le_bytes());
+        put_str(out, &self.tenant);
+        put_str(out, &self.dataset);
         match &self.parent {
             Some(p) => {
                 out.push(1);
@@ -114,99 +270,178 @@ impl Manifest {
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        for e in &self.entries {
-            out.push(match e.kind {
-                EntryKind::File => 0,
-                EntryKind::Dir => 1,
-            });
-            put_str(&mut out, &e.path);
-            out.extend_from_slice(&e.size.to_le_bytes());
-            out.extend_from_slice(&e.mode.to_le_bytes());
-            out.extend_from_slice(&e.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&e.blake3);
-            out.extend_from_slice(&(e.chunks.len() as u32).to_le_bytes());
-            for c in &e.chunks {
-                out.extend_from_slice(c.id.as_bytes());
-                out.extend_from_slice(&c.len.to_le_bytes());
+    }
+
+    fn check(&self) -> Result<()> {
+        for (i, e) in self.entries.iter().enumerate() {
+            e.check()?;
+            if i > 0 && self.entries[i - 1].path >= e.path {
+                return Err(Error::decode(
+                    "manifest",
+                    format!("entries not sorted/unique at {:?}", e.path),
+                ));
             }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// Whether a leaf page ends after the entry at `path` (content-defined:
+/// depends on the path alone, so edits do not move other pages' ends).
+fn leaf_boundary(path: &str) -> bool {
+    let h = blake3::hash(path.as_bytes());
+    u32::from_le_bytes([
+        h.as_bytes()[0],
+        h.as_bytes()[1],
+        h.as_bytes()[2],
+        h.as_bytes()[3],
+    ]) < u32::MAX / LEAF_FANOUT
+}
+
+/// Whether an index page ends after the child `id` (already a hash).
+fn index_boundary(id: &ChunkId) -> bool {
+    let b = id.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) < u32::MAX / INDEX_FANOUT
+}
+
+/// Collects the items of one level into pages.
+struct PageWriter {
+    level: u8,
+    items: Vec<u8>,
+    count: u32,
+    entries: u64,
+    done: Vec<(ChunkId, u64)>,
+}
+
+impl PageWriter {
+    fn new(level: u8) -> Self {
+        PageWriter {
+            level,
+            items: Vec::new(),
+            count: 0,
+            entries: 0,
+            done: Vec::new(),
+        }
     }
 
-    /// Encodes and names the manifest: the snapshot id is the BLAKE3 of the bytes.
-    pub fn encode_with_id(&self) -> Result<(SnapshotId, Vec<u8>)> {
-        let bytes = self.encode()?;
-        Ok((SnapshotId::of(&bytes), bytes))
+    fn add(
+        &mut self,
+        item: &[u8],
+        entries: u64,
+        boundary: bool,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        if self.count > 0 && self.items.len() + item.len() + 9 > MAX_PAGE_BYTES {
+            self.flush(emit)?;
+        }
+        self.items.extend_from_slice(item);
+        self.count += 1;
+        self.entries += entries;
+        if boundary || self.items.len() >= PAGE_SOFT_BYTES {
+            self.flush(emit)?;
+        }
+        Ok(())
     }
 
-    /// Decodes any supported format version, validating everything.
-    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
-        let mut r = Reader { buf: bytes };
-        if r.take(4)? != MAGIC {
-            return Err(Error::decode("manifest", "bad magic"));
+    fn flush(&mut self, emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>) -> Result<()> {
+        if self.count == 0 {
+            return Ok(());
         }
-        let version = r.u16()?;
-        if version != 1 {
-            return Err(Error::decode(
-                "manifest",
-                format!("format version {version} is newer than this build understands (1)"),
-            ));
-        }
-        let tenant = r.str()?;
-        let dataset = r.str()?;
-        let parent = match r.u8()? {
-            0 => None,
-            1 => Some(SnapshotId::from_slice(r.take(32)?)?),
-            x => return Err(Error::decode("manifest", format!("bad parent flag {x}"))),
-        };
-        let created_unix_ms = r.i64()?;
-        let chunking = ChunkParams {
-            min_size: r.u32()?,
-            avg_size: r.u32()?,
-            max_size: r.u32()?,
-        };
+        let mut page = Vec::with_capacity(9 + self.items.len());
+        page.extend_from_slice(PAGE_MAGIC);
+        page.push(self.level);
+        page.extend_from_slice(&self.count.to_le_bytes());
+        page.extend_from_slice(&self.items);
+        let id = ChunkId::of(&page);
+        emit(&id, &page)?;
+        self.done.push((id, self.entries));
+        self.items.clear();
+        self.count = 0;
+        self.entries = 0;
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<Vec<(ChunkId, u64)>> {
+        self.flush(emit)?;
+        Ok(self.done)
+    }
+}
+
+/// The stored form of a snapshot, as [`decode_root`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Format v1: the whole manifest in one blob.
+    V1(Manifest),
+    /// Format v2: a root naming pages.
+    V2(Root),
+}
+
+/// The root of a v2 manifest: everything but the entries, which are in the
+/// pages it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    /// Owner of the dataset.
+    pub tenant: String,
+    /// Dataset the snapshot belongs to.
+    pub dataset: String,
+    /// The snapshot this one was taken incrementally against.
+    pub parent: Option<SnapshotId>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: i64,
+    /// Chunking used for this snapshot's files.
+    pub chunking: ChunkParams,
+    /// Number of entries.
+    pub entries: u64,
+    /// Number of regular files.
+    pub files: u64,
+    /// Total bytes of the files.
+    pub bytes: u64,
+    /// Levels of pages (1: the root names leaf pages).
+    pub height: u8,
+    /// The top level's pages and the entries below each.
+    pub pages: Vec<(ChunkId, u64)>,
+}
+
+/// Decodes a stored root (v2) or whole manifest (v1).
+pub fn decode_root(bytes: &[u8]) -> Result<Stored> {
+    let mut r = Reader { buf: bytes };
+    if r.take(4)? != MAGIC {
+        return Err(Error::decode("manifest", "bad magic"));
+    }
+    let version = r.u16()?;
+    if version != 1 && version != 2 {
+        return Err(Error::decode(
+            "manifest",
+            format!("format version {version} is newer than this build understands (2)"),
+        ));
+    }
+    let tenant = r.str()?;
+    let dataset = r.str()?;
+    let parent = match r.u8()? {
+        0 => None,
+        1 => Some(SnapshotId::from_slice(r.take(32)?)?),
+        x => return Err(Error::decode("manifest", format!("bad parent flag {x}"))),
+    };
+    let created_unix_ms = r.i64()?;
+    let chunking = ChunkParams {
+        min_size: r.u32()?,
+        avg_size: r.u32()?,
+        max_size: r.u32()?,
+    };
+    if version == 1 {
         let count = r.u64()?;
-        // Every entry takes at least 61 bytes: refuse counts the input cannot hold
-        // before allocating for them.
-        if count > (r.buf.len() / 61) as u64 {
+        // Refuse counts the input cannot hold before allocating for them.
+        if count > (r.buf.len() / MIN_ENTRY_BYTES) as u64 {
             return Err(Error::decode("manifest", "entry count exceeds input"));
         }
         let mut entries = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let kind = match r.u8()? {
-                0 => EntryKind::File,
-                1 => EntryKind::Dir,
-                x => return Err(Error::decode("manifest", format!("unknown entry kind {x}"))),
-            };
-            let path = r.str()?;
-            let size = r.u64()?;
-            let mode = r.u32()?;
-            let mtime_ns = r.i64()?;
-            let blake3: [u8; 32] = *ChunkId::from_slice(r.take(32)?)?.as_bytes();
-            let n = r.u32()? as usize;
-            if n > r.buf.len() / 36 {
-                return Err(Error::decode("manifest", "chunk count exceeds input"));
-            }
-            let mut chunks = Vec::with_capacity(n);
-            for _ in 0..n {
-                let id = ChunkId::from_slice(r.take(32)?)?;
-                let len = r.u32()?;
-                chunks.push(ChunkRef { id, len });
-            }
-            entries.push(Entry {
-                path,
-                kind,
-                size,
-                mode,
-                mtime_ns,
-                blake3,
-                chunks,
-            });
+            entries.push(r.entry(false)?);
         }
-        if !r.buf.is_empty() {
-            return Err(Error::decode("manifest", "trailing bytes"));
-        }
+        r.end()?;
         let m = Manifest {
             tenant,
             dataset,
@@ -216,33 +451,259 @@ impl Manifest {
             entries,
         };
         m.check()?;
-        Ok(m)
+        return Ok(Stored::V1(m));
     }
+    let (entries, files, bytes) = (r.u64()?, r.u64()?, r.u64()?);
+    let height = r.u8()?;
+    if height == 0 || height > MAX_HEIGHT {
+        return Err(Error::decode(
+            "manifest",
+            format!("page tree of height {height}"),
+        ));
+    }
+    let pages = r.index_items()?;
+    r.end()?;
+    if pages.is_empty() != (entries == 0)
+        || pages.iter().map(|(_, n)| *n).sum::<u64>() != entries
+        || files > entries
+    {
+        return Err(Error::decode(
+            "manifest",
+            format!(
+                "root counts disagree: {entries} entries, {files} files, {} pages",
+                pages.len()
+            ),
+        ));
+    }
+    Ok(Stored::V2(Root {
+        tenant,
+        dataset,
+        parent,
+        created_unix_ms,
+        chunking,
+        entries,
+        files,
+        bytes,
+        height,
+        pages,
+    }))
+}
 
-    fn check(&self) -> Result<()> {
-        for (i, e) in self.entries.iter().enumerate() {
-            validate_path(&e.path)?;
-            if i > 0 && self.entries[i - 1].path >= e.path {
+/// One decoded page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Page {
+    /// Level > 0: pages of the level below and the entries under each.
+    Index(Vec<(ChunkId, u64)>),
+    /// Level 0: entries.
+    Leaf(Vec<Entry>),
+}
+
+impl Page {
+    /// Decodes the page named `id` at `level`, refusing bytes that do not
+    /// hash to `id` or are damaged in any way.
+    pub fn decode(id: &ChunkId, level: u8, bytes: &[u8]) -> Result<Page> {
+        if !id.verify(bytes) {
+            return Err(Error::CorruptChunk {
+                chunk: *id,
+                detail: format!(
+                    "manifest page of {} bytes does not hash to its name",
+                    bytes.len()
+                ),
+            });
+        }
+        let mut r = Reader { buf: bytes };
+        if r.take(4)? != PAGE_MAGIC {
+            return Err(Error::decode("manifest page", "bad magic"));
+        }
+        let found = r.u8()?;
+        if found != level {
+            return Err(Error::decode(
+                "manifest page",
+                format!("{id} is a level {found} page where level {level} belongs"),
+            ));
+        }
+        let page = if level == 0 {
+            let count = r.u32()? as usize;
+            if count == 0 || count > r.buf.len() / MIN_ENTRY_BYTES {
                 return Err(Error::decode(
-                    "manifest",
-                    format!("entries not sorted/unique at {:?}", e.path),
+                    "manifest page",
+                    "entry count does not fit the page",
                 ));
             }
-            let sum: u64 = e.chunks.iter().map(|c| u64::from(c.len)).sum();
-            if sum != e.size {
-                return Err(Error::decode(
-                    "manifest",
-                    format!("{:?}: chunks add up to {sum}, size is {}", e.path, e.size),
-                ));
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                entries.push(r.entry(true)?);
+            }
+            Page::Leaf(entries)
+        } else {
+            let items = r.index_items()?;
+            if items.is_empty() {
+                return Err(Error::decode("manifest page", "empty index page"));
+            }
+            Page::Index(items)
+        };
+        r.end()?;
+        Ok(page)
+    }
+
+    /// What the page names: child pages, or the distinct chunks of its files.
+    pub fn children(&self) -> Vec<ChunkId> {
+        match self {
+            Page::Index(items) => items.iter().map(|(id, _)| *id).collect(),
+            Page::Leaf(entries) => {
+                let mut ids: Vec<ChunkId> = entries
+                    .iter()
+                    .flat_map(|e| e.chunks.iter().map(|c| c.id))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }
+        }
+    }
+}
+
+/// Rebuilds a [`Manifest`] from a v2 root, asking for one page at a time:
+/// `while let Some((id, level)) = a.next_page() { a.feed(&fetch(id)?)? }`,
+/// then [`Assembler::finish`]. Holds no IO, so the same code serves the
+/// chunk store, peers and object-store sinks.
+pub struct Assembler {
+    root: Root,
+    /// Per level being walked: the pages still to read and their entry counts.
+    stack: Vec<(u8, std::vec::IntoIter<(ChunkId, u64)>)>,
+    pending: Option<(ChunkId, u8, u64)>,
+    entries: Vec<Entry>,
+}
+
+impl Assembler {
+    /// Starts at `root`.
+    pub fn new(mut root: Root) -> Assembler {
+        let top = std::mem::take(&mut root.pages);
+        Assembler {
+            stack: vec![(root.height - 1, top.into_iter())],
+            entries: Vec::with_capacity(root.entries.min(1 << 20) as usize),
+            root,
+            pending: None,
+        }
+    }
+
+    /// The next page to read (depth first, in path order) and its level.
+    pub fn next_page(&mut self) -> Option<(ChunkId, u8)> {
+        while let Some((level, items)) = self.stack.last_mut() {
+            if let Some((id, n)) = items.next() {
+                self.pending = Some((id, *level, n));
+                return Some((id, *level));
+            }
+            self.stack.pop();
+        }
+        None
+    }
+
+    /// Takes the bytes of the page [`Assembler::next_page`] asked for.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+        let (id, level, expected) = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::decode("manifest page", "no page was asked for"))?;
+        let page = Page::decode(&id, level, bytes)?;
+        let found = match &page {
+            Page::Index(items) => items.iter().map(|(_, n)| *n).sum::<u64>(),
+            Page::Leaf(entries) => entries.len() as u64,
+        };
+        if found != expected {
+            return Err(Error::decode(
+                "manifest page",
+                format!("{id} holds {found} entries where its parent says {expected}"),
+            ));
+        }
+        match page {
+            Page::Index(items) => self.stack.push((level - 1, items.into_iter())),
+            Page::Leaf(entries) => {
+                if let (Some(last), Some(first)) = (self.entries.last(), entries.first()) {
+                    if last.path >= first.path {
+                        return Err(Error::decode(
+                            "manifest",
+                            format!("entries not sorted/unique at {:?}", first.path),
+                        ));
+                    }
+                }
+                self.entries.extend(entries);
             }
         }
         Ok(())
+    }
+
+    /// The manifest, once every page was fed.
+    pub fn finish(self) -> Result<Manifest> {
+        if self.pending.is_some() || !self.stack.is_empty() {
+            return Err(Error::decode("manifest", "pages left unread"));
+        }
+        let r = self.root;
+        let m = Manifest {
+            tenant: r.tenant,
+            dataset: r.dataset,
+            parent: r.parent,
+            created_unix_ms: r.created_unix_ms,
+            chunking: r.chunking,
+            entries: self.entries,
+        };
+        if m.entries.len() as u64 != r.entries
+            || m.file_count() != r.files
+            || m.total_bytes() != r.bytes
+        {
+            return Err(Error::decode(
+                "manifest",
+                "pages disagree with the root's totals",
+            ));
+        }
+        m.check()?;
+        Ok(m)
+    }
+}
+
+/// Decodes stored manifest bytes of either version, reading a v2 root's
+/// pages through `fetch` (blocking).
+pub fn assemble(
+    bytes: &[u8],
+    fetch: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
+) -> Result<Manifest> {
+    match decode_root(bytes)? {
+        Stored::V1(m) => Ok(m),
+        Stored::V2(root) => {
+            let mut a = Assembler::new(root);
+            while let Some((id, _)) = a.next_page() {
+                let page = fetch(&id)?;
+                a.feed(&page)?;
+            }
+            a.finish()
+        }
     }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &Entry) {
+    out.push(match e.kind {
+        EntryKind::File => 0,
+        EntryKind::Dir => 1,
+        EntryKind::Symlink => 2,
+    });
+    put_str(out, &e.path);
+    out.extend_from_slice(&e.size.to_le_bytes());
+    out.extend_from_slice(&e.mode.to_le_bytes());
+    out.extend_from_slice(&e.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&e.blake3);
+    out.extend_from_slice(&(e.chunks.len() as u32).to_le_bytes());
+    for c in &e.chunks {
+        out.extend_from_slice(c.id.as_bytes());
+        out.extend_from_slice(&c.len.to_le_bytes());
+    }
+    if let Some(t) = &e.target {
+        put_str(out, t);
+    }
 }
 
 struct Reader<'a> {
@@ -257,6 +718,14 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
         Ok(head)
+    }
+
+    fn end(&self) -> Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::decode("manifest", "trailing bytes"))
+        }
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
@@ -285,11 +754,95 @@ impl<'a> Reader<'a> {
         let bytes = self.take(n)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| Error::decode("manifest", "non-UTF-8 string"))
     }
+
+    fn index_items(&mut self) -> Result<Vec<(ChunkId, u64)>> {
+        let n = self.u32()? as usize;
+        if n > self.buf.len() / INDEX_ITEM_BYTES {
+            return Err(Error::decode("manifest", "page count exceeds input"));
+        }
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = ChunkId::from_slice(self.take(32)?)?;
+            items.push((id, self.u64()?));
+        }
+        Ok(items)
+    }
+
+    fn entry(&mut self, symlinks: bool) -> Result<Entry> {
+        let kind = match self.u8()? {
+            0 => EntryKind::File,
+            1 => EntryKind::Dir,
+            2 if symlinks => EntryKind::Symlink,
+            x => return Err(Error::decode("manifest", format!("unknown entry kind {x}"))),
+        };
+        let path = self.str()?;
+        let size = self.u64()?;
+        let mode = self.u32()?;
+        let mtime_ns = self.i64()?;
+        let blake3 = self.array::<32>()?;
+        let n = self.u32()? as usize;
+        if n > self.buf.len() / 36 {
+            return Err(Error::decode("manifest", "chunk count exceeds input"));
+        }
+        let mut chunks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = ChunkId::from_slice(self.take(32)?)?;
+            let len = self.u32()?;
+            chunks.push(ChunkRef { id, len });
+        }
+        let target = match kind {
+            EntryKind::Symlink => Some(self.str()?),
+            _ => None,
+        };
+        Ok(Entry {
+            path,
+            kind,
+            size,
+            mode,
+            mtime_ns,
+            blake3,
+            chunks,
+            target,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    /// Format v1, as the previous release wrote it (for the stored fixture).
+    fn encode_v1(m: &Manifest) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.put_header(&mut out, 1);
+        out.extend_from_slice(&(m.entries.len() as u64).to_le_bytes());
+        for e in &m.entries {
+            put_entry(&mut out, e);
+        }
+        out
+    }
+
+    fn file(path: &str, content: &[u8]) -> Entry {
+        let id = ChunkId::of(content);
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            size: content.len() as u64,
+            mode: 0o644,
+            mtime_ns: 1_700_000_000_000_000_000,
+            blake3: *blake3::hash(content).as_bytes(),
+            chunks: if content.is_empty() {
+                vec![]
+            } else {
+                vec![ChunkRef {
+                    id,
+                    len: content.len() as u32,
+                }]
+            },
+            target: None,
+        }
+    }
 
     /// The manifest stored in `tests/fixtures/manifest-v1.bin`.
     pub(crate) fn fixture_manifest() -> Manifest {
@@ -302,15 +855,7 @@ mod tests {
             created_unix_ms: 1_764_000_000_000,
             chunking: ChunkParams::default(),
             entries: vec![
-                Entry {
-                    path: "data".into(),
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mode: 0o755,
-                    mtime_ns: 1_700_000_000_000_000_000,
-                    blake3: *blake3::hash(b"").as_bytes(),
-                    chunks: vec![],
-                },
+                Entry::dir("data".into(), 0o755, 1_700_000_000_000_000_000),
                 Entry {
                     path: "data/a.bin".into(),
                     kind: EntryKind::File,
@@ -319,40 +864,84 @@ mod tests {
                     mtime_ns: 1_700_000_000_123_456_789,
                     blake3: *blake3::hash(b"chunk onechunk two").as_bytes(),
                     chunks: vec![ChunkRef { id: c1, len: 9 }, ChunkRef { id: c2, len: 9 }],
+                    target: None,
                 },
                 Entry {
-                    path: "empty".into(),
-                    kind: EntryKind::File,
-                    size: 0,
                     mode: 0o600,
                     mtime_ns: -5,
-                    blake3: *blake3::hash(b"").as_bytes(),
-                    chunks: vec![],
+                    ..file("empty", b"")
                 },
             ],
         }
     }
 
-    const FIXTURE: &str = concat!(
+    /// A manifest of `n` small files in 100 directories, plus links.
+    fn big(n: usize) -> Manifest {
+        let mut entries = Vec::new();
+        for d in 0..100 {
+            entries.push(Entry::dir(format!("class{d:03}"), 0o755, 1));
+        }
+        for i in 0..n {
+            let body = format!("file body {i}");
+            entries.push(file(
+                &format!("class{:03}/img{i:07}.jpg", i % 100),
+                body.as_bytes(),
+            ));
+        }
+        entries.push(Entry::symlink(
+            "class000/latest".into(),
+            "img0000000.jpg".into(),
+            0o777,
+            1,
+        ));
+        entries.push(Entry::symlink("top".into(), "class001".into(), 0o777, 1));
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Manifest {
+            tenant: "t".into(),
+            dataset: "d".into(),
+            parent: None,
+            created_unix_ms: 7,
+            chunking: ChunkParams::default(),
+            entries,
+        }
+    }
+
+    /// Encodes into a map of pages; returns the id, the root and the pages.
+    fn paged(m: &Manifest) -> (SnapshotId, Vec<u8>, HashMap<ChunkId, Vec<u8>>) {
+        let mut pages = HashMap::new();
+        let (id, root) = m
+            .encode_pages(&mut |id, bytes| {
+                assert!(bytes.len() <= MAX_PAGE_BYTES);
+                pages.insert(*id, bytes.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        (id, root, pages)
+    }
+
+    fn load(root: &[u8], pages: &HashMap<ChunkId, Vec<u8>>) -> Result<Manifest> {
+        assemble(root, &mut |id| {
+            pages.get(id).cloned().ok_or(Error::MissingChunk(*id))
+        })
+    }
+
+    const V1_FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/manifest-v1.bin"
     );
-
-    #[test]
-    fn round_trip() {
-        let m = fixture_manifest();
-        let bytes = m.encode().unwrap();
-        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
-    }
+    const V2_FIXTURE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/manifest-v2.bin"
+    );
 
     #[test]
     fn reads_the_stored_v1_fixture() {
         if std::env::var_os("BITCLONE_WRITE_FIXTURES").is_some() {
-            std::fs::write(FIXTURE, fixture_manifest().encode().unwrap()).unwrap();
+            std::fs::write(V1_FIXTURE, encode_v1(&fixture_manifest())).unwrap();
         }
-        let stored = std::fs::read(FIXTURE).unwrap();
-        let decoded = Manifest::decode(&stored).unwrap();
-        assert_eq!(decoded, fixture_manifest());
+        let stored = std::fs::read(V1_FIXTURE).unwrap();
+        assert_eq!(Manifest::decode_v1(&stored).unwrap(), fixture_manifest());
+        assert_eq!(load(&stored, &HashMap::new()).unwrap(), fixture_manifest());
         // The id of a stored snapshot must never change across builds.
         assert_eq!(
             ChunkId::of(&stored).to_hex(),
@@ -360,30 +949,190 @@ mod tests {
         );
     }
 
+    /// The v2 fixture: the root, then every page, each as u32 length + bytes.
     #[test]
-    fn refuses_damaged_input() {
-        let bytes = fixture_manifest().encode().unwrap();
-        for cut in [0, 3, 10, bytes.len() - 1] {
-            assert!(Manifest::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    fn reads_the_stored_v2_fixture() {
+        let m = big(500);
+        if std::env::var_os("BITCLONE_WRITE_FIXTURES").is_some() {
+            let (_, root, pages) = paged(&m);
+            let mut ids: Vec<_> = pages.keys().copied().collect();
+            ids.sort();
+            let mut out = Vec::new();
+            for bytes in std::iter::once(&root).chain(ids.iter().map(|i| &pages[i])) {
+                out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
+            std::fs::write(V2_FIXTURE, out).unwrap();
         }
-        let mut future = bytes.clone();
-        future[4] = 9;
-        assert!(Manifest::decode(&future).is_err());
-        let mut trailing = bytes.clone();
-        trailing.push(0);
-        assert!(Manifest::decode(&trailing).is_err());
+        let stored = std::fs::read(V2_FIXTURE).unwrap();
+        let mut parts = Vec::new();
+        let mut rest = stored.as_slice();
+        while !rest.is_empty() {
+            let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            parts.push(rest[4..4 + n].to_vec());
+            rest = &rest[4 + n..];
+        }
+        let root = parts.remove(0);
+        assert!(parts.len() > 3, "the fixture spans several pages");
+        let pages: HashMap<ChunkId, Vec<u8>> =
+            parts.into_iter().map(|p| (ChunkId::of(&p), p)).collect();
+        assert_eq!(load(&root, &pages).unwrap(), m);
+        assert_eq!(
+            SnapshotId::of(&root).to_hex(),
+            include_str!("../tests/fixtures/manifest-v2.id").trim()
+        );
+        // This build writes exactly the stored bytes.
+        assert_eq!(paged(&m).1, root);
     }
 
     #[test]
-    fn refuses_traversal_and_unsorted_entries() {
+    fn large_manifests_round_trip_through_pages_of_bounded_size() {
+        let m = big(40_000);
+        let (id, root, pages) = paged(&m);
+        assert_eq!(id, m.id().unwrap());
+        let Stored::V2(r) = decode_root(&root).unwrap() else {
+            panic!("v2 expected")
+        };
+        assert!(r.height >= 2, "40,000 entries need an index level");
+        assert!(r.pages.len() <= ROOT_MAX_PAGES);
+        assert!(root.len() < 16 << 10, "root of {} bytes", root.len());
+        assert!(pages.len() > ROOT_MAX_PAGES);
+        assert_eq!(load(&root, &pages).unwrap(), m);
+        assert_eq!((r.entries, r.files), (40_102, 40_000));
+    }
+
+    /// Pages of `m` that `parent` does not have.
+    fn new_pages(parent: &Manifest, m: &Manifest) -> usize {
+        let old = paged(parent).2;
+        paged(m).2.keys().filter(|id| !old.contains_key(id)).count()
+    }
+
+    #[test]
+    fn an_edit_changes_only_a_few_pages() {
+        let m = big(40_000);
+        let height = match decode_root(&paged(&m).1).unwrap() {
+            Stored::V2(r) => r.height as usize,
+            Stored::V1(_) => unreachable!(),
+        };
+        // One file's content: its leaf and the index pages above it.
+        let mut edited = m.clone();
+        let i = edited.entries.len() / 2;
+        edited.entries[i] = file(&edited.entries[i].path.clone(), b"new content");
+        assert!(
+            new_pages(&m, &edited) <= height,
+            "{}",
+            new_pages(&m, &edited)
+        );
+        // A path added and one removed: their neighbours at most.
+        let mut moved = m.clone();
+        moved.entries.remove(1234);
+        moved.entries.push(file("class050/zzz-new.jpg", b"new"));
+        moved.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        assert!(
+            new_pages(&m, &moved) <= 2 * (height + 1),
+            "{}",
+            new_pages(&m, &moved)
+        );
+        // 0.1% of the files edited: a small part of all pages.
+        let mut many = m.clone();
+        for k in 0..40 {
+            let j = 100 + k * 997;
+            many.entries[j] = file(&many.entries[j].path.clone(), b"edited");
+        }
+        let total = paged(&many).2.len();
+        let changed = new_pages(&m, &many);
+        assert!(changed * 10 < total, "{changed} of {total} pages changed");
+    }
+
+    #[test]
+    fn damaged_pages_and_roots_are_refused() {
+        let m = big(3_000);
+        let (_, root, pages) = paged(&m);
+        let victim = *pages.keys().next().unwrap();
+        // Bytes that do not match the page's name.
+        let mut bad = pages.clone();
+        bad.get_mut(&victim).unwrap()[20] ^= 1;
+        assert!(
+            matches!(load(&root, &bad), Err(Error::CorruptChunk { chunk, .. }) if chunk == victim)
+        );
+        // A truncated page (its name recomputed, so only the decoder can tell).
+        for cut in [0, 5, 9, 100] {
+            let short = pages[&victim][..cut].to_vec();
+            assert!(
+                Page::decode(&ChunkId::of(&short), 0, &short).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A missing page.
+        let mut gone = pages.clone();
+        gone.remove(&victim);
+        assert!(matches!(load(&root, &gone), Err(Error::MissingChunk(_))));
+        // Damaged roots.
+        for cut in [0, 3, 10, root.len() - 1] {
+            assert!(decode_root(&root[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut future = root.clone();
+        future[4] = 9;
+        assert!(decode_root(&future).is_err());
+        let mut trailing = root.clone();
+        trailing.push(0);
+        assert!(decode_root(&trailing).is_err());
+    }
+
+    #[test]
+    fn v1_damage_is_refused() {
+        let bytes = encode_v1(&fixture_manifest());
+        for cut in [0, 3, 10, bytes.len() - 1] {
+            assert!(Manifest::decode_v1(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn refuses_traversal_unsorted_entries_and_escaping_links() {
         let mut m = fixture_manifest();
         m.entries[1].path = "../escape".into();
-        assert!(matches!(m.encode(), Err(Error::InvalidPath { .. })));
+        assert!(matches!(m.id(), Err(Error::InvalidPath { .. })));
         let mut m = fixture_manifest();
         m.entries.swap(1, 2);
-        assert!(m.encode().is_err());
+        assert!(m.id().is_err());
         let mut m = fixture_manifest();
         m.entries[1].size += 1;
-        assert!(m.encode().is_err());
+        assert!(m.id().is_err());
+        let mut m = fixture_manifest();
+        m.entries.push(Entry::symlink(
+            "zz".into(),
+            "../../etc/passwd".into(),
+            0o777,
+            0,
+        ));
+        assert!(matches!(m.id(), Err(Error::InvalidPath { .. })));
+        let mut m = fixture_manifest();
+        m.entries[1].target = Some("x".into());
+        assert!(m.id().is_err());
+    }
+
+    #[test]
+    fn a_file_too_large_for_one_page_is_a_clear_error() {
+        let mut m = fixture_manifest();
+        let chunk = ChunkRef {
+            id: ChunkId::of(b"c"),
+            len: 1,
+        };
+        m.entries[1].chunks = vec![chunk; 100_000];
+        m.entries[1].size = 100_000;
+        let err = m.id().unwrap_err().to_string();
+        assert!(
+            err.contains("data/a.bin") && err.contains("100000 chunks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_manifest() {
+        let mut m = fixture_manifest();
+        m.entries.clear();
+        let (_, root, pages) = paged(&m);
+        assert!(pages.is_empty());
+        assert_eq!(load(&root, &pages).unwrap(), m);
     }
 }

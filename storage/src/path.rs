@@ -42,6 +42,48 @@ pub fn validate_path(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the target of the symbolic link at `path` (a path already checked
+/// by [`validate_path`]): relative, no NUL, at most 4096 bytes, and never
+/// leading out of the snapshot's root when resolved from the link's
+/// directory. A restore can then create the link without it pointing
+/// anywhere outside the directory restored into.
+pub fn validate_symlink(path: &str, target: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidPath {
+            path: format!("{path} -> {target}"),
+            reason,
+        })
+    };
+    if target.is_empty() {
+        return bad("symbolic link with an empty target");
+    }
+    if target.len() > MAX_PATH_BYTES {
+        return bad("symbolic link target longer than 4096 bytes");
+    }
+    if target.contains('\0') {
+        return bad("symbolic link target contains NUL");
+    }
+    if target.starts_with('/') {
+        return bad("symbolic link to an absolute path (it would point outside the restored tree)");
+    }
+    // Lexical resolution from the link's own directory; the depth below the
+    // root may never go negative.
+    let mut depth = path.split('/').count() as i64 - 1;
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return bad("symbolic link target leads outside the snapshot's root");
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
 /// Checks a tenant or dataset name: 1–128 of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -90,6 +132,32 @@ mod tests {
             );
         }
         assert!(validate_path(&"a".repeat(5000)).is_err());
+    }
+
+    #[test]
+    fn symlink_targets_stay_inside_the_root() {
+        for (p, t) in [
+            ("a", "b"),
+            ("d/link", "../b"),
+            ("d/e/link", "../../b/c"),
+            ("d/link", "./x/../y"),
+            ("models/m/snap/f", "../../blobs/abc"),
+        ] {
+            assert!(validate_symlink(p, t).is_ok(), "{p} -> {t}");
+        }
+        for (p, t) in [
+            ("a", "../b"),
+            ("d/link", "../../b"),
+            ("d/link", "/etc/passwd"),
+            ("d/link", ""),
+            ("d/link", "x/../../.."),
+            ("d/link", "a\0b"),
+        ] {
+            assert!(
+                matches!(validate_symlink(p, t), Err(Error::InvalidPath { .. })),
+                "{p} -> {t} should be refused"
+            );
+        }
     }
 
     #[test]

@@ -380,6 +380,39 @@ impl ChunkStore for RocksStore {
         Ok(true)
     }
 
+    fn put_chunks(&self, tenant: &str, chunks: &[(ChunkId, &[u8])]) -> Result<Vec<bool>> {
+        self.check_writable()?;
+        let keys: Vec<Vec<u8>> = chunks
+            .iter()
+            .map(|(id, _)| tenant_key(tenant, id.as_bytes()))
+            .collect();
+        let found = self
+            .db
+            .batched_multi_get_cf(self.cf(CF_CHUNK_INDEX), &keys, false);
+        let mut batch = WriteBatch::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(chunks.len());
+        for ((key, (id, data)), got) in keys.iter().zip(chunks).zip(found) {
+            let new = got?.is_none() && seen.insert(*id);
+            if new {
+                batch.put_cf(self.cf(CF_CHUNKS), key, data);
+                batch.put_cf(
+                    self.cf(CF_CHUNK_INDEX),
+                    key,
+                    (data.len() as u32).to_le_bytes(),
+                );
+            }
+            out.push(new);
+        }
+        if !batch.is_empty() {
+            // No WAL, as for single chunks (see `write_chunk`).
+            let mut opts = WriteOptions::default();
+            opts.disable_wal(true);
+            self.write_opt(batch, &opts)?;
+        }
+        Ok(out)
+    }
+
     fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
         // Every chunk read is checked against its BLAKE3 name below, which
         // catches everything RocksDB's block CRC would; skipping the CRC

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::{ChunkRef, Manifest};
+use crate::manifest::{assemble, ChunkRef, Manifest, Page, Root};
 
 /// Content-addressed storage of chunks and manifests, per tenant.
 ///
@@ -24,6 +24,16 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// untrusted bytes must check with [`ChunkId::verify`] first. Not durable
     /// until [`ChunkStore::sync`] (or a synced commit) returns.
     fn put_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<bool>;
+
+    /// Stores many chunks (each unless already present, a chunk repeated in
+    /// the batch once); returns which were new. One write for the batch
+    /// where the store can; the same durability as [`ChunkStore::put_chunk`].
+    fn put_chunks(&self, tenant: &str, chunks: &[(ChunkId, &[u8])]) -> Result<Vec<bool>> {
+        chunks
+            .iter()
+            .map(|(id, data)| self.put_chunk(tenant, id, data))
+            .collect()
+    }
 
     /// Reads and verifies a chunk.
     fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>>;
@@ -131,12 +141,73 @@ pub fn read_chunks(store: &dyn ChunkStore, tenant: &str, chunks: &[ChunkRef]) ->
     Ok(out)
 }
 
-/// Loads and decodes a snapshot's manifest. Blocking.
+/// Loads and decodes a snapshot's manifest (either format version, a v2
+/// root's pages read from the chunks of `tenant`). Blocking.
 pub fn load_manifest(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> Result<Manifest> {
     let bytes = store.get_manifest(tenant, id)?;
-    let m = Manifest::decode(&bytes)?;
+    let m = assemble(&bytes, &mut |page| store.get_chunk(tenant, page))?;
     if m.tenant != tenant {
         return Err(Error::not_found("snapshot", id.to_hex()));
     }
     Ok(m)
+}
+
+/// What [`put_pages`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutPages {
+    /// The snapshot id.
+    pub id: SnapshotId,
+    /// The root's bytes, for the caller to store once the pages are durable.
+    pub root: Vec<u8>,
+    /// Pages the store did not have yet.
+    pub new_pages: u64,
+    /// Their bytes.
+    pub new_bytes: u64,
+}
+
+/// Stores a manifest's pages as chunks of its tenant (the pages an earlier
+/// snapshot shares are already there) and returns its root, which the
+/// caller stores after making the pages durable. Blocking.
+pub fn put_pages(store: &dyn ChunkStore, m: &Manifest) -> Result<PutPages> {
+    let (mut new_pages, mut new_bytes) = (0, 0);
+    let (id, root) = m.encode_pages(&mut |page, bytes| {
+        if store.put_chunk(&m.tenant, page, bytes)? {
+            new_pages += 1;
+            new_bytes += bytes.len() as u64;
+        }
+        Ok(())
+    })?;
+    Ok(PutPages {
+        id,
+        root,
+        new_pages,
+        new_bytes,
+    })
+}
+
+/// [`put_pages`], then the root (not synced: for tools and tests; a node
+/// makes the pages durable before it stores the root).
+pub fn store_manifest(store: &dyn ChunkStore, m: &Manifest) -> Result<PutPages> {
+    let put = put_pages(store, m)?;
+    store.put_manifest(&m.tenant, &put.id, &put.root)?;
+    Ok(put)
+}
+
+/// Every page of a v2 manifest's tree, read from the chunks of `tenant`
+/// (each checked against its name). Blocking.
+pub fn page_ids(store: &dyn ChunkStore, tenant: &str, root: &Root) -> Result<Vec<ChunkId>> {
+    let mut out = Vec::new();
+    let mut level: Vec<ChunkId> = root.pages.iter().map(|(id, _)| *id).collect();
+    for depth in (0..root.height).rev() {
+        let mut below = Vec::new();
+        for id in &level {
+            if depth > 0 {
+                let bytes = store.get_chunk(tenant, id)?;
+                below.extend(Page::decode(id, depth, &bytes)?.children());
+            }
+        }
+        out.append(&mut level);
+        level = below;
+    }
+    Ok(out)
 }

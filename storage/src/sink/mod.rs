@@ -66,6 +66,9 @@ pub struct Written {
     pub bytes_written: u64,
     /// Objects deleted because the snapshot no longer has them (mirror).
     pub objects_deleted: u64,
+    /// Manifest pages written (object stores hold only those of the
+    /// pages they did not have yet).
+    pub pages_written: u64,
     /// The snapshot was already committed there; nothing was written.
     pub already_committed: bool,
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::manifest::{EntryKind, Manifest};
-use crate::path::validate_path;
+use crate::path::{validate_path, validate_symlink};
 use crate::sink::now_ms;
 use crate::sink::objects::layout::join;
 use crate::sink::objects::s3::sink_error;
@@ -101,7 +101,7 @@ pub async fn restore_into(
         validate_path(&e.path)?;
         let parent = match e.kind {
             EntryKind::Dir => dir.join(&e.path),
-            EntryKind::File => match Path::new(&e.path).parent() {
+            EntryKind::File | EntryKind::Symlink => match Path::new(&e.path).parent() {
                 Some(p) => dir.join(p),
                 None => dir.to_path_buf(),
             },
@@ -115,6 +115,19 @@ pub async fn restore_into(
     let result = restore_files(target, manifest, dir, &staging, progress).await;
     let _ = std::fs::remove_dir_all(&staging);
     let stats = result?;
+    // Links after every file, so that no file is ever written through one
+    // (a link where a directory of the snapshot is fails to be created).
+    for e in manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Symlink)
+    {
+        let target = e.target.as_deref().unwrap_or_default();
+        validate_symlink(&e.path, target)?;
+        let path = dir.join(&e.path);
+        std::os::unix::fs::symlink(target, &path)
+            .map_err(|err| Error::io("symlink", &path, err))?;
+    }
     // Directory modes last: a read-only directory must not block its files.
     for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
         let path = dir.join(&e.path);

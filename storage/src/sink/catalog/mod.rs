@@ -440,12 +440,13 @@ fn entry_rows(m: &Manifest) -> Result<Vec<EntryRow<'_>>> {
                 kind: match e.kind {
                     EntryKind::File => 0,
                     EntryKind::Dir => 1,
+                    EntryKind::Symlink => 2,
                 },
                 size: i64::try_from(e.size).map_err(|_| range("size"))?,
                 mode: i32::try_from(e.mode).map_err(|_| range("mode"))?,
                 blake3: match e.kind {
                     EntryKind::File => Some(e.blake3.as_slice()),
-                    EntryKind::Dir => None,
+                    EntryKind::Dir | EntryKind::Symlink => None,
                 },
                 chunk_count: i32::try_from(e.chunks.len()).map_err(|_| range("chunk count"))?,
             })

@@ -250,7 +250,7 @@ mod tests {
             let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
             b.add_dir("d", 0o755, token as i64).unwrap();
             let (m, _) = b.finish(0).unwrap();
-            let (id, _) = m.encode_with_id().unwrap();
+            let id = crate::store::store_manifest(store.as_ref(), &m).unwrap().id;
             let writer = Writer {
                 job: format!("j{token}"),
                 token,

@@ -7,9 +7,11 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::SnapshotId;
+use std::collections::HashSet;
+
+use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{decode_root, Assembler, Manifest, Stored};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::Target;
 
@@ -70,6 +72,25 @@ pub(super) fn manifest_loc(target: &Target, id: &SnapshotId) -> Result<ObjectPat
         &target.prefix,
         &format!("{META_DIR}/manifests/{}", id.to_hex()),
     )
+}
+
+pub(super) fn page_loc(target: &Target, id: &ChunkId) -> Result<ObjectPath> {
+    join(&target.prefix, &format!("{META_DIR}/pages/{}", id.to_hex()))
+}
+
+/// The manifest pages already in the sink (an export writes only others).
+pub(super) async fn list_pages(target: &Target) -> Result<HashSet<ChunkId>> {
+    let dir = join(&target.prefix, &format!("{META_DIR}/pages"))?;
+    let metas: Vec<_> = target
+        .store
+        .list(Some(&dir))
+        .try_collect()
+        .await
+        .map_err(|e| sink_error(target, "listing manifest pages", e))?;
+    Ok(metas
+        .iter()
+        .filter_map(|m| m.location.filename()?.parse().ok())
+        .collect())
 }
 
 /// Whether a relative path lies in the sink's own records.
@@ -137,23 +158,38 @@ pub async fn latest_commit(target: &Target) -> Result<Option<CommitRecord>> {
     }
 }
 
-/// Reads and checks the manifest of a committed snapshot from the sink.
+/// Reads and checks the manifest of a committed snapshot from the sink: a
+/// v1 manifest whole, a v2 root and then its pages one at a time.
 pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest> {
     let loc = manifest_loc(target, id)?;
-    let bytes = target
-        .store
-        .get(&loc)
-        .await
-        .map_err(|e| sink_error(target, "reading a manifest", e))?
-        .bytes()
-        .await?;
+    let bytes = get(target, &loc, "reading a manifest").await?;
     if SnapshotId::of(&bytes) != *id {
         return Err(Error::decode(
             "manifest",
             format!("{loc} does not hash to its name"),
         ));
     }
-    Manifest::decode(&bytes)
+    match decode_root(&bytes)? {
+        Stored::V1(m) => Ok(m),
+        Stored::V2(root) => {
+            let mut a = Assembler::new(root);
+            while let Some((page, _)) = a.next_page() {
+                // Page::decode (in feed) checks the bytes against the name.
+                a.feed(&get(target, &page_loc(target, &page)?, "reading a manifest page").await?)?;
+            }
+            a.finish()
+        }
+    }
+}
+
+async fn get(target: &Target, loc: &ObjectPath, doing: &str) -> Result<bytes::Bytes> {
+    Ok(target
+        .store
+        .get(loc)
+        .await
+        .map_err(|e| sink_error(target, doing, e))?
+        .bytes()
+        .await?)
 }
 
 /// The objects under the prefix, outside `.bitclone/`, with their paths

@@ -240,7 +240,7 @@ mod tests {
             )
             .unwrap();
             let (m, _) = b.finish(0).unwrap();
-            let (id, _) = m.encode_with_id().unwrap();
+            let id = crate::store::store_manifest(store.as_ref(), &m).unwrap().id;
             (m, id)
         };
         let (m, id) = snapshot(src.path());

@@ -13,17 +13,19 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload,
 };
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
+use crate::manifest::{decode_root, Stored};
 use crate::manifest::{ChunkRef, Entry, EntryKind};
 use crate::pool::CpuPool;
 use crate::sink::objects::commit::check_fence;
-use crate::sink::objects::layout::{is_meta, join, list_under, manifest_loc};
+use crate::sink::objects::layout::{is_meta, join, list_pages, list_under, manifest_loc, page_loc};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::{
     ExportProgress, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
 };
 use crate::sink::{SinkWrite, Written};
+use crate::store::page_ids;
 use crate::store::{read_chunks, ChunkStore};
 
 /// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
@@ -143,13 +145,52 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
     if let Some(err) = failed {
         return Err(err);
     }
-    let bytes = manifest.encode()?;
-    target
-        .store
-        .put(&manifest_loc(target, id)?, PutPayload::from(bytes))
-        .await
-        .map_err(|e| sink_error(target, "writing the manifest", e))?;
+    upload.stats.pages_written = write_manifest(&ctx, id).await?;
     Ok(upload)
+}
+
+/// Copies the snapshot's stored manifest from the chunk store: a v1
+/// manifest whole; a v2 root after the pages the sink does not hold yet (an
+/// incremental export writes only its new pages). Returns the pages written.
+async fn write_manifest(ctx: &Ctx<'_>, id: &SnapshotId) -> Result<u64> {
+    let (store, tenant, id) = (ctx.store.clone(), ctx.tenant.to_string(), *id);
+    let (root, pages) = ctx
+        .pool
+        .run(move || -> Result<_> {
+            let root = store.get_manifest(&tenant, &id)?;
+            let pages = match decode_root(&root)? {
+                Stored::V1(_) => Vec::new(),
+                Stored::V2(r) => page_ids(store.as_ref(), &tenant, &r)?,
+            };
+            Ok((root, pages))
+        })
+        .await?;
+    let have = list_pages(ctx.target).await?;
+    let new: Vec<ChunkId> = pages.into_iter().filter(|p| !have.contains(p)).collect();
+    let written = new.len() as u64;
+    futures::stream::iter(new)
+        .map(|page| async move {
+            let (store, tenant) = (ctx.store.clone(), ctx.tenant.to_string());
+            let bytes = ctx
+                .pool
+                .run(move || store.get_chunk(&tenant, &page))
+                .await?;
+            ctx.target
+                .store
+                .put(&page_loc(ctx.target, &page)?, PutPayload::from(bytes))
+                .await
+                .map_err(|e| sink_error(ctx.target, "writing a manifest page", e))?;
+            Ok::<_, Error>(())
+        })
+        .buffer_unordered(ctx.target.concurrency)
+        .try_collect::<()>()
+        .await?;
+    ctx.target
+        .store
+        .put(&manifest_loc(ctx.target, &id)?, PutPayload::from(root))
+        .await
+        .map_err(|e| sink_error(ctx.target, "writing the manifest", e))?;
+    Ok(written)
 }
 
 struct Ctx<'a> {

@@ -1,0 +1,162 @@
+//! Reading a snapshot's entries page by page (`GetManifest` paged, then
+//! `GetManifestPage`), with a local cache of pages by id: pages are
+//! content-addressed and never change, so an incremental upload fetches
+//! only the pages that changed since the snapshot it last compared against.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use bitclone_proto::v1::{self as proto, EntryMeta, ManifestPage, PageRef};
+use prost::Message;
+
+use crate::{blocking, Client, Error, Result};
+
+/// The page cache directory from the environment: `BITCLONE_CACHE_DIR`, or
+/// `bitclone/pages` under `XDG_CACHE_HOME` or `~/.cache`; `None` when none
+/// is set (no cache: every page is fetched).
+pub(crate) fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("BITCLONE_CACHE_DIR") {
+        return Some(PathBuf::from(dir).join("pages"));
+    }
+    var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|cache| cache.join("bitclone").join("pages"))
+}
+
+/// A cached page: the BLAKE3 of the encoded page, then the page. The hash
+/// catches a damaged or truncated cache file (it is then fetched again).
+fn read_cached(path: &Path) -> Option<ManifestPage> {
+    let bytes = std::fs::read(path).ok()?;
+    let (sum, body) = bytes.split_at_checked(32)?;
+    (blake3::hash(body).as_bytes() == sum)
+        .then(|| ManifestPage::decode(body).ok())
+        .flatten()
+}
+
+fn write_cached(path: &Path, page: &ManifestPage) -> std::io::Result<()> {
+    let body = page.encode_to_vec();
+    let mut bytes = Vec::with_capacity(32 + body.len());
+    bytes.extend_from_slice(blake3::hash(&body).as_bytes());
+    bytes.extend_from_slice(&body);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Written aside and renamed: a reader never sees half a page.
+    let tmp = path.with_extension(format!(
+        "tmp{}-{}",
+        std::process::id(),
+        crate::download::TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Pages fetched and taken from the cache by one read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageCounts {
+    /// Pages asked of the node.
+    pub fetched: u64,
+    /// Pages found in the local cache.
+    pub cached: u64,
+}
+
+impl Client {
+    /// One page of a manifest, from the cache when it is there.
+    async fn page(
+        &self,
+        page: &PageRef,
+        level: u32,
+        counts: &mut PageCounts,
+    ) -> Result<ManifestPage> {
+        let cached = self.page_cache().map(|dir| {
+            dir.join(self.tenant())
+                .join(&page.id[..2.min(page.id.len())])
+                .join(&page.id)
+        });
+        if let Some(path) = cached.clone() {
+            let found = blocking(move || Ok(read_cached(&path))).await?;
+            if let Some(found) = found.filter(|p| p.id == page.id && p.level == level) {
+                counts.cached += 1;
+                return Ok(found);
+            }
+        }
+        let request = proto::GetManifestPageRequest {
+            tenant: self.tenant().to_owned(),
+            page: page.id.clone(),
+            level,
+        };
+        let got = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.get_manifest_page(request).await }
+            })
+            .await?;
+        if got.id != page.id || got.level != level {
+            return Err(Error::protocol(format!(
+                "asked for page {} at level {level}, got {} at level {}",
+                page.id, got.id, got.level
+            )));
+        }
+        counts.fetched += 1;
+        if let Some(path) = cached {
+            let copy = got.clone();
+            // A cache that cannot be written only costs a fetch next time.
+            let _ = blocking(move || {
+                write_cached(&path, &copy).map_err(|source| Error::io(&path, source))
+            })
+            .await
+            .inspect_err(|error| tracing::debug!(%error, "cannot cache a manifest page"));
+        }
+        Ok(got)
+    }
+
+    /// The snapshot (the latest when `snapshot` is `None`) and all its
+    /// entries, without chunk lists, read page by page. Each entry is
+    /// handed to `each` in path order; no single message holds them all.
+    pub async fn for_each_entry(
+        &self,
+        dataset: &str,
+        snapshot: Option<&str>,
+        mut each: impl FnMut(EntryMeta),
+    ) -> Result<(proto::SnapshotInfo, PageCounts)> {
+        let request = proto::GetManifestRequest {
+            tenant: self.tenant().to_owned(),
+            dataset: dataset.to_owned(),
+            snapshot: snapshot.unwrap_or_default().to_owned(),
+            paged: true,
+        };
+        let root = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.get_manifest(request).await }
+            })
+            .await?;
+        let info = root
+            .snapshot
+            .ok_or_else(|| Error::protocol("manifest without its snapshot"))?;
+        let mut counts = PageCounts::default();
+        // A manifest with no pages (format v1, or small) is answered inline.
+        root.entries.into_iter().for_each(&mut each);
+        // Depth first, in path order: per level, the pages still to read.
+        let mut stack: Vec<(u32, std::vec::IntoIter<PageRef>)> =
+            vec![(root.level, root.pages.into_iter())];
+        while let Some((level, pages)) = stack.last_mut() {
+            let level = *level;
+            let Some(page) = pages.next() else {
+                stack.pop();
+                continue;
+            };
+            let got = self.page(&page, level, &mut counts).await?;
+            if level > 0 {
+                stack.push((level - 1, got.pages.into_iter()));
+            } else {
+                got.entries.into_iter().for_each(&mut each);
+            }
+        }
+        Ok((info, counts))
+    }
+}
