@@ -17,5 +17,5 @@ pub use env::{bin, clean_command, dev_certs, seed};
 pub use node::{tail, TestNode};
 pub use tree::{
     assert_same_tree, edit_small_files, file_url, generate_small_files, generate_tree,
-    random_bytes, tree_digest,
+    random_bytes, tempdir_for_many_files, tree_digest,
 };

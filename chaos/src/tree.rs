@@ -40,6 +40,23 @@ pub fn generate_tree(root: &Path, seed: u64, files: usize, big_files: usize) -> 
     total
 }
 
+/// A temporary directory on a tmpfs (`/dev/shm`) where the machine has
+/// one, else in the default place: trees of hundreds of thousands of files
+/// are written and read several times by one test, and a disk's metadata
+/// journal would make that minutes of waiting on something not under test.
+pub fn tempdir_for_many_files() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("bitclone-test")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
 /// A tree shaped like a training set or a source tree: `files` files of
 /// 10 B to 3 KiB in directories of 1000, with a relative symbolic link per
 /// 1000 files (one into a sibling directory). Returns the total bytes.
