@@ -271,10 +271,12 @@ fn sync_fs(root: &Path) -> Result<()> {
 /// Batches of whole files being written at once.
 const BATCHES_IN_FLIGHT: usize = 4;
 
-/// Writes a batch of whole files: each under a temporary name and checked,
-/// then all made durable with one `syncfs` (instead of an fsync per file),
-/// then renamed into place: no file is ever under its real name before its
-/// bytes are on disk. Returns the bytes written. Blocking.
+/// Writes a batch of whole files: each under a temporary name, checked,
+/// then renamed into place, so no file is ever seen half-written under its
+/// real name. Not synced one by one: the download makes everything durable
+/// with one `syncfs` before it reports success (an fsync per small file
+/// made a 60,000-file restore take 77 s). Returns the bytes written.
+/// Blocking.
 fn write_batch(root: &Path, files: Vec<FileData>) -> Result<u64> {
     let mut sealed = Vec::with_capacity(files.len());
     let mut bytes = 0;
@@ -287,7 +289,6 @@ fn write_batch(root: &Path, files: Vec<FileData>) -> Result<u64> {
         bytes += f.data.len() as u64;
         sealed.push(part.seal(meta)?);
     }
-    sync_fs(root)?;
     for (part, file) in sealed {
         drop(file);
         part.rename()?;
@@ -486,7 +487,8 @@ pub(crate) async fn download(
         blocking(move || make_links(&root, links)).await?;
     }
     blocking(move || finish_dirs(dirs)).await?;
-    // The renames and directory entries of the last batches.
+    // Small files, renames and directories: durable before success is
+    // reported (large files were synced one by one as they finished).
     blocking(move || sync_fs(&root)).await?;
 
     Ok(DownloadSummary {

@@ -59,6 +59,17 @@ impl ChunkServer for NodeChunks {
             .map_err(|e| e.to_string())
     }
 
+    fn store_many(&self, tenant: &str, chunks: &[([u8; 32], &[u8])]) -> Result<u64, String> {
+        tenant_ok(tenant)?;
+        let named: Vec<(ChunkId, &[u8])> =
+            chunks.iter().map(|(id, d)| (ChunkId(*id), *d)).collect();
+        let new = self
+            .store
+            .put_chunks(tenant, &named)
+            .map_err(|e| e.to_string())?;
+        Ok(new.into_iter().filter(|n| *n).count() as u64)
+    }
+
     fn load(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         tenant_ok(tenant)?;
         match self.store.get_chunk(tenant, &ChunkId(*id)) {

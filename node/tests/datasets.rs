@@ -237,3 +237,46 @@ fn links_leading_out_of_the_tree_and_names_that_are_not_utf8_are_refused() {
         "{datasets}"
     );
 }
+
+#[test]
+fn a_damaged_manifest_page_is_refused_and_repaired_from_a_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+    let src = tmp.path().join("src");
+    generate_small_files(&src, seed(), 2000);
+    let put = c
+        .node(1)
+        .json(&["put", src.to_str().unwrap(), "--dataset", "pages"]);
+    let pages = num(&put, "new_page_bytes");
+    c.wait_for("both replicas to hold the pages", 60, |c| {
+        num(&c.node(1).json(&["stats"]), "page_bytes_replicated") == 2 * pages
+    });
+    // Flip a byte of one entry's path in node 2's copy of its page (leaf
+    // pages of ~64 entries are blobs, stored as written; stopped, so flushed).
+    c.nodes.remove(&2).unwrap().stop();
+    let needle = b"class001/img0001234.bin";
+    let mut flipped = 0;
+    for e in walkdir::WalkDir::new(tmp.path().join("node-2/db")) {
+        let e = e.unwrap();
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + 12] ^= 0x01;
+            std::fs::write(e.path(), &bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    assert_eq!(flipped, 1, "the page was not found once in node 2's store");
+    c.start_node(2, &[]);
+    c.wait_voters(2, 3);
+    // Never served: node 2 refuses its copy, repairs it, and serves the tree.
+    let out = tmp.path().join("out");
+    c.node(2)
+        .json(&["get", "--dataset", "pages", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out, true, &[]);
+    let st = c.node(2).json(&["stats"]);
+    assert_eq!(num(&st, "chunks_repaired"), 1, "{st}");
+    assert!(c.node(2).log_text().contains("manifest page bad here"));
+}

@@ -31,6 +31,18 @@ pub mod op {
     pub const GET_MANIFEST: u8 = 5;
 }
 
+/// Appends one frame to `out` (to send many small frames in one write).
+pub fn encode(out: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) -> Result<()> {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len).map_err(|_| Error::Protocol(format!("frame of {len} bytes")))?;
+    out.push(kind);
+    out.extend_from_slice(&len.to_le_bytes());
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    Ok(())
+}
+
 pub async fn write(send: &mut SendStream, kind: u8, payload: &[&[u8]]) -> Result<()> {
     let len: usize = payload.iter().map(|p| p.len()).sum();
     let len = u32::try_from(len).map_err(|_| Error::Protocol(format!("frame of {len} bytes")))?;

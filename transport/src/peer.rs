@@ -28,6 +28,19 @@ pub trait ChunkServer: Send + Sync + 'static {
     fn missing(&self, tenant: &str, ids: &[[u8; 32]]) -> std::result::Result<Vec<bool>, String>;
     /// Stores a chunk whose name was verified; returns true if it was new.
     fn store(&self, tenant: &str, id: &[u8; 32], data: &[u8]) -> std::result::Result<bool, String>;
+    /// Stores chunks whose names were verified; returns how many were new.
+    /// A store that can write many at once overrides this.
+    fn store_many(
+        &self,
+        tenant: &str,
+        chunks: &[([u8; 32], &[u8])],
+    ) -> std::result::Result<u64, String> {
+        let mut new = 0;
+        for (id, data) in chunks {
+            new += u64::from(self.store(tenant, id, data)?);
+        }
+        Ok(new)
+    }
     /// Reads a chunk (verified by the store), or `None` if it is not here.
     fn load(&self, tenant: &str, id: &[u8; 32]) -> std::result::Result<Option<Vec<u8>>, String>;
     /// Makes every stored chunk durable; a put is acknowledged only after.
@@ -266,10 +279,26 @@ impl Transport {
         chunks: &[([u8; 32], &[u8])],
     ) -> Result<u64> {
         let (mut send, mut recv) = self.request(peer, addr, op::PUT, tenant).await?;
+        let io = |e: quinn::WriteError| Error::Protocol(format!("write: {e}"));
+        // Small chunks (small files, manifest pages) are coalesced into
+        // writes of about 256 KiB: one stream write per chunk cost more
+        // than the bytes.
+        let mut buf = Vec::with_capacity(WRITE_COALESCE_BYTES + 64);
         for (id, data) in chunks {
-            frame::write(&mut send, kind::CHUNK, &[id, data]).await?;
+            if data.len() >= WRITE_COALESCE_BYTES {
+                send.write_all(&buf).await.map_err(io)?;
+                buf.clear();
+                frame::write(&mut send, kind::CHUNK, &[id, data]).await?;
+                continue;
+            }
+            frame::encode(&mut buf, kind::CHUNK, &[id, data])?;
+            if buf.len() >= WRITE_COALESCE_BYTES {
+                send.write_all(&buf).await.map_err(io)?;
+                buf.clear();
+            }
         }
-        frame::write(&mut send, kind::END, &[]).await?;
+        frame::encode(&mut buf, kind::END, &[])?;
+        send.write_all(&buf).await.map_err(io)?;
         let _ = send.finish();
         let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
         match k {
@@ -416,20 +445,48 @@ async fn blocking<T: Send + 'static>(
         .map_err(Error::Protocol)
 }
 
-/// Chunks of one put verified and stored concurrently.
+/// Small frames of a put are sent in writes of about this size.
+const WRITE_COALESCE_BYTES: usize = 256 << 10;
+
+/// Groups of a put's chunks verified and stored concurrently.
 const STORE_PIPELINE: usize = 4;
+/// A group closes at this many bytes or chunks: small chunks (small files)
+/// are stored many to a write, not one write each.
+const STORE_GROUP_BYTES: usize = 1 << 20;
+const STORE_GROUP_CHUNKS: usize = 256;
 
-type StoreTask = tokio::task::JoinHandle<std::result::Result<bool, String>>;
+type StoreTask = tokio::task::JoinHandle<std::result::Result<u64, String>>;
 
-/// Waits for the oldest store of a put; true if the chunk was new.
-async fn settle(in_flight: &mut std::collections::VecDeque<StoreTask>) -> Result<bool> {
+/// Waits for the oldest store of a put; the chunks it found new.
+async fn settle(in_flight: &mut std::collections::VecDeque<StoreTask>) -> Result<u64> {
     match in_flight.pop_front() {
         Some(task) => task
             .await
             .map_err(|e| Error::Protocol(e.to_string()))?
             .map_err(Error::Protocol),
-        None => Ok(false),
+        None => Ok(0),
     }
+}
+
+/// Verifies a group of received chunk frames and stores them in one go
+/// (off the async threads).
+fn store_group(server: &Arc<dyn ChunkServer>, tenant: &str, group: Vec<Vec<u8>>) -> StoreTask {
+    let (srv, t) = (server.clone(), tenant.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut chunks = Vec::with_capacity(group.len());
+        for payload in &group {
+            let (id, data) = frame::split_chunk(payload).map_err(|e| e.to_string())?;
+            // Never store bytes under a name they do not have.
+            if blake3::hash(data).as_bytes() != &id {
+                return Err(format!(
+                    "chunk {} does not match its name; nothing stored for it",
+                    blake3::Hash::from(id).to_hex()
+                ));
+            }
+            chunks.push((id, data));
+        }
+        srv.store_many(&t, &chunks)
+    })
 }
 
 async fn handle(
@@ -467,36 +524,38 @@ async fn handle(
         op::PUT => {
             let mut stored = 0u64;
             let mut in_flight = std::collections::VecDeque::new();
+            let (mut group, mut group_bytes) = (Vec::new(), 0usize);
             loop {
                 let (k, payload) = frame::read(&mut recv, max_frame).await?;
                 match k {
                     kind::END => break,
                     kind::CHUNK => {
-                        let (id, _) = frame::split_chunk(&payload)?;
-                        let (srv, t) = (server.clone(), tenant.clone());
-                        // Verify and store off the async threads, a few
-                        // chunks at a time, while the next frames arrive.
-                        in_flight.push_back(tokio::task::spawn_blocking(move || {
-                            let (_, data) =
-                                frame::split_chunk(&payload).map_err(|e| e.to_string())?;
-                            // Never store bytes under a name they do not have.
-                            if blake3::hash(data).as_bytes() != &id {
-                                return Err(format!(
-                                    "chunk {} does not match its name; nothing stored for it",
-                                    blake3::Hash::from(id).to_hex()
-                                ));
-                            }
-                            srv.store(&t, &id, data)
-                        }));
+                        frame::split_chunk(&payload)?;
+                        group_bytes += payload.len();
+                        group.push(payload);
+                        if group_bytes < STORE_GROUP_BYTES && group.len() < STORE_GROUP_CHUNKS {
+                            continue;
+                        }
+                        // Verified and stored off the async threads, a few
+                        // groups at a time, while the next frames arrive.
+                        group_bytes = 0;
+                        in_flight.push_back(store_group(
+                            server,
+                            &tenant,
+                            std::mem::take(&mut group),
+                        ));
                         if in_flight.len() >= STORE_PIPELINE {
-                            stored += u64::from(settle(&mut in_flight).await?);
+                            stored += settle(&mut in_flight).await?;
                         }
                     }
                     _ => return Err(Error::Protocol("expected a chunk or the end".into())),
                 }
             }
+            if !group.is_empty() {
+                in_flight.push_back(store_group(server, &tenant, group));
+            }
             while !in_flight.is_empty() {
-                stored += u64::from(settle(&mut in_flight).await?);
+                stored += settle(&mut in_flight).await?;
             }
             // Acknowledge only what is on disk.
             let s = server.clone();
