@@ -472,13 +472,7 @@ fn version_of(program: &str, arg: &str) -> Option<String> {
 }
 
 fn rsync_available() -> bool {
-    Command::new("rsync")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::tool_available("rsync", "--version")
 }
 
 /// `dir/`: rsync copies a directory's contents, not the directory.

@@ -741,14 +741,19 @@ fn without_aws(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-fn restic_available() -> bool {
-    Command::new("restic")
-        .arg("version")
+/// Whether `program arg` runs and succeeds (the tool is installed).
+fn tool_available(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+fn restic_available() -> bool {
+    tool_available("restic", "version")
 }
 
 fn restic(work: &Path) -> Command {

@@ -176,6 +176,26 @@ pub fn assert_same_tree(a: &Path, b: &Path, modes: bool, skip: &[&str]) {
     }
 }
 
+/// Damages a stored value in place: in every file under `dir` holding
+/// `needle`, XORs the byte `offset` into it with `mask`. Returns how many
+/// files were changed (run it on a stopped node, whose store is flushed).
+pub fn flip_in_files(dir: &Path, needle: &[u8], offset: usize, mask: u8) -> usize {
+    let mut flipped = 0;
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.unwrap();
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + offset] ^= mask;
+            std::fs::write(e.path(), &bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    flipped
+}
+
 pub fn file_url(p: &Path) -> String {
     format!("file://{}", p.display())
 }

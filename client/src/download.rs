@@ -262,6 +262,15 @@ impl PartFile {
     }
 }
 
+/// Files and bytes a finished [`write_batch`] task wrote.
+fn written_batch(
+    done: std::result::Result<Result<(u64, u64)>, tokio::task::JoinError>,
+) -> Result<(u64, u64)> {
+    done.map_err(|e| Error::Internal {
+        message: format!("writing files: {e}"),
+    })?
+}
+
 /// Makes everything written to the file system holding `root` durable.
 fn sync_fs(root: &Path) -> Result<()> {
     let dir = File::open(root).map_err(|source| Error::io(root, source))?;
@@ -424,9 +433,7 @@ pub(crate) async fn download(
                 }
                 while writing.len() >= BATCHES_IN_FLIGHT {
                     if let Some(done) = writing.join_next().await {
-                        let (n, written) = done.map_err(|e| Error::Internal {
-                            message: format!("writing files: {e}"),
-                        })??;
+                        let (n, written) = written_batch(done)?;
                         files += n;
                         bytes += written;
                         progress.advance(written);
@@ -474,9 +481,7 @@ pub(crate) async fn download(
         )));
     }
     while let Some(done) = writing.join_next().await {
-        let (n, written) = done.map_err(|e| Error::Internal {
-            message: format!("writing files: {e}"),
-        })??;
+        let (n, written) = written_batch(done)?;
         files += n;
         bytes += written;
         progress.advance(written);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bitclone_raft::Cluster;
-use bitclone_storage::manifest::{decode_root, Page, Stored};
+use bitclone_storage::manifest::{chunk_ids, decode_root, Page, Stored};
 use bitclone_storage::path::validate_name;
 use bitclone_storage::{ChunkId, ChunkStore, Error as StoreError, RocksStore, SnapshotId};
 use bitclone_transport::{ChunkServer, Transport};
@@ -206,16 +206,7 @@ async fn replicate_to(
     let mut levels: Vec<Vec<ChunkId>> = Vec::new();
     let chunks = match decode_root(root).map_err(|e| e.to_string())? {
         // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
-        Stored::V1(m) => {
-            let mut ids: Vec<ChunkId> = m
-                .entries
-                .iter()
-                .flat_map(|e| e.chunks.iter().map(|c| c.id))
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            peer_lacks(transport, peer, addr, tenant, &ids).await?
-        }
+        Stored::V1(m) => peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?,
         Stored::V2(r) => {
             let mut frontier: Vec<ChunkId> = r.pages.iter().map(|(p, _)| *p).collect();
             let mut level = r.height;
@@ -483,13 +474,7 @@ async fn repair_once(
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
         }
-        let mut ids: Vec<ChunkId> = manifest
-            .entries
-            .iter()
-            .flat_map(|e| e.chunks.iter().map(|c| c.id))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let mut ids = chunk_ids(&manifest.entries);
         // Snapshots of a dataset share most chunks: check each one once a pass.
         let seen = present.entry(tenant.clone()).or_default();
         ids.retain(|i| !seen.contains(i));

@@ -257,20 +257,7 @@ fn corrupted_chunk_is_an_error_naming_the_chunk() {
     // A clean stop flushes the chunk from the WAL into a blob file.
     node.stop();
 
-    let needle = &data[100_000..100_064];
-    let mut flipped = 0;
-    for e in walkdir::WalkDir::new(data_dir.join("db")) {
-        let e = e.unwrap();
-        if !e.file_type().is_file() {
-            continue;
-        }
-        let mut bytes = std::fs::read(e.path()).unwrap();
-        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
-            bytes[pos + 10] ^= 0x55;
-            std::fs::write(e.path(), &bytes).unwrap();
-            flipped += 1;
-        }
-    }
+    let flipped = flip_in_files(&data_dir.join("db"), &data[100_000..100_064], 10, 0x55);
     assert!(flipped >= 1, "chunk bytes not found on disk");
 
     let node = TestNode::start(&data_dir);

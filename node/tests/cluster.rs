@@ -330,20 +330,12 @@ fn a_corrupt_chunk_on_one_replica_is_repaired_from_another_and_never_served() {
     });
     // Flip a byte of the chunk in node 2's store (stopped, so it is flushed).
     c.nodes.remove(&2).unwrap().stop();
-    let needle = &data[100_000..100_064];
-    let mut flipped = 0;
-    for e in walkdir::WalkDir::new(tmp.path().join("node-2/db")) {
-        let e = e.unwrap();
-        if !e.file_type().is_file() {
-            continue;
-        }
-        let mut bytes = std::fs::read(e.path()).unwrap();
-        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
-            bytes[pos + 7] ^= 0x20;
-            std::fs::write(e.path(), &bytes).unwrap();
-            flipped += 1;
-        }
-    }
+    let flipped = flip_in_files(
+        &tmp.path().join("node-2/db"),
+        &data[100_000..100_064],
+        7,
+        0x20,
+    );
     assert!(flipped >= 1, "chunk bytes not found in node 2's store");
     c.start_node(2, &[]);
     c.wait_voters(2, 3);

@@ -255,19 +255,7 @@ fn a_damaged_manifest_page_is_refused_and_repaired_from_a_replica() {
     // pages of ~64 entries are blobs, stored as written; stopped, so flushed).
     c.nodes.remove(&2).unwrap().stop();
     let needle = b"class001/img0001234.bin";
-    let mut flipped = 0;
-    for e in walkdir::WalkDir::new(tmp.path().join("node-2/db")) {
-        let e = e.unwrap();
-        if !e.file_type().is_file() {
-            continue;
-        }
-        let mut bytes = std::fs::read(e.path()).unwrap();
-        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
-            bytes[pos + 12] ^= 0x01;
-            std::fs::write(e.path(), &bytes).unwrap();
-            flipped += 1;
-        }
-    }
+    let flipped = flip_in_files(&tmp.path().join("node-2/db"), needle, 12, 0x01);
     assert_eq!(flipped, 1, "the page was not found once in node 2's store");
     c.start_node(2, &[]);
     c.wait_voters(2, 3);

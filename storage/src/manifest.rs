@@ -550,17 +550,20 @@ impl Page {
     pub fn children(&self) -> Vec<ChunkId> {
         match self {
             Page::Index(items) => items.iter().map(|(id, _)| *id).collect(),
-            Page::Leaf(entries) => {
-                let mut ids: Vec<ChunkId> = entries
-                    .iter()
-                    .flat_map(|e| e.chunks.iter().map(|c| c.id))
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids
-            }
+            Page::Leaf(entries) => chunk_ids(entries),
         }
     }
+}
+
+/// The distinct chunks `entries` name, sorted.
+pub fn chunk_ids(entries: &[Entry]) -> Vec<ChunkId> {
+    let mut ids: Vec<ChunkId> = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Rebuilds a [`Manifest`] from a v2 root, asking for one page at a time:
