@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use bitclone_proto::v1::{self as proto, EntryMeta, ManifestPage, PageRef};
+use futures::StreamExt;
 use prost::Message;
 
 use crate::{blocking, Client, Error, Result};
@@ -55,6 +56,9 @@ fn write_cached(path: &Path, page: &ManifestPage) -> std::io::Result<()> {
     })
 }
 
+/// Pages of one level read at once (the rest of the level waits).
+const PAGES_IN_FLIGHT: usize = 16;
+
 /// Pages fetched and taken from the cache by one read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PageCounts {
@@ -65,13 +69,9 @@ pub struct PageCounts {
 }
 
 impl Client {
-    /// One page of a manifest, from the cache when it is there.
-    async fn page(
-        &self,
-        page: &PageRef,
-        level: u32,
-        counts: &mut PageCounts,
-    ) -> Result<ManifestPage> {
+    /// One page of a manifest, from the cache when it is there; true when
+    /// it was fetched from the node.
+    async fn page(&self, page: &PageRef, level: u32) -> Result<(ManifestPage, bool)> {
         let cached = self.page_cache().map(|dir| {
             dir.join(self.tenant())
                 .join(&page.id[..2.min(page.id.len())])
@@ -80,8 +80,7 @@ impl Client {
         if let Some(path) = cached.clone() {
             let found = blocking(move || Ok(read_cached(&path))).await?;
             if let Some(found) = found.filter(|p| p.id == page.id && p.level == level) {
-                counts.cached += 1;
-                return Ok(found);
+                return Ok((found, false));
             }
         }
         let request = proto::GetManifestPageRequest {
@@ -101,7 +100,6 @@ impl Client {
                 page.id, got.id, got.level
             )));
         }
-        counts.fetched += 1;
         if let Some(path) = cached {
             let copy = got.clone();
             // A cache that cannot be written only costs a fetch next time.
@@ -111,7 +109,7 @@ impl Client {
             .await
             .inspect_err(|error| tracing::debug!(%error, "cannot cache a manifest page"));
         }
-        Ok(got)
+        Ok((got, true))
     }
 
     /// The snapshot (the latest when `snapshot` is `None`) and all its
@@ -121,7 +119,7 @@ impl Client {
         &self,
         dataset: &str,
         snapshot: Option<&str>,
-        mut each: impl FnMut(EntryMeta),
+        mut each: impl FnMut(EntryMeta) + Send,
     ) -> Result<(proto::SnapshotInfo, PageCounts)> {
         let request = proto::GetManifestRequest {
             tenant: self.tenant().to_owned(),
@@ -141,22 +139,38 @@ impl Client {
         let mut counts = PageCounts::default();
         // A manifest with no pages (format v1, or small) is answered inline.
         root.entries.into_iter().for_each(&mut each);
-        // Depth first, in path order: per level, the pages still to read.
-        let mut stack: Vec<(u32, std::vec::IntoIter<PageRef>)> =
-            vec![(root.level, root.pages.into_iter())];
-        while let Some((level, pages)) = stack.last_mut() {
-            let level = *level;
-            let Some(page) = pages.next() else {
-                stack.pop();
-                continue;
-            };
-            let got = self.page(&page, level, &mut counts).await?;
-            if level > 0 {
-                stack.push((level - 1, got.pages.into_iter()));
-            } else {
-                got.entries.into_iter().for_each(&mut each);
-            }
-        }
+        self.walk_pages(root.pages, root.level, &mut counts, &mut each)
+            .await?;
         Ok((info, counts))
+    }
+
+    /// Reads `pages` (of `level`) and everything below them depth first,
+    /// in path order, with several pages of a level in flight at once.
+    fn walk_pages<'a>(
+        &'a self,
+        pages: Vec<PageRef>,
+        level: u32,
+        counts: &'a mut PageCounts,
+        each: &'a mut (dyn FnMut(EntryMeta) + Send),
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut got = futures::stream::iter(pages)
+                .map(|page| async move { self.page(&page, level).await })
+                .buffered(PAGES_IN_FLIGHT);
+            while let Some(page) = got.next().await {
+                let (page, fetched) = page?;
+                if fetched {
+                    counts.fetched += 1;
+                } else {
+                    counts.cached += 1;
+                }
+                if level > 0 {
+                    self.walk_pages(page.pages, level - 1, counts, each).await?;
+                } else {
+                    page.entries.into_iter().for_each(&mut *each);
+                }
+            }
+            Ok(())
+        })
     }
 }
