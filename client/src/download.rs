@@ -287,7 +287,6 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// made a 60,000-file restore take 77 s). Returns the bytes written.
 /// Blocking.
 fn write_batch(root: &Path, files: Vec<FileData>) -> Result<u64> {
-    let mut sealed = Vec::with_capacity(files.len());
     let mut bytes = 0;
     for f in files {
         let meta = f
@@ -296,9 +295,8 @@ fn write_batch(root: &Path, files: Vec<FileData>) -> Result<u64> {
         let mut part = PartFile::open(root, meta.clone())?;
         part.append(&f.data)?;
         bytes += f.data.len() as u64;
-        sealed.push(part.seal(meta)?);
-    }
-    for (part, file) in sealed {
+        // Closed before the rename: one file open at a time per batch.
+        let (part, file) = part.seal(meta)?;
         drop(file);
         part.rename()?;
     }

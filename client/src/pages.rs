@@ -72,11 +72,16 @@ impl Client {
     /// One page of a manifest, from the cache when it is there; true when
     /// it was fetched from the node.
     async fn page(&self, page: &PageRef, level: u32) -> Result<(ManifestPage, bool)> {
-        let cached = self.page_cache().map(|dir| {
-            dir.join(self.tenant())
-                .join(&page.id[..2.min(page.id.len())])
-                .join(&page.id)
-        });
+        // The id names a file in the cache: only a BLAKE3 name is taken.
+        if page.id.len() != 64 || !page.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::protocol(format!(
+                "manifest page id {:?} is not 64 hex digits",
+                page.id
+            )));
+        }
+        let cached = self
+            .page_cache()
+            .map(|dir| dir.join(self.tenant()).join(&page.id[..2]).join(&page.id));
         if let Some(path) = cached.clone() {
             let found = blocking(move || Ok(read_cached(&path))).await?;
             if let Some(found) = found.filter(|p| p.id == page.id && p.level == level) {

@@ -69,23 +69,27 @@ impl LocalEntry {
     }
 }
 
-/// Whether a link target, resolved from the link's directory, stays inside
-/// the tree (what the node accepts and a restore can recreate).
+/// Whether a link target stays inside the tree, by the node's rule
+/// (`storage::path::validate_symlink`): relative, `..` only as a prefix and
+/// no more of them than the link's depth, so it can never climb out, not
+/// even through another link.
 pub(crate) fn link_stays_inside(rel: &str, target: &str) -> bool {
     if target.is_empty() || target.starts_with('/') || target.contains('\0') {
         return false;
     }
-    let mut depth = rel.split('/').count() as i64 - 1;
+    let depth = rel.split('/').count() - 1;
+    let (mut ups, mut descended) = (0, false);
     for part in target.split('/') {
         match part {
             "" | "." => {}
+            ".." if descended => return false,
             ".." => {
-                depth -= 1;
-                if depth < 0 {
+                ups += 1;
+                if ups > depth {
                     return false;
                 }
             }
-            _ => depth += 1,
+            _ => descended = true,
         }
     }
     true

@@ -66,19 +66,26 @@ pub fn validate_symlink(path: &str, target: &str) -> Result<()> {
     if target.starts_with('/') {
         return bad("symbolic link to an absolute path (it would point outside the restored tree)");
     }
-    // Lexical resolution from the link's own directory; the depth below the
-    // root may never go negative.
-    let mut depth = path.split('/').count() as i64 - 1;
+    // `..` only as a prefix, and no more of them than the link's own depth:
+    // the target climbs to a real directory of the tree (a restore makes
+    // every parent a directory), then only descends. A `..` after a name
+    // could climb out through another link (`x/d -> ..`, `l -> x/d/..`).
+    let depth = path.split('/').count() - 1;
+    let mut ups = 0;
+    let mut descended = false;
     for component in target.split('/') {
         match component {
             "" | "." => {}
+            ".." if descended => {
+                return bad("`..` after a name in a symbolic link target (it could climb out through another link)");
+            }
             ".." => {
-                depth -= 1;
-                if depth < 0 {
+                ups += 1;
+                if ups > depth {
                     return bad("symbolic link target leads outside the snapshot's root");
                 }
             }
-            _ => depth += 1,
+            _ => descended = true,
         }
     }
     Ok(())
@@ -140,8 +147,8 @@ mod tests {
             ("a", "b"),
             ("d/link", "../b"),
             ("d/e/link", "../../b/c"),
-            ("d/link", "./x/../y"),
             ("models/m/snap/f", "../../blobs/abc"),
+            ("x/d", ".."),
         ] {
             assert!(validate_symlink(p, t).is_ok(), "{p} -> {t}");
         }
@@ -152,6 +159,10 @@ mod tests {
             ("d/link", ""),
             ("d/link", "x/../../.."),
             ("d/link", "a\0b"),
+            ("d/link", "./x/../y"),
+            // Out through another link: `x/d -> ..` is the root, so this
+            // would be the root's parent.
+            ("l", "x/d/.."),
         ] {
             assert!(
                 matches!(validate_symlink(p, t), Err(Error::InvalidPath { .. })),

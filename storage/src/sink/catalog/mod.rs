@@ -501,6 +501,7 @@ fn entry_from_row(row: &Row) -> Result<CatalogEntry, Failure> {
     let kind = match row.try_get::<_, i16>(1)? {
         0 => EntryKind::File,
         1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
         k => return Err(bad(format!("unknown entry kind {k}")).into()),
     };
     let mode: i32 = row.try_get(3)?;
