@@ -360,6 +360,18 @@ struct Ctx<'a> {
 type Outcome = (Vec<Option<Measure>>, Value);
 
 impl Ctx<'_> {
+    /// The CLI with a manifest page cache of `b`'s own, in the work dir:
+    /// never the user's, never shared between tools or runs (a cache filled
+    /// by an earlier run would flatter the incremental put).
+    fn cli(&self, b: &Bitclone) -> Command {
+        let mut cmd = Command::new(self.bin);
+        cmd.env(
+            "BITCLONE_CACHE_DIR",
+            self.work.join("client-cache").join(b.key),
+        );
+        cmd
+    }
+
     fn files_before(&self) -> u64 {
         self.tree.sizes.len() as u64
     }
@@ -503,7 +515,10 @@ fn bytes_replicated(bin: &Path, endpoint: &str) -> Result<u64> {
             .args(["--json", "stats"]),
         "bitclone stats",
     )?;
-    get_u64(&parse_json_output(&out.stdout)?, "bytes_replicated")
+    // Chunks and manifest pages: a replica holds the snapshot once both
+    // (and the root, sent last) arrived.
+    let v = parse_json_output(&out.stdout)?;
+    Ok(get_u64(&v, "bytes_replicated")? + get_u64(&v, "page_bytes_replicated")?)
 }
 
 /// A put through `b`, timed; then, on a cluster, the wait for every replica.
@@ -520,7 +535,7 @@ fn bitclone_put(c: &Ctx, b: &Bitclone) -> Result<(Timed, Value, Option<u64>, Opt
     }
     let t0 = Instant::now();
     let t = timed(
-        Command::new(c.bin)
+        c.cli(b)
             .arg("--endpoint")
             .arg(&b.put_endpoint)
             .args(["--json", "put"])
@@ -534,7 +549,8 @@ fn bitclone_put(c: &Ctx, b: &Bitclone) -> Result<(Timed, Value, Option<u64>, Opt
     if let Some(before) = before {
         // Each replica adds what it was sent (the new chunks, at least) to
         // the writer's counter once it holds the snapshot.
-        let want = before + b.other_replicas * get_u64(&v, "new_bytes")?;
+        let want = before
+            + b.other_replicas * (get_u64(&v, "new_bytes")? + get_u64(&v, "new_page_bytes")?);
         let deadline = Instant::now() + REPLICATION_WAIT;
         loop {
             let have = bytes_replicated(c.bin, &b.put_endpoint)?;
@@ -584,7 +600,7 @@ fn bitclone_steps(c: &Ctx, b: &Bitclone) -> Result<Outcome> {
         c.rss_reset_failed.set(true);
     }
     let get = timed(
-        Command::new(c.bin)
+        c.cli(b)
             .arg("--endpoint")
             .arg(&b.get_endpoint)
             .args(["--json", "get", "--dataset", DATASET])

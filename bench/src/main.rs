@@ -56,6 +56,7 @@ const WORK_SUBDIRS: &[&str] = &[
     // many-files: the rsync copy, and the 3-node cluster (certificates and
     // data dirs in the work dir itself, so its logs outlive a failure).
     "rsync",
+    "client-cache",
     "certs",
     "node-1",
     "node-2",

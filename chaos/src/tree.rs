@@ -126,29 +126,19 @@ pub fn tree_digest(root: &Path, skip: &[&str]) -> BTreeMap<String, (String, u32)
     let mut out = BTreeMap::new();
     for e in walkdir::WalkDir::new(root) {
         let e = e.unwrap();
-        if e.path_is_symlink() {
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
-            if !skip.iter().any(|s| rel.starts_with(s)) {
-                let target = std::fs::read_link(e.path()).unwrap();
-                out.insert(rel, (format!("-> {}", target.display()), 0));
-            }
-            continue;
-        }
-        if !e.file_type().is_file() {
-            continue;
-        }
+        let (link, file) = (e.path_is_symlink(), e.file_type().is_file());
         let rel = e
             .path()
             .strip_prefix(root)
             .unwrap()
             .to_string_lossy()
             .to_string();
-        if skip.iter().any(|s| rel.starts_with(s)) {
+        if !(link || file) || skip.iter().any(|s| rel.starts_with(s)) {
+            continue;
+        }
+        if link {
+            let target = std::fs::read_link(e.path()).unwrap();
+            out.insert(rel, (format!("-> {}", target.display()), 0));
             continue;
         }
         let data = std::fs::read(e.path()).unwrap();

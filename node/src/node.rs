@@ -1,5 +1,5 @@
-//! The node: one place that builds the whole system (store, CPU pool, jobs)
-//! and the job executor that runs clone jobs on it.
+//! The node: one place that builds the whole system (store, CPU pool,
+//! cluster handle) and the job executor that runs clone jobs on it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,12 +16,12 @@ use bitclone_storage::{
 };
 
 use crate::config::NodeConfig;
-
-/// Bad manifest pages one load repairs from replicas before giving up.
-const MAX_PAGE_REPAIRS: usize = 8;
 use crate::link::JobLink;
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Checkpoint, Failure, Job};
+
+/// Bad manifest pages one load repairs from replicas before giving up.
+const MAX_PAGE_REPAIRS: usize = 8;
 
 pub struct Node {
     pub config: NodeConfig,

@@ -208,15 +208,17 @@ async fn replicate_to(
         // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
         Stored::V1(m) => peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?,
         Stored::V2(r) => {
+            // `frontier` holds pages of level `below - 1`, or chunks once
+            // `below` is 0.
             let mut frontier: Vec<ChunkId> = r.pages.iter().map(|(p, _)| *p).collect();
-            let mut level = r.height;
+            let mut below = r.height;
             loop {
                 let lacking = peer_lacks(transport, peer, addr, tenant, &frontier).await?;
-                if level == 0 || lacking.is_empty() {
-                    break if level == 0 { lacking } else { Vec::new() };
+                if below == 0 || lacking.is_empty() {
+                    break lacking;
                 }
-                level -= 1;
-                frontier = children_of(store, tenant, &lacking, level).await?;
+                below -= 1;
+                frontier = children_of(store, tenant, &lacking, below).await?;
                 levels.push(lacking);
             }
         }
@@ -573,10 +575,9 @@ impl Pull<'_> {
     async fn put(&self, items: Vec<(ChunkId, Vec<u8>)>) -> Result<(), String> {
         let (store, t) = (self.store.clone(), self.tenant.to_string());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            for (id, data) in &items {
-                store.put_chunk(&t, id, data)?;
-            }
-            Ok(())
+            let named: Vec<(ChunkId, &[u8])> =
+                items.iter().map(|(id, d)| (*id, d.as_slice())).collect();
+            store.put_chunks(&t, &named).map(|_| ())
         })
         .await
         .map_err(|e| e.to_string())?

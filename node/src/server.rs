@@ -596,9 +596,11 @@ async fn heartbeat(
                 tracing::warn!(job = id, error = %e, "lease renewal refused");
                 Renewal::Refused
             }
-            Ok(_) => Renewal::Renewed {
-                cancel_requested: false,
-            },
+            // Not an answer a renewal gets: never taken as one.
+            Ok(other) => {
+                tracing::warn!(job = id, answer = ?other, "unexpected answer to a lease renewal");
+                Renewal::Failed
+            }
             Err(e) => {
                 tracing::warn!(job = id, error = %e, "lease renewal failed");
                 Renewal::Failed

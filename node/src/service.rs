@@ -14,7 +14,8 @@ use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::manifest::{decode_root, Page, Stored};
 use bitclone_storage::path::{validate_name, validate_path};
 use bitclone_storage::{
-    ChunkId, ChunkParams, ChunkStore, Entry, EntryKind, Error as StoreError, SnapshotRecord,
+    ChunkId, ChunkParams, ChunkStore, Entry, EntryKind, Error as StoreError, Manifest, SnapshotId,
+    SnapshotRecord,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -92,6 +93,17 @@ fn page_refs(items: &[(ChunkId, u64)]) -> Vec<pb::PageRef> {
             entries: *entries,
         })
         .collect()
+}
+
+fn manifest_info(id: &SnapshotId, m: &Manifest) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        id: id.to_hex(),
+        dataset: m.dataset.clone(),
+        parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
+        files: m.file_count(),
+        bytes: m.total_bytes(),
+        created_unix_ms: m.created_unix_ms,
+    }
 }
 
 fn snapshot_info(r: &SnapshotRecord) -> pb::SnapshotInfo {
@@ -265,23 +277,19 @@ impl Api {
 }
 
 /// Adds an entry sent without data: a directory, a link, or a file
-/// unchanged since the parent.
-fn add_entry(builder: &mut SnapshotBuilder, meta: &pb::EntryMeta) -> Result<(), Status> {
+/// unchanged since the parent (`kind` File).
+fn add_entry(
+    builder: &mut SnapshotBuilder,
+    kind: pb::EntryKind,
+    meta: &pb::EntryMeta,
+) -> Result<(), Status> {
     let mode = meta.mode & 0o7777;
-    match pb::EntryKind::try_from(meta.kind) {
-        Ok(pb::EntryKind::Dir) => builder.add_dir(&meta.path, mode, meta.mtime_ns),
-        Ok(pb::EntryKind::Symlink) => {
+    match kind {
+        pb::EntryKind::Dir => builder.add_dir(&meta.path, mode, meta.mtime_ns),
+        pb::EntryKind::Symlink => {
             builder.add_symlink(&meta.path, &meta.target, mode, meta.mtime_ns)
         }
-        Ok(pb::EntryKind::File) => {
-            builder.add_unchanged(&meta.path, meta.size, meta.mtime_ns, mode)
-        }
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "{:?}: unknown entry kind {}",
-                meta.path, meta.kind
-            )))
-        }
+        pb::EntryKind::File => builder.add_unchanged(&meta.path, meta.size, meta.mtime_ns, mode),
     }
     .map_err(status)
 }
@@ -341,14 +349,8 @@ impl BitClone for Api {
         let mut batches = futures::stream::FuturesOrdered::new();
         while let Some(msg) = self.next_message(&mut stream).await? {
             match msg.msg {
+                // Paths are checked as the ingested files are added.
                 Some(pb::upload_request::Msg::Files(batch)) => {
-                    for f in &batch.files {
-                        let meta = f
-                            .meta
-                            .as_ref()
-                            .ok_or_else(|| Status::invalid_argument("a file without its entry"))?;
-                        validate_path(&meta.path).map_err(status)?;
-                    }
                     if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
                         if let Some(done) = batches.next().await {
                             add_batch(&mut builder, done)?;
@@ -358,7 +360,13 @@ impl BitClone for Api {
                 }
                 Some(pb::upload_request::Msg::Entries(batch)) => {
                     for meta in &batch.entries {
-                        add_entry(&mut builder, meta)?;
+                        let kind = pb::EntryKind::try_from(meta.kind).map_err(|_| {
+                            Status::invalid_argument(format!(
+                                "{:?}: unknown entry kind {}",
+                                meta.path, meta.kind
+                            ))
+                        })?;
+                        add_entry(&mut builder, kind, meta)?;
                     }
                 }
                 Some(pb::upload_request::Msg::FileStart(meta)) => {
@@ -370,15 +378,15 @@ impl BitClone for Api {
                         .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
                         .map_err(status)?;
                 }
-                Some(pb::upload_request::Msg::Unchanged(meta)) => builder
-                    .add_unchanged(&meta.path, meta.size, meta.mtime_ns, meta.mode & 0o7777)
-                    .map_err(status)?,
-                Some(pb::upload_request::Msg::Dir(meta)) => builder
-                    .add_dir(&meta.path, meta.mode & 0o7777, meta.mtime_ns)
-                    .map_err(status)?,
-                Some(pb::upload_request::Msg::Symlink(meta)) => builder
-                    .add_symlink(&meta.path, &meta.target, meta.mode & 0o7777, meta.mtime_ns)
-                    .map_err(status)?,
+                Some(pb::upload_request::Msg::Unchanged(meta)) => {
+                    add_entry(&mut builder, pb::EntryKind::File, &meta)?
+                }
+                Some(pb::upload_request::Msg::Dir(meta)) => {
+                    add_entry(&mut builder, pb::EntryKind::Dir, &meta)?
+                }
+                Some(pb::upload_request::Msg::Symlink(meta)) => {
+                    add_entry(&mut builder, pb::EntryKind::Symlink, &meta)?
+                }
                 Some(pb::upload_request::Msg::Data(_))
                 | Some(pb::upload_request::Msg::FileEnd(_)) => {
                     return Err(Status::invalid_argument("file data outside a file"))
@@ -423,7 +431,7 @@ impl BitClone for Api {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
         // Not proxied: an upload through this node diffs only against a
-        // manifest whose chunks are here (Unavailable → a full upload).
+        // manifest whose chunks are here (NotFound → a full upload).
         let id = self
             .node
             .resolve_snapshot_id(&r.tenant, &r.dataset, &r.snapshot)
@@ -435,55 +443,45 @@ impl BitClone for Api {
             .blocking(move |store| decode_root(&store.get_manifest(&t, &id)?))
             .await
             .map_err(status)?;
-        let root = match stored {
-            Stored::V2(root) if r.paged || root.entries > MAX_INLINE_ENTRIES as u64 => root,
-            // Small or v1 (no pages): every entry inline.
-            _ => {
-                let m = self
-                    .node
-                    .load_manifest(&r.tenant, &r.dataset, id)
-                    .await
-                    .map_err(status)?;
-                if m.entries.len() > MAX_INLINE_ENTRIES && !r.paged {
-                    return Err(Status::out_of_range(format!(
-                        "snapshot {id} has {} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged",
-                        m.entries.len()
-                    )));
-                }
+        let count = match &stored {
+            Stored::V1(m) => m.entries.len() as u64,
+            Stored::V2(root) => root.entries,
+        };
+        if !r.paged && count > MAX_INLINE_ENTRIES as u64 {
+            return Err(Status::out_of_range(format!(
+                "snapshot {id} has {count} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged"
+            )));
+        }
+        let m = match stored {
+            Stored::V2(root) if r.paged => {
                 return Ok(Response::new(pb::GetManifestResponse {
                     snapshot: Some(pb::SnapshotInfo {
                         id: id.to_hex(),
-                        dataset: m.dataset.clone(),
-                        parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
-                        files: m.file_count(),
-                        bytes: m.total_bytes(),
-                        created_unix_ms: m.created_unix_ms,
+                        dataset: root.dataset.clone(),
+                        parent: root.parent.map(|p| p.to_hex()).unwrap_or_default(),
+                        files: root.files,
+                        bytes: root.bytes,
+                        created_unix_ms: root.created_unix_ms,
                     }),
-                    entry_count: m.entries.len() as u64,
-                    entries: m.entries.iter().map(entry_meta).collect(),
-                    ..Default::default()
+                    entries: Vec::new(),
+                    pages: page_refs(&root.pages),
+                    level: u32::from(root.height - 1),
+                    entry_count: root.entries,
                 }));
             }
+            // A v1 manifest has no pages: every entry inline.
+            Stored::V1(m) => m,
+            Stored::V2(_) => self
+                .node
+                .load_manifest(&r.tenant, &r.dataset, id)
+                .await
+                .map_err(status)?,
         };
-        if !r.paged {
-            return Err(Status::out_of_range(format!(
-                "snapshot {id} has {} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged",
-                root.entries
-            )));
-        }
         Ok(Response::new(pb::GetManifestResponse {
-            snapshot: Some(pb::SnapshotInfo {
-                id: id.to_hex(),
-                dataset: root.dataset.clone(),
-                parent: root.parent.map(|p| p.to_hex()).unwrap_or_default(),
-                files: root.files,
-                bytes: root.bytes,
-                created_unix_ms: root.created_unix_ms,
-            }),
-            entries: Vec::new(),
-            pages: page_refs(&root.pages),
-            level: u32::from(root.height - 1),
-            entry_count: root.entries,
+            snapshot: Some(manifest_info(&id, &m)),
+            entry_count: count,
+            entries: m.entries.iter().map(entry_meta).collect(),
+            ..Default::default()
         }))
     }
 
@@ -601,14 +599,7 @@ impl BitClone for Api {
         };
         let (tx, rx) = mpsc::channel::<Result<pb::DownloadResponse, Status>>(8);
         let store = self.node.chunk_store();
-        let info = pb::SnapshotInfo {
-            id: id.to_hex(),
-            dataset: manifest.dataset.clone(),
-            parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),
-            files: manifest.file_count(),
-            bytes: manifest.total_bytes(),
-            created_unix_ms: manifest.created_unix_ms,
-        };
+        let info = manifest_info(&id, &manifest);
         // A long-lived producer: a blocking thread of its own rather than a
         // CPU pool worker, so slow readers cannot starve ingest.
         let (node, handle) = (self.node.clone(), tokio::runtime::Handle::current());
@@ -661,15 +652,22 @@ impl BitClone for Api {
                     EntryKind::Dir => send(Msg::Dir(meta)),
                     EntryKind::Symlink => send(Msg::Symlink(meta)),
                     EntryKind::File if e.size <= SMALL_FILE_BYTES => {
-                        let mut data = Vec::with_capacity(e.size as usize);
-                        for c in &e.chunks {
-                            let Some(d) = chunk(e, &c.id) else { return };
-                            data.extend_from_slice(&d);
-                        }
+                        // Most small files are one chunk: sent as read.
+                        let data = if let [only] = e.chunks.as_slice() {
+                            let Some(d) = chunk(e, &only.id) else { return };
+                            d
+                        } else {
+                            let mut data = Vec::with_capacity(e.size as usize);
+                            for c in &e.chunks {
+                                let Some(d) = chunk(e, &c.id) else { return };
+                                data.extend_from_slice(&d);
+                            }
+                            Bytes::from(data)
+                        };
                         batch_bytes += data.len();
                         batch.push(pb::FileData {
                             meta: Some(meta),
-                            data: data.into(),
+                            data,
                         });
                         if batch_bytes < BATCH_BYTES && batch.len() < BATCH_ENTRIES {
                             continue;

@@ -153,7 +153,15 @@ fn stalled_uploads_hold_no_cpu_thread_and_end_with_a_clear_error() {
                 .map(|r| r.into_inner())
         }));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every stalled upload's first messages have left its stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while senders.iter().any(|tx| tx.capacity() < 8) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled uploads never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A small put and `stats` still finish while those hang.
     let src = tmp.path().join("src");

@@ -185,7 +185,7 @@ impl Cluster {
         Ok(self.raft.is_initialized().await?)
     }
 
-    /// Starts a new cluster with this node as its only voter (no-op if this
+    /// Starts a new cluster with this node as its only voter (unless this
     /// node's Raft state is already initialized), records its addresses,
     /// applies `settings` and creates the default tenant.
     pub async fn bootstrap(&self, settings: &SettingsUpdate) -> Result<(), Error> {
@@ -194,9 +194,9 @@ impl Cluster {
             self.raft.initialize(members).await?;
         }
         self.wait_leader(Duration::from_secs(30)).await?;
-        self.register_self().await?;
-        // Before the default tenant, which takes the default shard count.
-        self.update_settings(settings).await?;
+        // Settings before the default tenant, which takes the default shard
+        // count.
+        self.rejoin(settings).await?;
         // The default tenant exists from the start, so the layout is visible.
         let has_default = self.local(|s| s.tenants.contains_key(DEFAULT_TENANT));
         if !has_default {

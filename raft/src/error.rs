@@ -71,11 +71,6 @@ impl Error {
                 | Error::Timeout(_)
         )
     }
-
-    /// Whether this node must stop taking writes.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Fatal(_))
-    }
 }
 
 impl<E> From<openraft::error::RaftError<NodeId, E>> for Error
@@ -153,6 +148,5 @@ mod tests {
         assert!(!Error::Command(CommandError::Invalid("x".into())).is_retryable());
         assert!(!Error::Refused("x".into()).is_retryable());
         assert!(!Error::Fatal("x".into()).is_retryable());
-        assert!(Error::Fatal("x".into()).is_fatal());
     }
 }
