@@ -126,13 +126,31 @@ impl Client {
         snapshot: Option<&str>,
         mut each: impl FnMut(EntryMeta) + Send,
     ) -> Result<(proto::SnapshotInfo, PageCounts)> {
+        let (info, root) = self.manifest_root(dataset, snapshot).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let walk = self.send_entries(root, tx);
+        let consume = async {
+            while let Some(page) = rx.recv().await {
+                page.into_iter().for_each(&mut each);
+            }
+        };
+        let (counts, ()) = tokio::join!(walk, consume);
+        Ok((info, counts?))
+    }
+
+    /// The snapshot and its manifest's root (`GetManifest`, paged).
+    pub(crate) async fn manifest_root(
+        &self,
+        dataset: &str,
+        snapshot: Option<&str>,
+    ) -> Result<(proto::SnapshotInfo, proto::GetManifestResponse)> {
         let request = proto::GetManifestRequest {
             tenant: self.tenant().to_owned(),
             dataset: dataset.to_owned(),
             snapshot: snapshot.unwrap_or_default().to_owned(),
             paged: true,
         };
-        let root = self
+        let mut root = self
             .call(|mut grpc| {
                 let request = request.clone();
                 async move { grpc.get_manifest(request).await }
@@ -140,24 +158,38 @@ impl Client {
             .await?;
         let info = root
             .snapshot
+            .take()
             .ok_or_else(|| Error::protocol("manifest without its snapshot"))?;
+        Ok((info, root))
+    }
+
+    /// Sends the entries under `root` to `tx` in path order, a page's worth
+    /// at a time; stops early, without an error, when `tx` is closed.
+    pub(crate) async fn send_entries(
+        &self,
+        root: proto::GetManifestResponse,
+        tx: tokio::sync::mpsc::Sender<Vec<EntryMeta>>,
+    ) -> Result<PageCounts> {
         let mut counts = PageCounts::default();
         // A manifest with no pages (format v1, or small) is answered inline.
-        root.entries.into_iter().for_each(&mut each);
-        self.walk_pages(root.pages, root.level, &mut counts, &mut each)
+        if !root.entries.is_empty() && tx.send(root.entries).await.is_err() {
+            return Ok(counts);
+        }
+        self.walk_pages(root.pages, root.level, &mut counts, &tx)
             .await?;
-        Ok((info, counts))
+        Ok(counts)
     }
 
     /// Reads `pages` (of `level`) and everything below them depth first,
     /// in path order, with several pages of a level in flight at once.
+    /// False when `tx` was closed.
     fn walk_pages<'a>(
         &'a self,
         pages: Vec<PageRef>,
         level: u32,
         counts: &'a mut PageCounts,
-        each: &'a mut (dyn FnMut(EntryMeta) + Send),
-    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        tx: &'a tokio::sync::mpsc::Sender<Vec<EntryMeta>>,
+    ) -> futures::future::BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let mut got = futures::stream::iter(pages)
                 .map(|page| async move { self.page(&page, level).await })
@@ -169,13 +201,16 @@ impl Client {
                 } else {
                     counts.cached += 1;
                 }
-                if level > 0 {
-                    self.walk_pages(page.pages, level - 1, counts, each).await?;
+                let open = if level > 0 {
+                    self.walk_pages(page.pages, level - 1, counts, tx).await?
                 } else {
-                    page.entries.into_iter().for_each(&mut *each);
+                    tx.send(page.entries).await.is_ok()
+                };
+                if !open {
+                    return Ok(false);
                 }
             }
-            Ok(())
+            Ok(true)
         })
     }
 }

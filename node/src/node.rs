@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::Context;
 use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry};
 use bitclone_storage::ingest::{self, SnapshotBuilder};
+use bitclone_storage::manifest::Stored;
 use bitclone_storage::sink::objects::{self, ExportProgress};
 use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source};
 use bitclone_storage::{
-    load_manifest, put_pages, ChunkId, ChunkParams, ChunkStore, CpuPool, Error as StoreError,
-    Manifest, PutPages, RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
+    load_manifest, read_root, ChunkId, ChunkParams, ChunkStore, CpuPool, Entries,
+    Error as StoreError, Manifest, RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
 };
 
 use crate::config::NodeConfig;
@@ -405,45 +406,46 @@ impl Node {
         Ok(id)
     }
 
-    /// Encodes and durably commits a manifest: its pages and root here and
-    /// on a majority of the shard's replicas, then the dataset pointer
-    /// through Raft (compare-and-set on the parent, fenced when a job makes
-    /// the commit). Returns the record and what the pages added here.
-    pub async fn commit_manifest(
+    /// Durably commits a snapshot built by `builder` (fenced when a job makes
+    /// the commit): its pages (stored as the builder filled them) and root
+    /// here and on a majority of the shard's replicas, then the dataset
+    /// pointer through Raft (compare-and-set on the parent). Counts its
+    /// bytes in the node's stats.
+    pub async fn commit(
         &self,
-        manifest: Manifest,
+        builder: SnapshotBuilder,
         fenced_by: Option<(String, Fence)>,
-    ) -> Result<(SnapshotRecord, PutPages), StoreError> {
+    ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
         let c = &self.cluster;
-        let manifest = Arc::new(manifest);
-        let m = manifest.clone();
-        let put = self
+        let (tenant, dataset) = (builder.tenant().to_string(), builder.dataset().to_string());
+        let t = tenant.clone();
+        let built = self
             .blocking(move |store| {
-                let put = put_pages(store, &m)?;
-                store.store_manifest_durable(&m.tenant, &put.id, &put.root)?;
-                Ok(put)
+                let built = builder.finish(now_ms())?;
+                store.store_manifest_durable(&t, &built.id, &built.root)?;
+                Ok(built)
             })
             .await?;
-        let id = put.id;
         // Durable on a majority of the shard's replicas before the commit.
         if let Some(t) = self.transport.get() {
             crate::replica::replicate(
                 t,
                 c,
                 &self.store,
-                (&manifest.tenant, &manifest.dataset),
-                &id,
-                &put.root,
+                (&tenant, &dataset),
+                &built.id,
+                &built.root,
                 (&self.bytes_replicated, &self.page_bytes_replicated),
             )
             .await?;
         }
+        let stats = built.stats;
         let entry = SnapshotEntry {
-            id: id.to_hex(),
-            parent: manifest.parent.map(|p| p.to_hex()).unwrap_or_default(),
-            files: manifest.file_count(),
-            bytes: manifest.total_bytes(),
-            created_unix_ms: manifest.created_unix_ms,
+            id: built.id.to_hex(),
+            parent: built.parent.map(|p| p.to_hex()).unwrap_or_default(),
+            files: stats.files,
+            bytes: stats.bytes,
+            created_unix_ms: built.created_unix_ms,
             written_by: c.id,
         };
         let job = fenced_by
@@ -452,8 +454,8 @@ impl Node {
             .unwrap_or_default();
         let resp = c
             .write(Command::CommitSnapshot {
-                tenant: manifest.tenant.clone(),
-                dataset: manifest.dataset.clone(),
+                tenant,
+                dataset: dataset.clone(),
                 snapshot: entry.clone(),
                 parent: entry.parent.clone(),
                 fenced_by,
@@ -462,26 +464,48 @@ impl Node {
             .map_err(raft_error)?;
         crate::link::fenced_error(&job, resp)?;
         self.page_bytes_stored
-            .fetch_add(put.new_bytes, Ordering::Relaxed);
-        Ok((record_of(&manifest.dataset, &entry), put))
-    }
-
-    /// Encodes and durably commits a snapshot built by `builder` (fenced when
-    /// a job makes the commit) and counts its bytes in the node's stats.
-    pub async fn commit(
-        &self,
-        builder: SnapshotBuilder,
-        fenced_by: Option<(String, Fence)>,
-    ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
-        let (manifest, mut stats) = builder.finish(now_ms())?;
-        let (record, put) = self.commit_manifest(manifest, fenced_by).await?;
-        stats.new_pages = put.new_pages;
-        stats.new_page_bytes = put.new_bytes;
+            .fetch_add(stats.new_page_bytes, Ordering::Relaxed);
         self.bytes_ingested
             .fetch_add(stats.bytes, Ordering::Relaxed);
         self.bytes_stored
             .fetch_add(stats.new_bytes, Ordering::Relaxed);
-        Ok((record, stats))
+        Ok((record_of(&dataset, &entry), stats))
+    }
+
+    /// Reads a snapshot's root and checks every page of it here (one page
+    /// at a time), repairing a damaged or missing page from another replica
+    /// of the dataset's shard, so that reading its entries in order (as an
+    /// incremental build does) finds them all.
+    pub async fn check_manifest(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        id: SnapshotId,
+    ) -> Result<Stored, StoreError> {
+        let mut repaired = 0;
+        loop {
+            let (t, chunks) = (tenant.to_string(), self.chunk_store());
+            let checked = self
+                .pool
+                .run(move || {
+                    let stored = read_root(chunks.as_ref(), &t, &id)?;
+                    for e in Entries::new(chunks, &t, stored.clone()) {
+                        e?;
+                    }
+                    Ok(stored)
+                })
+                .await;
+            match checked {
+                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
+                    if repaired < MAX_PAGE_REPAIRS =>
+                {
+                    tracing::warn!(snapshot = %id, page = %chunk, "manifest page bad here; repairing from a replica");
+                    self.repair_from_replicas(tenant, dataset, &chunk).await?;
+                    repaired += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Loads a snapshot's manifest from this node's store. A page that is
@@ -522,22 +546,23 @@ impl Node {
         chunking: Option<ChunkParams>,
     ) -> Result<(SnapshotBuilder, Option<SnapshotId>), StoreError> {
         let head = self.head(tenant, dataset).await?;
-        let manifest = match head {
-            Some(id) => {
-                match self.load_manifest(tenant, dataset, id).await {
-                    Ok(m) => Some(m),
-                    // Held by another node: no diff base here.
-                    Err(StoreError::NotFound { .. }) => None,
-                    Err(e) => return Err(e),
-                }
-            }
+        let parent = match head {
+            Some(id) => match self.check_manifest(tenant, dataset, id).await {
+                Ok(stored) => Some((id, stored)),
+                // Held by another node: no diff base here.
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let chunking = chunking
-            .or(manifest.as_ref().map(|m| m.chunking))
+            .or(parent.as_ref().map(|(_, stored)| stored.chunking()))
             .unwrap_or(self.config.chunking);
-        let builder = SnapshotBuilder::new(tenant, dataset, head.zip(manifest), chunking)?
-            .with_parent_id(head);
+        let builder = SnapshotBuilder::new(self.chunk_store(), tenant, dataset, chunking)?;
+        let builder = match parent {
+            Some((id, stored)) => builder.with_parent(id, stored),
+            None => builder.with_parent_id(head),
+        };
         Ok((builder, head))
     }
 
@@ -674,7 +699,6 @@ impl Node {
             Source::Dir { path: root } => {
                 let root = root.clone();
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
-                let store = self.chunk_store();
                 let link2 = link.clone();
                 let builder = self
                     .pool
@@ -687,7 +711,6 @@ impl Node {
                         let bytes_total: u64 = entries.iter().map(|e| e.size).sum();
                         let mut last = Instant::now();
                         ingest::ingest_dir(
-                            store.as_ref(),
                             &mut builder,
                             &root,
                             &entries,
@@ -719,12 +742,8 @@ impl Node {
                 let link2 = link.clone();
                 let phase = format!("reading {}", target.url);
                 let mut last = Instant::now();
-                let builder = source::ingest_objects(
-                    &target,
-                    self.chunk_store(),
-                    builder,
-                    stop,
-                    &mut |files, bytes| {
+                let builder =
+                    source::ingest_objects(&target, builder, stop, &mut |files, bytes| {
                         if last.elapsed().as_millis() >= 100 {
                             last = Instant::now();
                             link2.report(|p| {
@@ -733,29 +752,36 @@ impl Node {
                                 p.bytes_done = bytes;
                             });
                         }
-                    },
-                )
-                .await?;
+                    })
+                    .await?;
                 let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
             Source::Snapshot { dataset, snapshot } => {
                 let snapshot = snapshot.map(|s| s.to_hex()).unwrap_or_default();
-                let (id, manifest) = self
-                    .resolve_snapshot(&job.tenant, dataset, &snapshot)
+                let id = self
+                    .resolve_snapshot_id(&job.tenant, dataset, &snapshot)
                     .await?;
                 if *dataset == job.dataset {
                     return Ok(id);
                 }
                 // Cloning a snapshot into another dataset is a metadata
                 // operation: the same entries and chunks, a new manifest.
-                let m = Manifest {
-                    dataset: job.dataset.clone(),
-                    parent: self.head(&job.tenant, &job.dataset).await?,
-                    created_unix_ms: now_ms(),
-                    ..manifest
-                };
-                let (record, _) = self.commit_manifest(m, link.fenced_by(&job.id)).await?;
+                let stored = self.check_manifest(&job.tenant, dataset, id).await?;
+                let head = self.head(&job.tenant, &job.dataset).await?;
+                let (store, t, d) = (self.chunk_store(), job.tenant.clone(), job.dataset.clone());
+                let builder = self
+                    .pool
+                    .run(move || {
+                        let mut b = SnapshotBuilder::new(store.clone(), &t, &d, stored.chunking())?
+                            .with_parent_id(head);
+                        for e in Entries::new(store, &t, stored) {
+                            b.add_taken(e?)?;
+                        }
+                        Ok(b)
+                    })
+                    .await?;
+                let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
         }

@@ -18,7 +18,8 @@ use bitclone_storage::{
     SnapshotRecord,
 };
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -175,7 +176,15 @@ impl Read for FrameReader {
 /// keep every worker busy while the next batch arrives.
 const UPLOAD_BATCHES_IN_FLIGHT: usize = 4;
 
-type BatchResult = Result<(Vec<pb::FileData>, Vec<ingest::Ingested>), StoreError>;
+/// What one upload message adds to the snapshot, in the order sent.
+enum Added {
+    /// Entries sent without data (directories, links, unchanged files).
+    Entries(Vec<pb::EntryMeta>),
+    /// Small files, just ingested.
+    Files(Vec<pb::FileData>, Vec<ingest::Ingested>),
+}
+
+type BatchResult = Result<Added, StoreError>;
 
 impl Api {
     /// The next message of an upload; an upload that sends nothing for the
@@ -260,6 +269,37 @@ impl Api {
         result.map_err(status)
     }
 
+    /// Adds what a message of one entry brings (a large file's data
+    /// follows its start in the stream).
+    async fn add_single(
+        &self,
+        stream: &mut Streaming<pb::UploadRequest>,
+        builder: &mut SnapshotBuilder,
+        tenant: &str,
+        msg: pb::upload_request::Msg,
+    ) -> Result<(), Status> {
+        use pb::upload_request::Msg;
+        match msg {
+            Msg::FileStart(meta) => {
+                validate_path(&meta.path).map_err(status)?;
+                let data = self
+                    .upload_file(stream, tenant, builder.chunking(), &meta.path)
+                    .await?;
+                builder
+                    .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
+                    .map_err(status)
+            }
+            Msg::Unchanged(meta) => add_entry(builder, pb::EntryKind::File, &meta),
+            Msg::Dir(meta) => add_entry(builder, pb::EntryKind::Dir, &meta),
+            Msg::Symlink(meta) => add_entry(builder, pb::EntryKind::Symlink, &meta),
+            Msg::Data(_) | Msg::FileEnd(_) => {
+                Err(Status::invalid_argument("file data outside a file"))
+            }
+            Msg::Begin(_) => Err(Status::invalid_argument("begin may only come first")),
+            Msg::Files(_) | Msg::Entries(_) => Err(Status::internal("a batch taken as one entry")),
+        }
+    }
+
     /// Cuts and stores a batch of whole files on the CPU pool.
     fn ingest_batch(
         &self,
@@ -271,7 +311,7 @@ impl Api {
         self.node.pool.run(move || {
             let datas: Vec<&[u8]> = files.iter().map(|f| f.data.as_ref()).collect();
             let ingested = ingest::ingest_whole(store.as_ref(), &t, chunking, &datas)?;
-            Ok((files, ingested))
+            Ok(Added::Files(files, ingested))
         })
     }
 }
@@ -294,17 +334,31 @@ fn add_entry(
     .map_err(status)
 }
 
-/// Adds the files of an ingested batch.
+/// Adds what one message brought, once every message before it was added.
 fn add_batch(builder: &mut SnapshotBuilder, done: BatchResult) -> Result<(), Status> {
-    let (files, ingested) = done.map_err(status)?;
-    for (f, data) in files.iter().zip(ingested) {
-        let meta = f
-            .meta
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("a file without its entry"))?;
-        builder
-            .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
-            .map_err(status)?;
+    match done.map_err(status)? {
+        Added::Entries(entries) => {
+            for meta in &entries {
+                let kind = pb::EntryKind::try_from(meta.kind).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "{:?}: unknown entry kind {}",
+                        meta.path, meta.kind
+                    ))
+                })?;
+                add_entry(builder, kind, meta)?;
+            }
+        }
+        Added::Files(files, ingested) => {
+            for (f, data) in files.iter().zip(ingested) {
+                let meta = f
+                    .meta
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("a file without its entry"))?;
+                builder
+                    .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
+                    .map_err(status)?;
+            }
+        }
     }
     Ok(())
 }
@@ -346,56 +400,38 @@ impl BitClone for Api {
             )));
         }
         let chunking = builder.chunking();
-        let mut batches = futures::stream::FuturesOrdered::new();
+        // Entries reach the builder in the order sent (path order): batches
+        // of small files are ingested several at a time, and whatever comes
+        // after one waits in this queue behind it.
+        let mut batches: futures::stream::FuturesOrdered<BoxFuture<'static, BatchResult>> =
+            futures::stream::FuturesOrdered::new();
         while let Some(msg) = self.next_message(&mut stream).await? {
-            match msg.msg {
+            let msg = msg
+                .msg
+                .ok_or_else(|| Status::invalid_argument("empty upload message"))?;
+            let queued = match msg {
                 // Paths are checked as the ingested files are added.
-                Some(pb::upload_request::Msg::Files(batch)) => {
-                    if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
-                        if let Some(done) = batches.next().await {
-                            add_batch(&mut builder, done)?;
-                        }
-                    }
-                    batches.push_back(self.ingest_batch(&begin.tenant, chunking, batch.files));
+                pb::upload_request::Msg::Files(batch) => self
+                    .ingest_batch(&begin.tenant, chunking, batch.files)
+                    .boxed(),
+                pb::upload_request::Msg::Entries(batch) => {
+                    futures::future::ready(Ok(Added::Entries(batch.entries))).boxed()
                 }
-                Some(pb::upload_request::Msg::Entries(batch)) => {
-                    for meta in &batch.entries {
-                        let kind = pb::EntryKind::try_from(meta.kind).map_err(|_| {
-                            Status::invalid_argument(format!(
-                                "{:?}: unknown entry kind {}",
-                                meta.path, meta.kind
-                            ))
-                        })?;
-                        add_entry(&mut builder, kind, meta)?;
+                single => {
+                    while let Some(done) = batches.next().await {
+                        add_batch(&mut builder, done)?;
                     }
-                }
-                Some(pb::upload_request::Msg::FileStart(meta)) => {
-                    validate_path(&meta.path).map_err(status)?;
-                    let data = self
-                        .upload_file(&mut stream, &begin.tenant, chunking, &meta.path)
+                    self.add_single(&mut stream, &mut builder, &begin.tenant, single)
                         .await?;
-                    builder
-                        .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
-                        .map_err(status)?;
+                    continue;
                 }
-                Some(pb::upload_request::Msg::Unchanged(meta)) => {
-                    add_entry(&mut builder, pb::EntryKind::File, &meta)?
+            };
+            if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
+                if let Some(done) = batches.next().await {
+                    add_batch(&mut builder, done)?;
                 }
-                Some(pb::upload_request::Msg::Dir(meta)) => {
-                    add_entry(&mut builder, pb::EntryKind::Dir, &meta)?
-                }
-                Some(pb::upload_request::Msg::Symlink(meta)) => {
-                    add_entry(&mut builder, pb::EntryKind::Symlink, &meta)?
-                }
-                Some(pb::upload_request::Msg::Data(_))
-                | Some(pb::upload_request::Msg::FileEnd(_)) => {
-                    return Err(Status::invalid_argument("file data outside a file"))
-                }
-                Some(pb::upload_request::Msg::Begin(_)) => {
-                    return Err(Status::invalid_argument("begin may only come first"))
-                }
-                None => return Err(Status::invalid_argument("empty upload message")),
             }
+            batches.push_back(queued);
         }
         while let Some(done) = batches.next().await {
             add_batch(&mut builder, done)?;

@@ -1,18 +1,18 @@
 //! Turning bytes into stored chunks and entries into snapshots.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::chunker::{chunk_slice, ChunkParams, Chunker, ChunkerError};
 use crate::error::{Error, Result};
-use crate::manifest::{ChunkRef, Entry, EntryKind, Manifest};
+use crate::manifest::{ChunkRef, Encoder, Entry, EntryKind, Manifest, Stored};
 use crate::path::{validate_path, validate_symlink};
-use crate::store::ChunkStore;
+use crate::store::{load_manifest, ChunkStore, Entries};
 
 /// One file's bytes after chunking and storing.
 #[derive(Debug, Clone)]
@@ -150,43 +150,82 @@ pub struct IngestStats {
     pub skipped: Vec<String>,
 }
 
-/// Collects the entries of a new snapshot, taking unchanged files over from
-/// the parent snapshot.
+/// Builds a new snapshot from its entries, given in path order, taking
+/// unchanged files over from the parent snapshot.
+///
+/// Memory does not grow with the number of entries: the manifest's pages
+/// are written to the store as they fill (each after the chunks it names),
+/// and the parent's entries are read one page at a time alongside, so
+/// lookups of unchanged files must come in path order too.
 pub struct SnapshotBuilder {
+    store: Arc<dyn ChunkStore>,
     tenant: String,
     dataset: String,
     parent_id: Option<SnapshotId>,
-    parent: HashMap<String, Entry>,
+    /// The parent's entries not looked up yet, and the next of them.
+    parent: Option<Entries>,
+    next_parent: Option<Entry>,
     chunking: ChunkParams,
-    entries: Vec<Entry>,
+    encoder: Encoder,
     stats: IngestStats,
 }
 
+/// A snapshot [`SnapshotBuilder::finish`] encoded: its pages are stored, its
+/// root not yet (a node makes the pages durable first).
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The snapshot id (BLAKE3 of the root).
+    pub id: SnapshotId,
+    /// The root's bytes.
+    pub root: Vec<u8>,
+    /// The snapshot it was taken against, if any.
+    pub parent: Option<SnapshotId>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: i64,
+    /// What the ingest did.
+    pub stats: IngestStats,
+}
+
+impl Built {
+    /// Stores the root (not synced) and reads the whole manifest back: for
+    /// tools and tests, whose snapshots are small.
+    pub fn store_and_load(&self, store: &dyn ChunkStore, tenant: &str) -> Result<Manifest> {
+        store.put_manifest(tenant, &self.id, &self.root)?;
+        load_manifest(store, tenant, &self.id)
+    }
+}
+
 impl SnapshotBuilder {
-    /// Starts a snapshot of `dataset`, incremental against `parent` if given.
+    /// Starts a snapshot of `dataset` (with no parent: see
+    /// [`SnapshotBuilder::with_parent`]) whose pages go to `store`.
     pub fn new(
+        store: Arc<dyn ChunkStore>,
         tenant: &str,
         dataset: &str,
-        parent: Option<(SnapshotId, Manifest)>,
         chunking: ChunkParams,
     ) -> Result<Self> {
         chunking.validate()?;
-        let (parent_id, parent) = match parent {
-            Some((id, m)) => (
-                Some(id),
-                m.entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
-            ),
-            None => (None, HashMap::new()),
-        };
         Ok(SnapshotBuilder {
+            store,
             tenant: tenant.to_string(),
             dataset: dataset.to_string(),
-            parent_id,
-            parent,
+            parent_id: None,
+            parent: None,
+            next_parent: None,
             chunking,
-            entries: Vec::new(),
+            encoder: Encoder::new(),
             stats: IngestStats::default(),
         })
+    }
+
+    /// Makes the snapshot incremental against snapshot `id`, stored here as
+    /// `stored` (from [`crate::store::read_root`]): files whose size, mtime and mode
+    /// match its entries are taken over without being read.
+    pub fn with_parent(mut self, id: SnapshotId, stored: Stored) -> Self {
+        self.parent_id = Some(id);
+        self.parent = Some(Entries::new(self.store.clone(), &self.tenant, stored));
+        self.next_parent = None;
+        self
     }
 
     /// Records `id` as the parent without its entries: used when the parent's
@@ -207,46 +246,84 @@ impl SnapshotBuilder {
         &self.tenant
     }
 
+    /// The dataset the snapshot is of.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
     /// The chunking every file of this snapshot uses.
     pub fn chunking(&self) -> ChunkParams {
         self.chunking
     }
 
+    /// The store the snapshot's chunks and pages go to.
+    pub fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.store
+    }
+
+    /// The parent's entry for `path`, reading the parent's pages forward
+    /// to it; a path before one looked up earlier finds nothing.
+    fn seek_parent(&mut self, path: &str) -> Result<Option<&Entry>> {
+        while let Some(cursor) = &mut self.parent {
+            if self
+                .next_parent
+                .as_ref()
+                .is_some_and(|e| e.path.as_str() >= path)
+            {
+                break;
+            }
+            match cursor.next() {
+                Some(e) => self.next_parent = Some(e?),
+                None => {
+                    self.parent = None;
+                    self.next_parent = None;
+                }
+            }
+        }
+        Ok(self.next_parent.as_ref().filter(|e| e.path == path))
+    }
+
     /// The parent's entry for `path` if it is a file with the same size,
-    /// mtime and mode: such a file need not be read again.
-    pub fn unchanged(&self, path: &str, size: u64, mtime_ns: i64, mode: u32) -> Option<&Entry> {
-        self.parent.get(path).filter(|e| {
+    /// mtime and mode: such a file need not be read again. Lookups come in
+    /// path order.
+    pub fn unchanged(
+        &mut self,
+        path: &str,
+        size: u64,
+        mtime_ns: i64,
+        mode: u32,
+    ) -> Result<Option<Entry>> {
+        Ok(self.seek_parent(path)?.cloned().filter(|e| {
             e.kind == EntryKind::File && e.size == size && e.mtime_ns == mtime_ns && e.mode == mode
-        })
+        }))
     }
 
     /// Takes a file over from the parent; fails if the parent has no matching entry.
     pub fn add_unchanged(&mut self, path: &str, size: u64, mtime_ns: i64, mode: u32) -> Result<()> {
         validate_path(path)?;
-        let entry = self
-            .unchanged(path, size, mtime_ns, mode)
-            .cloned()
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{path:?} was sent as unchanged but the parent snapshot has no file with that size and mtime"
-                ))
-            })?;
-        self.stats.files += 1;
-        self.stats.bytes += entry.size;
-        self.stats.unchanged_files += 1;
-        self.entries.push(entry);
-        Ok(())
+        let entry = self.unchanged(path, size, mtime_ns, mode)?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{path:?} was sent as unchanged but the parent snapshot has no file with that size and mtime"
+            ))
+        })?;
+        self.add_taken(entry)
+    }
+
+    /// Adds an entry as it is (an unchanged file found with
+    /// [`SnapshotBuilder::unchanged`], or an entry of another snapshot).
+    pub fn add_taken(&mut self, entry: Entry) -> Result<()> {
+        if entry.kind == EntryKind::File {
+            self.stats.unchanged_files += 1;
+        }
+        self.push(&entry)
     }
 
     /// Adds a file whose bytes were just ingested.
     pub fn add_file(&mut self, path: &str, mode: u32, mtime_ns: i64, data: Ingested) -> Result<()> {
-        validate_path(path)?;
-        self.stats.files += 1;
-        self.stats.bytes += data.size;
         self.stats.chunks += data.chunks.len() as u64;
         self.stats.new_chunks += data.new_chunks;
         self.stats.new_bytes += data.new_bytes;
-        self.entries.push(Entry {
+        self.push(&Entry {
             path: path.to_string(),
             kind: EntryKind::File,
             size: data.size,
@@ -255,16 +332,12 @@ impl SnapshotBuilder {
             blake3: data.blake3,
             chunks: data.chunks,
             target: None,
-        });
-        Ok(())
+        })
     }
 
     /// Adds a directory.
     pub fn add_dir(&mut self, path: &str, mode: u32, mtime_ns: i64) -> Result<()> {
-        validate_path(path)?;
-        self.entries
-            .push(Entry::dir(path.to_string(), mode, mtime_ns));
-        Ok(())
+        self.push(&Entry::dir(path.to_string(), mode, mtime_ns))
     }
 
     /// Adds a symbolic link; a target leading outside the snapshot's root
@@ -276,15 +349,13 @@ impl SnapshotBuilder {
         mode: u32,
         mtime_ns: i64,
     ) -> Result<()> {
-        validate_path(path)?;
-        validate_symlink(path, target)?;
-        self.stats.symlinks += 1;
-        self.entries.push(Entry::symlink(
+        self.push(&Entry::symlink(
             path.to_string(),
             target.to_string(),
             mode,
             mtime_ns,
-        ));
+        ))?;
+        self.stats.symlinks += 1;
         Ok(())
     }
 
@@ -293,27 +364,52 @@ impl SnapshotBuilder {
         self.stats.skipped.push(path);
     }
 
-    /// Sorts the entries and builds the manifest; duplicate paths are an error.
-    pub fn finish(mut self, created_unix_ms: i64) -> Result<(Manifest, IngestStats)> {
-        self.entries.sort_by(|a, b| a.path.cmp(&b.path));
-        if let Some(w) = self.entries.windows(2).find(|w| w[0].path == w[1].path) {
-            return Err(Error::InvalidArgument(format!(
-                "path {:?} appears twice",
-                w[0].path
-            )));
-        }
-        Ok((
-            Manifest {
-                tenant: self.tenant,
-                dataset: self.dataset,
-                parent: self.parent_id,
-                created_unix_ms,
-                chunking: self.chunking,
-                entries: self.entries,
-            },
-            self.stats,
-        ))
+    /// Hands the entry to the encoder (which checks it and its order) and
+    /// stores the pages that fill.
+    fn push(&mut self, entry: &Entry) -> Result<()> {
+        let (store, tenant, stats) = (&self.store, &self.tenant, &mut self.stats);
+        self.encoder.push(entry, &mut |id, page| {
+            store_page(store.as_ref(), tenant, stats, id, page)
+        })
     }
+
+    /// Stores the last pages and returns the encoded snapshot; the caller
+    /// stores its root. Blocking (writes pages).
+    pub fn finish(mut self, created_unix_ms: i64) -> Result<Built> {
+        // Counted from the entries as encoded: the root carries the same.
+        self.stats.files = self.encoder.files();
+        self.stats.bytes = self.encoder.bytes();
+        let (store, tenant, stats) = (&self.store, &self.tenant, &mut self.stats);
+        let (id, root) = self.encoder.finish(
+            (tenant, &self.dataset),
+            self.parent_id,
+            created_unix_ms,
+            self.chunking,
+            &mut |id, page| store_page(store.as_ref(), tenant, stats, id, page),
+        )?;
+        Ok(Built {
+            id,
+            root,
+            parent: self.parent_id,
+            created_unix_ms,
+            stats: self.stats,
+        })
+    }
+}
+
+/// Stores one manifest page as a chunk of `tenant`, counting it if new.
+fn store_page(
+    store: &dyn ChunkStore,
+    tenant: &str,
+    stats: &mut IngestStats,
+    id: &ChunkId,
+    page: &[u8],
+) -> Result<()> {
+    if store.put_chunk(tenant, id, page)? {
+        stats.new_pages += 1;
+        stats.new_page_bytes += page.len() as u64;
+    }
+    Ok(())
 }
 
 /// One entry found by [`walk_dir`].
@@ -404,14 +500,13 @@ pub fn walk_dir(root: &Path) -> Result<Vec<SourceEntry>> {
 /// mtime and mode match the parent are not read. `progress(files, bytes)` is
 /// called as work completes; `cancel` stops between chunks.
 pub fn ingest_dir(
-    store: &dyn ChunkStore,
     builder: &mut SnapshotBuilder,
     root: &Path,
     entries: &[SourceEntry],
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let tenant = builder.tenant.clone();
+    let (store, tenant) = (builder.store.clone(), builder.tenant.clone());
     let (mut files_done, mut bytes_done) = (0u64, 0u64);
     for e in entries {
         if cancel.load(Ordering::Relaxed) {
@@ -427,18 +522,15 @@ pub fn ingest_dir(
                 e.mtime_ns,
             )?,
             Some(EntryKind::File) => {
-                if builder
-                    .unchanged(&e.path, e.size, e.mtime_ns, e.mode)
-                    .is_some()
-                {
-                    builder.add_unchanged(&e.path, e.size, e.mtime_ns, e.mode)?;
+                if let Some(old) = builder.unchanged(&e.path, e.size, e.mtime_ns, e.mode)? {
+                    builder.add_taken(old)?;
                     bytes_done += e.size;
                 } else {
                     let full = root.join(&e.path);
                     let file =
                         fs::File::open(&full).map_err(|err| Error::io("open", &full, err))?;
                     let data = ingest_stream(
-                        store,
+                        store.as_ref(),
                         &tenant,
                         builder.chunking,
                         file,
@@ -473,7 +565,7 @@ mod tests {
         fs::write(root.join("sub/b.bin"), vec![7u8; 100_000]).unwrap();
         std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("sub/out")).unwrap();
-        let store = MemStore::new();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
         let cancel = AtomicBool::new(false);
         let params = ChunkParams {
             min_size: 1024,
@@ -481,24 +573,36 @@ mod tests {
             max_size: 16384,
         };
 
-        let mut b = SnapshotBuilder::new("t", "d", None, params).unwrap();
+        let mut b = SnapshotBuilder::new(store.clone(), "t", "d", params).unwrap();
         let entries = walk_dir(root).unwrap();
-        ingest_dir(&store, &mut b, root, &entries, &cancel, &mut |_, _| {}).unwrap();
-        let (m1, s1) = b.finish(1).unwrap();
+        ingest_dir(&mut b, root, &entries, &cancel, &mut |_, _| {}).unwrap();
+        let built = b.finish(1).unwrap();
+        let (m1, s1) = (
+            built.store_and_load(store.as_ref(), "t").unwrap(),
+            built.stats,
+        );
         assert_eq!(s1.files, 2);
         assert_eq!(s1.bytes, 100_005);
         assert_eq!(s1.skipped, vec!["sub/out".to_string()]);
         assert_eq!(s1.symlinks, 1);
+        assert_eq!(s1.new_pages, 1);
         let paths: Vec<_> = m1.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["a.txt", "link", "sub", "sub/b.bin", "sub/empty"]);
         assert_eq!(m1.entries[1].target.as_deref(), Some("a.txt"));
-        let id1 = m1.id().unwrap();
+        let id1 = built.id;
 
         fs::write(root.join("a.txt"), b"hello, world").unwrap();
-        let mut b = SnapshotBuilder::new("t", "d", Some((id1, m1)), params).unwrap();
+        let parent = crate::store::read_root(store.as_ref(), "t", &id1).unwrap();
+        let mut b = SnapshotBuilder::new(store.clone(), "t", "d", params)
+            .unwrap()
+            .with_parent(id1, parent);
         let entries = walk_dir(root).unwrap();
-        ingest_dir(&store, &mut b, root, &entries, &cancel, &mut |_, _| {}).unwrap();
-        let (m2, s2) = b.finish(2).unwrap();
+        ingest_dir(&mut b, root, &entries, &cancel, &mut |_, _| {}).unwrap();
+        let built = b.finish(2).unwrap();
+        let (m2, s2) = (
+            built.store_and_load(store.as_ref(), "t").unwrap(),
+            built.stats,
+        );
         assert_eq!(
             s2.unchanged_files, 1,
             "b.bin should be taken from the parent"
@@ -507,6 +611,53 @@ mod tests {
         assert_eq!(m2.parent, Some(id1));
         let a = m2.entries.iter().find(|e| e.path == "a.txt").unwrap();
         assert_eq!(a.blake3, *blake3::hash(b"hello, world").as_bytes());
+    }
+
+    /// A parent of many pages is read forward as the new snapshot's
+    /// entries arrive: every unchanged file is found, none held twice.
+    #[test]
+    fn unchanged_files_are_found_across_the_parents_pages() {
+        let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
+        let data = ingest_whole(store.as_ref(), "t", ChunkParams::default(), &[b"x"]).unwrap();
+        let mut b = SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default()).unwrap();
+        for i in 0..5000 {
+            b.add_file(&format!("f{i:05}"), 0o644, 1, data[0].clone())
+                .unwrap();
+        }
+        let first = b.finish(1).unwrap();
+        assert!(first.stats.new_pages > 10, "{:?}", first.stats);
+        store.put_manifest("t", &first.id, &first.root).unwrap();
+
+        let parent = crate::store::read_root(store.as_ref(), "t", &first.id).unwrap();
+        let mut b = SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default())
+            .unwrap()
+            .with_parent(first.id, parent);
+        for i in (0..5000).step_by(3) {
+            let path = format!("f{i:05}");
+            if i == 2001 {
+                assert!(b.unchanged(&path, 1, 2, 0o644).unwrap().is_none());
+                b.add_file(&path, 0o644, 2, data[0].clone()).unwrap();
+            } else {
+                b.add_unchanged(&path, 1, 1, 0o644).unwrap();
+            }
+        }
+        b.add_dir("zz", 0o755, 0).unwrap();
+        let second = b.finish(2).unwrap();
+        assert_eq!(second.stats.unchanged_files, 1666);
+        assert_eq!(second.stats.files, 1667);
+        let m = second.store_and_load(store.as_ref(), "t").unwrap();
+        assert_eq!(m.entries.len(), 1668);
+    }
+
+    #[test]
+    fn entries_out_of_path_order_are_refused() {
+        let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
+        let mut b = SnapshotBuilder::new(store, "t", "d", ChunkParams::default()).unwrap();
+        b.add_dir("b", 0o755, 0).unwrap();
+        let err = b.add_dir("a", 0o755, 0).unwrap_err().to_string();
+        assert!(err.contains("path order") && err.contains("\"a\""), "{err}");
+        let err = b.add_dir("b", 0o755, 0).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
     }
 
     #[test]
@@ -543,12 +694,12 @@ mod tests {
 
     #[test]
     fn duplicate_and_unsafe_paths_are_refused() {
-        let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
+        let mut b = SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default()).unwrap();
         assert!(b.add_dir("../up", 0o755, 0).is_err());
         b.add_dir("x", 0o755, 0).unwrap();
-        b.add_dir("x", 0o755, 0).unwrap();
-        assert!(b.finish(0).is_err());
-        let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+        assert!(b.add_dir("x", 0o755, 0).is_err());
+        let mut b = SnapshotBuilder::new(store, "t", "d", ChunkParams::default()).unwrap();
         assert!(b.add_unchanged("f", 1, 1, 0o644).is_err());
         assert!(b.add_symlink("l", "../outside", 0o777, 0).is_err());
         assert!(b.add_symlink("l", "/abs", 0o777, 0).is_err());

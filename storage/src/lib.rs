@@ -25,5 +25,6 @@ pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
 pub use store::{
-    load_manifest, put_pages, read_chunks, store_manifest, ChunkStore, MemStore, PutPages,
+    load_manifest, put_pages, read_chunks, read_root, store_manifest, ChunkStore, Entries,
+    MemStore, PutPages,
 };

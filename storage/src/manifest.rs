@@ -188,49 +188,17 @@ impl Manifest {
         &self,
         emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
     ) -> Result<(SnapshotId, Vec<u8>)> {
-        self.check()?;
-        let mut leaves = PageWriter::new(0);
-        let mut scratch = Vec::new();
+        let mut encoder = Encoder::new();
         for e in &self.entries {
-            scratch.clear();
-            put_entry(&mut scratch, e);
-            if scratch.len() + 9 > MAX_PAGE_BYTES {
-                return Err(Error::InvalidArgument(format!(
-                    "{:?} has {} chunks, more than one manifest page holds; use a larger chunk size for it",
-                    e.path,
-                    e.chunks.len()
-                )));
-            }
-            let cut = leaf_boundary(&e.path);
-            leaves.add(&scratch, 1, cut, emit)?;
+            encoder.push(e, emit)?;
         }
-        let mut level = leaves.finish(emit)?;
-        let mut height = 1u8;
-        while level.len() > ROOT_MAX_PAGES {
-            let mut index = PageWriter::new(height);
-            for (id, entries) in &level {
-                scratch.clear();
-                scratch.extend_from_slice(id.as_bytes());
-                scratch.extend_from_slice(&entries.to_le_bytes());
-                index.add(&scratch, *entries, index_boundary(id), emit)?;
-            }
-            level = index.finish(emit)?;
-            height += 1;
-        }
-
-        let mut root = Vec::with_capacity(128 + level.len() * INDEX_ITEM_BYTES);
-        self.put_header(&mut root, FORMAT_VERSION);
-        let (files, bytes) = (self.file_count(), self.total_bytes());
-        for v in [self.entries.len() as u64, files, bytes] {
-            root.extend_from_slice(&v.to_le_bytes());
-        }
-        root.push(height);
-        root.extend_from_slice(&(level.len() as u32).to_le_bytes());
-        for (id, entries) in &level {
-            root.extend_from_slice(id.as_bytes());
-            root.extend_from_slice(&entries.to_le_bytes());
-        }
-        Ok((SnapshotId::of(&root), root))
+        encoder.finish(
+            (&self.tenant, &self.dataset),
+            self.parent,
+            self.created_unix_ms,
+            self.chunking,
+            emit,
+        )
     }
 
     /// The snapshot id this manifest gets (its pages are not kept).
@@ -250,28 +218,6 @@ impl Manifest {
         }
     }
 
-    fn put_header(&self, out: &mut Vec<u8>, version: u16) {
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&version.to_le_bytes());
-        put_str(out, &self.tenant);
-        put_str(out, &self.dataset);
-        match &self.parent {
-            Some(p) => {
-                out.push(1);
-                out.extend_from_slice(p.as_bytes());
-            }
-            None => out.push(0),
-        }
-        out.extend_from_slice(&self.created_unix_ms.to_le_bytes());
-        for v in [
-            self.chunking.min_size,
-            self.chunking.avg_size,
-            self.chunking.max_size,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-
     fn check(&self) -> Result<()> {
         for (i, e) in self.entries.iter().enumerate() {
             e.check()?;
@@ -283,6 +229,167 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes the fields a root (v2) and a whole manifest (v1) start with.
+fn put_header(
+    out: &mut Vec<u8>,
+    version: u16,
+    (tenant, dataset): (&str, &str),
+    parent: Option<SnapshotId>,
+    created_unix_ms: i64,
+    chunking: ChunkParams,
+) {
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    put_str(out, tenant);
+    put_str(out, dataset);
+    match &parent {
+        Some(p) => {
+            out.push(1);
+            out.extend_from_slice(p.as_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&created_unix_ms.to_le_bytes());
+    for v in [chunking.min_size, chunking.avg_size, chunking.max_size] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The error for an entry that does not come after `before` in path order.
+fn order_error(before: &str, path: &str) -> Error {
+    if before == path {
+        Error::InvalidArgument(format!("path {path:?} appears twice"))
+    } else {
+        Error::InvalidArgument(format!(
+            "entries must come in path order: {path:?} came after {before:?}"
+        ))
+    }
+}
+
+/// Encodes a manifest in format v2 from its entries, given one at a time in
+/// path order. Leaf pages go to `emit` as they fill, so memory holds one
+/// leaf page and the leaves' ids (40 bytes per ~64 entries), never the
+/// entries: this is how a snapshot of millions of files is built.
+pub struct Encoder {
+    leaves: PageWriter,
+    last: Option<String>,
+    entries: u64,
+    files: u64,
+    bytes: u64,
+    scratch: Vec<u8>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Encoder {
+    /// Starts an empty manifest.
+    pub fn new() -> Encoder {
+        Encoder {
+            leaves: PageWriter::new(0),
+            last: None,
+            entries: 0,
+            files: 0,
+            bytes: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Adds the next entry after checking it (after the previous one in
+    /// path order, safe path and link target, chunk lengths adding up to
+    /// its size); `emit(id, bytes)` receives each page that fills.
+    pub fn push(
+        &mut self,
+        e: &Entry,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        e.check()?;
+        if let Some(last) = &self.last {
+            if *last >= e.path {
+                return Err(order_error(last, &e.path));
+            }
+        }
+        self.scratch.clear();
+        put_entry(&mut self.scratch, e);
+        if self.scratch.len() + 9 > MAX_PAGE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "{:?} has {} chunks, more than one manifest page holds; use a larger chunk size for it",
+                e.path,
+                e.chunks.len()
+            )));
+        }
+        self.leaves
+            .add(&self.scratch, 1, leaf_boundary(&e.path), emit)?;
+        let last = self.last.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(&e.path);
+        self.entries += 1;
+        if e.kind == EntryKind::File {
+            self.files += 1;
+            self.bytes += e.size;
+        }
+        Ok(())
+    }
+
+    /// Regular files added so far.
+    pub fn files(&self) -> u64 {
+        self.files
+    }
+
+    /// Their total size.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Emits the last leaf and the index pages and returns the snapshot id
+    /// and the root's bytes, which start with the fields given here.
+    pub fn finish(
+        mut self,
+        (tenant, dataset): (&str, &str),
+        parent: Option<SnapshotId>,
+        created_unix_ms: i64,
+        chunking: ChunkParams,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<(SnapshotId, Vec<u8>)> {
+        let mut level = self.leaves.finish(emit)?;
+        let mut height = 1u8;
+        while level.len() > ROOT_MAX_PAGES {
+            let mut index = PageWriter::new(height);
+            for (id, entries) in &level {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(id.as_bytes());
+                self.scratch.extend_from_slice(&entries.to_le_bytes());
+                index.add(&self.scratch, *entries, index_boundary(id), emit)?;
+            }
+            level = index.finish(emit)?;
+            height += 1;
+        }
+
+        let mut root = Vec::with_capacity(128 + level.len() * INDEX_ITEM_BYTES);
+        put_header(
+            &mut root,
+            FORMAT_VERSION,
+            (tenant, dataset),
+            parent,
+            created_unix_ms,
+            chunking,
+        );
+        for v in [self.entries, self.files, self.bytes] {
+            root.extend_from_slice(&v.to_le_bytes());
+        }
+        root.push(height);
+        root.extend_from_slice(&(level.len() as u32).to_le_bytes());
+        for (id, entries) in &level {
+            root.extend_from_slice(id.as_bytes());
+            root.extend_from_slice(&entries.to_le_bytes());
+        }
+        Ok((SnapshotId::of(&root), root))
     }
 }
 
@@ -403,6 +510,31 @@ pub struct Root {
     pub height: u8,
     /// The top level's pages and the entries below each.
     pub pages: Vec<(ChunkId, u64)>,
+}
+
+impl Root {
+    /// The whole manifest, given the entries of its pages (as [`Walk`]
+    /// returned them).
+    pub fn with_entries(self, entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            tenant: self.tenant,
+            dataset: self.dataset,
+            parent: self.parent,
+            created_unix_ms: self.created_unix_ms,
+            chunking: self.chunking,
+            entries,
+        }
+    }
+}
+
+impl Stored {
+    /// The chunking the snapshot's files were cut with.
+    pub fn chunking(&self) -> ChunkParams {
+        match self {
+            Stored::V1(m) => m.chunking,
+            Stored::V2(r) => r.chunking,
+        }
+    }
 }
 
 /// Decodes a stored root (v2) or whole manifest (v1).
@@ -566,28 +698,39 @@ pub fn chunk_ids(entries: &[Entry]) -> Vec<ChunkId> {
     ids
 }
 
-/// Rebuilds a [`Manifest`] from a v2 root, asking for one page at a time:
-/// `while let Some((id, level)) = a.next_page() { a.feed(&fetch(id)?)? }`,
-/// then [`Assembler::finish`]. Holds no IO, so the same code serves the
-/// chunk store, peers and object-store sinks.
-pub struct Assembler {
+/// Reads a v2 manifest's entries page by page in path order, with no IO
+/// of its own: `while let Some((id, level)) = w.next_page() { for e in
+/// w.feed(&fetch(id)?)? {…} }`, then [`Walk::finish`] checks the root's
+/// totals. It holds one page per level, never the whole manifest, and the
+/// same code serves the chunk store, peers and object-store sinks.
+pub struct Walk {
     root: Root,
     /// Per level being walked: the pages still to read and their entry counts.
     stack: Vec<(u8, std::vec::IntoIter<(ChunkId, u64)>)>,
     pending: Option<(ChunkId, u8, u64)>,
-    entries: Vec<Entry>,
+    last: Option<String>,
+    entries: u64,
+    files: u64,
+    bytes: u64,
 }
 
-impl Assembler {
+impl Walk {
     /// Starts at `root`.
-    pub fn new(mut root: Root) -> Assembler {
-        let top = std::mem::take(&mut root.pages);
-        Assembler {
-            stack: vec![(root.height - 1, top.into_iter())],
-            entries: Vec::with_capacity(root.entries.min(1 << 20) as usize),
+    pub fn new(root: Root) -> Walk {
+        Walk {
+            stack: vec![(root.height - 1, root.pages.clone().into_iter())],
             root,
             pending: None,
+            last: None,
+            entries: 0,
+            files: 0,
+            bytes: 0,
         }
+    }
+
+    /// The root being walked.
+    pub fn root(&self) -> &Root {
+        &self.root
     }
 
     /// The next page to read (depth first, in path order) and its level.
@@ -602,8 +745,10 @@ impl Assembler {
         None
     }
 
-    /// Takes the bytes of the page [`Assembler::next_page`] asked for.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Takes the bytes of the page [`Walk::next_page`] asked for and
+    /// returns its entries (none for an index page), each checked, and in
+    /// order after every entry returned before.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Entry>> {
         let (id, level, expected) = self
             .pending
             .take()
@@ -620,52 +765,54 @@ impl Assembler {
             ));
         }
         match page {
-            Page::Index(items) => self.stack.push((level - 1, items.into_iter())),
+            Page::Index(items) => {
+                self.stack.push((level - 1, items.into_iter()));
+                Ok(Vec::new())
+            }
             Page::Leaf(entries) => {
-                if let (Some(last), Some(first)) = (self.entries.last(), entries.first()) {
-                    if last.path >= first.path {
-                        return Err(Error::decode(
-                            "manifest",
-                            format!("entries not sorted/unique at {:?}", first.path),
-                        ));
+                for e in &entries {
+                    e.check()?;
+                    if let Some(last) = &self.last {
+                        if *last >= e.path {
+                            return Err(Error::decode(
+                                "manifest",
+                                format!("entries not sorted/unique at {:?}", e.path),
+                            ));
+                        }
+                    }
+                    let last = self.last.get_or_insert_with(String::new);
+                    last.clear();
+                    last.push_str(&e.path);
+                    self.entries += 1;
+                    if e.kind == EntryKind::File {
+                        self.files += 1;
+                        self.bytes += e.size;
                     }
                 }
-                self.entries.extend(entries);
+                Ok(entries)
             }
         }
-        Ok(())
     }
 
-    /// The manifest, once every page was fed.
-    pub fn finish(self) -> Result<Manifest> {
+    /// Checks, once every page was fed, that they hold what the root says.
+    pub fn finish(self) -> Result<Root> {
         if self.pending.is_some() || !self.stack.is_empty() {
             return Err(Error::decode("manifest", "pages left unread"));
         }
-        let r = self.root;
-        let m = Manifest {
-            tenant: r.tenant,
-            dataset: r.dataset,
-            parent: r.parent,
-            created_unix_ms: r.created_unix_ms,
-            chunking: r.chunking,
-            entries: self.entries,
-        };
-        if m.entries.len() as u64 != r.entries
-            || m.file_count() != r.files
-            || m.total_bytes() != r.bytes
-        {
+        let r = &self.root;
+        if (self.entries, self.files, self.bytes) != (r.entries, r.files, r.bytes) {
             return Err(Error::decode(
                 "manifest",
                 "pages disagree with the root's totals",
             ));
         }
-        m.check()?;
-        Ok(m)
+        Ok(self.root)
     }
 }
 
 /// Decodes stored manifest bytes of either version, reading a v2 root's
-/// pages through `fetch` (blocking).
+/// pages through `fetch` (blocking). This holds every entry: for tools,
+/// tests and small manifests; [`Walk`] reads one page at a time.
 pub fn assemble(
     bytes: &[u8],
     fetch: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
@@ -673,12 +820,13 @@ pub fn assemble(
     match decode_root(bytes)? {
         Stored::V1(m) => Ok(m),
         Stored::V2(root) => {
-            let mut a = Assembler::new(root);
-            while let Some((id, _)) = a.next_page() {
+            let mut walk = Walk::new(root);
+            let mut entries = Vec::new();
+            while let Some((id, _)) = walk.next_page() {
                 let page = fetch(&id)?;
-                a.feed(&page)?;
+                entries.append(&mut walk.feed(&page)?);
             }
-            a.finish()
+            Ok(walk.finish()?.with_entries(entries))
         }
     }
 }
@@ -818,7 +966,14 @@ mod tests {
     /// Format v1, as the previous release wrote it (for the stored fixture).
     fn encode_v1(m: &Manifest) -> Vec<u8> {
         let mut out = Vec::new();
-        m.put_header(&mut out, 1);
+        put_header(
+            &mut out,
+            1,
+            (&m.tenant, &m.dataset),
+            m.parent,
+            m.created_unix_ms,
+            m.chunking,
+        );
         out.extend_from_slice(&(m.entries.len() as u64).to_le_bytes());
         for e in &m.entries {
             put_entry(&mut out, e);

@@ -1,11 +1,11 @@
 //! The chunk store interface and an in-memory implementation.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::{assemble, ChunkRef, Manifest, Page, Root};
+use crate::manifest::{assemble, decode_root, ChunkRef, Entry, Manifest, Page, Root, Stored, Walk};
 
 /// Content-addressed storage of chunks and manifests, per tenant.
 ///
@@ -142,7 +142,8 @@ pub fn read_chunks(store: &dyn ChunkStore, tenant: &str, chunks: &[ChunkRef]) ->
 }
 
 /// Loads and decodes a snapshot's manifest (either format version, a v2
-/// root's pages read from the chunks of `tenant`). Blocking.
+/// root's pages read from the chunks of `tenant`), every entry in memory:
+/// [`Entries`] reads one page at a time. Blocking.
 pub fn load_manifest(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> Result<Manifest> {
     let bytes = store.get_manifest(tenant, id)?;
     let m = assemble(&bytes, &mut |page| store.get_chunk(tenant, page))?;
@@ -150,6 +151,77 @@ pub fn load_manifest(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> R
         return Err(Error::not_found("snapshot", id.to_hex()));
     }
     Ok(m)
+}
+
+/// Reads and decodes a snapshot's stored root (v2) or whole manifest (v1).
+/// Blocking.
+pub fn read_root(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> Result<Stored> {
+    let stored = decode_root(&store.get_manifest(tenant, id)?)?;
+    let owner = match &stored {
+        Stored::V1(m) => &m.tenant,
+        Stored::V2(r) => &r.tenant,
+    };
+    if owner != tenant {
+        return Err(Error::not_found("snapshot", id.to_hex()));
+    }
+    Ok(stored)
+}
+
+/// A stored snapshot's entries in path order, read from the chunks of its
+/// tenant one page at a time, each page checked against its name (a v1
+/// manifest is held whole: it was small). Blocking.
+pub struct Entries {
+    store: Arc<dyn ChunkStore>,
+    tenant: String,
+    walk: Option<Walk>,
+    page: std::vec::IntoIter<Entry>,
+}
+
+impl Entries {
+    /// The entries of `stored` (from [`read_root`]), a snapshot of `tenant`.
+    pub fn new(store: Arc<dyn ChunkStore>, tenant: &str, stored: Stored) -> Entries {
+        let (walk, page) = match stored {
+            Stored::V1(m) => (None, m.entries),
+            Stored::V2(root) => (Some(Walk::new(root)), Vec::new()),
+        };
+        Entries {
+            store,
+            tenant: tenant.to_string(),
+            walk,
+            page: page.into_iter(),
+        }
+    }
+}
+
+impl Iterator for Entries {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Result<Entry>> {
+        loop {
+            if let Some(e) = self.page.next() {
+                return Some(Ok(e));
+            }
+            let walk = self.walk.as_mut()?;
+            let read = match walk.next_page() {
+                Some((id, _)) => self
+                    .store
+                    .get_chunk(&self.tenant, &id)
+                    .and_then(|bytes| walk.feed(&bytes)),
+                None => {
+                    let done = self.walk.take()?.finish();
+                    return done.err().map(Err);
+                }
+            };
+            match read {
+                Ok(entries) => self.page = entries.into_iter(),
+                Err(e) => {
+                    // The walk cannot go on past a page it could not read.
+                    self.walk = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
 }
 
 /// What [`put_pages`] wrote.

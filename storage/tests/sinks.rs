@@ -69,10 +69,10 @@ impl Rig {
     }
 
     fn snapshot(&self, dir: &Path) -> (Manifest, SnapshotId) {
-        let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+        let mut b =
+            SnapshotBuilder::new(self.store.clone(), "t", "d", ChunkParams::default()).unwrap();
         let entries = walk_dir(dir).unwrap();
         ingest_dir(
-            self.store.as_ref(),
             &mut b,
             dir,
             &entries,
@@ -80,10 +80,9 @@ impl Rig {
             &mut |_, _| {},
         )
         .unwrap();
-        let (m, _) = b.finish(1).unwrap();
-        let id = bitclone_storage::store_manifest(self.store.as_ref(), &m)
-            .unwrap()
-            .id;
+        let built = b.finish(1).unwrap();
+        let m = built.store_and_load(self.store.as_ref(), "t").unwrap();
+        let id = built.id;
         (m, id)
     }
 

@@ -17,7 +17,6 @@ use crate::path::validate_path;
 use crate::sink::objects::layout::list_under;
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::Target;
-use crate::store::ChunkStore;
 
 /// A blocking reader over an object's byte stream, fed by an async task:
 /// lets the chunker (on a blocking thread) read an object as it downloads.
@@ -51,7 +50,6 @@ impl Read for StreamReader {
 /// (and reported by the builder). `progress(files, bytes)` follows the work.
 pub async fn ingest_objects(
     target: &Target,
-    store: Arc<dyn ChunkStore>,
     mut builder: SnapshotBuilder,
     cancel: Arc<AtomicBool>,
     progress: &mut (dyn FnMut(u64, u64) + Send),
@@ -70,7 +68,7 @@ pub async fn ingest_objects(
         .map(|(rel, _)| rel.clone())
         .collect();
     objects.retain(|(rel, _)| !folders.contains(rel));
-    let tenant = builder.tenant().to_string();
+    let (store, tenant) = (builder.store().clone(), builder.tenant().to_string());
     let params = builder.chunking();
     let (mut files, mut bytes) = (0u64, 0u64);
     let mut todo = Vec::new();
@@ -81,23 +79,20 @@ pub async fn ingest_objects(
             .unwrap_or_else(|| meta.last_modified.timestamp().saturating_mul(1_000_000_000));
         if validate_path(&rel).is_err() {
             builder.skip(rel);
-        } else if builder
-            .unchanged(&rel, meta.size, mtime_ns, 0o644)
-            .is_some()
-        {
-            builder.add_unchanged(&rel, meta.size, mtime_ns, 0o644)?;
-            files += 1;
-            bytes += meta.size;
-            progress(files, bytes);
         } else {
-            todo.push((rel, meta, mtime_ns));
+            let old = builder.unchanged(&rel, meta.size, mtime_ns, 0o644)?;
+            todo.push((rel, meta, mtime_ns, old));
         }
     }
-    let mut results = futures::stream::iter(todo.into_iter().map(|(rel, meta, mtime_ns)| {
+    // In key order: the builder takes entries in path order.
+    let mut results = futures::stream::iter(todo.into_iter().map(|(rel, meta, mtime_ns, old)| {
         let (store, tenant, cancel) = (store.clone(), tenant.clone(), cancel.clone());
         async move {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
+            }
+            if let Some(old) = old {
+                return Ok((rel, mtime_ns, Err(old)));
             }
             let got = target
                 .store
@@ -136,16 +131,25 @@ pub async fn ingest_objects(
             .map_err(|_| Error::Panicked)
             .and_then(|r| r);
             feeder.abort();
-            Ok((rel, mtime_ns, data?))
+            Ok((rel, mtime_ns, Ok(data?)))
         }
     }))
     .buffered(target.concurrency.min(cores()))
     .boxed();
     while let Some(r) = results.next().await {
-        let (rel, mtime_ns, data) = r?;
+        let (rel, mtime_ns, read) = r?;
         files += 1;
-        bytes += data.size;
-        builder.add_file(&rel, 0o644, mtime_ns, data)?;
+        match read {
+            Ok(data) => {
+                bytes += data.size;
+                builder.add_file(&rel, 0o644, mtime_ns, data)?;
+            }
+            // Taken over from the parent without reading it.
+            Err(old) => {
+                bytes += old.size;
+                builder.add_taken(old)?;
+            }
+        }
         progress(files, bytes);
     }
     Ok(builder)

@@ -247,10 +247,11 @@ mod tests {
             .unwrap();
         let n = KEEP_COMMITS as u64 + 3;
         for token in 1..=n {
-            let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+            let mut b =
+                SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default()).unwrap();
             b.add_dir("d", 0o755, token as i64).unwrap();
-            let (m, _) = b.finish(0).unwrap();
-            let id = crate::store::store_manifest(store.as_ref(), &m).unwrap().id;
+            let built = b.finish(0).unwrap();
+            let (m, id) = (built.store_and_load(store.as_ref(), "t").unwrap(), built.id);
             let writer = Writer {
                 job: format!("j{token}"),
                 token,

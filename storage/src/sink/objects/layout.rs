@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::{decode_root, Assembler, Manifest, Stored};
+use crate::manifest::{decode_root, Manifest, Stored, Walk};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::Target;
 
@@ -172,12 +172,15 @@ pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest>
     match decode_root(&bytes)? {
         Stored::V1(m) => Ok(m),
         Stored::V2(root) => {
-            let mut a = Assembler::new(root);
-            while let Some((page, _)) = a.next_page() {
+            let mut walk = Walk::new(root);
+            let mut entries = Vec::new();
+            while let Some((page, _)) = walk.next_page() {
                 // Page::decode (in feed) checks the bytes against the name.
-                a.feed(&get(target, &page_loc(target, &page)?, "reading a manifest page").await?)?;
+                let bytes =
+                    get(target, &page_loc(target, &page)?, "reading a manifest page").await?;
+                entries.append(&mut walk.feed(&bytes)?);
             }
-            a.finish()
+            Ok(walk.finish()?.with_entries(entries))
         }
     }
 }

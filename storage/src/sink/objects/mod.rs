@@ -228,10 +228,10 @@ mod tests {
 
         let store: Arc<dyn ChunkStore> = Arc::new(MemStore::new());
         let snapshot = |root: &std::path::Path| {
-            let mut b = SnapshotBuilder::new("t", "d", None, ChunkParams::default()).unwrap();
+            let mut b =
+                SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default()).unwrap();
             let entries = walk_dir(root).unwrap();
             ingest_dir(
-                store.as_ref(),
                 &mut b,
                 root,
                 &entries,
@@ -239,9 +239,8 @@ mod tests {
                 &mut |_, _| {},
             )
             .unwrap();
-            let (m, _) = b.finish(0).unwrap();
-            let id = crate::store::store_manifest(store.as_ref(), &m).unwrap().id;
-            (m, id)
+            let built = b.finish(0).unwrap();
+            (built.store_and_load(store.as_ref(), "t").unwrap(), built.id)
         };
         let (m, id) = snapshot(src.path());
 
