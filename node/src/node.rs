@@ -328,17 +328,16 @@ impl Node {
     }
 
     /// Resolves `snapshot` (hex id, or empty for the latest) of a dataset
-    /// and loads its manifest.
+    /// and checks its manifest here ([`Node::check_manifest`]).
     pub async fn resolve_snapshot(
         &self,
         tenant: &str,
         dataset: &str,
         snapshot: &str,
-    ) -> Result<(SnapshotId, Manifest), StoreError> {
+    ) -> Result<(SnapshotId, Stored), StoreError> {
         let id = self.resolve_snapshot_id(tenant, dataset, snapshot).await?;
-        let m = self.load_manifest(tenant, dataset, id).await;
-        match m {
-            Ok(m) => Ok((id, m)),
+        match self.check_manifest(tenant, dataset, id).await {
+            Ok(stored) => Ok((id, stored)),
             Err(StoreError::NotFound { .. }) => {
                 // Committed in the cluster but stored on another node.
                 let writer = self.cluster.local(|s| {
@@ -595,8 +594,7 @@ impl Node {
                     ..Checkpoint::default()
                 };
                 link.save(&job.id, cp.clone()).await?;
-                self.resolve_snapshot(&job.tenant, &job.dataset, &id.to_hex())
-                    .await?
+                (id, self.load_manifest(&job.tenant, &job.dataset, id).await?)
             }
         };
         let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());

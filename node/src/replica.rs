@@ -13,8 +13,11 @@ use bitclone_storage::{ChunkId, ChunkStore, Error as StoreError, RocksStore, Sna
 use bitclone_transport::{ChunkServer, Transport};
 use rustls::pki_types::CertificateDer;
 
-/// Chunks sent in one put: a few MiB keeps memory bounded.
-const PUT_BATCH_BYTES: u64 = 16 << 20;
+/// Chunks sent in one put: a few MiB keeps memory bounded (per replica
+/// being sent to, read here and framed by the transport).
+const PUT_BATCH_BYTES: u64 = 4 << 20;
+/// Leaf pages whose chunks are asked about and sent in one round.
+const LEAVES_PER_ROUND: usize = 256;
 /// Names asked about in one `missing` frame.
 const IDS_BATCH: usize = 8192;
 
@@ -204,26 +207,39 @@ async fn replicate_to(
     root: &[u8],
 ) -> Result<(u64, u64), String> {
     let mut levels: Vec<Vec<ChunkId>> = Vec::new();
-    let chunks = match decode_root(root).map_err(|e| e.to_string())? {
+    let mut sent = 0;
+    match decode_root(root).map_err(|e| e.to_string())? {
         // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
-        Stored::V1(m) => peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?,
+        Stored::V1(m) => {
+            let lacking = peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?;
+            sent += send_chunks(transport, store, peer, addr, tenant, lacking).await?;
+        }
         Stored::V2(r) => {
-            // `frontier` holds pages of level `below - 1`, or chunks once
-            // `below` is 0.
+            // `frontier` holds pages of level `below - 1`.
             let mut frontier: Vec<ChunkId> = r.pages.iter().map(|(p, _)| *p).collect();
             let mut below = r.height;
             loop {
                 let lacking = peer_lacks(transport, peer, addr, tenant, &frontier).await?;
-                if below == 0 || lacking.is_empty() {
-                    break lacking;
+                if lacking.is_empty() {
+                    break;
                 }
                 below -= 1;
+                if below == 0 {
+                    // Leaf pages: their chunks go a group of pages at a
+                    // time, so the names held stay few however many files.
+                    for leaves in lacking.chunks(LEAVES_PER_ROUND) {
+                        let chunks = children_of(store, tenant, leaves, 0).await?;
+                        let chunks = peer_lacks(transport, peer, addr, tenant, &chunks).await?;
+                        sent += send_chunks(transport, store, peer, addr, tenant, chunks).await?;
+                    }
+                    levels.push(lacking);
+                    break;
+                }
                 frontier = children_of(store, tenant, &lacking, below).await?;
                 levels.push(lacking);
             }
         }
-    };
-    let sent = send_chunks(transport, store, peer, addr, tenant, chunks).await?;
+    }
     let mut pages_sent = 0;
     for pages in levels.into_iter().rev() {
         pages_sent += send_chunks(transport, store, peer, addr, tenant, pages).await?;

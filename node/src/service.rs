@@ -14,7 +14,7 @@ use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::manifest::{decode_root, Page, Stored};
 use bitclone_storage::path::{validate_name, validate_path};
 use bitclone_storage::{
-    ChunkId, ChunkParams, ChunkStore, Entry, EntryKind, Error as StoreError, Manifest, SnapshotId,
+    ChunkId, ChunkParams, ChunkStore, Entries, Entry, EntryKind, Error as StoreError, SnapshotId,
     SnapshotRecord,
 };
 use bytes::Bytes;
@@ -96,14 +96,24 @@ fn page_refs(items: &[(ChunkId, u64)]) -> Vec<pb::PageRef> {
         .collect()
 }
 
-fn manifest_info(id: &SnapshotId, m: &Manifest) -> pb::SnapshotInfo {
+fn snapshot_info_of(id: &SnapshotId, stored: &Stored) -> pb::SnapshotInfo {
+    let (dataset, parent, files, bytes, created_unix_ms) = match stored {
+        Stored::V1(m) => (
+            &m.dataset,
+            m.parent,
+            m.file_count(),
+            m.total_bytes(),
+            m.created_unix_ms,
+        ),
+        Stored::V2(r) => (&r.dataset, r.parent, r.files, r.bytes, r.created_unix_ms),
+    };
     pb::SnapshotInfo {
         id: id.to_hex(),
-        dataset: m.dataset.clone(),
-        parent: m.parent.map(|p| p.to_hex()).unwrap_or_default(),
-        files: m.file_count(),
-        bytes: m.total_bytes(),
-        created_unix_ms: m.created_unix_ms,
+        dataset: dataset.clone(),
+        parent: parent.map(|p| p.to_hex()).unwrap_or_default(),
+        files,
+        bytes,
+        created_unix_ms,
     }
 }
 
@@ -488,17 +498,11 @@ impl BitClone for Api {
                 "snapshot {id} has {count} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged"
             )));
         }
+        let info = snapshot_info_of(&id, &stored);
         let m = match stored {
             Stored::V2(root) if r.paged => {
                 return Ok(Response::new(pb::GetManifestResponse {
-                    snapshot: Some(pb::SnapshotInfo {
-                        id: id.to_hex(),
-                        dataset: root.dataset.clone(),
-                        parent: root.parent.map(|p| p.to_hex()).unwrap_or_default(),
-                        files: root.files,
-                        bytes: root.bytes,
-                        created_unix_ms: root.created_unix_ms,
-                    }),
+                    snapshot: Some(info),
                     entries: Vec::new(),
                     pages: page_refs(&root.pages),
                     level: u32::from(root.height - 1),
@@ -514,7 +518,7 @@ impl BitClone for Api {
                 .map_err(status)?,
         };
         Ok(Response::new(pb::GetManifestResponse {
-            snapshot: Some(manifest_info(&id, &m)),
+            snapshot: Some(info),
             entry_count: count,
             entries: m.entries.iter().map(entry_meta).collect(),
             ..Default::default()
@@ -602,7 +606,7 @@ impl BitClone for Api {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let r = request.into_inner();
         names(&r.tenant, &r.dataset)?;
-        let (id, manifest) = match self
+        let (id, stored) = match self
             .node
             .resolve_snapshot(&r.tenant, &r.dataset, &r.snapshot)
             .await
@@ -635,7 +639,9 @@ impl BitClone for Api {
         };
         let (tx, rx) = mpsc::channel::<Result<pb::DownloadResponse, Status>>(8);
         let store = self.node.chunk_store();
-        let info = manifest_info(&id, &manifest);
+        let info = snapshot_info_of(&id, &stored);
+        // Read a page at a time as the stream goes: no manifest held whole.
+        let entries = Entries::new(store.clone(), &r.tenant, stored);
         // A long-lived producer: a blocking thread of its own rather than a
         // CPU pool worker, so slow readers cannot starve ingest.
         let (node, handle) = (self.node.clone(), tokio::runtime::Handle::current());
@@ -649,18 +655,15 @@ impl BitClone for Api {
             // is fetched from a replica and repaired here. `None`: the
             // error went to the client.
             let chunk = |e: &Entry, id: &ChunkId| -> Option<Bytes> {
-                let err = match store.get_chunk(&manifest.tenant, id) {
+                let err = match store.get_chunk(&r.tenant, id) {
                     Ok(d) => return Some(Bytes::from(d)),
                     Err(err) => err,
                 };
                 let detail = match &err {
                     StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_) => {
                         tracing::error!(chunk = %id, error = %err, "bad chunk on read");
-                        match handle.block_on(node.repair_from_replicas(
-                            &manifest.tenant,
-                            &manifest.dataset,
-                            id,
-                        )) {
+                        match handle.block_on(node.repair_from_replicas(&r.tenant, &r.dataset, id))
+                        {
                             Ok(d) => return Some(Bytes::from(d)),
                             Err(repair) => format!("{err}; {repair}"),
                         }
@@ -682,7 +685,18 @@ impl BitClone for Api {
             // Small files go whole, many to a message.
             let mut batch: Vec<pb::FileData> = Vec::new();
             let mut batch_bytes = 0usize;
-            for e in &manifest.entries {
+            for e in entries {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(err) => {
+                        tracing::error!(error = %err, "download failed: a manifest page");
+                        let _ = tx.blocking_send(Err(Status::data_loss(format!(
+                            "reading the manifest: {err}"
+                        ))));
+                        return;
+                    }
+                };
+                let e = &e;
                 let meta = entry_meta(e);
                 let sent = match e.kind {
                     EntryKind::Dir => send(Msg::Dir(meta)),
