@@ -837,6 +837,9 @@ impl Tool {
 
     /// Why the tool is not run, if it is not.
     fn unavailable(self, args: &Args) -> Option<&'static str> {
+        if !args.tools.is_empty() && !args.tools.iter().any(|t| t == self.key()) {
+            return Some("not in --tools");
+        }
         match self {
             Tool::Restic if !args.restic => Some("pass --restic"),
             Tool::Restic if !restic_available() => {
@@ -872,6 +875,13 @@ pub fn bench(args: &Args, work: &Path, p: &Progress) -> Result<(Value, Report)> 
     };
     if n == 0 {
         bail!("--files-count must be at least 1");
+    }
+    if let Some(t) = args
+        .tools
+        .iter()
+        .find(|t| !Tool::ALL.iter().any(|tool| tool.key() == t.as_str()))
+    {
+        bail!("--tools: unknown tool {t:?} (bitclone-1, bitclone-3, restic, rsync, cp)");
     }
     let work = fs::canonicalize(work).with_context(|| format!("resolve {}", work.display()))?;
     let src = work.join("src");

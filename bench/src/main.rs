@@ -96,6 +96,10 @@ struct Args {
     /// many-files: 1,000,000 files instead of --files-count.
     #[arg(long, conflicts_with = "files_count")]
     million: bool,
+    /// many-files: only these tools, by key (bitclone-1, bitclone-3,
+    /// restic, rsync, cp), comma-separated [default: all].
+    #[arg(long, value_delimiter = ',')]
+    tools: Vec<String>,
     /// Directory for the Markdown report and its SVG chart (<profile>.md,
     /// <profile>.svg) [default: the directory of --out, else .bitclone/bench-report].
     #[arg(long)]
