@@ -82,10 +82,6 @@ impl ChunkServer for NodeChunks {
         }
     }
 
-    fn flush(&self) -> Result<(), String> {
-        self.store.sync().map_err(|e| e.to_string())
-    }
-
     fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         tenant_ok(tenant)?;
         match self.store.get_manifest(tenant, &SnapshotId(*id)) {

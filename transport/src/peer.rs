@@ -43,15 +43,15 @@ pub trait ChunkServer: Send + Sync + 'static {
     }
     /// Reads a chunk (verified by the store), or `None` if it is not here.
     fn load(&self, tenant: &str, id: &[u8; 32]) -> std::result::Result<Option<Vec<u8>>, String>;
-    /// Makes every stored chunk durable; a put is acknowledged only after.
-    fn flush(&self) -> std::result::Result<(), String>;
     /// Reads a manifest, or `None` if it is not here.
     fn load_manifest(
         &self,
         tenant: &str,
         id: &[u8; 32],
     ) -> std::result::Result<Option<Vec<u8>>, String>;
-    /// Durably stores a manifest whose name was verified.
+    /// Durably stores a manifest whose name was verified, and with it every
+    /// chunk stored before (a put is acknowledged once stored, not yet
+    /// durable: the manifest, sent last, makes the snapshot durable).
     fn store_manifest(
         &self,
         tenant: &str,
@@ -270,7 +270,8 @@ impl Transport {
     }
 
     /// Sends chunks (name, bytes); the peer verifies each name before it
-    /// stores. Returns how many were new there.
+    /// stores. Returns how many were new there. They are durable there once
+    /// a manifest sent after them is acknowledged ([`Transport::put_manifest`]).
     pub async fn put(
         &self,
         peer: u64,
@@ -557,9 +558,9 @@ async fn handle(
             while !in_flight.is_empty() {
                 stored += settle(&mut in_flight).await?;
             }
-            // Acknowledge only what is on disk.
-            let s = server.clone();
-            blocking(move || s.flush()).await?;
+            // Stored, not yet durable: the manifest, sent after the chunks
+            // and pages, is stored durably and makes them so (one flush per
+            // snapshot, not one per put).
             frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
         }
         op::GET_MANIFEST => {

@@ -42,9 +42,6 @@ impl ChunkServer for MemServer {
             .get(&(tenant.to_string(), *id))
             .cloned())
     }
-    fn flush(&self) -> Result<(), String> {
-        Ok(())
-    }
     fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         self.load(tenant, id)
     }

@@ -55,9 +55,6 @@ impl ChunkServer for Sink {
     fn load(&self, _: &str, _: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
-    fn flush(&self) -> Result<(), String> {
-        Ok(())
-    }
     fn load_manifest(&self, _: &str, _: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
