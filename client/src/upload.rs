@@ -312,8 +312,7 @@ fn walk_into(
 ) {
     let mut parent = ParentCursor::new(parent);
     let walked = walk_tree(root, &mut |entry| {
-        let unchanged =
-            entry.kind == EntryKind::File && is_unchanged(&entry, parent.find(&entry.rel));
+        let unchanged = is_unchanged(&entry, parent.find(&entry.rel));
         tx.blocking_send(Walked::Entry(entry, unchanged)).is_ok()
     });
     let _ = tx.blocking_send(match walked {

@@ -310,6 +310,27 @@ impl Api {
         }
     }
 
+    /// [`add_batch`] on the CPU pool: adding stores the manifest pages that
+    /// fill and reads the parent's, blocking RocksDB calls that do not
+    /// belong on the async threads.
+    async fn add_on_pool(
+        &self,
+        builder: SnapshotBuilder,
+        done: BatchResult,
+    ) -> Result<SnapshotBuilder, Status> {
+        let (builder, added) = self
+            .node
+            .pool
+            .run(move || {
+                let mut builder = builder;
+                let added = add_batch(&mut builder, done);
+                Ok((builder, added))
+            })
+            .await
+            .map_err(status)?;
+        added.map(|()| builder)
+    }
+
     /// Cuts and stores a batch of whole files on the CPU pool.
     fn ingest_batch(
         &self,
@@ -429,7 +450,7 @@ impl BitClone for Api {
                 }
                 single => {
                     while let Some(done) = batches.next().await {
-                        add_batch(&mut builder, done)?;
+                        builder = self.add_on_pool(builder, done).await?;
                     }
                     self.add_single(&mut stream, &mut builder, &begin.tenant, single)
                         .await?;
@@ -438,13 +459,13 @@ impl BitClone for Api {
             };
             if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
                 if let Some(done) = batches.next().await {
-                    add_batch(&mut builder, done)?;
+                    builder = self.add_on_pool(builder, done).await?;
                 }
             }
             batches.push_back(queued);
         }
         while let Some(done) = batches.next().await {
-            add_batch(&mut builder, done)?;
+            builder = self.add_on_pool(builder, done).await?;
         }
         let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
         tracing::info!(

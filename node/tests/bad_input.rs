@@ -86,6 +86,48 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
+    // Entries out of path order, or twice, also when a batch of files
+    // (ingested on the pool) is followed by an earlier entry.
+    let dir = |path: &str| pb::EntryMeta {
+        kind: pb::EntryKind::Dir as i32,
+        ..file_meta(path, 0)
+    };
+    let files = |paths: &[&str]| {
+        msg(Msg::Files(pb::FileBatch {
+            files: paths
+                .iter()
+                .map(|p| pb::FileData {
+                    meta: Some(file_meta(p, 3)),
+                    data: b"abc".to_vec().into(),
+                })
+                .collect(),
+        }))
+    };
+    let entries = |paths: &[&str]| {
+        msg(Msg::Entries(pb::EntryBatch {
+            entries: paths.iter().map(|p| dir(p)).collect(),
+        }))
+    };
+    for (case, reqs) in [
+        ("reversed", vec![entries(&["b", "a"])]),
+        ("twice", vec![entries(&["a"]), entries(&["a"])]),
+        (
+            "after a file batch",
+            vec![files(&["m/1", "m/2"]), entries(&["a"])],
+        ),
+        ("inside a file batch", vec![files(&["x", "w"])]),
+    ] {
+        let mut all = vec![begin("evil")];
+        all.extend(reqs);
+        let err = rt.block_on(raw_upload(&node.endpoint, all)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}: {err}");
+        assert!(
+            err.message().contains("path order") || err.message().contains("appears twice"),
+            "{case}: {}",
+            err.message()
+        );
+    }
+
     // A frame over the 4 MiB message limit.
     let err = rt
         .block_on(raw_upload(
