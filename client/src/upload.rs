@@ -621,6 +621,7 @@ pub(crate) async fn upload_dir(
         dataset: dataset.to_owned(),
         parent: parent_id.unwrap_or_default(),
         chunking: None,
+        in_path_order: true,
     };
     let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
     let mut grpc = client.current_grpc();
@@ -635,7 +636,9 @@ pub(crate) async fn upload_dir(
     let answer = loop {
         tokio::select! {
             biased;
-            pages = &mut read_parent, if parent_pages.is_none() => {
+            // Once everything was sent, the parent's pages no longer matter
+            // (an error reading them must not hide the node's answer).
+            pages = &mut read_parent, if parent_pages.is_none() && produced.is_none() => {
                 parent_pages = Some(pages?);
             }
             result = &mut producer, if produced.is_none() => {

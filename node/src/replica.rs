@@ -93,6 +93,24 @@ impl ChunkServer for NodeChunks {
 
     fn store_manifest(&self, tenant: &str, id: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
         tenant_ok(tenant)?;
+        // Puts are acknowledged before they are durable, so a restart since
+        // they came could have lost them. The root's pages came last and a
+        // store loses only its latest writes: with them here, everything
+        // the root needs is here (and the flush below makes it durable).
+        if let Stored::V2(root) = decode_root(bytes).map_err(|e| e.to_string())? {
+            for (page, _) in &root.pages {
+                if !self
+                    .store
+                    .has_chunk(tenant, page)
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!(
+                        "manifest page {page} of snapshot {} is not here (lost in a restart?); send the snapshot again",
+                        SnapshotId(*id)
+                    ));
+                }
+            }
+        }
         self.store
             .store_manifest_durable(tenant, &SnapshotId(*id), bytes)
             .map_err(|e| e.to_string())

@@ -192,6 +192,8 @@ enum Added {
     Entries(Vec<pb::EntryMeta>),
     /// Small files, just ingested.
     Files(Vec<pb::FileData>, Vec<ingest::Ingested>),
+    /// A large file, just ingested.
+    File(pb::EntryMeta, ingest::Ingested),
 }
 
 type BatchResult = Result<Added, StoreError>;
@@ -279,37 +281,6 @@ impl Api {
         result.map_err(status)
     }
 
-    /// Adds what a message of one entry brings (a large file's data
-    /// follows its start in the stream).
-    async fn add_single(
-        &self,
-        stream: &mut Streaming<pb::UploadRequest>,
-        builder: &mut SnapshotBuilder,
-        tenant: &str,
-        msg: pb::upload_request::Msg,
-    ) -> Result<(), Status> {
-        use pb::upload_request::Msg;
-        match msg {
-            Msg::FileStart(meta) => {
-                validate_path(&meta.path).map_err(status)?;
-                let data = self
-                    .upload_file(stream, tenant, builder.chunking(), &meta.path)
-                    .await?;
-                builder
-                    .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
-                    .map_err(status)
-            }
-            Msg::Unchanged(meta) => add_entry(builder, pb::EntryKind::File, &meta),
-            Msg::Dir(meta) => add_entry(builder, pb::EntryKind::Dir, &meta),
-            Msg::Symlink(meta) => add_entry(builder, pb::EntryKind::Symlink, &meta),
-            Msg::Data(_) | Msg::FileEnd(_) => {
-                Err(Status::invalid_argument("file data outside a file"))
-            }
-            Msg::Begin(_) => Err(Status::invalid_argument("begin may only come first")),
-            Msg::Files(_) | Msg::Entries(_) => Err(Status::internal("a batch taken as one entry")),
-        }
-    }
-
     /// [`add_batch`] on the CPU pool: adding stores the manifest pages that
     /// fill and reads the parent's, blocking RocksDB calls that do not
     /// belong on the async threads.
@@ -379,6 +350,9 @@ fn add_batch(builder: &mut SnapshotBuilder, done: BatchResult) -> Result<(), Sta
                 add_entry(builder, kind, meta)?;
             }
         }
+        Added::File(meta, data) => builder
+            .add_file(&meta.path, meta.mode & 0o7777, meta.mtime_ns, data)
+            .map_err(status)?,
         Added::Files(files, ingested) => {
             for (f, data) in files.iter().zip(ingested) {
                 let meta = f
@@ -410,6 +384,12 @@ impl BitClone for Api {
             }
         };
         names(&begin.tenant, &begin.dataset)?;
+        if !begin.in_path_order {
+            return Err(Status::failed_precondition(
+                "this node builds a snapshot as its entries arrive and needs them in path order; \
+                 this client sends them in another order: upgrade it (bitclone CLI or SDK)",
+            ));
+        }
         self.node.check_writable().map_err(status)?;
         let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
             min_size: c.min_size,
@@ -440,22 +420,34 @@ impl BitClone for Api {
             let msg = msg
                 .msg
                 .ok_or_else(|| Status::invalid_argument("empty upload message"))?;
+            use pb::upload_request::Msg;
+            let entry = |mut meta: pb::EntryMeta, kind: pb::EntryKind| {
+                meta.kind = kind as i32;
+                futures::future::ready(Ok(Added::Entries(vec![meta]))).boxed()
+            };
             let queued = match msg {
                 // Paths are checked as the ingested files are added.
-                pb::upload_request::Msg::Files(batch) => self
+                Msg::Files(batch) => self
                     .ingest_batch(&begin.tenant, chunking, batch.files)
                     .boxed(),
-                pb::upload_request::Msg::Entries(batch) => {
+                Msg::Entries(batch) => {
                     futures::future::ready(Ok(Added::Entries(batch.entries))).boxed()
                 }
-                single => {
-                    while let Some(done) = batches.next().await {
-                        builder = self.add_on_pool(builder, done).await?;
-                    }
-                    self.add_single(&mut stream, &mut builder, &begin.tenant, single)
+                Msg::Unchanged(meta) => entry(meta, pb::EntryKind::File),
+                Msg::Dir(meta) => entry(meta, pb::EntryKind::Dir),
+                Msg::Symlink(meta) => entry(meta, pb::EntryKind::Symlink),
+                // The file streams in while the batches before it finish.
+                Msg::FileStart(meta) => {
+                    validate_path(&meta.path).map_err(status)?;
+                    let data = self
+                        .upload_file(&mut stream, &begin.tenant, chunking, &meta.path)
                         .await?;
-                    continue;
+                    futures::future::ready(Ok(Added::File(meta, data))).boxed()
                 }
+                Msg::Data(_) | Msg::FileEnd(_) => {
+                    return Err(Status::invalid_argument("file data outside a file"))
+                }
+                Msg::Begin(_) => return Err(Status::invalid_argument("begin may only come first")),
             };
             if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
                 if let Some(done) = batches.next().await {

@@ -16,6 +16,7 @@ fn begin(dataset: &str) -> pb::UploadRequest {
         dataset: dataset.into(),
         parent: String::new(),
         chunking: None,
+        in_path_order: true,
     }))
 }
 
@@ -127,6 +128,21 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
             err.message()
         );
     }
+
+    // A client that does not send entries in path order (older ones did
+    // not) is refused at the start, before it sends any data.
+    let err = rt
+        .block_on(raw_upload(
+            &node.endpoint,
+            vec![msg(Msg::Begin(pb::upload_request::Begin {
+                tenant: "default".into(),
+                dataset: "evil".into(),
+                ..Default::default()
+            }))],
+        ))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("upgrade"), "{err}");
 
     // A frame over the 4 MiB message limit.
     let err = rt

@@ -110,6 +110,7 @@ fn begin(dataset: &str) -> pb::UploadRequest {
     msg(Msg::Begin(pb::upload_request::Begin {
         tenant: "default".into(),
         dataset: dataset.into(),
+        in_path_order: true,
         ..Default::default()
     }))
 }

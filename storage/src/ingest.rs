@@ -293,14 +293,23 @@ impl SnapshotBuilder {
         mtime_ns: i64,
         mode: u32,
     ) -> Result<Option<Entry>> {
-        Ok(self.seek_parent(path)?.cloned().filter(|e| {
-            e.kind == EntryKind::File && e.size == size && e.mtime_ns == mtime_ns && e.mode == mode
-        }))
+        Ok(self
+            .seek_parent(path)?
+            .filter(|e| {
+                e.kind == EntryKind::File
+                    && e.size == size
+                    && e.mtime_ns == mtime_ns
+                    && e.mode == mode
+            })
+            .cloned())
     }
 
     /// Takes a file over from the parent; fails if the parent has no matching entry.
     pub fn add_unchanged(&mut self, path: &str, size: u64, mtime_ns: i64, mode: u32) -> Result<()> {
         validate_path(path)?;
+        // Out of order, the forward-only parent lookup would find nothing
+        // and blame the parent.
+        self.encoder.check_next(path)?;
         let entry = self.unchanged(path, size, mtime_ns, mode)?.ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "{path:?} was sent as unchanged but the parent snapshot has no file with that size and mtime"

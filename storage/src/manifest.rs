@@ -140,10 +140,14 @@ impl Entry {
         }
         match (self.kind, &self.target) {
             (EntryKind::Symlink, Some(t)) if self.size == 0 => validate_symlink(&self.path, t),
-            (EntryKind::File | EntryKind::Dir, None) => Ok(()),
+            (EntryKind::File, None) => Ok(()),
+            (EntryKind::Dir, None) if self.size == 0 => Ok(()),
             _ => Err(Error::decode(
                 "manifest",
-                format!("{:?}: a link target only on (empty) links", self.path),
+                format!(
+                    "{:?}: a link target only on links; directories and links are empty",
+                    self.path
+                ),
             )),
         }
     }
@@ -310,11 +314,7 @@ impl Encoder {
         emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
     ) -> Result<()> {
         e.check()?;
-        if let Some(last) = &self.last {
-            if *last >= e.path {
-                return Err(order_error(last, &e.path));
-            }
-        }
+        self.check_next(&e.path)?;
         self.scratch.clear();
         put_entry(&mut self.scratch, e);
         if self.scratch.len() + 9 > MAX_PAGE_BYTES {
@@ -335,6 +335,14 @@ impl Encoder {
             self.bytes += e.size;
         }
         Ok(())
+    }
+
+    /// Whether an entry at `path` may come next (after every path pushed).
+    pub fn check_next(&self, path: &str) -> Result<()> {
+        match &self.last {
+            Some(last) if last.as_str() >= path => Err(order_error(last, path)),
+            _ => Ok(()),
+        }
     }
 
     /// Regular files added so far.

@@ -130,23 +130,11 @@ impl RocksStore {
         // Chunk data skips the WAL (see `write_chunk`); flushing the chunk and
         // index families together keeps "indexed" and "stored" in step.
         db_opts.set_atomic_flush(true);
-        // Every family's memtables together: four families of 16 MiB each
-        // would otherwise hold up to 64 MiB (more while one is flushed).
-        db_opts.set_db_write_buffer_size(tuning.write_buffer_size * 2);
 
         let mut cache_opts = rocksdb::BlockBasedOptions::default();
         let cache = rocksdb::Cache::new_lru_cache(tuning.block_cache_bytes);
         cache_opts.set_block_cache(&cache);
         cache_opts.set_bloom_filter(10.0, false);
-        // Index and filter blocks live in the block cache, partitioned, so
-        // the memory they take is bounded by it: held by the table readers
-        // instead, they grew with the number of chunks (a 1,000,000-file
-        // store held some 50 MiB of them).
-        cache_opts.set_cache_index_and_filter_blocks(true);
-        cache_opts.set_pin_l0_filter_and_index_blocks_in_cache(true);
-        cache_opts.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-        cache_opts.set_partition_filters(true);
-        cache_opts.set_pin_top_level_index_and_filter(true);
 
         let mut chunks = Options::default();
         chunks.set_write_buffer_size(tuning.write_buffer_size);
