@@ -174,7 +174,26 @@ enum DevCmd {
     },
 }
 
+/// glibc gives threads that allocate at once arenas of their own (up to 8
+/// per core) and keeps what is freed in each. One arena: a 1 GiB put's node
+/// peak RSS 96 MiB instead of 135, a 100,000-file put's 106 instead of 117
+/// (and the CLI's 44 instead of 63), no slower (`bitclone-bench`, both
+/// profiles, MALLOC_ARENA_MAX=1 against the default).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena() {}
+
 fn main() -> std::process::ExitCode {
+    one_malloc_arena();
     let cli = Cli::parse();
     let is_node = matches!(cli.cmd, Cmd::Node(_));
     let rt = match tokio::runtime::Builder::new_multi_thread()
