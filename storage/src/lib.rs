@@ -24,7 +24,4 @@ pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
-pub use store::{
-    load_manifest, put_pages, read_chunks, read_root, store_manifest, ChunkStore, Entries,
-    MemStore, PutPages,
-};
+pub use store::{load_manifest, read_chunks, read_root, ChunkStore, Entries, MemStore};

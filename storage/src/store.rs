@@ -224,47 +224,6 @@ impl Iterator for Entries {
     }
 }
 
-/// What [`put_pages`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PutPages {
-    /// The snapshot id.
-    pub id: SnapshotId,
-    /// The root's bytes, for the caller to store once the pages are durable.
-    pub root: Vec<u8>,
-    /// Pages the store did not have yet.
-    pub new_pages: u64,
-    /// Their bytes.
-    pub new_bytes: u64,
-}
-
-/// Stores a manifest's pages as chunks of its tenant (the pages an earlier
-/// snapshot shares are already there) and returns its root, which the
-/// caller stores after making the pages durable. Blocking.
-pub fn put_pages(store: &dyn ChunkStore, m: &Manifest) -> Result<PutPages> {
-    let (mut new_pages, mut new_bytes) = (0, 0);
-    let (id, root) = m.encode_pages(&mut |page, bytes| {
-        if store.put_chunk(&m.tenant, page, bytes)? {
-            new_pages += 1;
-            new_bytes += bytes.len() as u64;
-        }
-        Ok(())
-    })?;
-    Ok(PutPages {
-        id,
-        root,
-        new_pages,
-        new_bytes,
-    })
-}
-
-/// [`put_pages`], then the root (not synced: for tools and tests; a node
-/// makes the pages durable before it stores the root).
-pub fn store_manifest(store: &dyn ChunkStore, m: &Manifest) -> Result<PutPages> {
-    let put = put_pages(store, m)?;
-    store.put_manifest(&m.tenant, &put.id, &put.root)?;
-    Ok(put)
-}
-
 /// Every page of a v2 manifest's tree, read from the chunks of `tenant`
 /// (each checked against its name). Blocking.
 pub fn page_ids(store: &dyn ChunkStore, tenant: &str, root: &Root) -> Result<Vec<ChunkId>> {
