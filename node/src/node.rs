@@ -481,49 +481,44 @@ impl Node {
         dataset: &str,
         id: SnapshotId,
     ) -> Result<Stored, StoreError> {
-        let mut repaired = 0;
-        loop {
-            let (t, chunks) = (tenant.to_string(), self.chunk_store());
-            let checked = self
-                .pool
-                .run(move || {
-                    let stored = read_root(chunks.as_ref(), &t, &id)?;
-                    for e in Entries::new(chunks, &t, stored.clone()) {
-                        e?;
-                    }
-                    Ok(stored)
-                })
-                .await;
-            match checked {
-                Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
-                    if repaired < MAX_PAGE_REPAIRS =>
-                {
-                    tracing::warn!(snapshot = %id, page = %chunk, "manifest page bad here; repairing from a replica");
-                    self.repair_from_replicas(tenant, dataset, &chunk).await?;
-                    repaired += 1;
-                }
-                r => return r,
+        self.repairing_pages(tenant, dataset, id, move |chunks, t| {
+            let stored = read_root(chunks.as_ref(), t, &id)?;
+            for e in Entries::new(chunks, t, stored.clone()) {
+                e?;
             }
-        }
+            Ok(stored)
+        })
+        .await
     }
 
-    /// Loads a snapshot's manifest from this node's store. A page that is
-    /// damaged or missing here is fetched from another replica of the
-    /// dataset's shard (verified against its name) and repaired, then the
-    /// load is tried again.
+    /// Loads a snapshot's manifest from this node's store, repairing pages
+    /// as [`Node::check_manifest`] does.
     pub async fn load_manifest(
         &self,
         tenant: &str,
         dataset: &str,
         id: SnapshotId,
     ) -> Result<Manifest, StoreError> {
+        self.repairing_pages(tenant, dataset, id, move |chunks, t| {
+            load_manifest(chunks.as_ref(), t, &id)
+        })
+        .await
+    }
+
+    /// Runs `read` on the CPU pool; a page it finds damaged or missing here
+    /// is fetched from another replica of the dataset's shard (verified
+    /// against its name) and repaired, then `read` is tried again.
+    async fn repairing_pages<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        dataset: &str,
+        id: SnapshotId,
+        read: impl Fn(Arc<dyn ChunkStore>, &str) -> Result<T, StoreError> + Clone + Send + 'static,
+    ) -> Result<T, StoreError> {
         let mut repaired = 0;
         loop {
-            let t = tenant.to_string();
-            match self
-                .blocking(move |store| load_manifest(store, &t, &id))
-                .await
-            {
+            let (t, chunks, read) = (tenant.to_string(), self.chunk_store(), read.clone());
+            match self.pool.run(move || read(chunks, &t)).await {
                 Err(StoreError::CorruptChunk { chunk, .. } | StoreError::MissingChunk(chunk))
                     if repaired < MAX_PAGE_REPAIRS =>
                 {

@@ -273,16 +273,41 @@ fn order_error(before: &str, path: &str) -> Error {
     }
 }
 
+/// The last path and the totals of entries seen in order (by the encoder
+/// and the walk alike: the root carries the totals).
+#[derive(Default)]
+struct Tally {
+    last: Option<String>,
+    entries: u64,
+    files: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    /// The last path, if `path` does not come after it.
+    fn out_of_order(&self, path: &str) -> Option<&str> {
+        self.last.as_deref().filter(|last| *last >= path)
+    }
+
+    fn count(&mut self, e: &Entry) {
+        let last = self.last.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(&e.path);
+        self.entries += 1;
+        if e.kind == EntryKind::File {
+            self.files += 1;
+            self.bytes += e.size;
+        }
+    }
+}
+
 /// Encodes a manifest in format v2 from its entries, given one at a time in
 /// path order. Leaf pages go to `emit` as they fill, so memory holds one
 /// leaf page and the leaves' ids (40 bytes per ~64 entries), never the
 /// entries: this is how a snapshot of millions of files is built.
 pub struct Encoder {
     leaves: PageWriter,
-    last: Option<String>,
-    entries: u64,
-    files: u64,
-    bytes: u64,
+    tally: Tally,
     scratch: Vec<u8>,
 }
 
@@ -297,10 +322,7 @@ impl Encoder {
     pub fn new() -> Encoder {
         Encoder {
             leaves: PageWriter::new(0),
-            last: None,
-            entries: 0,
-            files: 0,
-            bytes: 0,
+            tally: Tally::default(),
             scratch: Vec::new(),
         }
     }
@@ -326,33 +348,26 @@ impl Encoder {
         }
         self.leaves
             .add(&self.scratch, 1, leaf_boundary(&e.path), emit)?;
-        let last = self.last.get_or_insert_with(String::new);
-        last.clear();
-        last.push_str(&e.path);
-        self.entries += 1;
-        if e.kind == EntryKind::File {
-            self.files += 1;
-            self.bytes += e.size;
-        }
+        self.tally.count(e);
         Ok(())
     }
 
     /// Whether an entry at `path` may come next (after every path pushed).
     pub fn check_next(&self, path: &str) -> Result<()> {
-        match &self.last {
-            Some(last) if last.as_str() >= path => Err(order_error(last, path)),
-            _ => Ok(()),
+        match self.tally.out_of_order(path) {
+            Some(last) => Err(order_error(last, path)),
+            None => Ok(()),
         }
     }
 
     /// Regular files added so far.
     pub fn files(&self) -> u64 {
-        self.files
+        self.tally.files
     }
 
     /// Their total size.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.tally.bytes
     }
 
     /// Emits the last leaf and the index pages and returns the snapshot id
@@ -388,7 +403,7 @@ impl Encoder {
             created_unix_ms,
             chunking,
         );
-        for v in [self.entries, self.files, self.bytes] {
+        for v in [self.tally.entries, self.tally.files, self.tally.bytes] {
             root.extend_from_slice(&v.to_le_bytes());
         }
         root.push(height);
@@ -716,10 +731,7 @@ pub struct Walk {
     /// Per level being walked: the pages still to read and their entry counts.
     stack: Vec<(u8, std::vec::IntoIter<(ChunkId, u64)>)>,
     pending: Option<(ChunkId, u8, u64)>,
-    last: Option<String>,
-    entries: u64,
-    files: u64,
-    bytes: u64,
+    tally: Tally,
 }
 
 impl Walk {
@@ -729,10 +741,7 @@ impl Walk {
             stack: vec![(root.height - 1, root.pages.clone().into_iter())],
             root,
             pending: None,
-            last: None,
-            entries: 0,
-            files: 0,
-            bytes: 0,
+            tally: Tally::default(),
         }
     }
 
@@ -780,22 +789,13 @@ impl Walk {
             Page::Leaf(entries) => {
                 for e in &entries {
                     e.check()?;
-                    if let Some(last) = &self.last {
-                        if *last >= e.path {
-                            return Err(Error::decode(
-                                "manifest",
-                                format!("entries not sorted/unique at {:?}", e.path),
-                            ));
-                        }
+                    if self.tally.out_of_order(&e.path).is_some() {
+                        return Err(Error::decode(
+                            "manifest",
+                            format!("entries not sorted/unique at {:?}", e.path),
+                        ));
                     }
-                    let last = self.last.get_or_insert_with(String::new);
-                    last.clear();
-                    last.push_str(&e.path);
-                    self.entries += 1;
-                    if e.kind == EntryKind::File {
-                        self.files += 1;
-                        self.bytes += e.size;
-                    }
+                    self.tally.count(e);
                 }
                 Ok(entries)
             }
@@ -808,7 +808,8 @@ impl Walk {
             return Err(Error::decode("manifest", "pages left unread"));
         }
         let r = &self.root;
-        if (self.entries, self.files, self.bytes) != (r.entries, r.files, r.bytes) {
+        let t = &self.tally;
+        if (t.entries, t.files, t.bytes) != (r.entries, r.files, r.bytes) {
             return Err(Error::decode(
                 "manifest",
                 "pages disagree with the root's totals",
