@@ -135,6 +135,16 @@ impl RocksStore {
         let cache = rocksdb::Cache::new_lru_cache(tuning.block_cache_bytes);
         cache_opts.set_block_cache(&cache);
         cache_opts.set_bloom_filter(10.0, false);
+        // Index and filter blocks live in the block cache, partitioned into
+        // small blocks with only their top level pinned: kept outside the
+        // cache (the default) they grow with the number of keys, about 30 MiB
+        // of RSS per 1,000,000 small files, and the node's memory with them.
+        cache_opts.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+        cache_opts.set_partition_filters(true);
+        cache_opts.set_metadata_block_size(4096);
+        cache_opts.set_cache_index_and_filter_blocks(true);
+        cache_opts.set_pin_top_level_index_and_filter(true);
+        cache_opts.set_pin_l0_filter_and_index_blocks_in_cache(true);
 
         let mut chunks = Options::default();
         chunks.set_write_buffer_size(tuning.write_buffer_size);
