@@ -573,7 +573,7 @@ impl Node {
         let checkpointed = match &cp.snapshot {
             Some(s) => {
                 let id = s.parse::<SnapshotId>()?;
-                self.load_manifest(&job.tenant, &job.dataset, id)
+                self.check_manifest(&job.tenant, &job.dataset, id)
                     .await
                     .ok()
                     .map(|m| (id, m))
@@ -589,10 +589,13 @@ impl Node {
                     ..Checkpoint::default()
                 };
                 link.save(&job.id, cp.clone()).await?;
-                (id, self.load_manifest(&job.tenant, &job.dataset, id).await?)
+                (
+                    id,
+                    self.check_manifest(&job.tenant, &job.dataset, id).await?,
+                )
             }
         };
-        let (files_total, bytes_total) = (manifest.file_count(), manifest.total_bytes());
+        let (files_total, bytes_total) = (manifest.files(), manifest.bytes());
         let writer = link.writer(&job);
         let mut repairs = 0;
         while cp.destinations_done < job.destinations.len() {

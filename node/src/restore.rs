@@ -8,10 +8,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bitclone_storage::sink::catalog::{Catalog, CatalogEntry};
+use bitclone_storage::manifest::Stored;
+use bitclone_storage::sink::catalog::{Catalog, CatalogEntry, CatalogSnapshot};
 use bitclone_storage::sink::objects::{self, S3Options};
 use bitclone_storage::sink::restore::{self, RestoreStats};
-use bitclone_storage::{EntryKind, Manifest, SnapshotId};
+use bitclone_storage::{EntryKind, SnapshotId};
+use futures::TryStreamExt;
 use serde_json::json;
 
 pub async fn run(
@@ -44,12 +46,12 @@ pub async fn run(
                 cat.redacted_url()
             )
         })?;
-        let entries = cat.entries(&found).await?;
-        check_against_catalog(&manifest, &entries)
+        check_against_catalog(&target, &manifest, cat, &found)
+            .await
             .with_context(|| format!("snapshot {id}: the catalog and {} disagree", target.url))?;
     }
     let last = Mutex::new((Instant::now(), 0u64));
-    let total = manifest.total_bytes();
+    let total = manifest.bytes();
     let progress = |s: RestoreStats| {
         let Ok(mut l) = last.lock() else { return };
         if !json_out && l.0.elapsed() >= Duration::from_secs(2) {
@@ -93,7 +95,7 @@ pub async fn run(
 async fn newest_in_both(
     target: &objects::Target,
     cat: &Catalog,
-) -> Result<(objects::CommitRecord, Manifest)> {
+) -> Result<(objects::CommitRecord, Stored)> {
     let commits = objects::list_commits(target).await?;
     if commits.is_empty() {
         bail!("no committed snapshot in {}", target.url);
@@ -113,33 +115,83 @@ async fn newest_in_both(
 }
 
 /// Every file of the manifest, and nothing else, is in the catalog with the
-/// same size, mode and BLAKE3.
-fn check_against_catalog(m: &Manifest, rows: &[CatalogEntry]) -> Result<()> {
-    let files: Vec<_> = m
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .collect();
-    let rows: Vec<_> = rows.iter().filter(|r| r.kind == EntryKind::File).collect();
-    if files.len() != rows.len() {
-        bail!(
-            "{} files in the manifest, {} in the catalog",
-            files.len(),
-            rows.len()
-        );
-    }
-    for (e, r) in files.iter().zip(rows) {
-        if e.path != r.path || e.size != r.size || e.mode != r.mode || r.blake3 != Some(e.blake3) {
-            bail!(
-                "{:?}: manifest has {} bytes mode {:o}, catalog row {:?} has {} bytes mode {:o} (or another BLAKE3)",
-                e.path,
-                e.size,
-                e.mode,
-                r.path,
-                r.size,
-                r.mode
-            );
+/// same size, mode and BLAKE3. Both are read in path order, a page (or a
+/// batch of rows) at a time, and compared through digests of runs of files:
+/// memory stays flat, and a difference is still placed within one run.
+async fn check_against_catalog(
+    target: &objects::Target,
+    root: &Stored,
+    cat: &Catalog,
+    found: &CatalogSnapshot,
+) -> Result<()> {
+    let mut ours = FileDigest::default();
+    let mut entries = objects::sink_entries(target, root.clone()).into_stream();
+    while let Some(e) = entries.try_next().await? {
+        if e.kind == EntryKind::File {
+            ours.add(&e.path, e.size, e.mode, &e.blake3);
         }
     }
+    let mut theirs = FileDigest::default();
+    cat.each_entry(found, &mut |r: CatalogEntry| {
+        if r.kind == EntryKind::File {
+            theirs.add(&r.path, r.size, r.mode, &r.blake3.unwrap_or_default());
+        }
+        Ok(())
+    })
+    .await?;
+    let (ours, theirs) = (ours.finish(), theirs.finish());
+    if ours.0 != theirs.0 {
+        bail!(
+            "{} files in the manifest, {} in the catalog",
+            ours.0,
+            theirs.0
+        );
+    }
+    if let Some(((from, _), (row, _))) = ours.1.iter().zip(&theirs.1).find(|(a, b)| a.1 != b.1) {
+        bail!(
+            "files differ (path, size, mode or BLAKE3) in the run of up to {RUN} files from {from:?} \
+             (the catalog's run starts at {row:?})"
+        );
+    }
     Ok(())
+}
+
+/// Files per digest in [`FileDigest`].
+const RUN: u64 = 4096;
+
+/// Digests of runs of [`RUN`] files (path, size, mode, BLAKE3), each with
+/// its first path.
+#[derive(Default)]
+struct FileDigest {
+    files: u64,
+    runs: Vec<(String, [u8; 32])>,
+    hasher: blake3::Hasher,
+}
+
+impl FileDigest {
+    fn add(&mut self, path: &str, size: u64, mode: u32, blake3: &[u8; 32]) {
+        if self.files % RUN == 0 {
+            self.close();
+            self.runs.push((path.to_string(), [0; 32]));
+        }
+        self.files += 1;
+        let h = &mut self.hasher;
+        h.update(&(path.len() as u64).to_le_bytes());
+        h.update(path.as_bytes());
+        h.update(&size.to_le_bytes());
+        h.update(&mode.to_le_bytes());
+        h.update(blake3);
+    }
+
+    fn close(&mut self) {
+        if let Some(last) = self.runs.last_mut() {
+            last.1 = *self.hasher.finalize().as_bytes();
+            self.hasher.reset();
+        }
+    }
+
+    fn finish(mut self) -> (u64, Vec<(String, [u8; 32])>) {
+        self.close();
+        (self.files, self.runs)
+    }
 }

@@ -24,4 +24,6 @@ pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
-pub use store::{load_manifest, read_chunks, read_root, ChunkStore, Entries, MemStore};
+pub use store::{
+    load_manifest, read_chunks, read_root, ChunkStore, Entries, EntryPages, FetchPage, MemStore,
+};

@@ -558,6 +558,62 @@ impl Stored {
             Stored::V2(r) => r.chunking,
         }
     }
+
+    /// The owner of the dataset.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Stored::V1(m) => &m.tenant,
+            Stored::V2(r) => &r.tenant,
+        }
+    }
+
+    /// The dataset the snapshot belongs to.
+    pub fn dataset(&self) -> &str {
+        match self {
+            Stored::V1(m) => &m.dataset,
+            Stored::V2(r) => &r.dataset,
+        }
+    }
+
+    /// The snapshot this one was taken incrementally against.
+    pub fn parent(&self) -> Option<SnapshotId> {
+        match self {
+            Stored::V1(m) => m.parent,
+            Stored::V2(r) => r.parent,
+        }
+    }
+
+    /// Creation time, milliseconds since the Unix epoch.
+    pub fn created_unix_ms(&self) -> i64 {
+        match self {
+            Stored::V1(m) => m.created_unix_ms,
+            Stored::V2(r) => r.created_unix_ms,
+        }
+    }
+
+    /// Number of entries.
+    pub fn entry_count(&self) -> u64 {
+        match self {
+            Stored::V1(m) => m.entries.len() as u64,
+            Stored::V2(r) => r.entries,
+        }
+    }
+
+    /// Number of regular files.
+    pub fn files(&self) -> u64 {
+        match self {
+            Stored::V1(m) => m.file_count(),
+            Stored::V2(r) => r.files,
+        }
+    }
+
+    /// Total bytes of the files.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Stored::V1(m) => m.total_bytes(),
+            Stored::V2(r) => r.bytes,
+        }
+    }
 }
 
 /// Decodes a stored root (v2) or whole manifest (v1).

@@ -3,9 +3,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::manifest::{assemble, decode_root, ChunkRef, Entry, Manifest, Page, Root, Stored, Walk};
+use crate::pool::CpuPool;
 
 /// Content-addressed storage of chunks and manifests, per tenant.
 ///
@@ -157,11 +163,7 @@ pub fn load_manifest(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> R
 /// Blocking.
 pub fn read_root(store: &dyn ChunkStore, tenant: &str, id: &SnapshotId) -> Result<Stored> {
     let stored = decode_root(&store.get_manifest(tenant, id)?)?;
-    let owner = match &stored {
-        Stored::V1(m) => &m.tenant,
-        Stored::V2(r) => &r.tenant,
-    };
-    if owner != tenant {
+    if stored.tenant() != tenant {
         return Err(Error::not_found("snapshot", id.to_hex()));
     }
     Ok(stored)
@@ -221,6 +223,92 @@ impl Iterator for Entries {
                 }
             }
         }
+    }
+}
+
+/// Reads one manifest page's bytes by id: from the chunk store, or from an
+/// object-store sink. [`EntryPages`] checks them against the id.
+pub type FetchPage<'a> = Box<dyn FnMut(ChunkId) -> BoxFuture<'a, Result<Bytes>> + Send + 'a>;
+
+/// A snapshot's entries in path order, one page at a time, from wherever
+/// its pages are: the async counterpart of [`Entries`], for readers that
+/// must not block a thread per page (sink exports and restores). It holds
+/// one page per level of the tree, never the whole manifest.
+pub struct EntryPages<'a> {
+    walk: Option<Walk>,
+    v1: Option<Vec<Entry>>,
+    fetch: FetchPage<'a>,
+}
+
+impl<'a> EntryPages<'a> {
+    /// The entries of `stored`, its pages read through `fetch`.
+    pub fn new(stored: Stored, fetch: FetchPage<'a>) -> EntryPages<'a> {
+        let (walk, v1) = match stored {
+            Stored::V1(m) => (None, Some(m.entries)),
+            Stored::V2(root) => (Some(Walk::new(root)), None),
+        };
+        EntryPages { walk, v1, fetch }
+    }
+
+    /// The entries of `stored` in the chunk store, a snapshot of `tenant`,
+    /// each page read on `pool`.
+    pub fn from_store(
+        pool: &CpuPool,
+        store: Arc<dyn ChunkStore>,
+        tenant: &str,
+        stored: Stored,
+    ) -> EntryPages<'static> {
+        let (pool, tenant) = (pool.clone(), tenant.to_string());
+        EntryPages::new(
+            stored,
+            Box::new(move |id| {
+                let (store, tenant) = (store.clone(), tenant.clone());
+                pool.run(move || store.get_chunk(&tenant, &id).map(Bytes::from))
+                    .boxed()
+            }),
+        )
+    }
+
+    /// The next page's entries, `None` once every page was read and the
+    /// root's totals checked. After an error it returns `None`.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Entry>>> {
+        if let Some(entries) = self.v1.take() {
+            return Ok(Some(entries));
+        }
+        let Some(walk) = self.walk.as_mut() else {
+            return Ok(None);
+        };
+        let read = async {
+            while let Some((id, _)) = walk.next_page() {
+                let entries = walk.feed(&(self.fetch)(id).await?)?;
+                // An index page names pages; only leaves hold entries.
+                if !entries.is_empty() {
+                    return Ok(Some(entries));
+                }
+            }
+            Ok(None)
+        }
+        .await;
+        match read {
+            Ok(Some(entries)) => Ok(Some(entries)),
+            Ok(None) => self.walk.take().map(Walk::finish).transpose().map(|_| None),
+            Err(e) => {
+                // The walk cannot go on past a page it could not read.
+                self.walk = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The entries one at a time.
+    pub fn into_stream(self) -> BoxStream<'a, Result<Entry>> {
+        futures::stream::try_unfold(self, |mut pages| async move {
+            let page = pages.next_page().await?;
+            Ok::<_, Error>(page.map(|page| (page, pages)))
+        })
+        .map_ok(|page| futures::stream::iter(page.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
     }
 }
 

@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use bitclone_chaos::servers::{Garage, PgServer};
 use bitclone_storage::ingest::{ingest_dir, walk_dir, SnapshotBuilder};
+use bitclone_storage::manifest::Stored;
 use bitclone_storage::sink::catalog::{Catalog, CatalogCommit, CommitOutcome};
 use bitclone_storage::sink::objects::{self, S3Options, Target, Writer};
 use bitclone_storage::sink::restore;
 use bitclone_storage::sink::{Committed, Destination, Sink, SinkWrite, Written};
 use bitclone_storage::{
-    ChunkParams, ChunkStore, CpuPool, EntryKind, Error, Manifest, MemStore, SnapshotId,
+    read_root, ChunkParams, ChunkStore, CpuPool, EntryKind, EntryPages, Error, Manifest, MemStore,
+    SnapshotId,
 };
 use object_store::ObjectStoreExt;
 
@@ -86,10 +88,38 @@ impl Rig {
         (m, id)
     }
 
-    /// What a sink write of `m` by `w` takes.
+    /// Commits the snapshot `id` to the catalog, its entries read a page at
+    /// a time as a node does.
+    async fn commit_to(
+        &self,
+        cat: &Catalog,
+        id: &SnapshotId,
+        job: &str,
+        token: u64,
+    ) -> Result<CommitOutcome, Error> {
+        let root = self.root(id);
+        let entries = || {
+            EntryPages::from_store(&self.pool, self.store.clone(), "t", root.clone()).into_stream()
+        };
+        cat.commit(&CatalogCommit {
+            manifest: &root,
+            entries: &entries,
+            snapshot: id,
+            job,
+            fencing_token: token,
+        })
+        .await
+    }
+
+    /// The stored root of a snapshot `snapshot` made.
+    fn root(&self, id: &SnapshotId) -> Stored {
+        read_root(self.store.as_ref(), "t", id).unwrap()
+    }
+
+    /// What a sink write of the snapshot `m` (its root) by `w` takes.
     fn write<'a>(
         &'a self,
-        m: &'a Manifest,
+        m: &'a Stored,
         id: &'a SnapshotId,
         w: &'a Writer,
         on_progress: &'a mut (dyn FnMut(objects::ExportProgress) + Send),
@@ -105,23 +135,13 @@ impl Rig {
         }
     }
 
-    async fn export(
-        &self,
-        m: &Manifest,
-        id: &SnapshotId,
-        t: &Target,
-        token: u64,
-    ) -> Result<Written, Error> {
-        objects::export_snapshot(t, self.write(m, id, &writer(token), &mut |_| {})).await
+    async fn export(&self, id: &SnapshotId, t: &Target, token: u64) -> Result<Written, Error> {
+        let root = self.root(id);
+        objects::export_snapshot(t, self.write(&root, id, &writer(token), &mut |_| {})).await
     }
-    async fn upload(
-        &self,
-        m: &Manifest,
-        id: &SnapshotId,
-        t: &Target,
-        token: u64,
-    ) -> objects::Upload {
-        objects::upload_snapshot(t, &mut self.write(m, id, &writer(token), &mut |_| {}))
+    async fn upload(&self, id: &SnapshotId, t: &Target, token: u64) -> objects::Upload {
+        let root = self.root(id);
+        objects::upload_snapshot(t, &mut self.write(&root, id, &writer(token), &mut |_| {}))
             .await
             .unwrap()
     }
@@ -175,7 +195,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
 
     // Cold: every file written, bytes identical, the commit names the snapshot.
     let before = writes();
-    let s = rig.export(&m1, &id1, t, 1).await.unwrap();
+    let s = rig.export(&id1, t, 1).await.unwrap();
     assert_eq!((s.files_written, s.files_unchanged), (nfiles, 0), "{s:?}");
     let want: BTreeMap<_, _> = files_of(src.path())
         .into_iter()
@@ -197,7 +217,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
 
     // The same job again: nothing written, no second commit record.
     let before = writes();
-    let again = rig.export(&m1, &id1, t, 1).await.unwrap();
+    let again = rig.export(&id1, t, 1).await.unwrap();
     assert!(again.already_committed, "{again:?}");
     assert_eq!(objects::list_commits(t).await.unwrap().len(), 1);
     if let (Some(a), Some(b)) = (before, writes()) {
@@ -215,7 +235,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
     std::fs::remove_file(root.join("d2/e0/f02.bin")).unwrap();
     let (m2, id2) = rig.snapshot(root);
     let before = writes();
-    let s = rig.export(&m2, &id2, t, 2).await.unwrap();
+    let s = rig.export(&id2, t, 2).await.unwrap();
     assert_eq!(
         (s.files_written, s.files_unchanged),
         (4, m2.file_count() - 4),
@@ -239,23 +259,27 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
 
     // A writer holding a lower token is refused before it writes anything.
     std::fs::write(root.join("new.txt"), b"zombie").unwrap();
-    let (m3, id3) = rig.snapshot(root);
+    let (_, id3) = rig.snapshot(root);
     let before = writes();
-    let err = rig.export(&m3, &id3, t, 1).await.unwrap_err();
+    let err = rig.export(&id3, t, 1).await.unwrap_err();
     assert!(matches!(err, Error::Fenced(_)), "{err}");
     if let (Some(a), Some(b)) = (before, writes()) {
         assert_eq!(b, a, "a fenced writer writes nothing");
     }
     // A writer that uploaded, then lost its lease to a higher token that
     // committed first: its late commit is refused.
-    let mut late = rig.upload(&m3, &id3, t, 3).await;
+    let mut late = rig.upload(&id3, t, 3).await;
     std::fs::write(root.join("new.txt"), b"the new holder").unwrap();
     let (m4, id4) = rig.snapshot(root);
-    rig.export(&m4, &id4, t, 4).await.unwrap();
-    let err =
-        objects::commit_snapshot(t, &m3, &id3, &writer(3), &mut late, &AtomicBool::new(false))
-            .await
-            .unwrap_err();
+    rig.export(&id4, t, 4).await.unwrap();
+    let root3 = rig.root(&id3);
+    let err = objects::commit_snapshot(
+        t,
+        &mut rig.write(&root3, &id3, &writer(3), &mut |_| {}),
+        &mut late,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Fenced(_)), "{err}");
     let latest = objects::latest_commit(t).await.unwrap().unwrap();
     assert_eq!(latest.snapshot, id4.to_hex());
@@ -300,7 +324,7 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
 
     // Another writer replacing an object between the upload and the commit:
     // the commit is refused, no record is written.
-    let mut up = rig.upload(&m4, &id4, t, 5).await;
+    let mut up = rig.upload(&id4, t, 5).await;
     t.store
         .put(
             &t.prefix.clone().join("d0").join("e0").join("f00.bin"),
@@ -308,9 +332,14 @@ async fn conformance(t: &Target, writes: &dyn Fn() -> Option<u64>, refuses_secon
         )
         .await
         .unwrap();
-    let err = objects::commit_snapshot(t, &m4, &id4, &writer(5), &mut up, &AtomicBool::new(false))
-        .await
-        .unwrap_err();
+    let root4 = rig.root(&id4);
+    let err = objects::commit_snapshot(
+        t,
+        &mut rig.write(&root4, &id4, &writer(5), &mut |_| {}),
+        &mut up,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err}");
     assert!(err.to_string().contains("d0/e0/f00.bin"), "{err}");
     let latest = objects::latest_commit(t).await.unwrap().unwrap();
@@ -335,17 +364,18 @@ async fn sink_contract(sink: &Sink) {
     let rig = Rig::new();
     let src = tempfile::tempdir().unwrap();
     make_tree(src.path());
-    let (m1, id1) = rig.snapshot(src.path());
+    let (_, id1) = rig.snapshot(src.path());
     assert_eq!(
         sink.latest("t", "d").await.unwrap(),
         None,
         "{}",
         sink.name()
     );
-    let write = |m: &Manifest, id: &SnapshotId, token: u64| {
-        let (m, id, rig) = (m.clone(), *id, &rig);
+    let write = |id: &SnapshotId, token: u64| {
+        let (id, rig) = (*id, &rig);
         async move {
-            sink.write(rig.write(&m, &id, &writer(token), &mut |_| {}))
+            let root = rig.root(&id);
+            sink.write(rig.write(&root, &id, &writer(token), &mut |_| {}))
                 .await
         }
     };
@@ -356,21 +386,21 @@ async fn sink_contract(sink: &Sink) {
         })
     };
 
-    let w = write(&m1, &id1, 3).await.unwrap();
+    let w = write(&id1, 3).await.unwrap();
     assert!(!w.already_committed && w.files_written > 0, "{w:?}");
     assert_eq!(sink.latest("t", "d").await.unwrap(), committed(id1, 3));
-    let again = write(&m1, &id1, 3).await.unwrap();
+    let again = write(&id1, 3).await.unwrap();
     assert!(again.already_committed, "{again:?}");
     assert_eq!(again.files_written, 0, "{again:?}");
 
     std::fs::write(src.path().join("added.txt"), b"added").unwrap();
-    let (m2, id2) = rig.snapshot(src.path());
-    write(&m2, &id2, 4).await.unwrap();
+    let (_, id2) = rig.snapshot(src.path());
+    write(&id2, 4).await.unwrap();
     assert_eq!(sink.latest("t", "d").await.unwrap(), committed(id2, 4));
 
     std::fs::write(src.path().join("added.txt"), b"zombie").unwrap();
-    let (m3, id3) = rig.snapshot(src.path());
-    let err = write(&m3, &id3, 2).await.unwrap_err();
+    let (_, id3) = rig.snapshot(src.path());
+    let err = write(&id3, 2).await.unwrap_err();
     assert!(matches!(err, Error::Fenced(_)), "{}: {err}", sink.name());
     assert_eq!(sink.latest("t", "d").await.unwrap(), committed(id2, 4));
 }
@@ -473,10 +503,10 @@ async fn garage_bad_bucket_and_bad_credentials_are_clear_permanent_errors() {
     let rig = Rig::new();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a"), b"a").unwrap();
-    let (m, id) = rig.snapshot(src.path());
+    let (_, id) = rig.snapshot(src.path());
 
     let t = objects::open_target("s3://no-such-bucket/x", &garage_options(&g)).unwrap();
-    let err = rig.export(&m, &id, &t, 1).await.unwrap_err();
+    let err = rig.export(&id, &t, 1).await.unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(
@@ -495,7 +525,7 @@ async fn garage_bad_bucket_and_bad_credentials_are_clear_permanent_errors() {
         ..garage_options(&g)
     };
     let t = objects::open_target("s3://exists/x", &wrong).unwrap();
-    let err = rig.export(&m, &id, &t, 1).await.unwrap_err();
+    let err = rig.export(&id, &t, 1).await.unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(
@@ -543,14 +573,8 @@ async fn postgres_catalog_commits_are_fenced_idempotent_and_complete() {
     let src = tempfile::tempdir().unwrap();
     make_tree(src.path());
     let (m1, id1) = rig.snapshot(src.path());
-    let commit = |m, id, token| CatalogCommit {
-        manifest: m,
-        snapshot: id,
-        job: "job",
-        fencing_token: token,
-    };
     assert_eq!(
-        cat.commit(&commit(&m1, &id1, 5)).await.unwrap(),
+        rig.commit_to(&cat, &id1, "job", 5).await.unwrap(),
         CommitOutcome::Committed
     );
     // Every row: one per entry, with its size, mode, BLAKE3 and chunk count.
@@ -590,19 +614,19 @@ async fn postgres_catalog_commits_are_fenced_idempotent_and_complete() {
     let count = |server: &PgServer| server.psql("catalog", "SELECT count(*) FROM bitclone_entries");
     let n = count(&server);
     assert_eq!(
-        cat.commit(&commit(&m1, &id1, 5)).await.unwrap(),
+        rig.commit_to(&cat, &id1, "job", 5).await.unwrap(),
         CommitOutcome::AlreadyCommitted
     );
     assert_eq!(count(&server), n);
 
     // A newer token commits; a lower one afterwards is refused, rows unchanged.
     std::fs::write(src.path().join("new.txt"), b"new").unwrap();
-    let (m2, id2) = rig.snapshot(src.path());
-    cat.commit(&commit(&m2, &id2, 7)).await.unwrap();
+    let (_, id2) = rig.snapshot(src.path());
+    rig.commit_to(&cat, &id2, "job", 7).await.unwrap();
     std::fs::write(src.path().join("new.txt"), b"zombie").unwrap();
-    let (m3, id3) = rig.snapshot(src.path());
+    let (_, id3) = rig.snapshot(src.path());
     let n = count(&server);
-    let err = cat.commit(&commit(&m3, &id3, 6)).await.unwrap_err();
+    let err = rig.commit_to(&cat, &id3, "job", 6).await.unwrap_err();
     assert!(matches!(err, Error::Fenced(_)), "{err}");
     assert_eq!(count(&server), n);
     assert!(cat.find_snapshot(&id3).await.unwrap().is_none());
@@ -714,15 +738,8 @@ async fn postgres_catalog_over_tls_when_the_url_asks() {
     let rig = Rig::new();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a"), b"over tls").unwrap();
-    let (m, id) = rig.snapshot(src.path());
-    cat.commit(&CatalogCommit {
-        manifest: &m,
-        snapshot: &id,
-        job: "tls",
-        fencing_token: 1,
-    })
-    .await
-    .unwrap();
+    let (_, id) = rig.snapshot(src.path());
+    rig.commit_to(&cat, &id, "tls", 1).await.unwrap();
     // The catalog's connections are encrypted (seen from the server's side).
     let ssl = server.psql(
         "postgres",
@@ -796,7 +813,7 @@ async fn s3_over_https_trusts_the_configured_ca_only() {
     let rig = Rig::new();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a"), b"over https").unwrap();
-    let (m, id) = rig.snapshot(src.path());
+    let (_, id) = rig.snapshot(src.path());
     let https = |ca_file: Option<std::path::PathBuf>| S3Options {
         endpoint: Some(format!("https://127.0.0.1:{port}")),
         ca_file,
@@ -805,7 +822,7 @@ async fn s3_over_https_trusts_the_configured_ca_only() {
 
     // Without the private CA the server's certificate is not trusted.
     let t = objects::open_target("s3://over-tls/x", &https(None)).unwrap();
-    let err = rig.export(&m, &id, &t, 1).await.unwrap_err();
+    let err = rig.export(&id, &t, 1).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -820,8 +837,78 @@ async fn s3_over_https_trusts_the_configured_ca_only() {
 
     // With it (`ca_file`, or AWS_CA_BUNDLE through `or_env`), the export works.
     let t = objects::open_target("s3://over-tls/x", &https(Some(ca))).unwrap();
-    rig.export(&m, &id, &t, 1).await.unwrap();
+    rig.export(&id, &t, 1).await.unwrap();
     let latest = objects::latest_commit(&t).await.unwrap().unwrap();
     assert_eq!(latest.snapshot, id.to_hex());
     assert_eq!(objects_of(&t).await["a"], b"over https");
+}
+
+/// A snapshot whose manifest spans many pages goes through every sink path
+/// a page at a time: export, mirror deletes, restore, and the catalog's
+/// commit and batched read (more entries than one batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_of_many_pages_streams_through_every_sink() {
+    let rig = Rig::new();
+    let src = tempfile::tempdir().unwrap();
+    for d in 0..10 {
+        let sub = src.path().join(format!("dir{d}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..1000 {
+            std::fs::write(sub.join(format!("f{f:04}")), format!("{d}/{f}")).unwrap();
+        }
+        std::os::unix::fs::symlink(format!("f{d:04}"), sub.join("link")).unwrap();
+    }
+    let (m1, id1) = rig.snapshot(src.path());
+    let Stored::V2(root) = rig.root(&id1) else {
+        panic!("a new snapshot is stored as v2")
+    };
+    assert!(
+        root.height > 1 || root.pages.len() > 10,
+        "10,000 entries fill many pages: {} at height {}",
+        root.pages.len(),
+        root.height
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/sink?mirror=true", out.path().display());
+    let t = objects::open_target(&url, &S3Options::default()).unwrap();
+    let s = rig.export(&id1, &t, 1).await.unwrap();
+    assert_eq!(s.files_written, 10_000);
+    assert_eq!(objects::read_manifest(&t, &id1).await.unwrap(), m1);
+
+    // Delete a directory's files: the mirror deletes exactly their objects.
+    std::fs::remove_dir_all(src.path().join("dir3")).unwrap();
+    let (m2, id2) = rig.snapshot(src.path());
+    let s = rig.export(&id2, &t, 2).await.unwrap();
+    assert_eq!((s.files_written, s.objects_deleted), (0, 1000), "{s:?}");
+    assert_eq!(s.files_unchanged, 9000);
+
+    let dest = out.path().join("restored");
+    let (_, stored) = restore::committed_snapshot(&t, None).await.unwrap();
+    let st = restore::restore_into(&t, &stored, &dest, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(st.files, 9000);
+    assert_eq!(files_of(&dest), files_of(src.path()));
+    assert_eq!(
+        std::fs::read_link(dest.join("dir9/link")).unwrap(),
+        Path::new("f0009")
+    );
+
+    let server = pg();
+    server.create_database("catalog");
+    let cat = Catalog::connect(&server.url("catalog")).await.unwrap();
+    rig.commit_to(&cat, &id2, "many", 1).await.unwrap();
+    let snap = cat.find_snapshot(&id2).await.unwrap().unwrap();
+    let mut seen = Vec::new();
+    let n = cat
+        .each_entry(&snap, &mut |e| {
+            seen.push(e.path);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, m2.entries.len() as u64);
+    let want: Vec<String> = m2.entries.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(seen, want, "every row, in manifest (byte) order");
 }

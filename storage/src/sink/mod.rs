@@ -22,11 +22,13 @@ pub use spec::{Destination, Location, Source};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use futures::stream::BoxStream;
+
 use crate::chunk::SnapshotId;
 use crate::error::Result;
-use crate::manifest::Manifest;
+use crate::manifest::{Entry, Stored};
 use crate::pool::CpuPool;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, EntryPages};
 
 /// An opened destination. Cheap to clone (a catalog is a connection pool).
 #[derive(Debug, Clone)]
@@ -43,8 +45,9 @@ pub struct SinkWrite<'a> {
     pub pool: &'a CpuPool,
     /// Where the snapshot's chunks are.
     pub store: Arc<dyn ChunkStore>,
-    /// The committed snapshot's manifest.
-    pub manifest: &'a Manifest,
+    /// The committed snapshot's stored root: its entries are read from
+    /// `store` a page at a time, never all at once.
+    pub manifest: &'a Stored,
     /// Its id.
     pub snapshot: &'a SnapshotId,
     /// The job and fencing token every effect carries.
@@ -71,6 +74,16 @@ pub struct Written {
     pub pages_written: u64,
     /// The snapshot was already committed there; nothing was written.
     pub already_committed: bool,
+}
+
+impl SinkWrite<'_> {
+    /// The snapshot's entries in path order, read a page at a time from the
+    /// chunk store.
+    pub(crate) fn entries(&self) -> BoxStream<'static, Result<Entry>> {
+        let root = self.manifest.clone();
+        EntryPages::from_store(self.pool, self.store.clone(), self.manifest.tenant(), root)
+            .into_stream()
+    }
 }
 
 /// A snapshot a sink holds as committed, and the token it was committed with.
@@ -118,9 +131,16 @@ impl Sink {
                 objects::export_snapshot(target, w).await
             }
             Sink::Catalog(c) => {
+                let (pool, store, manifest) = (w.pool, w.store.clone(), w.manifest);
+                let entries = move || {
+                    let root = manifest.clone();
+                    EntryPages::from_store(pool, store.clone(), manifest.tenant(), root)
+                        .into_stream()
+                };
                 let outcome = c
                     .commit(&catalog::CatalogCommit {
                         manifest: w.manifest,
+                        entries: &entries,
                         snapshot: w.snapshot,
                         job: &w.writer.job,
                         fencing_token: w.writer.token,
@@ -128,11 +148,7 @@ impl Sink {
                     .await?;
                 let already = outcome == catalog::CommitOutcome::AlreadyCommitted;
                 Ok(Written {
-                    files_written: if already {
-                        0
-                    } else {
-                        w.manifest.entries.len() as u64
-                    },
+                    files_written: if already { 0 } else { w.manifest.entry_count() },
                     already_committed: already,
                     ..Written::default()
                 })

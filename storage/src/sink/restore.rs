@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::{EntryKind, Manifest};
+use crate::manifest::{EntryKind, Stored};
 use crate::path::{validate_path, validate_symlink};
 use crate::sink::now_ms;
 use crate::sink::objects::layout::join;
@@ -24,7 +24,7 @@ use crate::sink::objects::{self, Target, META_DIR};
 pub async fn committed_snapshot(
     target: &Target,
     wanted: Option<&SnapshotId>,
-) -> Result<(objects::CommitRecord, Manifest)> {
+) -> Result<(objects::CommitRecord, Stored)> {
     let commits = objects::list_commits(target).await?;
     let (token, snapshot) = match wanted {
         Some(id) => {
@@ -52,15 +52,16 @@ pub async fn committed_snapshot(
 }
 
 /// The commit record `(token, snapshot)` (a name from
-/// [`objects::list_commits`]) and the manifest it vouches for.
+/// [`objects::list_commits`]) and the stored root of the manifest it
+/// vouches for (its entries: [`objects::sink_entries`]).
 pub async fn read_committed(
     target: &Target,
     token: u64,
     snapshot: &str,
-) -> Result<(objects::CommitRecord, Manifest)> {
+) -> Result<(objects::CommitRecord, Stored)> {
     let record = objects::read_commit(target, token, snapshot).await?;
-    let manifest = objects::read_manifest(target, &record.snapshot_id()?).await?;
-    Ok((record, manifest))
+    let root = objects::read_root(target, &record.snapshot_id()?).await?;
+    Ok((record, root))
 }
 
 /// What a restore did.
@@ -72,14 +73,20 @@ pub struct RestoreStats {
     pub bytes: u64,
 }
 
-/// Rebuilds `manifest` under `dir` (missing or empty) from the objects of
-/// `target`, checking every file's size and BLAKE3 against the manifest.
+/// Rebuilds the snapshot `root` (from [`read_committed`]) under `dir`
+/// (missing or empty) from the objects of `target`, checking every file's
+/// size and BLAKE3 against the manifest.
+///
+/// The manifest is read from the sink a page at a time, in passes: every
+/// path and link target is checked before anything is written (bad input
+/// leaves nothing half-restored), then directories and files, then links.
 /// Each file is written into a staging directory next to `dir` and renamed
 /// into place once verified, so nothing unverified is left under a real name.
-/// Set-user-id and set-group-id bits are not restored.
+/// Set-user-id and set-group-id bits are not restored. Directory modes are
+/// set last, from a list of the directories (the only thing held per entry).
 pub async fn restore_into(
     target: &Target,
-    manifest: &Manifest,
+    root: &Stored,
     dir: &Path,
     progress: &(dyn Fn(RestoreStats) + Sync),
 ) -> Result<RestoreStats> {
@@ -92,46 +99,38 @@ pub async fn restore_into(
                 )));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("read", dir, e)),
     }
-    for e in &manifest.entries {
+    let mut entries = objects::sink_entries(target, root.clone()).into_stream();
+    while let Some(e) = entries.try_next().await? {
         validate_path(&e.path)?;
-        let parent = match e.kind {
-            EntryKind::Dir => dir.join(&e.path),
-            EntryKind::File | EntryKind::Symlink => match Path::new(&e.path).parent() {
-                Some(p) => dir.join(p),
-                None => dir.to_path_buf(),
-            },
-        };
-        std::fs::create_dir_all(&parent).map_err(|err| Error::io("create", &parent, err))?;
+        if e.kind == EntryKind::Symlink {
+            validate_symlink(&e.path, e.target.as_deref().unwrap_or_default())?;
+        }
     }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
     // Files are written into a private directory next to `dir` (same file
     // system, so a rename moves them in), never under a name a snapshot
     // file could also have; it goes away whatever happens.
     let staging = staging_dir(dir)?;
-    let result = restore_files(target, manifest, dir, &staging, progress).await;
+    let result = restore_files(target, root, dir, &staging, progress).await;
     let _ = std::fs::remove_dir_all(&staging);
-    let stats = result?;
+    let (stats, dirs) = result?;
     // Links after every file, so that no file is ever written through one
     // (a link where a directory of the snapshot is fails to be created).
-    for e in manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Symlink)
-    {
-        let target = e.target.as_deref().unwrap_or_default();
-        validate_symlink(&e.path, target)?;
-        let path = dir.join(&e.path);
-        std::os::unix::fs::symlink(target, &path)
-            .map_err(|err| Error::io("symlink", &path, err))?;
+    let mut entries = objects::sink_entries(target, root.clone()).into_stream();
+    while let Some(e) = entries.try_next().await? {
+        if e.kind == EntryKind::Symlink {
+            let path = dir.join(&e.path);
+            std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &path)
+                .map_err(|err| Error::io("symlink", &path, err))?;
+        }
     }
     // Directory modes last: a read-only directory must not block its files.
-    for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        let path = dir.join(&e.path);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
+    for (rel, mode) in dirs {
+        let path = dir.join(&rel);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(mode)))
             .map_err(|err| Error::io("chmod", &path, err))?;
     }
     Ok(stats)
@@ -159,37 +158,59 @@ fn staging_dir(dir: &Path) -> Result<PathBuf> {
     Ok(staging)
 }
 
+/// Creates the directories and writes the files, as the manifest streams
+/// by; returns what it wrote and the directories with their modes.
 async fn restore_files(
     target: &Target,
-    manifest: &Manifest,
+    root: &Stored,
     dir: &Path,
     staging: &Path,
     progress: &(dyn Fn(RestoreStats) + Sync),
-) -> Result<RestoreStats> {
-    let mut files = futures::stream::iter(
-        manifest
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.kind == EntryKind::File),
-    )
-    .map(|(i, e)| async move {
-        let path = dir.join(&e.path);
-        let part = staging.join(i.to_string());
-        restore_file(target, &e.path, &part, &path, e.size, &e.blake3).await?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
-            .map_err(|err| Error::io("chmod", &path, err))?;
-        Ok::<_, Error>(e.size)
-    })
-    .buffer_unordered(target.concurrency)
-    .boxed();
+) -> Result<(RestoreStats, Vec<(String, u32)>)> {
+    let mut dirs = Vec::new();
+    // The parent made last: files of one directory come in a row.
+    let mut made = PathBuf::new();
+    let mut files = objects::sink_entries(target, root.clone())
+        .into_stream()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e?;
+            let parent = match e.kind {
+                EntryKind::Dir => {
+                    dirs.push((e.path.clone(), e.mode));
+                    dir.join(&e.path)
+                }
+                EntryKind::File | EntryKind::Symlink => match Path::new(&e.path).parent() {
+                    Some(p) => dir.join(p),
+                    None => dir.to_path_buf(),
+                },
+            };
+            if parent != made {
+                std::fs::create_dir_all(&parent)
+                    .map_err(|err| Error::io("create", &parent, err))?;
+                made = parent;
+            }
+            Ok::<_, Error>((e.kind == EntryKind::File).then_some((i, e)))
+        })
+        .try_filter_map(|f| futures::future::ready(Ok(f)))
+        .map_ok(|(i, e)| async move {
+            let path = dir.join(&e.path);
+            let part = staging.join(i.to_string());
+            restore_file(target, &e.path, &part, &path, e.size, &e.blake3).await?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(safe_mode(e.mode)))
+                .map_err(|err| Error::io("chmod", &path, err))?;
+            Ok::<_, Error>(e.size)
+        })
+        .try_buffer_unordered(target.concurrency)
+        .boxed();
     let mut done = RestoreStats::default();
     while let Some(size) = files.try_next().await? {
         done.files += 1;
         done.bytes += size;
         progress(done);
     }
-    Ok(done)
+    drop(files);
+    Ok((done, dirs))
 }
 
 async fn restore_file(

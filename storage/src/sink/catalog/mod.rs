@@ -28,6 +28,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
@@ -38,7 +40,7 @@ use self::tls::rustls_connector;
 use self::url::parse_url;
 use crate::chunk::SnapshotId;
 use crate::error::{Error, Result};
-use crate::manifest::{EntryKind, Manifest};
+use crate::manifest::{Entry, EntryKind, Stored};
 
 const POOL_SIZE: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,11 +50,25 @@ const COPY_ENTRIES: &str = "COPY bitclone_entries \
     (tenant, dataset, snapshot, path, kind, size, mode, blake3, chunk_count) \
     FROM STDIN (FORMAT binary)";
 
+/// Reads a snapshot's entries in path order, from the start each call (a
+/// retried commit copies them again).
+pub type ReadEntries<'a> = dyn Fn() -> BoxStream<'a, Result<Entry>> + Send + Sync + 'a;
+
+const ENTRIES_QUERY: &str =
+    "SELECT path, kind, size, mode, blake3, chunk_count FROM bitclone_entries \
+    WHERE tenant = $1 AND dataset = $2 AND snapshot = $3 ORDER BY path COLLATE \"C\"";
+
+/// Rows fetched at a time by [`Catalog::each_entry`].
+const ENTRY_BATCH: i32 = 8192;
+
 /// What to write for one snapshot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct CatalogCommit<'a> {
-    /// The snapshot's manifest (tenant, dataset, parent and entries).
-    pub manifest: &'a Manifest,
+    /// The snapshot's stored root (tenant, dataset, parent, totals).
+    pub manifest: &'a Stored,
+    /// Its entries, copied into the catalog as they stream by: no commit
+    /// holds a whole manifest.
+    pub entries: &'a ReadEntries<'a>,
     /// The snapshot id (BLAKE3 of the encoded manifest).
     pub snapshot: &'a SnapshotId,
     /// The job writing it.
@@ -181,9 +197,7 @@ impl Catalog {
         let token = i64::try_from(c.fencing_token).map_err(|_| {
             Error::InvalidArgument(format!("fencing token {} is out of range", c.fencing_token))
         })?;
-        let rows = entry_rows(c.manifest)?;
-        let rows = rows.as_slice();
-        self.retry("commit", move || self.commit_once(c, token, rows))
+        self.retry("commit", move || self.commit_once(c, token))
             .await
     }
 
@@ -207,12 +221,45 @@ impl Catalog {
     }
 
     /// The entries of a snapshot, ordered by path (byte order, as in manifests).
+    /// Every row in memory: [`Catalog::each_entry`] reads them in batches.
     pub async fn entries(&self, s: &CatalogSnapshot) -> Result<Vec<CatalogEntry>> {
-        let sql = "SELECT path, kind, size, mode, blake3, chunk_count FROM bitclone_entries \
-                   WHERE tenant = $1 AND dataset = $2 AND snapshot = $3 ORDER BY path COLLATE \"C\"";
         let hex = s.id.to_hex();
         let params: [&(dyn ToSql + Sync); 3] = [&s.tenant, &s.dataset, &hex];
-        self.select("entries", sql, &params, entry_from_row).await
+        self.select("entries", ENTRIES_QUERY, &params, entry_from_row)
+            .await
+    }
+
+    /// Calls `f` with each entry of a snapshot in path order (byte order, as
+    /// in manifests), fetched in batches from one cursor: memory stays flat
+    /// however many entries the snapshot has. Not retried (`f` has seen
+    /// rows by then); returns the number of entries.
+    pub async fn each_entry(
+        &self,
+        s: &CatalogSnapshot,
+        f: &mut (dyn FnMut(CatalogEntry) -> Result<()> + Send),
+    ) -> Result<u64> {
+        let run = async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let hex = s.id.to_hex();
+            let params: [&(dyn ToSql + Sync); 3] = [&s.tenant, &s.dataset, &hex];
+            let portal = tx.bind(ENTRIES_QUERY, &params).await?;
+            let mut n = 0u64;
+            loop {
+                let rows = tx.query_portal(&portal, ENTRY_BATCH).await?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    f(entry_from_row(row)?)?;
+                    n += 1;
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, Failure>(n)
+        };
+        run.await
+            .map_err(|f| f.into_error(&self.endpoint, &self.sink))
     }
 
     async fn select<T>(
@@ -301,10 +348,9 @@ impl Catalog {
         &self,
         c: &CatalogCommit<'_>,
         token: i64,
-        rows: &[EntryRow<'_>],
     ) -> Result<CommitOutcome, Failure> {
         let m = c.manifest;
-        let (tenant, dataset, job) = (m.tenant.as_str(), m.dataset.as_str(), c.job);
+        let (tenant, dataset, job) = (m.tenant(), m.dataset(), c.job);
         let id = c.snapshot.to_hex();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -359,9 +405,9 @@ impl Catalog {
             tx.commit().await?;
             return Ok(CommitOutcome::AlreadyCommitted);
         }
-        let (parent, created) = (m.parent.map(|p| p.to_hex()), m.created_unix_ms);
-        let files = to_i64(m.file_count(), "file count")?;
-        let bytes = to_i64(m.total_bytes(), "total bytes")?;
+        let (parent, created) = (m.parent().map(|p| p.to_hex()), m.created_unix_ms());
+        let files = to_i64(m.files(), "file count")?;
+        let bytes = to_i64(m.bytes(), "total bytes")?;
         tx.execute(
             "INSERT INTO bitclone_snapshots (tenant, dataset, id, parent, job, fencing_token, \
              files, bytes, created_unix_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -375,7 +421,10 @@ impl Catalog {
         types.extend([Type::INT2, Type::INT8, Type::INT4, Type::BYTEA, Type::INT4]);
         let copy = tx.copy_in(COPY_ENTRIES).await?;
         let mut writer = std::pin::pin!(BinaryCopyInWriter::new(copy, &types));
-        for r in rows {
+        let mut entries = (c.entries)();
+        while let Some(e) = entries.try_next().await.map_err(Failure::Other)? {
+            // A value out of the catalog's range fails the whole transaction.
+            let r = entry_row(&e)?;
             let (path, blake3) = (&r.path, &r.blake3);
             let (kind, size, mode, chunks) = (&r.kind, &r.size, &r.mode, &r.chunk_count);
             let row: [&(dyn ToSql + Sync); 9] = [
@@ -418,7 +467,7 @@ impl Catalog {
     }
 }
 
-/// One entries row, converted (and range-checked) before the transaction.
+/// One entries row, converted and range-checked.
 struct EntryRow<'a> {
     path: &'a str,
     kind: i16,
@@ -428,30 +477,25 @@ struct EntryRow<'a> {
     chunk_count: i32,
 }
 
-fn entry_rows(m: &Manifest) -> Result<Vec<EntryRow<'_>>> {
-    m.entries
-        .iter()
-        .map(|e| {
-            let range = |what: &str| {
-                Error::InvalidArgument(format!("{:?}: {what} does not fit the catalog", e.path))
-            };
-            Ok::<_, Error>(EntryRow {
-                path: &e.path,
-                kind: match e.kind {
-                    EntryKind::File => 0,
-                    EntryKind::Dir => 1,
-                    EntryKind::Symlink => 2,
-                },
-                size: i64::try_from(e.size).map_err(|_| range("size"))?,
-                mode: i32::try_from(e.mode).map_err(|_| range("mode"))?,
-                blake3: match e.kind {
-                    EntryKind::File => Some(e.blake3.as_slice()),
-                    EntryKind::Dir | EntryKind::Symlink => None,
-                },
-                chunk_count: i32::try_from(e.chunks.len()).map_err(|_| range("chunk count"))?,
-            })
-        })
-        .collect()
+fn entry_row(e: &Entry) -> Result<EntryRow<'_>> {
+    let range = |what: &str| {
+        Error::InvalidArgument(format!("{:?}: {what} does not fit the catalog", e.path))
+    };
+    Ok(EntryRow {
+        path: &e.path,
+        kind: match e.kind {
+            EntryKind::File => 0,
+            EntryKind::Dir => 1,
+            EntryKind::Symlink => 2,
+        },
+        size: i64::try_from(e.size).map_err(|_| range("size"))?,
+        mode: i32::try_from(e.mode).map_err(|_| range("mode"))?,
+        blake3: match e.kind {
+            EntryKind::File => Some(e.blake3.as_slice()),
+            EntryKind::Dir | EntryKind::Symlink => None,
+        },
+        chunk_count: i32::try_from(e.chunks.len()).map_err(|_| range("chunk count"))?,
+    })
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64> {

@@ -2,22 +2,21 @@
 //! the mirror's deletes and the pruning of old records.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, OnceLock};
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::chunk::SnapshotId;
 use crate::error::{Error, Result};
-use crate::manifest::{EntryKind, Manifest};
+use crate::manifest::EntryKind;
 use crate::sink::objects::layout::{
     commit_loc, join, list_commits, read_commit, CommitRecord, COMMIT_FORMAT, META_DIR,
 };
 use crate::sink::objects::s3::sink_error;
-use crate::sink::objects::upload::{list_objects, Listed, Upload};
+use crate::sink::objects::upload::{list_objects, tag_digest, Listed, Upload};
 use crate::sink::objects::Target;
-use crate::sink::{now_ms, Writer};
+use crate::sink::{now_ms, SinkWrite};
 
 /// Refuses a writer whose token is lower than the highest committed one.
 /// Returns the latest record.
@@ -42,28 +41,30 @@ pub(super) async fn check_fence(target: &Target, token: u64) -> Result<Option<(u
 /// objects the snapshot does not have.
 ///
 /// [`export_snapshot`]: super::export_snapshot
+///
+/// `w` is taken `&mut` only so that the future is `Send` without asking
+/// `w.on_progress` to be `Sync`.
 pub async fn commit_snapshot(
     target: &Target,
-    manifest: &Manifest,
-    id: &SnapshotId,
-    writer: &Writer,
+    w: &mut SinkWrite<'_>,
     upload: &mut Upload,
-    cancel: &AtomicBool,
 ) -> Result<()> {
+    let (manifest, id, writer, cancel) = (w.manifest, w.snapshot, w.writer, w.stop.clone());
     // Fenced again right before the commit point: a newer holder may have
     // committed while this one was uploading.
     check_fence(target, writer.token).await?;
     // Another writer on the same prefix may have replaced or removed an
     // object since: then this snapshot is not what the bucket holds.
     let now = list_objects(target).await?;
-    for e in manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-    {
-        let tag = upload.objects.get(&e.path).cloned().flatten();
+    let mut files = w
+        .entries()
+        .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
+    let mut tags = upload.tags.iter();
+    while let Some(e) = files.try_next().await? {
+        let tag = tags.next().copied().unwrap_or(0);
         let same = now.get(&e.path).is_some_and(|l| {
-            l.size == e.size && (tag.is_none() || l.e_tag.is_none() || l.e_tag == tag)
+            let now_tag = tag_digest(l.e_tag.as_deref());
+            l.size == e.size && (tag == 0 || now_tag == 0 || now_tag == tag)
         });
         if !same {
             return Err(Error::Conflict(format!(
@@ -78,12 +79,12 @@ pub async fn commit_snapshot(
     let record = CommitRecord {
         format: COMMIT_FORMAT,
         snapshot: id.to_hex(),
-        tenant: manifest.tenant.clone(),
-        dataset: manifest.dataset.clone(),
+        tenant: manifest.tenant().to_string(),
+        dataset: manifest.dataset().to_string(),
         job: writer.job.clone(),
         fencing_token: writer.token,
-        files: manifest.file_count(),
-        bytes: manifest.total_bytes(),
+        files: manifest.files(),
+        bytes: manifest.bytes(),
         committed_unix_ms: now_ms(),
     };
     let loc = commit_loc(target, writer.token, &record.snapshot)?;
@@ -118,7 +119,7 @@ pub async fn commit_snapshot(
     let newest = commits.last().is_some_and(|(t, _)| *t <= writer.token);
     if newest && !cancel.load(Ordering::Relaxed) {
         if target.mirror {
-            upload.stats.objects_deleted = delete_extra(target, manifest, &upload.listed).await?;
+            upload.stats.objects_deleted = delete_extra(target, w, &upload.listed).await?;
         }
         prune_commits(target, &commits).await?;
     }
@@ -145,20 +146,19 @@ async fn prune_commits(target: &Target, commits: &[(u64, String)]) -> Result<()>
 
 async fn delete_extra(
     target: &Target,
-    manifest: &Manifest,
+    w: &mut SinkWrite<'_>,
     existing: &HashMap<String, Listed>,
 ) -> Result<u64> {
-    let keep: std::collections::HashSet<&str> = manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| e.path.as_str())
-        .collect();
-    let mut doomed: Vec<&String> = existing
-        .keys()
-        .filter(|k| !keep.contains(k.as_str()))
-        .collect();
-    doomed.sort();
+    // What was listed, less the snapshot's files as the manifest streams by.
+    let mut extra: std::collections::HashSet<&str> = existing.keys().map(String::as_str).collect();
+    let mut files = w
+        .entries()
+        .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
+    while let Some(e) = files.try_next().await? {
+        extra.remove(e.path.as_str());
+    }
+    let mut doomed: Vec<&str> = extra.into_iter().collect();
+    doomed.sort_unstable();
     let n = doomed.len() as u64;
     futures::stream::iter(doomed)
         .map(|rel| async move {
@@ -222,6 +222,7 @@ pub async fn check_create_only(target: &Target) -> Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
     use super::*;
@@ -229,6 +230,7 @@ mod tests {
     use crate::ingest::SnapshotBuilder;
     use crate::pool::CpuPool;
     use crate::sink::objects::{export_snapshot, open_target, S3Options};
+    use crate::sink::Writer;
     use crate::store::{ChunkStore, MemStore};
 
     #[test]
@@ -251,7 +253,8 @@ mod tests {
                 SnapshotBuilder::new(store.clone(), "t", "d", ChunkParams::default()).unwrap();
             b.add_dir("d", 0o755, token as i64).unwrap();
             let built = b.finish(0).unwrap();
-            let (m, id) = (built.store_and_load(store.as_ref(), "t").unwrap(), built.id);
+            built.store_and_load(store.as_ref(), "t").unwrap();
+            let (m, id) = (crate::manifest::decode_root(&built.root).unwrap(), built.id);
             let writer = Writer {
                 job: format!("j{token}"),
                 token,

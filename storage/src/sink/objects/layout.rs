@@ -2,7 +2,7 @@
 //! file, and the sink's own records under `.bitclone/` (manifests, commit
 //! records), with the readers of those records.
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
@@ -11,9 +11,10 @@ use std::collections::HashSet;
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
-use crate::manifest::{decode_root, Manifest, Stored, Walk};
+use crate::manifest::{decode_root, Manifest, Stored};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::Target;
+use crate::store::EntryPages;
 
 /// Where the sink keeps its own records, under the prefix.
 pub const META_DIR: &str = ".bitclone";
@@ -158,9 +159,9 @@ pub async fn latest_commit(target: &Target) -> Result<Option<CommitRecord>> {
     }
 }
 
-/// Reads and checks the manifest of a committed snapshot from the sink: a
-/// v1 manifest whole, a v2 root and then its pages one at a time.
-pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest> {
+/// Reads and checks the stored root (v2) or whole manifest (v1) of a
+/// snapshot in the sink: its bytes must hash to the id.
+pub async fn read_root(target: &Target, id: &SnapshotId) -> Result<Stored> {
     let loc = manifest_loc(target, id)?;
     let bytes = get(target, &loc, "reading a manifest").await?;
     if SnapshotId::of(&bytes) != *id {
@@ -169,20 +170,35 @@ pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest>
             format!("{loc} does not hash to its name"),
         ));
     }
-    match decode_root(&bytes)? {
-        Stored::V1(m) => Ok(m),
-        Stored::V2(root) => {
-            let mut walk = Walk::new(root);
-            let mut entries = Vec::new();
-            while let Some((page, _)) = walk.next_page() {
-                // Page::decode (in feed) checks the bytes against the name.
-                let bytes =
-                    get(target, &page_loc(target, &page)?, "reading a manifest page").await?;
-                entries.append(&mut walk.feed(&bytes)?);
-            }
-            Ok(walk.finish()?.with_entries(entries))
-        }
+    decode_root(&bytes)
+}
+
+/// The entries of `stored` (from [`read_root`]), their pages read from the
+/// sink one at a time (each checked against its name).
+pub fn sink_entries(target: &Target, stored: Stored) -> EntryPages<'_> {
+    EntryPages::new(
+        stored,
+        Box::new(move |page| {
+            async move { get(target, &page_loc(target, &page)?, "reading a manifest page").await }
+                .boxed()
+        }),
+    )
+}
+
+/// Reads and checks the whole manifest of a committed snapshot from the
+/// sink, every entry in memory (tools and tests): restores read it a page at
+/// a time through [`sink_entries`].
+pub async fn read_manifest(target: &Target, id: &SnapshotId) -> Result<Manifest> {
+    let stored = read_root(target, id).await?;
+    let mut pages = sink_entries(target, stored.clone());
+    let mut entries = Vec::new();
+    while let Some(mut page) = pages.next_page().await? {
+        entries.append(&mut page);
     }
+    Ok(match stored {
+        Stored::V1(m) => m,
+        Stored::V2(root) => root.with_entries(entries),
+    })
 }
 
 async fn get(target: &Target, loc: &ObjectPath, doing: &str) -> Result<bytes::Bytes> {

@@ -27,7 +27,8 @@ pub mod upload;
 
 pub use self::commit::{check_create_only, commit_snapshot, KEEP_COMMITS};
 pub use self::layout::{
-    latest_commit, list_commits, read_commit, read_manifest, CommitRecord, META_DIR,
+    latest_commit, list_commits, read_commit, read_manifest, read_root, sink_entries, CommitRecord,
+    META_DIR,
 };
 pub use self::s3::S3Options;
 pub use self::upload::{upload_snapshot, Upload};
@@ -154,15 +155,7 @@ pub struct ExportProgress {
 pub async fn export_snapshot(target: &Target, mut w: SinkWrite<'_>) -> Result<Written> {
     let mut upload = upload_snapshot(target, &mut w).await?;
     if !upload.stats.already_committed {
-        commit_snapshot(
-            target,
-            w.manifest,
-            w.snapshot,
-            w.writer,
-            &mut upload,
-            &w.stop,
-        )
-        .await?;
+        commit_snapshot(target, &mut w, &mut upload).await?;
     }
     Ok(upload.stats)
 }
@@ -253,6 +246,7 @@ mod tests {
             .build()
             .unwrap();
         let export = |m: &Manifest, id: &SnapshotId, token: u64| {
+            let root = crate::store::read_root(store.as_ref(), &m.tenant, id).unwrap();
             let mut last = ExportProgress::default();
             let writer = Writer {
                 job: format!("j{token}"),
@@ -263,7 +257,7 @@ mod tests {
                 SinkWrite {
                     pool: &pool,
                     store: store.clone(),
-                    manifest: m,
+                    manifest: &root,
                     snapshot: id,
                     writer: &writer,
                     stop: Arc::new(AtomicBool::new(false)),

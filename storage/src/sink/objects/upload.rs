@@ -2,7 +2,7 @@
 //! already hold the file's bytes, streaming large ones as multipart uploads)
 //! and the manifest; nothing a reader trusts yet.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -25,8 +25,7 @@ use crate::sink::objects::{
     ExportProgress, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
 };
 use crate::sink::{SinkWrite, Written};
-use crate::store::page_ids;
-use crate::store::{read_chunks, ChunkStore};
+use crate::store::{page_ids, read_chunks, ChunkStore};
 
 /// An upload waiting for its commit: what [`upload_snapshot`] wrote or found,
 /// which [`commit_snapshot`] checks again before the commit point.
@@ -36,9 +35,11 @@ use crate::store::{read_chunks, ChunkStore};
 pub struct Upload {
     /// What was done so far.
     pub stats: Written,
-    /// Every file's object as this writer left it: path → e_tag (its size
-    /// is the manifest's).
-    pub(super) objects: HashMap<String, Option<String>>,
+    /// Every file's object as this writer left it, in the manifest's file
+    /// order: a digest of its e_tag (0 when the store gave none). The commit
+    /// reads the manifest again in the same order, so 8 bytes a file is all
+    /// it needs to keep.
+    pub(super) tags: Vec<u64>,
     /// The objects found under the prefix before the upload: the only ones
     /// a mirror commit may delete (a concurrent writer's new objects are
     /// not this writer's to remove).
@@ -52,22 +53,26 @@ pub(super) struct Listed {
     pub(super) e_tag: Option<String>,
 }
 
+/// A digest of an object's e_tag; 0 for none.
+pub(super) fn tag_digest(e_tag: Option<&str>) -> u64 {
+    e_tag.map_or(0, |t| {
+        let h = blake3::hash(t.as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default()) | 1
+    })
+}
+
 /// The first half of [`export_snapshot`]: the objects and the manifest,
 /// nothing a reader trusts yet. `already_committed` in the result means
 /// the writer's record for this snapshot exists and nothing was done.
 ///
+/// The manifest is read a page at a time as the upload goes: a path that
+/// collides with the sink's own records stops it there, before the commit.
+///
 /// [`export_snapshot`]: super::export_snapshot
 pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<Upload> {
-    let (pool, manifest, id, writer) = (w.pool, w.manifest, w.snapshot, w.writer);
+    let (pool, id, writer) = (w.pool, w.snapshot, w.writer);
     let (store, cancel) = (w.store.clone(), w.stop.clone());
-    let on_progress = &mut *w.on_progress;
     let mut upload = Upload::default();
-    if let Some(e) = manifest.entries.iter().find(|e| is_meta(&e.path)) {
-        return Err(Error::InvalidPath {
-            path: e.path.clone(),
-            reason: "collides with the sink's own records under .bitclone/",
-        });
-    }
     if let Some((t, s)) = check_fence(target, writer.token).await? {
         if t == writer.token && s == id.to_hex() {
             upload.stats.already_committed = true;
@@ -80,36 +85,47 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
     let ctx = Ctx {
         pool,
         store: &store,
-        tenant: &manifest.tenant,
+        tenant: w.manifest.tenant(),
         target,
         cancel: &cancel,
         abort: &abort,
     };
-    // Which objects already hold their file's bytes: checked up front, with
-    // more requests in flight than uploads (a check is one small request).
-    let unchanged: HashSet<usize> =
-        futures::stream::iter(manifest.entries.iter().enumerate().filter(|(_, e)| {
-            e.kind == EntryKind::File && listed.get(&e.path).map(|l| l.size) == Some(e.size)
-        }))
-        .map(|(i, e)| {
+    let files = w
+        .entries()
+        .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
+    // Two stages, both in order: whether an object already holds its file's
+    // bytes (one small request, so more of them in flight), then the upload.
+    let checked = files
+        .map(|e| {
             let ctx = &ctx;
-            async move { Ok::<_, Error>(ctx.holds(e).await?.then_some(i)) }
+            async move {
+                let e = e?;
+                if is_meta(&e.path) {
+                    return Err(Error::InvalidPath {
+                        path: e.path.clone(),
+                        reason: "collides with the sink's own records under .bitclone/",
+                    });
+                }
+                let same_size = listed.get(&e.path).map(|l| l.size) == Some(e.size);
+                let unchanged = same_size && ctx.holds(&e).await?;
+                Ok::<_, Error>((e, unchanged))
+            }
         })
-        .buffer_unordered((target.concurrency * 4).min(64))
-        .try_filter_map(|i| async move { Ok(i) })
-        .boxed()
-        .try_collect()
-        .await?;
+        .buffered((target.concurrency * 4).min(64));
+    let mut results = checked
+        .map(|r| {
+            let ctx = &ctx;
+            async move {
+                let (e, unchanged) = r?;
+                let written = ctx.write_entry(&e, unchanged).await?;
+                Ok::<_, Error>((e, written))
+            }
+        })
+        .buffered(target.concurrency)
+        // Boxing pins down the lifetimes, so that callers' futures stay Send.
+        .boxed();
+    let on_progress = &mut *w.on_progress;
     let mut at = ExportProgress::default();
-    // `buffered` keeps results in order, while up to `concurrency` run at once.
-    let mut results = futures::stream::iter(manifest.entries.iter().enumerate().map(|(i, e)| {
-        let ctx = &ctx;
-        let skip = unchanged.contains(&i);
-        async move { ctx.write_entry(e, skip).await.map(|w| (e, w)) }
-    }))
-    .buffered(target.concurrency)
-    // Boxing pins down the lifetimes, so that callers' futures stay Send.
-    .boxed();
     let mut failed = None;
     while let Some(r) = results.next().await {
         let (e, written) = match r {
@@ -122,7 +138,7 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
                 continue;
             }
         };
-        if failed.is_some() || e.kind != EntryKind::File {
+        if failed.is_some() {
             continue;
         }
         let e_tag = match written {
@@ -136,7 +152,7 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
                 listed.get(&e.path).and_then(|l| l.e_tag.clone())
             }
         };
-        upload.objects.insert(e.path.clone(), e_tag);
+        upload.tags.push(tag_digest(e_tag.as_deref()));
         at.files_done += 1;
         at.bytes_done += e.size;
         on_progress(at);
@@ -214,7 +230,7 @@ impl Ctx<'_> {
         if self.stopped() {
             return Err(Error::Cancelled);
         }
-        if e.kind != EntryKind::File || unchanged {
+        if unchanged {
             return Ok(None);
         }
         let location = join(&self.target.prefix, &e.path)?;
