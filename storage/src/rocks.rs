@@ -26,10 +26,13 @@ pub struct RocksOptions {
     /// Target size of one blob file.
     pub blob_file_size: u64,
     /// Memtable size of the chunk family. BlobDB holds a blob's bytes in
-    /// the memtable until a flush writes them out, so this bounds the node's
-    /// memory during a put: 16 MiB put 1 GiB at the same speed as 64 MiB
-    /// (4.0-4.3 s vs 4.5-5.0 s here) with a peak RSS of 136-142 MiB instead
-    /// of 244-248 MiB.
+    /// the memtable until a flush writes them out, and small files' chunks
+    /// sit there too, so this bounds the node's memory during a put: 16 MiB
+    /// put 1 GiB at the same speed as 64 MiB (4.0-4.3 s vs 4.5-5.0 s here)
+    /// with a peak RSS of 136-142 MiB instead of 244-248 MiB; 8 MiB put
+    /// 300,000 small files with a peak of 90 MiB instead of 100-120 MiB
+    /// (memtables 17 MiB instead of 33 at their peak), and 1 GiB no slower
+    /// than 16 MiB did on the same (slower) day: 8.9-9.3 s vs 9.7-11.2 s.
     pub write_buffer_size: usize,
     /// Block cache for SST blocks (index, small chunks, metadata). A restore
     /// reads each small chunk once: a larger cache mostly holds blocks that
@@ -43,7 +46,7 @@ impl Default for RocksOptions {
         RocksOptions {
             min_blob_size: 4096,
             blob_file_size: 256 << 20,
-            write_buffer_size: 16 << 20,
+            write_buffer_size: 8 << 20,
             block_cache_bytes: 16 << 20,
         }
     }
@@ -137,8 +140,9 @@ impl RocksStore {
         cache_opts.set_bloom_filter(10.0, false);
         // Index and filter blocks live in the block cache, partitioned into
         // small blocks with only their top level pinned: kept outside the
-        // cache (the default) they grow with the number of keys, about 30 MiB
-        // of RSS per 1,000,000 small files, and the node's memory with them.
+        // cache (the default) they grow with the number of keys, and the
+        // node's memory with them (a 1,000,000-file put peaked at 134 MiB
+        // with them outside, 127 MiB inside).
         cache_opts.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
         cache_opts.set_partition_filters(true);
         cache_opts.set_metadata_block_size(4096);
