@@ -289,10 +289,11 @@ impl Api {
         builder: SnapshotBuilder,
         done: BatchResult,
     ) -> Result<SnapshotBuilder, Status> {
+        // Ahead of queued batches: this upload's next batches wait on it.
         let (builder, added) = self
             .node
             .pool
-            .run(move || {
+            .run_first(move || {
                 let mut builder = builder;
                 let added = add_batch(&mut builder, done);
                 Ok((builder, added))
