@@ -818,6 +818,16 @@ impl Walk {
         None
     }
 
+    /// The pages that [`Walk::next_page`] returns after the one it returned
+    /// last, as far as they are known without reading further (the rest of
+    /// the current page's level): what a reader may fetch ahead.
+    pub fn upcoming(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.stack
+            .last()
+            .into_iter()
+            .flat_map(|(_, items)| items.as_slice().iter().map(|(id, _)| *id))
+    }
+
     /// Takes the bytes of the page [`Walk::next_page`] asked for and
     /// returns its entries (none for an index page), each checked, and in
     /// order after every entry returned before.
