@@ -100,6 +100,11 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
             let ctx = &ctx;
             async move {
                 let e = e?;
+                // After a failure or a cancel the rest only drains: no
+                // further requests.
+                if ctx.stopped() {
+                    return Err(Error::Cancelled);
+                }
                 if is_meta(&e.path) {
                     return Err(Error::InvalidPath {
                         path: e.path.clone(),
