@@ -139,6 +139,11 @@ async fn check_against_catalog(
         Ok(())
     })
     .await?;
+    compare(ours, theirs)
+}
+
+/// The manifest's files (`ours`) against the catalog's rows (`theirs`).
+fn compare(ours: FileDigest, theirs: FileDigest) -> Result<()> {
     let (ours, theirs) = (ours.finish(), theirs.finish());
     if ours.0 != theirs.0 {
         bail!(
@@ -193,5 +198,37 @@ impl FileDigest {
     fn finish(mut self) -> (u64, Vec<(String, [u8; 32])>) {
         self.close();
         (self.files, self.runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(files: &[(&str, u64, u32)]) -> FileDigest {
+        let mut d = FileDigest::default();
+        for (path, size, mode) in files {
+            d.add(path, *size, *mode, &[7; 32]);
+        }
+        d
+    }
+
+    #[test]
+    fn a_difference_is_placed_in_its_run_of_files() {
+        let names: Vec<String> = (0..(2 * RUN + 5)).map(|i| format!("f{i:06}")).collect();
+        let files: Vec<(&str, u64, u32)> = names.iter().map(|n| (n.as_str(), 1, 0o644)).collect();
+        compare(digest(&files), digest(&files)).unwrap();
+
+        let mut changed = files.clone();
+        changed[RUN as usize + 3].2 = 0o600;
+        let err = compare(digest(&files), digest(&changed))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("f{:06}", RUN)), "{err}");
+
+        let err = compare(digest(&files), digest(&files[1..]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("files in the manifest"), "{err}");
     }
 }
