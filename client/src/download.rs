@@ -241,11 +241,11 @@ impl PartFile {
         }
 
         // The end message is authoritative; fall back to the start's fields.
-        let mode = (if end.mode != 0 {
+        let mode = safe_mode(if end.mode != 0 {
             end.mode
         } else {
             self.start.mode
-        }) & 0o7777;
+        });
         let mtime_ns = if end.mtime_ns != 0 {
             end.mtime_ns
         } else {
@@ -310,7 +310,15 @@ fn make_dir(root: &Path, meta: &EntryMeta) -> Result<(PathBuf, u32, i64)> {
     check_no_symlinks(root, &rel, true)?;
     let path = root.join(&rel);
     std::fs::create_dir_all(&path).map_err(|source| Error::io(&path, source))?;
-    Ok((path, meta.mode & 0o7777, meta.mtime_ns))
+    Ok((path, safe_mode(meta.mode), meta.mtime_ns))
+}
+
+/// Permission bits to restore: set-user-id and set-group-id are dropped, so
+/// a get (often run as root) never creates privileged executables or
+/// directories from what a snapshot says: the off-cluster `bitclone
+/// restore`'s rule too.
+fn safe_mode(mode: u32) -> u32 {
+    mode & 0o1777
 }
 
 /// Sets the directories' modes and mtimes, deepest first (so a read-only
@@ -581,7 +589,8 @@ mod tests {
         let content = b"hello bitclone".to_vec();
         let meta = EntryMeta {
             path: "sub/dir/file.txt".into(),
-            mode: 0o640,
+            // Set-user-id and set-group-id are dropped on the way out.
+            mode: 0o6640,
             mtime_ns: 1_600_000_000_500_000_000,
             size: content.len() as u64,
             ..Default::default()
