@@ -29,11 +29,10 @@ pub struct RocksOptions {
     /// the memtable until a flush writes them out, and small files' chunks
     /// sit there too, so this bounds the node's memory during a put: 16 MiB
     /// put 1 GiB at the same speed as 64 MiB (4.0-4.3 s vs 4.5-5.0 s here)
-    /// with a peak RSS of 136-142 MiB instead of 244-248 MiB. 8 MiB cut a
-    /// 300,000-file put's peak to 90 MiB (memtables 17 MiB instead of 33)
-    /// but is not kept: once, in the full-disk test (`fatal.rs`), an
-    /// automatic flush met the full disk mid-put and the put hung (writes
-    /// stalled) instead of failing; to be understood first.
+    /// with a peak RSS of 136-142 MiB instead of 244-248 MiB; 8 MiB put
+    /// 300,000 small files with a peak of 90 MiB instead of 100-120 MiB
+    /// (memtables 17 MiB instead of 33 at their peak), and 1 GiB no slower
+    /// than 16 MiB did on the same (slower) day: 8.9-9.3 s vs 9.7-11.2 s.
     pub write_buffer_size: usize,
     /// Block cache for SST blocks (index, small chunks, metadata). A restore
     /// reads each small chunk once: a larger cache mostly holds blocks that
@@ -47,7 +46,7 @@ impl Default for RocksOptions {
         RocksOptions {
             min_blob_size: 4096,
             blob_file_size: 256 << 20,
-            write_buffer_size: 16 << 20,
+            write_buffer_size: 8 << 20,
             block_cache_bytes: 16 << 20,
         }
     }
