@@ -2,6 +2,9 @@
 //! metadata (dataset heads, snapshot records, opaque records such as jobs).
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, ErrorKind, IteratorMode, Options, WriteBatch,
@@ -114,10 +117,47 @@ pub struct StoreStats {
 /// index column family for existence checks that never touch blob files,
 /// manifests and metadata in their own families.
 pub struct RocksStore {
-    db: DB,
+    db: Arc<DB>,
     path: PathBuf,
     /// The first failed write's error; set once, never cleared.
-    poisoned: std::sync::OnceLock<String>,
+    poisoned: Arc<OnceLock<String>>,
+    /// Dropping the sender stops the watcher; joined on drop, before the
+    /// database closes.
+    watcher: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.watcher.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often the watcher looks for a background error.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// Watches for a failed background flush or compaction. When one fails for
+/// want of space, RocksDB's auto-recovery stops writes until space appears,
+/// and a write already waiting in its stall would wait for good: a put would
+/// hang instead of failing. The watcher poisons the store and cancels the
+/// background work, which ends every stalled write with an error.
+fn watch(db: Arc<DB>, poisoned: Arc<OnceLock<String>>, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
+        let errors = db
+            .property_int_value("rocksdb.background-errors")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if errors > 0 {
+            let _ = poisoned.set(format!(
+                "a background flush or compaction failed ({errors} so far); is the disk full?"
+            ));
+            db.cancel_all_background_work(false);
+            return;
+        }
+    }
 }
 
 impl RocksStore {
@@ -175,11 +215,21 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_MANIFESTS, small.clone()),
             ColumnFamilyDescriptor::new(CF_META, small),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, cfs)?);
+        let poisoned = Arc::new(OnceLock::new());
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("bitclone-store-watch".into())
+            .spawn({
+                let (db, poisoned) = (db.clone(), poisoned.clone());
+                move || watch(db, poisoned, stopped)
+            })
+            .map_err(|e| Error::io("start the store's watcher", dir, e))?;
         Ok(RocksStore {
             db,
             path: dir.to_path_buf(),
-            poisoned: std::sync::OnceLock::new(),
+            poisoned,
+            watcher: Some((stop, thread)),
         })
     }
 
