@@ -241,11 +241,11 @@ impl PartFile {
         }
 
         // The end message is authoritative; fall back to the start's fields.
-        let mode = safe_mode(if end.mode != 0 {
+        let mode = if end.mode != 0 {
             end.mode
         } else {
             self.start.mode
-        });
+        };
         let mtime_ns = if end.mtime_ns != 0 {
             end.mtime_ns
         } else {
@@ -253,7 +253,7 @@ impl PartFile {
         };
         // Mode 0 means "not sent": keep the temporary file's 0600.
         if mode != 0 {
-            file.set_permissions(Permissions::from_mode(mode))
+            file.set_permissions(Permissions::from_mode(safe_mode(mode)))
                 .map_err(|source| Error::io(&self.tmp, source))?;
         }
         file.set_modified(system_time(mtime_ns))
@@ -310,7 +310,7 @@ fn make_dir(root: &Path, meta: &EntryMeta) -> Result<(PathBuf, u32, i64)> {
     check_no_symlinks(root, &rel, true)?;
     let path = root.join(&rel);
     std::fs::create_dir_all(&path).map_err(|source| Error::io(&path, source))?;
-    Ok((path, safe_mode(meta.mode), meta.mtime_ns))
+    Ok((path, meta.mode, meta.mtime_ns))
 }
 
 /// Permission bits to restore: set-user-id and set-group-id are dropped, so
@@ -334,7 +334,7 @@ fn finish_dirs(mut dirs: Vec<(PathBuf, u32, i64)>) -> Result<()> {
             }
         }
         if mode != 0 {
-            std::fs::set_permissions(&path, Permissions::from_mode(mode))
+            std::fs::set_permissions(&path, Permissions::from_mode(safe_mode(mode)))
                 .map_err(|source| Error::io(&path, source))?;
         }
     }

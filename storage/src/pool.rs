@@ -31,14 +31,19 @@ impl CpuPool {
             thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || loop {
+                    // A queue found closed (the pool dropped) still leaves
+                    // the other one to drain: queued work always runs.
                     let task = match first_rx.try_recv() {
-                        Ok(task) => task,
+                        Ok(task) => Ok(task),
                         Err(_) => crossbeam_channel::select! {
-                            recv(first_rx) -> t => match t { Ok(t) => t, Err(_) => break },
-                            recv(rx) -> t => match t { Ok(t) => t, Err(_) => break },
+                            recv(first_rx) -> t => t.or_else(|_| rx.recv()),
+                            recv(rx) -> t => t.or_else(|_| first_rx.recv()),
                         },
                     };
-                    task();
+                    match task {
+                        Ok(task) => task(),
+                        Err(_) => break,
+                    }
                 })
                 .map_err(|e| Error::io("spawn worker thread", name, e))?;
         }

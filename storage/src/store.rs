@@ -233,7 +233,8 @@ pub type FetchPage<'a> = Box<dyn FnMut(ChunkId) -> BoxFuture<'a, Result<Bytes>> 
 /// A snapshot's entries in path order, one page at a time, from wherever
 /// its pages are: the async counterpart of [`Entries`], for readers that
 /// must not block a thread per page (sink exports and restores). It holds
-/// one page per level of the tree, never the whole manifest.
+/// one page per level of the tree plus the leaves it fetched ahead (at most
+/// [`PAGES_AHEAD`]), never the whole manifest.
 pub struct EntryPages<'a> {
     walk: Option<Walk>,
     v1: Option<Vec<Entry>>,

@@ -78,8 +78,10 @@ pub struct RestoreStats {
 /// size and BLAKE3 against the manifest.
 ///
 /// The manifest is read from the sink a page at a time, in passes: every
-/// path and link target is checked before anything is written (bad input
-/// leaves nothing half-restored), then directories and files, then links.
+/// path and link target is checked before anything is written (a bad path
+/// or link leaves nothing behind), then directories and files, then links.
+/// A file whose object does not match stops the restore with the verified
+/// files before it in place.
 /// Each file is written into a staging directory next to `dir` and renamed
 /// into place once verified, so nothing unverified is left under a real name.
 /// Set-user-id and set-group-id bits are not restored. Directory modes are

@@ -1,7 +1,7 @@
 //! The second half of an export: the fenced, create-only commit record, then
 //! the mirror's deletes and the pruning of old records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, OnceLock};
 
@@ -14,7 +14,7 @@ use crate::sink::objects::layout::{
     commit_loc, join, list_commits, read_commit, CommitRecord, COMMIT_FORMAT, META_DIR,
 };
 use crate::sink::objects::s3::sink_error;
-use crate::sink::objects::upload::{list_objects, tag_digest, Listed, Upload};
+use crate::sink::objects::upload::{list_objects, tag_digest, Upload};
 use crate::sink::objects::Target;
 use crate::sink::{now_ms, SinkWrite};
 
@@ -60,8 +60,22 @@ pub async fn commit_snapshot(
         .entries()
         .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
     let mut tags = upload.tags.iter();
+    // What a mirror deletes: the objects listed before the upload, less the
+    // snapshot's files, worked out before the record so that nothing read
+    // after it can fail the deletes.
+    let mut extra: HashSet<&str> = if target.mirror {
+        upload.listed.keys().map(String::as_str).collect()
+    } else {
+        HashSet::new()
+    };
     while let Some(e) = files.try_next().await? {
-        let tag = tags.next().copied().unwrap_or(0);
+        extra.remove(e.path.as_str());
+        let Some(&tag) = tags.next() else {
+            return Err(Error::Conflict(format!(
+                "{}: the snapshot has more files than job {} uploaded; not committed",
+                target.url, writer.job
+            )));
+        };
         let same = now.get(&e.path).is_some_and(|l| {
             let now_tag = tag_digest(l.e_tag.as_deref());
             l.size == e.size && (tag == 0 || now_tag == 0 || now_tag == tag)
@@ -119,7 +133,7 @@ pub async fn commit_snapshot(
     let newest = commits.last().is_some_and(|(t, _)| *t <= writer.token);
     if newest && !cancel.load(Ordering::Relaxed) {
         if target.mirror {
-            upload.stats.objects_deleted = delete_extra(target, w, &upload.listed).await?;
+            upload.stats.objects_deleted = delete_extra(target, extra).await?;
         }
         prune_commits(target, &commits).await?;
     }
@@ -144,19 +158,7 @@ async fn prune_commits(target: &Target, commits: &[(u64, String)]) -> Result<()>
     Ok(())
 }
 
-async fn delete_extra(
-    target: &Target,
-    w: &mut SinkWrite<'_>,
-    existing: &HashMap<String, Listed>,
-) -> Result<u64> {
-    // What was listed, less the snapshot's files as the manifest streams by.
-    let mut extra: std::collections::HashSet<&str> = existing.keys().map(String::as_str).collect();
-    let mut files = w
-        .entries()
-        .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
-    while let Some(e) = files.try_next().await? {
-        extra.remove(e.path.as_str());
-    }
+async fn delete_extra(target: &Target, extra: HashSet<&str>) -> Result<u64> {
     let mut doomed: Vec<&str> = extra.into_iter().collect();
     doomed.sort_unstable();
     let n = doomed.len() as u64;

@@ -174,15 +174,39 @@ pub async fn read_root(target: &Target, id: &SnapshotId) -> Result<Stored> {
 }
 
 /// The entries of `stored` (from [`read_root`]), their pages read from the
-/// sink one at a time (each checked against its name).
+/// sink (each checked against its name), a few ahead.
 pub fn sink_entries(target: &Target, stored: Stored) -> EntryPages<'_> {
     EntryPages::new(
         stored,
         Box::new(move |page| {
-            async move { get(target, &page_loc(target, &page)?, "reading a manifest page").await }
-                .boxed()
+            // Each GET runs as a task of its own: a page fetched ahead is
+            // read in full even while its reader is busy for minutes (a
+            // restore of large files), rather than timing out unpolled.
+            let t = target.clone();
+            let task = AbortOnDrop(tokio::spawn(async move {
+                get(&t, &page_loc(&t, &page)?, "reading a manifest page").await
+            }));
+            async move {
+                let mut task = task;
+                (&mut task.0).await.map_err(|e| Error::Sink {
+                    sink: target.url.clone(),
+                    detail: format!("reading a manifest page: {e}"),
+                    permanent: false,
+                })?
+            }
+            .boxed()
         }),
     )
+}
+
+/// A spawned task, aborted when its handle is dropped unread (a reader that
+/// stopped early leaves no GETs running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Reads and checks the whole manifest of a committed snapshot from the

@@ -66,7 +66,8 @@ pub(super) fn tag_digest(e_tag: Option<&str>) -> u64 {
 /// the writer's record for this snapshot exists and nothing was done.
 ///
 /// The manifest is read a page at a time as the upload goes: a path that
-/// collides with the sink's own records stops it there, before the commit.
+/// collides with the sink's own records stops it there, uncommitted (files
+/// before it in path order may already be written).
 ///
 /// [`export_snapshot`]: super::export_snapshot
 pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<Upload> {
@@ -90,9 +91,18 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
         cancel: &cancel,
         abort: &abort,
     };
-    let files = w
-        .entries()
-        .try_filter(|e| futures::future::ready(e.kind == EntryKind::File));
+    // Any entry under `.bitclone/` stops the export (files before it in
+    // path order may already be written; nothing is committed).
+    let files = w.entries().try_filter_map(|e| {
+        futures::future::ready(if is_meta(&e.path) {
+            Err(Error::InvalidPath {
+                path: e.path.clone(),
+                reason: "collides with the sink's own records under .bitclone/",
+            })
+        } else {
+            Ok((e.kind == EntryKind::File).then_some(e))
+        })
+    });
     // Two stages, both in order: whether an object already holds its file's
     // bytes (one small request, so more of them in flight), then the upload.
     let checked = files
@@ -104,12 +114,6 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
                 // further requests.
                 if ctx.stopped() {
                     return Err(Error::Cancelled);
-                }
-                if is_meta(&e.path) {
-                    return Err(Error::InvalidPath {
-                        path: e.path.clone(),
-                        reason: "collides with the sink's own records under .bitclone/",
-                    });
                 }
                 let same_size = listed.get(&e.path).map(|l| l.size) == Some(e.size);
                 let unchanged = same_size && ctx.holds(&e).await?;
