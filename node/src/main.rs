@@ -1,5 +1,6 @@
 //! `bitclone`: the node and the command-line client in one binary.
 
+mod auth;
 mod cli;
 mod config;
 mod dev;

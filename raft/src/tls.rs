@@ -335,8 +335,33 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, Error> {
         written.push(write_atomic(out, &key_file, key_pem.as_bytes(), 0o600)?);
         written.push(write_atomic(out, &cert_file, cert_pem.as_bytes(), 0o644)?);
     }
+    written.extend(generate_token_key(out, DEV_TOKEN_KEY)?);
 
     Ok(written)
+}
+
+/// File name (without extension) of the dev token signing key that
+/// [`generate_dev`] makes next to the CA: `token.key` signs (`bitclone token
+/// issue`), `token.pub` verifies (a node's default key when none is set).
+pub const DEV_TOKEN_KEY: &str = "token";
+
+/// Makes an Ed25519 key pair for signing tokens, `<name>.key` (PKCS#8 PEM,
+/// mode 0600) and `<name>.pub` (SPKI PEM), unless both exist. Returns the
+/// files written.
+pub fn generate_token_key(dir: &Path, name: &str) -> Result<Vec<PathBuf>, Error> {
+    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let (key_file, pub_file) = (format!("{name}.key"), format!("{name}.pub"));
+    if dir.join(&key_file).exists() && dir.join(&pub_file).exists() {
+        return Ok(Vec::new());
+    }
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)
+        .map_err(|e| Error::Cert(format!("generating a token signing key: {e}")))?;
+    // Private key first: a crash between the two leaves no public key that
+    // nothing can sign for.
+    Ok(vec![
+        write_atomic(dir, &key_file, key.serialize_pem().as_bytes(), 0o600)?,
+        write_atomic(dir, &pub_file, key.public_key_pem().as_bytes(), 0o644)?,
+    ])
 }
 
 /// Parameters of the dev CA certificate.
@@ -593,7 +618,9 @@ mod tests {
                 "node-1.key",
                 "node-1.pem",
                 "node-2.key",
-                "node-2.pem"
+                "node-2.pem",
+                "token.key",
+                "token.pub"
             ]
         );
         let ca_before = fs::read(dir.join("ca.pem")).unwrap();
@@ -614,7 +641,7 @@ mod tests {
         // Nothing left to do.
         assert!(generate_dev(&dir, 3).unwrap().is_empty());
 
-        for key in ["ca.key", "node-1.key", "node-2.key", "node-3.key"] {
+        for key in ["ca.key", "node-1.key", "node-2.key", "node-3.key", "token.key"] {
             assert_eq!(mode_of(&dir.join(key)), 0o600, "{key}");
         }
         // No temporary files left behind.
