@@ -11,8 +11,45 @@ use crate::env::{bin, clean_command};
 pub struct TestNode {
     pub data_dir: PathBuf,
     pub endpoint: String,
+    /// The certificate directory: the CA (`ca.pem`), the dev token key and
+    /// the admin token the harness issues (`admin.token`).
+    pub certs: PathBuf,
+    /// TLS and tokens (every node but an older release's).
+    secure: bool,
     child: Option<Child>,
     log: PathBuf,
+}
+
+/// The file the harness keeps an admin token for every tenant in.
+pub const ADMIN_TOKEN: &str = "admin.token";
+
+/// Signs a token with the dev key in `certs` (`bitclone token issue`).
+pub fn issue_token(certs: &Path, tenant: &str, scopes: &str, ttl: &str) -> String {
+    let out = clean_command(bin())
+        .args(["token", "issue", "--certs"])
+        .arg(certs)
+        .args(["--tenant", tenant, "--scope", scopes, "--ttl", ttl])
+        .args(["--subject", &format!("test-{tenant}-{scopes}")])
+        .output()
+        .expect("run bitclone token issue");
+    assert!(
+        out.status.success(),
+        "bitclone token issue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Makes `<certs>/admin.token` once the dev key exists.
+fn ensure_admin_token(certs: &Path) {
+    let file = certs.join(ADMIN_TOKEN);
+    if file.exists() || !certs.join("token.key").exists() {
+        return;
+    }
+    let token = issue_token(certs, "*", "read,write,admin", "24h");
+    let tmp = certs.join(format!(".{ADMIN_TOKEN}.{}", std::process::id()));
+    std::fs::write(&tmp, token).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
 }
 
 impl TestNode {
@@ -69,6 +106,16 @@ impl TestNode {
         store_tmpfs_mib: Option<u64>,
     ) -> TestNode {
         std::fs::create_dir_all(data_dir).unwrap();
+        let certs = args
+            .iter()
+            .position(|a| a == "--certs")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.join("certs"));
+        let secure = bin == crate::env::bin();
+        if secure {
+            ensure_admin_token(&certs);
+        }
         let addr_file = data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = data_dir.with_extension("log");
@@ -100,6 +147,8 @@ impl TestNode {
             .args(args)
             .stdout(Stdio::null())
             .stderr(log_file);
+        // Read only by a node that joins through another.
+        cmd.env("BITCLONE_JOIN_TOKEN_FILE", certs.join(ADMIN_TOKEN));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -107,6 +156,8 @@ impl TestNode {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut node = TestNode {
             data_dir: data_dir.to_path_buf(),
+            certs,
+            secure,
             endpoint: String::new(),
             child: Some(child),
             log,
@@ -116,7 +167,13 @@ impl TestNode {
         }
         loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                node.endpoint = format!("http://{}", addr.trim());
+                if node.secure {
+                    // A node on its own makes its CA and dev key at start.
+                    ensure_admin_token(&node.certs);
+                    node.endpoint = format!("https://{}", addr.trim());
+                } else {
+                    node.endpoint = format!("http://{}", addr.trim());
+                }
                 return node;
             }
             if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
@@ -170,16 +227,56 @@ impl TestNode {
         }
     }
 
-    /// Runs the CLI against this node, with a manifest page cache of its
-    /// own next to the node's data dir (never the user's).
+    /// The CA that issued the node's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.certs.join("ca.pem")
+    }
+
+    /// An admin token for every tenant.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.certs.join(ADMIN_TOKEN)).unwrap()
+    }
+
+    /// Signs a token for `tenant` ("*": all) with `scopes` ("read,write").
+    pub fn token(&self, tenant: &str, scopes: &str) -> String {
+        issue_token(&self.certs, tenant, scopes, "1h")
+    }
+
+    /// Runs the CLI against this node as the harness's admin, with a
+    /// manifest page cache of its own next to the node's data dir (never
+    /// the user's).
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(Some(&self.certs.join(ADMIN_TOKEN).to_string_lossy()), args)
+    }
+
+    /// Runs the CLI with `token_file` (`None`: no token at all).
+    pub fn cli_as(&self, token_file: Option<&str>, args: &[&str]) -> Output {
+        self.command_as(token_file)
+            .args(args)
+            .output()
+            .expect("run bitclone")
+    }
+
+    /// The CLI aimed at this node as the harness's admin, for a test to
+    /// add arguments to and run as it likes.
+    pub fn command(&self) -> Command {
+        self.command_as(Some(&self.certs.join(ADMIN_TOKEN).to_string_lossy()))
+    }
+
+    fn command_as(&self, token_file: Option<&str>) -> Command {
         let mut cmd = clean_command(bin());
         cmd.env(
             "BITCLONE_CACHE_DIR",
             self.data_dir.with_extension("client-cache"),
         );
-        cmd.arg("--endpoint").arg(&self.endpoint).args(args);
-        cmd.output().expect("run bitclone")
+        if self.secure {
+            cmd.env("BITCLONE_CA", self.ca_file());
+            if let Some(t) = token_file {
+                cmd.env("BITCLONE_TOKEN_FILE", t);
+            }
+        }
+        cmd.arg("--endpoint").arg(&self.endpoint);
+        cmd
     }
 
     /// Runs the CLI and expects success; returns stdout.

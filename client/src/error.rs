@@ -20,6 +20,22 @@ pub enum Error {
         source: tonic::transport::Error,
     },
 
+    /// A token would travel in plain text: the endpoint is `http://` and
+    /// plain text was not allowed, or is not a loopback address.
+    #[error(
+        "refusing to send a token in plain text to {endpoint}: use https://, or allow plain text \
+         (only to a loopback address)"
+    )]
+    InsecureToken {
+        /// The endpoint as given.
+        endpoint: String,
+    },
+
+    /// The CA certificate or the token given to
+    /// [`Client::connect_with`](crate::Client::connect_with) is unusable.
+    #[error("{0}")]
+    Config(String),
+
     /// No endpoint could be reached: each one was tried once.
     #[error("no BitClone node reachable (tried {endpoints:?}): {message}")]
     Unavailable {

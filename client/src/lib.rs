@@ -8,11 +8,16 @@
 //! ```no_run
 //! use std::path::Path;
 //!
-//! use bitclone_client::{is_final, Client, NoProgress};
+//! use bitclone_client::{is_final, Client, ConnectOptions, NoProgress};
 //! use futures::StreamExt;
 //!
 //! # async fn run() -> bitclone_client::Result<()> {
-//! let client = Client::connect(["http://127.0.0.1:7443", "http://127.0.0.1:7444"])
+//! // TLS, checked against the cluster's CA; a bearer token (JWT) naming the
+//! // tenant and the scopes (read, write) the calls need.
+//! let options = ConnectOptions::new()
+//!     .ca_pem(std::fs::read("/etc/bitclone/ca.pem").unwrap())
+//!     .token(std::env::var("BITCLONE_TOKEN").unwrap());
+//! let client = Client::connect_with(["https://127.0.0.1:7443", "https://127.0.0.1:7444"], options)
 //!     .await?
 //!     .with_tenant("acme");
 //!
@@ -58,7 +63,9 @@ use bitclone_proto::v1::bit_clone_client::BitCloneClient;
 use bitclone_proto::DEFAULT_MAX_MESSAGE_BYTES;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Wire types of the BitClone API (`bitclone.v1`): [`proto::Job`],
 /// [`proto::SnapshotInfo`], [`proto::JobState`], ...
@@ -155,6 +162,86 @@ pub fn is_final(state: i32) -> bool {
     )
 }
 
+/// How a [`Client`] reaches the nodes and who it calls them as.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    ca_pem: Option<Vec<u8>>,
+    token: Option<String>,
+    allow_plaintext: bool,
+}
+
+impl fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("allow_plaintext", &self.allow_plaintext)
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// Default options: no token; `https://` endpoints verified against the
+    /// public web PKI roots.
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// Verifies the nodes' certificates against this CA (PEM) instead of the
+    /// public roots, e.g. the cluster's dev CA (`<certs>/ca.pem`).
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> ConnectOptions {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Sends this bearer token (a JWT) with every call.
+    pub fn token(mut self, token: impl Into<String>) -> ConnectOptions {
+        self.token = Some(token.into().trim().to_string());
+        self
+    }
+
+    /// Allows a token over plain-text `http://`, to loopback addresses only
+    /// (a node serving `api.plaintext` for local tests).
+    pub fn allow_plaintext(mut self, allow: bool) -> ConnectOptions {
+        self.allow_plaintext = allow;
+        self
+    }
+}
+
+/// Whether a token may go to `endpoint` as given: always over TLS; over
+/// plain text only when allowed and to a loopback address.
+fn token_may_go_to(endpoint: &Endpoint, allow_plaintext: bool) -> bool {
+    let uri = endpoint.uri();
+    if uri.scheme_str() == Some("https") {
+        return true;
+    }
+    let host = uri.host().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    allow_plaintext && loopback
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Grpc = BitCloneClient<InterceptedService<Channel, Bearer>>;
+
 /// A connection to a BitClone cluster through any of its nodes.
 ///
 /// Cheap to clone; clones share the connections and the notion of which
@@ -174,6 +261,7 @@ struct Shared {
     channels: Vec<Channel>,
     /// Index of the endpoint that answered last.
     current: AtomicUsize,
+    bearer: Bearer,
 }
 
 impl Shared {
@@ -182,8 +270,8 @@ impl Shared {
     }
 
     /// A gRPC client on the endpoint `index` with the message size limits set.
-    fn grpc(&self, index: usize) -> BitCloneClient<Channel> {
-        BitCloneClient::new(self.channels[index].clone())
+    fn grpc(&self, index: usize) -> Grpc {
+        BitCloneClient::with_interceptor(self.channels[index].clone(), self.bearer.clone())
             .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
     }
@@ -225,17 +313,30 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn build_endpoint(url: &str) -> Result<Endpoint> {
-    // "host:port" without a scheme is taken as plain-text HTTP/2.
+fn build_endpoint(url: &str, options: &ConnectOptions) -> Result<Endpoint> {
+    // "host:port" without a scheme is taken as TLS.
     let full = if url.contains("://") {
         url.to_owned()
     } else {
-        format!("http://{url}")
+        format!("https://{url}")
     };
-    let endpoint = Endpoint::from_shared(full).map_err(|source| Error::InvalidEndpoint {
+    let invalid = |source| Error::InvalidEndpoint {
         endpoint: url.to_owned(),
         source,
-    })?;
+    };
+    let mut endpoint = Endpoint::from_shared(full).map_err(invalid)?;
+    if options.token.is_some() && !token_may_go_to(&endpoint, options.allow_plaintext) {
+        return Err(Error::InsecureToken {
+            endpoint: url.to_owned(),
+        });
+    }
+    if endpoint.uri().scheme_str() == Some("https") {
+        let tls = match &options.ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint.tls_config(tls).map_err(invalid)?;
+    }
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -247,7 +348,8 @@ fn build_endpoint(url: &str) -> Result<Endpoint> {
 
 impl Client {
     /// Connects to the first reachable endpoint of the list (e.g.
-    /// `"http://127.0.0.1:7443"`; a missing scheme means `http://`) and
+    /// `"https://127.0.0.1:7443"`; a missing scheme means `https://`), with
+    /// no token and the public web PKI roots, and
     /// remembers all of them for failover. Endpoints after the reachable one
     /// are connected lazily, when a call first needs them.
     ///
@@ -259,6 +361,23 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        Client::connect_with(endpoints, ConnectOptions::default()).await
+    }
+
+    /// Like [`Client::connect`], with a CA, a token and whether plain text
+    /// may carry the token. Fails with [`Error::InsecureToken`] when a token
+    /// would go to an `http://` endpoint that is not allowed one.
+    pub async fn connect_with<I, S>(endpoints: I, options: ConnectOptions) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let bearer = match &options.token {
+            None => Bearer(None),
+            Some(t) => Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
+                Error::Config("the token has characters a header cannot carry".into())
+            })?)),
+        };
         let urls: Vec<String> = endpoints
             .into_iter()
             .map(|url| url.as_ref().trim().to_owned())
@@ -269,7 +388,7 @@ impl Client {
         }
         let configured = urls
             .iter()
-            .map(|url| build_endpoint(url))
+            .map(|url| build_endpoint(url, &options))
             .collect::<Result<Vec<Endpoint>>>()?;
 
         let mut connected: Option<(usize, Channel)> = None;
@@ -315,6 +434,7 @@ impl Client {
                 endpoints: urls,
                 channels,
                 current: AtomicUsize::new(current),
+                bearer,
             }),
             tenant: DEFAULT_TENANT.to_owned(),
             page_cache: pages::default_cache_dir(),
@@ -361,7 +481,7 @@ impl Client {
     /// is returned as [`Error::Status`].
     async fn call<F, Fut, T>(&self, f: F) -> Result<T>
     where
-        F: Fn(BitCloneClient<Channel>) -> Fut,
+        F: Fn(Grpc) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let count = self.shared.channels.len();
@@ -625,7 +745,7 @@ impl Client {
 
     /// A gRPC client on the current endpoint, for streaming calls that are
     /// not retried elsewhere once started.
-    pub(crate) fn current_grpc(&self) -> BitCloneClient<Channel> {
+    pub(crate) fn current_grpc(&self) -> Grpc {
         self.shared.grpc(self.shared.current())
     }
 
@@ -685,11 +805,13 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_without_scheme_get_http() {
-        assert!(build_endpoint("127.0.0.1:7443").is_ok());
-        assert!(build_endpoint("http://127.0.0.1:7443").is_ok());
+    fn endpoints_without_scheme_get_tls() {
+        let o = ConnectOptions::new();
+        let e = build_endpoint("127.0.0.1:7443", &o).unwrap();
+        assert_eq!(e.uri().scheme_str(), Some("https"));
+        assert!(build_endpoint("http://127.0.0.1:7443", &o).is_ok());
         assert!(matches!(
-            build_endpoint("http://[::1:7443"),
+            build_endpoint("http://[::1:7443", &o),
             Err(Error::InvalidEndpoint { .. })
         ));
     }
@@ -712,5 +834,33 @@ mod tests {
         let result = Client::connect([format!("http://127.0.0.1:{port}")]).await;
         assert!(matches!(result, Err(Error::Unavailable { .. })));
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_token_goes_in_plain_text_only_to_loopback_when_allowed() {
+        let ok = |url: &str, allow: bool| {
+            let options = ConnectOptions::new().token("t").allow_plaintext(allow);
+            !matches!(
+                build_endpoint(url, &options),
+                Err(Error::InsecureToken { .. })
+            )
+        };
+        assert!(ok("https://db.example:7443", false));
+        assert!(ok("db.example:7443", false), "no scheme means TLS");
+        assert!(!ok("http://127.0.0.1:7443", false));
+        assert!(ok("http://127.0.0.1:7443", true));
+        assert!(ok("http://[::1]:7443", true));
+        assert!(ok("http://localhost:7443", true));
+        assert!(!ok("http://10.0.0.5:7443", true));
+        assert!(!ok("http://db.example:7443", true));
+        // Without a token plain text is the server's business.
+        assert!(build_endpoint("http://10.0.0.5:7443", &ConnectOptions::new()).is_ok());
+        let e = Client::connect_with(
+            ["http://10.0.0.5:7443"],
+            ConnectOptions::new().token("t").allow_plaintext(true),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("plain text"), "{e}");
     }
 }

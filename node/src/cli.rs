@@ -13,16 +13,49 @@ use serde_json::json;
 
 use crate::Cmd;
 
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
+
+/// How the CLI reaches the nodes and who it calls them as.
+#[derive(Default)]
+pub struct Access {
+    pub ca: Option<std::path::PathBuf>,
+    pub token: Option<String>,
+    pub token_file: Option<std::path::PathBuf>,
+    pub allow_plaintext: bool,
+}
+
+impl Access {
+    pub fn options(&self) -> Result<bitclone_client::ConnectOptions> {
+        let mut o = bitclone_client::ConnectOptions::new().allow_plaintext(self.allow_plaintext);
+        if let Some(ca) = &self.ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("reading the CA file {}", ca.display()))?;
+            o = o.ca_pem(pem);
+        }
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the token file {}", f.display()))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(t) = token {
+            o = o.token(t);
+        }
+        Ok(o)
+    }
+}
 
 pub struct Ctx {
     endpoints: Vec<String>,
     tenant: String,
     json: bool,
+    access: Access,
 }
 
 impl Ctx {
-    pub fn new(endpoints: Vec<String>, tenant: String, json: bool) -> Ctx {
+    pub fn new(endpoints: Vec<String>, tenant: String, json: bool, access: Access) -> Ctx {
         let endpoints = if endpoints.is_empty() {
             vec![DEFAULT_ENDPOINT.to_string()]
         } else {
@@ -32,11 +65,12 @@ impl Ctx {
             endpoints,
             tenant,
             json,
+            access,
         }
     }
 
     async fn client(&self) -> Result<Client> {
-        Ok(Client::connect(&self.endpoints)
+        Ok(Client::connect_with(&self.endpoints, self.access.options()?)
             .await
             .with_context(|| format!("connecting to {}", self.endpoints.join(", ")))?
             .with_tenant(self.tenant.clone()))
@@ -274,15 +308,19 @@ async fn follow(client: &Client, id: &str, ctx: &Ctx, show_bar: bool) -> Result<
 pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
-        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) | Cmd::Restore { .. } => {
+        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) | Cmd::Token(_) | Cmd::Restore { .. } => {
             unreachable!("handled by main")
         }
-        Cmd::Tenant { name, shards } => {
+        Cmd::Tenant(t) => {
+            let (name, shards) = match t {
+                crate::TenantCmd::Create { name, shards } => (name, shards.unwrap_or(0)),
+                crate::TenantCmd::Grow { name, shards } => (name, shards),
+            };
             let version = client.set_tenant(&name, shards).await?;
             if ctx.json {
-                print_json(&json!({"tenant": name, "shards": shards, "layout_version": version}));
+                print_json(&json!({"tenant": name, "layout_version": version}));
             } else {
-                println!("tenant {name}: {shards} shards (layout v{version})");
+                println!("tenant {name} (layout v{version})");
             }
         }
         Cmd::Cluster(crate::ClusterCmd::Status) => {
@@ -301,7 +339,16 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 .iter()
                 .find(|m| m.id == st.leader_id)
                 .with_context(|| "no leader is known right now; retry".to_string())?;
-            let leader_client = Client::connect([format!("http://{}", leader.api_addr)]).await?;
+            let scheme = if ctx.endpoints.iter().all(|e| e.starts_with("http://")) {
+                "http"
+            } else {
+                "https"
+            };
+            let leader_client = Client::connect_with(
+                [format!("{scheme}://{}", leader.api_addr)],
+                ctx.access.options()?,
+            )
+            .await?;
             let st = leader_client.remove_node(id).await?;
             if ctx.json {
                 print_json(&status_json(&st));

@@ -35,6 +35,51 @@ pub struct FileConfig {
     /// fields come from the standard `AWS_*` variables.
     #[serde(default)]
     pub s3: bitclone_storage::sink::objects::S3Options,
+    #[serde(default)]
+    pub api: FileApi,
+    #[serde(default)]
+    pub auth: FileAuth,
+    #[serde(default)]
+    pub audit: FileAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAudit {
+    /// A file, or "stdout"; default `<data_dir>/audit.log`.
+    pub log: Option<String>,
+}
+
+/// The public API's TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApi {
+    /// Server certificate chain and key (PEM); default: the node's cluster
+    /// certificate (`<certs>/node-<id>.pem`, valid for localhost).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA that issued the other nodes' API certificates (node-to-node
+    /// reads); default: the cluster CA.
+    pub ca: Option<PathBuf>,
+    /// Serve plain-text gRPC: only on a loopback address.
+    pub plaintext: Option<bool>,
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// PEM public keys (Ed25519 or RSA) or directories of them.
+    pub public_keys: Option<Vec<PathBuf>>,
+    /// A JWKS file.
+    pub jwks: Option<PathBuf>,
+    /// HS256 shared secret file: development only, with `allow_hs256`.
+    pub hs256_secret: Option<PathBuf>,
+    pub allow_hs256: Option<bool>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    /// Allowed clock skew, e.g. "60s".
+    pub leeway: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +101,9 @@ pub struct FileCluster {
     pub certs: Option<PathBuf>,
     pub bootstrap: Option<bool>,
     pub join: Option<String>,
+    /// A file holding an admin token, which a node joining through a
+    /// member's public API presents there.
+    pub join_token_file: Option<PathBuf>,
     pub heartbeat: Option<String>,
     pub election_timeout_min: Option<String>,
     pub election_timeout_max: Option<String>,
@@ -116,6 +164,20 @@ pub struct NodeConfig {
     pub transport: bitclone_transport::TransportConfig,
     /// How `s3://` sinks and sources are reached.
     pub s3: bitclone_storage::sink::objects::S3Options,
+    /// The public API's TLS.
+    pub api: ApiSettings,
+    /// How bearer tokens are verified.
+    pub auth: crate::auth::AuthSettings,
+    /// Where the audit log goes.
+    pub audit: crate::audit::AuditTarget,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Certificate chain and key files; `None`: plain text (loopback only).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA file that verifies other nodes' API certificates.
+    pub ca: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +190,8 @@ pub struct ClusterSettings {
     pub certs_are_default: bool,
     /// Public API address (HOST:PORT or URL) of any member to join through.
     pub join: Option<String>,
+    /// The admin token file a joining node presents to that member.
+    pub join_token_file: Option<PathBuf>,
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
     pub snapshot_logs: u64,
@@ -284,7 +348,18 @@ impl NodeConfig {
         if max_attempts == 0 {
             bail!("jobs.max_attempts must be at least 1");
         }
+        let api = resolve_api(fc.api, &cluster, listen)?;
+        let auth = resolve_auth(fc.auth, &cluster)?;
+        let audit = match env("BITCLONE_AUDIT_LOG").or(fc.audit.log).as_deref() {
+            Some("stdout") => crate::audit::AuditTarget::Stdout,
+            Some("") => bail!("audit.log is empty: give a file or \"stdout\""),
+            Some(path) => crate::audit::AuditTarget::File(path.into()),
+            None => crate::audit::AuditTarget::File(data_dir.join("audit.log")),
+        };
         Ok(NodeConfig {
+            audit,
+            api,
+            auth,
             data_dir,
             listen,
             chunking,
@@ -299,6 +374,58 @@ impl NodeConfig {
             s3: fc.s3.or_env(),
         })
     }
+}
+
+fn resolve_api(fa: FileApi, c: &ClusterSettings, listen: SocketAddr) -> Result<ApiSettings> {
+    let node = bitclone_raft::tls::node_name(c.node_id);
+    let tls = match (fa.plaintext.unwrap_or(false), fa.tls_cert, fa.tls_key) {
+        (true, None, None) => {
+            if !listen.ip().is_loopback() {
+                bail!(
+                    "api.plaintext serves tokens in the clear: only on a loopback address, not {listen}"
+                );
+            }
+            None
+        }
+        (true, _, _) => bail!("api.plaintext and api.tls_cert/tls_key exclude each other"),
+        (false, Some(cert), Some(key)) => Some((cert, key)),
+        (false, None, None) => Some((
+            c.certs.join(format!("{node}.pem")),
+            c.certs.join(format!("{node}.key")),
+        )),
+        (false, _, _) => bail!("api.tls_cert and api.tls_key go together"),
+    };
+    Ok(ApiSettings {
+        tls,
+        ca: fa
+            .ca
+            .unwrap_or_else(|| c.certs.join(bitclone_raft::tls::CA_CERT_FILE)),
+    })
+}
+
+fn resolve_auth(fa: FileAuth, c: &ClusterSettings) -> Result<crate::auth::AuthSettings> {
+    let leeway = match fa.leeway {
+        Some(s) => humantime::parse_duration(&s)
+            .with_context(|| format!("auth.leeway {s:?} is not a duration like 60s"))?,
+        None => Duration::from_secs(60),
+    };
+    let mut public_keys = fa.public_keys.unwrap_or_default();
+    if public_keys.is_empty() && fa.jwks.is_none() && fa.hs256_secret.is_none() {
+        // The dev key `bitclone certs dev` makes next to the CA.
+        public_keys.push(
+            c.certs
+                .join(format!("{}.pub", bitclone_raft::tls::DEV_TOKEN_KEY)),
+        );
+    }
+    Ok(crate::auth::AuthSettings {
+        public_keys,
+        jwks: fa.jwks,
+        hs256_secret: fa.hs256_secret,
+        allow_hs256: fa.allow_hs256.unwrap_or(false),
+        audience: fa.audience,
+        issuer: fa.issuer,
+        leeway,
+    })
 }
 
 fn resolve_transport(ft: FileTransport) -> Result<bitclone_transport::TransportConfig> {
@@ -398,6 +525,9 @@ fn resolve_cluster(
     let bootstrap = flags.bootstrap
         || env("BITCLONE_BOOTSTRAP").map(truthy).unwrap_or(false)
         || fc.bootstrap.unwrap_or(false);
+    let join_token_file = env("BITCLONE_JOIN_TOKEN_FILE")
+        .map(PathBuf::from)
+        .or(fc.join_token_file);
     if bootstrap && join.is_some() {
         bail!("--bootstrap starts a new cluster and --join joins one: pass only one");
     }
@@ -436,6 +566,7 @@ fn resolve_cluster(
         None => fc.default_shards,
     };
     Ok(ClusterSettings {
+        join_token_file,
         node_id,
         peer_listen,
         certs,

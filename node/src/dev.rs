@@ -44,6 +44,66 @@ pub fn certs(out: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bitclone token issue`: signs a token with `<certs>/token.key`.
+pub fn issue_token(
+    certs: &Path,
+    tenant: &str,
+    scopes: &[String],
+    ttl: &str,
+    subject: &str,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let token = sign_dev_token(certs, tenant, scopes, ttl, subject)?;
+    if json_out {
+        println!("{}", json!({"token": token}));
+    } else {
+        println!("{token}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign_dev_token(
+    certs: &Path,
+    tenant: &str,
+    scopes: &[String],
+    ttl: &str,
+    subject: &str,
+) -> Result<String> {
+    use crate::auth::{claims_for, issue, Scope};
+    let scopes = scopes
+        .iter()
+        .map(|s| {
+            Scope::parse(s.trim())
+                .with_context(|| format!("no scope {s:?}: read, write or admin"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ttl = humantime::parse_duration(ttl)
+        .with_context(|| format!("--ttl {ttl:?} is not a duration like 1h"))?;
+    if ttl.is_zero() {
+        bail!("--ttl must be more than 0s");
+    }
+    let name = bitclone_raft::tls::DEV_TOKEN_KEY;
+    let key_path = certs.join(format!("{name}.key"));
+    let key = std::fs::read(&key_path).with_context(|| {
+        format!(
+            "reading the token signing key {} (`bitclone certs dev --out {}` makes one)",
+            key_path.display(),
+            certs.display()
+        )
+    })?;
+    let claims = claims_for(subject, vec![tenant.to_string()], scopes, ttl);
+    issue(&key, name, &claims).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))
+}
+
+/// Where `dev up` leaves the admin token of the cluster it starts.
+fn admin_token_file(dir: &Path) -> PathBuf {
+    dir.join("admin.token")
+}
+
+fn ca_file(dir: &Path) -> PathBuf {
+    dir.join("certs").join(bitclone_raft::tls::CA_CERT_FILE)
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -55,8 +115,16 @@ fn state_file(dir: &Path) -> PathBuf {
     dir.join("cluster.json")
 }
 
-async fn status(endpoint: &str) -> Option<bitclone_client::proto::ClusterStatusResponse> {
-    let c = bitclone_client::Client::connect([endpoint]).await.ok()?;
+async fn status(
+    endpoint: &str,
+    dir: &Path,
+) -> Option<bitclone_client::proto::ClusterStatusResponse> {
+    let options = bitclone_client::ConnectOptions::new()
+        .ca_pem(std::fs::read(ca_file(dir)).ok()?)
+        .token(std::fs::read_to_string(admin_token_file(dir)).ok()?);
+    let c = bitclone_client::Client::connect_with([endpoint], options)
+        .await
+        .ok()?;
     c.cluster_status().await.ok()
 }
 
@@ -95,6 +163,7 @@ fn spawn_node(
         ])
         .arg("--certs")
         .arg(dir.join("certs"))
+        .env("BITCLONE_JOIN_TOKEN_FILE", admin_token_file(dir))
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -123,7 +192,7 @@ fn spawn_node(
     };
     Ok(DevNode {
         id,
-        endpoint: format!("http://{api_addr}"),
+        endpoint: format!("https://{api_addr}"),
         api_addr,
         peer_addr,
         pid,
@@ -132,12 +201,12 @@ fn spawn_node(
     })
 }
 
-async fn wait_ready(node: &DevNode, voters: usize, deadline: Instant) -> Result<()> {
+async fn wait_ready(dir: &Path, node: &DevNode, voters: usize, deadline: Instant) -> Result<()> {
     loop {
         if !alive(node.pid) {
             bail!("node {} exited; see {}", node.id, node.log.display());
         }
-        if let Some(st) = status(&node.endpoint).await {
+        if let Some(st) = status(&node.endpoint, dir).await {
             let v = st.members.iter().filter(|m| m.voter).count();
             if st.leader_id != 0 && v >= voters {
                 return Ok(());
@@ -174,6 +243,15 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
         }
     }
     bitclone_raft::tls::generate_dev(&dir.join("certs"), nodes)?;
+    // An admin token for scripts (and for joining nodes), valid for a week.
+    let admin = sign_dev_token(
+        &dir.join("certs"),
+        crate::auth::ALL_TENANTS,
+        &["read".into(), "write".into(), "admin".into()],
+        "7d",
+        "dev-admin",
+    )?;
+    write_private(&admin_token_file(dir), admin.as_bytes())?;
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut started = Vec::new();
     // Restarting a stopped cluster reuses its addresses (members know each
@@ -196,7 +274,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     };
     let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, deadline)?;
     let api1 = first.api_addr.clone();
-    wait_ready(&first, 1, deadline).await?;
+    wait_ready(dir, &first, 1, deadline).await?;
     started.push(first);
     for id in 2..=nodes {
         let (api, peer) = addr_of(id)?;
@@ -207,7 +285,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
         };
         let n = spawn_node(dir, id, &api, &peer, &extra, deadline)?;
         // Join one at a time: each membership change completes before the next.
-        wait_ready(&n, id as usize, deadline).await?;
+        wait_ready(dir, &n, id as usize, deadline).await?;
         started.push(n);
     }
     let cluster = DevCluster { nodes: started };
@@ -217,19 +295,45 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     if json_out {
         println!(
             "{}",
-            json!({"nodes": cluster.nodes.iter().map(|n| json!({
-                "id": n.id, "endpoint": n.endpoint, "pid": n.pid, "peer_addr": n.peer_addr,
-                "data_dir": n.data_dir, "log": n.log,
-            })).collect::<Vec<_>>()})
+            json!({
+                "ca": ca_file(dir),
+                "token_file": admin_token_file(dir),
+                "nodes": cluster.nodes.iter().map(|n| json!({
+                    "id": n.id, "endpoint": n.endpoint, "pid": n.pid, "peer_addr": n.peer_addr,
+                    "data_dir": n.data_dir, "log": n.log,
+                })).collect::<Vec<_>>()
+            })
         );
     } else {
         for n in &cluster.nodes {
             println!("node {}  {}  pid {}", n.id, n.endpoint, n.pid);
         }
         let endpoints: Vec<&str> = cluster.nodes.iter().map(|n| n.endpoint.as_str()).collect();
-        eprintln!("ready; export BITCLONE_ENDPOINT={}", endpoints.join(","));
+        eprintln!(
+            "ready; export BITCLONE_ENDPOINT={} BITCLONE_CA={} BITCLONE_TOKEN_FILE={}",
+            endpoints.join(","),
+            ca_file(dir).display(),
+            admin_token_file(dir).display()
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a secret file with mode 0600, replacing what was there.
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 pub async fn down(dir: &Path, json_out: bool) -> Result<ExitCode> {

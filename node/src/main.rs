@@ -1,5 +1,6 @@
 //! `bitclone`: the node and the command-line client in one binary.
 
+mod audit;
 mod auth;
 mod cli;
 mod config;
@@ -42,6 +43,19 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// CA certificate (PEM) that verifies the nodes' TLS certificates
+    /// (default: the public web PKI roots).
+    #[arg(long, global = true, env = "BITCLONE_CA")]
+    ca: Option<PathBuf>,
+    /// Bearer token (JWT) sent with every call.
+    #[arg(long, global = true, env = "BITCLONE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long, global = true, env = "BITCLONE_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Allow sending the token over plain-text http:// (loopback addresses only).
+    #[arg(long, global = true, env = "BITCLONE_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -123,12 +137,12 @@ enum Cmd {
     },
     /// Show node statistics.
     Stats,
-    /// Create a tenant with N shards, or grow its shard count.
-    Tenant {
-        name: String,
-        #[arg(long)]
-        shards: u32,
-    },
+    /// Tenants (admin).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Cluster membership: status, remove a node.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -138,6 +152,44 @@ enum Cmd {
     /// Local development clusters (background processes on loopback).
     #[command(subcommand)]
     Dev(DevCmd),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant: datasets and jobs exist only in tenants an admin
+    /// created.
+    Create {
+        name: String,
+        /// Shards (default: the cluster's default_shards).
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+    /// Grow a tenant's shard count (it never shrinks).
+    Grow {
+        name: String,
+        #[arg(long)]
+        shards: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Sign a token with the dev key (<certs>/token.key) for local use:
+    /// for the tenant given with --tenant ("*": every tenant).
+    Issue {
+        /// The dev CA directory (`bitclone certs dev --out`), holding token.key.
+        #[arg(long, env = "BITCLONE_CERTS")]
+        certs: PathBuf,
+        /// Scopes, comma-separated: read, write, admin.
+        #[arg(long, value_delimiter = ',', default_value = "read,write")]
+        scope: Vec<String>,
+        /// How long the token is valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Who the token names (the `sub` claim; shown in the audit log).
+        #[arg(long, default_value = "dev")]
+        subject: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +264,12 @@ fn main() -> std::process::ExitCode {
             Cmd::Node(args) => server::run(args).await,
             Cmd::Certs(CertsCmd::Dev { out, nodes }) => dev::certs(&out, nodes, cli.json),
             Cmd::Dev(DevCmd::Up { nodes, data_dir }) => dev::up(&data_dir, nodes, cli.json).await,
+            Cmd::Token(TokenCmd::Issue {
+                certs,
+                scope,
+                ttl,
+                subject,
+            }) => dev::issue_token(&certs, &cli.tenant, &scope, &ttl, &subject, cli.json),
             Cmd::Dev(DevCmd::Down { data_dir }) => dev::down(&data_dir, cli.json).await,
             Cmd::Restore {
                 from,
@@ -237,7 +295,13 @@ fn main() -> std::process::ExitCode {
                 .await
             }
             cmd => {
-                let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json);
+                let access = cli::Access {
+                    ca: cli.ca,
+                    token: cli.token,
+                    token_file: cli.token_file,
+                    allow_plaintext: cli.allow_plaintext,
+                };
+                let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json, access);
                 cli::run(ctx, cmd).await
             }
         }

@@ -323,6 +323,16 @@ impl Node {
     }
 
     /// A job by id (linearizable).
+    /// Whether an admin created `tenant`. A tenant this node has not heard
+    /// of yet is looked up on the leader before the answer is no.
+    pub async fn tenant_exists(&self, tenant: &str) -> Result<bool, StoreError> {
+        if self.cluster.local(|s| s.tenants.contains_key(tenant)) {
+            return Ok(true);
+        }
+        let t = tenant.to_string();
+        self.read(move |s| s.tenants.contains_key(&t)).await
+    }
+
     pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.read(|s| s.jobs.get(id).cloned()).await
     }

@@ -147,10 +147,35 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(true);
     });
 
-    let api = BitCloneServer::new(Api { node: node.clone() })
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
-    let server = Server::builder()
+    let auth = Arc::new(
+        crate::auth::Verifier::new(config.auth.clone())
+            .map_err(|e| anyhow::anyhow!("token keys (auth): {e}"))?,
+    );
+    tokio::spawn(reload_keys(auth.clone(), stop_rx.clone()));
+    let audit = Arc::new(
+        crate::audit::Audit::open(&config.audit)
+            .with_context(|| format!("opening the audit log {:?}", config.audit))?,
+    );
+    let api = BitCloneServer::new(Api {
+        node: node.clone(),
+        auth,
+        audit,
+    })
+    .max_decoding_message_size(config.max_message_size)
+    .max_encoding_message_size(config.max_message_size);
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.api.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading the API certificate {}", p.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("the API's TLS certificate")?;
+    } else {
+        tracing::warn!(%addr, "serving the API in plain text (api.plaintext): tokens travel in the clear");
+    }
+    let server = builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(api)
@@ -206,6 +231,10 @@ async fn start_cluster(
             format!("making a CA and node certificate in {}", c.certs.display())
         })?;
         tracing::info!(dir = %c.certs.display(), "made a CA and node certificate for this node's cluster");
+    } else if c.certs_are_default && c.certs.join(bitclone_raft::tls::CA_KEY_FILE).exists() {
+        // A data dir made before tokens existed: its own CA gets a token key.
+        bitclone_raft::tls::generate_token_key(&c.certs, bitclone_raft::tls::DEV_TOKEN_KEY)
+            .with_context(|| format!("making a token key in {}", c.certs.display()))?;
     }
     let tls = PeerTls::load(&c.certs, c.node_id).with_context(|| {
         format!(
@@ -269,7 +298,7 @@ async fn start_cluster(
         }
         tokio::spawn(rejoin(cluster.clone(), c.settings.clone(), stop_rx));
     } else if let Some(seed) = &c.join {
-        join_through(&cluster, seed).await?;
+        join_through(&cluster, seed, config).await?;
         cluster
             .update_settings(&c.settings)
             .await
@@ -282,6 +311,33 @@ async fn start_cluster(
         tracing::info!("bootstrapped a new cluster");
     }
     Ok(cluster)
+}
+
+/// Reads the token keys again when their files change (checked every two
+/// seconds) or on SIGHUP; a key file that cannot be read leaves the keys in
+/// use as they were.
+async fn reload_keys(auth: Arc<crate::auth::Verifier>, mut stop: watch::Receiver<bool>) {
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = hangup => tracing::info!("SIGHUP: reading the token keys again"),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match auth.reload_if_changed() {
+            Ok(true) => tracing::info!("token keys reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "token keys not reloaded; the previous keys stay in use"),
+        }
+    }
 }
 
 /// Writes an address file atomically (readers never see half of it).
@@ -313,16 +369,34 @@ async fn rejoin(cluster: Arc<Cluster>, settings: SettingsUpdate, stop: watch::Re
 }
 
 /// Finds the leader through a member's public API and asks it to admit us.
-async fn join_through(cluster: &Cluster, seed: &str) -> anyhow::Result<()> {
+async fn join_through(cluster: &Cluster, seed: &str, config: &NodeConfig) -> anyhow::Result<()> {
+    let plaintext = config.api.tls.is_none();
     let url = if seed.contains("://") {
         seed.to_string()
-    } else {
+    } else if plaintext {
         format!("http://{seed}")
+    } else {
+        format!("https://{seed}")
     };
+    // The member's API answers an admin with the leader's peer address.
+    let token_file = config.cluster.join_token_file.as_ref().context(
+        "joining needs an admin token: set cluster.join_token_file (or BITCLONE_JOIN_TOKEN_FILE)",
+    )?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading the join token {}", token_file.display()))?;
+    let mut options = bitclone_client::ConnectOptions::new()
+        .token(token)
+        .allow_plaintext(plaintext);
+    if !plaintext {
+        let ca = std::fs::read(&config.api.ca)
+            .with_context(|| format!("reading api.ca {}", config.api.ca.display()))?;
+        options = options.ca_pem(ca);
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = async {
-            let client = bitclone_client::Client::connect([url.as_str()]).await?;
+            let client =
+                bitclone_client::Client::connect_with([url.as_str()], options.clone()).await?;
             let status = client.cluster_status().await?;
             let leader = status
                 .members

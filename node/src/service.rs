@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{Audit, Event};
+use crate::auth::{bearer, Denied, Principal, Scope, Verifier};
 use crate::node::{check_job_spec, Node};
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Job, JobState};
@@ -32,6 +34,39 @@ use bitclone_storage::sink::{Destination, Source};
 
 pub struct Api {
     pub node: Arc<Node>,
+    pub auth: Arc<Verifier>,
+    pub audit: Arc<Audit>,
+}
+
+/// One call's verified caller, for authorization and the audit log.
+struct Call {
+    who: Principal,
+    request_id: String,
+    /// The caller's `authorization` header, passed on when this node streams
+    /// a read from another (which authorizes it again).
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+fn denied(d: Denied) -> Status {
+    match d {
+        Denied::NotFound(m) => Status::not_found(m),
+        Denied::Permission(m) => Status::permission_denied(m),
+    }
+}
+
+/// The request id a client sent (`x-request-id`, if short and plain), or a
+/// new one.
+fn request_id<T>(r: &Request<T>) -> String {
+    r.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -199,6 +234,352 @@ enum Added {
 type BatchResult = Result<Added, StoreError>;
 
 impl Api {
+    fn record(&self, call: (&str, &str), tenant: &str, action: &str, target: &str, outcome: Result<(), &Status>) {
+        let (request_id, subject) = call;
+        let code;
+        let (result, detail) = match outcome {
+            Ok(()) => ("ok", ""),
+            Err(st) => {
+                code = format!("{:?}", st.code());
+                (code.as_str(), st.message())
+            }
+        };
+        self.audit.record(&Event {
+            time_unix_ms: now_ms() as u64,
+            request_id,
+            subject,
+            tenant,
+            action,
+            target,
+            result,
+            detail,
+        });
+    }
+
+    /// Verifies the call's bearer token; a refusal is audited.
+    fn authenticate<T>(&self, r: &Request<T>, action: &str) -> Result<Call, Status> {
+        let request_id = request_id(r);
+        let header = r.metadata().get("authorization");
+        let verified = match header.map(|v| v.to_str()) {
+            None => bearer(None),
+            Some(Ok(v)) => bearer(Some(v)),
+            Some(Err(_)) => Err(crate::auth::AuthError::Malformed),
+        }
+        .and_then(|token| self.auth.verify(token));
+        match verified {
+            Ok(who) => Ok(Call {
+                who,
+                request_id,
+                bearer: header.cloned(),
+            }),
+            Err(e) => {
+                let st = Status::unauthenticated(e.to_string());
+                self.record((&request_id, ""), "", action, "", Err(&st));
+                Err(st)
+            }
+        }
+    }
+
+    /// May the caller act with `scope` on `tenant`? A tenant the token does
+    /// not grant and one that does not exist get the same NotFound. A
+    /// refusal is audited.
+    async fn allow(
+        &self,
+        call: &Call,
+        action: &str,
+        scope: Scope,
+        tenant: &str,
+        target: &str,
+    ) -> Result<(), Status> {
+        let refused = |st: Status| {
+            self.record((&call.request_id, &call.who.subject), tenant, action, target, Err(&st));
+            st
+        };
+        validate_name("tenant", tenant).map_err(|e| refused(status(e)))?;
+        call.who.may(scope, tenant).map_err(|d| refused(denied(d)))?;
+        if !self.node.tenant_exists(tenant).await.map_err(status)? {
+            return Err(refused(Status::not_found(format!("tenant {tenant} not found"))));
+        }
+        Ok(())
+    }
+
+    /// May the caller administer the cluster? A refusal is audited.
+    fn allow_admin(&self, call: &Call, action: &str, target: &str) -> Result<(), Status> {
+        call.who.may_admin(action).map_err(|d| {
+            let st = denied(d);
+            self.record((&call.request_id, &call.who.subject), "", action, target, Err(&st));
+            st
+        })
+    }
+
+    /// Records a mutating call's outcome.
+    fn audited<T>(&self, call: &Call, action: &str, tenant: &str, target: &str, result: &Result<T, Status>) {
+        self.record(
+            (&call.request_id, &call.who.subject),
+            tenant,
+            action,
+            target,
+            result.as_ref().map(|_| ()),
+        );
+    }
+
+    /// A put, once the caller may write the tenant: entries in path order
+    /// after `begin`, committed when the stream ends cleanly.
+    async fn put(
+        &self,
+        mut stream: Streaming<pb::UploadRequest>,
+        begin: pb::upload_request::Begin,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        if !begin.in_path_order {
+
+            return Err(Status::failed_precondition(
+                "this node builds a snapshot as its entries arrive and needs them in path order; \
+                 this client sends them in another order: upgrade it (bitclone CLI or SDK)",
+            ));
+        }
+        self.node.check_writable().map_err(status)?;
+        let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
+            min_size: c.min_size,
+            avg_size: c.avg_size,
+            max_size: c.max_size,
+        });
+        let (mut builder, head) = self
+            .node
+            .builder_for(&begin.tenant, &begin.dataset, chunking)
+            .await
+            .map_err(status)?;
+        let head = head.map(|h| h.to_hex()).unwrap_or_default();
+        if !begin.parent.is_empty() && begin.parent != head {
+            return Err(Status::aborted(format!(
+                "dataset {} is at {} now, not at the parent {} the upload was built on; retry",
+                begin.dataset,
+                if head.is_empty() { "nothing" } else { &head },
+                begin.parent
+            )));
+        }
+        let chunking = builder.chunking();
+        // Entries reach the builder in the order sent (path order): batches
+        // of small files are ingested several at a time, and whatever comes
+        // after one waits in this queue behind it.
+        let mut batches: futures::stream::FuturesOrdered<BoxFuture<'static, BatchResult>> =
+            futures::stream::FuturesOrdered::new();
+        while let Some(msg) = self.next_message(&mut stream).await? {
+            let msg = msg
+                .msg
+                .ok_or_else(|| Status::invalid_argument("empty upload message"))?;
+            use pb::upload_request::Msg;
+            let entry = |mut meta: pb::EntryMeta, kind: pb::EntryKind| {
+                meta.kind = kind as i32;
+                futures::future::ready(Ok(Added::Entries(vec![meta]))).boxed()
+            };
+            let queued = match msg {
+                // Paths are checked as the ingested files are added.
+                Msg::Files(batch) => self
+                    .ingest_batch(&begin.tenant, chunking, batch.files)
+                    .boxed(),
+                Msg::Entries(batch) => {
+                    futures::future::ready(Ok(Added::Entries(batch.entries))).boxed()
+                }
+                Msg::Unchanged(meta) => entry(meta, pb::EntryKind::File),
+                Msg::Dir(meta) => entry(meta, pb::EntryKind::Dir),
+                Msg::Symlink(meta) => entry(meta, pb::EntryKind::Symlink),
+                // The file streams in while the batches before it finish.
+                Msg::FileStart(meta) => {
+                    validate_path(&meta.path).map_err(status)?;
+                    let data = self
+                        .upload_file(&mut stream, &begin.tenant, chunking, &meta.path)
+                        .await?;
+                    futures::future::ready(Ok(Added::File(meta, data))).boxed()
+                }
+                Msg::Data(_) | Msg::FileEnd(_) => {
+                    return Err(Status::invalid_argument("file data outside a file"))
+                }
+                Msg::Begin(_) => return Err(Status::invalid_argument("begin may only come first")),
+            };
+            if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
+                if let Some(done) = batches.next().await {
+                    builder = self.add_on_pool(builder, done).await?;
+                }
+            }
+            batches.push_back(queued);
+        }
+        while let Some(done) = batches.next().await {
+            builder = self.add_on_pool(builder, done).await?;
+        }
+        let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
+        tracing::info!(
+            tenant = begin.tenant,
+            dataset = begin.dataset,
+            snapshot = record.id,
+            files = stats.files,
+            bytes = stats.bytes,
+            new_bytes = stats.new_bytes,
+            "snapshot committed"
+        );
+        Ok(Response::new(pb::UploadResponse {
+            snapshot: record.id,
+            files: stats.files,
+            bytes: stats.bytes,
+            new_chunks: stats.new_chunks,
+            new_bytes: stats.new_bytes,
+            chunks: stats.chunks,
+            unchanged_files: stats.unchanged_files,
+            symlinks: stats.symlinks,
+            new_pages: stats.new_pages,
+            new_page_bytes: stats.new_page_bytes,
+        }))
+    }
+
+    async fn manifest(
+        &self,
+        r: pb::GetManifestRequest,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        validate_name("dataset", &r.dataset).map_err(status)?;
+        // Not proxied: an upload through this node diffs only against a
+        // manifest whose chunks are here (NotFound → a full upload).
+        let id = self
+            .node
+            .resolve_snapshot_id(&r.tenant, &r.dataset, &r.snapshot)
+            .await
+            .map_err(status)?;
+        let t = r.tenant.clone();
+        let stored = self
+            .node
+            .blocking(move |store| decode_root(&store.get_manifest(&t, &id)?))
+            .await
+            .map_err(status)?;
+        let count = match &stored {
+            Stored::V1(m) => m.entries.len() as u64,
+            Stored::V2(root) => root.entries,
+        };
+        if !r.paged && count > MAX_INLINE_ENTRIES as u64 {
+            return Err(Status::out_of_range(format!(
+                "snapshot {id} has {count} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged"
+            )));
+        }
+        let info = snapshot_info_of(&id, &stored);
+        let m = match stored {
+            Stored::V2(root) if r.paged => {
+                return Ok(Response::new(pb::GetManifestResponse {
+                    snapshot: Some(info),
+                    entries: Vec::new(),
+                    pages: page_refs(&root.pages),
+                    level: u32::from(root.height - 1),
+                    entry_count: root.entries,
+                }));
+            }
+            // A v1 manifest has no pages: every entry inline.
+            Stored::V1(m) => m,
+            Stored::V2(_) => self
+                .node
+                .load_manifest(&r.tenant, &r.dataset, id)
+                .await
+                .map_err(status)?,
+        };
+        Ok(Response::new(pb::GetManifestResponse {
+            snapshot: Some(info),
+            entry_count: count,
+            entries: m.entries.iter().map(entry_meta).collect(),
+            ..Default::default()
+        }))
+    }
+
+    async fn submit(&self, r: pb::SubmitCloneRequest) -> Result<Response<pb::Job>, Status> {
+        names(&r.tenant, &r.dataset)?;
+
+        let source = Source::parse(&r.source).map_err(status)?;
+        let destinations = r
+            .destinations
+            .iter()
+            .map(|d| Destination::parse(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status)?;
+        check_job_spec(&source, &destinations, &self.node.config.s3).map_err(status)?;
+        let max_attempts = if r.max_attempts == 0 {
+            self.node.config.max_attempts
+        } else {
+            r.max_attempts.min(100)
+        };
+        let job = Job::new(
+            format!("{:016x}", rand::random::<u64>()),
+            r.tenant,
+            r.dataset,
+            source,
+            destinations,
+            max_attempts,
+            now_ms(),
+        );
+        let job = self.node.submit_job(job).await.map_err(status)?;
+        tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
+        Ok(Response::new(job_pb(&job)))
+    }
+
+    async fn remove(&self, id: u64) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let c = &self.node.cluster;
+
+        if !c.local(|s| s.members.contains_key(&id)) {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        c.remove(id).await.map_err(|e| match e {
+            // Not through the leader, or a membership change refused.
+            bitclone_raft::Error::Refused(_) | bitclone_raft::Error::Command(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            other => status(crate::node::raft_error(other)),
+        })?;
+        tracing::info!(node = id, "node removed from the cluster");
+        Ok(Response::new(cluster_status_pb(&self.node)))
+    }
+
+    async fn set_shards(
+        &self,
+        r: pb::SetTenantRequest,
+    ) -> Result<Response<pb::SetTenantResponse>, Status> {
+        validate_name("tenant", &r.tenant).map_err(status)?;
+        // 0: create with the cluster's default, or keep the count it has.
+        let shards = match r.shards {
+            0 => self.node.cluster.local(|s| {
+                s.tenants
+                    .get(&r.tenant)
+                    .copied()
+                    .unwrap_or(s.settings.default_shards)
+            }),
+            n => n,
+        };
+        match self
+            .node
+            .write(Command::SetTenant {
+                tenant: r.tenant,
+                shards,
+            })
+            .await
+            .map_err(status)?
+        {
+            RaftResponse::Layout { version } => Ok(Response::new(pb::SetTenantResponse {
+                layout_version: version,
+            })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A job the caller may act on with `scope`. Another tenant's job is
+    /// NotFound, as a missing one is; a refusal is audited.
+    async fn job_for(&self, call: &Call, action: &str, scope: Scope, id: &str) -> Result<Job, Status> {
+        let refused = |st: Status, tenant: &str| {
+            self.record((&call.request_id, &call.who.subject), tenant, action, id, Err(&st));
+            st
+        };
+        match self.node.job(id).await.map_err(status)? {
+            Some(j) if call.who.sees(&j.tenant) => {
+                call.who
+                    .may(scope, &j.tenant)
+                    .map_err(|d| refused(denied(d), &j.tenant))?;
+                Ok(j)
+            }
+            _ => Err(refused(Status::not_found(format!("job {id} not found")), "")),
+        }
+    }
+
     /// The next message of an upload; an upload that sends nothing for the
     /// idle timeout is ended with an error (and commits nothing).
     async fn next_message(
@@ -375,6 +756,7 @@ impl BitClone for Api {
         &self,
         request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
+        let call = self.authenticate(&request, "put")?;
         let mut stream = request.into_inner();
         let begin = match stream.message().await?.and_then(|m| m.msg) {
             Some(pb::upload_request::Msg::Begin(b)) => b,
@@ -384,167 +766,33 @@ impl BitClone for Api {
                 ))
             }
         };
-        names(&begin.tenant, &begin.dataset)?;
-        if !begin.in_path_order {
-            return Err(Status::failed_precondition(
-                "this node builds a snapshot as its entries arrive and needs them in path order; \
-                 this client sends them in another order: upgrade it (bitclone CLI or SDK)",
-            ));
-        }
-        self.node.check_writable().map_err(status)?;
-        let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
-            min_size: c.min_size,
-            avg_size: c.avg_size,
-            max_size: c.max_size,
-        });
-        let (mut builder, head) = self
-            .node
-            .builder_for(&begin.tenant, &begin.dataset, chunking)
-            .await
-            .map_err(status)?;
-        let head = head.map(|h| h.to_hex()).unwrap_or_default();
-        if !begin.parent.is_empty() && begin.parent != head {
-            return Err(Status::aborted(format!(
-                "dataset {} is at {} now, not at the parent {} the upload was built on; retry",
-                begin.dataset,
-                if head.is_empty() { "nothing" } else { &head },
-                begin.parent
-            )));
-        }
-        let chunking = builder.chunking();
-        // Entries reach the builder in the order sent (path order): batches
-        // of small files are ingested several at a time, and whatever comes
-        // after one waits in this queue behind it.
-        let mut batches: futures::stream::FuturesOrdered<BoxFuture<'static, BatchResult>> =
-            futures::stream::FuturesOrdered::new();
-        while let Some(msg) = self.next_message(&mut stream).await? {
-            let msg = msg
-                .msg
-                .ok_or_else(|| Status::invalid_argument("empty upload message"))?;
-            use pb::upload_request::Msg;
-            let entry = |mut meta: pb::EntryMeta, kind: pb::EntryKind| {
-                meta.kind = kind as i32;
-                futures::future::ready(Ok(Added::Entries(vec![meta]))).boxed()
-            };
-            let queued = match msg {
-                // Paths are checked as the ingested files are added.
-                Msg::Files(batch) => self
-                    .ingest_batch(&begin.tenant, chunking, batch.files)
-                    .boxed(),
-                Msg::Entries(batch) => {
-                    futures::future::ready(Ok(Added::Entries(batch.entries))).boxed()
-                }
-                Msg::Unchanged(meta) => entry(meta, pb::EntryKind::File),
-                Msg::Dir(meta) => entry(meta, pb::EntryKind::Dir),
-                Msg::Symlink(meta) => entry(meta, pb::EntryKind::Symlink),
-                // The file streams in while the batches before it finish.
-                Msg::FileStart(meta) => {
-                    validate_path(&meta.path).map_err(status)?;
-                    let data = self
-                        .upload_file(&mut stream, &begin.tenant, chunking, &meta.path)
-                        .await?;
-                    futures::future::ready(Ok(Added::File(meta, data))).boxed()
-                }
-                Msg::Data(_) | Msg::FileEnd(_) => {
-                    return Err(Status::invalid_argument("file data outside a file"))
-                }
-                Msg::Begin(_) => return Err(Status::invalid_argument("begin may only come first")),
-            };
-            if batches.len() >= UPLOAD_BATCHES_IN_FLIGHT {
-                if let Some(done) = batches.next().await {
-                    builder = self.add_on_pool(builder, done).await?;
-                }
-            }
-            batches.push_back(queued);
-        }
-        while let Some(done) = batches.next().await {
-            builder = self.add_on_pool(builder, done).await?;
-        }
-        let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
-        tracing::info!(
-            tenant = begin.tenant,
-            dataset = begin.dataset,
-            snapshot = record.id,
-            files = stats.files,
-            bytes = stats.bytes,
-            new_bytes = stats.new_bytes,
-            "snapshot committed"
-        );
-        Ok(Response::new(pb::UploadResponse {
-            snapshot: record.id,
-            files: stats.files,
-            bytes: stats.bytes,
-            new_chunks: stats.new_chunks,
-            new_bytes: stats.new_bytes,
-            chunks: stats.chunks,
-            unchanged_files: stats.unchanged_files,
-            symlinks: stats.symlinks,
-            new_pages: stats.new_pages,
-            new_page_bytes: stats.new_page_bytes,
-        }))
+        let (tenant, dataset) = (begin.tenant.clone(), begin.dataset.clone());
+        self.allow(&call, "put", Scope::Write, &tenant, &dataset)
+            .await?;
+        validate_name("dataset", &dataset).map_err(status)?;
+        let result = self.put(stream, begin).await;
+        self.audited(&call, "put", &tenant, &dataset, &result);
+        result
     }
 
     async fn get_manifest(
         &self,
         request: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let call = self.authenticate(&request, "get-manifest")?;
         let r = request.into_inner();
-        names(&r.tenant, &r.dataset)?;
-        // Not proxied: an upload through this node diffs only against a
-        // manifest whose chunks are here (NotFound → a full upload).
-        let id = self
-            .node
-            .resolve_snapshot_id(&r.tenant, &r.dataset, &r.snapshot)
-            .await
-            .map_err(status)?;
-        let t = r.tenant.clone();
-        let stored = self
-            .node
-            .blocking(move |store| decode_root(&store.get_manifest(&t, &id)?))
-            .await
-            .map_err(status)?;
-        let count = match &stored {
-            Stored::V1(m) => m.entries.len() as u64,
-            Stored::V2(root) => root.entries,
-        };
-        if !r.paged && count > MAX_INLINE_ENTRIES as u64 {
-            return Err(Status::out_of_range(format!(
-                "snapshot {id} has {count} entries, more than one answer holds ({MAX_INLINE_ENTRIES}); ask for it paged"
-            )));
-        }
-        let info = snapshot_info_of(&id, &stored);
-        let m = match stored {
-            Stored::V2(root) if r.paged => {
-                return Ok(Response::new(pb::GetManifestResponse {
-                    snapshot: Some(info),
-                    entries: Vec::new(),
-                    pages: page_refs(&root.pages),
-                    level: u32::from(root.height - 1),
-                    entry_count: root.entries,
-                }));
-            }
-            // A v1 manifest has no pages: every entry inline.
-            Stored::V1(m) => m,
-            Stored::V2(_) => self
-                .node
-                .load_manifest(&r.tenant, &r.dataset, id)
-                .await
-                .map_err(status)?,
-        };
-        Ok(Response::new(pb::GetManifestResponse {
-            snapshot: Some(info),
-            entry_count: count,
-            entries: m.entries.iter().map(entry_meta).collect(),
-            ..Default::default()
-        }))
+        self.allow(&call, "get-manifest", Scope::Read, &r.tenant, &r.dataset)
+            .await?;
+        self.manifest(r).await
     }
-
     async fn get_manifest_page(
         &self,
         request: Request<pb::GetManifestPageRequest>,
     ) -> Result<Response<pb::ManifestPage>, Status> {
+        let call = self.authenticate(&request, "get-manifest-page")?;
         let r = request.into_inner();
-        validate_name("tenant", &r.tenant).map_err(status)?;
+        self.allow(&call, "get-manifest-page", Scope::Read, &r.tenant, &r.page)
+            .await?;
         let id: ChunkId = r.page.parse().map_err(status)?;
         let level = u8::try_from(r.level)
             .map_err(|_| Status::invalid_argument(format!("no page level {}", r.level)))?;
@@ -575,8 +823,10 @@ impl BitClone for Api {
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let call = self.authenticate(&request, "list-datasets")?;
         let tenant = request.into_inner().tenant;
-        validate_name("tenant", &tenant).map_err(status)?;
+        self.allow(&call, "list-datasets", Scope::Read, &tenant, "")
+            .await?;
         let list = self.node.datasets(&tenant).await.map_err(status)?;
         Ok(Response::new(pb::ListDatasetsResponse {
             datasets: list
@@ -594,7 +844,10 @@ impl BitClone for Api {
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let call = self.authenticate(&request, "list-snapshots")?;
         let r = request.into_inner();
+        self.allow(&call, "list-snapshots", Scope::Read, &r.tenant, &r.dataset)
+            .await?;
         names(&r.tenant, &r.dataset)?;
         let list = self
             .node
@@ -618,7 +871,10 @@ impl BitClone for Api {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
+        let call = self.authenticate(&request, "get")?;
         let r = request.into_inner();
+        self.allow(&call, "get", Scope::Read, &r.tenant, &r.dataset)
+            .await?;
         names(&r.tenant, &r.dataset)?;
         let (id, stored) = match self
             .node
@@ -639,8 +895,15 @@ impl BitClone for Api {
                 let mut last = Status::unavailable("no member holding this snapshot is known");
                 for addr in holders {
                     let attempt = async {
-                        let mut c = holder_client(&addr, self.node.config.max_message_size).await?;
-                        c.download(r.clone()).await
+                        let mut c = holder_client(&self.node.config, &addr).await?;
+                        let mut forwarded = Request::new(r.clone());
+                        if let Some(b) = &call.bearer {
+                            forwarded.metadata_mut().insert("authorization", b.clone());
+                        }
+                        forwarded
+                            .metadata_mut()
+                            .insert("x-request-id", call.request_id.parse().map_err(|_| Status::internal("request id"))?);
+                        c.download(forwarded).await
                     };
                     match attempt.await {
                         Ok(resp) => return Ok(Response::new(Box::pin(resp.into_inner()))),
@@ -774,52 +1037,30 @@ impl BitClone for Api {
         &self,
         request: Request<pb::SubmitCloneRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let call = self.authenticate(&request, "clone")?;
         let r = request.into_inner();
-        names(&r.tenant, &r.dataset)?;
-        // Parsed once, here: the job keeps the typed values.
-        let source = Source::parse(&r.source).map_err(status)?;
-        let destinations = r
-            .destinations
-            .iter()
-            .map(|d| Destination::parse(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(status)?;
-        check_job_spec(&source, &destinations, &self.node.config.s3).map_err(status)?;
-        let max_attempts = if r.max_attempts == 0 {
-            self.node.config.max_attempts
-        } else {
-            r.max_attempts.min(100)
-        };
-        let job = Job::new(
-            format!("{:016x}", rand::random::<u64>()),
-            r.tenant,
-            r.dataset,
-            source,
-            destinations,
-            max_attempts,
-            now_ms(),
-        );
-        let job = self.node.submit_job(job).await.map_err(status)?;
-        tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
-        Ok(Response::new(job_pb(&job)))
+        let (tenant, dataset) = (r.tenant.clone(), r.dataset.clone());
+        self.allow(&call, "clone", Scope::Write, &tenant, &dataset)
+            .await?;
+        let result = self.submit(r).await;
+        self.audited(&call, "clone", &tenant, &dataset, &result);
+        result
     }
-
     async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let call = self.authenticate(&request, "get-job")?;
         let id = request.into_inner().id;
-        self.node
-            .job(&id)
-            .await
-            .map_err(status)?
-            .map(|j| Response::new(job_pb(&j)))
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))
+        let j = self.job_for(&call, "get-job", Scope::Read, &id).await?;
+        Ok(Response::new(job_pb(&j)))
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let call = self.authenticate(&request, "list-jobs")?;
         let tenant = request.into_inner().tenant;
-        validate_name("tenant", &tenant).map_err(status)?;
+        self.allow(&call, "list-jobs", Scope::Read, &tenant, "")
+            .await?;
         let jobs = self
             .node
             .read(|s| {
@@ -845,13 +1086,9 @@ impl BitClone for Api {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let call = self.authenticate(&request, "watch-job")?;
         let id = request.into_inner().id;
-        let first = self
-            .node
-            .job(&id)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let first = self.job_for(&call, "watch-job", Scope::Read, &id).await?;
         let c = self.node.cluster.clone();
         // The replicated job changes by Raft entries; follow this node's
         // copy of it (it is at least as new as the read above).
@@ -879,8 +1116,10 @@ impl BitClone for Api {
     }
 
     async fn cancel_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let call = self.authenticate(&request, "cancel")?;
         let id = request.into_inner().id;
-        match self
+        let j = self.job_for(&call, "cancel", Scope::Write, &id).await?;
+        let result = match self
             .node
             .write(Command::CancelJob { job: id.clone() })
             .await
@@ -891,62 +1130,47 @@ impl BitClone for Api {
             }
             Err(e) => Err(status(e)),
             Ok(other) => Err(Status::internal(format!("unexpected reply {other:?}"))),
-        }
+        };
+        self.audited(&call, "cancel", &j.tenant, &id, &result);
+        result
     }
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        Ok(Response::new(cluster_status_pb(&self.node)))
+        let call = self.authenticate(&request, "cluster-status")?;
+        Ok(Response::new(cluster_status_for(&self.node, &call.who)))
     }
 
     async fn remove_node(
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let call = self.authenticate(&request, "remove-node")?;
         let id = request.into_inner().id;
-        let c = &self.node.cluster;
-        if !c.local(|s| s.members.contains_key(&id)) {
-            return Err(Status::not_found(format!("node {id} is not a member")));
-        }
-        c.remove(id).await.map_err(|e| match e {
-            // Not through the leader, or a membership change refused.
-            bitclone_raft::Error::Refused(_) | bitclone_raft::Error::Command(_) => {
-                Status::failed_precondition(e.to_string())
-            }
-            other => status(crate::node::raft_error(other)),
-        })?;
-        tracing::info!(node = id, "node removed from the cluster");
-        Ok(Response::new(cluster_status_pb(&self.node)))
+        self.allow_admin(&call, "remove-node", &id.to_string())?;
+        let result = self.remove(id).await;
+        self.audited(&call, "remove-node", "", &id.to_string(), &result);
+        result
     }
-
     async fn set_tenant(
         &self,
         request: Request<pb::SetTenantRequest>,
     ) -> Result<Response<pb::SetTenantResponse>, Status> {
+        let call = self.authenticate(&request, "set-tenant")?;
         let r = request.into_inner();
-        validate_name("tenant", &r.tenant).map_err(status)?;
-        match self
-            .node
-            .write(Command::SetTenant {
-                tenant: r.tenant,
-                shards: r.shards,
-            })
-            .await
-            .map_err(status)?
-        {
-            RaftResponse::Layout { version } => Ok(Response::new(pb::SetTenantResponse {
-                layout_version: version,
-            })),
-            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
-        }
+        let tenant = r.tenant.clone();
+        self.allow_admin(&call, "set-tenant", &tenant)?;
+        let result = self.set_shards(r).await;
+        self.audited(&call, "set-tenant", &tenant, &tenant, &result);
+        result
     }
-
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.authenticate(&request, "stats")?;
         let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
         // Datasets, snapshots and jobs are the cluster's, as this node has
         // applied them.
@@ -975,6 +1199,19 @@ impl BitClone for Api {
             fatal: self.node.fatal().unwrap_or_default(),
         }))
     }
+}
+
+/// The cluster's status as `who` may see it: peer addresses for admins
+/// only, and the shards of the tenants the token names.
+fn cluster_status_for(node: &Node, who: &Principal) -> pb::ClusterStatusResponse {
+    let mut st = cluster_status_pb(node);
+    if !who.has(Scope::Admin) {
+        for m in &mut st.members {
+            m.peer_addr.clear();
+        }
+    }
+    st.shards.retain(|s| who.sees(&s.tenant));
+    st
 }
 
 fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
@@ -1018,21 +1255,38 @@ fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
     }
 }
 
-/// A client of the member that holds a snapshot's chunks.
+/// A client of the member that holds a snapshot's chunks, over TLS when
+/// this node's API is (the other node's certificate checked against
+/// `api.ca`).
 async fn holder_client(
+    config: &crate::config::NodeConfig,
     addr: &str,
-    max_message: usize,
 ) -> Result<bitclone_proto::v1::bit_clone_client::BitCloneClient<tonic::transport::Channel>, Status>
 {
-    let c = bitclone_proto::v1::bit_clone_client::BitCloneClient::connect(format!("http://{addr}"))
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let unreachable = |e: String| {
+        Status::unavailable(format!(
+            "the node holding this snapshot ({addr}) is unreachable: {e}"
+        ))
+    };
+    let endpoint = match &config.api.tls {
+        None => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| unreachable(e.to_string()))?,
+        Some(_) => {
+            let ca = std::fs::read(&config.api.ca).map_err(|e| {
+                Status::internal(format!("reading api.ca {}: {e}", config.api.ca.display()))
+            })?;
+            Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca))))
+                .map_err(|e| unreachable(e.to_string()))?
+        }
+    };
+    let channel = endpoint
+        .connect()
         .await
-        .map_err(|e| {
-            Status::unavailable(format!(
-                "the node holding this snapshot ({addr}) is unreachable: {e}"
-            ))
-        })?;
-    Ok(c.max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message))
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(bitclone_proto::v1::bit_clone_client::BitCloneClient::new(channel)
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size))
 }
 
 /// A stream fed by a spawned task through a small channel.

@@ -3,7 +3,8 @@
 
 use bitclone_chaos::*;
 use bitclone_proto::v1 as pb;
-use bitclone_proto::v1::bit_clone_client::BitCloneClient;
+
+mod raw;
 use pb::upload_request::Msg;
 
 fn msg(m: Msg) -> pb::UploadRequest {
@@ -32,10 +33,10 @@ fn file_meta(path: &str, size: u64) -> pb::EntryMeta {
 }
 
 async fn raw_upload(
-    endpoint: &str,
+    node: &TestNode,
     reqs: Vec<pb::UploadRequest>,
 ) -> Result<pb::UploadResponse, tonic::Status> {
-    let mut c = BitCloneClient::connect(endpoint.to_string()).await.unwrap();
+    let mut c = raw::connect(raw::target(node)).await;
     c.upload(futures::stream::iter(reqs))
         .await
         .map(|r| r.into_inner())
@@ -56,7 +57,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     for bad in ["../escape", "/etc/passwd", "a/../../b", "a\0b", "./x", ""] {
         let err = rt
             .block_on(raw_upload(
-                &node.endpoint,
+                &node,
                 vec![
                     begin("evil"),
                     msg(Msg::FileStart(file_meta(bad, 3))),
@@ -75,7 +76,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     // A directory entry with a traversal path is refused the same way.
     let err = rt
         .block_on(raw_upload(
-            &node.endpoint,
+            &node,
             vec![
                 begin("evil"),
                 msg(Msg::Dir(pb::EntryMeta {
@@ -120,7 +121,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     ] {
         let mut all = vec![begin("evil")];
         all.extend(reqs);
-        let err = rt.block_on(raw_upload(&node.endpoint, all)).unwrap_err();
+        let err = rt.block_on(raw_upload(&node, all)).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}: {err}");
         assert!(
             err.message().contains("path order") || err.message().contains("appears twice"),
@@ -133,7 +134,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     // not) is refused at the start, before it sends any data.
     let err = rt
         .block_on(raw_upload(
-            &node.endpoint,
+            &node,
             vec![msg(Msg::Begin(pb::upload_request::Begin {
                 tenant: "default".into(),
                 dataset: "evil".into(),
@@ -147,7 +148,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     // A frame over the 4 MiB message limit.
     let err = rt
         .block_on(raw_upload(
-            &node.endpoint,
+            &node,
             vec![
                 begin("evil"),
                 msg(Msg::FileStart(file_meta("big", 5 << 20))),
@@ -168,13 +169,13 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
     // An upload must start with begin; bad names are refused.
     let err = rt
         .block_on(raw_upload(
-            &node.endpoint,
+            &node,
             vec![msg(Msg::Dir(file_meta("x", 0)))],
         ))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = rt
-        .block_on(raw_upload(&node.endpoint, vec![begin("no/slash")]))
+        .block_on(raw_upload(&node, vec![begin("no/slash")]))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bitclone_chaos::*;
 use bitclone_proto::v1 as pb;
-use bitclone_proto::v1::bit_clone_client::BitCloneClient;
+
+mod raw;
 use pb::upload_request::Msg;
 
 /// Files in the large test (the 200,000; `BITCLONE_TEST_FILES`
@@ -146,9 +147,9 @@ fn stalled_uploads_hold_no_cpu_thread_and_end_with_a_clear_error() {
             tx.try_send(m).unwrap();
         }
         senders.push(tx);
-        let endpoint = node.endpoint.clone();
+        let target = raw::target(&node);
         stalled.push(rt.spawn(async move {
-            let mut c = BitCloneClient::connect(endpoint).await.unwrap();
+            let mut c = raw::connect(target).await;
             c.upload(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
                 .map(|r| r.into_inner())
@@ -197,9 +198,7 @@ fn links_leading_out_of_the_tree_and_names_that_are_not_utf8_are_refused() {
     for target in ["../../etc/passwd", "/etc/passwd", "a/../../../x", ""] {
         let err = rt
             .block_on(async {
-                let mut c = BitCloneClient::connect(node.endpoint.clone())
-                    .await
-                    .unwrap();
+                let mut c = raw::connect(raw::target(&node)).await;
                 c.upload(futures::stream::iter(vec![
                     begin("evil"),
                     msg(Msg::Symlink(pb::EntryMeta {

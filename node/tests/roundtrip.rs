@@ -186,10 +186,9 @@ fn acknowledged_put_survives_kill_9() {
     // so far may be lost, but the store must not believe it has them.
     let src2 = tmp.path().join("src2");
     generate_tree(&src2, seed ^ 1, 40, 3);
-    let mut put = clean_command(bin())
+    let mut put = node
+        .command()
         .args([
-            "--endpoint",
-            &node.endpoint,
             "put",
             src2.to_str().unwrap(),
             "--dataset",
