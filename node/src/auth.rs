@@ -259,14 +259,14 @@ impl Verifier {
             alg => return Err(invalid(format!("algorithm {alg:?} is not accepted"))),
         }
         let loaded = self.current();
-        let candidates: Vec<&Key> = loaded
-            .keys
-            .iter()
-            .filter(|k| k.alg == header.alg)
-            .filter(|k| match (&header.kid, &k.kid) {
-                (Some(want), Some(have)) => want == have,
-                _ => true,
-            })
+        // Keys named by the token's `kid` first, then the others of its
+        // algorithm: a key file need not be named after the kid.
+        let named = |k: &&Key| header.kid.is_some() && k.kid == header.kid;
+        let same_alg = loaded.keys.iter().filter(|k| k.alg == header.alg);
+        let candidates: Vec<&Key> = same_alg
+            .clone()
+            .filter(named)
+            .chain(same_alg.filter(|k| !named(k)))
             .collect();
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.settings.leeway.as_secs();
@@ -562,8 +562,9 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("iat"), "{e}");
         assert!(v.verify("not-a-token").is_err());
-        // A token naming a key id that is not configured.
-        let e = v.verify(&token(&good, "k9", |_| {})).unwrap_err();
+        // A key id no file is named after: the keys are tried all the same.
+        v.verify(&token(&good, "k9", |_| {})).unwrap();
+        let e = v.verify(&token(&stranger, "k9", |_| {})).unwrap_err();
         assert!(e.to_string().contains("unknown key"), "{e}");
     }
 
