@@ -367,6 +367,15 @@ pub(crate) async fn download(
     progress: &dyn Progress,
 ) -> Result<DownloadSummary> {
     let started = Instant::now();
+    let request = DownloadRequest {
+        tenant: client.tenant().to_owned(),
+        dataset: dataset.to_owned(),
+        snapshot: snapshot.unwrap_or_default().to_owned(),
+    };
+    progress.message("downloading");
+    let mut stream = client.open_download(request).await?;
+    // The target is made only once the node accepted the call: a refused
+    // download leaves nothing behind.
     let root = dir.to_path_buf();
     {
         let root = root.clone();
@@ -384,14 +393,6 @@ pub(crate) async fn download(
         })
         .await?;
     }
-
-    let request = DownloadRequest {
-        tenant: client.tenant().to_owned(),
-        dataset: dataset.to_owned(),
-        snapshot: snapshot.unwrap_or_default().to_owned(),
-    };
-    progress.message("downloading");
-    let mut stream = client.open_download(request).await?;
 
     let mut snapshot_id = String::new();
     let mut files = 0u64;

@@ -251,8 +251,8 @@ impl Verifier {
     /// Verifies a token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let invalid = |m: String| AuthError::Invalid(m);
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| invalid(format!("not a JWT ({e})")))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("not a JWT ({e})")))?;
         match header.alg {
             Algorithm::EdDSA | Algorithm::RS256 => {}
             Algorithm::HS256 if self.settings.allow_hs256 => {}
@@ -330,12 +330,7 @@ fn stamps(s: &AuthSettings) -> Result<Vec<FileStamp>, String> {
             let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| format!("reading key directory {}: {e}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    matches!(
-                        f.extension().and_then(|x| x.to_str()),
-                        Some("pem" | "pub")
-                    )
-                })
+                .filter(|f| matches!(f.extension().and_then(|x| x.to_str()), Some("pem" | "pub")))
                 .collect();
             inside.sort();
             files.extend(inside);
@@ -392,8 +387,14 @@ fn load(s: &AuthSettings) -> Result<Loaded, String> {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -524,12 +525,18 @@ mod tests {
         assert!(matches!(p.may(Scope::Read, "b"), Err(Denied::NotFound(_))));
         // Another tenant is NotFound even for a scope the token lacks.
         assert!(matches!(p.may(Scope::Write, "b"), Err(Denied::NotFound(_))));
-        assert!(matches!(p.may(Scope::Write, "a"), Err(Denied::Permission(_))));
+        assert!(matches!(
+            p.may(Scope::Write, "a"),
+            Err(Denied::Permission(_))
+        ));
         assert!(p.may_admin("remove nodes").is_err());
         let all = Principal::new("root", [ALL_TENANTS.to_string()], [Scope::Admin]);
         assert!(all.sees("anything"));
         assert!(all.may_admin("remove nodes").is_ok());
-        assert!(matches!(all.may(Scope::Read, "x"), Err(Denied::Permission(_))));
+        assert!(matches!(
+            all.may(Scope::Read, "x"),
+            Err(Denied::Permission(_))
+        ));
     }
 
     #[test]
@@ -630,7 +637,12 @@ mod tests {
         assert!(Verifier::new(s.clone()).is_err());
         s.allow_hs256 = true;
         let v = Verifier::new(s).unwrap();
-        let c = claims_for("d", vec!["a".into()], vec![Scope::Read], Duration::from_secs(60));
+        let c = claims_for(
+            "d",
+            vec!["a".into()],
+            vec![Scope::Read],
+            Duration::from_secs(60),
+        );
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &c,

@@ -28,8 +28,8 @@ impl Access {
     pub fn options(&self) -> Result<bitclone_client::ConnectOptions> {
         let mut o = bitclone_client::ConnectOptions::new().allow_plaintext(self.allow_plaintext);
         if let Some(ca) = &self.ca {
-            let pem =
-                std::fs::read(ca).with_context(|| format!("reading the CA file {}", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the CA file {}", ca.display()))?;
             o = o.ca_pem(pem);
         }
         let token = match (&self.token, &self.token_file) {
@@ -70,10 +70,12 @@ impl Ctx {
     }
 
     async fn client(&self) -> Result<Client> {
-        Ok(Client::connect_with(&self.endpoints, self.access.options()?)
-            .await
-            .with_context(|| format!("connecting to {}", self.endpoints.join(", ")))?
-            .with_tenant(self.tenant.clone()))
+        Ok(
+            Client::connect_with(&self.endpoints, self.access.options()?)
+                .await
+                .with_context(|| format!("connecting to {}", self.endpoints.join(", ")))?
+                .with_tenant(self.tenant.clone()),
+        )
     }
 }
 

@@ -73,8 +73,7 @@ fn sign_dev_token(
     let scopes = scopes
         .iter()
         .map(|s| {
-            Scope::parse(s.trim())
-                .with_context(|| format!("no scope {s:?}: read, write or admin"))
+            Scope::parse(s.trim()).with_context(|| format!("no scope {s:?}: read, write or admin"))
         })
         .collect::<Result<Vec<_>>>()?;
     let ttl = humantime::parse_duration(ttl)

@@ -51,7 +51,12 @@ struct Cli {
     #[arg(long, global = true, env = "BITCLONE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A file holding the bearer token.
-    #[arg(long, global = true, env = "BITCLONE_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(
+        long,
+        global = true,
+        env = "BITCLONE_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
     token_file: Option<PathBuf>,
     /// Allow sending the token over plain-text http:// (loopback addresses only).
     #[arg(long, global = true, env = "BITCLONE_ALLOW_PLAINTEXT")]

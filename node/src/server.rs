@@ -335,7 +335,9 @@ async fn reload_keys(auth: Arc<crate::auth::Verifier>, mut stop: watch::Receiver
         match auth.reload_if_changed() {
             Ok(true) => tracing::info!("token keys reloaded"),
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "token keys not reloaded; the previous keys stay in use"),
+            Err(e) => {
+                tracing::error!(error = %e, "token keys not reloaded; the previous keys stay in use")
+            }
         }
     }
 }

@@ -63,7 +63,8 @@ fn request_id<T>(r: &Request<T>) -> String {
         .filter(|s| {
             !s.is_empty()
                 && s.len() <= 64
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
         .map(str::to_string)
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
@@ -234,7 +235,14 @@ enum Added {
 type BatchResult = Result<Added, StoreError>;
 
 impl Api {
-    fn record(&self, call: (&str, &str), tenant: &str, action: &str, target: &str, outcome: Result<(), &Status>) {
+    fn record(
+        &self,
+        call: (&str, &str),
+        tenant: &str,
+        action: &str,
+        target: &str,
+        outcome: Result<(), &Status>,
+    ) {
         let (request_id, subject) = call;
         let code;
         let (result, detail) = match outcome {
@@ -292,13 +300,23 @@ impl Api {
         target: &str,
     ) -> Result<(), Status> {
         let refused = |st: Status| {
-            self.record((&call.request_id, &call.who.subject), tenant, action, target, Err(&st));
+            self.record(
+                (&call.request_id, &call.who.subject),
+                tenant,
+                action,
+                target,
+                Err(&st),
+            );
             st
         };
         validate_name("tenant", tenant).map_err(|e| refused(status(e)))?;
-        call.who.may(scope, tenant).map_err(|d| refused(denied(d)))?;
+        call.who
+            .may(scope, tenant)
+            .map_err(|d| refused(denied(d)))?;
         if !self.node.tenant_exists(tenant).await.map_err(status)? {
-            return Err(refused(Status::not_found(format!("tenant {tenant} not found"))));
+            return Err(refused(Status::not_found(format!(
+                "tenant {tenant} not found"
+            ))));
         }
         Ok(())
     }
@@ -307,13 +325,26 @@ impl Api {
     fn allow_admin(&self, call: &Call, action: &str, target: &str) -> Result<(), Status> {
         call.who.may_admin(action).map_err(|d| {
             let st = denied(d);
-            self.record((&call.request_id, &call.who.subject), "", action, target, Err(&st));
+            self.record(
+                (&call.request_id, &call.who.subject),
+                "",
+                action,
+                target,
+                Err(&st),
+            );
             st
         })
     }
 
     /// Records a mutating call's outcome.
-    fn audited<T>(&self, call: &Call, action: &str, tenant: &str, target: &str, result: &Result<T, Status>) {
+    fn audited<T>(
+        &self,
+        call: &Call,
+        action: &str,
+        tenant: &str,
+        target: &str,
+        result: &Result<T, Status>,
+    ) {
         self.record(
             (&call.request_id, &call.who.subject),
             tenant,
@@ -331,7 +362,6 @@ impl Api {
         begin: pb::upload_request::Begin,
     ) -> Result<Response<pb::UploadResponse>, Status> {
         if !begin.in_path_order {
-
             return Err(Status::failed_precondition(
                 "this node builds a snapshot as its entries arrive and needs them in path order; \
                  this client sends them in another order: upgrade it (bitclone CLI or SDK)",
@@ -564,9 +594,21 @@ impl Api {
 
     /// A job the caller may act on with `scope`. Another tenant's job is
     /// NotFound, as a missing one is; a refusal is audited.
-    async fn job_for(&self, call: &Call, action: &str, scope: Scope, id: &str) -> Result<Job, Status> {
+    async fn job_for(
+        &self,
+        call: &Call,
+        action: &str,
+        scope: Scope,
+        id: &str,
+    ) -> Result<Job, Status> {
         let refused = |st: Status, tenant: &str| {
-            self.record((&call.request_id, &call.who.subject), tenant, action, id, Err(&st));
+            self.record(
+                (&call.request_id, &call.who.subject),
+                tenant,
+                action,
+                id,
+                Err(&st),
+            );
             st
         };
         match self.node.job(id).await.map_err(status)? {
@@ -576,7 +618,10 @@ impl Api {
                     .map_err(|d| refused(denied(d), &j.tenant))?;
                 Ok(j)
             }
-            _ => Err(refused(Status::not_found(format!("job {id} not found")), "")),
+            _ => Err(refused(
+                Status::not_found(format!("job {id} not found")),
+                "",
+            )),
         }
     }
 
@@ -900,9 +945,12 @@ impl BitClone for Api {
                         if let Some(b) = &call.bearer {
                             forwarded.metadata_mut().insert("authorization", b.clone());
                         }
-                        forwarded
-                            .metadata_mut()
-                            .insert("x-request-id", call.request_id.parse().map_err(|_| Status::internal("request id"))?);
+                        forwarded.metadata_mut().insert(
+                            "x-request-id",
+                            call.request_id
+                                .parse()
+                                .map_err(|_| Status::internal("request id"))?,
+                        );
                         c.download(forwarded).await
                     };
                     match attempt.await {
@@ -1270,13 +1318,16 @@ async fn holder_client(
         ))
     };
     let endpoint = match &config.api.tls {
-        None => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| unreachable(e.to_string()))?,
+        None => Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?,
         Some(_) => {
             let ca = std::fs::read(&config.api.ca).map_err(|e| {
                 Status::internal(format!("reading api.ca {}: {e}", config.api.ca.display()))
             })?;
             Endpoint::from_shared(format!("https://{addr}"))
-                .and_then(|e| e.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca))))
+                .and_then(|e| {
+                    e.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+                })
                 .map_err(|e| unreachable(e.to_string()))?
         }
     };
@@ -1284,9 +1335,11 @@ async fn holder_client(
         .connect()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    Ok(bitclone_proto::v1::bit_clone_client::BitCloneClient::new(channel)
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size))
+    Ok(
+        bitclone_proto::v1::bit_clone_client::BitCloneClient::new(channel)
+            .max_decoding_message_size(config.max_message_size)
+            .max_encoding_message_size(config.max_message_size),
+    )
 }
 
 /// A stream fed by a spawned task through a small channel.

@@ -168,10 +168,7 @@ fn traversal_paths_and_oversized_frames_are_refused_and_commit_nothing() {
 
     // An upload must start with begin; bad names are refused.
     let err = rt
-        .block_on(raw_upload(
-            &node,
-            vec![msg(Msg::Dir(file_meta("x", 0)))],
-        ))
+        .block_on(raw_upload(&node, vec![msg(Msg::Dir(file_meta("x", 0)))]))
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = rt

@@ -100,7 +100,9 @@ fn a_fourth_node_joins_and_gets_shards_then_a_removed_node_loses_them() {
     let before = c.shard_load(1);
     assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     // Tenants get their own shard count; it can grow, never shrink.
-    let t = c.node(2).json(&["tenant", "create", "acme", "--shards", "4"]);
+    let t = c
+        .node(2)
+        .json(&["tenant", "create", "acme", "--shards", "4"]);
     assert!(t["layout_version"].as_u64().unwrap() > 0);
     let acme = c.status(1).unwrap()["shards"]
         .as_array()
@@ -109,7 +111,9 @@ fn a_fourth_node_joins_and_gets_shards_then_a_removed_node_loses_them() {
         .filter(|s| s["tenant"] == "acme")
         .count();
     assert_eq!(acme, 4);
-    let e = c.node(1).fails(&["tenant", "grow", "acme", "--shards", "2"]);
+    let e = c
+        .node(1)
+        .fails(&["tenant", "grow", "acme", "--shards", "2"]);
     assert!(e.contains("only grow"), "{e}");
     c.join(4);
     c.wait_for("node 4 to hold shards", 30, |c| {

@@ -188,12 +188,7 @@ fn acknowledged_put_survives_kill_9() {
     generate_tree(&src2, seed ^ 1, 40, 3);
     let mut put = node
         .command()
-        .args([
-            "put",
-            src2.to_str().unwrap(),
-            "--dataset",
-            "torn",
-        ])
+        .args(["put", src2.to_str().unwrap(), "--dataset", "torn"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -641,7 +641,13 @@ mod tests {
         // Nothing left to do.
         assert!(generate_dev(&dir, 3).unwrap().is_empty());
 
-        for key in ["ca.key", "node-1.key", "node-2.key", "node-3.key", "token.key"] {
+        for key in [
+            "ca.key",
+            "node-1.key",
+            "node-2.key",
+            "node-3.key",
+            "token.key",
+        ] {
             assert_eq!(mode_of(&dir.join(key)), 0o600, "{key}");
         }
         // No temporary files left behind.

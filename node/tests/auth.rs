@@ -1,0 +1,310 @@
+//! Who may do what, against real node processes with TLS on: tokens that
+//! are missing, expired or signed by an unknown key; one tenant's token on
+//! another's datasets, snapshots and jobs; scopes; admin calls; the audit
+//! log; key rotation without a restart.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bitclone_chaos::*;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Writes `token` to a file of its own and returns the path.
+fn token_file(dir: &Path, name: &str, token: &str) -> String {
+    let p = dir.join(format!("{name}.token"));
+    std::fs::write(&p, token).unwrap();
+    p.display().to_string()
+}
+
+/// Runs the CLI as `token` (None: no token) and expects a failure.
+fn refused(node: &TestNode, token: Option<&str>, args: &[&str]) -> String {
+    let out = node.cli_as(token, args);
+    assert!(
+        !out.status.success(),
+        "bitclone {args:?} should have been refused; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn ok_as(node: &TestNode, token: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = node.cli_as(Some(token), &all);
+    assert!(
+        out.status.success(),
+        "bitclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A token signed with the dev key in `certs`, with claims as given.
+fn signed(certs: &Path, claims: serde_json::Value) -> String {
+    let key = std::fs::read(certs.join("token.key")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&key).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
+fn audit_lines(node: &TestNode) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(node.data_dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn audited(lines: &[serde_json::Value], action: &str, result: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| l["action"] == action && l["result"] == result)
+        .count()
+}
+
+#[test]
+fn tokens_tenants_scopes_and_the_audit_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&tmp.path().join("node"));
+    let t = tmp.path();
+    let admin = node.certs.join("admin.token").display().to_string();
+    for tenant in ["a", "b"] {
+        ok_as(&node, &admin, &["tenant", "create", tenant]);
+    }
+    let src = t.join("src");
+    generate_tree(&src, 3, 6, 0);
+    let src_s = src.to_str().unwrap();
+    let put_b = ok_as(
+        &node,
+        &admin,
+        &["--tenant", "b", "put", src_s, "--dataset", "ds"],
+    );
+    let snap_b = put_b["snapshot"].as_str().unwrap().to_string();
+    let job_b = ok_as(
+        &node,
+        &admin,
+        &[
+            "--tenant",
+            "b",
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            &file_url(&t.join("out-b")),
+            "--dataset",
+            "ds",
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // No token, a token that is not a JWT, an expired one, one from an
+    // unknown key: Unauthenticated.
+    let e = refused(&node, None, &["--tenant", "b", "datasets"]);
+    assert!(
+        e.contains("Unauthenticated") && e.contains("no bearer token"),
+        "{e}"
+    );
+    let junk = token_file(t, "junk", "not-a-token");
+    let e = refused(&node, Some(&junk), &["--tenant", "b", "datasets"]);
+    assert!(e.contains("Unauthenticated"), "{e}");
+    let expired = signed(
+        &node.certs,
+        serde_json::json!({"sub": "late", "tenants": ["*"], "scopes": ["read"],
+            "exp": now() - 3600, "iat": now() - 7200}),
+    );
+    let expired = token_file(t, "expired", &expired);
+    let e = refused(&node, Some(&expired), &["--tenant", "b", "datasets"]);
+    assert!(
+        e.contains("Unauthenticated") && e.contains("expired"),
+        "{e}"
+    );
+    let other = t.join("other-ca");
+    dev_certs(bin(), &other, 1);
+    let stranger = token_file(
+        t,
+        "stranger",
+        &issue_token(&other, "*", "read,write,admin", "1h"),
+    );
+    let e = refused(&node, Some(&stranger), &["--tenant", "b", "datasets"]);
+    assert!(
+        e.contains("Unauthenticated") && e.contains("unknown key"),
+        "{e}"
+    );
+
+    // Tenant a's token on tenant b's dataset, snapshot and job: NotFound,
+    // exactly as for things that do not exist.
+    let a_rw = token_file(t, "a-rw", &node.token("a", "read,write"));
+    let out_dir = t.join("never-written");
+    let out_dir = out_dir.to_str().unwrap();
+    for args in [
+        vec!["--tenant", "b", "datasets"],
+        vec!["--tenant", "b", "snapshots", "--dataset", "ds"],
+        vec![
+            "--tenant",
+            "b",
+            "get",
+            "--dataset",
+            "ds",
+            "--snapshot",
+            &snap_b,
+            out_dir,
+        ],
+        vec!["--tenant", "b", "put", src_s, "--dataset", "ds"],
+        vec!["job", &job_b],
+        vec!["cancel", &job_b],
+    ] {
+        let e = refused(&node, Some(&a_rw), &args);
+        assert!(e.contains("NotFound"), "{args:?}: {e}");
+        assert!(!e.contains("PermissionDenied"), "{args:?}: {e}");
+    }
+    assert!(!Path::new(out_dir).exists());
+    let e = refused(&node, Some(&a_rw), &["job", "0000000000000000"]);
+    assert!(e.contains("NotFound"), "{e}");
+    // Its own tenant works, and cluster status shows it no peer address.
+    ok_as(
+        &node,
+        &a_rw,
+        &["--tenant", "a", "put", src_s, "--dataset", "mine"],
+    );
+    let st = ok_as(&node, &a_rw, &["cluster", "status"]);
+    assert_eq!(st["members"][0]["peer_addr"], "", "{st}");
+    assert!(
+        st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["tenant"] == "a"),
+        "{st}"
+    );
+    let st = ok_as(&node, &admin, &["cluster", "status"]);
+    assert_ne!(st["members"][0]["peer_addr"], "", "{st}");
+
+    // A tenant nobody created does not come into being by a put.
+    let e = refused(
+        &node,
+        Some(&admin),
+        &["--tenant", "ghost", "put", src_s, "--dataset", "x"],
+    );
+    assert!(e.contains("NotFound") && e.contains("tenant ghost"), "{e}");
+    let st = ok_as(&node, &admin, &["cluster", "status"]);
+    assert!(st["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["tenant"] != "ghost"));
+
+    // Scopes: a read token may list and read, not put or clone; only admin
+    // runs cluster and tenant changes.
+    let b_read = token_file(t, "b-read", &node.token("b", "read"));
+    ok_as(
+        &node,
+        &b_read,
+        &["--tenant", "b", "snapshots", "--dataset", "ds"],
+    );
+    let e = refused(
+        &node,
+        Some(&b_read),
+        &["--tenant", "b", "put", src_s, "--dataset", "ds"],
+    );
+    assert!(e.contains("PermissionDenied") && e.contains("write"), "{e}");
+    let e = refused(&node, Some(&b_read), &["cancel", &job_b]);
+    assert!(e.contains("PermissionDenied"), "{e}");
+    let e = refused(&node, Some(&a_rw), &["cluster", "remove", "1"]);
+    assert!(e.contains("PermissionDenied") && e.contains("admin"), "{e}");
+    let e = refused(&node, Some(&a_rw), &["tenant", "create", "c"]);
+    assert!(e.contains("PermissionDenied"), "{e}");
+
+    // A token over plain text is refused by the client itself.
+    let plain = node.endpoint.replace("https://", "http://");
+    let e = refused(&node, Some(&admin), &["--endpoint", &plain, "datasets"]);
+    assert!(e.contains("plain text"), "{e}");
+
+    // The audit log: one line per refusal and per accepted write.
+    let lines = audit_lines(&node);
+    assert!(
+        audited(&lines, "list-datasets", "Unauthenticated") >= 4,
+        "{lines:#?}"
+    );
+    assert!(audited(&lines, "list-datasets", "NotFound") >= 1);
+    assert!(audited(&lines, "get", "NotFound") >= 1);
+    assert!(audited(&lines, "get-job", "NotFound") >= 2);
+    assert!(audited(&lines, "cancel", "NotFound") >= 1);
+    assert!(audited(&lines, "put", "PermissionDenied") >= 1);
+    assert!(audited(&lines, "remove-node", "PermissionDenied") >= 1);
+    assert!(audited(&lines, "set-tenant", "PermissionDenied") >= 1);
+    assert_eq!(audited(&lines, "set-tenant", "ok"), 2, "{lines:#?}");
+    assert!(audited(&lines, "put", "ok") >= 2);
+    assert_eq!(audited(&lines, "clone", "ok"), 1);
+    let put = lines
+        .iter()
+        .find(|l| l["action"] == "put" && l["result"] == "ok" && l["tenant"] == "a")
+        .unwrap();
+    assert_eq!(put["target"], "mine");
+    assert!(
+        put["subject"].as_str().unwrap().starts_with("test-a"),
+        "{put}"
+    );
+    assert!(!put["request_id"].as_str().unwrap().is_empty());
+    // Reads that were allowed are not audited.
+    assert_eq!(audited(&lines, "list-snapshots", "ok"), 0);
+}
+
+#[test]
+fn a_new_key_verifies_once_its_file_appears_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    dev_certs(bin(), &certs, 1);
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::copy(certs.join("token.pub"), keys.join("old.pub")).unwrap();
+    let config = tmp.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!("[auth]\npublic_keys = [{:?}]\n", keys.display().to_string()),
+    )
+    .unwrap();
+    let args: Vec<String> = vec![
+        "--certs".into(),
+        certs.display().to_string(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    let node = TestNode::spawn(&tmp.path().join("node"), "127.0.0.1:0", &args, &[]);
+    node.json(&["datasets"]);
+
+    let newer = tmp.path().join("new-ca");
+    dev_certs(bin(), &newer, 1);
+    let fresh = token_file(tmp.path(), "fresh", &issue_token(&newer, "*", "read", "1h"));
+    let e = refused(&node, Some(&fresh), &["datasets"]);
+    assert!(e.contains("unknown key"), "{e}");
+    std::fs::copy(newer.join("token.pub"), keys.join("new.pub")).unwrap();
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until("the new key to verify", &|| {
+        node.cli_as(Some(&fresh), &["datasets"]).status.success()
+    });
+    // The old key verifies until its file goes.
+    node.json(&["datasets"]);
+    std::fs::remove_file(keys.join("old.pub")).unwrap();
+    until("the old key to stop verifying", &|| {
+        !node.cli(&["datasets"]).status.success()
+    });
+    assert!(node.cli_as(Some(&fresh), &["datasets"]).status.success());
+}
