@@ -272,7 +272,11 @@ say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR (m
 CLUSTER_UP=1
 run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR") || die "dev up failed"
 ENDPOINT=$(jfields "$run_up" nodes | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["endpoint"])')
-say "cluster up; talking to node 1 at $ENDPOINT (chunks stay on the node that stored them until the QUIC data plane)"
+# TLS checked against the dev CA; an admin token dev up issued (any tenant).
+export BITCLONE_CA BITCLONE_TOKEN_FILE
+BITCLONE_CA=$(jfields "$run_up" ca)
+BITCLONE_TOKEN_FILE=$(jfields "$run_up" token_file)
+say "cluster up; talking to node 1 at $ENDPOINT over TLS (CA $BITCLONE_CA) with the admin token in $BITCLONE_TOKEN_FILE"
 cli cluster status
 
 say "generating the sample dataset in $SRC (seeded, deterministic)"

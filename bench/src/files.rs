@@ -365,6 +365,7 @@ impl Ctx<'_> {
     /// by an earlier run would flatter the incremental put).
     fn cli(&self, b: &Bitclone) -> Command {
         let mut cmd = Command::new(self.bin);
+        cmd.envs(b.env.clone());
         cmd.env(
             "BITCLONE_CACHE_DIR",
             self.work.join("client-cache").join(b.key),
@@ -501,17 +502,20 @@ struct Bitclone<'a> {
     put_endpoint: String,
     get_endpoint: String,
     pids: Vec<u32>,
+    /// BITCLONE_CA and BITCLONE_TOKEN_FILE for the CLI.
+    env: Vec<(&'static str, PathBuf)>,
     /// Other replicas a put reaches (0 on one node): waited for, untimed,
     /// so that the next step starts on a settled cluster and the get
     /// through another node finds the snapshot there.
     other_replicas: u64,
 }
 
-fn bytes_replicated(bin: &Path, endpoint: &str) -> Result<u64> {
+fn bytes_replicated(bin: &Path, b: &Bitclone) -> Result<u64> {
     let out = run_checked(
         Command::new(bin)
+            .envs(b.env.clone())
             .arg("--endpoint")
-            .arg(endpoint)
+            .arg(&b.put_endpoint)
             .args(["--json", "stats"]),
         "bitclone stats",
     )?;
@@ -526,7 +530,7 @@ fn bytes_replicated(bin: &Path, endpoint: &str) -> Result<u64> {
 /// replica held the snapshot, if seen).
 fn bitclone_put(c: &Ctx, b: &Bitclone) -> Result<(Timed, Value, Option<u64>, Option<f64>)> {
     let before = if b.other_replicas > 0 {
-        Some(bytes_replicated(c.bin, &b.put_endpoint)?)
+        Some(bytes_replicated(c.bin, b)?)
     } else {
         None
     };
@@ -553,7 +557,7 @@ fn bitclone_put(c: &Ctx, b: &Bitclone) -> Result<(Timed, Value, Option<u64>, Opt
             + b.other_replicas * (get_u64(&v, "new_bytes")? + get_u64(&v, "new_page_bytes")?);
         let deadline = Instant::now() + REPLICATION_WAIT;
         loop {
-            let have = bytes_replicated(c.bin, &b.put_endpoint)?;
+            let have = bytes_replicated(c.bin, b)?;
             if have >= want {
                 all_replicas = Some(secs(t0.elapsed()));
                 break;
@@ -643,6 +647,7 @@ fn bitclone_one(c: &Ctx) -> Result<Outcome> {
         put_endpoint: node.endpoint.clone(),
         get_endpoint: node.endpoint.clone(),
         pids: vec![node.pid()],
+        env: node.client_env(),
         other_replicas: 0,
     };
     let (steps, mut v) = bitclone_steps(c, &b)?;
@@ -662,6 +667,7 @@ fn bitclone_three(c: &Ctx) -> Result<Outcome> {
         put_endpoint: cluster.node(1).endpoint.clone(),
         get_endpoint: cluster.node(2).endpoint.clone(),
         pids: cluster.nodes.values().map(TestNode::pid).collect(),
+        env: cluster.node(1).client_env(),
         other_replicas: 2,
     };
     let (steps, mut v) = bitclone_steps(c, &b)?;

@@ -560,12 +560,13 @@ fn peak_rss(pid: u32) -> Result<u64> {
 }
 
 /// `bitclone --endpoint E --json put SRC --dataset bench`: (JSON, wall seconds).
-fn put(bin: &Path, endpoint: &str, src: &Path) -> Result<(Value, f64)> {
+fn put(bin: &Path, node: &TestNode, src: &Path) -> Result<(Value, f64)> {
     let t = Instant::now();
     let out = run_checked(
         Command::new(bin)
+            .envs(node.client_env())
             .arg("--endpoint")
-            .arg(endpoint)
+            .arg(&node.endpoint)
             .arg("--json")
             .arg("put")
             .arg(src)
@@ -617,7 +618,7 @@ impl S3Bench {
     fn round(
         &self,
         bin: &Path,
-        (endpoint, node_pid): (&str, u32),
+        node: &TestNode,
         src: &Path,
         label: &str,
         p: &Progress,
@@ -627,7 +628,7 @@ impl S3Bench {
         let cpu = || -> Result<[f64; 4]> {
             Ok([
                 proc_cpu_seconds(g.pid(), false)?,
-                proc_cpu_seconds(node_pid, false)?,
+                proc_cpu_seconds(node.pid(), false)?,
                 proc_cpu_seconds(std::process::id(), true)?,
                 proc_cpu_seconds(rg.pid(), false)?,
             ])
@@ -637,8 +638,9 @@ impl S3Bench {
         let t = Instant::now();
         run_checked(
             Command::new(bin)
+                .envs(node.client_env())
                 .arg("--endpoint")
-                .arg(endpoint)
+                .arg(&node.endpoint)
                 .arg("--json")
                 .args(["clone", "--from", "snapshot://bench", "--dataset", DATASET])
                 .args(["--to", "s3://bench-bitclone/tree?mirror=true", "--wait"]),
@@ -882,7 +884,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     // Logs to <work>/node.log; a failed start or unclean stop panics.
     let node = TestNode::spawn_bin(bin, &node_dir, "127.0.0.1:0", &[], &env);
     p.say(&format!("node {} serving at {}", node.pid(), node.endpoint));
-    let (cold, cold_s) = put(bin, &node.endpoint, &src)?;
+    let (cold, cold_s) = put(bin, &node, &src)?;
     let cold_bytes = get_u64(&cold, "bytes")?;
     let cold_new = get_u64(&cold, "new_bytes")?;
     let cold_sync = sync()?;
@@ -892,7 +894,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     ));
 
     let s3_cold = match &garage {
-        Some(g) => Some(g.round(bin, (&node.endpoint, node.pid()), &src, "cold", p)?),
+        Some(g) => Some(g.round(bin, &node, &src, "cold", p)?),
         None => None,
     };
 
@@ -900,7 +902,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     let edited = edit_files(&plan, &src, args.edit, &mut rng)?;
     sync()?;
     p.say(&format!("edited {edited} files (4 KiB each, sizes kept)"));
-    let (inc, inc_s) = put(bin, &node.endpoint, &src)?;
+    let (inc, inc_s) = put(bin, &node, &src)?;
     let inc_new = get_u64(&inc, "new_bytes")?;
     sync()?;
     p.say(&format!(
@@ -909,7 +911,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
 
     let s3_out = match (&garage, s3_cold) {
         (Some(g), Some(cold)) => {
-            let inc = g.round(bin, (&node.endpoint, node.pid()), &src, "incremental", p)?;
+            let inc = g.round(bin, &node, &src, "incremental", p)?;
             json!({ "cold": cold, "incremental": inc, "rclone": g.rclone_version })
         }
         _ => Value::Null,
@@ -932,6 +934,7 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
         let t = Instant::now();
         let out = run_checked(
             Command::new(bin)
+                .envs(node.client_env())
                 .arg("--endpoint")
                 .arg(&node.endpoint)
                 .arg("--json")

@@ -78,6 +78,21 @@ impl TestNode {
         Self::spawn_full(bin, data_dir, listen, args, env, true, None)
     }
 
+    /// Like `spawn_bin`, for a release from before TLS and tokens on the
+    /// public API (0.1.0): plain text, no token.
+    pub fn spawn_release(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> TestNode {
+        let mut node = Self::spawn_full(bin, data_dir, listen, args, env, true, None);
+        node.secure = false;
+        node.endpoint = node.endpoint.replace("https://", "http://");
+        node
+    }
+
     /// Starts a node whose chunk store (`<data_dir>/db`) lives on a tmpfs of
     /// `mib` MiB in a mount namespace of its own, so that it fills up.
     /// Needs root (`unshare -m`); the tmpfs goes away with the process.
@@ -112,10 +127,7 @@ impl TestNode {
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from)
             .unwrap_or_else(|| data_dir.join("certs"));
-        let secure = bin == crate::env::bin();
-        if secure {
-            ensure_admin_token(&certs);
-        }
+        ensure_admin_token(&certs);
         let addr_file = data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = data_dir.with_extension("log");
@@ -157,7 +169,7 @@ impl TestNode {
         let mut node = TestNode {
             data_dir: data_dir.to_path_buf(),
             certs,
-            secure,
+            secure: true,
             endpoint: String::new(),
             child: Some(child),
             log,
@@ -167,13 +179,9 @@ impl TestNode {
         }
         loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                if node.secure {
-                    // A node on its own makes its CA and dev key at start.
-                    ensure_admin_token(&node.certs);
-                    node.endpoint = format!("https://{}", addr.trim());
-                } else {
-                    node.endpoint = format!("http://{}", addr.trim());
-                }
+                // A node on its own makes its CA and dev key at start.
+                ensure_admin_token(&node.certs);
+                node.endpoint = format!("https://{}", addr.trim());
                 return node;
             }
             if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
@@ -225,6 +233,18 @@ impl TestNode {
             assert!(Instant::now() < deadline, "node ignored SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The variables that let a CLI run by a bench or script reach this
+    /// node as the harness's admin (the CA and the token file).
+    pub fn client_env(&self) -> Vec<(&'static str, PathBuf)> {
+        if !self.secure {
+            return Vec::new();
+        }
+        vec![
+            ("BITCLONE_CA", self.ca_file()),
+            ("BITCLONE_TOKEN_FILE", self.certs.join(ADMIN_TOKEN)),
+        ]
     }
 
     /// The CA that issued the node's certificate.

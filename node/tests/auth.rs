@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Who may do what, against real node processes with TLS on: tokens that
 //! are missing, expired or signed by an unknown key; one tenant's token on
 //! another's datasets, snapshots and jobs; scopes; admin calls; the audit

@@ -52,7 +52,7 @@ fn make_legacy_fixture() {
     let bin = std::env::var("BITCLONE_LEGACY_BIN").expect("BITCLONE_LEGACY_BIN");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("node");
-    let node = TestNode::spawn_bin(
+    let node = TestNode::spawn_release(
         std::path::Path::new(&bin),
         &data,
         "127.0.0.1:0",

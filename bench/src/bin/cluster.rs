@@ -106,8 +106,15 @@ impl Bench {
     }
 }
 
+/// The cluster's CA and the harness's admin token, set once it started.
+static ACCESS: std::sync::OnceLock<bitclone_client::ConnectOptions> = std::sync::OnceLock::new();
+
+fn access() -> bitclone_client::ConnectOptions {
+    ACCESS.get().cloned().unwrap_or_default()
+}
+
 async fn connect(endpoint: &str) -> Result<Client> {
-    Ok(Client::connect([endpoint]).await?)
+    Ok(Client::connect_with([endpoint], access()).await?)
 }
 
 /// The leader every member agrees on (and which says it leads), once every
@@ -205,6 +212,7 @@ async fn cold_put(b: &Bench, size: u64) -> Result<Value> {
     let before = client.stats().await?.bytes_replicated;
     let t = Instant::now();
     let out = Command::new(&b.bin)
+        .envs(b.cluster.node(1).client_env())
         .args(["--endpoint", &node1.endpoint, "--json", "put"])
         .arg(&src)
         .args(["--dataset", "coldput"])
@@ -250,7 +258,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 async fn write_throughput(b: &Bench, jobs: usize) -> Result<Value> {
     let endpoints: Vec<String> = b.members().iter().map(|m| m.endpoint.clone()).collect();
-    let client = Client::connect(&endpoints).await?;
+    let client = Client::connect_with(&endpoints, access()).await?;
     let dest = vec![format!("file://{}/tp-out", b.dir.display())];
     let started = Instant::now();
     let mut done = 0usize;
@@ -355,7 +363,7 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
     for round in 0..rounds {
         settled_leader(&b.members(), Duration::from_secs(60)).await?;
         let endpoints: Vec<String> = b.members().iter().map(|m| m.endpoint.clone()).collect();
-        let client = Client::connect(&endpoints).await?;
+        let client = Client::connect_with(&endpoints, access()).await?;
         let out = format!("file://{}/lease-out-{round}", b.dir.display());
         let job = client
             .submit_clone(
@@ -385,7 +393,7 @@ async fn lease_takeover(b: &mut Bench, rounds: usize) -> Result<Value> {
             .filter(|m| m.id != holder)
             .map(|m| m.endpoint.clone())
             .collect();
-        let client = Client::connect(&others).await?;
+        let client = Client::connect_with(&others, access()).await?;
         let next = loop {
             if let Ok(j) = client.get_job(&job.id).await {
                 if j.lease_holder != 0 && j.lease_holder != holder {
@@ -431,6 +439,12 @@ async fn main() -> Result<()> {
         3,
         3,
         &[("BITCLONE_FAULT_EXPORT_DELAY_MS", SLOW_SINK_MS)],
+    );
+    let admin = cluster.node(1);
+    let _ = ACCESS.set(
+        bitclone_client::ConnectOptions::new()
+            .ca_pem(std::fs::read(admin.ca_file())?)
+            .token(admin.admin_token()),
     );
     let mut b = Bench {
         bin: bin.clone(),
