@@ -2,7 +2,7 @@
 //! snapshot id.
 //!
 //! ```text
-//! BITCLONE_ENDPOINT=http://127.0.0.1:7443 \
+//! BITCLONE_ENDPOINT=https://127.0.0.1:7443 BITCLONE_CA=certs/ca.pem BITCLONE_TOKEN_FILE=admin.token \
 //!     cargo run -p bitclone-client --example upload -- ./some/dir my-dataset
 //! ```
 
@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context};
-use bitclone_client::{Client, Progress};
+use bitclone_client::{Client, ConnectOptions, Progress};
 
 /// Prints a line per 64 MiB sent.
 #[derive(Default)]
@@ -47,16 +47,24 @@ impl Progress for Lines {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args_os().skip(1);
     let (Some(dir), Some(dataset)) = (args.next(), args.next()) else {
-        bail!("usage: upload DIR DATASET   (node from BITCLONE_ENDPOINT, default http://127.0.0.1:7443)");
+        bail!("usage: upload DIR DATASET   (node from BITCLONE_ENDPOINT, default https://127.0.0.1:7443; BITCLONE_CA, BITCLONE_TOKEN_FILE)");
     };
     let dir = PathBuf::from(dir);
     let Ok(dataset) = dataset.into_string() else {
         bail!("the dataset name must be valid UTF-8");
     };
     let endpoint =
-        std::env::var("BITCLONE_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:7443".to_owned());
+        std::env::var("BITCLONE_ENDPOINT").unwrap_or_else(|_| "https://127.0.0.1:7443".to_owned());
+    let mut options = ConnectOptions::new();
+    if let Ok(ca) = std::env::var("BITCLONE_CA") {
+        options = options.ca_pem(std::fs::read(&ca).with_context(|| format!("reading {ca}"))?);
+    }
+    if let Ok(file) = std::env::var("BITCLONE_TOKEN_FILE") {
+        options = options
+            .token(std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?);
+    }
 
-    let client = Client::connect([endpoint.as_str()])
+    let client = Client::connect_with([endpoint.as_str()], options)
         .await
         .with_context(|| format!("connecting to {endpoint}"))?;
     let summary = client
