@@ -268,9 +268,9 @@ say "work dir $W (wiped)"
 rm -rf -- "$W"
 mkdir -p "$W"
 
-say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR (mutual TLS, bootstrap, join)"
+say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR --allow-root $W (mutual TLS, bootstrap, join; file:// sinks only under the demo dir)"
 CLUSTER_UP=1
-run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR") || die "dev up failed"
+run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR" --allow-root "$W") || die "dev up failed"
 ENDPOINT=$(jfields "$run_up" nodes | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["endpoint"])')
 # TLS checked against the dev CA; an admin token dev up issued (any tenant).
 export BITCLONE_CA BITCLONE_TOKEN_FILE

@@ -161,6 +161,11 @@ impl TestNode {
             .stderr(log_file);
         // Read only by a node that joins through another.
         cmd.env("BITCLONE_JOIN_TOKEN_FILE", certs.join(ADMIN_TOKEN));
+        // file:// sources and sinks anywhere in the test's own directory
+        // (the node's data dir, inside it, stays refused).
+        if let Some(dir) = data_dir.parent() {
+            cmd.env("BITCLONE_FILE_ROOTS", dir);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -41,6 +41,15 @@ pub struct FileConfig {
     pub auth: FileAuth,
     #[serde(default)]
     pub audit: FileAudit,
+    #[serde(default)]
+    pub files: FileFiles,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFiles {
+    /// Directories `file://` sources and sinks may be in (default: none).
+    pub roots: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +179,8 @@ pub struct NodeConfig {
     pub auth: crate::auth::AuthSettings,
     /// Where the audit log goes.
     pub audit: crate::audit::AuditTarget,
+    /// Where `file://` sources and sinks may be.
+    pub files: crate::roots::FileRoots,
 }
 
 #[derive(Debug, Clone)]
@@ -222,7 +233,11 @@ impl NodeConfig {
             }
             None => FileConfig::default(),
         };
-        Self::resolve(fc, env, flags)
+        let mut config = Self::resolve(fc, env, flags)?;
+        if let Some(p) = file {
+            config.files.protected.push(p.to_path_buf());
+        }
+        Ok(config)
     }
 
     pub fn resolve(
@@ -356,7 +371,31 @@ impl NodeConfig {
             Some(path) => crate::audit::AuditTarget::File(path.into()),
             None => crate::audit::AuditTarget::File(data_dir.join("audit.log")),
         };
+        let roots = match env("BITCLONE_FILE_ROOTS") {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            None => fc.files.roots.unwrap_or_default(),
+        };
+        if let Some(r) = roots.iter().find(|r| !r.is_absolute()) {
+            bail!("files.roots: {} is not an absolute path", r.display());
+        }
+        // The node's own files: no file:// source or sink may be in them or
+        // hold them.
+        let mut protected = vec![data_dir.clone(), cluster.certs.clone(), api.ca.clone()];
+        protected.extend(api.tls.iter().flat_map(|(c, k)| [c.clone(), k.clone()]));
+        protected.extend(auth.public_keys.iter().cloned());
+        protected.extend(auth.jwks.iter().cloned());
+        protected.extend(auth.hs256_secret.iter().cloned());
+        protected.extend(cluster.join_token_file.iter().cloned());
+        if let crate::audit::AuditTarget::File(f) = &audit {
+            protected.push(f.clone());
+        }
         Ok(NodeConfig {
+            files: crate::roots::FileRoots { roots, protected },
             audit,
             api,
             auth,

@@ -136,6 +136,7 @@ fn spawn_node(
     api: &str,
     peer: &str,
     extra: &[String],
+    roots: &str,
     deadline: Instant,
 ) -> Result<DevNode> {
     let data_dir = dir.join(format!("node-{id}"));
@@ -163,6 +164,7 @@ fn spawn_node(
         .arg("--certs")
         .arg(dir.join("certs"))
         .env("BITCLONE_JOIN_TOKEN_FILE", admin_token_file(dir))
+        .env("BITCLONE_FILE_ROOTS", roots)
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -222,10 +224,23 @@ async fn wait_ready(dir: &Path, node: &DevNode, voters: usize, deadline: Instant
     }
 }
 
-pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
+pub async fn up(dir: &Path, nodes: u64, roots: &[PathBuf], json_out: bool) -> Result<ExitCode> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    let roots = roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(r)
+                .with_context(|| format!("--allow-root {}", r.display()))
+                .and_then(|r| {
+                    r.to_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("--allow-root {}: not UTF-8", r.display()))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?
+        .join(",");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let previous: Option<DevCluster> = std::fs::read(state_file(dir))
         .ok()
@@ -271,7 +286,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
     } else {
         vec![]
     };
-    let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, deadline)?;
+    let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, &roots, deadline)?;
     let api1 = first.api_addr.clone();
     wait_ready(dir, &first, 1, deadline).await?;
     started.push(first);
@@ -282,7 +297,7 @@ pub async fn up(dir: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
         } else {
             vec![]
         };
-        let n = spawn_node(dir, id, &api, &peer, &extra, deadline)?;
+        let n = spawn_node(dir, id, &api, &peer, &extra, &roots, deadline)?;
         // Join one at a time: each membership change completes before the next.
         wait_ready(dir, &n, id as usize, deadline).await?;
         started.push(n);

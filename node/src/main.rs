@@ -10,6 +10,7 @@ mod migrate;
 mod node;
 mod replica;
 mod restore;
+mod roots;
 mod server;
 mod service;
 
@@ -224,6 +225,10 @@ enum DevCmd {
         nodes: u64,
         #[arg(long)]
         data_dir: PathBuf,
+        /// A directory file:// sources and sinks may use (repeatable; none
+        /// by default).
+        #[arg(long = "allow-root")]
+        allow_roots: Vec<PathBuf>,
     },
     /// Stop the local cluster started in DATA_DIR.
     Down {
@@ -268,7 +273,11 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Node(args) => server::run(args).await,
             Cmd::Certs(CertsCmd::Dev { out, nodes }) => dev::certs(&out, nodes, cli.json),
-            Cmd::Dev(DevCmd::Up { nodes, data_dir }) => dev::up(&data_dir, nodes, cli.json).await,
+            Cmd::Dev(DevCmd::Up {
+                nodes,
+                data_dir,
+                allow_roots,
+            }) => dev::up(&data_dir, nodes, &allow_roots, cli.json).await,
             Cmd::Token(TokenCmd::Issue {
                 certs,
                 scope,

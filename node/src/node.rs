@@ -689,6 +689,12 @@ impl Node {
         if let Some(s) = self.sinks.lock().await.get(dest) {
             return Ok(s.clone());
         }
+        // Checked again when the job runs: links may have changed since
+        // it was submitted.
+        self.config
+            .files
+            .check_destination(dest)
+            .map_err(|r| StoreError::InvalidArgument(r.0))?;
         let s = Sink::open(dest, &self.config.s3).await?;
         self.sinks.lock().await.insert(dest.clone(), s.clone());
         Ok(s)
@@ -703,6 +709,10 @@ impl Node {
     ) -> Result<SnapshotId, StoreError> {
         match &job.source {
             Source::Dir { path: root } => {
+                self.config
+                    .files
+                    .check(root, "source")
+                    .map_err(|r| StoreError::InvalidArgument(r.0))?;
                 let root = root.clone();
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let link2 = link.clone();

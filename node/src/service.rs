@@ -525,6 +525,11 @@ impl Api {
             .collect::<Result<Vec<_>, _>>()
             .map_err(status)?;
         check_job_spec(&source, &destinations, &self.node.config.s3).map_err(status)?;
+        self.node
+            .config
+            .files
+            .check_job(&source, &destinations)
+            .map_err(|r| Status::permission_denied(r.0))?;
         let max_attempts = if r.max_attempts == 0 {
             self.node.config.max_attempts
         } else {

@@ -309,3 +309,97 @@ fn a_new_key_verifies_once_its_file_appears_without_a_restart() {
     });
     assert!(node.cli_as(Some(&fresh), &["datasets"]).status.success());
 }
+
+#[test]
+fn file_urls_stay_under_the_operators_roots_and_off_the_nodes_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().canonicalize().unwrap();
+    // The harness allows the test's directory; the data dir inside it stays
+    // out of bounds.
+    let node = TestNode::start(&t.join("node"));
+    let admin = node.certs.join("admin.token").display().to_string();
+    let src = t.join("src");
+    generate_tree(&src, 4, 5, 0);
+    ok_as(
+        &node,
+        &admin,
+        &["put", src.to_str().unwrap(), "--dataset", "ds"],
+    );
+    std::os::unix::fs::symlink("/etc", t.join("exit")).unwrap();
+    let clone = |from: &str, to: &str| {
+        refused(
+            &node,
+            Some(&admin),
+            &["clone", "--from", from, "--to", to, "--dataset", "ds"],
+        )
+    };
+    let out = file_url(&t.join("out"));
+    let certs = file_url(&node.certs);
+    let e = clone(&certs, &out);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("overlaps"),
+        "{e}"
+    );
+    let into_data = format!("{}?mirror=true", file_url(&node.data_dir));
+    let e = clone("snapshot://ds", &into_data);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("overlaps"),
+        "{e}"
+    );
+    // A directory that holds the data dir: a mirror there would delete it.
+    let e = clone("snapshot://ds", &format!("{}?mirror=true", file_url(&t)));
+    assert!(e.contains("PermissionDenied"), "{e}");
+    let e = clone(&file_url(&t.join("exit")), &out);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("outside"),
+        "{e}"
+    );
+    let e = clone("snapshot://ds", &file_url(&t.join("exit/bitclone-test")));
+    assert!(
+        e.contains("PermissionDenied") && e.contains("outside"),
+        "{e}"
+    );
+    assert!(!Path::new("/etc/bitclone-test").exists());
+    assert!(!t.join("out").exists());
+    // Inside the root it works.
+    let ok = ok_as(
+        &node,
+        &admin,
+        &[
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            &out,
+            "--dataset",
+            "ds",
+            "--wait",
+        ],
+    );
+    assert_eq!(ok["state"], "Succeeded", "{ok}");
+    assert_same_tree(&src, &t.join("out"), false, &[".bitclone"]);
+    let lines = audit_lines(&node);
+    assert_eq!(
+        audited(&lines, "clone", "PermissionDenied"),
+        5,
+        "{lines:#?}"
+    );
+
+    // A node whose operator allowed no roots refuses file:// altogether.
+    let closed = TestNode::start_with(&t.join("closed"), &[("BITCLONE_FILE_ROOTS", "")]);
+    let admin = closed.certs.join("admin.token").display().to_string();
+    let e = refused(
+        &closed,
+        Some(&admin),
+        &[
+            "clone",
+            "--from",
+            &file_url(&src),
+            "--to",
+            &file_url(&t.join("o2")),
+            "--dataset",
+            "x",
+        ],
+    );
+    assert!(e.contains("files.roots"), "{e}");
+}
