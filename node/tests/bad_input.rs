@@ -231,12 +231,15 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
     let e = node.fails(&["put", "/nonexistent/bitclone-src", "--dataset", "real"]);
     assert!(e.contains("/nonexistent/bitclone-src"), "{e}");
 
-    // A clone job whose source cannot be read fails with the path in its error.
+    // A clone job whose source cannot be read fails with the path in its
+    // error (a missing directory inside the allowed root: one outside is
+    // refused at submit).
+    let missing = tmp.path().join("nonexistent-src");
     let out = node.cli(&[
         "--json",
         "clone",
         "--from",
-        "file:///nonexistent/bitclone-src",
+        &file_url(&missing),
         "--to",
         &file_url(&tmp.path().join("o")),
         "--dataset",
@@ -250,7 +253,7 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
         job["last_error"]
             .as_str()
             .unwrap()
-            .contains("/nonexistent/bitclone-src"),
+            .contains("nonexistent-src"),
         "{job}"
     );
     assert_eq!(
