@@ -209,6 +209,22 @@ impl TestNode {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Waits (at most `timeout`) for a node that should stop by itself, say
+    /// a refused join; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill9(mut self) {
         let mut c = self.child.take().unwrap();

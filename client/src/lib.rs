@@ -743,6 +743,15 @@ impl Client {
         .await
     }
 
+    /// Lets a removed node join the cluster again (needs the `admin`
+    /// scope).
+    pub async fn allow_rejoin(&self, id: u64) -> Result<proto::ClusterStatusResponse> {
+        self.call(move |mut grpc| async move {
+            grpc.allow_rejoin(proto::RemoveNodeRequest { id }).await
+        })
+        .await
+    }
+
     /// A gRPC client on the current endpoint, for streaming calls that are
     /// not retried elsewhere once started.
     pub(crate) fn current_grpc(&self) -> Grpc {

@@ -359,6 +359,14 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 print_status(&st);
             }
         }
+        Cmd::Cluster(crate::ClusterCmd::AllowRejoin { id }) => {
+            let st = client.allow_rejoin(id).await?;
+            if ctx.json {
+                print_json(&status_json(&st));
+            } else {
+                eprintln!("node {id} may join again");
+            }
+        }
         Cmd::Put { dir, dataset } => {
             let bar = Bar::new("put", ctx.json);
             let s = client.upload_dir(&dataset, &dir, &bar).await;

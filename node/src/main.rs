@@ -202,8 +202,11 @@ enum TokenCmd {
 enum ClusterCmd {
     /// Members, leader, term, commit index and shard layout.
     Status,
-    /// Drain a node out of the cluster (its shards move to the others).
+    /// Drain a node out of the cluster (its shards move to the others). It
+    /// cannot join again until `allow-rejoin`.
     Remove { id: u64 },
+    /// Let a removed node join again.
+    AllowRejoin { id: u64 },
 }
 
 #[derive(Subcommand)]

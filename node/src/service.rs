@@ -118,6 +118,17 @@ fn entry_meta(e: &Entry) -> pb::EntryMeta {
     }
 }
 
+/// Destinations one clone job may write.
+const MAX_DESTINATIONS: usize = 16;
+/// Longest source or destination URL.
+const MAX_URL_BYTES: usize = 2048;
+
+fn too_many(n: usize) -> Status {
+    Status::invalid_argument(format!(
+        "{n} entries in one upload message; at most {BATCH_ENTRIES}"
+    ))
+}
+
 /// Entries answered inline by an unpaged `GetManifest`: beyond this the
 /// answer could outgrow a message, and the client must ask for pages.
 const MAX_INLINE_ENTRIES: usize = 10_000;
@@ -404,6 +415,12 @@ impl Api {
             };
             let queued = match msg {
                 // Paths are checked as the ingested files are added.
+                Msg::Files(batch) if batch.files.len() > BATCH_ENTRIES => {
+                    return Err(too_many(batch.files.len()))
+                }
+                Msg::Entries(batch) if batch.entries.len() > BATCH_ENTRIES => {
+                    return Err(too_many(batch.entries.len()))
+                }
                 Msg::Files(batch) => self
                     .ingest_batch(&begin.tenant, chunking, batch.files)
                     .boxed(),
@@ -516,7 +533,23 @@ impl Api {
 
     async fn submit(&self, r: pb::SubmitCloneRequest) -> Result<Response<pb::Job>, Status> {
         names(&r.tenant, &r.dataset)?;
-
+        if r.destinations.len() > MAX_DESTINATIONS {
+            return Err(Status::invalid_argument(format!(
+                "{} destinations; a job writes at most {MAX_DESTINATIONS}",
+                r.destinations.len()
+            )));
+        }
+        if let Some(u) = std::iter::once(&r.source)
+            .chain(&r.destinations)
+            .find(|u| u.len() > MAX_URL_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "a URL of {} bytes (at most {MAX_URL_BYTES}): {}...",
+                u.len(),
+                u.chars().take(64).collect::<String>()
+            )));
+        }
+        // Parsed once, here: the job keeps the typed values.
         let source = Source::parse(&r.source).map_err(status)?;
         let destinations = r
             .destinations
@@ -1207,6 +1240,27 @@ impl BitClone for Api {
         self.audited(&call, "remove-node", "", &id.to_string(), &result);
         result
     }
+    async fn allow_rejoin(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let call = self.authenticate(&request, "allow-rejoin")?;
+        let id = request.into_inner().id;
+        self.allow_admin(&call, "allow-rejoin", &id.to_string())?;
+        let result = match self.node.cluster.allow_rejoin(id).await {
+            Ok(()) => {
+                tracing::info!(node = id, "a removed node may join again");
+                Ok(Response::new(cluster_status_pb(&self.node)))
+            }
+            Err(bitclone_raft::Error::Command(bitclone_raft::state::CommandError::NotFound(_))) => {
+                Err(Status::not_found(format!("node {id} was not removed")))
+            }
+            Err(e) => Err(status(crate::node::raft_error(e))),
+        };
+        self.audited(&call, "allow-rejoin", "", &id.to_string(), &result);
+        result
+    }
+
     async fn set_tenant(
         &self,
         request: Request<pb::SetTenantRequest>,

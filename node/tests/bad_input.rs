@@ -334,3 +334,53 @@ fn corrupted_chunk_is_an_error_naming_the_chunk() {
     );
     node.stop();
 }
+
+#[test]
+fn oversized_requests_are_refused_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&tmp.path().join("node"));
+    let entries: Vec<pb::EntryMeta> = (0..1025)
+        .map(|i| pb::EntryMeta {
+            path: format!("d{i:05}"),
+            kind: pb::EntryKind::Dir as i32,
+            mode: 0o755,
+            ..Default::default()
+        })
+        .collect();
+    let err = rt()
+        .block_on(raw_upload(
+            &node,
+            vec![begin("big"), msg(Msg::Entries(pb::EntryBatch { entries }))],
+        ))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at most 1024"), "{err:?}");
+    let out = tmp.path().join("out");
+    let mut args: Vec<String> = ["clone", "--from", "snapshot://x", "--dataset", "x"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for i in 0..17 {
+        args.push("--to".into());
+        args.push(file_url(&out.join(i.to_string())));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let e = node.fails(&args);
+    assert!(e.contains("at most 16"), "{e}");
+    let long = file_url(&out.join("x".repeat(3000)));
+    let e = node.fails(&[
+        "clone",
+        "--from",
+        "snapshot://x",
+        "--to",
+        &long,
+        "--dataset",
+        "x",
+    ]);
+    assert!(e.contains("at most 2048"), "{e}");
+    assert!(node.json(&["datasets"])["datasets"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(node.json(&["jobs"])["jobs"].as_array().unwrap().is_empty());
+}

@@ -2,7 +2,7 @@
 //! Three (and four) real nodes on loopback forming a Raft cluster over
 //! mutual TLS: formation, leader loss, join, removal, refused peers.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bitclone_chaos::*;
 
@@ -394,4 +394,62 @@ fn repair_moves_data_to_new_replicas_after_a_join_and_a_removal() {
         let st = c.node(id).json(&["stats"]);
         assert_eq!(st["chunks_repaired"], 0, "node {id} had every chunk: {st}");
     }
+}
+
+#[test]
+fn a_removed_node_cannot_rejoin_until_an_admin_allows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 3, 3);
+    let removed = c.node(1).json(&["cluster", "remove", "3"]);
+    assert!(
+        removed["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["id"] != 3),
+        "{removed}"
+    );
+    c.kill9(3);
+    let seed = c.node(1).endpoint.clone();
+    let certs = tmp.path().join("certs").display().to_string();
+    let args: Vec<String> = vec![
+        "--node-id".into(),
+        "3".into(),
+        "--certs".into(),
+        certs,
+        "--join".into(),
+        seed,
+    ];
+    // Its certificate is still valid, and it has the join token: refused.
+    let mut again =
+        TestNode::spawn_opts(&tmp.path().join("again"), "127.0.0.1:0", &args, &[], false);
+    let status = again
+        .wait_exit(Duration::from_secs(90))
+        .expect("a refused join ends the node");
+    assert!(!status.success());
+    let log = again.log_text();
+    assert!(log.contains("was removed from the cluster"), "{log}");
+    assert_eq!(c.status(1).unwrap()["members"].as_array().unwrap().len(), 2);
+
+    // Only an admin lets it back.
+    let reader = tmp.path().join("reader.token");
+    std::fs::write(&reader, c.node(1).token("default", "read,write")).unwrap();
+    let out = c.node(1).cli_as(
+        Some(reader.to_str().unwrap()),
+        &["cluster", "allow-rejoin", "3"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+    c.node(1).json(&["cluster", "allow-rejoin", "3"]);
+    let back = TestNode::spawn(&tmp.path().join("back"), "127.0.0.1:0", &args, &[]);
+    c.wait_for("node 3 to be a voter again", 60, |c| {
+        c.status(1).is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == 3 && m["voter"] == true)
+        })
+    });
+    drop(back);
 }

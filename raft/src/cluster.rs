@@ -275,6 +275,13 @@ impl Cluster {
                 leader: self.leader(),
             });
         }
+        // Its certificate is still valid: the cluster's word decides.
+        if self.local(|s| s.removed.contains(&id)) {
+            return Err(Error::Refused(format!(
+                "node {id} was removed from the cluster; an admin must allow it back \
+                 (bitclone cluster allow-rejoin {id}) before it joins again"
+            )));
+        }
         self.raft.add_learner(id, info.clone(), true).await?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
@@ -295,8 +302,18 @@ impl Cluster {
         self.raft
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
             .await?;
-        self.write(Command::RemoveMember { id }).await?;
+        self.write(Command::RemoveMember { id, bar: true }).await?;
         Ok(())
+    }
+
+    /// Lets a removed node join again (an admin's decision).
+    pub async fn allow_rejoin(&self, id: NodeId) -> Result<(), Error> {
+        self.write(Command::AllowRejoin { id })
+            .await
+            .and_then(|r| match r {
+                Response::Err(e) => Err(Error::Command(e)),
+                _ => Ok(()),
+            })
     }
 
     /// Proposes a command and returns the state machine's answer. On a

@@ -71,6 +71,10 @@ pub struct ClusterState {
     /// too, so a sink that two jobs write to can order their commits.
     #[serde(default)]
     pub fence_seq: u64,
+    /// Nodes removed from the cluster: they cannot join again, with their
+    /// old certificate or another, until an admin allows it.
+    #[serde(default)]
+    pub removed: std::collections::BTreeSet<NodeId>,
 }
 
 /// Cluster-wide knobs: defaults at bootstrap, then what nodes' configs set
@@ -157,8 +161,16 @@ pub enum Command {
         id: NodeId,
         info: NodeInfo,
     },
-    /// Removes a member; replans the layout without it.
+    /// Removes a member; replans the layout without it. With `bar`, the
+    /// node may not join again until `AllowRejoin` (removals logged before
+    /// the field existed read as without).
     RemoveMember {
+        id: NodeId,
+        #[serde(default)]
+        bar: bool,
+    },
+    /// Lets a removed node join again.
+    AllowRejoin {
         id: NodeId,
     },
     /// Creates a tenant (or changes its shard count; only growth is allowed).
@@ -368,8 +380,30 @@ fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {
 pub struct Session {
     /// Leader time of the client's last request (for dropping idle clients).
     pub last_ms: i64,
-    /// sequence number → answer, the most recent `SESSION_WINDOW`.
+    /// sequence number → answer, the most recent `SESSION_WINDOW` (fewer
+    /// when their bytes exceed `SESSION_BYTES`).
     pub recent: BTreeMap<u64, Response>,
+    /// Bytes of `recent` (as JSON).
+    #[serde(default)]
+    pub bytes: u64,
+    /// The highest sequence number whose answer was dropped: a request at
+    /// or below it that is not in `recent` is refused as a possible retry.
+    #[serde(default)]
+    pub floor: u64,
+}
+
+impl Session {
+    fn pop_oldest(&mut self) {
+        if let Some((seq, resp)) = self.recent.pop_first() {
+            self.bytes = self.bytes.saturating_sub(response_bytes(&resp));
+            self.floor = self.floor.max(seq);
+        }
+    }
+}
+
+/// An answer's size in the session table.
+fn response_bytes(r: &Response) -> u64 {
+    serde_json::to_vec(r).map_or(0, |v| v.len() as u64)
 }
 
 /// Clients remembered; the longest idle is forgotten first (every node
@@ -381,6 +415,11 @@ pub const MAX_SESSIONS: usize = 256;
 /// than everything remembered is refused (it cannot be told from a retry).
 pub const SESSION_WINDOW: usize = 1024;
 
+/// Bytes of answers kept per client, and for all clients together: a job's
+/// answer carries its whole record, so counts alone do not bound memory.
+pub const SESSION_BYTES: u64 = 2 << 20;
+pub const ALL_SESSIONS_BYTES: u64 = 32 << 20;
+
 /// Applies one request. Pure: the same state and request give the same result.
 pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     if req.seq != 0 {
@@ -388,6 +427,13 @@ pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
             let recent = &session.recent;
             if let Some(resp) = recent.get(&req.seq) {
                 return resp.clone();
+            }
+            if req.seq <= session.floor {
+                return Response::Err(CommandError::Duplicate {
+                    client: req.client,
+                    seq: req.seq,
+                    last: session.floor,
+                });
             }
             if let Some((&oldest, _)) = recent.first_key_value() {
                 if recent.len() >= SESSION_WINDOW && req.seq < oldest {
@@ -407,11 +453,17 @@ pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     if req.seq != 0 {
         let session = state.sessions.entry(req.client).or_default();
         session.last_ms = session.last_ms.max(req.now_ms);
-        session.recent.insert(req.seq, resp.clone());
-        while session.recent.len() > SESSION_WINDOW {
-            session.recent.pop_first();
+        session.bytes += response_bytes(&resp);
+        if let Some(old) = session.recent.insert(req.seq, resp.clone()) {
+            session.bytes = session.bytes.saturating_sub(response_bytes(&old));
         }
-        while state.sessions.len() > MAX_SESSIONS {
+        while session.recent.len() > SESSION_WINDOW
+            || (session.bytes > SESSION_BYTES && session.recent.len() > 1)
+        {
+            session.pop_oldest();
+        }
+        let total = |s: &ClusterState| s.sessions.values().map(|x| x.bytes).sum::<u64>();
+        while state.sessions.len() > MAX_SESSIONS || total(state) > ALL_SESSIONS_BYTES {
             let idle = state
                 .sessions
                 .iter()
@@ -429,6 +481,30 @@ pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     resp
 }
 
+/// Finished jobs (succeeded, failed, cancelled) kept for `job get`: at most
+/// this many, none older than `FINISHED_JOB_TTL_MS` since it ended.
+pub const FINISHED_JOBS_KEPT: usize = 1000;
+pub const FINISHED_JOB_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Forgets finished jobs beyond the bounds, the longest finished first.
+/// Runs as a job is submitted, on the leader's time, so every replica
+/// forgets the same ones.
+fn prune_finished_jobs(state: &mut ClusterState, now: i64) {
+    let mut finished: Vec<(i64, String)> = state
+        .jobs
+        .values()
+        .filter(|j| j.state.is_final())
+        .map(|j| (j.updated_unix_ms, j.id.clone()))
+        .collect();
+    finished.sort();
+    let over = finished.len().saturating_sub(FINISHED_JOBS_KEPT);
+    for (i, (ended, id)) in finished.into_iter().enumerate() {
+        if i < over || now - ended > FINISHED_JOB_TTL_MS {
+            state.jobs.remove(&id);
+        }
+    }
+}
+
 fn job_mut<'a>(state: &'a mut ClusterState, id: &str) -> Result<&'a mut Job, CommandError> {
     state
         .jobs
@@ -439,20 +515,35 @@ fn job_mut<'a>(state: &'a mut ClusterState, id: &str) -> Result<&'a mut Job, Com
 fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Response, CommandError> {
     match cmd {
         Command::UpsertMember { id, info } => {
+            if state.removed.contains(id) {
+                return Err(CommandError::Invalid(format!(
+                    "node {id} was removed from the cluster; an admin must allow it back \
+                     (bitclone cluster allow-rejoin {id})"
+                )));
+            }
             state.members.insert(*id, info.clone());
             state.replan();
             Ok(Response::Layout {
                 version: state.layout.version,
             })
         }
-        Command::RemoveMember { id } => {
+        Command::RemoveMember { id, bar } => {
             if state.members.remove(id).is_none() {
                 return Err(CommandError::NotFound(format!("member {id}")));
+            }
+            if *bar {
+                state.removed.insert(*id);
             }
             state.replan();
             Ok(Response::Layout {
                 version: state.layout.version,
             })
+        }
+        Command::AllowRejoin { id } => {
+            if !state.removed.remove(id) {
+                return Err(CommandError::NotFound(format!("removed node {id}")));
+            }
+            Ok(Response::Ok)
         }
         Command::SetTenant { tenant, shards } => {
             if *shards == 0 || *shards > 4096 {
@@ -533,6 +624,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                 return Err(CommandError::Conflict(format!("job {} exists", job.id)));
             }
             state.ensure_tenant(&job.tenant);
+            prune_finished_jobs(state, now);
             let mut job = job.clone();
             job.created_unix_ms = now;
             job.updated_unix_ms = now;
@@ -998,6 +1090,86 @@ mod tests {
     }
 
     #[test]
+    fn finished_jobs_are_kept_for_a_bounded_time_and_count() {
+        let mut st = ClusterState::default();
+        let submit = |st: &mut ClusterState, id: String, now: i64| {
+            let job = Job::new(
+                id,
+                "t".into(),
+                "d".into(),
+                src("snapshot://s"),
+                vec![],
+                3,
+                0,
+            );
+            apply_cmd(st, now, &Command::SubmitJob { job }).unwrap();
+        };
+        for i in 0..(FINISHED_JOBS_KEPT + 5) {
+            submit(&mut st, format!("done{i:05}"), i as i64);
+            let j = st.jobs.get_mut(&format!("done{i:05}")).unwrap();
+            j.state = JobState::Succeeded;
+            j.updated_unix_ms = i as i64;
+        }
+        submit(&mut st, "pending".into(), 10_000);
+        let finished = st.jobs.values().filter(|j| j.state.is_final()).count();
+        assert_eq!(finished, FINISHED_JOBS_KEPT);
+        assert!(!st.jobs.contains_key("done00000"), "the oldest went first");
+        assert!(st.jobs.contains_key("pending"));
+        // A week after they ended, the rest go; unfinished jobs stay.
+        submit(&mut st, "later".into(), FINISHED_JOB_TTL_MS + 20_000);
+        assert_eq!(st.jobs.len(), 2, "{:?}", st.jobs.keys().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn sessions_are_bounded_in_bytes_and_never_apply_a_dropped_request_twice() {
+        let mut st = ClusterState::default();
+        let big = |client: u64, seq: u64| {
+            let mut job = Job::new(
+                format!("j{client}-{seq}"),
+                "t".into(),
+                "d".into(),
+                src("snapshot://s"),
+                vec![],
+                3,
+                0,
+            );
+            job.last_error = "x".repeat(64 << 10);
+            Request {
+                client,
+                seq,
+                now_ms: seq as i64,
+                cmd: Command::SubmitJob { job },
+            }
+        };
+        for seq in 1..=100 {
+            assert!(matches!(apply(&mut st, &big(1, seq)), Response::Job(_)));
+        }
+        let s = &st.sessions[&1];
+        assert!(s.bytes <= SESSION_BYTES, "{}", s.bytes);
+        assert!(s.recent.len() < 100 && s.floor > 0);
+        assert_eq!(
+            s.bytes,
+            s.recent.values().map(response_bytes).sum::<u64>(),
+            "the count of bytes follows what is kept"
+        );
+        // A retry of a request whose answer was dropped is refused, not
+        // applied again.
+        assert!(matches!(
+            apply(&mut st, &big(1, 1)),
+            Response::Err(CommandError::Duplicate { .. })
+        ));
+        assert_eq!(st.jobs.len(), 100);
+        // All clients together stay under their bound.
+        for client in 2..40 {
+            for seq in 1..=30 {
+                apply(&mut st, &big(client, seq));
+            }
+        }
+        let total: u64 = st.sessions.values().map(|s| s.bytes).sum();
+        assert!(total <= ALL_SESSIONS_BYTES, "{total}");
+    }
+
+    #[test]
     fn sessions_are_bounded_per_client_and_in_number() {
         let mut st = ClusterState::default();
         for client in 0..(MAX_SESSIONS as u64 + 40) {
@@ -1063,15 +1235,36 @@ mod tests {
         let v4 = sm.state.layout.version;
         sm.ok(0, Command::CompleteLayout { version: v4 });
         assert!(sm.state.previous_layout.is_none());
-        sm.ok(0, Command::RemoveMember { id: 2 });
+        sm.ok(0, Command::RemoveMember { id: 2, bar: true });
         assert!(
             !sm.state.layout.load().contains_key(&2),
             "the removed node's shards moved away"
         );
         assert!(matches!(
-            sm.run(0, Command::RemoveMember { id: 2 }),
+            sm.run(0, Command::RemoveMember { id: 2, bar: true }),
             Response::Err(CommandError::NotFound(_))
         ));
+        // A removed node stays out until an admin lets it back.
+        let back = Command::UpsertMember {
+            id: 2,
+            info: NodeInfo::default(),
+        };
+        assert!(matches!(
+            sm.run(0, back.clone()),
+            Response::Err(CommandError::Invalid(_))
+        ));
+        assert!(!sm.state.members.contains_key(&2));
+        sm.ok(0, Command::AllowRejoin { id: 2 });
+        assert!(matches!(
+            sm.run(0, Command::AllowRejoin { id: 2 }),
+            Response::Err(CommandError::NotFound(_))
+        ));
+        sm.ok(0, back);
+        assert!(sm.state.members.contains_key(&2));
+        // A removal logged before `bar` existed keeps its old meaning.
+        let old: Command = serde_json::from_str(r#"{"RemoveMember":{"id":2}}"#).unwrap();
+        sm.ok(0, old);
+        assert!(!sm.state.removed.contains(&2));
         assert!(matches!(
             sm.run(
                 0,
@@ -1158,7 +1351,7 @@ mod tests {
         );
         assert!(sm.state.previous_layout.is_none());
         // A further change needs fresh reports.
-        sm.ok(0, Command::RemoveMember { id: 2 });
+        sm.ok(0, Command::RemoveMember { id: 2, bar: true });
         assert!(sm.state.previous_layout.is_some());
         assert!(sm.state.ready.is_empty());
     }
