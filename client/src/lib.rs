@@ -743,6 +743,28 @@ impl Client {
         .await
     }
 
+    /// Sets a tenant's limits (needs the `admin` scope); 0 is no limit.
+    /// Returns the bytes the tenant's snapshots added so far.
+    pub async fn set_quota(
+        &self,
+        tenant: &str,
+        max_stored_bytes: u64,
+        max_jobs_in_flight: u32,
+    ) -> Result<u64> {
+        let request = proto::SetQuotaRequest {
+            tenant: tenant.to_owned(),
+            max_stored_bytes,
+            max_jobs_in_flight,
+        };
+        let r = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.set_quota(request).await }
+            })
+            .await?;
+        Ok(r.stored_bytes)
+    }
+
     /// Lets a removed node join the cluster again (needs the `admin`
     /// scope).
     pub async fn allow_rejoin(&self, id: u64) -> Result<proto::ClusterStatusResponse> {

@@ -313,10 +313,27 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
         Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) | Cmd::Token(_) | Cmd::Restore { .. } => {
             unreachable!("handled by main")
         }
+        Cmd::Tenant(crate::TenantCmd::Quota {
+            name,
+            max_bytes,
+            max_jobs,
+        }) => {
+            let max = crate::config::parse_size(&max_bytes)
+                .with_context(|| format!("--max-bytes {max_bytes:?}"))?;
+            let used = client.set_quota(&name, max, max_jobs).await?;
+            if ctx.json {
+                print_json(
+                    &json!({"tenant": name, "max_bytes": max, "max_jobs": max_jobs, "stored_bytes": used}),
+                );
+            } else {
+                println!("tenant {name}: stores {used} bytes; limits {max} bytes, {max_jobs} jobs (0: none)");
+            }
+        }
         Cmd::Tenant(t) => {
             let (name, shards) = match t {
                 crate::TenantCmd::Create { name, shards } => (name, shards.unwrap_or(0)),
                 crate::TenantCmd::Grow { name, shards } => (name, shards),
+                crate::TenantCmd::Quota { .. } => unreachable!("matched above"),
             };
             let version = client.set_tenant(&name, shards).await?;
             if ctx.json {

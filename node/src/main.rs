@@ -176,6 +176,16 @@ enum TenantCmd {
         #[arg(long)]
         shards: u32,
     },
+    /// Set a tenant's limits (0: none): bytes its snapshots may add to the
+    /// store, and jobs not yet finished.
+    Quota {
+        name: String,
+        /// e.g. 500GiB.
+        #[arg(long, default_value = "0")]
+        max_bytes: String,
+        #[arg(long, default_value_t = 0)]
+        max_jobs: u32,
+    },
 }
 
 #[derive(Subcommand)]

@@ -468,6 +468,7 @@ impl Node {
                 snapshot: entry.clone(),
                 parent: entry.parent.clone(),
                 fenced_by,
+                stored_bytes: stats.new_bytes + stats.new_page_bytes,
             })
             .await
             .map_err(raft_error)?;
@@ -873,6 +874,7 @@ pub fn refused(e: CommandError) -> StoreError {
             kind: "record",
             name: what,
         },
+        CommandError::Quota(m) => StoreError::QuotaExceeded(m),
         e => StoreError::InvalidArgument(e.to_string()),
     }
 }
@@ -931,6 +933,7 @@ const MAX_REPAIRS_PER_ATTEMPT: usize = 64;
 pub fn classify(e: &StoreError) -> Failure {
     match e {
         StoreError::InvalidArgument(_)
+        | StoreError::QuotaExceeded(_)
         | StoreError::InvalidPath { .. }
         | StoreError::NotFound { .. }
         | StoreError::Decode { .. }

@@ -86,6 +86,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::CorruptChunk { .. }
         | StoreError::MissingChunk(_)
         | StoreError::Decode { .. } => Status::data_loss(msg),
+        StoreError::QuotaExceeded(_) => Status::resource_exhausted(msg),
         StoreError::PoolClosed | StoreError::Poisoned(_) | StoreError::Unavailable(_) => {
             Status::unavailable(msg)
         }
@@ -853,6 +854,19 @@ impl BitClone for Api {
         self.allow(&call, "put", Scope::Write, &tenant, &dataset)
             .await?;
         validate_name("dataset", &dataset).map_err(status)?;
+        // A tenant at its quota is refused before anything is sent.
+        let full = self.node.cluster.local(|s| {
+            let used = s.stored_bytes.get(&tenant).copied().unwrap_or(0);
+            let max = s.quotas.get(&tenant).and_then(|q| q.max_stored_bytes);
+            max.filter(|m| used >= *m).map(|m| (used, m))
+        });
+        if let Some((used, max)) = full {
+            let st = Status::resource_exhausted(format!(
+                "quota exceeded: tenant {tenant} stores {used} bytes, its quota is {max}"
+            ));
+            self.audited(&call, "put", &tenant, &dataset, &Err::<(), _>(st.clone()));
+            return Err(st);
+        }
         let result = self.put(stream, begin).await;
         self.audited(&call, "put", &tenant, &dataset, &result);
         result
@@ -1240,6 +1254,38 @@ impl BitClone for Api {
         self.audited(&call, "remove-node", "", &id.to_string(), &result);
         result
     }
+    async fn set_quota(
+        &self,
+        request: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::SetQuotaResponse>, Status> {
+        let call = self.authenticate(&request, "set-quota")?;
+        let r = request.into_inner();
+        let tenant = r.tenant.clone();
+        self.allow_admin(&call, "set-quota", &tenant)?;
+        let quota = bitclone_raft::state::Quota {
+            max_stored_bytes: (r.max_stored_bytes > 0).then_some(r.max_stored_bytes),
+            max_jobs_in_flight: (r.max_jobs_in_flight > 0).then_some(r.max_jobs_in_flight),
+        };
+        let result = async {
+            validate_name("tenant", &tenant).map_err(status)?;
+            self.node
+                .write(Command::SetQuota {
+                    tenant: tenant.clone(),
+                    quota,
+                })
+                .await
+                .map_err(status)?;
+            let stored_bytes = self
+                .node
+                .cluster
+                .local(|s| s.stored_bytes.get(&tenant).copied().unwrap_or(0));
+            Ok(Response::new(pb::SetQuotaResponse { stored_bytes }))
+        }
+        .await;
+        self.audited(&call, "set-quota", &tenant, &tenant, &result);
+        result
+    }
+
     async fn allow_rejoin(
         &self,
         request: Request<pb::RemoveNodeRequest>,

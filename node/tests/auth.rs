@@ -403,3 +403,89 @@ fn file_urls_stay_under_the_operators_roots_and_off_the_nodes_own_files() {
     );
     assert!(e.contains("files.roots"), "{e}");
 }
+
+#[test]
+fn a_tenant_over_its_quota_is_refused_and_nothing_is_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // The first clone attempt fails and waits years to retry: a job that
+    // stays in flight.
+    let node = TestNode::start_with(
+        &t.join("node"),
+        &[
+            ("BITCLONE_FAULT_EXPORT_FAILURES", "1"),
+            ("BITCLONE_JOB_BACKOFF_BASE", "87600h"),
+            ("BITCLONE_JOB_BACKOFF_MAX", "87600h"),
+        ],
+    );
+    node.json(&["tenant", "create", "q"]);
+    let set = node.json(&[
+        "tenant",
+        "quota",
+        "q",
+        "--max-bytes",
+        "1MiB",
+        "--max-jobs",
+        "1",
+    ]);
+    assert_eq!(set["stored_bytes"], 0, "{set}");
+    let small = t.join("small");
+    generate_tree(&small, 1, 6, 0);
+    let first = node.json(&[
+        "--tenant",
+        "q",
+        "put",
+        small.to_str().unwrap(),
+        "--dataset",
+        "ds",
+    ]);
+    // Twelve files: one of them is 1-5 MiB.
+    let big = t.join("big");
+    generate_tree(&big, 2, 12, 0);
+    let e = node.fails(&[
+        "--tenant",
+        "q",
+        "put",
+        big.to_str().unwrap(),
+        "--dataset",
+        "ds",
+    ]);
+    assert!(
+        e.contains("ResourceExhausted") && e.contains("quota"),
+        "{e}"
+    );
+    let snaps = node.json(&["--tenant", "q", "snapshots", "--dataset", "ds"]);
+    let snaps = snaps["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "nothing committed: {snaps:?}");
+    assert_eq!(snaps[0]["id"], first["snapshot"]);
+    // Another tenant is not limited by q's quota.
+    node.json(&["put", big.to_str().unwrap(), "--dataset", "ds"]);
+
+    let clone = |to: &str| {
+        node.cli(&[
+            "--tenant",
+            "q",
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            to,
+            "--dataset",
+            "ds",
+        ])
+    };
+    assert!(clone(&file_url(&t.join("o1"))).status.success());
+    let out = clone(&file_url(&t.join("o2")));
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("ResourceExhausted") && e.contains("jobs not finished"),
+        "{e}"
+    );
+    let jobs = node.json(&["--tenant", "q", "jobs"]);
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{jobs}");
+    let lines = audit_lines(&node);
+    assert_eq!(audited(&lines, "put", "ResourceExhausted"), 1, "{lines:#?}");
+    assert_eq!(audited(&lines, "clone", "ResourceExhausted"), 1);
+    assert_eq!(audited(&lines, "set-quota", "ok"), 1);
+}

@@ -36,7 +36,7 @@ pub struct DatasetHead {
     pub history: Vec<SnapshotEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotEntry {
     pub id: String,
     pub parent: String,
@@ -75,6 +75,21 @@ pub struct ClusterState {
     /// old certificate or another, until an admin allows it.
     #[serde(default)]
     pub removed: std::collections::BTreeSet<NodeId>,
+    /// tenant → its limits (none: unlimited).
+    #[serde(default)]
+    pub quotas: BTreeMap<String, Quota>,
+    /// tenant → bytes its committed snapshots added to the store (chunks and
+    /// pages new to the tenant when committed).
+    #[serde(default)]
+    pub stored_bytes: BTreeMap<String, u64>,
+}
+
+/// A tenant's limits; `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub max_stored_bytes: Option<u64>,
+    /// Jobs not yet finished (pending or running).
+    pub max_jobs_in_flight: Option<u32>,
 }
 
 /// Cluster-wide knobs: defaults at bootstrap, then what nodes' configs set
@@ -173,6 +188,11 @@ pub enum Command {
     AllowRejoin {
         id: NodeId,
     },
+    /// Sets a tenant's limits.
+    SetQuota {
+        tenant: String,
+        quota: Quota,
+    },
     /// Creates a tenant (or changes its shard count; only growth is allowed).
     SetTenant {
         tenant: String,
@@ -196,6 +216,10 @@ pub enum Command {
         snapshot: SnapshotEntry,
         parent: String,
         fenced_by: Option<(String, Fence)>,
+        /// Bytes the snapshot added to the store (counted against the
+        /// tenant's quota).
+        #[serde(default)]
+        stored_bytes: u64,
     },
     SubmitJob {
         job: Job,
@@ -278,6 +302,8 @@ pub enum CommandError {
     Invalid(String),
     #[error("duplicate request {seq} from client {client} (already at {last})")]
     Duplicate { client: u64, seq: u64, last: u64 },
+    #[error("{0}")]
+    Quota(String),
 }
 
 impl ClusterState {
@@ -545,6 +571,13 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             }
             Ok(Response::Ok)
         }
+        Command::SetQuota { tenant, quota } => {
+            if !state.tenants.contains_key(tenant) {
+                return Err(CommandError::NotFound(format!("tenant {tenant}")));
+            }
+            state.quotas.insert(tenant.clone(), quota.clone());
+            Ok(Response::Ok)
+        }
         Command::SetTenant { tenant, shards } => {
             if *shards == 0 || *shards > 4096 {
                 return Err(CommandError::Invalid("shards must be 1..=4096".into()));
@@ -585,9 +618,25 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             snapshot,
             parent,
             fenced_by,
+            stored_bytes,
         } => {
             if let Some((job_id, fence)) = fenced_by {
                 check_fence(job_mut(state, job_id)?, *fence)?;
+            }
+            let already = state
+                .datasets
+                .get(tenant)
+                .and_then(|d| d.get(dataset))
+                .is_some_and(|h| h.snapshot == snapshot.id);
+            let used = state.stored_bytes.get(tenant).copied().unwrap_or(0);
+            let limit = state.quotas.get(tenant).and_then(|q| q.max_stored_bytes);
+            if let Some(max) = limit {
+                if !already && used.saturating_add(*stored_bytes) > max {
+                    return Err(CommandError::Quota(format!(
+                        "tenant {tenant} stores {used} bytes and this snapshot adds \
+                         {stored_bytes}, over its quota of {max}; nothing was committed"
+                    )));
+                }
             }
             state.ensure_tenant(tenant);
             let heads = state.datasets.entry(tenant.clone()).or_default();
@@ -617,6 +666,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             head.snapshot = snapshot.id.clone();
             head.updated_unix_ms = now;
             head.history.push(snapshot.clone());
+            *state.stored_bytes.entry(tenant.clone()).or_default() += stored_bytes;
             Ok(Response::Ok)
         }
         Command::SubmitJob { job } => {
@@ -625,6 +675,23 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             }
             state.ensure_tenant(&job.tenant);
             prune_finished_jobs(state, now);
+            let limit = state
+                .quotas
+                .get(&job.tenant)
+                .and_then(|q| q.max_jobs_in_flight);
+            if let Some(max) = limit {
+                let in_flight = state
+                    .jobs
+                    .values()
+                    .filter(|j| j.tenant == job.tenant && !j.state.is_final())
+                    .count();
+                if in_flight >= max as usize {
+                    return Err(CommandError::Quota(format!(
+                        "tenant {} has {in_flight} jobs not finished, its limit",
+                        job.tenant
+                    )));
+                }
+            }
             let mut job = job.clone();
             job.created_unix_ms = now;
             job.updated_unix_ms = now;
@@ -946,6 +1013,7 @@ mod tests {
                 snapshot: entry("s1"),
                 parent: String::new(),
                 fenced_by: Some(("j".into(), stale)),
+                stored_bytes: 0,
             }
         )));
         // A forged token above the current one is refused too.
@@ -974,6 +1042,7 @@ mod tests {
                 snapshot: entry("s1"),
                 parent: String::new(),
                 fenced_by: Some(("j".into(), cur)),
+                stored_bytes: 0,
             },
         );
         sm.ok(
@@ -1032,6 +1101,7 @@ mod tests {
                     snapshot: entry(id),
                     parent: parent.into(),
                     fenced_by: None,
+                    stored_bytes: 0,
                 },
             )
         };
@@ -1087,6 +1157,84 @@ mod tests {
             apply(&mut st, &older),
             Response::Err(CommandError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn quotas_refuse_what_would_exceed_them_and_commit_nothing() {
+        let mut st = ClusterState::default();
+        apply_cmd(
+            &mut st,
+            0,
+            &Command::SetTenant {
+                tenant: "t".into(),
+                shards: 1,
+            },
+        )
+        .unwrap();
+        let quota = Quota {
+            max_stored_bytes: Some(1000),
+            max_jobs_in_flight: Some(1),
+        };
+        assert!(matches!(
+            apply_cmd(
+                &mut st,
+                0,
+                &Command::SetQuota {
+                    tenant: "nope".into(),
+                    quota: quota.clone()
+                }
+            ),
+            Err(CommandError::NotFound(_))
+        ));
+        apply_cmd(
+            &mut st,
+            0,
+            &Command::SetQuota {
+                tenant: "t".into(),
+                quota,
+            },
+        )
+        .unwrap();
+        let commit = |id: &str, parent: &str, bytes: u64| Command::CommitSnapshot {
+            tenant: "t".into(),
+            dataset: "d".into(),
+            snapshot: SnapshotEntry {
+                id: id.into(),
+                parent: parent.into(),
+                ..SnapshotEntry::default()
+            },
+            parent: parent.into(),
+            fenced_by: None,
+            stored_bytes: bytes,
+        };
+        apply_cmd(&mut st, 0, &commit("s1", "", 600)).unwrap();
+        assert!(matches!(
+            apply_cmd(&mut st, 0, &commit("s2", "s1", 500)),
+            Err(CommandError::Quota(_))
+        ));
+        assert_eq!(st.datasets["t"]["d"].snapshot, "s1", "nothing committed");
+        // Committing the head again counts nothing.
+        apply_cmd(&mut st, 0, &commit("s1", "", 600)).unwrap();
+        apply_cmd(&mut st, 0, &commit("s2", "s1", 400)).unwrap();
+        assert_eq!(st.stored_bytes["t"], 1000);
+        let job = |id: &str| Command::SubmitJob {
+            job: Job::new(
+                id.into(),
+                "t".into(),
+                "d".into(),
+                src("snapshot://s"),
+                vec![],
+                3,
+                0,
+            ),
+        };
+        apply_cmd(&mut st, 0, &job("a")).unwrap();
+        assert!(matches!(
+            apply_cmd(&mut st, 0, &job("b")),
+            Err(CommandError::Quota(_))
+        ));
+        st.jobs.get_mut("a").unwrap().state = JobState::Succeeded;
+        apply_cmd(&mut st, 0, &job("b")).unwrap();
     }
 
     #[test]

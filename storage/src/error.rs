@@ -55,6 +55,10 @@ pub enum Error {
     /// cannot be reached right now; retrying later may succeed.
     #[error("unavailable: {0}")]
     Unavailable(String),
+
+    /// A tenant's quota would be exceeded; nothing was committed.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// The operation was cancelled by its caller.
     #[error("cancelled")]
     Cancelled,
