@@ -222,7 +222,18 @@ impl Verifier {
                     .into(),
             );
         }
+        if settings.jwks.is_some() && settings.audience.is_none() {
+            return Err(
+                "auth.jwks is set but auth.audience is not: tokens an identity \
+                        provider issues for other services would be accepted; set the \
+                        audience BitClone's tokens carry"
+                    .into(),
+            );
+        }
         let loaded = load(&settings)?;
+        if loaded.keys.is_empty() {
+            return Err("no token keys: set auth.public_keys or auth.jwks (`bitclone certs dev` makes a dev key, token.pub)".into());
+        }
         Ok(Verifier {
             settings,
             loaded: RwLock::new(Arc::new(loaded)),
@@ -244,6 +255,10 @@ impl Verifier {
             return Ok(false);
         }
         let loaded = load(&self.settings)?;
+        if loaded.keys.is_empty() {
+            // Every key was removed: every token is refused from now on.
+            tracing::error!("no token keys left: every call will be refused");
+        }
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
         Ok(true)
     }
@@ -323,9 +338,14 @@ impl Verifier {
 }
 
 /// The key files a reload reads, in order, with what they look like now.
+/// A key file or directory that is gone is a key removed (revoked), not an
+/// error: it is left out.
 fn stamps(s: &AuthSettings) -> Result<Vec<FileStamp>, String> {
     let mut files = Vec::new();
     for p in &s.public_keys {
+        if !p.exists() {
+            continue;
+        }
         if p.is_dir() {
             let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| format!("reading key directory {}: {e}", p.display()))?
@@ -340,18 +360,20 @@ fn stamps(s: &AuthSettings) -> Result<Vec<FileStamp>, String> {
     }
     files.extend(s.jwks.iter().cloned());
     files.extend(s.hs256_secret.iter().cloned());
-    files
-        .into_iter()
-        .map(|path| {
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| format!("reading key file {}: {e}", path.display()))?;
-            Ok(FileStamp {
-                modified: meta.modified().ok(),
-                len: meta.len(),
-                path,
-            })
-        })
-        .collect()
+    let mut out = Vec::new();
+    for path in files {
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("reading key file {}: {e}", path.display())),
+        };
+        out.push(FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            path,
+        });
+    }
+    Ok(out)
 }
 
 fn load(s: &AuthSettings) -> Result<Loaded, String> {
@@ -379,9 +401,6 @@ fn load(s: &AuthSettings) -> Result<Loaded, String> {
         } else {
             keys.push(pem_key(path, &bytes)?);
         }
-    }
-    if keys.is_empty() {
-        return Err("no token keys: set auth.public_keys or auth.jwks (`bitclone certs dev` makes a dev key, token.pub)".into());
     }
     Ok(Loaded { keys, stamp })
 }
@@ -665,6 +684,19 @@ mod tests {
         std::fs::remove_file(keys.path().join("old.pub")).unwrap();
         assert!(v.reload_if_changed().unwrap());
         assert!(v.verify(&token(&old, "old", |_| {})).is_err());
+        // A key file named on its own that goes is revoked too, even the
+        // last one: then nothing verifies.
+        let single = Verifier::new(settings(vec![keys.path().join("new.pub")])).unwrap();
+        std::fs::remove_file(keys.path().join("new.pub")).unwrap();
+        assert!(single.reload_if_changed().unwrap());
+        assert!(single.verify(&token(&new, "new", |_| {})).is_err());
+        // A JWKS without a required audience is refused at start.
+        let mut s = settings(vec![]);
+        s.jwks = Some(keys.path().join("jwks.json"));
+        let Err(e) = Verifier::new(s) else {
+            panic!("a JWKS without an audience was accepted")
+        };
+        assert!(e.contains("audience"), "{e}");
     }
 
     #[test]

@@ -322,7 +322,6 @@ impl Node {
         )))
     }
 
-    /// A job by id (linearizable).
     /// Whether an admin created `tenant`. A tenant this node has not heard
     /// of yet is looked up on the leader before the answer is no.
     pub async fn tenant_exists(&self, tenant: &str) -> Result<bool, StoreError> {
@@ -333,6 +332,7 @@ impl Node {
         self.read(move |s| s.tenants.contains_key(&t)).await
     }
 
+    /// A job by id (linearizable).
     pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.read(|s| s.jobs.get(id).cloned()).await
     }
@@ -687,15 +687,15 @@ impl Node {
     /// An opened sink, kept per destination: a catalog's pool is connected
     /// (and migrated) once, not once per job.
     async fn sink(&self, dest: &Destination) -> Result<Sink, StoreError> {
-        if let Some(s) = self.sinks.lock().await.get(dest) {
-            return Ok(s.clone());
-        }
-        // Checked again when the job runs: links may have changed since
-        // it was submitted.
+        // Checked again whenever a job writes it, opened before or not:
+        // links may have changed since the job was submitted.
         self.config
             .files
             .check_destination(dest)
             .map_err(|r| StoreError::InvalidArgument(r.0))?;
+        if let Some(s) = self.sinks.lock().await.get(dest) {
+            return Ok(s.clone());
+        }
         let s = Sink::open(dest, &self.config.s3).await?;
         self.sinks.lock().await.insert(dest.clone(), s.clone());
         Ok(s)

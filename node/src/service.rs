@@ -1323,14 +1323,24 @@ impl BitClone for Api {
         &self,
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        self.authenticate(&request, "stats")?;
+        let call = self.authenticate(&request, "stats")?;
         let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
         // Datasets, snapshots and jobs are the cluster's, as this node has
-        // applied them.
+        // applied them, of the tenants the caller's token names.
+        let who = &call.who;
         let (datasets, snapshots, pending, running) = self.node.cluster.local(|st| {
-            let heads = st.datasets.values().flat_map(|d| d.values());
+            let heads = st
+                .datasets
+                .iter()
+                .filter(|(t, _)| who.sees(t))
+                .flat_map(|(_, d)| d.values());
             let (d, n) = heads.fold((0, 0), |(d, n), h| (d + 1, n + h.history.len() as u64));
-            let count = |state| st.jobs.values().filter(|j| j.state == state).count() as u64;
+            let count = |state| {
+                st.jobs
+                    .values()
+                    .filter(|j| j.state == state && who.sees(&j.tenant))
+                    .count() as u64
+            };
             (d, n, count(JobState::Pending), count(JobState::Running))
         });
         Ok(Response::new(pb::StatsResponse {
@@ -1423,8 +1433,19 @@ async fn holder_client(
         ))
     };
     let endpoint = match &config.api.tls {
-        None => Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| unreachable(e.to_string()))?,
+        // The caller's token goes along: in plain text only on loopback.
+        None if addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback()) =>
+        {
+            Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| unreachable(e.to_string()))?
+        }
+        None => {
+            return Err(Status::failed_precondition(format!(
+                "this snapshot is on {addr}, which this node (serving plain text) will not send a token to"
+            )))
+        }
         Some(_) => {
             let ca = std::fs::read(&config.api.ca).map_err(|e| {
                 Status::internal(format!("reading api.ca {}: {e}", config.api.ca.display()))

@@ -179,6 +179,9 @@ fn tokens_tenants_scopes_and_the_audit_log() {
         &a_rw,
         &["--tenant", "a", "put", src_s, "--dataset", "mine"],
     );
+    // Stats count only the caller's tenants.
+    assert_eq!(ok_as(&node, &a_rw, &["stats"])["datasets"], 1);
+    assert_eq!(ok_as(&node, &admin, &["stats"])["datasets"], 2);
     let st = ok_as(&node, &a_rw, &["cluster", "status"]);
     assert_eq!(st["members"][0]["peer_addr"], "", "{st}");
     assert!(

@@ -286,7 +286,9 @@ impl Cluster {
         self.raft
             .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
             .await?;
-        self.write(Command::UpsertMember { id, info }).await?;
+        if let Response::Err(e) = self.write(Command::UpsertMember { id, info }).await? {
+            return Err(Error::Command(e));
+        }
         tracing::info!(node = id, "node joined the cluster");
         Ok(())
     }

@@ -479,10 +479,9 @@ pub fn apply(state: &mut ClusterState, req: &Request) -> Response {
     if req.seq != 0 {
         let session = state.sessions.entry(req.client).or_default();
         session.last_ms = session.last_ms.max(req.now_ms);
+        // Not there yet: a request already answered returned above.
         session.bytes += response_bytes(&resp);
-        if let Some(old) = session.recent.insert(req.seq, resp.clone()) {
-            session.bytes = session.bytes.saturating_sub(response_bytes(&old));
-        }
+        session.recent.insert(req.seq, resp.clone());
         while session.recent.len() > SESSION_WINDOW
             || (session.bytes > SESSION_BYTES && session.recent.len() > 1)
         {
@@ -623,21 +622,6 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             if let Some((job_id, fence)) = fenced_by {
                 check_fence(job_mut(state, job_id)?, *fence)?;
             }
-            let already = state
-                .datasets
-                .get(tenant)
-                .and_then(|d| d.get(dataset))
-                .is_some_and(|h| h.snapshot == snapshot.id);
-            let used = state.stored_bytes.get(tenant).copied().unwrap_or(0);
-            let limit = state.quotas.get(tenant).and_then(|q| q.max_stored_bytes);
-            if let Some(max) = limit {
-                if !already && used.saturating_add(*stored_bytes) > max {
-                    return Err(CommandError::Quota(format!(
-                        "tenant {tenant} stores {used} bytes and this snapshot adds \
-                         {stored_bytes}, over its quota of {max}; nothing was committed"
-                    )));
-                }
-            }
             state.ensure_tenant(tenant);
             let heads = state.datasets.entry(tenant.clone()).or_default();
             let current = heads
@@ -658,6 +642,19 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                     if parent.is_empty() { "nothing" } else { parent }
                 )));
             }
+            // After the parent check: a stale parent is a Conflict to retry,
+            // not a quota refusal.
+            let used = state.stored_bytes.get(tenant).copied().unwrap_or(0);
+            let limit = state.quotas.get(tenant).and_then(|q| q.max_stored_bytes);
+            if let Some(max) = limit {
+                if used.saturating_add(*stored_bytes) > max {
+                    return Err(CommandError::Quota(format!(
+                        "tenant {tenant} stores {used} bytes and this snapshot adds \
+                         {stored_bytes}, over its quota of {max}; nothing was committed"
+                    )));
+                }
+            }
+            let heads = state.datasets.entry(tenant.clone()).or_default();
             let head = heads.entry(dataset.clone()).or_insert_with(|| DatasetHead {
                 snapshot: String::new(),
                 updated_unix_ms: now,
