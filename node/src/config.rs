@@ -50,6 +50,8 @@ pub struct FileConfig {
 pub struct FileFiles {
     /// Directories `file://` sources and sinks may be in (default: none).
     pub roots: Option<Vec<PathBuf>>,
+    /// Each tenant only under `<root>/<tenant>` (default: false).
+    pub per_tenant: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -395,7 +397,16 @@ impl NodeConfig {
             protected.push(f.clone());
         }
         Ok(NodeConfig {
-            files: crate::roots::FileRoots { roots, protected },
+            files: crate::roots::FileRoots {
+                roots,
+                protected,
+                per_tenant: match env("BITCLONE_FILE_ROOTS_PER_TENANT").as_deref() {
+                    Some("1" | "true") => true,
+                    Some("0" | "false" | "") => false,
+                    Some(v) => bail!("BITCLONE_FILE_ROOTS_PER_TENANT={v:?} is not true or false"),
+                    None => fc.files.per_tenant.unwrap_or(false),
+                },
+            },
             audit,
             api,
             auth,

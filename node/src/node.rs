@@ -618,7 +618,7 @@ impl Node {
             if stop.load(Ordering::Relaxed) {
                 return Err(StoreError::Cancelled);
             }
-            let sink = self.sink(dest).await?;
+            let sink = self.sink(&job.tenant, dest).await?;
             let phase = format!("writing {}", sink.name());
             // Progress lives in memory; the heartbeat publishes it. A retry
             // walks the destination again and skips what is already there.
@@ -686,12 +686,12 @@ impl Node {
 
     /// An opened sink, kept per destination: a catalog's pool is connected
     /// (and migrated) once, not once per job.
-    async fn sink(&self, dest: &Destination) -> Result<Sink, StoreError> {
+    async fn sink(&self, tenant: &str, dest: &Destination) -> Result<Sink, StoreError> {
         // Checked again whenever a job writes it, opened before or not:
         // links may have changed since the job was submitted.
         self.config
             .files
-            .check_destination(dest)
+            .check_destination(tenant, dest)
             .map_err(|r| StoreError::InvalidArgument(r.0))?;
         if let Some(s) = self.sinks.lock().await.get(dest) {
             return Ok(s.clone());
@@ -712,7 +712,7 @@ impl Node {
             Source::Dir { path: root } => {
                 self.config
                     .files
-                    .check(root, "source")
+                    .check(&job.tenant, root, "source")
                     .map_err(|r| StoreError::InvalidArgument(r.0))?;
                 let root = root.clone();
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;

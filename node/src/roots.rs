@@ -14,6 +14,9 @@ pub struct FileRoots {
     pub roots: Vec<PathBuf>,
     /// What no source or sink may be in or contain.
     pub protected: Vec<PathBuf>,
+    /// Each tenant only under `<root>/<tenant>` of each root, so tenants
+    /// cannot read or mirror over each other's directories.
+    pub per_tenant: bool,
 }
 
 /// A refused `file://` path, with the reason for the caller.
@@ -50,8 +53,9 @@ fn overlap(a: &Path, b: &Path) -> bool {
 }
 
 impl FileRoots {
-    /// Checks one `file://` path (`what` names it in the refusal).
-    pub fn check(&self, path: &Path, what: &str) -> Result<(), Refused> {
+    /// Checks one `file://` path of `tenant` (`what` names it in the
+    /// refusal).
+    pub fn check(&self, tenant: &str, path: &Path, what: &str) -> Result<(), Refused> {
         let shown = path.display();
         if !path.is_absolute()
             || path
@@ -72,11 +76,23 @@ impl FileRoots {
         let inside = self
             .roots
             .iter()
-            .filter_map(|r| resolved(r).ok())
+            .map(|r| {
+                if self.per_tenant {
+                    r.join(tenant)
+                } else {
+                    r.clone()
+                }
+            })
+            .filter_map(|r| resolved(&r).ok())
             .any(|r| real.starts_with(&r));
         if !inside {
+            let mine = if self.per_tenant {
+                format!(" for tenant {tenant} (files.roots, each root's {tenant}/)")
+            } else {
+                " (files.roots)".to_string()
+            };
             return Err(Refused(format!(
-                "{what} file://{shown} is outside the directories this node allows (files.roots){}",
+                "{what} file://{shown} is outside the directories this node allows{mine}{}",
                 if real.as_path() != path {
                     format!("; it leads to {}", real.display())
                 } else {
@@ -97,22 +113,27 @@ impl FileRoots {
     }
 
     /// Checks every `file://` path of a job.
-    pub fn check_job(&self, source: &Source, destinations: &[Destination]) -> Result<(), Refused> {
+    pub fn check_job(
+        &self,
+        tenant: &str,
+        source: &Source,
+        destinations: &[Destination],
+    ) -> Result<(), Refused> {
         if let Source::Dir { path } = source {
-            self.check(path, "source")?;
+            self.check(tenant, path, "source")?;
         }
         destinations
             .iter()
-            .try_for_each(|d| self.check_destination(d))
+            .try_for_each(|d| self.check_destination(tenant, d))
     }
 
     /// Checks a destination's path, if it is a `file://` one.
-    pub fn check_destination(&self, d: &Destination) -> Result<(), Refused> {
+    pub fn check_destination(&self, tenant: &str, d: &Destination) -> Result<(), Refused> {
         match d {
             Destination::Objects {
                 location: Location::Dir { path },
                 ..
-            } => self.check(path, "destination"),
+            } => self.check(tenant, path, "destination"),
             _ => Ok(()),
         }
     }
@@ -136,11 +157,12 @@ mod tests {
         let f = FileRoots {
             roots: vec![root.clone()],
             protected: vec![data.clone()],
+            per_tenant: false,
         };
-        assert_eq!(f.check(&root.join("src"), "source"), Ok(()));
+        assert_eq!(f.check("t", &root.join("src"), "source"), Ok(()));
         // A sink directory not made yet.
-        assert_eq!(f.check(&root.join("out/a/b"), "destination"), Ok(()));
-        let refused = |p: &Path| f.check(p, "source").unwrap_err().0;
+        assert_eq!(f.check("t", &root.join("out/a/b"), "destination"), Ok(()));
+        let refused = |p: &Path| f.check("t", p, "source").unwrap_err().0;
         assert!(refused(&t.join("elsewhere")).contains("outside"));
         assert!(refused(&data.join("certs")).contains("overlaps"));
         // A directory holding the data dir: a mirror there would delete it.
@@ -151,9 +173,26 @@ mod tests {
         assert!(refused(Path::new("relative")).contains("absolute"));
         let none = FileRoots::default();
         assert!(none
-            .check(&root.join("src"), "source")
+            .check("t", &root.join("src"), "source")
             .unwrap_err()
             .0
             .contains("files.roots"));
+        // Per tenant: a's paths under root/a only; b cannot reach them.
+        let each = FileRoots {
+            per_tenant: true,
+            ..f.clone()
+        };
+        assert_eq!(each.check("a", &root.join("a/out"), "destination"), Ok(()));
+        let e = each
+            .check("b", &root.join("a/out"), "destination")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("for tenant b"), "{e}");
+        assert!(each.check("a", &root.join("src"), "source").is_err());
+        // A link inside a's directory leading to b's is resolved first.
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("b/secret")).unwrap();
+        std::os::unix::fs::symlink(root.join("b/secret"), root.join("a/peek")).unwrap();
+        assert!(each.check("a", &root.join("a/peek"), "source").is_err());
     }
 }

@@ -562,7 +562,7 @@ impl Api {
         self.node
             .config
             .files
-            .check_job(&source, &destinations)
+            .check_job(&r.tenant, &source, &destinations)
             .map_err(|r| Status::permission_denied(r.0))?;
         let max_attempts = if r.max_attempts == 0 {
             self.node.config.max_attempts

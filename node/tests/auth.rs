@@ -405,6 +405,45 @@ fn file_urls_stay_under_the_operators_roots_and_off_the_nodes_own_files() {
         ],
     );
     assert!(e.contains("files.roots"), "{e}");
+
+    // Roots per tenant: each tenant only under <root>/<tenant>.
+    let split = TestNode::start_with(&t.join("split"), &[("BITCLONE_FILE_ROOTS_PER_TENANT", "1")]);
+    let admin = split.certs.join("admin.token").display().to_string();
+    ok_as(
+        &split,
+        &admin,
+        &["put", src.to_str().unwrap(), "--dataset", "ds"],
+    );
+    let e = refused(
+        &split,
+        Some(&admin),
+        &[
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            &file_url(&t.join("o3")),
+            "--dataset",
+            "ds",
+        ],
+    );
+    assert!(e.contains("for tenant default"), "{e}");
+    let mine = t.join("default").join("o3");
+    let ok = ok_as(
+        &split,
+        &admin,
+        &[
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            &file_url(&mine),
+            "--dataset",
+            "ds",
+            "--wait",
+        ],
+    );
+    assert_eq!(ok["state"], "Succeeded", "{ok}");
 }
 
 #[test]
