@@ -301,6 +301,9 @@ impl Cluster {
                 "remove through the leader (node {leader})"
             )));
         }
+        // Barred first: between leaving the voters and leaving the members
+        // it must not be admitted again.
+        self.write(Command::BarRejoin { id }).await?;
         self.raft
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
             .await?;

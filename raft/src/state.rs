@@ -188,6 +188,11 @@ pub enum Command {
     AllowRejoin {
         id: NodeId,
     },
+    /// Bars a node from joining, before it is taken out of the voters, so
+    /// that it cannot be admitted again while it is being removed.
+    BarRejoin {
+        id: NodeId,
+    },
     /// Sets a tenant's limits.
     SetQuota {
         tenant: String,
@@ -563,6 +568,10 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             Ok(Response::Layout {
                 version: state.layout.version,
             })
+        }
+        Command::BarRejoin { id } => {
+            state.removed.insert(*id);
+            Ok(Response::Ok)
         }
         Command::AllowRejoin { id } => {
             if !state.removed.remove(id) {
@@ -1406,6 +1415,19 @@ mod tests {
         ));
         sm.ok(0, back);
         assert!(sm.state.members.contains_key(&2));
+        // Barred before the removal: it cannot come back in the meantime.
+        sm.ok(0, Command::BarRejoin { id: 2 });
+        assert!(matches!(
+            sm.run(
+                0,
+                Command::UpsertMember {
+                    id: 2,
+                    info: NodeInfo::default()
+                }
+            ),
+            Response::Err(CommandError::Invalid(_))
+        ));
+        sm.ok(0, Command::AllowRejoin { id: 2 });
         // A removal logged before `bar` existed keeps its old meaning.
         let old: Command = serde_json::from_str(r#"{"RemoveMember":{"id":2}}"#).unwrap();
         sm.ok(0, old);
