@@ -268,9 +268,18 @@ say "work dir $W (wiped)"
 rm -rf -- "$W"
 mkdir -p "$W"
 
-say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR --allow-root $W (mutual TLS, bootstrap, join; file:// sinks only under the demo dir)"
+# The nodes write only to sinks their operator declared: the catalog is
+# declared in their config as sink://catalog.
+start_pg
+NODE_CONFIG="$W/nodes.toml"
+: >"$NODE_CONFIG"
+if [[ -n "$CATALOG" ]]; then
+    printf '[sinks.catalog]\ntenants = ["*"]\npostgres = { url = "%s" }\n' "$CATALOG" >"$NODE_CONFIG"
+fi
+
+say "starting a 3-node cluster: $BIN dev up --nodes 3 --data-dir $CLUSTER_DIR --allow-root $W --config $NODE_CONFIG (mutual TLS, bootstrap, join; file:// sinks only under the demo dir; the catalog declared as sink://catalog)"
 CLUSTER_UP=1
-run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR" --allow-root "$W") || die "dev up failed"
+run_up=$("$BIN" --json dev up --nodes 3 --data-dir "$CLUSTER_DIR" --allow-root "$W" --config "$NODE_CONFIG") || die "dev up failed"
 ENDPOINT=$(jfields "$run_up" nodes | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["endpoint"])')
 # TLS checked against the dev CA; an admin token dev up issued (any tenant).
 export BITCLONE_CA BITCLONE_TOKEN_FILE
@@ -315,10 +324,9 @@ say "snapshots of dataset $DATASET:"
 cli snapshots --dataset "$DATASET" || say "WARNING: 'bitclone snapshots' failed"
 
 # 3. clone the latest snapshot to the sinks
-start_pg
 mkdir -p "$EXPORT"
 SINKS=(--to "file://$EXPORT?mirror=true")
-[[ -z "$CATALOG" ]] || SINKS+=(--to "$CATALOG")
+[[ -z "$CATALOG" ]] || SINKS+=(--to "sink://catalog")
 say "clone: bitclone clone --from snapshot://$DATASET ${SINKS[*]} --dataset $DATASET --wait"
 t=$(now)
 run clone --json clone --from "snapshot://$DATASET" "${SINKS[@]}" --dataset "$DATASET" --wait

@@ -643,7 +643,7 @@ impl S3Bench {
                 .arg(&node.endpoint)
                 .arg("--json")
                 .args(["clone", "--from", "snapshot://bench", "--dataset", DATASET])
-                .args(["--to", "s3://bench-bitclone/tree?mirror=true", "--wait"]),
+                .args(["--to", "sink://bench/tree?mirror=true", "--wait"]),
             "bitclone clone to s3",
         )?;
         let bitclone_s = secs(t.elapsed());
@@ -872,10 +872,20 @@ fn bench(args: &Args, work: &Path, p: &Progress) -> Result<Value> {
     } else {
         None
     };
-    let node_env = garage
+    let mut node_env = garage
         .as_ref()
         .map(|g| g.garage.env_vars())
         .unwrap_or_default();
+    if garage.is_some() {
+        // The bucket as a declared sink; its endpoint and keys come from
+        // the AWS_* variables above.
+        let config = work.join("sinks.toml");
+        std::fs::write(
+            &config,
+            "[sinks.bench]\ntenants = [\"*\"]\ns3 = { bucket = \"bench-bitclone\" }\n",
+        )?;
+        node_env.push(("BITCLONE_CONFIG".into(), config.display().to_string()));
+    }
     let node_dir = work.join("node");
     let env: Vec<(&str, &str)> = node_env
         .iter()

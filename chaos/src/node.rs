@@ -163,8 +163,10 @@ impl TestNode {
         cmd.env("BITCLONE_JOIN_TOKEN_FILE", certs.join(ADMIN_TOKEN));
         // file:// sources and sinks anywhere in the test's own directory
         // (the node's data dir, inside it, stays refused).
+        // Shared by all tenants: most tests act as one tenant anywhere there.
         if let Some(dir) = data_dir.parent() {
             cmd.env("BITCLONE_FILE_ROOTS", dir);
+            cmd.env("BITCLONE_FILE_ROOTS_PER_TENANT", "0");
         }
         for (k, v) in env {
             cmd.env(k, v);

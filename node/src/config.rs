@@ -31,7 +31,7 @@ pub struct FileConfig {
     pub cluster: FileCluster,
     #[serde(default)]
     pub transport: FileTransport,
-    /// S3 endpoint and credentials for `s3://` sinks and sources; unset
+    /// Defaults for declared S3 sinks (endpoint, credentials); unset
     /// fields come from the standard `AWS_*` variables.
     #[serde(default)]
     pub s3: bitclone_storage::sink::objects::S3Options,
@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub audit: FileAudit,
     #[serde(default)]
     pub files: FileFiles,
+    /// The S3 buckets and Postgres catalogs jobs may use, by name.
+    #[serde(default)]
+    pub sinks: std::collections::BTreeMap<String, crate::sinks::FileSink>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,7 +53,7 @@ pub struct FileConfig {
 pub struct FileFiles {
     /// Directories `file://` sources and sinks may be in (default: none).
     pub roots: Option<Vec<PathBuf>>,
-    /// Each tenant only under `<root>/<tenant>` (default: false).
+    /// Each tenant only under `<root>/<tenant>` (default: true).
     pub per_tenant: Option<bool>,
 }
 
@@ -173,8 +176,8 @@ pub struct NodeConfig {
     pub cluster: ClusterSettings,
     /// QUIC chunk transport tuning.
     pub transport: bitclone_transport::TransportConfig,
-    /// How `s3://` sinks and sources are reached.
-    pub s3: bitclone_storage::sink::objects::S3Options,
+    /// The sinks jobs may name (`sink://NAME`).
+    pub sinks: crate::sinks::DeclaredSinks,
     /// The public API's TLS.
     pub api: ApiSettings,
     /// How bearer tokens are verified.
@@ -396,7 +399,12 @@ impl NodeConfig {
         if let crate::audit::AuditTarget::File(f) = &audit {
             protected.push(f.clone());
         }
+        protected.extend(crate::sinks::DeclaredSinks::files(&fc.sinks));
+        let s3 = fc.s3.or_env();
+        protected.extend(s3.ca_file.iter().cloned());
+        let sinks = crate::sinks::DeclaredSinks::from_config(fc.sinks, &s3, env)?;
         Ok(NodeConfig {
+            sinks,
             files: crate::roots::FileRoots {
                 roots,
                 protected,
@@ -404,7 +412,8 @@ impl NodeConfig {
                     Some("1" | "true") => true,
                     Some("0" | "false" | "") => false,
                     Some(v) => bail!("BITCLONE_FILE_ROOTS_PER_TENANT={v:?} is not true or false"),
-                    None => fc.files.per_tenant.unwrap_or(false),
+                    // Tenants sharing a root could read each other's files.
+                    None => fc.files.per_tenant.unwrap_or(true),
                 },
             },
             audit,
@@ -421,7 +430,6 @@ impl NodeConfig {
             upload_idle_timeout,
             cluster,
             transport,
-            s3: fc.s3.or_env(),
         })
     }
 }

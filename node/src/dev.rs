@@ -165,6 +165,8 @@ fn spawn_node(
         .arg(dir.join("certs"))
         .env("BITCLONE_JOIN_TOKEN_FILE", admin_token_file(dir))
         .env("BITCLONE_FILE_ROOTS", roots)
+        // A dev cluster is one developer's: its roots are theirs whole.
+        .env("BITCLONE_FILE_ROOTS_PER_TENANT", "0")
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -224,10 +226,25 @@ async fn wait_ready(dir: &Path, node: &DevNode, voters: usize, deadline: Instant
     }
 }
 
-pub async fn up(dir: &Path, nodes: u64, roots: &[PathBuf], json_out: bool) -> Result<ExitCode> {
+pub async fn up(
+    dir: &Path,
+    nodes: u64,
+    roots: &[PathBuf],
+    config: Option<&Path>,
+    json_out: bool,
+) -> Result<ExitCode> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // Every node reads it: the same sinks everywhere, whichever runs a job.
+    let config: Vec<String> = match config {
+        Some(c) => {
+            let c =
+                std::fs::canonicalize(c).with_context(|| format!("--config {}", c.display()))?;
+            vec!["--config".into(), c.to_string_lossy().into_owned()]
+        }
+        None => vec![],
+    };
     let roots = roots
         .iter()
         .map(|r| {
@@ -281,22 +298,20 @@ pub async fn up(dir: &Path, nodes: u64, roots: &[PathBuf], json_out: bool) -> Re
     };
     let fresh = |id: u64| !dir.join(format!("node-{id}/raft")).exists();
     let (api1, peer1) = addr_of(1)?;
-    let first_extra = if fresh(1) {
-        vec!["--bootstrap".to_string()]
-    } else {
-        vec![]
-    };
+    let mut first_extra = config.clone();
+    if fresh(1) {
+        first_extra.push("--bootstrap".to_string());
+    }
     let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, &roots, deadline)?;
     let api1 = first.api_addr.clone();
     wait_ready(dir, &first, 1, deadline).await?;
     started.push(first);
     for id in 2..=nodes {
         let (api, peer) = addr_of(id)?;
-        let extra = if fresh(id) {
-            vec!["--join".to_string(), api1.clone()]
-        } else {
-            vec![]
-        };
+        let mut extra = config.clone();
+        if fresh(id) {
+            extra.extend(["--join".to_string(), api1.clone()]);
+        }
         let n = spawn_node(dir, id, &api, &peer, &extra, &roots, deadline)?;
         // Join one at a time: each membership change completes before the next.
         wait_ready(dir, &n, id as usize, deadline).await?;

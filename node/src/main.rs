@@ -13,6 +13,7 @@ mod restore;
 mod roots;
 mod server;
 mod service;
+mod sinks;
 
 use std::path::PathBuf;
 
@@ -84,9 +85,11 @@ enum Cmd {
         snapshot: Option<String>,
         dir: PathBuf,
     },
-    /// Submit a clone job: SRC (file:///abs/path, s3://bucket/prefix or
-    /// snapshot://NAME[@ID]) to each DST (s3://bucket/prefix[?mirror=true],
-    /// file:///abs/dir, postgres://…).
+    /// Submit a clone job: SRC (snapshot://NAME[@ID], sink://SINK[/path]
+    /// or file:///abs/path) to each DST (sink://SINK[/path][?mirror=true]
+    /// or file:///abs/dir[?mirror=true]). SINK is an S3 bucket or Postgres
+    /// catalog the node's operator declared; file:// paths must be under
+    /// the node's files.roots.
     Clone {
         #[arg(long)]
         from: String,
@@ -242,6 +245,10 @@ enum DevCmd {
         /// by default).
         #[arg(long = "allow-root")]
         allow_roots: Vec<PathBuf>,
+        /// A node config file each node reads (e.g. its [sinks.NAME]);
+        /// dev up's own settings win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Stop the local cluster started in DATA_DIR.
     Down {
@@ -290,7 +297,8 @@ fn main() -> std::process::ExitCode {
                 nodes,
                 data_dir,
                 allow_roots,
-            }) => dev::up(&data_dir, nodes, &allow_roots, cli.json).await,
+                config,
+            }) => dev::up(&data_dir, nodes, &allow_roots, config.as_deref(), cli.json).await,
             Cmd::Token(TokenCmd::Issue {
                 certs,
                 scope,

@@ -46,8 +46,9 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// Wakes idle job workers (a job was submitted here, or shutdown).
     wake: tokio::sync::Notify,
-    /// Opened sinks by destination (a catalog is a connection pool).
-    sinks: tokio::sync::Mutex<std::collections::HashMap<Destination, Sink>>,
+    /// Opened sinks by tenant and destination (a catalog is a connection
+    /// pool).
+    sinks: tokio::sync::Mutex<std::collections::HashMap<(String, Destination), Sink>>,
 }
 
 /// A dataset as listings show it.
@@ -619,7 +620,8 @@ impl Node {
                 return Err(StoreError::Cancelled);
             }
             let sink = self.sink(&job.tenant, dest).await?;
-            let phase = format!("writing {}", sink.name());
+            // As the user named it (sink://NAME/path), not where it resolves.
+            let phase = format!("writing {}", dest.display());
             // Progress lives in memory; the heartbeat publishes it. A retry
             // walks the destination again and skips what is already there.
             let mut on_progress = |p: ExportProgress| {
@@ -684,8 +686,8 @@ impl Node {
         Ok(())
     }
 
-    /// An opened sink, kept per destination: a catalog's pool is connected
-    /// (and migrated) once, not once per job.
+    /// An opened sink, kept per tenant and destination: a catalog's pool is
+    /// connected (and migrated) once, not once per job.
     async fn sink(&self, tenant: &str, dest: &Destination) -> Result<Sink, StoreError> {
         // Checked again whenever a job writes it, opened before or not:
         // links may have changed since the job was submitted.
@@ -693,11 +695,21 @@ impl Node {
             .files
             .check_destination(tenant, dest)
             .map_err(|r| StoreError::InvalidArgument(r.0))?;
-        if let Some(s) = self.sinks.lock().await.get(dest) {
+        // Resolved for every job, opened before or not: a tenant the sink
+        // is not declared for, or a URL a client chose (a job stored by an
+        // earlier release), is refused here and nothing is written.
+        let r = self
+            .config
+            .sinks
+            .destination(tenant, dest)
+            .map_err(|r| StoreError::InvalidArgument(r.0))?;
+        // Per tenant: a per-tenant sink's one name is a place per tenant.
+        let key = (tenant.to_string(), dest.clone());
+        if let Some(s) = self.sinks.lock().await.get(&key) {
             return Ok(s.clone());
         }
-        let s = Sink::open(dest, &self.config.s3).await?;
-        self.sinks.lock().await.insert(dest.clone(), s.clone());
+        let s = Sink::open(&r.destination, &r.s3, r.pg_password.as_deref()).await?;
+        self.sinks.lock().await.insert(key, s.clone());
         Ok(s)
     }
 
@@ -753,11 +765,17 @@ impl Node {
                 let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
-            Source::Objects { location } => {
-                let target = objects::open_location(location, false, &self.config.s3)?;
+            Source::Objects { .. } | Source::Declared { .. } => {
+                let (location, s3) = self
+                    .config
+                    .sinks
+                    .source(&job.tenant, &job.source)
+                    .map_err(|r| StoreError::InvalidArgument(r.0))?
+                    .ok_or_else(|| StoreError::InvalidArgument("not an object source".into()))?;
+                let target = objects::open_location(&location, false, &s3)?;
                 let (builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let link2 = link.clone();
-                let phase = format!("reading {}", target.url);
+                let phase = format!("reading {}", job.source.display());
                 let mut last = Instant::now();
                 let builder =
                     source::ingest_objects(&target, builder, stop, &mut |files, bytes| {
@@ -803,27 +821,6 @@ impl Node {
             }
         }
     }
-}
-
-/// Checks a job's source and destinations against this node's settings
-/// before it is accepted (the URLs were parsed into them already).
-pub fn check_job_spec(
-    source: &Source,
-    destinations: &[Destination],
-    s3: &objects::S3Options,
-) -> Result<(), StoreError> {
-    let locations = destinations.iter().filter_map(|d| match d {
-        Destination::Objects { location, .. } => Some(location),
-        Destination::Catalog { .. } => None,
-    });
-    let source = match source {
-        Source::Objects { location } => Some(location),
-        _ => None,
-    };
-    for l in locations.chain(source) {
-        objects::check_location(l, s3)?;
-    }
-    Ok(())
 }
 
 /// Fault injection for process-level tests, inert unless the variable is

@@ -30,7 +30,17 @@ pub async fn run(
         .transpose()
         .with_context(|| format!("--snapshot {snapshot:?}"))?;
     let catalog = match catalog {
-        Some(url) => Some(Catalog::connect(url).await?),
+        // As libpq does: the user's own PGPASSWORD, for the host they named.
+        Some(url) => Some(
+            Catalog::connect_with_password(
+                url,
+                std::env::var_os("PGPASSWORD")
+                    .filter(|p| !p.is_empty())
+                    .as_ref()
+                    .map(|p| p.as_encoded_bytes()),
+            )
+            .await?,
+        ),
         None => None,
     };
     let (record, manifest) = match (&wanted, &catalog) {

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{Audit, Event};
 use crate::auth::{bearer, Denied, Principal, Scope, Verifier};
-use crate::node::{check_job_spec, Node};
+use crate::node::Node;
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Job, JobState};
 use bitclone_raft::state::{Command, Response as RaftResponse};
@@ -540,15 +540,24 @@ impl Api {
                 r.destinations.len()
             )));
         }
+        // Not quoted: a URL may hold a password.
         if let Some(u) = std::iter::once(&r.source)
             .chain(&r.destinations)
             .find(|u| u.len() > MAX_URL_BYTES)
         {
             return Err(Status::invalid_argument(format!(
-                "a URL of {} bytes (at most {MAX_URL_BYTES}): {}...",
+                "a URL of {} bytes (at most {MAX_URL_BYTES})",
                 u.len(),
-                u.chars().take(64).collect::<String>()
             )));
+        }
+        // Before any parsing, whose errors would quote the URL: a catalog
+        // URL may hold a password, percent-encoded past any redaction.
+        if let Some(refusal) = r
+            .destinations
+            .iter()
+            .find_map(|d| self.node.config.sinks.catalog_url_refusal(&r.tenant, d))
+        {
+            return Err(Status::permission_denied(refusal.0));
         }
         // Parsed once, here: the job keeps the typed values.
         let source = Source::parse(&r.source).map_err(status)?;
@@ -558,12 +567,12 @@ impl Api {
             .map(|d| Destination::parse(d))
             .collect::<Result<Vec<_>, _>>()
             .map_err(status)?;
-        check_job_spec(&source, &destinations, &self.node.config.s3).map_err(status)?;
-        self.node
-            .config
+        let config = &self.node.config;
+        config
             .files
             .check_job(&r.tenant, &source, &destinations)
             .map_err(|r| Status::permission_denied(r.0))?;
+        check_job_spec(&r.tenant, &source, &destinations, &config.sinks)?;
         let max_attempts = if r.max_attempts == 0 {
             self.node.config.max_attempts
         } else {
@@ -1478,4 +1487,27 @@ where
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(f(tx));
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// Checks a job's source and destinations against the sinks this node
+/// declares, before it is accepted (the URLs were parsed into them
+/// already): a place the client chose is refused (PermissionDenied), and an
+/// S3 location must be one the node can open.
+fn check_job_spec(
+    tenant: &str,
+    source: &Source,
+    destinations: &[Destination],
+    sinks: &crate::sinks::DeclaredSinks,
+) -> Result<(), Status> {
+    let denied = |r: crate::roots::Refused| Status::permission_denied(r.0);
+    for d in destinations {
+        let r = sinks.destination(tenant, d).map_err(denied)?;
+        if let Destination::Objects { location, .. } = &r.destination {
+            bitclone_storage::sink::objects::check_location(location, &r.s3).map_err(status)?;
+        }
+    }
+    if let Some((location, s3)) = sinks.source(tenant, source).map_err(denied)? {
+        bitclone_storage::sink::objects::check_location(&location, &s3).map_err(status)?;
+    }
+    Ok(())
 }

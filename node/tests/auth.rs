@@ -446,6 +446,188 @@ fn file_urls_stay_under_the_operators_roots_and_off_the_nodes_own_files() {
     assert_eq!(ok["state"], "Succeeded", "{ok}");
 }
 
+/// A listener that speaks just enough of the Postgres protocol to ask
+/// whoever connects for a cleartext password, and keeps every byte it is
+/// sent. Stops by itself after `secs`.
+struct PasswordTrap {
+    port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl PasswordTrap {
+    fn start(secs: u64) -> PasswordTrap {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let trap = PasswordTrap {
+            port: listener.local_addr().unwrap().port(),
+            connections: Default::default(),
+            received: Default::default(),
+        };
+        let (connections, received) = (trap.connections.clone(), trap.received.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < end {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                connections.fetch_add(1, Ordering::SeqCst);
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let message = |conn: &mut std::net::TcpStream| -> Option<Vec<u8>> {
+                    let mut len = [0u8; 4];
+                    conn.read_exact(&mut len).ok()?;
+                    let n = u32::from_be_bytes(len).saturating_sub(4).min(1 << 16) as usize;
+                    let mut body = vec![0u8; n];
+                    conn.read_exact(&mut body).ok()?;
+                    received.lock().unwrap().extend_from_slice(&body);
+                    Some(body)
+                };
+                // The startup message (after a refused TLS request).
+                let Some(mut first) = message(&mut conn) else {
+                    continue;
+                };
+                if first == [4, 210, 22, 47] {
+                    let _ = conn.write_all(b"N");
+                    let Some(again) = message(&mut conn) else {
+                        continue;
+                    };
+                    first = again;
+                }
+                let _ = first;
+                // AuthenticationCleartextPassword; the reply is 'p' + length + password.
+                let _ = conn.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+                let mut tag = [0u8; 1];
+                if conn.read_exact(&mut tag).is_ok() {
+                    message(&mut conn);
+                }
+            }
+        });
+        trap
+    }
+
+    fn saw(&self, secret: &str) -> bool {
+        let got = self.received.lock().unwrap();
+        got.windows(secret.len()).any(|w| w == secret.as_bytes())
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_client_chosen_postgres_host_gets_no_connection_and_no_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().canonicalize().unwrap();
+    let chosen = PasswordTrap::start(120);
+    let declared = PasswordTrap::start(120);
+    // The operator declares one catalog, with its password in a variable of
+    // its own; the node also has a PGPASSWORD, which no URL may draw out.
+    let config = t.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sinks.cat]\ntenants = [\"*\"]\n[sinks.cat.postgres]\n\
+             url = \"postgres://bitclone@127.0.0.1:{}/catalog\"\npassword_env = \"CAT_PW\"\n",
+            declared.port
+        ),
+    )
+    .unwrap();
+    let node = TestNode::start_with(
+        &t.join("node"),
+        &[
+            ("BITCLONE_CONFIG", config.to_str().unwrap()),
+            ("PGPASSWORD", "node-pgpassword-1"),
+            ("CAT_PW", "declared-password-2"),
+        ],
+    );
+    let admin = node.certs.join("admin.token").display().to_string();
+    let src = t.join("src");
+    generate_tree(&src, 4, 5, 0);
+    ok_as(
+        &node,
+        &admin,
+        &["put", src.to_str().unwrap(), "--dataset", "ds"],
+    );
+    let clone = |to: &str| {
+        refused(
+            &node,
+            Some(&admin),
+            &[
+                "clone",
+                "--from",
+                "snapshot://ds",
+                "--to",
+                to,
+                "--dataset",
+                "ds",
+            ],
+        )
+    };
+    for url in [
+        format!("postgres://postgres@127.0.0.1:{}/x", chosen.port),
+        format!(
+            "postgresql://bitclone:hunter2@127.0.0.1:{}/x?sslmode=disable",
+            chosen.port
+        ),
+        format!("postgres://u@h/x?host=127.0.0.1&port={}", chosen.port),
+    ] {
+        let e = clone(&url);
+        assert!(e.contains("PermissionDenied"), "{e}");
+        assert!(
+            e.contains("sink://NAME") && e.contains("declared for it: cat"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    // The declared catalog: the job runs and the node sends that sink's
+    // password, and only to that host (the trap fails the job afterwards).
+    let id = node
+        .ok(&[
+            "clone",
+            "--from",
+            "snapshot://ds",
+            "--to",
+            "sink://cat",
+            "--dataset",
+            "ds",
+            "--max-attempts",
+            "1",
+        ])
+        .trim()
+        .to_string();
+    node.cli(&["job", &id, "--watch"]);
+    let job = node.json(&["job", &id]);
+    assert_eq!(job["state"], "Failed", "{job}");
+    assert_eq!(job["destinations"][0], "sink://cat", "{job}");
+    assert!(declared.connections() >= 1);
+    assert!(declared.saw("declared-password-2"));
+    assert!(!declared.saw("node-pgpassword-1"));
+    // Given time to connect, had it been going to.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(chosen.connections(), 0, "the client's host was contacted");
+    assert!(!chosen.saw("node-pgpassword-1") && !chosen.saw("declared-password-2"));
+    // Refusals are audited; no password is in the log.
+    let lines = audit_lines(&node);
+    assert_eq!(
+        audited(&lines, "clone", "PermissionDenied"),
+        3,
+        "{lines:#?}"
+    );
+    let log = std::fs::read_to_string(node.data_dir.join("audit.log")).unwrap();
+    for secret in ["hunter2", "declared-password-2", "node-pgpassword-1"] {
+        assert!(!log.contains(secret), "{secret} in the audit log");
+        assert!(
+            !node.log_text().contains(secret),
+            "{secret} in the node's log"
+        );
+    }
+}
+
 #[test]
 fn a_tenant_over_its_quota_is_refused_and_nothing_is_committed() {
     let tmp = tempfile::tempdir().unwrap();

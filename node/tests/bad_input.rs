@@ -277,7 +277,7 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
         "--from",
         "snapshot://real",
         "--to",
-        "s3://bucket/p?bogus=1",
+        "sink://bucket/p?bogus=1",
         "--dataset",
         "real",
     ]);
@@ -291,7 +291,7 @@ fn unknown_dataset_snapshot_and_unreadable_sources_are_clear_errors() {
         "--dataset",
         "real",
     ]);
-    assert!(e.contains("supported: s3://, file://, postgres://"), "{e}");
+    assert!(e.contains("supported: sink://, file://"), "{e}");
 
     // The dataset is untouched by all of this.
     let snaps = node.json(&["snapshots", "--dataset", "real"]);

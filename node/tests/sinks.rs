@@ -29,8 +29,37 @@ fn s3_env(g: &Garage) -> Vec<(String, String)> {
     g.env_vars()
 }
 
-fn env_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+/// A node config declaring the sinks a test uses, for every tenant: S3
+/// sinks (`name`, `bucket/prefix`, secret key) on Garage with their keys in
+/// the config itself (the nodes get no `AWS_*` variables), and catalogs
+/// (`name`, URL).
+fn sinks_config(
+    dir: &Path,
+    g: &Garage,
+    s3: &[(&str, &str, &str)],
+    catalogs: &[(&str, &str)],
+) -> String {
+    let mut toml = String::new();
+    for (name, place, secret) in s3 {
+        let (bucket, prefix) = place.split_once('/').unwrap_or((place, ""));
+        toml += &format!(
+            "[sinks.{name}]\ntenants = [\"*\"]\n[sinks.{name}.s3]\nbucket = \"{bucket}\"\n\
+             prefix = \"{prefix}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+             access_key_id = \"{}\"\nsecret_access_key = \"{secret}\"\n",
+            g.endpoint(),
+            g.region(),
+            g.access_key()
+        );
+    }
+    for (name, url) in catalogs {
+        toml += &format!(
+            "[sinks.{name}]\ntenants = [\"*\"]\n[sinks.{name}.postgres]\nurl = \"{url}\"\n"
+        );
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("sinks.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_string()
 }
 
 /// `bitclone restore` as an operator runs it: no node, only the sinks.
@@ -126,11 +155,17 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     db.create_database("catalog");
     let catalog = db.url("catalog");
     let tmp = tempfile::tempdir().unwrap();
-    let env = s3_env(&g);
-    let node = TestNode::start_with(&tmp.path().join("n"), &env_refs(&env));
+    let config = sinks_config(
+        tmp.path(),
+        &g,
+        &[("clones", "clones/team", g.secret_key())],
+        &[("catalog", &catalog)],
+    );
+    let node = TestNode::start_with(&tmp.path().join("n"), &[("BITCLONE_CONFIG", &config)]);
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 60, 1);
-    let s3 = "s3://clones/team/ds?mirror=true";
+    // sink://clones/ds is s3://clones/team/ds.
+    let s3 = "s3://clones/team/ds";
     let clone_to_both = |node: &TestNode| {
         let from = file_url(&src);
         node.json(&[
@@ -138,9 +173,9 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
             "--from",
             &from,
             "--to",
-            s3,
+            "sink://clones/ds?mirror=true",
             "--to",
-            &catalog,
+            "sink://catalog",
             "--dataset",
             "ds",
             "--wait",
@@ -213,7 +248,7 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     let job = node.json(&[
         "clone",
         "--from",
-        "s3://clones/team/ds",
+        "sink://clones/ds",
         "--to",
         &file_url(&copy),
         "--dataset",
@@ -227,9 +262,9 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
         node.json(&[
             "clone",
             "--from",
-            "s3://clones/team/ds",
+            "sink://clones/ds",
             "--to",
-            "s3://clones/mirror",
+            "sink://clones/mirror",
             "--dataset",
             "s3-copy",
             "--wait",
@@ -252,8 +287,18 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     generate_tree(&src, 3, 5, 0);
-    let env = s3_env(&g);
-    let node = TestNode::start_with(&tmp.path().join("n"), &env_refs(&env));
+    let port = bitclone_chaos::servers::unused_port();
+    let wrong = "0".repeat(64);
+    let config = sinks_config(
+        tmp.path(),
+        &g,
+        &[
+            ("missing", "no-such-bucket/x", g.secret_key()),
+            ("wrong-key", "real-bucket/x", &wrong),
+        ],
+        &[("gone", &format!("postgres://postgres@127.0.0.1:{port}/x"))],
+    );
+    let node = TestNode::start_with(&tmp.path().join("n"), &[("BITCLONE_CONFIG", &config)]);
     // The job ends Failed, so `clone --wait` would exit non-zero: submit,
     // watch to the end, then read the job.
     let clone = |node: &TestNode, to: &str, ds: &str| {
@@ -276,40 +321,55 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
     };
 
     // A bucket that does not exist: permanent, one attempt.
-    let j = clone(&node, "s3://no-such-bucket/x", "a");
+    let j = clone(&node, "sink://missing", "a");
     assert_eq!(j["state"], "Failed", "{j}");
     assert_eq!(j["attempts"], 1, "not retried: {j}");
     let err = j["last_error"].as_str().unwrap();
     assert!(err.contains("no-such-bucket"), "{err}");
 
     // An unreachable Postgres: a clear error after the retries.
-    let port = bitclone_chaos::servers::unused_port();
-    let j = clone(
-        &node,
-        &format!("postgres://postgres@127.0.0.1:{port}/x"),
-        "b",
-    );
+    let j = clone(&node, "sink://gone", "b");
     assert_eq!(j["state"], "Failed", "{j}");
     let err = j["last_error"].as_str().unwrap();
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(err.contains("unreachable"), "{err}");
-    drop(node);
 
     // Wrong credentials: permanent, and nothing committed in the bucket.
-    let mut env = s3_env(&g);
-    for (k, v) in env.iter_mut() {
-        if k == "AWS_SECRET_ACCESS_KEY" {
-            *v = "0".repeat(64);
-        }
-    }
-    let node = TestNode::start_with(&tmp.path().join("n2"), &env_refs(&env));
-    let j = clone(&node, "s3://real-bucket/x", "c");
+    let j = clone(&node, "sink://wrong-key", "c");
     assert_eq!(j["state"], "Failed", "{j}");
     assert_eq!(j["attempts"], 1, "not retried: {j}");
     let err = j["last_error"].as_str().unwrap();
     assert!(err.contains("credentials"), "{err}");
+    assert!(!err.contains(&wrong), "{err}");
     let t = target(&g, "s3://real-bucket/x");
     assert!(rt().block_on(objects::latest_commit(&t)).unwrap().is_none());
+
+    // A place the client chose is refused at submit: nothing runs.
+    for to in ["s3://real-bucket/x", "sink://nope"] {
+        let e = node.fails(&[
+            "clone",
+            "--from",
+            &file_url(&src),
+            "--to",
+            to,
+            "--dataset",
+            "d",
+        ]);
+        assert!(
+            e.contains("declared for it: gone, missing, wrong-key"),
+            "{e}"
+        );
+    }
+    let e = node.fails(&[
+        "clone",
+        "--from",
+        "s3://real-bucket/x",
+        "--to",
+        &file_url(&tmp.path().join("o")),
+        "--dataset",
+        "d",
+    ]);
+    assert!(e.contains("sink://NAME"), "{e}");
 }
 
 #[test]
@@ -338,10 +398,18 @@ fn holder_lost_mid_upload(fault: Fault) {
     db.create_database("catalog");
     let catalog = db.url("catalog");
     let tmp = tempfile::tempdir().unwrap();
-    let mut env = s3_env(&g);
-    // Slow enough per file that the kill lands in the middle of the upload.
-    env.push(("BITCLONE_FAULT_EXPORT_FILE_DELAY_MS".into(), "150".into()));
-    let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env_refs(&env));
+    let config = sinks_config(
+        tmp.path(),
+        &g,
+        &[("failover", "failover", g.secret_key())],
+        &[("catalog", &catalog)],
+    );
+    let env = [
+        ("BITCLONE_CONFIG", config.as_str()),
+        // Slow enough per file that the kill lands in the middle of the upload.
+        ("BITCLONE_FAULT_EXPORT_FILE_DELAY_MS", "150"),
+    ];
+    let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 40, 1);
     let s3 = "s3://failover/ds";
@@ -352,9 +420,9 @@ fn holder_lost_mid_upload(fault: Fault) {
             "--from",
             &file_url(&src),
             "--to",
-            s3,
+            "sink://failover/ds",
             "--to",
-            &catalog,
+            "sink://catalog",
             "--dataset",
             "fo",
         ])
@@ -376,7 +444,7 @@ fn holder_lost_mid_upload(fault: Fault) {
             && p["phase"]
                 .as_str()
                 .unwrap_or("")
-                .starts_with("writing s3://")
+                .starts_with("writing sink://failover/ds")
             && p["files_done"].as_u64().unwrap_or(0) > 0
     });
     let via = (1..=3).find(|n| *n != holder).unwrap();

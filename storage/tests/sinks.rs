@@ -411,18 +411,18 @@ async fn every_sink_kind_keeps_the_sink_contract() {
     let s3 = S3Options::default();
     let file =
         Destination::parse(&format!("file://{}/sink?mirror=true", dir.path().display())).unwrap();
-    sink_contract(&Sink::open(&file, &s3).await.unwrap()).await;
+    sink_contract(&Sink::open(&file, &s3, None).await.unwrap()).await;
 
     let g = garage();
     g.create_bucket("contract");
     let s3 = garage_options(&g);
     let bucket = Destination::parse("s3://contract/p?mirror=true").unwrap();
-    sink_contract(&Sink::open(&bucket, &s3).await.unwrap()).await;
+    sink_contract(&Sink::open(&bucket, &s3, None).await.unwrap()).await;
 
     let server = pg();
     server.create_database("contract");
     let catalog = Destination::parse(&server.url("contract")).unwrap();
-    sink_contract(&Sink::open(&catalog, &s3).await.unwrap()).await;
+    sink_contract(&Sink::open(&catalog, &s3, None).await.unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

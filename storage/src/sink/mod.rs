@@ -97,15 +97,26 @@ pub struct Committed {
 
 impl Sink {
     /// Opens a destination: an object store's client (a `file://`
-    /// directory is created), or a catalog's pool (connected, migrated).
-    pub async fn open(dest: &Destination, s3: &objects::S3Options) -> Result<Sink> {
+    /// directory is created), or a catalog's pool (connected, migrated,
+    /// with `pg_password` unless the URL has one). A declared sink
+    /// (`sink://`) is resolved to one of those by whoever declared it
+    /// before it can be opened.
+    pub async fn open(
+        dest: &Destination,
+        s3: &objects::S3Options,
+        pg_password: Option<&[u8]>,
+    ) -> Result<Sink> {
         match dest {
             Destination::Objects { location, mirror } => Ok(Sink::Objects(objects::open_location(
                 location, *mirror, s3,
             )?)),
-            Destination::Catalog { url } => {
-                Ok(Sink::Catalog(catalog::Catalog::connect(url).await?))
-            }
+            Destination::Catalog { url } => Ok(Sink::Catalog(
+                catalog::Catalog::connect_with_password(url, pg_password).await?,
+            )),
+            Destination::Declared { .. } => Err(crate::Error::InvalidArgument(format!(
+                "sink {}: a declared sink is opened through the node that declares it",
+                dest.display()
+            ))),
         }
     }
 

@@ -3,8 +3,17 @@
 //! state). Nothing parses the URLs again: sinks open from these values.
 //!
 //! URLs: sources `file:///abs/dir`, `s3://bucket/prefix`,
-//! `snapshot://NAME[@ID]`; destinations `s3://bucket/prefix[?mirror=true]`,
-//! `file:///abs/dir[?mirror=true]`, `postgres://…`.
+//! `sink://NAME[/path]`, `snapshot://NAME[@ID]`; destinations
+//! `s3://bucket/prefix[?mirror=true]`, `file:///abs/dir[?mirror=true]`,
+//! `sink://NAME[/path][?mirror=true]`, `postgres://…`.
+//!
+//! `sink://NAME` names a sink the operator declared in the node's config
+//! (an S3 bucket and prefix, or a Postgres catalog, with its credentials):
+//! the job stores only the name and the path under it, and the node
+//! resolves them when it runs the job. A node takes only those from
+//! clients; `s3://` and `postgres://` URLs, which name a place of the
+//! client's choosing, are for tools that run with the user's own
+//! credentials (`bitclone restore`, `bitclone verify`).
 
 use std::path::PathBuf;
 
@@ -36,14 +45,6 @@ impl Location {
     /// place, or one inside the other (a mirror of the outer one deletes the
     /// inner one's objects).
     pub fn overlaps(&self, other: &Location) -> bool {
-        fn nested(a: &str, b: &str) -> bool {
-            let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
-            a == b
-                || a.is_empty()
-                || b.is_empty()
-                || a.starts_with(&format!("{b}/"))
-                || b.starts_with(&format!("{a}/"))
-        }
         match (self, other) {
             (
                 Location::S3 { bucket, prefix },
@@ -60,6 +61,17 @@ impl Location {
     }
 }
 
+/// Whether one `/`-separated path is inside the other (or they are equal;
+/// the empty path holds everything).
+fn nested(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+    a == b
+        || a.is_empty()
+        || b.is_empty()
+        || a.starts_with(&format!("{b}/"))
+        || b.starts_with(&format!("{a}/"))
+}
+
 /// Where a clone is written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Destination {
@@ -69,11 +81,23 @@ pub enum Destination {
     /// A Postgres catalog (its connection URL, checked at parse; it may hold
     /// a password, so it is shown redacted).
     Catalog { url: String },
+    /// A sink the operator declared (`sink://NAME[/path]`), and the path
+    /// under its prefix (empty: the prefix itself; always empty for a
+    /// catalog).
+    Declared {
+        sink: String,
+        path: String,
+        mirror: bool,
+    },
 }
 
 impl Destination {
     /// Parses and checks a destination URL.
     pub fn parse(url: &str) -> Result<Destination> {
+        if url.starts_with(DECLARED) {
+            let (sink, path, mirror) = declared(url, "sink")?;
+            return Ok(Destination::Declared { sink, path, mirror });
+        }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             crate::sink::catalog::check_url(url)?;
             return Ok(Destination::Catalog {
@@ -98,7 +122,7 @@ impl Destination {
             "file" | "s3" => location(&parsed, url, "sink")?,
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "sink {url:?}: scheme {other}:// is not a sink (supported: s3://, file://, postgres://)"
+                    "sink {url:?}: scheme {other}:// is not a sink (supported: sink://, file://, s3://, postgres://)"
                 )))
             }
         };
@@ -117,6 +141,14 @@ impl Destination {
                 }
             }
             Destination::Catalog { url } => crate::sink::catalog::redact_url(url),
+            Destination::Declared { sink, path, mirror } => {
+                let url = declared_url(sink, path);
+                if *mirror {
+                    format!("{url}?mirror=true")
+                } else {
+                    url
+                }
+            }
         }
     }
 
@@ -128,9 +160,57 @@ impl Destination {
                 Destination::Objects { location: a, .. },
                 Destination::Objects { location: b, .. },
             ) => a.overlaps(b),
+            (
+                Destination::Declared { sink, path, .. },
+                Destination::Declared {
+                    sink: s2, path: p2, ..
+                },
+            ) => sink == s2 && nested(path, p2),
             _ => false,
         }
     }
+}
+
+const DECLARED: &str = "sink://";
+
+fn declared_url(sink: &str, path: &str) -> String {
+    if path.is_empty() {
+        format!("{DECLARED}{sink}")
+    } else {
+        format!("{DECLARED}{sink}/{path}")
+    }
+}
+
+/// `sink://NAME[/path][?mirror=true]` as (name, path, mirror); `what` is
+/// "sink" or "source" (which takes no options).
+fn declared(url: &str, what: &str) -> Result<(String, String, bool)> {
+    let bad = |why: String| Error::InvalidArgument(format!("{what} {url:?}: {why}"));
+    let rest = url.strip_prefix(DECLARED).unwrap_or(url);
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (name, path) = rest.split_once('/').unwrap_or((rest, ""));
+    crate::path::validate_name("sink", name).map_err(|e| bad(e.to_string()))?;
+    let path = path.trim_matches('/');
+    if path
+        .split('/')
+        .any(|p| matches!(p, "." | "..") || (p.is_empty() && !path.is_empty()))
+    {
+        return Err(bad(format!("bad path {path:?} (empty, . or .. parts)")));
+    }
+    object_store::path::Path::parse(path).map_err(|e| bad(format!("bad path: {e}")))?;
+    let mut mirror = false;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match (what, k.as_ref(), v.as_ref()) {
+            ("sink", "mirror", "true" | "1" | "yes") => mirror = true,
+            ("sink", "mirror", "false" | "0" | "no") => mirror = false,
+            ("sink", ..) => {
+                return Err(bad(format!(
+                    "unknown option {k}={v} (known: mirror=true|false)"
+                )))
+            }
+            _ => return Err(bad("a source takes no options".into())),
+        }
+    }
+    Ok((name.to_string(), path.to_string(), mirror))
 }
 
 /// What a clone job reads.
@@ -140,6 +220,9 @@ pub enum Source {
     Dir { path: PathBuf },
     /// The objects under an S3 prefix.
     Objects { location: Location },
+    /// The objects under a path of a sink the operator declared
+    /// (`sink://NAME[/path]`).
+    Declared { sink: String, path: String },
     /// A stored snapshot of a dataset of the same tenant (the latest when
     /// `snapshot` is `None`): a metadata-only clone.
     Snapshot {
@@ -162,6 +245,10 @@ impl Source {
                 snapshot,
             });
         }
+        if url.starts_with(DECLARED) {
+            let (sink, path, _) = declared(url, "source")?;
+            return Ok(Source::Declared { sink, path });
+        }
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::InvalidArgument(format!("source {url:?}: {e}")))?;
         if parsed.query().is_some() {
@@ -171,7 +258,7 @@ impl Source {
         }
         if !matches!(parsed.scheme(), "file" | "s3") {
             return Err(Error::InvalidArgument(format!(
-                "source {url:?}: supported sources are file:///abs/path, s3://bucket/prefix and snapshot://NAME[@ID]"
+                "source {url:?}: supported sources are sink://NAME[/path], file:///abs/path, s3://bucket/prefix and snapshot://NAME[@ID]"
             )));
         }
         Ok(match location(&parsed, url, "source")? {
@@ -185,6 +272,7 @@ impl Source {
         match self {
             Source::Dir { path } => format!("file://{}", path.display()),
             Source::Objects { location } => location.url(),
+            Source::Declared { sink, path } => declared_url(sink, path),
             Source::Snapshot {
                 dataset,
                 snapshot: Some(id),
@@ -316,7 +404,48 @@ mod tests {
         ] {
             assert!(Source::parse(bad).is_err(), "{bad}");
         }
-        for bad in ["ftp://x", "s3://b/p?mirrors=1", "file:///x?mirror=maybe"] {
+        assert_eq!(
+            Destination::parse("sink://archive/team/ds/?mirror=true").unwrap(),
+            Destination::Declared {
+                sink: "archive".into(),
+                path: "team/ds".into(),
+                mirror: true
+            }
+        );
+        assert_eq!(
+            Destination::parse("sink://archive/team/ds?mirror=true")
+                .unwrap()
+                .display(),
+            "sink://archive/team/ds?mirror=true"
+        );
+        assert_eq!(
+            Source::parse("sink://archive").unwrap(),
+            Source::Declared {
+                sink: "archive".into(),
+                path: String::new()
+            }
+        );
+        assert_eq!(
+            Source::parse("sink://archive/a/b").unwrap().display(),
+            "sink://archive/a/b"
+        );
+        for bad in [
+            "sink://archive/a?mirror=true",
+            "sink://../x",
+            "sink://",
+            "sink://a/../b",
+            "sink://a/b//c",
+        ] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "ftp://x",
+            "s3://b/p?mirrors=1",
+            "file:///x?mirror=maybe",
+            "sink://a/./b",
+            "sink://a?mirror=maybe",
+            "sink://a b",
+        ] {
             assert!(Destination::parse(bad).is_err(), "{bad}");
         }
     }
@@ -332,6 +461,10 @@ mod tests {
         assert!(d("file:///a/b").overlaps(&d("file:///a")));
         assert!(!d("file:///a/b").overlaps(&d("file:///a/c")));
         assert!(!d("postgres://u@h/db").overlaps(&d("postgres://u@h/db")));
+        assert!(d("sink://a").overlaps(&d("sink://a/x?mirror=true")));
+        assert!(d("sink://a/x").overlaps(&d("sink://a/x/y")));
+        assert!(!d("sink://a/x").overlaps(&d("sink://a/xy")));
+        assert!(!d("sink://a/x").overlaps(&d("sink://b/x")));
     }
 
     #[test]

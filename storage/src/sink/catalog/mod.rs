@@ -148,8 +148,19 @@ impl Catalog {
     /// Errors: `InvalidArgument` for a bad URL (the password never appears
     /// in messages), `Unavailable` when the server cannot be reached after
     /// retries, `Sink` when the server refuses (authentication, rights).
+    /// The password is the URL's, if it has one: nothing is taken from the
+    /// environment (see [`Catalog::connect_with_password`]).
     pub async fn connect(url: &str) -> Result<Catalog> {
-        let target = parse_url(url)?;
+        Self::connect_with_password(url, None).await
+    }
+
+    /// [`Catalog::connect`] with a password kept out of the URL (so out of
+    /// records and messages); a password in the URL wins.
+    pub async fn connect_with_password(url: &str, password: Option<&[u8]>) -> Result<Catalog> {
+        let mut target = parse_url(url)?;
+        if let (None, Some(p)) = (target.config.get_password(), password) {
+            target.config.password(p);
+        }
         let manager_config = ManagerConfig {
             // A server restart leaves dead pooled connections; check each one
             // before handing it out instead of failing the next query.

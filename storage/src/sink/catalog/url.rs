@@ -80,13 +80,9 @@ pub(super) fn parse_url(url: &str) -> Result<CatalogUrl> {
         return Err(bad("no host given"));
     }
     config.ssl_mode(mode);
-    // As libpq does: a password can stay out of the URL (and so out of job
-    // records and listings) in the process's PGPASSWORD.
-    if config.get_password().is_none() {
-        if let Some(p) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty()) {
-            config.password(p.as_encoded_bytes());
-        }
-    }
+    // No password from the environment here: a node must never send its own
+    // to a host a URL names; whoever connects decides which password goes
+    // where (`Catalog::connect_with_password`).
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }

@@ -81,6 +81,10 @@ pub fn open_target(url: &str, s3: &S3Options) -> Result<Target> {
             "{} is a Postgres catalog, not an object store",
             catalog::redact_url(url)
         ))),
+        Destination::Declared { .. } => Err(Error::InvalidArgument(format!(
+            "{url}: a sink:// name is known only to the nodes that declare it; give the s3:// \
+             or file:// location it stands for"
+        ))),
     }
 }
 
