@@ -381,5 +381,5 @@ printf '%-14s %7s %10s %12s %9s %9s\n' "put #1" "$files1" "$(mb "$bytes1")" "$(m
 printf '%-14s %7s %10s %12s %9s %9s\n' "put #2" "$files2" "$(mb "$bytes2")" "$(mb "$new2") ($(pct "$new2" "$bytes2"))" "$(f2 "$secs2")" "$(mbps "$bytes2" "$secs2")"
 printf '%-14s %7s %10s %12s %9s %9s\n' "restore" "$get_files" "$(mb "$get_bytes")" "-" "$(f2 "$get_secs")" "$(mbps "$get_bytes" "$get_secs")"
 printf '%-14s %s\n' "clone job" "$job_state in $wall_clone s (attempts $job_attempts) -> file://$EXPORT"
-printf '%-14s %s\n' "sinks" "file://$EXPORT (S3 stand-in)${CATALOG:+ and the Postgres catalog $CATALOG}"
+printf '%-14s %s\n' "sinks" "file://$EXPORT (S3 stand-in)${CATALOG:+ and sink://catalog, the Postgres catalog at $CATALOG}"
 printf '%-14s %s\n' "verification" "OK: get, export and off-cluster restore byte-identical to the modified source ($mod_files files)"

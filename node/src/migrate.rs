@@ -4,7 +4,7 @@
 //! then leave the store.
 
 use anyhow::Context;
-use bitclone_raft::job::Job;
+use bitclone_raft::job::{Destination, Job};
 use bitclone_raft::state::{Command, DatasetHead, Response, SnapshotEntry};
 use bitclone_raft::NodeId;
 use bitclone_storage::LegacyMetadata;
@@ -158,7 +158,17 @@ pub fn plan(legacy: &LegacyMetadata, me: NodeId) -> Plan {
             continue;
         }
         match serde_json::from_slice::<Job>(value) {
-            Ok(j) => plan.jobs.push(j),
+            Ok(mut j) => {
+                // A catalog URL of that release may hold a password: none
+                // goes into the Raft log. Such a job no longer runs (sinks
+                // are declared now); its listing keeps hosts and database.
+                for d in &mut j.destinations {
+                    if let Destination::Catalog { url } = d {
+                        *url = bitclone_storage::sink::catalog::public_url(url);
+                    }
+                }
+                plan.jobs.push(j)
+            }
             Err(e) => plan.unreadable.push((key.clone(), e.to_string())),
         }
     }
@@ -302,8 +312,23 @@ mod tests {
         assert_eq!(p.datasets[1].2.history.len(), 1);
         let mut j2 = job.clone();
         j2.id = "j2".into();
-        assert_eq!(p.jobs, vec![job, j2]);
+        assert_eq!(p.jobs, vec![job.clone(), j2]);
         assert_eq!(p.unreadable.len(), 1);
         assert_eq!(p.unreadable[0].0, "job/bad");
+
+        // A catalog URL's password does not reach the Raft log.
+        let mut j3 = job;
+        j3.destinations = vec![Destination::parse("postgres://u:hunter2@h:5/db").unwrap()];
+        let legacy = LegacyMetadata {
+            records: vec![("job/j3".into(), serde_json::to_vec(&j3).unwrap())],
+            ..legacy
+        };
+        let p = plan(&legacy, 1);
+        assert_eq!(
+            p.jobs[0].destinations,
+            vec![Destination::Catalog {
+                url: "postgres://h:5/db".into()
+            }]
+        );
     }
 }

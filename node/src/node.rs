@@ -46,9 +46,9 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// Wakes idle job workers (a job was submitted here, or shutdown).
     wake: tokio::sync::Notify,
-    /// Opened sinks by tenant and destination (a catalog is a connection
-    /// pool).
-    sinks: tokio::sync::Mutex<std::collections::HashMap<(String, Destination), Sink>>,
+    /// Opened sinks by declared name and what it resolved to (a catalog is
+    /// a connection pool).
+    sinks: tokio::sync::Mutex<std::collections::HashMap<(Option<String>, Destination), Sink>>,
 }
 
 /// A dataset as listings show it.
@@ -686,8 +686,8 @@ impl Node {
         Ok(())
     }
 
-    /// An opened sink, kept per tenant and destination: a catalog's pool is
-    /// connected (and migrated) once, not once per job.
+    /// An opened sink, kept per place: a catalog's pool is connected (and
+    /// migrated) once, not once per job.
     async fn sink(&self, tenant: &str, dest: &Destination) -> Result<Sink, StoreError> {
         // Checked again whenever a job writes it, opened before or not:
         // links may have changed since the job was submitted.
@@ -703,8 +703,9 @@ impl Node {
             .sinks
             .destination(tenant, dest)
             .map_err(|r| StoreError::InvalidArgument(r.0))?;
-        // Per tenant: a per-tenant sink's one name is a place per tenant.
-        let key = (tenant.to_string(), dest.clone());
+        // By what it resolved to: a per-tenant sink's one name is a place
+        // per tenant, and a shared catalog is one pool for all.
+        let key = (r.sink.clone(), r.destination.clone());
         if let Some(s) = self.sinks.lock().await.get(&key) {
             return Ok(s.clone());
         }

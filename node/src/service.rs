@@ -550,12 +550,13 @@ impl Api {
                 u.len(),
             )));
         }
-        // Before any parsing, whose errors would quote the URL: a catalog
-        // URL may hold a password, percent-encoded past any redaction.
-        if let Some(refusal) = r
-            .destinations
-            .iter()
-            .find_map(|d| self.node.config.sinks.catalog_url_refusal(&r.tenant, d))
+        let sinks = &self.node.config.sinks;
+        // Before any parsing, whose errors quote the URL: one that may hold
+        // a password (percent-encoded past any redaction) is refused
+        // without being quoted.
+        if let Some(refusal) = std::iter::once(&r.source)
+            .chain(&r.destinations)
+            .find_map(|u| sinks.unquotable_url_refusal(&r.tenant, u))
         {
             return Err(Status::permission_denied(refusal.0));
         }
@@ -564,7 +565,7 @@ impl Api {
         let destinations = r
             .destinations
             .iter()
-            .map(|d| Destination::parse(d))
+            .map(|d| Destination::parse(d).map(|d| sinks.placed(&r.tenant, d)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(status)?;
         let config = &self.node.config;

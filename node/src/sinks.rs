@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bitclone_storage::sink::objects::S3Options;
+use bitclone_storage::sink::spec::Place;
 use bitclone_storage::sink::{Destination, Location, Source};
 use serde::Deserialize;
 
@@ -103,6 +104,8 @@ impl std::fmt::Debug for DeclaredSinks {
 /// A destination as the node opens it: a concrete place and the
 /// credentials for it.
 pub struct Resolved {
+    /// The declared sink's name (`None`: a `file://` directory).
+    pub sink: Option<String>,
     /// `file://`, `s3://` or `postgres://`: never a declared name.
     pub destination: Destination,
     pub s3: S3Options,
@@ -132,7 +135,15 @@ impl DeclaredSinks {
                     bucket,
                     prefix,
                     options,
-                } => Some((n, options.endpoint.clone(), bucket, prefix)),
+                } => Some((
+                    n,
+                    options
+                        .endpoint
+                        .as_deref()
+                        .map(|e| e.trim_end_matches('/').to_ascii_lowercase()),
+                    bucket,
+                    prefix,
+                )),
                 Kind::Postgres { .. } => None,
             })
             .collect();
@@ -165,8 +176,11 @@ impl DeclaredSinks {
         file.values()
             .flat_map(|f| {
                 let ca = f.s3.as_ref().and_then(|s| s.ca_file.clone());
-                let pw = f.postgres.as_ref().and_then(|p| p.password_file.clone());
-                ca.into_iter().chain(pw)
+                let pg = f.postgres.as_ref();
+                let pw = pg.and_then(|p| p.password_file.clone());
+                let root =
+                    pg.and_then(|p| bitclone_storage::sink::catalog::root_cert(&p.url).ok()?);
+                ca.into_iter().chain(pw).chain(root)
             })
             .collect()
     }
@@ -207,30 +221,72 @@ impl DeclaredSinks {
         ))
     }
 
-    /// The refusal of a `postgres://` URL a client gave, which quotes
-    /// nothing of it (it may hold a password); `None` for other URLs.
-    pub fn catalog_url_refusal(&self, tenant: &str, url: &str) -> Option<Refused> {
-        let scheme = url.split_once("://")?.0;
-        matches!(
-            scheme.to_ascii_lowercase().as_str(),
-            "postgres" | "postgresql"
-        )
-        .then(|| self.client_chosen(tenant, "destination", &format!("{scheme}://…")))
+    /// The refusal of a URL that must not be quoted back: a `postgres://`
+    /// one (it may hold a password, percent-encoded past any redaction) or
+    /// any with user info. Compared as the URL parser reads it (spaces
+    /// around, tabs and newlines inside dropped). `None` for other URLs.
+    pub fn unquotable_url_refusal(&self, tenant: &str, url: &str) -> Option<Refused> {
+        let cleaned: String = url
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+            .collect();
+        let (scheme, rest) = cleaned.split_once(':')?;
+        let scheme = scheme.to_ascii_lowercase();
+        if matches!(scheme.as_str(), "postgres" | "postgresql") {
+            return Some(self.client_chosen(tenant, "a URL", &format!("{scheme}://…")));
+        }
+        if scheme == "snapshot" {
+            return None; // NAME@ID: no user info there
+        }
+        // As the URL parser reads it: `\` is `/` for file://.
+        let rest = rest.replace('\\', "/");
+        let rest = rest.strip_prefix("//").unwrap_or(&rest);
+        let authority = rest.split(['/', '?', '#']).next()?;
+        authority.contains('@').then(|| {
+            Refused(format!(
+                "a {scheme}:// URL with user info (not shown): credentials belong in the \
+                 node's config, not in a job"
+            ))
+        })
+    }
+
+    /// A destination as the job keeps it: a declared sink marked with what
+    /// it stands for (see [`Place`]); others as they are.
+    pub fn placed(&self, tenant: &str, d: Destination) -> Destination {
+        match d {
+            Destination::Declared {
+                sink, path, mirror, ..
+            } => {
+                let place = match self.sinks.get(&sink).map(|x| (&x.kind, x.per_tenant)) {
+                    Some((Kind::Postgres { .. }, _)) => Place::Catalog,
+                    Some((Kind::S3 { .. }, true)) => Place::Tenant(tenant.to_string()),
+                    _ => Place::Shared,
+                };
+                Destination::Declared {
+                    sink,
+                    path,
+                    mirror,
+                    place,
+                }
+            }
+            other => other,
+        }
     }
 
     /// Where a destination of `tenant` is written, and with what
     /// credentials. `file://` passes through (the file roots check it).
     pub fn destination(&self, tenant: &str, d: &Destination) -> Result<Resolved, Refused> {
-        let plain = |destination: Destination| Resolved {
-            destination,
-            s3: S3Options::default(),
-            pg_password: None,
-        };
         match d {
             Destination::Objects {
                 location: Location::Dir { .. },
                 ..
-            } => Ok(plain(d.clone())),
+            } => Ok(Resolved {
+                sink: None,
+                destination: d.clone(),
+                s3: S3Options::default(),
+                pg_password: None,
+            }),
             Destination::Objects { .. } => {
                 Err(self.client_chosen(tenant, "destination", &d.display()))
             }
@@ -238,22 +294,19 @@ impl DeclaredSinks {
             Destination::Catalog { .. } => {
                 Err(self.client_chosen(tenant, "destination", "postgres://…"))
             }
-            Destination::Declared { sink, path, mirror } => {
+            Destination::Declared {
+                sink, path, mirror, ..
+            } => {
                 let decl = self.lookup(tenant, sink)?;
-                match &decl.kind {
-                    Kind::S3 {
-                        bucket, options, ..
-                    } => Ok(Resolved {
-                        destination: Destination::Objects {
-                            location: Location::S3 {
-                                bucket: bucket.clone(),
-                                prefix: decl.prefix(tenant, path),
-                            },
+                let (destination, s3, pg_password) = match &decl.kind {
+                    Kind::S3 { options, .. } => (
+                        Destination::Objects {
+                            location: decl.location(tenant, path),
                             mirror: *mirror,
                         },
-                        s3: options.clone(),
-                        pg_password: None,
-                    }),
+                        options.clone(),
+                        None,
+                    ),
                     Kind::Postgres { url, password } => {
                         if !path.is_empty() || *mirror {
                             return Err(Refused(format!(
@@ -262,13 +315,20 @@ impl DeclaredSinks {
                                 d.display()
                             )));
                         }
-                        Ok(Resolved {
-                            destination: Destination::Catalog { url: url.clone() },
-                            s3: S3Options::default(),
-                            pg_password: password.clone(),
-                        })
+                        let url = url.clone();
+                        (
+                            Destination::Catalog { url },
+                            S3Options::default(),
+                            password.clone(),
+                        )
                     }
-                }
+                };
+                Ok(Resolved {
+                    sink: Some(sink.clone()),
+                    destination,
+                    s3,
+                    pg_password,
+                })
             }
         }
     }
@@ -282,21 +342,18 @@ impl DeclaredSinks {
         match s {
             Source::Dir { .. } | Source::Snapshot { .. } => Ok(None),
             Source::Objects { .. } => Err(self.client_chosen(tenant, "source", &s.display())),
-            Source::Declared { sink, path } => match &self.lookup(tenant, sink)?.kind {
-                Kind::S3 {
-                    bucket, options, ..
-                } => Ok(Some((
-                    Location::S3 {
-                        bucket: bucket.clone(),
-                        prefix: self.sinks[sink].prefix(tenant, path),
-                    },
-                    options.clone(),
-                ))),
-                Kind::Postgres { .. } => Err(Refused(format!(
-                    "source {}: sink {sink} is a Postgres catalog, not a source",
-                    s.display()
-                ))),
-            },
+            Source::Declared { sink, path } => {
+                let decl = self.lookup(tenant, sink)?;
+                match &decl.kind {
+                    Kind::S3 { options, .. } => {
+                        Ok(Some((decl.location(tenant, path), options.clone())))
+                    }
+                    Kind::Postgres { .. } => Err(Refused(format!(
+                        "source {}: sink {sink} is a Postgres catalog, not a source",
+                        s.display()
+                    ))),
+                }
+            }
         }
     }
 }
@@ -306,18 +363,23 @@ impl Declared {
         self.tenants.iter().any(|t| t == "*" || t == tenant)
     }
 
-    /// The prefix a job's path lands under.
-    fn prefix(&self, tenant: &str, path: &str) -> String {
-        let base = match &self.kind {
-            Kind::S3 { prefix, .. } => prefix.as_str(),
-            Kind::Postgres { .. } => "",
+    /// Where a job's path lands in an S3 sink:
+    /// `<prefix>[/<tenant>]/<path>`.
+    fn location(&self, tenant: &str, path: &str) -> Location {
+        let (bucket, base) = match &self.kind {
+            Kind::S3 { bucket, prefix, .. } => (bucket.as_str(), prefix.as_str()),
+            Kind::Postgres { .. } => ("", ""),
         };
         let tenant = if self.per_tenant { tenant } else { "" };
-        [base, tenant, path]
+        let prefix = [base, tenant, path]
             .into_iter()
             .filter(|p| !p.is_empty())
             .collect::<Vec<_>>()
-            .join("/")
+            .join("/");
+        Location::S3 {
+            bucket: bucket.to_string(),
+            prefix,
+        }
     }
 }
 
@@ -370,15 +432,24 @@ fn declare(
                 (a, b) => a.or(b),
             };
             let session_token = var("s3.session_token_env", &s.session_token_env)?;
-            // The sink's own key, or the node's: never half of each.
+            // Key, secret and token are one unit from one place: the sink's
+            // own, or the node's ([s3], then AWS_*) for the node's endpoint
+            // only, so the node's key never goes to another service.
             let (access_key_id, secret_access_key, session_token) =
                 match (access_key_id, secret_access_key) {
+                    (Some(k), Some(s)) => (Some(k), Some(s), session_token),
+                    (None, None) if session_token.is_some() => {
+                        bail!("s3.session_token_env needs the sink's own access key and secret")
+                    }
+                    (None, None) if s.endpoint.is_some() => bail!(
+                        "a sink with its own endpoint needs its own access key and secret \
+                         (the node's are for its [s3] endpoint)"
+                    ),
                     (None, None) => (
                         defaults.access_key_id.clone(),
                         defaults.secret_access_key.clone(),
-                        session_token.or(defaults.session_token.clone()),
+                        defaults.session_token.clone(),
                     ),
-                    (Some(k), Some(s)) => (Some(k), Some(s), session_token),
                     _ => bail!(
                         "an access key id needs its secret access key and the other way round"
                     ),
@@ -401,7 +472,13 @@ fn declare(
             }
         }
         (None, Some(p)) => {
-            bitclone_storage::sink::catalog::check_url(&p.url)?;
+            // Checked decoded: an encoded `password` parameter counts too.
+            if bitclone_storage::sink::catalog::has_password(&p.url)? {
+                bail!(
+                    "postgres.url holds a password: give it in postgres.password_env or \
+                     postgres.password_file, so that it is never part of what is shown"
+                );
+            }
             let password = match (
                 var("postgres.password_env", &p.password_env)?,
                 &p.password_file,
@@ -433,7 +510,9 @@ fn declare(
     };
     Ok(Declared {
         tenants: f.tenants,
-        per_tenant: f.per_tenant.unwrap_or(false),
+        // As file roots: tenants sharing a sink do not see each other's
+        // objects unless the operator says they may.
+        per_tenant: f.per_tenant.unwrap_or(true),
         kind,
     })
 }
@@ -460,10 +539,10 @@ mod tests {
     const CONFIG: &str = r#"
         [sinks.archive]
         tenants = ["acme"]
+        per_tenant = false
         s3 = { bucket = "clones", prefix = "/acme/" }
         [sinks.shared]
         tenants = ["*"]
-        per_tenant = true
         s3 = { bucket = "shared", access_key_id_env = "K", secret_access_key_env = "S" }
         [sinks.catalog]
         tenants = ["acme", "beta"]
@@ -554,12 +633,37 @@ mod tests {
         assert!(s
             .source("acme", &Source::parse("s3://clones/acme").unwrap())
             .is_err());
-        let e = s
-            .catalog_url_refusal("acme", "postgres://u@h/x?pass%77ord=hunter2")
-            .unwrap()
-            .0;
-        assert!(!e.contains("hunter2") && e.contains("sink://NAME"), "{e}");
-        assert!(s.catalog_url_refusal("acme", "sink://catalog").is_none());
+        for url in [
+            "postgres://u@h/x?pass%77ord=hunter2",
+            " postgres://u:hunter2@h/x",
+            "postgres:\t//u:hunter2@h/x",
+            "PostgreSQL://u:hunter2@h/x",
+            "s3://u:hunter2@bucket/x",
+            "file://u:hunter2@/x",
+        ] {
+            let e = s.unquotable_url_refusal("acme", url).unwrap().0;
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        for fine in [
+            "sink://catalog",
+            "s3://b/p@x",
+            "snapshot://ds@0a",
+            "file:///a@b",
+        ] {
+            assert!(s.unquotable_url_refusal("acme", fine).is_none(), "{fine}");
+        }
+        // Jobs keep what a name stood for, so that they wait only where
+        // they can touch the same objects.
+        let placed = |t: &str, u: &str| match s.placed(t, d(u)) {
+            Destination::Declared { place, .. } => place,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(placed("acme", "sink://catalog"), Place::Catalog);
+        assert_eq!(
+            placed("acme", "sink://shared/x"),
+            Place::Tenant("acme".into())
+        );
+        assert_eq!(placed("acme", "sink://archive/x"), Place::Shared);
         let none = DeclaredSinks::default();
         let e = none.destination("acme", &d("s3://b/p")).err().unwrap().0;
         assert!(e.contains("no sinks are declared"), "{e}");
@@ -586,6 +690,28 @@ mod tests {
         let e = bad("[sinks.a]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", access_key_id = \"k\" }")
             .unwrap();
         assert!(e.contains("secret access key"), "{e}");
+        // The node's key stays with the node's endpoint.
+        let e =
+            bad("[sinks.a]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", endpoint = \"https://x\" }")
+                .unwrap();
+        assert!(e.contains("its own access key"), "{e}");
+        let e =
+            bad("[sinks.a]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", session_token_env = \"K\" }")
+                .unwrap();
+        assert!(e.contains("session_token_env"), "{e}");
+        // A password in a declared URL, even encoded, is refused.
+        let e = bad(
+            "[sinks.a]\ntenants = [\"*\"]\npostgres = { url = \"postgres://u@h/d?pass%77ord=x\" }",
+        )
+        .unwrap();
+        assert!(e.contains("holds a password") && !e.contains("=x"), "{e}");
+        let e = bad(
+            "[sinks.a]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", prefix = \"x\" }\n\
+             [sinks.b]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", prefix = \"x/y\", \
+             endpoint = \"HTTP://127.0.0.1:3900/\", access_key_id = \"k\", secret_access_key = \"s\" }",
+        )
+        .unwrap();
+        assert!(e.contains("overlap"), "{e}");
         assert!(bad("[sinks.\"a/b\"]\ntenants = [\"*\"]\ns3 = { bucket = \"b\" }").is_some());
         assert!(bad("[sinks.a]\ntenants = [\"*\"]\ns3 = { bucket = \"b\", bogus = 1 }").is_some());
         // Debug output shows names only.

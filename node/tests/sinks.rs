@@ -31,8 +31,8 @@ fn s3_env(g: &Garage) -> Vec<(String, String)> {
 
 /// A node config declaring the sinks a test uses, for every tenant: S3
 /// sinks (`name`, `bucket/prefix`, secret key) on Garage with their keys in
-/// the config itself (the nodes get no `AWS_*` variables), and catalogs
-/// (`name`, URL).
+/// the config itself (the nodes get no `AWS_*` variables), each tenant
+/// under `<prefix>/<tenant>` as by default, and catalogs (`name`, URL).
 fn sinks_config(
     dir: &Path,
     g: &Garage,
@@ -164,8 +164,8 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     let node = TestNode::start_with(&tmp.path().join("n"), &[("BITCLONE_CONFIG", &config)]);
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 60, 1);
-    // sink://clones/ds is s3://clones/team/ds.
-    let s3 = "s3://clones/team/ds";
+    // sink://clones/ds is s3://clones/team/<tenant>/ds.
+    let s3 = "s3://clones/team/default/ds";
     let clone_to_both = |node: &TestNode| {
         let from = file_url(&src);
         node.json(&[
@@ -341,7 +341,7 @@ fn bad_sinks_fail_the_job_clearly_and_commit_nothing() {
     let err = j["last_error"].as_str().unwrap();
     assert!(err.contains("credentials"), "{err}");
     assert!(!err.contains(&wrong), "{err}");
-    let t = target(&g, "s3://real-bucket/x");
+    let t = target(&g, "s3://real-bucket/x/default");
     assert!(rt().block_on(objects::latest_commit(&t)).unwrap().is_none());
 
     // A place the client chose is refused at submit: nothing runs.
@@ -412,7 +412,7 @@ fn holder_lost_mid_upload(fault: Fault) {
     let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 40, 1);
-    let s3 = "s3://failover/ds";
+    let s3 = "s3://failover/default/ds";
     let id = c
         .node(1)
         .ok(&[

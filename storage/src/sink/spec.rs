@@ -78,8 +78,8 @@ pub enum Destination {
     /// An object store, as a mirror of the snapshot when `mirror` (objects
     /// the snapshot does not have are deleted).
     Objects { location: Location, mirror: bool },
-    /// A Postgres catalog (its connection URL, checked at parse; it may hold
-    /// a password, so it is shown redacted).
+    /// A Postgres catalog (its connection URL, checked at parse; only its
+    /// hosts and database are ever shown).
     Catalog { url: String },
     /// A sink the operator declared (`sink://NAME[/path]`), and the path
     /// under its prefix (empty: the prefix itself; always empty for a
@@ -88,7 +88,25 @@ pub enum Destination {
         sink: String,
         path: String,
         mirror: bool,
+        /// What the name stood for when the job was accepted, so that jobs
+        /// take turns only where they can touch the same objects.
+        #[serde(default)]
+        place: Place,
     },
+}
+
+/// What a declared sink is, as far as jobs sharing it go (no credentials,
+/// no hosts: those stay in the node's config).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Place {
+    /// One set of objects every allowed tenant writes.
+    #[default]
+    Shared,
+    /// This tenant's own part of the sink's objects.
+    Tenant(String),
+    /// A catalog: its commits are transactions, so jobs never wait for
+    /// each other.
+    Catalog,
 }
 
 impl Destination {
@@ -96,7 +114,12 @@ impl Destination {
     pub fn parse(url: &str) -> Result<Destination> {
         if url.starts_with(DECLARED) {
             let (sink, path, mirror) = declared(url, "sink")?;
-            return Ok(Destination::Declared { sink, path, mirror });
+            return Ok(Destination::Declared {
+                sink,
+                path,
+                mirror,
+                place: Place::Shared,
+            });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             crate::sink::catalog::check_url(url)?;
@@ -140,8 +163,10 @@ impl Destination {
                     url
                 }
             }
-            Destination::Catalog { url } => crate::sink::catalog::redact_url(url),
-            Destination::Declared { sink, path, mirror } => {
+            Destination::Catalog { url } => crate::sink::catalog::public_url(url),
+            Destination::Declared {
+                sink, path, mirror, ..
+            } => {
                 let url = declared_url(sink, path);
                 if *mirror {
                     format!("{url}?mirror=true")
@@ -161,11 +186,16 @@ impl Destination {
                 Destination::Objects { location: b, .. },
             ) => a.overlaps(b),
             (
-                Destination::Declared { sink, path, .. },
                 Destination::Declared {
-                    sink: s2, path: p2, ..
+                    sink, path, place, ..
                 },
-            ) => sink == s2 && nested(path, p2),
+                Destination::Declared {
+                    sink: s2,
+                    path: p2,
+                    place: place2,
+                    ..
+                },
+            ) => sink == s2 && place == place2 && *place != Place::Catalog && nested(path, p2),
             _ => false,
         }
     }
@@ -409,7 +439,8 @@ mod tests {
             Destination::Declared {
                 sink: "archive".into(),
                 path: "team/ds".into(),
-                mirror: true
+                mirror: true,
+                place: Place::Shared,
             }
         );
         assert_eq!(
@@ -465,6 +496,24 @@ mod tests {
         assert!(d("sink://a/x").overlaps(&d("sink://a/x/y")));
         assert!(!d("sink://a/x").overlaps(&d("sink://a/xy")));
         assert!(!d("sink://a/x").overlaps(&d("sink://b/x")));
+        let placed = |u: &str, p: Place| match d(u) {
+            Destination::Declared {
+                sink, path, mirror, ..
+            } => Destination::Declared {
+                sink,
+                path,
+                mirror,
+                place: p,
+            },
+            other => other,
+        };
+        let mine = |t: &str| Place::Tenant(t.into());
+        assert!(placed("sink://a/x", mine("t")).overlaps(&placed("sink://a", mine("t"))));
+        assert!(!placed("sink://a/x", mine("t")).overlaps(&placed("sink://a/x", mine("u"))));
+        assert!(!placed("sink://c", Place::Catalog).overlaps(&placed("sink://c", Place::Catalog)));
+        // Only hosts and database are shown of a catalog URL.
+        let pg = d("postgres://u:pw@h:5/db?pass%77ord=x&sslmode=disable");
+        assert_eq!(pg.display(), "postgres://h:5/db");
     }
 
     #[test]

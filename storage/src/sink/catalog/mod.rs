@@ -20,7 +20,7 @@ mod tls;
 mod url;
 
 pub use self::migrations::MIGRATIONS;
-pub use self::url::{check_url, redact_url};
+pub use self::url::{check_url, has_password, public_url, redact_url, root_cert};
 
 use std::fmt;
 use std::future::Future;

@@ -135,6 +135,23 @@ pub fn check_url(url: &str) -> Result<()> {
     parse_url(url).map(|_| ())
 }
 
+/// What can be shown of a catalog URL: `scheme://hosts/dbname`, without
+/// user info or parameters (where a password could hide, encoded past any
+/// redaction).
+pub fn public_url(url: &str) -> String {
+    parse_url(url).map_or_else(|_| "postgres://…".to_owned(), |c| c.sink)
+}
+
+/// Whether the URL carries a password (decoded, wherever it is given).
+pub fn has_password(url: &str) -> Result<bool> {
+    Ok(parse_url(url)?.config.get_password().is_some())
+}
+
+/// The `sslrootcert` file a URL names, if any.
+pub fn root_cert(url: &str) -> Result<Option<PathBuf>> {
+    Ok(parse_url(url)?.tls.flatten())
+}
+
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".to_owned();

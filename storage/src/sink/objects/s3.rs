@@ -52,11 +52,13 @@ impl S3Options {
         self.region = self
             .region
             .or_else(|| first(&["AWS_REGION", "AWS_DEFAULT_REGION"]));
-        self.access_key_id = self.access_key_id.or_else(|| var("AWS_ACCESS_KEY_ID"));
-        self.secret_access_key = self
-            .secret_access_key
-            .or_else(|| var("AWS_SECRET_ACCESS_KEY"));
-        self.session_token = self.session_token.or_else(|| var("AWS_SESSION_TOKEN"));
+        // Key, secret and token are one unit: all from the config, or all
+        // from the environment, never a config key with an environment secret.
+        if self.access_key_id.is_none() && self.secret_access_key.is_none() {
+            self.access_key_id = var("AWS_ACCESS_KEY_ID");
+            self.secret_access_key = var("AWS_SECRET_ACCESS_KEY");
+            self.session_token = self.session_token.or_else(|| var("AWS_SESSION_TOKEN"));
+        }
         self.ca_file = self
             .ca_file
             .or_else(|| var("AWS_CA_BUNDLE").map(PathBuf::from));
@@ -190,6 +192,13 @@ mod tests {
         assert_eq!(o.region.as_deref(), Some("eu"), "config wins over env");
         assert_eq!(o.access_key_id.as_deref(), Some("k"));
         assert_eq!(o.ca_file, None);
+        // A key from the config never pairs with a secret from the environment.
+        let o = S3Options {
+            access_key_id: Some("mine".into()),
+            ..S3Options::default()
+        }
+        .or_vars(|k| vars.get(k).map(|v| v.to_string()));
+        assert_eq!(o.secret_access_key, None);
     }
 
     #[test]
