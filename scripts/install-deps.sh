@@ -13,6 +13,8 @@
 #   postgresql           initdb/pg_ctl for the throwaway Postgres servers the sink
 #                        tests start (as an unprivileged user), and the demo's catalog
 #   openssl, socat       test certificates, and a TLS front for the test S3 server
+#   prometheus           promtool (checks a node's /metrics and the alert rules)
+#                        and the Prometheus server a test scrapes a cluster with
 #   restic, rclone,      (--bench only) the benches' side-by-side comparisons
 #   rsync                (rsync: the many-files profile of bitclone-bench)
 #
@@ -37,7 +39,7 @@ done
 
 log() { echo "install-deps: $*"; }
 
-required=(clang libclang-dev g++ make pkg-config postgresql openssl socat)
+required=(clang libclang-dev g++ make pkg-config postgresql openssl socat prometheus)
 optional=()
 [[ "$want_bench" == 1 ]] && optional+=(restic rclone rsync)
 

@@ -161,6 +161,8 @@ impl TestNode {
             .stderr(log_file);
         // Read only by a node that joins through another.
         cmd.env("BITCLONE_JOIN_TOKEN_FILE", certs.join(ADMIN_TOKEN));
+        // Metrics and health on a free port, read back from `http.addr`.
+        cmd.env("BITCLONE_HTTP_LISTEN", "127.0.0.1:0");
         // file:// sources and sinks anywhere in the test's own directory
         // (the node's data dir, inside it, stays refused).
         // Shared by all tenants: most tests act as one tenant anywhere there.
@@ -201,6 +203,19 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `http://ADDR` of the node's metrics and health listener.
+    pub fn http_url(&self) -> String {
+        let addr = std::fs::read_to_string(self.data_dir.join("http.addr"))
+            .expect("the node serves no HTTP listener (http.addr)");
+        format!("http://{}", addr.trim())
+    }
+
+    /// GETs `path` from the node's HTTP listener.
+    pub fn http_get(&self, path: &str) -> HttpReply {
+        let url = self.http_url();
+        http_get(url.trim_start_matches("http://"), path)
     }
 
     pub fn log_text(&self) -> String {
@@ -367,4 +382,68 @@ impl Drop for TestNode {
 pub fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// An HTTP response, as much of it as tests look at.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// A plain HTTP/1.1 GET on loopback, whole body read (`Connection: close`).
+pub fn http_get(addr: &str, path: &str) -> HttpReply {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let body = if header("transfer-encoding").eq_ignore_ascii_case("chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    HttpReply {
+        status,
+        content_type: header("content-type"),
+        body,
+    }
+}
+
+/// A chunked HTTP body, joined.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

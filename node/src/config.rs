@@ -27,6 +27,10 @@ pub struct FileConfig {
     /// An upload that sends nothing for this long is ended (and commits
     /// nothing).
     pub upload_idle_timeout: Option<String>,
+    /// Free space kept on the data dir's file system, e.g. "1GiB".
+    pub disk_reserve: Option<String>,
+    #[serde(default)]
+    pub http: FileHttp,
     #[serde(default)]
     pub cluster: FileCluster,
     #[serde(default)]
@@ -46,6 +50,14 @@ pub struct FileConfig {
     /// The S3 buckets and Postgres catalogs jobs may use, by name.
     #[serde(default)]
     pub sinks: std::collections::BTreeMap<String, crate::sinks::FileSink>,
+}
+
+/// The HTTP listener for metrics and health.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    /// HOST:PORT for `/metrics`, `/healthz` and `/readyz` (off when unset).
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +163,7 @@ pub struct FileJobs {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub http_listen: Option<String>,
     pub node_id: Option<u64>,
     pub peer_listen: Option<String>,
     pub certs: Option<PathBuf>,
@@ -172,6 +185,10 @@ pub struct NodeConfig {
     pub max_attempts: u32,
     pub shutdown_grace: Duration,
     pub upload_idle_timeout: Duration,
+    /// Free bytes kept on the data dir's file system.
+    pub disk_reserve: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (plain HTTP).
+    pub http_listen: Option<SocketAddr>,
     /// Raft membership; a node on its own is a cluster of one.
     pub cluster: ClusterSettings,
     /// QUIC chunk transport tuning.
@@ -271,12 +288,21 @@ impl NodeConfig {
         let listen: SocketAddr = listen.parse().with_context(|| {
             format!("listen address {listen:?} is not HOST:PORT (an IP address and a port)")
         })?;
+        let http_listen = pick(flags.http_listen, "BITCLONE_HTTP_LISTEN", fc.http.listen)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<SocketAddr>().with_context(|| {
+                    format!("http listen address {s:?} is not HOST:PORT (an IP address and a port)")
+                })
+            })
+            .transpose()?;
         let size = |var: &str, file: Option<String>, default: u64| -> Result<u64> {
             match env(var).or(file) {
                 Some(s) => parse_size(&s).with_context(|| var.to_string()),
                 None => Ok(default),
             }
         };
+        let disk_reserve = size("BITCLONE_DISK_RESERVE", fc.disk_reserve, 1 << 30)?;
         let d = ChunkParams::default();
         let chunking = ChunkParams {
             min_size: u32_size(size(
@@ -428,6 +454,8 @@ impl NodeConfig {
             max_attempts,
             shutdown_grace,
             upload_idle_timeout,
+            disk_reserve,
+            http_listen,
             cluster,
             transport,
         })
@@ -673,10 +701,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
         "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
-        other => bail!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"),
+        "tb" => 1_000_000_000_000,
+        other => bail!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB, TiB)"),
     };
     n.checked_mul(mult)
         .with_context(|| format!("{s:?} is too large"))

@@ -32,6 +32,10 @@ pub struct NodeArgs {
     /// gRPC address, IP:PORT (port 0: any free port).
     #[arg(long, env = "BITCLONE_LISTEN")]
     listen: Option<String>,
+    /// Plain-HTTP address for /metrics, /healthz and /readyz, IP:PORT (port
+    /// 0: any free port, written to <data-dir>/http.addr); off when unset.
+    #[arg(long)]
+    http_listen: Option<String>,
     /// TOML config file (see deploy/bitclone.example.toml).
     #[arg(long, env = "BITCLONE_CONFIG")]
     config: Option<PathBuf>,
@@ -88,6 +92,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         Overrides {
             data_dir: args.data_dir,
             listen: args.listen,
+            http_listen: args.http_listen,
             cpu_threads: args.cpu_threads,
             job_workers: args.job_workers,
             node_id: args.node_id,
@@ -163,6 +168,25 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     })
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
+    let metrics = Arc::new(crate::metrics::Metrics::new(Arc::downgrade(&node)));
+    let http_file = config.data_dir.join("http.addr");
+    if let Some(at) = config.http_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {at}"))?;
+        let bound = listener.local_addr()?;
+        let (n, m, stop) = (node.clone(), metrics.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listener, n, m, stop).await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+        write_address(&http_file, bound)?;
+        tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz over HTTP");
+    }
+    // grpc.health.v1 on the API port: serving when ready, as /readyz.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(node.clone(), health, stop_rx.clone()));
     let mut builder = Server::builder();
     if let Some((cert, key)) = &config.api.tls {
         let read = |p: &std::path::Path| {
@@ -178,6 +202,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let server = builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .layer(crate::metrics::RpcLayer(metrics))
+        .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
@@ -209,6 +235,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .context("flushing the store")?;
     cluster.shutdown().await;
     let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(&http_file);
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
@@ -343,6 +370,35 @@ async fn reload_keys(auth: Arc<crate::auth::Verifier>, mut stop: watch::Receiver
 }
 
 /// Writes an address file atomically (readers never see half of it).
+/// Keeps the gRPC health service's answer (for the whole server, "", and
+/// for the API) in step with readiness, checked every second.
+async fn report_health(
+    node: Arc<Node>,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let ready = crate::metrics::readiness_of(&node).ready();
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in ["", "bitclone.v1.BitClone"] {
+                reporter.set_service_status(service, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 fn write_address(path: &std::path::Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let tmp = path.with_extension("addr.tmp");
     std::fs::write(&tmp, addr.to_string())

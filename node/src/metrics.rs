@@ -1,0 +1,606 @@
+//! What a node tells Prometheus (`/metrics`) and its probes (`/healthz`,
+//! `/readyz`, gRPC health). RPC counts and latencies are kept as calls end
+//! ([`RpcLayer`]); everything else is read from the node when scraped
+//! ([`NodeCollector`]), so nothing is counted twice and values are never
+//! stale. Readiness is a plain function over a snapshot of the node's state
+//! ([`readiness`]).
+//!
+//! Names carry their unit (`_bytes`, `_seconds`); counters get `_total`
+//! from the encoder. No metric has a tenant label: the endpoint is the
+//! operator's, and tenants' names stay off it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bitclone_raft::job::JobState;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::node::Node;
+
+/// Raft entries a node may have received but not applied and still be
+/// ready: more means it is catching up.
+pub const MAX_APPLY_LAG: u64 = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+type Histograms = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+/// The node's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    rpcs: Family<RpcLabels, Counter>,
+    rpc_seconds: Histograms,
+}
+
+impl Metrics {
+    /// Registers every metric; `node` is read at each scrape.
+    pub fn new(node: Weak<Node>) -> Metrics {
+        let mut registry = Registry::default();
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "bitclone_rpc_requests",
+            "Public API calls ended, by method and gRPC status code",
+            rpcs.clone(),
+        );
+        fn latency() -> Histogram {
+            // 1 ms .. ~65 s.
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        }
+        let rpc_seconds: Histograms = Family::new_with_constructor(latency);
+        registry.register(
+            "bitclone_rpc_duration_seconds",
+            "Public API call duration, to the end of the response (streams included)",
+            rpc_seconds.clone(),
+        );
+        registry.register_collector(Box::new(NodeCollector { node }));
+        Metrics {
+            registry,
+            rpcs,
+            rpc_seconds,
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn observe(&self, method: &str, code: &str, seconds: f64) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// Why a node is not ready; empty when it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub reasons: Vec<String>,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.reasons.is_empty()
+    }
+}
+
+/// What readiness is decided from.
+#[derive(Debug, Clone, Default)]
+pub struct ReadinessInput {
+    /// Why the store stopped taking writes, if it did.
+    pub fatal: Option<String>,
+    /// The node is a voter or learner of the cluster.
+    pub member: bool,
+    pub leader: Option<u64>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// Free bytes on the data dir's file system (`None`: unknown).
+    pub disk_free: Option<u64>,
+    pub disk_reserve: u64,
+}
+
+/// Ready: the store takes writes, the node is a member that sees a leader
+/// and has applied close to what it has received, and its disk is above
+/// the reserve.
+pub fn readiness(i: &ReadinessInput) -> Readiness {
+    let mut reasons = Vec::new();
+    if let Some(f) = &i.fatal {
+        reasons.push(format!("the store takes no writes: {f}"));
+    }
+    if !i.member {
+        reasons.push("not a member of the cluster".to_string());
+    }
+    if i.leader.is_none() {
+        reasons.push("no leader in sight".to_string());
+    }
+    let lag = i.last_log_index.saturating_sub(i.applied_index);
+    if lag > MAX_APPLY_LAG {
+        reasons.push(format!(
+            "catching up: {lag} log entries not applied yet (at most {MAX_APPLY_LAG})"
+        ));
+    }
+    if let Some(free) = i.disk_free {
+        if free < i.disk_reserve {
+            reasons.push(format!(
+                "disk below its reserve: {free} bytes free, {} reserved",
+                i.disk_reserve
+            ));
+        }
+    }
+    Readiness { reasons }
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+pub fn disk_free(path: &std::path::Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// The readiness inputs of a running node.
+pub fn readiness_of(node: &Node) -> Readiness {
+    let st = node.cluster.status();
+    readiness(&ReadinessInput {
+        fatal: node.fatal(),
+        member: st.voters.contains(&st.id) || st.learners.contains(&st.id),
+        leader: st.leader,
+        last_log_index: st.last_log_index.unwrap_or(0),
+        applied_index: st.last_applied.unwrap_or(0),
+        disk_free: disk_free(&node.config.data_dir),
+        disk_reserve: node.config.disk_reserve,
+    })
+}
+
+/// Values read from the node at each scrape.
+#[derive(Debug)]
+struct NodeCollector {
+    node: Weak<Node>,
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// One metric with a value per value of one label.
+fn labelled<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, kind)?;
+    for (value, v) in values {
+        let labels = [(label.to_string(), value.to_string())];
+        let m = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(m)?,
+            _ => ConstGauge::new(v as i64).encode(m)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let Some(node) = self.node.upgrade() else {
+            return Ok(());
+        };
+        let e = &mut e;
+        labelled(
+            e,
+            "bitclone_build_info",
+            "The running release",
+            MetricType::Gauge,
+            "version",
+            [(env!("CARGO_PKG_VERSION"), 1)],
+        )?;
+        gauge(
+            e,
+            "bitclone_uptime_seconds",
+            "Seconds since the node started",
+            node.started.elapsed().as_secs_f64(),
+        )?;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            e,
+            "bitclone_ingested_bytes",
+            "File bytes received in puts and job ingests (logical, before dedup)",
+            load(&node.bytes_ingested),
+        )?;
+        counter(
+            e,
+            "bitclone_stored_bytes",
+            "Chunk bytes new to this node's store (after dedup)",
+            load(&node.bytes_stored),
+        )?;
+        counter(
+            e,
+            "bitclone_stored_page_bytes",
+            "Manifest page bytes new to this node's store",
+            load(&node.page_bytes_stored),
+        )?;
+        labelled(
+            e,
+            "bitclone_replicated_bytes",
+            "Bytes sent to replicas over QUIC, by kind",
+            MetricType::Counter,
+            "kind",
+            [
+                ("chunk", load(&node.bytes_replicated)),
+                ("page", load(&node.page_bytes_replicated)),
+            ],
+        )?;
+        counter(
+            e,
+            "bitclone_chunks_repaired",
+            "Chunks found corrupt or missing on read and replaced from a replica",
+            load(&node.chunks_repaired),
+        )?;
+        if let Ok(s) = node.store.stats() {
+            gauge(
+                e,
+                "bitclone_store_chunks",
+                "Chunks in the store (RocksDB's estimate)",
+                s.chunks as f64,
+            )?;
+            gauge(
+                e,
+                "bitclone_store_bytes",
+                "Bytes of chunk data in the store's files",
+                s.chunk_bytes as f64,
+            )?;
+        }
+        let st = node.cluster.status();
+        gauge(e, "bitclone_raft_term", "Current Raft term", st.term as f64)?;
+        gauge(
+            e,
+            "bitclone_raft_leader_id",
+            "The leader this node sees (0: none)",
+            st.leader.unwrap_or(0) as f64,
+        )?;
+        gauge(
+            e,
+            "bitclone_raft_is_leader",
+            "1 when this node is the leader",
+            if st.leader == Some(st.id) { 1.0 } else { 0.0 },
+        )?;
+        gauge(
+            e,
+            "bitclone_raft_last_log_index",
+            "Index of the last Raft entry this node holds",
+            st.last_log_index.unwrap_or(0) as f64,
+        )?;
+        gauge(
+            e,
+            "bitclone_raft_applied_index",
+            "Index of the last Raft entry applied to this node's state machine",
+            st.last_applied.unwrap_or(0) as f64,
+        )?;
+        gauge(
+            e,
+            "bitclone_raft_voters",
+            "Voters in the membership this node has applied",
+            st.voters.len() as f64,
+        )?;
+        let jobs = node.cluster.local(|s| {
+            let mut by = [0u64; 5];
+            for j in s.jobs.values() {
+                by[job_state_index(&j.state)] += 1;
+            }
+            by
+        });
+        labelled(
+            e,
+            "bitclone_jobs",
+            "Clone jobs in the cluster state, by state",
+            MetricType::Gauge,
+            "state",
+            JOB_STATES.iter().copied().zip(jobs),
+        )?;
+        if let Some(free) = disk_free(&node.config.data_dir) {
+            gauge(
+                e,
+                "bitclone_disk_free_bytes",
+                "Free bytes on the data dir's file system",
+                free as f64,
+            )?;
+        }
+        gauge(
+            e,
+            "bitclone_disk_reserve_bytes",
+            "Free bytes the node keeps on the data dir's file system",
+            node.config.disk_reserve as f64,
+        )?;
+        gauge(
+            e,
+            "bitclone_store_fatal",
+            "1 when the store stopped taking writes (see the log and /readyz)",
+            if node.fatal().is_some() { 1.0 } else { 0.0 },
+        )?;
+        gauge(
+            e,
+            "bitclone_ready",
+            "1 when the node is ready (the conditions of /readyz hold)",
+            if readiness_of(&node).ready() {
+                1.0
+            } else {
+                0.0
+            },
+        )?;
+        Ok(())
+    }
+}
+
+const JOB_STATES: [&str; 5] = ["pending", "running", "succeeded", "failed", "cancelled"];
+
+fn job_state_index(s: &JobState) -> usize {
+    match s {
+        JobState::Pending => 0,
+        JobState::Running => 1,
+        JobState::Succeeded => 2,
+        JobState::Failed => 3,
+        JobState::Cancelled => 4,
+    }
+}
+
+/// A tower layer on the public API: each call's method and gRPC status
+/// code, and its duration to the end of the response body (so a stream is
+/// timed whole).
+#[derive(Clone)]
+pub struct RpcLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+    fn layer(&self, inner: S) -> RpcService<S> {
+        RpcService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// `/bitclone.v1.BitClone/Put` → `Put`.
+fn method_of(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or_default().to_string()
+}
+
+/// The gRPC status code name of a numeric code.
+fn code_name(code: &str) -> String {
+    let n: i32 = code.trim().parse().unwrap_or(2);
+    format!("{:?}", tonic::Code::from_i32(n))
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: http_body::Body + Unpin + Send + 'static,
+{
+    type Response = http::Response<Observed<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_of(req.uri().path());
+        let metrics = self.metrics.clone();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            // A trailers-only response (an error before any message) has
+            // its status in the headers; otherwise it comes in the trailers.
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(code_name);
+            let pending = Pending {
+                metrics,
+                method,
+                start,
+            };
+            let pending = match code {
+                Some(code) => {
+                    pending.done(&code);
+                    None
+                }
+                None => Some(pending),
+            };
+            Ok(resp.map(|body| Observed { body, pending }))
+        })
+    }
+}
+
+struct Pending {
+    metrics: Arc<Metrics>,
+    method: String,
+    start: Instant,
+}
+
+impl Pending {
+    fn done(self, code: &str) {
+        self.metrics
+            .observe(&self.method, code, self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A response body that records its call when the trailers pass (or, when
+/// it is dropped first, as cancelled).
+pub struct Observed<B> {
+    body: B,
+    pending: Option<Pending>,
+}
+
+impl<B> Drop for Observed<B> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.done("Cancelled");
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Observed<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    let code = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map_or_else(|| "Ok".to_string(), code_name);
+                    if let Some(p) = this.pending.take() {
+                        p.done(&code);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = this.pending.take() {
+                    p.done("Unknown");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = this.pending.take() {
+                    p.done("Ok");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_input() -> ReadinessInput {
+        ReadinessInput {
+            fatal: None,
+            member: true,
+            leader: Some(1),
+            last_log_index: 100,
+            applied_index: 100,
+            disk_free: Some(10 << 30),
+            disk_reserve: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn ready_only_when_every_condition_holds_and_says_which_failed() {
+        assert!(readiness(&ok_input()).ready());
+        type Change = fn(&mut ReadinessInput);
+        let cases: [(&str, Change); 5] = [
+            ("store takes no writes", |i| {
+                i.fatal = Some("disk full".into())
+            }),
+            ("not a member", |i| i.member = false),
+            ("no leader", |i| i.leader = None),
+            ("catching up", |i| i.last_log_index = 5000),
+            ("disk below its reserve", |i| i.disk_free = Some(5)),
+        ];
+        for (why, change) in cases {
+            let mut i = ok_input();
+            change(&mut i);
+            let r = readiness(&i);
+            assert_eq!(r.reasons.len(), 1, "{r:?}");
+            assert!(r.reasons[0].contains(why), "{r:?}");
+        }
+        // An unknown disk does not make a node unready by itself.
+        let mut i = ok_input();
+        i.disk_free = None;
+        assert!(readiness(&i).ready());
+    }
+
+    #[test]
+    fn methods_and_codes_read_as_operators_expect() {
+        assert_eq!(method_of("/bitclone.v1.BitClone/Put"), "Put");
+        assert_eq!(code_name("0"), "Ok");
+        assert_eq!(code_name("5"), "NotFound");
+        assert_eq!(code_name("16"), "Unauthenticated");
+        assert_eq!(code_name("x"), "Unknown");
+    }
+
+    #[test]
+    fn rpc_metrics_encode_in_the_prometheus_text_format() {
+        let m = Metrics::new(Weak::new());
+        m.observe("Put", "Ok", 0.2);
+        m.observe("Put", "Ok", 0.3);
+        m.observe("Get", "NotFound", 0.01);
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE bitclone_rpc_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bitclone_rpc_requests_total{method="Put",code="Ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bitclone_rpc_duration_seconds_count{method="Get"} 1"#),
+            "{text}"
+        );
+    }
+}

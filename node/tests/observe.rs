@@ -1,0 +1,197 @@
+#![allow(clippy::unwrap_used)]
+//! Operating a node, against real node processes: `/metrics` in the
+//! Prometheus text format (checked by promtool), counters that move with the
+//! work, `/healthz`, `/readyz` and grpc.health.v1 on the API port, and a
+//! node that is not ready saying why.
+
+use std::time::{Duration, Instant};
+
+use bitclone_chaos::*;
+
+/// The value of one sample (`name{labels}` as written) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+fn metrics(node: &TestNode) -> String {
+    let r = node.http_get("/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.content_type.starts_with("text/plain; version=0.0.4"),
+        "{r:?}"
+    );
+    r.body
+}
+
+fn wait_ready(node: &TestNode) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = node.http_get("/readyz");
+        if r.status == 200 {
+            assert_eq!(r.body, "ready\n");
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// grpc.health.v1 `Check` for the whole server, over the API's TLS.
+fn grpc_health(node: &TestNode) -> i32 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        use tonic_health::pb::health_client::HealthClient;
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let ca = std::fs::read(node.ca_file()).unwrap();
+        let channel = Endpoint::from_shared(node.endpoint.clone())
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    })
+}
+
+/// `promtool check metrics` on a scrape: the exposition parses and follows
+/// Prometheus' naming rules.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    assert!(
+        std::process::Command::new("promtool")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "promtool not found: scripts/install-deps.sh installs it (Debian's prometheus; make test does)"
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn metrics_health_and_readiness_of_a_running_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start(&tmp.path().join("n"));
+    let h = node.http_get("/healthz");
+    assert_eq!((h.status, h.body.as_str()), (200, "ok\n"), "{h:?}");
+    wait_ready(&node);
+    // SERVING is 1 in grpc.health.v1.
+    assert_eq!(grpc_health(&node), 1);
+
+    let text = metrics(&node);
+    let before = sample(&text, "bitclone_ingested_bytes_total").unwrap();
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 20, 1);
+    let bytes: u64 = walkdir::WalkDir::new(&src)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    node.ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    // A call without a token, refused.
+    assert!(!node.cli_as(None, &["datasets"]).status.success());
+
+    let text = metrics(&node);
+    promtool_check(&text);
+    let after = sample(&text, "bitclone_ingested_bytes_total").unwrap();
+    assert!(
+        after - before >= bytes as f64,
+        "{before} -> {after}, {bytes} put"
+    );
+    assert!(sample(&text, "bitclone_stored_bytes_total").unwrap() > 0.0);
+    assert!(
+        sample(
+            &text,
+            r#"bitclone_rpc_requests_total{method="Upload",code="Ok"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            r#"bitclone_rpc_requests_total{method="ListDatasets",code="Unauthenticated"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            r#"bitclone_rpc_duration_seconds_count{method="Upload"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(sample(&text, "bitclone_ready"), Some(1.0));
+    assert_eq!(sample(&text, "bitclone_raft_is_leader"), Some(1.0));
+    assert_eq!(sample(&text, "bitclone_store_fatal"), Some(0.0));
+    assert!(sample(&text, "bitclone_store_chunks").unwrap() > 0.0);
+    assert!(sample(&text, "bitclone_disk_free_bytes").unwrap() > 0.0);
+    assert!(text.contains(&format!(
+        "bitclone_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    // No tenant's name is on the endpoint.
+    assert!(!text.contains("default"), "{text}");
+}
+
+#[test]
+fn a_node_below_its_disk_reserve_is_not_ready_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = TestNode::start_with(
+        &tmp.path().join("n"),
+        &[("BITCLONE_DISK_RESERVE", "1000000TiB")],
+    );
+    // It serves, it is alive, and it is not ready.
+    let h = node.http_get("/healthz");
+    assert_eq!(h.status, 200);
+    let r = node.http_get("/readyz");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("disk below its reserve"), "{r:?}");
+    let text = metrics(&node);
+    assert_eq!(sample(&text, "bitclone_ready"), Some(0.0));
+    assert!(sample(&text, "bitclone_disk_reserve_bytes").unwrap() > 1e18);
+    // NOT_SERVING is 2 (the health service updates within a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while grpc_health(&node) != 2 {
+        assert!(Instant::now() < deadline, "gRPC health still serving");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
