@@ -394,17 +394,21 @@ pub struct HttpReply {
 
 /// A plain HTTP/1.1 GET on loopback, whole body read (`Connection: close`).
 pub fn http_get(addr: &str, path: &str) -> HttpReply {
+    try_http_get(addr, path).unwrap_or_else(|| panic!("GET http://{addr}{path} failed"))
+}
+
+/// [`http_get`], `None` when the server cannot be reached or hangs up.
+pub fn try_http_get(addr: &str, path: &str) -> Option<HttpReply> {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     write!(
         conn,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .ok()?;
     let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).unwrap();
+    conn.read_to_end(&mut raw).ok()?;
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head
@@ -427,11 +431,11 @@ pub fn http_get(addr: &str, path: &str) -> HttpReply {
     } else {
         body.to_string()
     };
-    HttpReply {
+    Some(HttpReply {
         status,
         content_type: header("content-type"),
         body,
-    }
+    })
 }
 
 /// A chunked HTTP body, joined.

@@ -1036,3 +1036,105 @@ impl Drop for Garage {
         let _ = self.child.wait();
     }
 }
+
+/// A Prometheus server (Debian's `prometheus`) on loopback scraping
+/// `targets` (HOST:PORT of `/metrics` listeners) every second, its data in
+/// a directory of its own; killed on drop.
+pub struct Prometheus {
+    pub addr: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn available() -> bool {
+        Command::new("prometheus")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    pub fn start(targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        let list = targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: bitclone\n    static_configs:\n      - targets: [{list}]\n"
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let log = dir.path().join("prometheus.log");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start prometheus");
+        let p = Prometheus {
+            addr,
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crate::node::try_http_get(&p.addr, "/-/ready").map(|r| r.status) != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not start:\n{}",
+                file_tail(&p.log, 20)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    /// An instant query's `data.result` (the HTTP query API).
+    pub fn query(&self, expr: &str) -> serde_json::Value {
+        let q: String = url_encode(expr);
+        let r = crate::node::http_get(&self.addr, &format!("/api/v1/query?query={q}"));
+        assert_eq!(r.status, 200, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["status"], "success", "{v}");
+        v["data"]["result"].clone()
+    }
+
+    pub fn log_tail(&self) -> String {
+        file_tail(&self.log, 20)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -195,3 +195,60 @@ fn a_node_below_its_disk_reserve_is_not_ready_and_says_why() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_real_prometheus_scrapes_a_three_node_cluster() {
+    use bitclone_chaos::servers::Prometheus;
+    assert!(
+        Prometheus::available(),
+        "prometheus not found: scripts/install-deps.sh installs it (Debian's prometheus; make test does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start(tmp.path(), 3, 3);
+    let targets: Vec<String> = c
+        .nodes
+        .values()
+        .map(|n| n.http_url().trim_start_matches("http://").to_string())
+        .collect();
+    let prom = Prometheus::start(&targets);
+    let value = |v: &serde_json::Value| -> f64 { v["value"][1].as_str().unwrap().parse().unwrap() };
+    // Every node up, as Prometheus sees it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = prom.query("up");
+        let ups: Vec<f64> = up.as_array().unwrap().iter().map(value).collect();
+        if ups.len() == 3 && ups.iter().all(|v| *v == 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "up = {up}; prometheus log:\n{}",
+            prom.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ingested = |p: &Prometheus| -> f64 {
+        p.query("sum(bitclone_ingested_bytes_total)")
+            .as_array()
+            .unwrap()
+            .first()
+            .map(value)
+            .unwrap_or(0.0)
+    };
+    let before = ingested(&prom);
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 10, 1);
+    c.node(1)
+        .ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ingested(&prom) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the counter never rose in Prometheus"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // One leader among the three, as scraped.
+    let leaders = prom.query("sum(bitclone_raft_is_leader)");
+    assert_eq!(value(&leaders[0]), 1.0, "{leaders}");
+}
