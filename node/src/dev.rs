@@ -15,6 +15,9 @@ struct DevNode {
     endpoint: String,
     api_addr: String,
     peer_addr: String,
+    /// `/metrics`, `/healthz`, `/readyz` (plain HTTP).
+    #[serde(default)]
+    http_addr: String,
     pid: u32,
     data_dir: PathBuf,
     log: PathBuf,
@@ -133,8 +136,7 @@ async fn status(
 fn spawn_node(
     dir: &Path,
     id: u64,
-    api: &str,
-    peer: &str,
+    (api, peer, http): (&str, &str, &str),
     extra: &[String],
     roots: &str,
     deadline: Instant,
@@ -158,6 +160,8 @@ fn spawn_node(
             api,
             "--peer-listen",
             peer,
+            "--http-listen",
+            http,
             "--node-id",
             &id.to_string(),
         ])
@@ -181,9 +185,11 @@ fn spawn_node(
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
-    let (api_addr, peer_addr) = loop {
-        if let (Some(a), Some(p)) = (read("node.addr"), read("peer.addr")) {
-            break (a, p);
+    let (api_addr, peer_addr, http_addr) = loop {
+        if let (Some(a), Some(p), Some(h)) =
+            (read("node.addr"), read("peer.addr"), read("http.addr"))
+        {
+            break (a, p, h);
         }
         if !alive(pid) {
             bail!("node {id} exited; see {}", log.display());
@@ -198,6 +204,7 @@ fn spawn_node(
         endpoint: format!("https://{api_addr}"),
         api_addr,
         peer_addr,
+        http_addr,
         pid,
         data_dir,
         log,
@@ -287,32 +294,46 @@ pub async fn up(
     let mut started = Vec::new();
     // Restarting a stopped cluster reuses its addresses (members know each
     // other by them); new nodes bind free ports themselves.
-    let addr_of = |id: u64| -> Result<(String, String)> {
-        if let Some(n) = previous
+    let addr_of = |id: u64| -> (String, String, String) {
+        let any = "127.0.0.1:0".to_string();
+        match previous
             .as_ref()
             .and_then(|p| p.nodes.iter().find(|n| n.id == id))
         {
-            return Ok((n.api_addr.clone(), n.peer_addr.clone()));
+            Some(n) => (
+                n.api_addr.clone(),
+                n.peer_addr.clone(),
+                Some(n.http_addr.clone())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or(any),
+            ),
+            None => (any.clone(), any.clone(), any),
         }
-        Ok(("127.0.0.1:0".into(), "127.0.0.1:0".into()))
     };
     let fresh = |id: u64| !dir.join(format!("node-{id}/raft")).exists();
-    let (api1, peer1) = addr_of(1)?;
+    let (api1, peer1, http1) = addr_of(1);
     let mut first_extra = config.clone();
     if fresh(1) {
         first_extra.push("--bootstrap".to_string());
     }
-    let first = spawn_node(dir, 1, &api1, &peer1, &first_extra, &roots, deadline)?;
+    let first = spawn_node(
+        dir,
+        1,
+        (&api1, &peer1, &http1),
+        &first_extra,
+        &roots,
+        deadline,
+    )?;
     let api1 = first.api_addr.clone();
     wait_ready(dir, &first, 1, deadline).await?;
     started.push(first);
     for id in 2..=nodes {
-        let (api, peer) = addr_of(id)?;
+        let (api, peer, http) = addr_of(id);
         let mut extra = config.clone();
         if fresh(id) {
             extra.extend(["--join".to_string(), api1.clone()]);
         }
-        let n = spawn_node(dir, id, &api, &peer, &extra, &roots, deadline)?;
+        let n = spawn_node(dir, id, (&api, &peer, &http), &extra, &roots, deadline)?;
         // Join one at a time: each membership change completes before the next.
         wait_ready(dir, &n, id as usize, deadline).await?;
         started.push(n);
@@ -329,13 +350,17 @@ pub async fn up(
                 "token_file": admin_token_file(dir),
                 "nodes": cluster.nodes.iter().map(|n| json!({
                     "id": n.id, "endpoint": n.endpoint, "pid": n.pid, "peer_addr": n.peer_addr,
+                    "http": format!("http://{}", n.http_addr),
                     "data_dir": n.data_dir, "log": n.log,
                 })).collect::<Vec<_>>()
             })
         );
     } else {
         for n in &cluster.nodes {
-            println!("node {}  {}  pid {}", n.id, n.endpoint, n.pid);
+            println!(
+                "node {}  {}  pid {}  metrics http://{}/metrics",
+                n.id, n.endpoint, n.pid, n.http_addr
+            );
         }
         let endpoints: Vec<&str> = cluster.nodes.iter().map(|n| n.endpoint.as_str()).collect();
         eprintln!(
