@@ -96,8 +96,27 @@ impl TestNode {
     /// Starts a node whose chunk store (`<data_dir>/db`) lives on a tmpfs of
     /// `mib` MiB in a mount namespace of its own, so that it fills up.
     /// Needs root (`unshare -m`); the tmpfs goes away with the process.
-    pub fn start_with_small_store(data_dir: &Path, mib: u64) -> TestNode {
-        Self::spawn_full(bin(), data_dir, "127.0.0.1:0", &[], &[], true, Some(mib))
+    /// `env` adds to the node's environment.
+    pub fn start_with_small_store(data_dir: &Path, mib: u64, env: &[(&str, &str)]) -> TestNode {
+        Self::spawn_full(bin(), data_dir, "127.0.0.1:0", &[], env, true, Some(mib))
+    }
+
+    /// Grows (or shrinks) the tmpfs of a node started with a small store,
+    /// from inside the node's own mount namespace: space coming back, as
+    /// when an operator grows a volume.
+    pub fn resize_store(&self, mib: u64) {
+        let db = self.data_dir.join("db");
+        let out = Command::new("nsenter")
+            .args(["-t", &self.pid().to_string(), "-m", "mount", "-o"])
+            .arg(format!("remount,size={mib}m"))
+            .arg(&db)
+            .output()
+            .expect("run nsenter");
+        assert!(
+            out.status.success(),
+            "resizing the store's tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Like `spawn`; with `wait == false` returns as soon as the process runs.

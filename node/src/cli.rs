@@ -547,6 +547,8 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 "page_bytes_replicated": s.page_bytes_replicated,
                 "chunks_repaired": s.chunks_repaired,
                 "fatal": if s.fatal.is_empty() { serde_json::Value::Null } else { json!(s.fatal) },
+                "ready": s.ready,
+                "not_ready": s.not_ready,
             });
             if ctx.json {
                 print_json(&v);

@@ -16,6 +16,7 @@ mod roots;
 mod server;
 mod service;
 mod sinks;
+mod space;
 
 use std::path::PathBuf;
 

@@ -153,18 +153,13 @@ pub fn readiness(i: &ReadinessInput) -> Readiness {
     if let Some(free) = i.disk_free {
         if free < i.disk_reserve {
             reasons.push(format!(
-                "disk below its reserve: {free} bytes free, {} reserved",
-                i.disk_reserve
+                "disk below its reserve: {} MiB free, {} MiB kept free",
+                free >> 20,
+                i.disk_reserve >> 20
             ));
         }
     }
     Readiness { reasons }
-}
-
-/// Free bytes for unprivileged writers on the file system holding `path`.
-pub fn disk_free(path: &std::path::Path) -> Option<u64> {
-    let s = rustix::fs::statvfs(path).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// The readiness inputs of a running node.
@@ -176,8 +171,8 @@ pub fn readiness_of(node: &Node) -> Readiness {
         leader: st.leader,
         last_log_index: st.last_log_index.unwrap_or(0),
         applied_index: st.last_applied.unwrap_or(0),
-        disk_free: disk_free(&node.config.data_dir),
-        disk_reserve: node.config.disk_reserve,
+        disk_free: node.space.free(),
+        disk_reserve: node.space.reserve,
     })
 }
 
@@ -333,11 +328,11 @@ impl Collector for NodeCollector {
             "state",
             JOB_STATES.iter().copied().zip(jobs),
         )?;
-        if let Some(free) = disk_free(&node.config.data_dir) {
+        if let Some(free) = node.space.free() {
             gauge(
                 e,
                 "bitclone_disk_free_bytes",
-                "Free bytes on the data dir's file system",
+                "Free bytes on the fullest file system the node writes to",
                 free as f64,
             )?;
         }
@@ -345,7 +340,7 @@ impl Collector for NodeCollector {
             e,
             "bitclone_disk_reserve_bytes",
             "Free bytes the node keeps on the data dir's file system",
-            node.config.disk_reserve as f64,
+            node.space.reserve as f64,
         )?;
         gauge(
             e,

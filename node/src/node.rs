@@ -40,6 +40,8 @@ pub struct Node {
     pub page_bytes_stored: AtomicU64,
     /// Manifest page bytes sent to replicas.
     pub page_bytes_replicated: Arc<AtomicU64>,
+    /// The free-space reserve on the node's disks.
+    pub space: crate::space::Space,
     /// The QUIC chunk transport, attached once bound.
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
     /// Set on SIGTERM: job workers take no new job and running ones stop.
@@ -70,7 +72,9 @@ impl Node {
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
         );
         let pool = CpuPool::new(config.cpu_threads, "bitclone-cpu")?;
+        let space = crate::space::Space::new(&config.data_dir, config.disk_reserve);
         Ok(Arc::new(Node {
+            space,
             config,
             cluster,
             store,
@@ -134,6 +138,13 @@ impl Node {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Refuses a write of data while the node's disk is below its reserve.
+    pub fn check_space(&self) -> Result<(), StoreError> {
+        self.space
+            .check(self.cluster.id)
+            .map_err(StoreError::NoSpace)
     }
 
     /// Runs a blocking storage call on the CPU pool.
@@ -721,6 +732,7 @@ impl Node {
         stop: Arc<AtomicBool>,
         link: &JobLink,
     ) -> Result<SnapshotId, StoreError> {
+        self.check_space()?;
         match &job.source {
             Source::Dir { path: root } => {
                 self.config

@@ -28,6 +28,8 @@ type NamedChunk = ([u8; 32], Vec<u8>);
 pub struct NodeChunks {
     pub store: Arc<RocksStore>,
     pub cluster: Arc<Cluster>,
+    /// Chunks and pages sent here are refused below the reserve.
+    pub space: crate::space::Space,
 }
 
 fn tenant_ok(tenant: &str) -> Result<(), String> {
@@ -57,6 +59,7 @@ impl ChunkServer for NodeChunks {
 
     fn store(&self, tenant: &str, id: &[u8; 32], data: &[u8]) -> Result<bool, String> {
         tenant_ok(tenant)?;
+        self.space.check(self.cluster.id)?;
         self.store
             .put_chunk(tenant, &ChunkId(*id), data)
             .map_err(|e| e.to_string())
@@ -64,6 +67,7 @@ impl ChunkServer for NodeChunks {
 
     fn store_many(&self, tenant: &str, chunks: &[([u8; 32], &[u8])]) -> Result<u64, String> {
         tenant_ok(tenant)?;
+        self.space.check(self.cluster.id)?;
         let named: Vec<(ChunkId, &[u8])> =
             chunks.iter().map(|(id, d)| (ChunkId(*id), *d)).collect();
         let new = self
@@ -93,6 +97,7 @@ impl ChunkServer for NodeChunks {
 
     fn store_manifest(&self, tenant: &str, id: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
         tenant_ok(tenant)?;
+        self.space.check(self.cluster.id)?;
         // Puts are acknowledged before they are durable, so a restart since
         // they came could have lost them. The root's pages came last and a
         // store loses only its latest writes: with them here, everything

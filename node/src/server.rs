@@ -128,6 +128,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         Arc::new(crate::replica::NodeChunks {
             store: node.store.clone(),
             cluster: cluster.clone(),
+            space: node.space.clone(),
         }),
         config.transport.clone(),
     )

@@ -86,7 +86,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::CorruptChunk { .. }
         | StoreError::MissingChunk(_)
         | StoreError::Decode { .. } => Status::data_loss(msg),
-        StoreError::QuotaExceeded(_) => Status::resource_exhausted(msg),
+        StoreError::QuotaExceeded(_) | StoreError::NoSpace(_) => Status::resource_exhausted(msg),
         StoreError::PoolClosed | StoreError::Poisoned(_) | StoreError::Unavailable(_) => {
             Status::unavailable(msg)
         }
@@ -380,6 +380,7 @@ impl Api {
             ));
         }
         self.node.check_writable().map_err(status)?;
+        self.node.check_space().map_err(status)?;
         let chunking = begin.chunking.as_ref().map(|c| ChunkParams {
             min_size: c.min_size,
             avg_size: c.avg_size,
@@ -680,6 +681,8 @@ impl Api {
         &self,
         stream: &mut Streaming<pb::UploadRequest>,
     ) -> Result<Option<pb::UploadRequest>, Status> {
+        // Every message may bring data to store: none below the reserve.
+        self.node.check_space().map_err(status)?;
         let idle = self.node.config.upload_idle_timeout;
         match tokio::time::timeout(idle, stream.message()).await {
             Ok(message) => message,
@@ -1335,6 +1338,7 @@ impl BitClone for Api {
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let call = self.authenticate(&request, "stats")?;
         let s = self.node.blocking(|s| s.stats()).await.map_err(status)?;
+        let readiness = crate::metrics::readiness_of(&self.node);
         // Datasets, snapshots and jobs are the cluster's, as this node has
         // applied them, of the tenants the caller's token names.
         let who = &call.who;
@@ -1370,6 +1374,8 @@ impl BitClone for Api {
             page_bytes_replicated: self.node.page_bytes_replicated.load(Ordering::Relaxed),
             chunks_repaired: self.node.chunks_repaired.load(Ordering::Relaxed),
             fatal: self.node.fatal().unwrap_or_default(),
+            ready: readiness.ready(),
+            not_ready: readiness.reasons,
         }))
     }
 }

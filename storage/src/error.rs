@@ -59,6 +59,10 @@ pub enum Error {
     /// A tenant's quota would be exceeded; nothing was committed.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The node's disk is below its free-space reserve; nothing was written.
+    /// Space may come back: retrying later can succeed.
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// The operation was cancelled by its caller.
     #[error("cancelled")]
     Cancelled,
