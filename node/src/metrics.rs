@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -45,6 +45,83 @@ struct MethodLabels {
 
 type Histograms = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// `s3`, `dir` or `catalog`.
+    pub kind: &'static str,
+    /// `ok` or the error kind.
+    pub outcome: &'static str,
+}
+
+fn latency() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn long_latency() -> Histogram {
+    // 10 ms .. ~3 h.
+    Histogram::new(exponential_buckets(0.01, 2.0, 21))
+}
+
+/// Events counted where they happen (job workers, the lease holder, sink
+/// writes); the collector and the registry read them.
+pub struct Events {
+    pub leases_acquired: AtomicU64,
+    /// Leases taken on a job whose previous holder's lease had lapsed.
+    pub lease_takeovers: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    pub lease_renewals_refused: AtomicU64,
+    pub lease_renewals_failed: AtomicU64,
+    /// Attempts this node stopped because its lease was lost or not renewed
+    /// for a whole lease.
+    pub leases_lost: AtomicU64,
+    /// Writes refused because a newer lease holder had fenced this one out.
+    pub fenced: AtomicU64,
+    /// Attempts ended here, by what they ended as.
+    pub attempts: [AtomicU64; ATTEMPT_OUTCOMES.len()],
+    /// Duration of each attempt run here.
+    pub attempt_seconds: Histogram,
+    /// Each destination write of a job, by sink kind and outcome.
+    pub sink_seconds: Family<SinkLabels, Histogram, fn() -> Histogram>,
+    pub sink_bytes: Family<SinkLabels, Counter>,
+}
+
+/// What an attempt ended as, for `bitclone_job_attempts_total{outcome}`.
+pub const ATTEMPT_OUTCOMES: [&str; 5] = ["succeeded", "failed", "retry", "released", "cancelled"];
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            leases_acquired: AtomicU64::new(0),
+            lease_takeovers: AtomicU64::new(0),
+            lease_renewals: AtomicU64::new(0),
+            lease_renewals_refused: AtomicU64::new(0),
+            lease_renewals_failed: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            attempts: Default::default(),
+            attempt_seconds: long_latency(),
+            sink_seconds: Family::new_with_constructor(long_latency),
+            sink_bytes: Family::default(),
+        }
+    }
+}
+
+impl Events {
+    pub fn count(a: &AtomicU64) {
+        a.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records an attempt that ran for `seconds` and ended as `outcome`
+    /// (one of [`ATTEMPT_OUTCOMES`]).
+    pub fn attempt(&self, outcome: &str, seconds: f64) {
+        if let Some(i) = ATTEMPT_OUTCOMES.iter().position(|o| *o == outcome) {
+            Self::count(&self.attempts[i]);
+        }
+        self.attempt_seconds.observe(seconds);
+    }
+}
+
 /// The node's metrics registry.
 pub struct Metrics {
     registry: Registry,
@@ -54,7 +131,29 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every metric; `node` is read at each scrape.
-    pub fn new(node: Weak<Node>) -> Metrics {
+    pub fn new(node: &Arc<Node>) -> Metrics {
+        let mut m = Metrics::bare(Arc::downgrade(node));
+        let e = &node.events;
+        m.registry.register(
+            "bitclone_job_attempt_duration_seconds",
+            "Job attempts run on this node, from lease to outcome",
+            e.attempt_seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_sink_write_duration_seconds",
+            "Destination writes of jobs run here, by sink kind and outcome",
+            e.sink_seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_sink_written_bytes",
+            "Bytes written to sinks by jobs run here, by sink kind and outcome",
+            e.sink_bytes.clone(),
+        );
+        m
+    }
+
+    /// The registry with the API's and the node's own metrics.
+    fn bare(node: Weak<Node>) -> Metrics {
         let mut registry = Registry::default();
         let rpcs = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -62,10 +161,6 @@ impl Metrics {
             "Public API calls ended, by method and gRPC status code",
             rpcs.clone(),
         );
-        fn latency() -> Histogram {
-            // 1 ms .. ~65 s.
-            Histogram::new(exponential_buckets(0.001, 2.0, 17))
-        }
         let rpc_seconds: Histograms = Family::new_with_constructor(latency);
         registry.register(
             "bitclone_rpc_duration_seconds",
@@ -266,6 +361,54 @@ impl Collector for NodeCollector {
             "bitclone_chunks_repaired",
             "Chunks found corrupt or missing on read and replaced from a replica",
             load(&node.chunks_repaired),
+        )?;
+        let ev = &node.events;
+        counter(
+            e,
+            "bitclone_leases_acquired",
+            "Job leases this node took",
+            load(&ev.leases_acquired),
+        )?;
+        counter(
+            e,
+            "bitclone_lease_takeovers",
+            "Job leases this node took over from a holder whose lease had lapsed",
+            load(&ev.lease_takeovers),
+        )?;
+        labelled(
+            e,
+            "bitclone_lease_renewals",
+            "Lease renewals this node sent, by outcome",
+            MetricType::Counter,
+            "outcome",
+            [
+                ("renewed", load(&ev.lease_renewals)),
+                ("refused", load(&ev.lease_renewals_refused)),
+                ("failed", load(&ev.lease_renewals_failed)),
+            ],
+        )?;
+        counter(
+            e,
+            "bitclone_leases_lost",
+            "Attempts stopped here because the lease was lost or went unrenewed for a whole lease",
+            load(&ev.leases_lost),
+        )?;
+        counter(
+            e,
+            "bitclone_fenced_writes",
+            "Writes of this node refused because a newer lease holder fenced it out",
+            load(&ev.fenced),
+        )?;
+        labelled(
+            e,
+            "bitclone_job_attempts",
+            "Job attempts run here, by how they ended",
+            MetricType::Counter,
+            "outcome",
+            ATTEMPT_OUTCOMES
+                .iter()
+                .copied()
+                .zip(ev.attempts.iter().map(load)),
         )?;
         if let Ok(s) = node.store.stats() {
             gauge(
@@ -580,7 +723,7 @@ mod tests {
 
     #[test]
     fn rpc_metrics_encode_in_the_prometheus_text_format() {
-        let m = Metrics::new(Weak::new());
+        let m = Metrics::bare(Weak::new());
         m.observe("Put", "Ok", 0.2);
         m.observe("Put", "Ok", 0.3);
         m.observe("Get", "NotFound", 0.01);

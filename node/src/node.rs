@@ -10,7 +10,7 @@ use bitclone_raft::state::{Command, CommandError, Fence, Response, SnapshotEntry
 use bitclone_storage::ingest::{self, SnapshotBuilder};
 use bitclone_storage::manifest::Stored;
 use bitclone_storage::sink::objects::{self, ExportProgress};
-use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source};
+use bitclone_storage::sink::{source, Destination, Sink, SinkWrite, Source, Written};
 use bitclone_storage::{
     load_manifest, read_root, ChunkId, ChunkParams, ChunkStore, CpuPool, Entries,
     Error as StoreError, Manifest, RocksOptions, RocksStore, SnapshotId, SnapshotRecord,
@@ -42,6 +42,8 @@ pub struct Node {
     pub page_bytes_replicated: Arc<AtomicU64>,
     /// The free-space reserve on the node's disks.
     pub space: crate::space::Space,
+    /// Leases, attempts and sink writes, counted for `/metrics`.
+    pub events: crate::metrics::Events,
     /// The QUIC chunk transport, attached once bound.
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
     /// Set on SIGTERM: job workers take no new job and running ones stop.
@@ -75,6 +77,7 @@ impl Node {
         let space = crate::space::Space::new(&config.data_dir, config.disk_reserve);
         Ok(Arc::new(Node {
             space,
+            events: Default::default(),
             config,
             cluster,
             store,
@@ -645,6 +648,7 @@ impl Node {
                     progress.bytes_total = bytes_total;
                 });
             };
+            let started = Instant::now();
             let result = sink
                 .write(SinkWrite {
                     pool: &self.pool,
@@ -656,6 +660,7 @@ impl Node {
                     on_progress: &mut on_progress,
                 })
                 .await;
+            self.count_sink_write(&sink, &result, started.elapsed().as_secs_f64());
             match result {
                 Ok(w) => {
                     tracing::info!(
@@ -695,6 +700,35 @@ impl Node {
             link.save(&job.id, cp.clone()).await?;
         }
         Ok(())
+    }
+
+    /// A destination write for `/metrics`: how long, how it ended, bytes.
+    fn count_sink_write(&self, sink: &Sink, r: &Result<Written, StoreError>, seconds: f64) {
+        let kind = match sink {
+            Sink::Catalog(_) => "catalog",
+            Sink::Objects(t) if t.url.starts_with("file://") => "dir",
+            Sink::Objects(_) => "s3",
+        };
+        let outcome = match r {
+            Ok(_) => "ok",
+            Err(StoreError::Fenced(_)) => {
+                crate::metrics::Events::count(&self.events.fenced);
+                "fenced"
+            }
+            Err(StoreError::Cancelled) => "cancelled",
+            Err(_) => "error",
+        };
+        let labels = crate::metrics::SinkLabels { kind, outcome };
+        self.events
+            .sink_seconds
+            .get_or_create(&labels)
+            .observe(seconds);
+        if let Ok(w) = r {
+            self.events
+                .sink_bytes
+                .get_or_create(&labels)
+                .inc_by(w.bytes_written);
+        }
     }
 
     /// An opened sink, kept per place: a catalog's pool is connected (and

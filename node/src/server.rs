@@ -169,7 +169,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     })
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
-    let metrics = Arc::new(crate::metrics::Metrics::new(Arc::downgrade(&node)));
+    let metrics = Arc::new(crate::metrics::Metrics::new(&node));
     let http_file = config.data_dir.join("http.addr");
     if let Some(at) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(at)
@@ -515,15 +515,16 @@ async fn worker(node: Arc<Node>) {
             continue;
         }
         let now = bitclone_raft::cluster::now_ms();
-        let candidates: Vec<String> = cluster.local(|s| {
+        // With whether each was running: taking it is a takeover.
+        let candidates: Vec<(String, bool)> = cluster.local(|s| {
             s.claimable(cluster.id, now)
                 .iter()
                 .filter(|j| runs_here(s, cluster.id, j))
-                .map(|j| j.id.clone())
+                .map(|j| (j.id.clone(), j.state == JobState::Running))
                 .collect()
         });
         let mut ran = false;
-        for id in candidates {
+        for (id, was_running) in candidates {
             // The lease runs from the leader's clock when it applies the
             // grant, which is after this: counting from here is safe.
             let asked = std::time::Instant::now();
@@ -535,6 +536,11 @@ async fn worker(node: Arc<Node>) {
                 .await;
             match r {
                 Ok(Response::Lease { token, job }) => {
+                    let ev = &node.events;
+                    crate::metrics::Events::count(&ev.leases_acquired);
+                    if was_running {
+                        crate::metrics::Events::count(&ev.lease_takeovers);
+                    }
                     run_leased(&node, &cluster, job, token, asked).await;
                     ran = true;
                     break;
@@ -645,7 +651,26 @@ async fn run_leased(
         }
     };
     let released = matches!(cmd, Command::ReleaseLease { .. });
-    match cluster.write(cmd).await {
+    let seconds = asked.elapsed().as_secs_f64();
+    let written = cluster.write(cmd).await;
+    let outcome = match &written {
+        Ok(Response::Job(_)) if released => Some("released"),
+        Ok(Response::Job(j)) => Some(match j.state {
+            JobState::Failed => "failed",
+            JobState::Pending => "retry",
+            JobState::Cancelled => "cancelled",
+            _ => "succeeded",
+        }),
+        Ok(_) => {
+            crate::metrics::Events::count(&node.events.fenced);
+            None
+        }
+        Err(_) => None,
+    };
+    if let Some(o) = outcome {
+        node.events.attempt(o, seconds);
+    }
+    match written {
         Ok(Response::Job(_)) if released => {
             tracing::info!(job = id, token, "lease released; the job resumes later")
         }
@@ -698,6 +723,7 @@ async fn heartbeat(
             ),
             Stop::LeaseLost => tracing::warn!(job = id, "lease lost; stopping the job"),
         }
+        crate::metrics::Events::count(&node.events.leases_lost);
         stop.store(true, Ordering::Release);
     };
     loop {
@@ -739,6 +765,12 @@ async fn heartbeat(
                 Renewal::Failed
             }
         };
+        let ev = &node.events;
+        crate::metrics::Events::count(match renewal {
+            Renewal::Renewed { .. } => &ev.lease_renewals,
+            Renewal::Refused => &ev.lease_renewals_refused,
+            Renewal::Failed => &ev.lease_renewals_failed,
+        });
         match holder.renewal(sent, renewal) {
             Ok(cancel) => {
                 if cancel {

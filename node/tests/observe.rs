@@ -124,6 +124,19 @@ fn metrics_health_and_readiness_of_a_running_node() {
     node.ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
     // A call without a token, refused.
     assert!(!node.cli_as(None, &["datasets"]).status.success());
+    // A clone job into a directory: a lease, an attempt, a sink write.
+    let out = tmp.path().join("out");
+    let job = node.json(&[
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
 
     let text = metrics(&node);
     promtool_check(&text);
@@ -158,6 +171,36 @@ fn metrics_health_and_readiness_of_a_running_node() {
         )
         .unwrap()
             >= 1.0
+    );
+    assert_eq!(sample(&text, "bitclone_leases_acquired_total"), Some(1.0));
+    assert_eq!(sample(&text, "bitclone_lease_takeovers_total"), Some(0.0));
+    assert_eq!(
+        sample(&text, r#"bitclone_job_attempts_total{outcome="succeeded"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "bitclone_job_attempt_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"bitclone_sink_write_duration_seconds_count{kind="dir",outcome="ok"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            r#"bitclone_sink_written_bytes_total{kind="dir",outcome="ok"}"#
+        )
+        .unwrap()
+            >= bytes as f64
+    );
+    assert_eq!(
+        sample(&text, r#"bitclone_jobs{state="succeeded"}"#),
+        Some(1.0)
     );
     assert_eq!(sample(&text, "bitclone_ready"), Some(1.0));
     assert_eq!(sample(&text, "bitclone_raft_is_leader"), Some(1.0));
