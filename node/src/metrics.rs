@@ -84,6 +84,8 @@ pub struct Events {
     /// Each destination write of a job, by sink kind and outcome.
     pub sink_seconds: Family<SinkLabels, Histogram, fn() -> Histogram>,
     pub sink_bytes: Family<SinkLabels, Counter>,
+    /// Commands this node proposed for clients, until applied.
+    pub proposal_seconds: Histogram,
 }
 
 /// What an attempt ended as, for `bitclone_job_attempts_total{outcome}`.
@@ -103,6 +105,7 @@ impl Default for Events {
             attempt_seconds: long_latency(),
             sink_seconds: Family::new_with_constructor(long_latency),
             sink_bytes: Family::default(),
+            proposal_seconds: latency(),
         }
     }
 }
@@ -143,6 +146,11 @@ impl Metrics {
             "bitclone_sink_write_duration_seconds",
             "Destination writes of jobs run here, by sink kind and outcome",
             e.sink_seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_raft_proposal_duration_seconds",
+            "Client commands (commits, jobs, tenants) this node proposed, until applied",
+            e.proposal_seconds.clone(),
         );
         m.registry.register(
             "bitclone_sink_written_bytes",
@@ -449,6 +457,12 @@ impl Collector for NodeCollector {
             "bitclone_raft_applied_index",
             "Index of the last Raft entry applied to this node's state machine",
             st.last_applied.unwrap_or(0) as f64,
+        )?;
+        counter(
+            e,
+            "bitclone_raft_leader_changes",
+            "Times the leader this node sees changed since it started",
+            node.cluster.leader_changes(),
         )?;
         gauge(
             e,

@@ -233,7 +233,12 @@ impl Node {
     /// directly: a node unfit for writes must still release them.)
     pub async fn write(&self, cmd: Command) -> Result<Response, StoreError> {
         self.check_writable()?;
-        match self.cluster.write(cmd).await.map_err(raft_error)? {
+        let proposed = Instant::now();
+        let r = self.cluster.write(cmd).await;
+        self.events
+            .proposal_seconds
+            .observe(proposed.elapsed().as_secs_f64());
+        match r.map_err(raft_error)? {
             Response::Err(e) => Err(refused(e)),
             r => Ok(r),
         }

@@ -202,6 +202,8 @@ fn metrics_health_and_readiness_of_a_running_node() {
         sample(&text, r#"bitclone_jobs{state="succeeded"}"#),
         Some(1.0)
     );
+    assert!(sample(&text, "bitclone_raft_leader_changes_total").unwrap() >= 1.0);
+    assert!(sample(&text, "bitclone_raft_proposal_duration_seconds_count").unwrap() >= 1.0);
     assert_eq!(sample(&text, "bitclone_ready"), Some(1.0));
     assert_eq!(sample(&text, "bitclone_raft_is_leader"), Some(1.0));
     assert_eq!(sample(&text, "bitclone_store_fatal"), Some(0.0));

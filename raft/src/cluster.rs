@@ -78,6 +78,9 @@ pub struct Cluster {
     client: u64,
     seq: AtomicU64,
     rpc_timeout: Duration,
+    /// Times the leader this node sees changed (to another node or to
+    /// none), counted by a task watching Raft's metrics.
+    leader_changes: Arc<AtomicU64>,
 }
 
 impl Cluster {
@@ -101,6 +104,19 @@ impl Cluster {
         .map_err(|e| Error::Config(e.to_string()))?;
         let peers = Peers::new(cfg.id, cfg.tls.clone());
         let raft = Raft::new(cfg.id, Arc::new(config), peers.clone(), log, sm).await?;
+        let leader_changes = Arc::new(AtomicU64::new(0));
+        let (mut watch, changes) = (raft.metrics(), leader_changes.clone());
+        tokio::spawn(async move {
+            let mut leader = watch.borrow().current_leader;
+            // Ends when Raft shuts down and drops the sender.
+            while watch.changed().await.is_ok() {
+                let now = watch.borrow().current_leader;
+                if now != leader {
+                    changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    leader = now;
+                }
+            }
+        });
         Ok(Arc::new(Cluster {
             id: cfg.id,
             raft,
@@ -111,6 +127,7 @@ impl Cluster {
             client: rand::random::<u64>() | 1,
             seq: AtomicU64::new(0),
             rpc_timeout: cfg.rpc_timeout,
+            leader_changes,
         }))
     }
 
@@ -402,6 +419,13 @@ impl Cluster {
 
     async fn read_index(&self) -> Result<Option<u64>, Error> {
         Ok(self.raft.ensure_linearizable().await?.map(|l| l.index))
+    }
+
+    /// How many times the leader this node sees has changed since it
+    /// started.
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Status {
