@@ -63,6 +63,31 @@ fn long_latency() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 21))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The receiving node's id.
+    pub peer: String,
+}
+
+/// Chunk and page puts over QUIC to each peer.
+pub struct QuicStats {
+    pub bytes: Family<PeerLabels, Counter>,
+    pub chunks: Family<PeerLabels, Counter>,
+    /// One put (a batch of a few MiB) until the peer stored it.
+    pub seconds: Family<PeerLabels, Histogram, fn() -> Histogram>,
+}
+
+impl QuicStats {
+    pub fn sent(&self, peer: u64, chunks: u64, bytes: u64, seconds: f64) {
+        let l = PeerLabels {
+            peer: peer.to_string(),
+        };
+        self.bytes.get_or_create(&l).inc_by(bytes);
+        self.chunks.get_or_create(&l).inc_by(chunks);
+        self.seconds.get_or_create(&l).observe(seconds);
+    }
+}
+
 /// Events counted where they happen (job workers, the lease holder, sink
 /// writes); the collector and the registry read them.
 pub struct Events {
@@ -86,6 +111,7 @@ pub struct Events {
     pub sink_bytes: Family<SinkLabels, Counter>,
     /// Commands this node proposed for clients, until applied.
     pub proposal_seconds: Histogram,
+    pub quic: Arc<QuicStats>,
 }
 
 /// What an attempt ended as, for `bitclone_job_attempts_total{outcome}`.
@@ -106,6 +132,11 @@ impl Default for Events {
             sink_seconds: Family::new_with_constructor(long_latency),
             sink_bytes: Family::default(),
             proposal_seconds: latency(),
+            quic: Arc::new(QuicStats {
+                bytes: Family::default(),
+                chunks: Family::default(),
+                seconds: Family::new_with_constructor(latency),
+            }),
         }
     }
 }
@@ -146,6 +177,21 @@ impl Metrics {
             "bitclone_sink_write_duration_seconds",
             "Destination writes of jobs run here, by sink kind and outcome",
             e.sink_seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_quic_sent_bytes",
+            "Chunk and page bytes this node put to each peer over QUIC",
+            e.quic.bytes.clone(),
+        );
+        m.registry.register(
+            "bitclone_quic_sent_chunks",
+            "Chunks and pages this node put to each peer over QUIC",
+            e.quic.chunks.clone(),
+        );
+        m.registry.register(
+            "bitclone_quic_put_duration_seconds",
+            "QUIC puts (batches of a few MiB) to each peer, until stored there",
+            e.quic.seconds.clone(),
         );
         m.registry.register(
             "bitclone_raft_proposal_duration_seconds",
@@ -470,13 +516,19 @@ impl Collector for NodeCollector {
             "Voters in the membership this node has applied",
             st.voters.len() as f64,
         )?;
-        let jobs = node.cluster.local(|s| {
+        let (jobs, under) = node.cluster.local(|s| {
             let mut by = [0u64; 5];
             for j in s.jobs.values() {
                 by[job_state_index(&j.state)] += 1;
             }
-            by
+            (by, s.under_replicated_shards())
         });
+        gauge(
+            e,
+            "bitclone_under_replicated_shards",
+            "Shards not yet on as many members as they should be (short, or a layout change under way)",
+            under as f64,
+        )?;
         labelled(
             e,
             "bitclone_jobs",

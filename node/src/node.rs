@@ -462,9 +462,9 @@ impl Node {
                 c,
                 &self.store,
                 (&tenant, &dataset),
-                &built.id,
-                &built.root,
+                (&built.id, &built.root),
                 (&self.bytes_replicated, &self.page_bytes_replicated),
+                &self.events.quic,
             )
             .await?;
         }

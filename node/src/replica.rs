@@ -13,6 +13,8 @@ use bitclone_storage::{ChunkId, ChunkStore, Error as StoreError, RocksStore, Sna
 use bitclone_transport::{ChunkServer, Transport};
 use rustls::pki_types::CertificateDer;
 
+use crate::metrics::QuicStats;
+
 /// Chunks sent in one put: a few MiB keeps memory bounded (per replica
 /// being sent to, read here and framed by the transport).
 const PUT_BATCH_BYTES: u64 = 4 << 20;
@@ -154,6 +156,7 @@ async fn send_chunks(
     addr: SocketAddr,
     tenant: &str,
     ids: Vec<ChunkId>,
+    quic: &QuicStats,
 ) -> Result<u64, String> {
     let ids: Arc<[ChunkId]> = ids.into();
     let mut sent = 0u64;
@@ -178,11 +181,14 @@ async fn send_chunks(
         .map_err(|e| e.to_string())??;
         i += batch.len();
         let refs: Vec<([u8; 32], &[u8])> = batch.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+        let put = std::time::Instant::now();
         transport
             .put(peer, addr, tenant, &refs)
             .await
             .map_err(|e| e.to_string())?;
-        sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        let bytes = batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        quic.sent(peer, batch.len() as u64, bytes, put.elapsed().as_secs_f64());
+        sent += bytes;
     }
     Ok(sent)
 }
@@ -222,8 +228,8 @@ async fn replicate_to(
     peer: u64,
     addr: SocketAddr,
     tenant: &str,
-    id: &SnapshotId,
-    root: &[u8],
+    (id, root): (&SnapshotId, &[u8]),
+    quic: &QuicStats,
 ) -> Result<(u64, u64), String> {
     let mut levels: Vec<Vec<ChunkId>> = Vec::new();
     let mut sent = 0;
@@ -231,7 +237,7 @@ async fn replicate_to(
         // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
         Stored::V1(m) => {
             let lacking = peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?;
-            sent += send_chunks(transport, store, peer, addr, tenant, lacking).await?;
+            sent += send_chunks(transport, store, peer, addr, tenant, lacking, quic).await?;
         }
         Stored::V2(r) => {
             // `frontier` holds pages of level `below - 1`.
@@ -249,7 +255,8 @@ async fn replicate_to(
                     for leaves in lacking.chunks(LEAVES_PER_ROUND) {
                         let chunks = children_of(store, tenant, leaves, 0).await?;
                         let chunks = peer_lacks(transport, peer, addr, tenant, &chunks).await?;
-                        sent += send_chunks(transport, store, peer, addr, tenant, chunks).await?;
+                        sent +=
+                            send_chunks(transport, store, peer, addr, tenant, chunks, quic).await?;
                     }
                     levels.push(lacking);
                     break;
@@ -261,7 +268,7 @@ async fn replicate_to(
     }
     let mut pages_sent = 0;
     for pages in levels.into_iter().rev() {
-        pages_sent += send_chunks(transport, store, peer, addr, tenant, pages).await?;
+        pages_sent += send_chunks(transport, store, peer, addr, tenant, pages, quic).await?;
     }
     transport
         .put_manifest(peer, addr, tenant, &id.0, root)
@@ -279,9 +286,9 @@ pub async fn replicate(
     cluster: &Cluster,
     store: &Arc<RocksStore>,
     (tenant, dataset): (&str, &str),
-    id: &SnapshotId,
-    root: &[u8],
+    (id, root): (&SnapshotId, &[u8]),
     (sent, pages_sent): (&Arc<AtomicU64>, &Arc<AtomicU64>),
+    quic: &Arc<QuicStats>,
 ) -> Result<(), StoreError> {
     let me = cluster.id;
     let (replicas, members) =
@@ -298,6 +305,7 @@ pub async fn replicate(
             continue;
         };
         pending += 1;
+        let quic = quic.clone();
         let (t, s, tn, b, id, tx, peer, counter, page_counter) = (
             transport.clone(),
             store.clone(),
@@ -310,7 +318,7 @@ pub async fn replicate(
             pages_sent.clone(),
         );
         tokio::spawn(async move {
-            let r = replicate_to(&t, &s, peer, addr, &tn, &id, &b).await;
+            let r = replicate_to(&t, &s, peer, addr, &tn, (&id, &b), &quic).await;
             match &r {
                 Ok((chunks, pages)) => {
                     counter.fetch_add(*chunks, Ordering::Relaxed);

@@ -296,4 +296,17 @@ fn a_real_prometheus_scrapes_a_three_node_cluster() {
     // One leader among the three, as scraped.
     let leaders = prom.query("sum(bitclone_raft_is_leader)");
     assert_eq!(value(&leaders[0]), 1.0, "{leaders}");
+    // The put went to the two other replicas over QUIC, per peer; every
+    // shard is fully replicated.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let peers = prom.query("bitclone_quic_sent_bytes_total > 0");
+        if peers.as_array().unwrap().len() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "QUIC bytes per peer: {peers}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let under = prom.query("max(bitclone_under_replicated_shards)");
+    assert_eq!(value(&under[0]), 0.0, "{under}");
 }

@@ -312,6 +312,25 @@ pub enum CommandError {
 }
 
 impl ClusterState {
+    /// Shards whose data is not yet where it should be: a replica set short
+    /// of the replication factor or naming a node that is no longer a
+    /// member, or, while a new layout waits to take effect, one with a
+    /// replica that has not reported it holds its data (`ReplicaReady`).
+    pub fn under_replicated_shards(&self) -> usize {
+        let want = crate::placement::replication_factor(self.members.len());
+        let moving = self.previous_layout.is_some();
+        self.layout
+            .shards
+            .values()
+            .flatten()
+            .filter(|set| {
+                set.len() < want
+                    || set.iter().any(|n| !self.members.contains_key(n))
+                    || (moving && set.iter().any(|n| !self.ready.contains(n)))
+            })
+            .count()
+    }
+
     /// The replica set that owns a dataset's shard.
     pub fn replicas_of(&self, tenant: &str, dataset: &str) -> Vec<NodeId> {
         let shards = self
@@ -1386,9 +1405,13 @@ mod tests {
         assert!(sm.state.layout.version > v);
         assert!(sm.state.previous_layout.is_some());
         assert!(sm.state.layout.load().get(&4).copied().unwrap_or(0) > 0);
+        // Moving: shards with a new replica not ready yet are under-replicated.
+        let moving = sm.state.under_replicated_shards();
+        assert!(moving > 0);
         let v4 = sm.state.layout.version;
         sm.ok(0, Command::CompleteLayout { version: v4 });
         assert!(sm.state.previous_layout.is_none());
+        assert_eq!(sm.state.under_replicated_shards(), 0);
         sm.ok(0, Command::RemoveMember { id: 2, bar: true });
         assert!(
             !sm.state.layout.load().contains_key(&2),
