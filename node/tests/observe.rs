@@ -309,4 +309,115 @@ fn a_real_prometheus_scrapes_a_three_node_cluster() {
     }
     let under = prom.query("max(bitclone_under_replicated_shards)");
     assert_eq!(value(&under[0]), 0.0, "{under}");
+
+    // The dashboard and the alert rules use only metrics the nodes serve
+    // (after a put and a clone job, so that every family has samples).
+    let out = tmp.path().join("out");
+    let job = c.node(1).json(&[
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let scraped: String = c.nodes.values().map(metrics).collect();
+    let served = |name: &str| {
+        scraped.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+    };
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let rules = std::fs::read_to_string(deploy.join("prometheus/alerts.yml")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/bitclone-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let rule_lines: String = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut exprs = vec![rule_lines];
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() > 20, "the dashboard has its queries");
+    let mut checked = 0;
+    for e in &exprs {
+        for name in metric_names(e) {
+            if let Some(rule) = name.strip_prefix("bitclone:") {
+                assert!(
+                    rules.contains(&format!("record: bitclone:{rule}")),
+                    "{name}"
+                );
+            } else {
+                assert!(served(&name), "{name} is used but no node serves it");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked}");
+}
+
+/// Every `expr` string in a Grafana dashboard.
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The `bitclone_*` metric names (and `bitclone:*` recorded series) in a
+/// PromQL text.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("bitclone") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // A word that merely starts with it (a label value, prose) is skipped.
+        let before = rest[..i].chars().last();
+        if (name.starts_with("bitclone_") || name.starts_with("bitclone:"))
+            && !matches!(before, Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '"')
+        {
+            out.push(name.to_string());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    out
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_pass_their_unit_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool not found: scripts/install-deps.sh installs it (make test does)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
