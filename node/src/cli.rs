@@ -221,6 +221,9 @@ pub fn status_json(st: &proto::ClusterStatusResponse) -> serde_json::Value {
         "raft_state": st.raft_state,
         "members": st.members.iter().map(|m| json!({
             "id": m.id, "api_addr": m.api_addr, "peer_addr": m.peer_addr, "voter": m.voter,
+            "reachable": m.reachable,
+            "ready": if m.reachable { json!(m.ready) } else { serde_json::Value::Null },
+            "not_ready": m.not_ready,
         })).collect::<Vec<_>>(),
         "snapshot_index": st.snapshot_index,
         "purged_index": st.purged_index,
@@ -248,12 +251,18 @@ fn print_status(st: &proto::ClusterStatusResponse) {
         st.last_log_index
     );
     for m in &st.members {
+        let readiness = match (m.reachable, m.ready) {
+            (false, _) => "unreachable".to_string(),
+            (true, true) => "ready".to_string(),
+            (true, false) => format!("NOT READY: {}", m.not_ready.join("; ")),
+        };
         println!(
-            "  member {}  api {}  peer {}  {}",
+            "  member {}  api {}  peer {}  {}  {}",
             m.id,
             m.api_addr,
             m.peer_addr,
-            if m.voter { "voter" } else { "learner" }
+            if m.voter { "voter" } else { "learner" },
+            readiness
         );
     }
     println!(

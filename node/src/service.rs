@@ -642,6 +642,47 @@ impl Api {
         }
     }
 
+    /// Each member's readiness: this node's own, the others' asked of them
+    /// (their Stats, with the caller's token, all at once, 2 s at most).
+    async fn member_readiness(&self, call: &Call, members: &mut [pb::ClusterMember]) {
+        let me = self.node.cluster.id;
+        let asks = members.iter().map(|m| {
+            let addr = self
+                .node
+                .cluster
+                .local(|s| s.members.get(&m.id).map(|i| i.api_addr.clone()))
+                .unwrap_or_default();
+            let (id, config, call) = (m.id, &self.node.config, call);
+            async move {
+                if id == me {
+                    let r = crate::metrics::readiness_of(&self.node);
+                    return Some((r.ready(), r.reasons));
+                }
+                let ask = async {
+                    let mut c = holder_client(config, &addr).await.ok()?;
+                    let mut req = Request::new(pb::StatsRequest {});
+                    if let Some(b) = &call.bearer {
+                        req.metadata_mut().insert("authorization", b.clone());
+                    }
+                    let s = c.stats(req).await.ok()?.into_inner();
+                    Some((s.ready, s.not_ready))
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(2), ask)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        for (m, a) in members.iter_mut().zip(answers) {
+            if let Some((ready, why)) = a {
+                m.reachable = true;
+                m.ready = ready;
+                m.not_ready = why;
+            }
+        }
+    }
+
     /// A job the caller may act on with `scope`. Another tenant's job is
     /// NotFound, as a missing one is; a refusal is audited.
     async fn job_for(
@@ -1253,7 +1294,9 @@ impl BitClone for Api {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let call = self.authenticate(&request, "cluster-status")?;
-        Ok(Response::new(cluster_status_for(&self.node, &call.who)))
+        let mut st = cluster_status_for(&self.node, &call.who);
+        self.member_readiness(&call, &mut st.members).await;
+        Ok(Response::new(st))
     }
 
     async fn remove_node(
@@ -1411,6 +1454,7 @@ fn cluster_status_pb(node: &Node) -> pb::ClusterStatusResponse {
                 api_addr: info.api_addr.clone(),
                 peer_addr: info.peer_addr.clone(),
                 voter: st.voters.contains(id),
+                ..Default::default()
             })
             .collect(),
         layout_version: st.layout_version,

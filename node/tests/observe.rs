@@ -232,6 +232,13 @@ fn a_node_below_its_disk_reserve_is_not_ready_and_says_why() {
     assert!(r.body.contains("disk below its reserve"), "{r:?}");
     let text = metrics(&node);
     assert_eq!(sample(&text, "bitclone_ready"), Some(0.0));
+    let status = node.json(&["cluster", "status"]);
+    let me = &status["members"][0];
+    assert_eq!(me["ready"], false, "{status}");
+    assert!(
+        me["not_ready"][0].as_str().unwrap().contains("reserve"),
+        "{status}"
+    );
     assert!(sample(&text, "bitclone_disk_reserve_bytes").unwrap() > 1e18);
     // NOT_SERVING is 2 (the health service updates within a second).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -360,6 +367,19 @@ fn a_real_prometheus_scrapes_a_three_node_cluster() {
         }
     }
     assert!(checked > 40, "{checked}");
+
+    // `cluster status` shows each member ready, then one unreachable.
+    let members = |c: &TestCluster| c.node(1).json(&["cluster", "status"])["members"].clone();
+    let m = members(&c);
+    assert!(
+        m.as_array().unwrap().iter().all(|m| m["ready"] == true),
+        "{m}"
+    );
+    let mut c = c;
+    c.kill9(3);
+    let m = members(&c);
+    let three = m.as_array().unwrap().iter().find(|m| m["id"] == 3).unwrap();
+    assert_eq!(three["reachable"], false, "{m}");
 }
 
 /// Every `expr` string in a Grafana dashboard.
