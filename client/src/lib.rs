@@ -168,6 +168,7 @@ pub struct ConnectOptions {
     ca_pem: Option<Vec<u8>>,
     token: Option<String>,
     allow_plaintext: bool,
+    request_id: Option<String>,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -176,6 +177,7 @@ impl fmt::Debug for ConnectOptions {
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("allow_plaintext", &self.allow_plaintext)
+            .field("request_id", &self.request_id)
             .finish()
     }
 }
@@ -206,6 +208,14 @@ impl ConnectOptions {
         self.allow_plaintext = allow;
         self
     }
+
+    /// Sends this correlation id as `x-request-id` with every call, so the
+    /// nodes' logs (and audit lines) of everything the calls cause carry it;
+    /// without one each call gets an id of its own from the node.
+    pub fn request_id(mut self, id: impl Into<String>) -> ConnectOptions {
+        self.request_id = Some(id.into());
+        self
+    }
 }
 
 /// Whether a token may go to `endpoint` as given: always over TLS; over
@@ -224,9 +234,9 @@ fn token_may_go_to(endpoint: &Endpoint, allow_plaintext: bool) -> bool {
     allow_plaintext && loopback
 }
 
-/// Adds the bearer token to every call.
+/// Adds the bearer token (and the correlation id, if any) to every call.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+struct Bearer(Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(
@@ -235,6 +245,9 @@ impl tonic::service::Interceptor for Bearer {
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             request.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(v) = &self.1 {
+            request.metadata_mut().insert("x-request-id", v.clone());
         }
         Ok(request)
     }
@@ -372,11 +385,20 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        let request_id = match &options.request_id {
+            None => None,
+            Some(id) => Some(id.parse().map_err(|_| {
+                Error::Config("the request id has characters a header cannot carry".into())
+            })?),
+        };
         let bearer = match &options.token {
-            None => Bearer(None),
-            Some(t) => Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
-                Error::Config("the token has characters a header cannot carry".into())
-            })?)),
+            None => Bearer(None, request_id),
+            Some(t) => Bearer(
+                Some(format!("Bearer {t}").parse().map_err(|_| {
+                    Error::Config("the token has characters a header cannot carry".into())
+                })?),
+                request_id,
+            ),
         };
         let urls: Vec<String> = endpoints
             .into_iter()

@@ -22,11 +22,15 @@ pub struct Access {
     pub token: Option<String>,
     pub token_file: Option<std::path::PathBuf>,
     pub allow_plaintext: bool,
+    pub request_id: Option<String>,
 }
 
 impl Access {
     pub fn options(&self) -> Result<bitclone_client::ConnectOptions> {
         let mut o = bitclone_client::ConnectOptions::new().allow_plaintext(self.allow_plaintext);
+        if let Some(id) = &self.request_id {
+            o = o.request_id(id.clone());
+        }
         if let Some(ca) = &self.ca {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("reading the CA file {}", ca.display()))?;

@@ -66,6 +66,10 @@ struct Cli {
     /// Allow sending the token over plain-text http:// (loopback addresses only).
     #[arg(long, global = true, env = "BITCLONE_ALLOW_PLAINTEXT")]
     allow_plaintext: bool,
+    /// Correlation id sent as x-request-id: the nodes' logs of everything
+    /// the command causes (forwarding, replication, jobs) carry it.
+    #[arg(long, global = true, env = "BITCLONE_REQUEST_ID")]
+    request_id: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -338,6 +342,7 @@ fn main() -> std::process::ExitCode {
                     token: cli.token,
                     token_file: cli.token_file,
                     allow_plaintext: cli.allow_plaintext,
+                    request_id: cli.request_id,
                 };
                 let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json, access);
                 cli::run(ctx, cmd).await

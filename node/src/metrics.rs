@@ -631,11 +631,25 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
         let method = method_of(req.uri().path());
         let metrics = self.metrics.clone();
         let start = Instant::now();
-        let fut = self.inner.call(req);
+        // The call's correlation id: the client's, or a new one, so that
+        // the handler, the audit log and what the call causes share it.
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bitclone_raft::context::accepted)
+            .map(str::to_string)
+            .unwrap_or_else(bitclone_raft::context::fresh);
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            req.headers_mut().insert("x-request-id", v);
+        }
+        let span = tracing::info_span!("rpc", method = %method, request_id = %id);
+        let fut = bitclone_raft::context::scope(id, self.inner.call(req)).instrument(span);
         Box::pin(async move {
             let resp = fut.await?;
             // A trailers-only response (an error before any message) has

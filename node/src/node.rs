@@ -481,9 +481,10 @@ impl Node {
             .as_ref()
             .map(|(j, _)| j.clone())
             .unwrap_or_default();
+        let proposed = Instant::now();
         let resp = c
             .write(Command::CommitSnapshot {
-                tenant,
+                tenant: tenant.clone(),
                 dataset: dataset.clone(),
                 snapshot: entry.clone(),
                 parent: entry.parent.clone(),
@@ -492,7 +493,19 @@ impl Node {
             })
             .await
             .map_err(raft_error)?;
+        self.events
+            .proposal_seconds
+            .observe(proposed.elapsed().as_secs_f64());
         crate::link::fenced_error(&job, resp)?;
+        tracing::info!(
+            tenant = %tenant,
+            dataset = %dataset,
+            snapshot = %entry.id,
+            files = stats.files,
+            bytes = stats.bytes,
+            new_bytes = stats.new_bytes,
+            "snapshot committed"
+        );
         self.page_bytes_stored
             .fetch_add(stats.new_page_bytes, Ordering::Relaxed);
         self.bytes_ingested

@@ -229,7 +229,7 @@ async fn replicate_to(
     addr: SocketAddr,
     tenant: &str,
     (id, root): (&SnapshotId, &[u8]),
-    quic: &QuicStats,
+    (quic, request_id): (&QuicStats, Option<String>),
 ) -> Result<(u64, u64), String> {
     let mut levels: Vec<Vec<ChunkId>> = Vec::new();
     let mut sent = 0;
@@ -271,7 +271,7 @@ async fn replicate_to(
         pages_sent += send_chunks(transport, store, peer, addr, tenant, pages, quic).await?;
     }
     transport
-        .put_manifest(peer, addr, tenant, &id.0, root)
+        .put_manifest(peer, addr, tenant, (&id.0, root), request_id.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     Ok((sent, pages_sent))
@@ -306,6 +306,8 @@ pub async fn replicate(
         };
         pending += 1;
         let quic = quic.clone();
+        // The put's correlation id, into the task that sends to this peer.
+        let request_id = bitclone_raft::context::current();
         let (t, s, tn, b, id, tx, peer, counter, page_counter) = (
             transport.clone(),
             store.clone(),
@@ -318,7 +320,7 @@ pub async fn replicate(
             pages_sent.clone(),
         );
         tokio::spawn(async move {
-            let r = replicate_to(&t, &s, peer, addr, &tn, (&id, &b), &quic).await;
+            let r = replicate_to(&t, &s, peer, addr, &tn, (&id, &b), (&quic, request_id)).await;
             match &r {
                 Ok((chunks, pages)) => {
                     counter.fetch_add(*chunks, Ordering::Relaxed);

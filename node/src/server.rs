@@ -45,8 +45,12 @@ pub struct NodeArgs {
     /// Clone jobs run at once.
     #[arg(long)]
     job_workers: Option<usize>,
-    /// Log as JSON lines.
-    #[arg(long, env = "BITCLONE_LOG_JSON")]
+    /// Log format: text, or json (one JSON object per line, with the
+    /// request id and job id of the call or job a line belongs to).
+    #[arg(long, env = "BITCLONE_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    /// Same as --log-format json (kept for scripts).
+    #[arg(long, env = "BITCLONE_LOG_JSON", hide = true)]
     log_json: bool,
     /// This node's id in the cluster (a number ≥ 1, stable for the node; default 1).
     #[arg(long)]
@@ -84,7 +88,7 @@ fn init_logging(json: bool) {
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    init_logging(args.log_json);
+    init_logging(args.log_json || args.log_format == "json");
     let env = |k: &str| std::env::var(k).ok();
     let config = NodeConfig::load(
         args.config.as_deref(),
@@ -579,7 +583,24 @@ fn runs_here(s: &bitclone_raft::state::ClusterState, me: u64, j: &Job) -> bool {
     }
 }
 
+/// Runs a leased job on a log span naming the job and the call that
+/// submitted it.
 async fn run_leased(
+    node: &Arc<Node>,
+    cluster: &Arc<Cluster>,
+    job: Job,
+    token: u64,
+    asked: std::time::Instant,
+) {
+    use tracing::Instrument;
+    let span = tracing::info_span!("job", job = %job.id, request_id = %job.request_id);
+    // What the job causes (replication of what it commits) carries the id.
+    let id = job.request_id.clone();
+    let run = run_leased_in_span(node, cluster, job, token, asked).instrument(span);
+    bitclone_raft::context::scope(id, run).await
+}
+
+async fn run_leased_in_span(
     node: &Arc<Node>,
     cluster: &Arc<Cluster>,
     job: Job,
@@ -604,7 +625,7 @@ async fn run_leased(
     }));
     // At least MIN_LEASE_MS: the state machine validates its settings.
     let lease_ms = cluster.local(|s| s.settings.lease_ms) as u64;
-    let hb = tokio::spawn(heartbeat(
+    let hb = tokio::spawn(tracing::Instrument::in_current_span(heartbeat(
         node.clone(),
         cluster.clone(),
         id.clone(),
@@ -612,7 +633,7 @@ async fn run_leased(
         stop.clone(),
         live.clone(),
         LeaseHolder::new(asked, Duration::from_millis(lease_ms)),
-    ));
+    )));
     let link = JobLink {
         cluster: cluster.clone(),
         fence,

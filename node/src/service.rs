@@ -60,14 +60,9 @@ fn request_id<T>(r: &Request<T>) -> String {
     r.metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|s| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+        .and_then(bitclone_raft::context::accepted)
         .map(str::to_string)
-        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+        .unwrap_or_else(bitclone_raft::context::fresh)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -580,7 +575,7 @@ impl Api {
         } else {
             r.max_attempts.min(100)
         };
-        let job = Job::new(
+        let mut job = Job::new(
             format!("{:016x}", rand::random::<u64>()),
             r.tenant,
             r.dataset,
@@ -589,6 +584,7 @@ impl Api {
             max_attempts,
             now_ms(),
         );
+        job.request_id = bitclone_raft::context::current().unwrap_or_default();
         let job = self.node.submit_job(job).await.map_err(status)?;
         tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
         Ok(Response::new(job_pb(&job)))

@@ -441,3 +441,92 @@ fn the_alert_rules_are_valid_and_pass_their_unit_tests() {
         );
     }
 }
+
+#[test]
+fn one_put_is_followed_across_three_nodes_logs_by_its_request_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start_with_env(
+        tmp.path(),
+        3,
+        3,
+        &[
+            ("BITCLONE_LOG_FORMAT", "json"),
+            (
+                "RUST_LOG",
+                "info,openraft=warn,bitclone_raft=debug,bitclone_transport=debug",
+            ),
+        ],
+    );
+    let leader = c.leader(1).unwrap();
+    // Through a follower, so that the commit is forwarded to the leader.
+    let via = (1..=3).find(|n| *n != leader).unwrap();
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 10, 0);
+    let id = "follow-me-4711";
+    let run = |args: &[&str]| {
+        let out = c
+            .node(via)
+            .command()
+            .env("BITCLONE_REQUEST_ID", id)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    let out = tmp.path().join("out");
+    run(&[
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    // Every line of every log is JSON; the id is on the lines of what the
+    // put and the job caused, on each node.
+    let lines_with = |n: u64, what: &str| -> usize {
+        c.node(n)
+            .log_text()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| {
+                    panic!("node {n} logged a line that is not JSON ({e}): {l}")
+                })
+            })
+            .filter(|v| v.to_string().contains(id) && v.to_string().contains(what))
+            .count()
+    };
+    assert!(
+        lines_with(via, "snapshot committed") >= 1,
+        "the node that took the put"
+    );
+    assert!(
+        lines_with(leader, "applied a command a follower forwarded") >= 1,
+        "the leader"
+    );
+    for n in (1..=3).filter(|n| *n != via) {
+        assert!(
+            lines_with(n, "stored a snapshot's manifest sent by a peer") >= 1,
+            "replica {n}"
+        );
+    }
+    assert!(
+        (1..=3).any(|n| lines_with(n, "job started") >= 1),
+        "the job's holder"
+    );
+    // And the audit line of the put.
+    let audit = std::fs::read_to_string(c.node(via).data_dir.join("audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains(id) && l.contains("\"put\"")),
+        "{audit}"
+    );
+}

@@ -585,7 +585,21 @@ impl Peer for PeerService {
     ) -> Result<GrpcResponse<PeerMessage>, GrpcStatus> {
         self.authenticate(&req, true)?;
         let request: Request = decode(req.get_ref())?;
+        let id = req
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::context::accepted)
+            .unwrap_or_default()
+            .to_string();
+        let from = req.get_ref().from;
         let r = self.cluster.propose(request).await;
+        tracing::debug!(
+            from,
+            request_id = %id,
+            ok = r.is_ok(),
+            "applied a command a follower forwarded"
+        );
         encode(&r)
     }
 

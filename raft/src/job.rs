@@ -77,6 +77,10 @@ pub struct Job {
     /// Grows with every lease grant; every effect of the job carries it.
     #[serde(default)]
     pub fencing_token: u64,
+    /// The correlation id of the call that submitted it: the job's log
+    /// lines carry it.
+    #[serde(default)]
+    pub request_id: String,
 }
 
 /// The right to run a job until a deadline, renewed by heartbeat.
@@ -140,6 +144,7 @@ impl Job {
             cancel_requested: false,
             lease: None,
             fencing_token: 0,
+            request_id: String::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! network over gRPC with mutual TLS. openraft types stay inside this crate.
 
 pub mod cluster;
+pub mod context;
 mod error;
 pub mod job;
 mod network;

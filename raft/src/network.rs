@@ -88,6 +88,13 @@ impl Peers {
             payload: payload.into(),
         });
         request.set_timeout(timeout);
+        // A client command forwarded to the leader keeps the client call's
+        // correlation id.
+        if matches!(rpc, PeerRpc::Forward) {
+            if let Some(v) = crate::context::current().and_then(|id| id.parse().ok()) {
+                request.metadata_mut().insert("x-request-id", v);
+            }
+        }
         let reply = match rpc {
             PeerRpc::AppendEntries => client.append_entries(request).await,
             PeerRpc::Vote => client.vote(request).await,

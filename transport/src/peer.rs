@@ -314,15 +314,23 @@ impl Transport {
     }
 
     /// Sends a manifest (named by its BLAKE3); acknowledged once durable.
+    /// `request_id`, the correlation id of the call that made the snapshot,
+    /// goes along for the peer's log.
     pub async fn put_manifest(
         &self,
         peer: u64,
         addr: SocketAddr,
         tenant: &str,
-        id: &[u8; 32],
-        bytes: &[u8],
+        (id, bytes): (&[u8; 32], &[u8]),
+        request_id: Option<&str>,
     ) -> Result<()> {
-        let (mut send, mut recv) = self.request(peer, addr, op::PUT_MANIFEST, tenant).await?;
+        // In the request header after the tenant, past a newline (which no
+        // tenant name holds).
+        let target = match request_id {
+            Some(r) if !r.contains('\n') => format!("{tenant}\n{r}"),
+            _ => tenant.to_string(),
+        };
+        let (mut send, mut recv) = self.request(peer, addr, op::PUT_MANIFEST, &target).await?;
         frame::write(&mut send, kind::CHUNK, &[id, bytes]).await?;
         let _ = send.finish();
         let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
@@ -505,8 +513,12 @@ async fn handle(
     from.copy_from_slice(&header[..8]);
     let from = u64::from_le_bytes(from);
     let operation = header[8];
-    let tenant = String::from_utf8(header[9..].to_vec())
+    let target = String::from_utf8(header[9..].to_vec())
         .map_err(|_| Error::Protocol("tenant is not UTF-8".into()))?;
+    let (tenant, request_id) = match target.split_once('\n') {
+        Some((t, r)) => (t.to_string(), r.to_string()),
+        None => (target, String::new()),
+    };
     server
         .authorize(certs, from)
         .map_err(|e| Error::Protocol(format!("peer refused: {e}")))?;
@@ -592,11 +604,19 @@ async fn handle(
                 return Err(Error::Protocol("manifest does not match its name".into()));
             }
             let s = server.clone();
+            let t = tenant.clone();
             blocking(move || {
                 let (id, bytes) = frame::split_chunk(&payload).map_err(|e| e.to_string())?;
-                s.store_manifest(&tenant, &id, bytes)
+                s.store_manifest(&t, &id, bytes)
             })
             .await?;
+            tracing::debug!(
+                peer = from,
+                tenant = %tenant,
+                request_id = %request_id,
+                manifest = %blake3::Hash::from(id).to_hex(),
+                "stored a snapshot's manifest sent by a peer"
+            );
             frame::write(send, kind::STORED, &[&1u64.to_le_bytes()]).await
         }
         op::GET => {

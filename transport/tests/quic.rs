@@ -105,7 +105,9 @@ async fn chunks_move_verified_and_only_once() {
     assert_eq!(b_store.chunks.lock().unwrap().len(), 20);
     // Manifests travel verified the same way.
     let (mid, m) = chunk(99, 5000);
-    a.put_manifest(2, b_addr, "t", &mid, &m).await.unwrap();
+    a.put_manifest(2, b_addr, "t", (&mid, &m), Some("req-1"))
+        .await
+        .unwrap();
     assert_eq!(
         a.get_manifest(2, b_addr, "t", &mid, 1 << 20).await.unwrap(),
         m
