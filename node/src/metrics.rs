@@ -115,7 +115,14 @@ pub struct Events {
 }
 
 /// What an attempt ended as, for `bitclone_job_attempts_total{outcome}`.
-pub const ATTEMPT_OUTCOMES: [&str; 5] = ["succeeded", "failed", "retry", "released", "cancelled"];
+pub const ATTEMPT_OUTCOMES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "retry",
+    "released",
+    "cancelled",
+    "fenced",
+];
 
 impl Default for Events {
     fn default() -> Self {
@@ -541,7 +548,7 @@ impl Collector for NodeCollector {
             gauge(
                 e,
                 "bitclone_disk_free_bytes",
-                "Free bytes on the fullest file system the node writes to",
+                "Free bytes on the fullest file system the node writes to (data dir, db/, raft/)",
                 free as f64,
             )?;
         }
@@ -605,9 +612,25 @@ pub struct RpcService<S> {
     metrics: Arc<Metrics>,
 }
 
-/// `/bitclone.v1.BitClone/Put` → `Put`.
-fn method_of(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or_default().to_string()
+/// `/bitclone.v1.BitClone/Upload` → `Upload`; a health check →
+/// `health.Check`; anything else (an unknown path anyone may send, before
+/// authentication) → `other`, so that callers cannot mint label values.
+/// `None` for the long-lived health `Watch` streams, which are not timed.
+fn method_of(path: &str) -> Option<String> {
+    let plain =
+        |m: &str| !m.is_empty() && m.len() <= 32 && m.chars().all(|c| c.is_ascii_alphanumeric());
+    if let Some(m) = path.strip_prefix("/bitclone.v1.BitClone/") {
+        return Some(if plain(m) {
+            m.to_string()
+        } else {
+            "other".into()
+        });
+    }
+    match path {
+        "/grpc.health.v1.Health/Check" => Some("health.Check".into()),
+        "/grpc.health.v1.Health/Watch" => None,
+        _ => Some("other".into()),
+    }
 }
 
 /// The gRPC status code name of a numeric code.
@@ -633,7 +656,8 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
-        let method = method_of(req.uri().path());
+        let timed = method_of(req.uri().path());
+        let method = timed.clone().unwrap_or_else(|| "health.Watch".into());
         let metrics = self.metrics.clone();
         let start = Instant::now();
         // The call's correlation id: the client's, or a new one, so that
@@ -650,8 +674,17 @@ where
         }
         let span = tracing::info_span!("rpc", method = %method, request_id = %id);
         let fut = bitclone_raft::context::scope(id, self.inner.call(req)).instrument(span);
+        // Recorded as Cancelled if the call is dropped before it answers
+        // (a client deadline or reset while a streamed upload is read).
+        let mut pending = timed.map(|method| Pending {
+            metrics,
+            method,
+            start,
+        });
         Box::pin(async move {
+            let mut guard = Guard(pending.take());
             let resp = fut.await?;
+            let pending = guard.0.take();
             // A trailers-only response (an error before any message) has
             // its status in the headers; otherwise it comes in the trailers.
             let code = resp
@@ -659,17 +692,12 @@ where
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .map(code_name);
-            let pending = Pending {
-                metrics,
-                method,
-                start,
-            };
-            let pending = match code {
-                Some(code) => {
-                    pending.done(&code);
+            let pending = match (code, pending) {
+                (Some(code), Some(p)) => {
+                    p.done(&code);
                     None
                 }
-                None => Some(pending),
+                (_, p) => p,
             };
             Ok(resp.map(|body| Observed { body, pending }))
         })
@@ -680,6 +708,17 @@ struct Pending {
     metrics: Arc<Metrics>,
     method: String,
     start: Instant,
+}
+
+/// Records a call that never answered.
+struct Guard(Option<Pending>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.done("Cancelled");
+        }
+    }
 }
 
 impl Pending {
@@ -794,7 +833,16 @@ mod tests {
 
     #[test]
     fn methods_and_codes_read_as_operators_expect() {
-        assert_eq!(method_of("/bitclone.v1.BitClone/Put"), "Put");
+        assert_eq!(
+            method_of("/bitclone.v1.BitClone/Upload").as_deref(),
+            Some("Upload")
+        );
+        assert_eq!(method_of("/x/made-up-1").as_deref(), Some("other"));
+        assert_eq!(
+            method_of("/bitclone.v1.BitClone/a-b/../c").as_deref(),
+            Some("other")
+        );
+        assert_eq!(method_of("/grpc.health.v1.Health/Watch"), None);
         assert_eq!(code_name("0"), "Ok");
         assert_eq!(code_name("5"), "NotFound");
         assert_eq!(code_name("16"), "Unauthenticated");

@@ -785,6 +785,27 @@ impl Node {
         link: &JobLink,
     ) -> Result<SnapshotId, StoreError> {
         self.check_space()?;
+        // Checked again as the ingest goes (with its progress): below the
+        // reserve it stops, and the attempt ends as NoSpace, to retry.
+        let full: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let watch_space = {
+            let (space, node, full, stop) = (
+                self.space.clone(),
+                self.cluster.id,
+                full.clone(),
+                stop.clone(),
+            );
+            move || {
+                if let Err(why) = space.check(node) {
+                    *full.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        };
+        let no_space = |e: StoreError| match full.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(why) => StoreError::NoSpace(why),
+            None => e,
+        };
         match &job.source {
             Source::Dir { path: root } => {
                 self.config
@@ -794,6 +815,7 @@ impl Node {
                 let root = root.clone();
                 let (mut builder, _) = self.builder_for(&job.tenant, &job.dataset, None).await?;
                 let link2 = link.clone();
+                let watch_space = watch_space.clone();
                 let builder = self
                     .pool
                     .run(move || {
@@ -812,6 +834,7 @@ impl Node {
                             &mut |files, bytes| {
                                 if last.elapsed().as_millis() >= 100 {
                                     last = Instant::now();
+                                    watch_space();
                                     link2.report(|p| {
                                         *p = bitclone_raft::job::Progress {
                                             phase: "ingesting source".into(),
@@ -826,7 +849,8 @@ impl Node {
                         )?;
                         Ok(builder)
                     })
-                    .await?;
+                    .await
+                    .map_err(no_space)?;
                 let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }
@@ -846,6 +870,7 @@ impl Node {
                     source::ingest_objects(&target, builder, stop, &mut |files, bytes| {
                         if last.elapsed().as_millis() >= 100 {
                             last = Instant::now();
+                            watch_space();
                             link2.report(|p| {
                                 p.phase = phase.clone();
                                 p.files_done = files;
@@ -853,7 +878,8 @@ impl Node {
                             });
                         }
                     })
-                    .await?;
+                    .await
+                    .map_err(no_space)?;
                 let (record, _) = self.commit(builder, link.fenced_by(&job.id)).await?;
                 record.id.parse()
             }

@@ -682,10 +682,8 @@ async fn run_leased_in_span(
             JobState::Cancelled => "cancelled",
             _ => "succeeded",
         }),
-        Ok(_) => {
-            crate::metrics::Events::count(&node.events.fenced);
-            None
-        }
+        // Refused: a newer lease holder fenced this attempt out.
+        Ok(_) => Some("fenced"),
         Err(_) => None,
     };
     if let Some(o) = outcome {

@@ -450,16 +450,8 @@ impl Api {
         while let Some(done) = batches.next().await {
             builder = self.add_on_pool(builder, done).await?;
         }
+        // Node::commit logs it.
         let (record, stats) = self.node.commit(builder, None).await.map_err(status)?;
-        tracing::info!(
-            tenant = begin.tenant,
-            dataset = begin.dataset,
-            snapshot = record.id,
-            files = stats.files,
-            bytes = stats.bytes,
-            new_bytes = stats.new_bytes,
-            "snapshot committed"
-        );
         Ok(Response::new(pb::UploadResponse {
             snapshot: record.id,
             files: stats.files,

@@ -78,8 +78,8 @@ pub struct Cluster {
     client: u64,
     seq: AtomicU64,
     rpc_timeout: Duration,
-    /// Times the leader this node sees changed (to another node or to
-    /// none), counted by a task watching Raft's metrics.
+    /// Times this node saw a new leader (the first one included), counted
+    /// by a task watching Raft's metrics.
     leader_changes: Arc<AtomicU64>,
 }
 
@@ -107,11 +107,13 @@ impl Cluster {
         let leader_changes = Arc::new(AtomicU64::new(0));
         let (mut watch, changes) = (raft.metrics(), leader_changes.clone());
         tokio::spawn(async move {
+            // A change is a new leader seen: the leaderless moment of an
+            // election (which the watch may or may not show) is not one.
             let mut leader = watch.borrow().current_leader;
             // Ends when Raft shuts down and drops the sender.
             while watch.changed().await.is_ok() {
                 let now = watch.borrow().current_leader;
-                if now != leader {
+                if now.is_some() && now != leader {
                     changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     leader = now;
                 }

@@ -515,9 +515,20 @@ async fn handle(
     let operation = header[8];
     let target = String::from_utf8(header[9..].to_vec())
         .map_err(|_| Error::Protocol("tenant is not UTF-8".into()))?;
-    let (tenant, request_id) = match target.split_once('\n') {
-        Some((t, r)) => (t.to_string(), r.to_string()),
-        None => (target, String::new()),
+    // Only a manifest put carries the sender's correlation id, and only a
+    // plain one is kept (it goes into this node's log).
+    let (tenant, request_id) = match (operation, target.split_once('\n')) {
+        (op::PUT_MANIFEST, Some((t, r))) => {
+            let plain = r.len() <= 64
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            (
+                t.to_string(),
+                if plain { r.to_string() } else { String::new() },
+            )
+        }
+        (_, Some(_)) => return Err(Error::Protocol("a newline in the tenant".into())),
+        (_, None) => (target, String::new()),
     };
     server
         .authorize(certs, from)
