@@ -666,7 +666,7 @@ impl Api {
             if let Some((ready, why)) = a {
                 m.reachable = true;
                 m.ready = ready;
-                m.not_ready = why;
+                m.not_ready = reasons_for(&call.who, why);
             }
         }
     }
@@ -1406,8 +1406,18 @@ impl BitClone for Api {
             chunks_repaired: self.node.chunks_repaired.load(Ordering::Relaxed),
             fatal: self.node.fatal().unwrap_or_default(),
             ready: readiness.ready(),
-            not_ready: readiness.reasons,
+            not_ready: reasons_for(who, readiness.reasons),
         }))
+    }
+}
+
+/// Why a node is not ready, as `who` may see it: the reasons name the
+/// node's disk figures and store errors, for operators (admins) only.
+fn reasons_for(who: &Principal, reasons: Vec<String>) -> Vec<String> {
+    if who.has(Scope::Admin) || reasons.is_empty() {
+        reasons
+    } else {
+        vec!["not ready (an admin token shows why)".to_string()]
     }
 }
 

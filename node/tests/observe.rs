@@ -239,6 +239,13 @@ fn a_node_below_its_disk_reserve_is_not_ready_and_says_why() {
         me["not_ready"][0].as_str().unwrap().contains("reserve"),
         "{status}"
     );
+    // A tenant's token learns that it is not ready, not the node's figures.
+    let tenant = tmp.path().join("tenant.token");
+    std::fs::write(&tenant, node.token("default", "read")).unwrap();
+    let out = node.cli_as(Some(tenant.to_str().unwrap()), &["--json", "stats"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["ready"], false, "{stats}");
+    assert!(!stats.to_string().contains("MiB"), "{stats}");
     assert!(sample(&text, "bitclone_disk_reserve_bytes").unwrap() > 1e18);
     // NOT_SERVING is 2 (the health service updates within a second).
     let deadline = Instant::now() + Duration::from_secs(10);
