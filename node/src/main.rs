@@ -17,6 +17,7 @@ mod server;
 mod service;
 mod sinks;
 mod space;
+mod telemetry;
 
 use std::path::PathBuf;
 

@@ -673,7 +673,18 @@ where
             req.headers_mut().insert("x-request-id", v);
         }
         let span = tracing::info_span!("rpc", method = %method, request_id = %id);
-        let fut = bitclone_raft::context::scope(id, self.inner.call(req)).instrument(span);
+        // A traced caller's span is the parent; what this call causes on
+        // other nodes continues this span's trace.
+        if let Some(tp) = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            bitclone_raft::context::set_remote_parent(&span, tp);
+        }
+        let traceparent = bitclone_raft::context::traceparent_of(&span);
+        let fut = bitclone_raft::context::scope_traced(id, traceparent, self.inner.call(req))
+            .instrument(span);
         // Recorded as Cancelled if the call is dropped before it answers
         // (a client deadline or reset while a streamed upload is read).
         let mut pending = timed.map(|method| Pending {

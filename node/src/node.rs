@@ -246,7 +246,10 @@ impl Node {
 
     /// Submits a clone job through the cluster.
     pub async fn submit_job(&self, job: Job) -> Result<Job, StoreError> {
-        let job = match self.write(Command::SubmitJob { job }).await? {
+        let job = match self
+            .write(Command::SubmitJob { job: Box::new(job) })
+            .await?
+        {
             Response::Job(j) => j,
             other => {
                 return Err(StoreError::Unavailable(format!(
@@ -441,6 +444,15 @@ impl Node {
     /// pointer through Raft (compare-and-set on the parent). Counts its
     /// bytes in the node's stats.
     pub async fn commit(
+        &self,
+        builder: SnapshotBuilder,
+        fenced_by: Option<(String, Fence)>,
+    ) -> Result<(SnapshotRecord, ingest::IngestStats), StoreError> {
+        let span = tracing::info_span!("commit", dataset = %builder.dataset());
+        tracing::Instrument::instrument(self.commit_in_span(builder, fenced_by), span).await
+    }
+
+    async fn commit_in_span(
         &self,
         builder: SnapshotBuilder,
         fenced_by: Option<(String, Fence)>,
@@ -667,8 +679,9 @@ impl Node {
                 });
             };
             let started = Instant::now();
-            let result = sink
-                .write(SinkWrite {
+            let span = tracing::info_span!("sink_write", sink = %dest.display());
+            let result = tracing::Instrument::instrument(
+                sink.write(SinkWrite {
                     pool: &self.pool,
                     store: self.chunk_store(),
                     manifest: &manifest,
@@ -676,8 +689,10 @@ impl Node {
                     writer: &writer,
                     stop: stop.clone(),
                     on_progress: &mut on_progress,
-                })
-                .await;
+                }),
+                span,
+            )
+            .await;
             self.count_sink_write(&sink, &result, started.elapsed().as_secs_f64());
             match result {
                 Ok(w) => {

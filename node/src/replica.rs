@@ -122,6 +122,10 @@ impl ChunkServer for NodeChunks {
             .store_manifest_durable(tenant, &SnapshotId(*id), bytes)
             .map_err(|e| e.to_string())
     }
+
+    fn adopt_trace(&self, span: &tracing::Span, traceparent: &str) {
+        bitclone_raft::context::set_remote_parent(span, traceparent);
+    }
 }
 
 /// Asks `peer` which of `ids` it lacks, a frame's worth at a time.
@@ -270,8 +274,14 @@ async fn replicate_to(
     for pages in levels.into_iter().rev() {
         pages_sent += send_chunks(transport, store, peer, addr, tenant, pages, quic).await?;
     }
+    // The replicate span this runs in is the parent of the peer's.
+    let traceparent = bitclone_raft::context::traceparent();
+    let call = bitclone_transport::CallContext {
+        request_id: request_id.as_deref(),
+        traceparent: traceparent.as_deref(),
+    };
     transport
-        .put_manifest(peer, addr, tenant, (&id.0, root), request_id.as_deref())
+        .put_manifest(peer, addr, tenant, (&id.0, root), call)
         .await
         .map_err(|e| e.to_string())?;
     Ok((sent, pages_sent))
@@ -306,8 +316,10 @@ pub async fn replicate(
         };
         pending += 1;
         let quic = quic.clone();
-        // The put's correlation id, into the task that sends to this peer.
+        // The put's correlation id and span, into the task that sends to
+        // this peer.
         let request_id = bitclone_raft::context::current();
+        let span = tracing::info_span!("replicate", peer = *r);
         let (t, s, tn, b, id, tx, peer, counter, page_counter) = (
             transport.clone(),
             store.clone(),
@@ -320,7 +332,11 @@ pub async fn replicate(
             pages_sent.clone(),
         );
         tokio::spawn(async move {
-            let r = replicate_to(&t, &s, peer, addr, &tn, (&id, &b), (&quic, request_id)).await;
+            let r = tracing::Instrument::instrument(
+                replicate_to(&t, &s, peer, addr, &tn, (&id, &b), (&quic, request_id)),
+                span,
+            )
+            .await;
             match &r {
                 Ok((chunks, pages)) => {
                     counter.fetch_add(*chunks, Ordering::Relaxed);

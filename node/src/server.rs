@@ -69,26 +69,73 @@ pub struct NodeArgs {
     /// Join the cluster through any member's public API address.
     #[arg(long)]
     join: Option<String>,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this endpoint
+    /// (http://HOST:PORT); off when unset.
+    #[arg(long, env = "BITCLONE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0..=1; a call from a traced caller
+    /// follows its caller's choice).
+    #[arg(long, env = "BITCLONE_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    trace_sample_ratio: f64,
 }
 
-fn init_logging(json: bool) {
+/// Log lines to stderr (text or JSON) and, with an OTLP endpoint, spans to
+/// an OpenTelemetry collector; returns the tracer provider to shut down
+/// (flushing the last spans) before exit.
+fn init_logging(
+    json: bool,
+    otlp: Option<&str>,
+    ratio: f64,
+    node_id: u64,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     // openraft narrates every election at info; its warnings are what matter.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        b.init();
-    }
+        fmt.boxed()
+    };
+    let provider = otlp
+        .map(|endpoint| crate::telemetry::provider(endpoint, ratio, node_id))
+        .transpose()?;
+    let traces = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("bitclone"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(traces)
+        .init();
+    Ok(provider)
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    init_logging(args.log_json || args.log_format == "json");
+    let traces = init_logging(
+        args.log_json || args.log_format == "json",
+        args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+        args.trace_sample_ratio,
+        args.node_id
+            .or_else(|| std::env::var("BITCLONE_NODE_ID").ok()?.parse().ok())
+            .unwrap_or(1),
+    )?;
+    let r = serve(args).await;
+    if let Some(p) = traces {
+        // The batch of spans still buffered goes out now.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
+    r
+}
+
+async fn serve(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let env = |k: &str| std::env::var(k).ok();
     let config = NodeConfig::load(
         args.config.as_deref(),
@@ -519,25 +566,33 @@ async fn worker(node: Arc<Node>) {
             continue;
         }
         let now = bitclone_raft::cluster::now_ms();
-        // With whether each was running: taking it is a takeover.
-        let candidates: Vec<(String, bool)> = cluster.local(|s| {
+        // With whether each was running (taking it is a takeover) and the
+        // trace of the call that submitted it.
+        let candidates: Vec<(String, bool, String)> = cluster.local(|s| {
             s.claimable(cluster.id, now)
                 .iter()
                 .filter(|j| runs_here(s, cluster.id, j))
-                .map(|j| (j.id.clone(), j.state == JobState::Running))
+                .map(|j| {
+                    let running = j.state == JobState::Running;
+                    (j.id.clone(), running, j.traceparent.clone())
+                })
                 .collect()
         });
         let mut ran = false;
-        for (id, was_running) in candidates {
+        for (id, was_running, traceparent) in candidates {
             // The lease runs from the leader's clock when it applies the
             // grant, which is after this: counting from here is safe.
             let asked = std::time::Instant::now();
-            let r = cluster
-                .write(Command::AcquireLease {
+            let span = tracing::info_span!("acquire_lease", job = %id, takeover = was_running);
+            bitclone_raft::context::set_remote_parent(&span, &traceparent);
+            let r = tracing::Instrument::instrument(
+                cluster.write(Command::AcquireLease {
                     job: id.clone(),
                     node: cluster.id,
-                })
-                .await;
+                }),
+                span,
+            )
+            .await;
             match r {
                 Ok(Response::Lease { token, job }) => {
                     let ev = &node.events;
@@ -594,10 +649,13 @@ async fn run_leased(
 ) {
     use tracing::Instrument;
     let span = tracing::info_span!("job", job = %job.id, request_id = %job.request_id);
-    // What the job causes (replication of what it commits) carries the id.
+    bitclone_raft::context::set_remote_parent(&span, &job.traceparent);
+    // What the job causes (replication of what it commits) carries the id
+    // and continues the trace.
     let id = job.request_id.clone();
+    let traceparent = bitclone_raft::context::traceparent_of(&span);
     let run = run_leased_in_span(node, cluster, job, token, asked).instrument(span);
-    bitclone_raft::context::scope(id, run).await
+    bitclone_raft::context::scope_traced(id, traceparent, run).await
 }
 
 async fn run_leased_in_span(

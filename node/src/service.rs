@@ -577,6 +577,7 @@ impl Api {
             now_ms(),
         );
         job.request_id = bitclone_raft::context::current().unwrap_or_default();
+        job.traceparent = bitclone_raft::context::traceparent().unwrap_or_default();
         let job = self.node.submit_job(job).await.map_err(status)?;
         tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
         Ok(Response::new(job_pb(&job)))

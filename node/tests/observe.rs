@@ -537,3 +537,158 @@ fn one_put_is_followed_across_three_nodes_logs_by_its_request_id() {
         "{audit}"
     );
 }
+
+/// A span as the collector keeps it: trace id, span name, node id.
+type Seen = (Vec<u8>, String, String);
+
+/// An in-process OTLP collector: keeps every span it is sent, with the
+/// `service.instance.id` (node id) of the resource that sent it.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let node = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.instance.id")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push((s.trace_id, s.name, node.clone()));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[test]
+fn a_put_and_a_job_through_a_follower_are_each_one_trace_across_nodes() {
+    // The collector, on a runtime of its own for the test's length.
+    let collector = Collector::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let serving = collector.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(
+                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(serving),
+                )
+                .serve_with_incoming(incoming)
+                .await;
+        });
+    });
+    let endpoint = format!("http://{addr}");
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start_with_env(
+        tmp.path(),
+        3,
+        3,
+        &[
+            ("BITCLONE_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    let leader = c.leader(1).unwrap();
+    let via = (1..=3).find(|n| *n != leader).unwrap();
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 5, 0);
+    c.node(via)
+        .ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    // The put's rpc span on the follower, the leader's span for the
+    // forwarded commit, and the replicas' spans for the manifest sent over
+    // QUIC share a trace.
+    wait_for_trace(
+        &collector,
+        &c,
+        &[
+            "rpc",
+            "commit",
+            "forwarded_command",
+            "replicate",
+            "store_replica",
+        ],
+    );
+    // A job continues the trace of the call that submitted it, on
+    // whichever node takes its lease.
+    let out = tmp.path().join("out");
+    let job = c.node(via).json(&[
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(&out),
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    wait_for_trace(
+        &collector,
+        &c,
+        &["rpc", "acquire_lease", "job", "sink_write"],
+    );
+}
+
+/// Waits for one trace holding spans of every name in `names`, from at
+/// least two nodes.
+fn wait_for_trace(collector: &Collector, c: &TestCluster, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let spans = collector.spans.lock().unwrap().clone();
+        let found = spans.iter().any(|(trace, _, _)| {
+            let nodes: std::collections::BTreeSet<&String> = spans
+                .iter()
+                .filter(|(t, _, _)| t == trace)
+                .map(|(_, _, n)| n)
+                .collect();
+            let named = |n: &str| spans.iter().any(|(t, name, _)| t == trace && name == n);
+            nodes.len() >= 2 && names.iter().all(|n| named(n))
+        });
+        if found {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for n in c.nodes.keys() {
+                eprintln!("node {n} log:\n{}", c.node(*n).log_text());
+            }
+            panic!(
+                "no trace with spans {names:?} from two nodes; spans: {:?}",
+                spans
+                    .iter()
+                    .map(|(_, n, node)| (n, node))
+                    .collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -595,7 +595,16 @@ impl Peer for PeerService {
             .unwrap_or_default()
             .to_string();
         let from = req.get_ref().from;
-        let r = self.cluster.propose(request).await;
+        // A span of the client call's trace, on this node.
+        let span = tracing::info_span!("forwarded_command", from, request_id = %id);
+        if let Some(tp) = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            crate::context::set_remote_parent(&span, tp);
+        }
+        let r = tracing::Instrument::instrument(self.cluster.propose(request), span).await;
         tracing::debug!(
             from,
             request_id = %id,

@@ -5,18 +5,100 @@
 //! forwarded to the leader (as `x-request-id` on the peer call), chunks
 //! replicated to peers, the jobs it submits.
 
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+
+#[derive(Clone)]
+struct Call {
+    request_id: String,
+    /// The call's span as a W3C `traceparent`, when traces are exported.
+    traceparent: Option<String>,
+}
+
 tokio::task_local! {
-    static REQUEST_ID: String;
+    static CALL: Call;
 }
 
 /// The id of the call this task serves, if it serves one.
 pub fn current() -> Option<String> {
-    REQUEST_ID.try_with(|id| id.clone()).ok()
+    CALL.try_with(|c| c.request_id.clone()).ok()
+}
+
+/// Where work this task causes elsewhere continues the trace, as a W3C
+/// `traceparent`: the current span when it is traced, else the span of the
+/// call this task serves (a task spawned without a span), else none.
+pub fn traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+        .or_else(|| CALL.try_with(|c| c.traceparent.clone()).ok().flatten())
 }
 
 /// Runs `fut` as part of the call `id`.
 pub async fn scope<F: std::future::Future>(id: String, fut: F) -> F::Output {
-    REQUEST_ID.scope(id, fut).await
+    scope_traced(id, None, fut).await
+}
+
+/// Runs `fut` as part of the call `id`, traced as `traceparent`.
+pub async fn scope_traced<F: std::future::Future>(
+    id: String,
+    traceparent: Option<String>,
+    fut: F,
+) -> F::Output {
+    CALL.scope(
+        Call {
+            request_id: id,
+            traceparent,
+        },
+        fut,
+    )
+    .await
+}
+
+/// A span's OpenTelemetry context as a W3C `traceparent` header value
+/// (`None` when it is not traced: no exporter, or not sampled).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Makes `span` a child of the remote span a `traceparent` names (a call
+/// from another node); a malformed value is ignored.
+pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut parts = traceparent.trim().split('-');
+    let (Some("00"), Some(trace), Some(id), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return;
+    };
+    let (Ok(trace), Ok(id), Ok(flags)) = (
+        TraceId::from_hex(trace),
+        SpanId::from_hex(id),
+        u8::from_str_radix(flags, 16),
+    ) else {
+        return;
+    };
+    let sc = SpanContext::new(
+        trace,
+        id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    if sc.is_valid() {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+    }
 }
 
 /// A client's id when it is short and plain (it lands in logs and headers),

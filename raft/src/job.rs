@@ -81,6 +81,10 @@ pub struct Job {
     /// lines carry it.
     #[serde(default)]
     pub request_id: String,
+    /// The submitting call's span as a W3C `traceparent` (empty when not
+    /// traced): lease grants and runs of the job continue its trace.
+    #[serde(default)]
+    pub traceparent: String,
 }
 
 /// The right to run a job until a deadline, renewed by heartbeat.
@@ -145,6 +149,7 @@ impl Job {
             lease: None,
             fencing_token: 0,
             request_id: String::new(),
+            traceparent: String::new(),
         }
     }
 

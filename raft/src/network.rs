@@ -94,6 +94,9 @@ impl Peers {
             if let Some(v) = crate::context::current().and_then(|id| id.parse().ok()) {
                 request.metadata_mut().insert("x-request-id", v);
             }
+            if let Some(v) = crate::context::traceparent().and_then(|t| t.parse().ok()) {
+                request.metadata_mut().insert("traceparent", v);
+            }
         }
         let reply = match rpc {
             PeerRpc::AppendEntries => client.append_entries(request).await,

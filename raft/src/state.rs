@@ -227,7 +227,7 @@ pub enum Command {
         stored_bytes: u64,
     },
     SubmitJob {
-        job: Job,
+        job: Box<Job>,
     },
     /// Grants `node` the lease of a due job (or of one whose lease lapsed).
     AcquireLease {
@@ -717,7 +717,7 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                     )));
                 }
             }
-            let mut job = job.clone();
+            let mut job = Job::clone(job);
             job.created_unix_ms = now;
             job.updated_unix_ms = now;
             job.next_attempt_unix_ms = now;
@@ -917,7 +917,7 @@ mod tests {
                 3,
                 now,
             );
-            self.ok(now, Command::SubmitJob { job });
+            self.ok(now, Command::SubmitJob { job: Box::new(job) });
         }
 
         fn acquire(&mut self, id: &str, node: NodeId, now: i64) -> Result<u64, CommandError> {
@@ -1163,7 +1163,7 @@ mod tests {
             client: 9,
             seq: 1,
             now_ms: 0,
-            cmd: Command::SubmitJob { job },
+            cmd: Command::SubmitJob { job: Box::new(job) },
         };
         let first = apply(&mut st, &req);
         assert!(matches!(first, Response::Job(_)));
@@ -1243,7 +1243,7 @@ mod tests {
         apply_cmd(&mut st, 0, &commit("s2", "s1", 400)).unwrap();
         assert_eq!(st.stored_bytes["t"], 1000);
         let job = |id: &str| Command::SubmitJob {
-            job: Job::new(
+            job: Box::new(Job::new(
                 id.into(),
                 "t".into(),
                 "d".into(),
@@ -1251,7 +1251,7 @@ mod tests {
                 vec![],
                 3,
                 0,
-            ),
+            )),
         };
         apply_cmd(&mut st, 0, &job("a")).unwrap();
         assert!(matches!(
@@ -1275,7 +1275,7 @@ mod tests {
                 3,
                 0,
             );
-            apply_cmd(st, now, &Command::SubmitJob { job }).unwrap();
+            apply_cmd(st, now, &Command::SubmitJob { job: Box::new(job) }).unwrap();
         };
         for i in 0..(FINISHED_JOBS_KEPT + 5) {
             submit(&mut st, format!("done{i:05}"), i as i64);
@@ -1311,7 +1311,7 @@ mod tests {
                 client,
                 seq,
                 now_ms: seq as i64,
-                cmd: Command::SubmitJob { job },
+                cmd: Command::SubmitJob { job: Box::new(job) },
             }
         };
         for seq in 1..=100 {
@@ -1566,7 +1566,12 @@ mod tests {
             ("c", "s3://b/p/inner"),
             ("d", "s3://b/other"),
         ] {
-            sm.ok(0, Command::SubmitJob { job: job(id, dest) });
+            sm.ok(
+                0,
+                Command::SubmitJob {
+                    job: Box::new(job(id, dest)),
+                },
+            );
         }
         sm.acquire("a", 1, 0).unwrap();
         // Same prefix, or one inside it: wait, and are not offered.

@@ -58,6 +58,20 @@ pub trait ChunkServer: Send + Sync + 'static {
         id: &[u8; 32],
         bytes: &[u8],
     ) -> std::result::Result<(), String>;
+    /// Makes `span` (this node's handling of a peer's request) a child of
+    /// the sender's span named by a W3C `traceparent`, when this node
+    /// exports traces; by default nothing.
+    fn adopt_trace(&self, span: &tracing::Span, traceparent: &str) {
+        let _ = (span, traceparent);
+    }
+}
+
+/// What ties a request to the call that caused it: the caller's
+/// correlation id and, when traced, its span as a W3C `traceparent`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallContext<'a> {
+    pub request_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
 }
 
 /// Flow control and limits; the defaults suit bulk transfer on loopback and
@@ -196,9 +210,18 @@ impl Transport {
         }
         let err = |detail: String| Error::Connection { peer, detail };
         // The server must prove it is node `peer`: its name is checked.
-        let conn = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, &format!("node-{peer}"))
+        // quinn runs the connection's driver in the span current at connect
+        // time, for as long as the connection lives; connecting from a task
+        // of its own keeps a pooled connection from holding the first
+        // request's span (and its trace) open.
+        let (endpoint, client, name) = (
+            self.endpoint.clone(),
+            self.client.clone(),
+            format!("node-{peer}"),
+        );
+        let conn = tokio::spawn(async move { endpoint.connect_with(client, addr, &name) })
+            .await
+            .map_err(|e| err(e.to_string()))?
             .map_err(|e| err(e.to_string()))?
             .await
             .map_err(|e| err(e.to_string()))?;
@@ -314,21 +337,28 @@ impl Transport {
     }
 
     /// Sends a manifest (named by its BLAKE3); acknowledged once durable.
-    /// `request_id`, the correlation id of the call that made the snapshot,
-    /// goes along for the peer's log.
+    /// `call`, the call that made the snapshot, goes along: its id for the
+    /// peer's log, its trace context for the peer's span.
     pub async fn put_manifest(
         &self,
         peer: u64,
         addr: SocketAddr,
         tenant: &str,
         (id, bytes): (&[u8; 32], &[u8]),
-        request_id: Option<&str>,
+        call: CallContext<'_>,
     ) -> Result<()> {
         // In the request header after the tenant, past a newline (which no
-        // tenant name holds).
-        let target = match request_id {
-            Some(r) if !r.contains('\n') => format!("{tenant}\n{r}"),
-            _ => tenant.to_string(),
+        // tenant name holds): `tenant\nrequest_id[\ntraceparent]`. A peer
+        // of the release before reads id and traceparent as one id that is
+        // not plain, and drops it.
+        fn clean(v: Option<&str>) -> &str {
+            v.filter(|v| !v.contains('\n')).unwrap_or("")
+        }
+        let (r, tp) = (clean(call.request_id), clean(call.traceparent));
+        let target = match (r, tp) {
+            ("", "") => tenant.to_string(),
+            (r, "") => format!("{tenant}\n{r}"),
+            (r, tp) => format!("{tenant}\n{r}\n{tp}"),
         };
         let (mut send, mut recv) = self.request(peer, addr, op::PUT_MANIFEST, &target).await?;
         frame::write(&mut send, kind::CHUNK, &[id, bytes]).await?;
@@ -515,140 +545,155 @@ async fn handle(
     let operation = header[8];
     let target = String::from_utf8(header[9..].to_vec())
         .map_err(|_| Error::Protocol("tenant is not UTF-8".into()))?;
-    // Only a manifest put carries the sender's correlation id, and only a
-    // plain one is kept (it goes into this node's log).
-    let (tenant, request_id) = match (operation, target.split_once('\n')) {
-        (op::PUT_MANIFEST, Some((t, r))) => {
+    // Only a manifest put carries the sender's call (correlation id and
+    // trace context), and only a plain id is kept (it goes into this
+    // node's log).
+    let (tenant, request_id, traceparent) = match (operation, target.split_once('\n')) {
+        (op::PUT_MANIFEST, Some((t, call))) => {
+            let (r, tp) = call.split_once('\n').unwrap_or((call, ""));
             let plain = r.len() <= 64
                 && r.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             (
                 t.to_string(),
                 if plain { r.to_string() } else { String::new() },
+                tp.to_string(),
             )
         }
         (_, Some(_)) => return Err(Error::Protocol("a newline in the tenant".into())),
-        (_, None) => (target, String::new()),
+        (_, None) => (target, String::new(), String::new()),
     };
     server
         .authorize(certs, from)
         .map_err(|e| Error::Protocol(format!("peer refused: {e}")))?;
-    match operation {
-        op::MISSING => {
-            let (k, payload) = frame::read(&mut recv, max_frame).await?;
-            if k != kind::IDS {
-                return Err(Error::Protocol("expected ids".into()));
-            }
-            let ids = frame::split_ids(&payload)?;
-            let s = server.clone();
-            let missing = blocking(move || s.missing(&tenant, &ids)).await?;
-            let bytes: Vec<u8> = missing.iter().map(|m| u8::from(*m)).collect();
-            frame::write(send, kind::MISSING, &[&bytes]).await
+    let span = if operation == op::PUT_MANIFEST {
+        let span = tracing::info_span!("store_replica", peer = from, request_id = %request_id);
+        if !traceparent.is_empty() {
+            server.adopt_trace(&span, &traceparent);
         }
-        op::PUT => {
-            let mut stored = 0u64;
-            let mut in_flight = std::collections::VecDeque::new();
-            let (mut group, mut group_bytes) = (Vec::new(), 0usize);
-            loop {
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let work = async move {
+        match operation {
+            op::MISSING => {
                 let (k, payload) = frame::read(&mut recv, max_frame).await?;
-                match k {
-                    kind::END => break,
-                    kind::CHUNK => {
-                        frame::split_chunk(&payload)?;
-                        group_bytes += payload.len();
-                        group.push(payload);
-                        if group_bytes < STORE_GROUP_BYTES && group.len() < STORE_GROUP_CHUNKS {
-                            continue;
-                        }
-                        // Verified and stored off the async threads, a few
-                        // groups at a time, while the next frames arrive.
-                        group_bytes = 0;
-                        in_flight.push_back(store_group(
-                            server,
-                            &tenant,
-                            std::mem::take(&mut group),
-                        ));
-                        if in_flight.len() >= STORE_PIPELINE {
-                            stored += settle(&mut in_flight).await?;
-                        }
-                    }
-                    _ => return Err(Error::Protocol("expected a chunk or the end".into())),
+                if k != kind::IDS {
+                    return Err(Error::Protocol("expected ids".into()));
                 }
+                let ids = frame::split_ids(&payload)?;
+                let s = server.clone();
+                let missing = blocking(move || s.missing(&tenant, &ids)).await?;
+                let bytes: Vec<u8> = missing.iter().map(|m| u8::from(*m)).collect();
+                frame::write(send, kind::MISSING, &[&bytes]).await
             }
-            if !group.is_empty() {
-                in_flight.push_back(store_group(server, &tenant, group));
-            }
-            while !in_flight.is_empty() {
-                stored += settle(&mut in_flight).await?;
-            }
-            // Stored, not yet durable: the manifest, sent after the chunks
-            // and pages, is stored durably and makes them so (one flush per
-            // snapshot, not one per put).
-            frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
-        }
-        op::GET_MANIFEST => {
-            let (k, payload) = frame::read(&mut recv, max_frame).await?;
-            let ids = if k == kind::IDS {
-                frame::split_ids(&payload)?
-            } else {
-                Vec::new()
-            };
-            let [id] = ids.as_slice() else {
-                return Err(Error::Protocol("expected one manifest name".into()));
-            };
-            let (s, t, id) = (server.clone(), tenant.clone(), *id);
-            match blocking(move || s.load_manifest(&t, &id)).await? {
-                Some(bytes) => frame::write(send, kind::CHUNK, &[&id, &bytes]).await,
-                None => Err(Error::Protocol(format!(
-                    "manifest {} is not here",
-                    blake3::Hash::from(id).to_hex()
-                ))),
-            }
-        }
-        op::PUT_MANIFEST => {
-            let (k, payload) = frame::read(&mut recv, max_frame).await?;
-            if k != kind::CHUNK {
-                return Err(Error::Protocol("expected a manifest".into()));
-            }
-            let (id, bytes) = frame::split_chunk(&payload)?;
-            if blake3::hash(bytes).as_bytes() != &id {
-                return Err(Error::Protocol("manifest does not match its name".into()));
-            }
-            let s = server.clone();
-            let t = tenant.clone();
-            blocking(move || {
-                let (id, bytes) = frame::split_chunk(&payload).map_err(|e| e.to_string())?;
-                s.store_manifest(&t, &id, bytes)
-            })
-            .await?;
-            tracing::debug!(
-                peer = from,
-                tenant = %tenant,
-                request_id = %request_id,
-                manifest = %blake3::Hash::from(id).to_hex(),
-                "stored a snapshot's manifest sent by a peer"
-            );
-            frame::write(send, kind::STORED, &[&1u64.to_le_bytes()]).await
-        }
-        op::GET => {
-            let (k, payload) = frame::read(&mut recv, max_frame).await?;
-            if k != kind::IDS {
-                return Err(Error::Protocol("expected ids".into()));
-            }
-            for id in frame::split_ids(&payload)? {
-                let (s, t) = (server.clone(), tenant.clone());
-                match blocking(move || s.load(&t, &id)).await? {
-                    Some(data) => frame::write(send, kind::CHUNK, &[&id, &data]).await?,
-                    None => {
-                        return Err(Error::Protocol(format!(
-                            "chunk {} is not here",
-                            blake3::Hash::from(id).to_hex()
-                        )))
+            op::PUT => {
+                let mut stored = 0u64;
+                let mut in_flight = std::collections::VecDeque::new();
+                let (mut group, mut group_bytes) = (Vec::new(), 0usize);
+                loop {
+                    let (k, payload) = frame::read(&mut recv, max_frame).await?;
+                    match k {
+                        kind::END => break,
+                        kind::CHUNK => {
+                            frame::split_chunk(&payload)?;
+                            group_bytes += payload.len();
+                            group.push(payload);
+                            if group_bytes < STORE_GROUP_BYTES && group.len() < STORE_GROUP_CHUNKS {
+                                continue;
+                            }
+                            // Verified and stored off the async threads, a few
+                            // groups at a time, while the next frames arrive.
+                            group_bytes = 0;
+                            in_flight.push_back(store_group(
+                                server,
+                                &tenant,
+                                std::mem::take(&mut group),
+                            ));
+                            if in_flight.len() >= STORE_PIPELINE {
+                                stored += settle(&mut in_flight).await?;
+                            }
+                        }
+                        _ => return Err(Error::Protocol("expected a chunk or the end".into())),
                     }
                 }
+                if !group.is_empty() {
+                    in_flight.push_back(store_group(server, &tenant, group));
+                }
+                while !in_flight.is_empty() {
+                    stored += settle(&mut in_flight).await?;
+                }
+                // Stored, not yet durable: the manifest, sent after the chunks
+                // and pages, is stored durably and makes them so (one flush per
+                // snapshot, not one per put).
+                frame::write(send, kind::STORED, &[&stored.to_le_bytes()]).await
             }
-            Ok(())
+            op::GET_MANIFEST => {
+                let (k, payload) = frame::read(&mut recv, max_frame).await?;
+                let ids = if k == kind::IDS {
+                    frame::split_ids(&payload)?
+                } else {
+                    Vec::new()
+                };
+                let [id] = ids.as_slice() else {
+                    return Err(Error::Protocol("expected one manifest name".into()));
+                };
+                let (s, t, id) = (server.clone(), tenant.clone(), *id);
+                match blocking(move || s.load_manifest(&t, &id)).await? {
+                    Some(bytes) => frame::write(send, kind::CHUNK, &[&id, &bytes]).await,
+                    None => Err(Error::Protocol(format!(
+                        "manifest {} is not here",
+                        blake3::Hash::from(id).to_hex()
+                    ))),
+                }
+            }
+            op::PUT_MANIFEST => {
+                let (k, payload) = frame::read(&mut recv, max_frame).await?;
+                if k != kind::CHUNK {
+                    return Err(Error::Protocol("expected a manifest".into()));
+                }
+                let (id, bytes) = frame::split_chunk(&payload)?;
+                if blake3::hash(bytes).as_bytes() != &id {
+                    return Err(Error::Protocol("manifest does not match its name".into()));
+                }
+                let s = server.clone();
+                let t = tenant.clone();
+                blocking(move || {
+                    let (id, bytes) = frame::split_chunk(&payload).map_err(|e| e.to_string())?;
+                    s.store_manifest(&t, &id, bytes)
+                })
+                .await?;
+                tracing::debug!(
+                    peer = from,
+                    tenant = %tenant,
+                    request_id = %request_id,
+                    manifest = %blake3::Hash::from(id).to_hex(),
+                    "stored a snapshot's manifest sent by a peer"
+                );
+                frame::write(send, kind::STORED, &[&1u64.to_le_bytes()]).await
+            }
+            op::GET => {
+                let (k, payload) = frame::read(&mut recv, max_frame).await?;
+                if k != kind::IDS {
+                    return Err(Error::Protocol("expected ids".into()));
+                }
+                for id in frame::split_ids(&payload)? {
+                    let (s, t) = (server.clone(), tenant.clone());
+                    match blocking(move || s.load(&t, &id)).await? {
+                        Some(data) => frame::write(send, kind::CHUNK, &[&id, &data]).await?,
+                        None => {
+                            return Err(Error::Protocol(format!(
+                                "chunk {} is not here",
+                                blake3::Hash::from(id).to_hex()
+                            )))
+                        }
+                    }
+                }
+                Ok(())
+            }
+            other => Err(Error::Protocol(format!("unknown operation {other}"))),
         }
-        other => Err(Error::Protocol(format!("unknown operation {other}"))),
-    }
+    };
+    tracing::Instrument::instrument(work, span).await
 }

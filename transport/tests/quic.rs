@@ -105,9 +105,18 @@ async fn chunks_move_verified_and_only_once() {
     assert_eq!(b_store.chunks.lock().unwrap().len(), 20);
     // Manifests travel verified the same way.
     let (mid, m) = chunk(99, 5000);
-    a.put_manifest(2, b_addr, "t", (&mid, &m), Some("req-1"))
-        .await
-        .unwrap();
+    a.put_manifest(
+        2,
+        b_addr,
+        "t",
+        (&mid, &m),
+        bitclone_transport::CallContext {
+            request_id: Some("req-1"),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(
         a.get_manifest(2, b_addr, "t", &mid, 1 << 20).await.unwrap(),
         m
