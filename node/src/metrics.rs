@@ -21,7 +21,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -69,15 +69,31 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
-/// Chunk and page puts over QUIC to each peer.
+/// Replication over QUIC: chunk and page puts to each peer, snapshot sends
+/// to replicas, and what repair found missing here.
 pub struct QuicStats {
     pub bytes: Family<PeerLabels, Counter>,
     pub chunks: Family<PeerLabels, Counter>,
     /// One put (a batch of a few MiB) until the peer stored it.
     pub seconds: Family<PeerLabels, Histogram, fn() -> Histogram>,
+    /// Snapshot sends to replicas started here and not ended (a replica
+    /// slower than the majority a commit waits for shows here).
+    pub sends_in_flight: Gauge,
+    /// Snapshot sends to a replica that failed (its repair fetches it).
+    pub send_failures: Family<PeerLabels, Counter>,
+    /// Snapshots placed on this node that its last repair pass could not
+    /// complete: the replication lag as this replica sees it.
+    pub missing_snapshots: Gauge,
 }
 
 impl QuicStats {
+    pub fn send_failed(&self, peer: u64) {
+        let l = PeerLabels {
+            peer: peer.to_string(),
+        };
+        self.send_failures.get_or_create(&l).inc();
+    }
+
     pub fn sent(&self, peer: u64, chunks: u64, bytes: u64, seconds: f64) {
         let l = PeerLabels {
             peer: peer.to_string(),
@@ -143,6 +159,9 @@ impl Default for Events {
                 bytes: Family::default(),
                 chunks: Family::default(),
                 seconds: Family::new_with_constructor(latency),
+                sends_in_flight: Gauge::default(),
+                send_failures: Family::default(),
+                missing_snapshots: Gauge::default(),
             }),
         }
     }
@@ -199,6 +218,21 @@ impl Metrics {
             "bitclone_quic_put_duration_seconds",
             "QUIC puts (batches of a few MiB) to each peer, until stored there",
             e.quic.seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_replication_sends_in_flight",
+            "Snapshot sends from this node to replicas not ended yet",
+            e.quic.sends_in_flight.clone(),
+        );
+        m.registry.register(
+            "bitclone_replication_send_failures",
+            "Snapshot sends from this node to each replica that failed (repair fetches them)",
+            e.quic.send_failures.clone(),
+        );
+        m.registry.register(
+            "bitclone_replication_missing_snapshots",
+            "Snapshots placed on this node that its last repair pass could not complete",
+            e.quic.missing_snapshots.clone(),
         );
         m.registry.register(
             "bitclone_raft_proposal_duration_seconds",
@@ -471,6 +505,26 @@ impl Collector for NodeCollector {
                 .copied()
                 .zip(ev.attempts.iter().map(load)),
         )?;
+        if let Some(t) = node.transport.get() {
+            let received = t.received();
+            let peers: Vec<String> = received.iter().map(|(p, _)| p.to_string()).collect();
+            labelled(
+                e,
+                "bitclone_quic_received_bytes",
+                "Chunk, page and manifest bytes this node received from each peer over QUIC (sent to it or fetched)",
+                MetricType::Counter,
+                "peer",
+                peers.iter().map(|p| p.as_str()).zip(received.iter().map(|(_, t)| t.bytes)),
+            )?;
+            labelled(
+                e,
+                "bitclone_quic_received_chunks",
+                "Chunks, pages and manifests this node received from each peer over QUIC",
+                MetricType::Counter,
+                "peer",
+                peers.iter().map(|p| p.as_str()).zip(received.iter().map(|(_, t)| t.items)),
+            )?;
+        }
         if let Ok(s) = node.store.stats() {
             gauge(
                 e,
@@ -483,6 +537,22 @@ impl Collector for NodeCollector {
                 "bitclone_store_bytes",
                 "Bytes of chunk data in the store's files",
                 s.chunk_bytes as f64,
+            )?;
+            labelled(
+                e,
+                "bitclone_store_family_keys",
+                "Keys in each RocksDB column family of the store (RocksDB's estimate)",
+                MetricType::Gauge,
+                "family",
+                s.families.iter().map(|f| (f.name, f.keys)),
+            )?;
+            labelled(
+                e,
+                "bitclone_store_family_bytes",
+                "Bytes of each RocksDB column family's live SST and blob files",
+                MetricType::Gauge,
+                "family",
+                s.families.iter().map(|f| (f.name, f.bytes)),
             )?;
         }
         let st = node.cluster.status();

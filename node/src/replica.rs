@@ -316,6 +316,7 @@ pub async fn replicate(
         };
         pending += 1;
         let quic = quic.clone();
+        quic.sends_in_flight.inc();
         // The put's correlation id and span, into the task that sends to
         // this peer.
         let request_id = bitclone_raft::context::current();
@@ -342,12 +343,12 @@ pub async fn replicate(
                     counter.fetch_add(*chunks, Ordering::Relaxed);
                     page_counter.fetch_add(*pages, Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(
-                    peer,
-                    error = e,
-                    "replicating a snapshot to a replica failed"
-                ),
+                Err(e) => {
+                    quic.send_failed(peer);
+                    tracing::warn!(peer, error = e, "replicating a snapshot to a replica failed")
+                }
             }
+            quic.sends_in_flight.dec();
             let _ = tx.send((peer, r.map(|_| ())));
         });
     }
@@ -467,7 +468,8 @@ async fn repair_once(
             .get(peer)
             .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
     };
-    let mut complete = true;
+    // Snapshots placed here that this pass could not complete.
+    let mut incomplete = 0u64;
     let mut present: HashMap<String, HashSet<ChunkId>> = HashMap::new();
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
@@ -491,7 +493,7 @@ async fn repair_once(
                     }
                 }
                 let Some(b) = got else {
-                    complete = false;
+                    incomplete += 1;
                     continue;
                 };
                 b
@@ -515,7 +517,7 @@ async fn repair_once(
                     tenant: &tenant,
                 };
                 if !pulled.items(lacking, Some(root.height - 1)).await? {
-                    complete = false;
+                    incomplete += 1;
                     continue;
                 }
                 let (store, t) = (node.store.clone(), tenant.clone());
@@ -561,6 +563,7 @@ async fn repair_once(
             chunks = missing.len(),
             "repair: pulling chunks"
         );
+        let mut pulled_all = true;
         for batch in missing.chunks(REPAIR_BATCH) {
             let mut done = false;
             for peer in &from {
@@ -582,11 +585,13 @@ async fn repair_once(
                 }
             }
             if !done {
-                complete = false;
+                pulled_all = false;
             }
         }
+        incomplete += u64::from(!pulled_all);
     }
-    Ok(complete)
+    node.events.quic.missing_snapshots.set(incomplete as i64);
+    Ok(incomplete == 0)
 }
 
 /// Which of `ids` (chunks or pages) this node's store lacks.

@@ -692,3 +692,61 @@ fn wait_for_trace(collector: &Collector, c: &TestCluster, names: &[&str]) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// A replica that stops answering shows as replication lag on the writer
+/// (a send in flight, then a failed one), and once back it fetches what it
+/// missed: bytes received from a peer, nothing missing, and the store's
+/// column families have their keys.
+#[test]
+fn a_paused_replica_shows_as_replication_lag_and_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start(tmp.path(), 3, 3);
+    let leader = c.leader(1).unwrap();
+    let paused = (1..=3).find(|n| *n != leader).unwrap();
+    let signal = |sig: &str| {
+        let pid = c.node(paused).pid().to_string();
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let scrape = |n: u64, series: &str| sample(&metrics(c.node(n)), series).unwrap_or(0.0);
+    signal("-STOP");
+    let src = tmp.path().join("src");
+    generate_tree(&src, seed(), 10, 1);
+    // Durable on the two running replicas: the put returns while the send
+    // to the paused one waits for its connection to time out (10 s).
+    c.node(leader)
+        .ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    let in_flight = scrape(leader, "bitclone_replication_sends_in_flight");
+    assert!(in_flight >= 1.0, "{in_flight}");
+    let failed = format!("bitclone_replication_send_failures_total{{peer=\"{paused}\"}}");
+    c.wait_for("the send to the paused replica to fail", 60, |_| {
+        scrape(leader, &failed) >= 1.0
+    });
+    assert_eq!(scrape(leader, "bitclone_replication_sends_in_flight"), 0.0);
+    signal("-CONT");
+    // Its repair pass (at most 30 s apart) pulls the snapshot.
+    c.wait_for("the paused replica to fetch the snapshot", 120, |c| {
+        let text = metrics(c.node(paused));
+        let received: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("bitclone_quic_received_bytes_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        received > 0.0
+            && sample(&text, "bitclone_replication_missing_snapshots") == Some(0.0)
+            && sample(&text, "bitclone_store_family_keys{family=\"manifests\"}")
+                .is_some_and(|k| k >= 1.0)
+    });
+    let text = metrics(c.node(leader));
+    for family in ["chunks", "chunk_index", "manifests"] {
+        let keys = sample(&text, &format!("bitclone_store_family_keys{{family=\"{family}\"}}"));
+        assert!(keys.is_some_and(|k| k >= 1.0), "{family}: {keys:?}");
+    }
+    assert!(
+        sample(&text, "bitclone_store_family_bytes{family=\"meta\"}").is_some(),
+        "{text}"
+    );
+}

@@ -23,7 +23,9 @@ pub use chunker::ChunkParams;
 pub use error::{Error, Result};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
-pub use rocks::{LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord};
+pub use rocks::{
+    FamilyStats, LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord, StoreStats,
+};
 pub use store::{
     load_manifest, read_chunks, read_root, ChunkStore, Entries, EntryPages, FetchPage, MemStore,
 };

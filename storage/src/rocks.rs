@@ -111,6 +111,19 @@ pub struct StoreStats {
     pub chunks: u64,
     /// Bytes on disk used by chunk data (blob files and SSTs).
     pub chunk_bytes: u64,
+    /// Each column family's keys and bytes on disk.
+    pub families: Vec<FamilyStats>,
+}
+
+/// One RocksDB column family's size (RocksDB's estimates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyStats {
+    /// `chunks`, `chunk_index`, `manifests` or `meta`.
+    pub name: &'static str,
+    /// Estimated number of keys.
+    pub keys: u64,
+    /// Bytes of its live SST and blob files.
+    pub bytes: u64,
 }
 
 /// [`ChunkStore`] on RocksDB: chunk bytes in a BlobDB column family, a small
@@ -410,7 +423,7 @@ impl RocksStore {
         Ok(out)
     }
 
-    /// Approximate chunk count and bytes.
+    /// Approximate chunk count and bytes, and each column family's size.
     pub fn stats(&self) -> Result<StoreStats> {
         let prop = |cf, name| -> Result<u64> {
             Ok(self
@@ -418,10 +431,21 @@ impl RocksStore {
                 .property_int_value_cf(self.cf(cf), name)?
                 .unwrap_or(0))
         };
+        let families = [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS, CF_META]
+            .into_iter()
+            .map(|name| {
+                Ok(FamilyStats {
+                    name,
+                    keys: prop(name, "rocksdb.estimate-num-keys")?,
+                    bytes: prop(name, "rocksdb.total-blob-file-size")?
+                        + prop(name, "rocksdb.live-sst-files-size")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(StoreStats {
             chunks: prop(CF_CHUNK_INDEX, "rocksdb.estimate-num-keys")?,
-            chunk_bytes: prop(CF_CHUNKS, "rocksdb.total-blob-file-size")?
-                + prop(CF_CHUNKS, "rocksdb.live-sst-files-size")?,
+            chunk_bytes: families[0].bytes,
+            families,
         })
     }
 

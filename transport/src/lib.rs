@@ -11,7 +11,7 @@
 mod frame;
 mod peer;
 
-pub use peer::{CallContext, ChunkServer, Transport, TransportConfig};
+pub use peer::{CallContext, ChunkServer, Tally, Transport, TransportConfig};
 
 /// Errors of the transport layer.
 #[derive(Debug, thiserror::Error)]

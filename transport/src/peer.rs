@@ -114,6 +114,28 @@ pub struct Transport {
     client: quinn::ClientConfig,
     conns: Mutex<HashMap<(u64, SocketAddr), Connection>>,
     max_frame: usize,
+    received: Arc<Received>,
+}
+
+/// What this node received from each peer: chunks, pages and manifests it
+/// was sent (puts) or fetched (gets), counted as they arrive.
+#[derive(Default)]
+struct Received(Mutex<HashMap<u64, Tally>>);
+
+/// Items (chunks, pages, manifests) and their bytes (without names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub items: u64,
+    pub bytes: u64,
+}
+
+impl Received {
+    fn add(&self, peer: u64, payload: &[u8]) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let t = m.entry(peer).or_default();
+        t.items += 1;
+        t.bytes += payload.len().saturating_sub(32) as u64;
+    }
 }
 
 fn transport_config(cfg: &TransportConfig) -> Result<Arc<quinn::TransportConfig>> {
@@ -180,9 +202,19 @@ impl Transport {
             client,
             conns: Mutex::default(),
             max_frame: cfg.max_frame,
+            received: Arc::default(),
         });
-        tokio::spawn(serve(endpoint, server, cfg.max_frame));
+        tokio::spawn(serve(endpoint, server, cfg.max_frame, t.received.clone()));
         Ok(t)
+    }
+
+    /// What this node has received from each peer since it started, by
+    /// peer id.
+    pub fn received(&self) -> Vec<(u64, Tally)> {
+        let m = self.received.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(u64, Tally)> = m.iter().map(|(p, t)| (*p, *t)).collect();
+        v.sort_by_key(|(p, _)| *p);
+        v
     }
 
     /// The bound UDP address.
@@ -386,6 +418,7 @@ impl Transport {
         let (k, payload) = frame::read(&mut recv, max).await?;
         match k {
             kind::CHUNK => {
+                self.received.add(peer, &payload);
                 let (got, bytes) = frame::split_chunk(&payload)?;
                 if &got != id || blake3::hash(bytes).as_bytes() != id {
                     return Err(Error::Remote {
@@ -414,6 +447,7 @@ impl Transport {
             let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
             match k {
                 kind::CHUNK => {
+                    self.received.add(peer, &payload);
                     let (id, data) = frame::split_chunk(&payload)?;
                     if &id != want || blake3::hash(data).as_bytes() != want {
                         return Err(Error::Remote {
@@ -438,9 +472,14 @@ fn remote(peer: u64, payload: &[u8]) -> Error {
     }
 }
 
-async fn serve(endpoint: Endpoint, server: Arc<dyn ChunkServer>, max_frame: usize) {
+async fn serve(
+    endpoint: Endpoint,
+    server: Arc<dyn ChunkServer>,
+    max_frame: usize,
+    received: Arc<Received>,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let server = server.clone();
+        let (server, received) = (server.clone(), received.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -460,10 +499,11 @@ async fn serve(endpoint: Endpoint, server: Arc<dyn ChunkServer>, max_frame: usiz
                     Ok(s) => s,
                     Err(_) => return,
                 };
-                let (server, certs) = (server.clone(), certs.clone());
+                let (server, certs, received) =
+                    (server.clone(), certs.clone(), received.clone());
                 tokio::spawn(async move {
                     let mut send = send;
-                    if let Err(e) = handle(&server, &certs, &mut send, recv, max_frame).await {
+                    if let Err(e) = handle(&server, &certs, &mut send, recv, (max_frame, &received)).await {
                         let msg = e.to_string();
                         tracing::warn!(error = msg, "chunk request failed");
                         let _ = frame::write(&mut send, kind::ERROR, &[msg.as_bytes()]).await;
@@ -533,7 +573,7 @@ async fn handle(
     certs: &Arc<Vec<CertificateDer<'static>>>,
     send: &mut SendStream,
     mut recv: RecvStream,
-    max_frame: usize,
+    (max_frame, received): (usize, &Received),
 ) -> Result<()> {
     let (k, header) = frame::read(&mut recv, 4096).await?;
     if k != kind::REQUEST || header.len() < 9 {
@@ -598,6 +638,7 @@ async fn handle(
                         kind::END => break,
                         kind::CHUNK => {
                             frame::split_chunk(&payload)?;
+                            received.add(from, &payload);
                             group_bytes += payload.len();
                             group.push(payload);
                             if group_bytes < STORE_GROUP_BYTES && group.len() < STORE_GROUP_CHUNKS {
@@ -654,6 +695,7 @@ async fn handle(
                     return Err(Error::Protocol("expected a manifest".into()));
                 }
                 let (id, bytes) = frame::split_chunk(&payload)?;
+                received.add(from, &payload);
                 if blake3::hash(bytes).as_bytes() != &id {
                     return Err(Error::Protocol("manifest does not match its name".into()));
                 }

@@ -79,7 +79,7 @@ async fn chunks_move_verified_and_only_once() {
     let dir = tempfile::tempdir().unwrap();
     generate_dev(dir.path(), 2).unwrap();
     let (a, _, _) = node(dir.path(), 1, TransportConfig::default());
-    let (_b, b_store, b_addr) = node(dir.path(), 2, TransportConfig::default());
+    let (b, b_store, b_addr) = node(dir.path(), 2, TransportConfig::default());
     let chunks: Vec<_> = (0..20u8).map(|i| chunk(i, 1 << 20)).collect();
     let ids: Vec<[u8; 32]> = chunks.iter().map(|(i, _)| *i).collect();
     assert_eq!(a.missing(2, b_addr, "t", &ids).await.unwrap().len(), 20);
@@ -123,6 +123,18 @@ async fn chunks_move_verified_and_only_once() {
     );
     let e = a.get(2, b_addr, "t", &[[9u8; 32]]).await.unwrap_err();
     assert!(e.to_string().contains("not here"), "{e}");
+    // Each side counts what arrived, by sender: b the 23 chunks put (3 of
+    // them already there) and the manifest; a the 3 chunks and the
+    // manifest it fetched.
+    let tally = |items, bytes| bitclone_transport::Tally { items, bytes };
+    assert_eq!(
+        b.received(),
+        vec![(1, tally(24, (23 << 20) + m.len() as u64))]
+    );
+    assert_eq!(
+        a.received(),
+        vec![(2, tally(4, (3 << 20) + m.len() as u64))]
+    );
 }
 
 #[tokio::test]
