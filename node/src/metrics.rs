@@ -53,6 +53,45 @@ pub struct SinkLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkRequestLabels {
+    /// `s3`, `dir` or `catalog`.
+    pub kind: &'static str,
+    /// The request (`put`, `get`, `head`, `list`, `delete`, `put_part`,
+    /// ...; for a catalog, the step: `connect`, `migrate`, `commit`, ...).
+    pub op: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkOpLabels {
+    pub kind: &'static str,
+    pub op: &'static str,
+}
+
+/// Each request sinks make (below whole destination writes), reported by
+/// the storage crate's sinks.
+pub struct SinkRequests {
+    pub count: Family<SinkRequestLabels, Counter>,
+    pub seconds: Family<SinkOpLabels, Histogram, fn() -> Histogram>,
+    pub bytes: Family<SinkOpLabels, Counter>,
+}
+
+impl bitclone_storage::sink::requests::RequestObserver for SinkRequests {
+    fn request(&self, kind: &'static str, op: &'static str, ok: bool, seconds: f64, bytes: u64) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.count
+            .get_or_create(&SinkRequestLabels { kind, op, outcome })
+            .inc();
+        let l = SinkOpLabels { kind, op };
+        self.seconds.get_or_create(&l).observe(seconds);
+        if bytes > 0 {
+            self.bytes.get_or_create(&l).inc_by(bytes);
+        }
+    }
+}
+
 fn latency() -> Histogram {
     // 1 ms .. ~65 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -128,6 +167,7 @@ pub struct Events {
     /// Commands this node proposed for clients, until applied.
     pub proposal_seconds: Histogram,
     pub quic: Arc<QuicStats>,
+    pub sink_requests: Arc<SinkRequests>,
 }
 
 /// What an attempt ended as, for `bitclone_job_attempts_total{outcome}`.
@@ -162,6 +202,11 @@ impl Default for Events {
                 sends_in_flight: Gauge::default(),
                 send_failures: Family::default(),
                 missing_snapshots: Gauge::default(),
+            }),
+            sink_requests: Arc::new(SinkRequests {
+                count: Family::default(),
+                seconds: Family::new_with_constructor(latency),
+                bytes: Family::default(),
             }),
         }
     }
@@ -233,6 +278,21 @@ impl Metrics {
             "bitclone_replication_missing_snapshots",
             "Snapshots placed on this node that its last repair pass could not complete",
             e.quic.missing_snapshots.clone(),
+        );
+        m.registry.register(
+            "bitclone_sink_requests",
+            "Requests this node made to sinks (S3 and directory object-store calls, catalog steps), by kind, operation and outcome",
+            e.sink_requests.count.clone(),
+        );
+        m.registry.register(
+            "bitclone_sink_request_duration_seconds",
+            "Duration of each sink request, by kind and operation",
+            e.sink_requests.seconds.clone(),
+        );
+        m.registry.register(
+            "bitclone_sink_request_bytes",
+            "Payload bytes of sink requests (sent by puts, asked for by gets), by kind and operation",
+            e.sink_requests.bytes.clone(),
         );
         m.registry.register(
             "bitclone_raft_proposal_duration_seconds",
@@ -522,7 +582,10 @@ impl Collector for NodeCollector {
                 "Chunks, pages and manifests this node received from each peer over QUIC",
                 MetricType::Counter,
                 "peer",
-                peers.iter().map(|p| p.as_str()).zip(received.iter().map(|(_, t)| t.items)),
+                peers
+                    .iter()
+                    .map(|p| p.as_str())
+                    .zip(received.iter().map(|(_, t)| t.items)),
             )?;
         }
         if let Ok(s) = node.store.stats() {

@@ -345,7 +345,11 @@ pub async fn replicate(
                 }
                 Err(e) => {
                     quic.send_failed(peer);
-                    tracing::warn!(peer, error = e, "replicating a snapshot to a replica failed")
+                    tracing::warn!(
+                        peer,
+                        error = e,
+                        "replicating a snapshot to a replica failed"
+                    )
                 }
             }
             quic.sends_in_flight.dec();

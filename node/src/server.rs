@@ -221,6 +221,8 @@ async fn serve(args: NodeArgs) -> anyhow::Result<ExitCode> {
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
     let metrics = Arc::new(crate::metrics::Metrics::new(&node));
+    // The sinks' requests, into this node's metrics.
+    bitclone_storage::sink::requests::set_observer(node.events.sink_requests.clone());
     let http_file = config.data_dir.join("http.addr");
     if let Some(at) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(at)

@@ -742,7 +742,10 @@ fn a_paused_replica_shows_as_replication_lag_and_catches_up() {
     });
     let text = metrics(c.node(leader));
     for family in ["chunks", "chunk_index", "manifests"] {
-        let keys = sample(&text, &format!("bitclone_store_family_keys{{family=\"{family}\"}}"));
+        let keys = sample(
+            &text,
+            &format!("bitclone_store_family_keys{{family=\"{family}\"}}"),
+        );
         assert!(keys.is_some_and(|k| k >= 1.0), "{family}: {keys:?}");
     }
     assert!(

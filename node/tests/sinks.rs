@@ -192,9 +192,52 @@ fn clone_to_s3_and_postgres_incrementally_then_restore_without_the_cluster() {
     // (plus the manifest and the commit record), 1 deleted.
     edit_tree(&src);
     let before = g.object_write_count();
+    let requests = |node: &TestNode, series: &str| -> f64 {
+        let r = node.http_get("/metrics");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let s3_writes = |node: &TestNode| {
+        requests(
+            node,
+            r#"bitclone_sink_requests_total{kind="s3",op="put",outcome="ok"}"#,
+        ) + requests(
+            node,
+            r#"bitclone_sink_requests_total{kind="s3",op="complete_multipart",outcome="ok"}"#,
+        )
+    };
+    let (writes_before, commits_before) = (
+        s3_writes(&node),
+        requests(
+            &node,
+            r#"bitclone_sink_requests_total{kind="catalog",op="commit",outcome="ok"}"#,
+        ),
+    );
     let pages_before = page_count(&rt(), &target(&g, s3));
     let job = clone_to_both(&node);
     assert_eq!(job["state"], "Succeeded", "{job}");
+    // The node counts the object writes Garage counts, and one catalog
+    // commit.
+    assert_eq!(
+        s3_writes(&node) - writes_before,
+        (g.object_write_count() - before) as f64
+    );
+    assert_eq!(
+        requests(
+            &node,
+            r#"bitclone_sink_requests_total{kind="catalog",op="commit",outcome="ok"}"#
+        ) - commits_before,
+        1.0
+    );
+    assert!(
+        requests(
+            &node,
+            r#"bitclone_sink_request_bytes_total{kind="s3",op="put"}"#
+        ) > 0.0
+    );
     let snap2 = job["snapshot"].as_str().unwrap().to_string();
     // The manifest pages around the edits are new; the others are shared.
     let new_pages = page_count(&rt(), &target(&g, s3)) - pages_before;

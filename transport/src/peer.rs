@@ -499,11 +499,12 @@ async fn serve(
                     Ok(s) => s,
                     Err(_) => return,
                 };
-                let (server, certs, received) =
-                    (server.clone(), certs.clone(), received.clone());
+                let (server, certs, received) = (server.clone(), certs.clone(), received.clone());
                 tokio::spawn(async move {
                     let mut send = send;
-                    if let Err(e) = handle(&server, &certs, &mut send, recv, (max_frame, &received)).await {
+                    if let Err(e) =
+                        handle(&server, &certs, &mut send, recv, (max_frame, &received)).await
+                    {
                         let msg = e.to_string();
                         tracing::warn!(error = msg, "chunk request failed");
                         let _ = frame::write(&mut send, kind::ERROR, &[msg.as_bytes()]).await;

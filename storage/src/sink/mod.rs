@@ -13,6 +13,7 @@
 
 pub mod catalog;
 pub mod objects;
+pub mod requests;
 pub mod restore;
 pub mod source;
 pub mod spec;

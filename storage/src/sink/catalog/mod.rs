@@ -269,13 +269,15 @@ impl Catalog {
             tx.commit().await?;
             Ok::<_, Failure>(n)
         };
-        run.await
-            .map_err(|f| f.into_error(&self.endpoint, &self.sink))
+        let started = std::time::Instant::now();
+        let r = run.await;
+        crate::sink::requests::observe("catalog", "entries", r.is_ok(), started, 0);
+        r.map_err(|f| f.into_error(&self.endpoint, &self.sink))
     }
 
     async fn select<T>(
         &self,
-        what: &str,
+        what: &'static str,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         map: fn(&Row) -> Result<T, Failure>,
@@ -454,14 +456,17 @@ impl Catalog {
         Ok(CommitOutcome::Committed)
     }
 
-    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    async fn retry<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let mut attempt = 1;
         loop {
-            match op().await {
+            let started = std::time::Instant::now();
+            let r = op().await;
+            crate::sink::requests::observe("catalog", what, r.is_ok(), started, 0);
+            match r {
                 Ok(v) => return Ok(v),
                 Err(f) if attempt < ATTEMPTS && f.transient() => {
                     let delay = RETRY.delay(attempt, crate::backoff::jitter());

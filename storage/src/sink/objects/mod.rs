@@ -114,7 +114,7 @@ fn open(location: &Location, mirror: bool, s3: &S3Options, create: bool) -> Resu
             // never reach the disk before the files it vouches for.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)?.with_fsync(true);
             Ok(Some(Target {
-                store: Arc::new(fs),
+                store: crate::sink::requests::Observed::wrap(Arc::new(fs), "dir"),
                 prefix: ObjectPath::default(),
                 url,
                 mirror,
@@ -126,7 +126,10 @@ fn open(location: &Location, mirror: bool, s3: &S3Options, create: bool) -> Resu
             let prefix = ObjectPath::parse(prefix)
                 .map_err(|e| Error::InvalidArgument(format!("sink {url:?}: bad prefix: {e}")))?;
             Ok(Some(Target {
-                store: Arc::new(build_s3(bucket, s3, &url)?),
+                store: crate::sink::requests::Observed::wrap(
+                    Arc::new(build_s3(bucket, s3, &url)?),
+                    "s3",
+                ),
                 prefix,
                 url,
                 mirror,
