@@ -9,6 +9,9 @@
 pub mod cluster;
 pub mod env;
 pub mod node;
+pub mod oracle;
+pub mod report;
+pub mod schedule;
 pub mod servers;
 pub mod tree;
 

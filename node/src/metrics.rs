@@ -490,6 +490,12 @@ impl Collector for NodeCollector {
         )?;
         counter(
             e,
+            "bitclone_served_bytes",
+            "File bytes this node read out of its store for clients' downloads",
+            load(&node.bytes_served),
+        )?;
+        counter(
+            e,
             "bitclone_stored_bytes",
             "Chunk bytes new to this node's store (after dedup)",
             load(&node.bytes_stored),

@@ -32,6 +32,8 @@ pub struct Node {
     pub started: Instant,
     pub bytes_ingested: AtomicU64,
     pub bytes_stored: AtomicU64,
+    /// File bytes read out of this node's store for clients' downloads.
+    pub bytes_served: AtomicU64,
     /// Chunks found corrupt or missing on read and replaced from a replica.
     pub chunks_repaired: AtomicU64,
     /// Chunk bytes sent to replicas over QUIC.
@@ -85,6 +87,7 @@ impl Node {
             started: Instant::now(),
             bytes_ingested: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
             bytes_replicated: Arc::default(),
             page_bytes_stored: AtomicU64::new(0),
             page_bytes_replicated: Arc::default(),

@@ -1074,9 +1074,14 @@ impl BitClone for Api {
             // A chunk, verified; a bad or missing one is never served: it
             // is fetched from a replica and repaired here. `None`: the
             // error went to the client.
+            let served = |d: Vec<u8>| {
+                node.bytes_served
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Some(Bytes::from(d))
+            };
             let chunk = |e: &Entry, id: &ChunkId| -> Option<Bytes> {
                 let err = match store.get_chunk(&r.tenant, id) {
-                    Ok(d) => return Some(Bytes::from(d)),
+                    Ok(d) => return served(d),
                     Err(err) => err,
                 };
                 let detail = match &err {
@@ -1084,7 +1089,7 @@ impl BitClone for Api {
                         tracing::error!(chunk = %id, error = %err, "bad chunk on read");
                         match handle.block_on(node.repair_from_replicas(&r.tenant, &r.dataset, id))
                         {
-                            Ok(d) => return Some(Bytes::from(d)),
+                            Ok(d) => return served(d),
                             Err(repair) => format!("{err}; {repair}"),
                         }
                     }

@@ -137,9 +137,16 @@ fn metrics_health_and_readiness_of_a_running_node() {
         "--wait",
     ]);
     assert_eq!(job["state"], "Succeeded", "{job}");
+    // A download: the bytes served.
+    let got = tmp.path().join("got");
+    node.ok(&["get", "--dataset", "ds", got.to_str().unwrap()]);
 
     let text = metrics(&node);
     promtool_check(&text);
+    assert_eq!(
+        sample(&text, "bitclone_served_bytes_total"),
+        Some(bytes as f64)
+    );
     let after = sample(&text, "bitclone_ingested_bytes_total").unwrap();
     assert!(
         after - before >= bytes as f64,
