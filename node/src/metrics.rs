@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 
 use crate::node::Node;
 
-/// Raft entries a node may have received but not applied and still be
+/// Committed Raft entries a node may not have applied yet and still be
 /// ready: more means it is catching up.
 pub const MAX_APPLY_LAG: u64 = 1000;
 
@@ -374,6 +374,8 @@ pub struct ReadinessInput {
     pub member: bool,
     pub leader: Option<u64>,
     pub last_log_index: u64,
+    /// The commit index this node knows (`None` before its first commit).
+    pub commit_index: Option<u64>,
     pub applied_index: u64,
     /// Free bytes on the data dir's file system (`None`: unknown).
     pub disk_free: Option<u64>,
@@ -394,10 +396,12 @@ pub fn readiness(i: &ReadinessInput) -> Readiness {
     if i.leader.is_none() {
         reasons.push("no leader in sight".to_string());
     }
-    let lag = i.last_log_index.saturating_sub(i.applied_index);
+    // Before its first commit is known, what it holds stands in.
+    let committed = i.commit_index.unwrap_or(i.last_log_index);
+    let lag = committed.saturating_sub(i.applied_index);
     if lag > MAX_APPLY_LAG {
         reasons.push(format!(
-            "catching up: {lag} log entries not applied yet (at most {MAX_APPLY_LAG})"
+            "catching up: {lag} committed log entries not applied yet (at most {MAX_APPLY_LAG})"
         ));
     }
     if let Some(free) = i.disk_free {
@@ -420,6 +424,7 @@ pub fn readiness_of(node: &Node) -> Readiness {
         member: st.voters.contains(&st.id) || st.learners.contains(&st.id),
         leader: st.leader,
         last_log_index: st.last_log_index.unwrap_or(0),
+        commit_index: st.commit_index,
         applied_index: st.last_applied.unwrap_or(0),
         disk_free: node.space.free(),
         disk_reserve: node.space.reserve,
@@ -643,6 +648,12 @@ impl Collector for NodeCollector {
             "bitclone_raft_last_log_index",
             "Index of the last Raft entry this node holds",
             st.last_log_index.unwrap_or(0) as f64,
+        )?;
+        gauge(
+            e,
+            "bitclone_raft_commit_index",
+            "Index of the last Raft entry this node knows committed",
+            st.commit_index.unwrap_or(0) as f64,
         )?;
         gauge(
             e,
@@ -948,7 +959,8 @@ mod tests {
             fatal: None,
             member: true,
             leader: Some(1),
-            last_log_index: 100,
+            last_log_index: 120,
+            commit_index: Some(100),
             applied_index: 100,
             disk_free: Some(10 << 30),
             disk_reserve: 1 << 30,
@@ -965,7 +977,7 @@ mod tests {
             }),
             ("not a member", |i| i.member = false),
             ("no leader", |i| i.leader = None),
-            ("catching up", |i| i.last_log_index = 5000),
+            ("catching up", |i| i.commit_index = Some(5000)),
             ("disk below its reserve", |i| i.disk_free = Some(5)),
         ];
         for (why, change) in cases {
@@ -975,6 +987,13 @@ mod tests {
             assert_eq!(r.reasons.len(), 1, "{r:?}");
             assert!(r.reasons[0].contains(why), "{r:?}");
         }
+        // Entries received but not committed are not lag; before any
+        // commit is known, received ones count.
+        let mut i = ok_input();
+        i.last_log_index = 5000;
+        assert!(readiness(&i).ready());
+        i.commit_index = None;
+        assert!(readiness(&i).reasons[0].contains("catching up"));
         // An unknown disk does not make a node unready by itself.
         let mut i = ok_input();
         i.disk_free = None;

@@ -147,6 +147,11 @@ fn metrics_health_and_readiness_of_a_running_node() {
         sample(&text, "bitclone_served_bytes_total"),
         Some(bytes as f64)
     );
+    // The commit index the log store saw: past the put's and the job's
+    // entries, and the applied index never ahead of it.
+    let commit = sample(&text, "bitclone_raft_commit_index").unwrap();
+    let applied = sample(&text, "bitclone_raft_applied_index").unwrap();
+    assert!(commit >= 3.0 && applied <= commit, "{commit} {applied}");
     let after = sample(&text, "bitclone_ingested_bytes_total").unwrap();
     assert!(
         after - before >= bytes as f64,

@@ -55,6 +55,8 @@ pub struct Status {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_log_index: Option<u64>,
+    /// The commit index this node knows (saved by its log store).
+    pub commit_index: Option<u64>,
     pub last_applied: Option<u64>,
     /// Last log index covered by this node's snapshot, and purged up to.
     pub snapshot_index: Option<u64>,
@@ -77,6 +79,8 @@ pub struct Cluster {
     tls: PeerTls,
     client: u64,
     seq: AtomicU64,
+    /// The commit index plus one, from the log store.
+    commit_index: Arc<AtomicU64>,
     rpc_timeout: Duration,
     /// Times this node saw a new leader (the first one included), counted
     /// by a task watching Raft's metrics.
@@ -88,6 +92,7 @@ impl Cluster {
         let db =
             open_db(&cfg.dir).map_err(|e| Error::Fatal(format!("opening the Raft store: {e}")))?;
         let log = LogStore::new(db.clone());
+        let commit_index = log.commit_index();
         let sm = StateMachine::open(db)
             .map_err(|e| Error::Fatal(format!("loading the state machine: {e}")))?;
         let applied = sm.shared();
@@ -128,6 +133,7 @@ impl Cluster {
             tls: cfg.tls,
             client: rand::random::<u64>() | 1,
             seq: AtomicU64::new(0),
+            commit_index,
             rpc_timeout: cfg.rpc_timeout,
             leader_changes,
         }))
@@ -440,6 +446,10 @@ impl Cluster {
             leader: m.current_leader,
             term: m.current_term,
             last_log_index: m.last_log_index,
+            commit_index: self
+                .commit_index
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .checked_sub(1),
             last_applied: m.last_applied.map(|l| l.index),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),

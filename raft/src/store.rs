@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -81,11 +82,28 @@ fn put_json<T: Serialize>(db: &DB, key: &[u8], value: &T) -> Result<(), StorageE
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// The commit index openraft last saved, plus one (0: none yet); read
+    /// by status (openraft 0.9's metrics carry no commit index).
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        LogStore {
+            db,
+            committed: Arc::default(),
+        }
+    }
+
+    /// The commit index as this node last saved it (leader and followers
+    /// alike), shared with the store.
+    pub fn commit_index(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
+    }
+
+    fn note_committed(&self, committed: &Option<LogId<NodeId>>) {
+        let v = committed.map_or(0, |l| l.index + 1);
+        self.committed.store(v, Ordering::Relaxed);
     }
 
     fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, StorageError> {
@@ -166,11 +184,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        put_json(&self.db, KEY_COMMITTED, &committed)
+        put_json(&self.db, KEY_COMMITTED, &committed)?;
+        self.note_committed(&committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
-        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, KEY_COMMITTED)?.flatten())
+        let c = get_json::<Option<LogId<NodeId>>>(&self.db, KEY_COMMITTED)?.flatten();
+        self.note_committed(&c);
+        Ok(c)
     }
 
     async fn append<I>(
