@@ -11,6 +11,7 @@ pub mod env;
 pub mod node;
 pub mod oracle;
 pub mod report;
+pub mod run;
 pub mod schedule;
 pub mod servers;
 pub mod tree;

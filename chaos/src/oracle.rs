@@ -148,6 +148,7 @@ const FINAL_STATES: [&str; 3] = ["Succeeded", "Failed", "Cancelled"];
 /// fault the cluster must have healed.
 pub fn check(history: &[Op], end: &FinalState, heal_bound_ms: u64) -> Vec<Verdict> {
     vec![
+        progress(history),
         acknowledged_puts_read_back(history, end),
         no_phantom_reads(history, end),
         jobs_end(history, end),
@@ -155,6 +156,22 @@ pub fn check(history: &[Op], end: &FinalState, heal_bound_ms: u64) -> Vec<Verdic
         fencing_tokens_never_go_back(history),
         healed(end, heal_bound_ms),
     ]
+}
+
+/// A run in which no put was acknowledged proves nothing.
+fn progress(history: &[Op]) -> Verdict {
+    let acked = history
+        .iter()
+        .any(|o| matches!(o.kind, OpKind::Put { .. }) && o.outcome == Outcome::Ok);
+    let broken = if acked {
+        Vec::new()
+    } else {
+        vec![format!(
+            "no put acknowledged in {} operations",
+            history.len()
+        )]
+    };
+    verdict("the clients made progress", broken)
 }
 
 /// Every acknowledged put reads back byte-identical (by digest) through
@@ -496,7 +513,7 @@ mod tests {
     fn a_clean_run_passes_every_invariant() {
         let (h, end) = clean();
         let v = check(&h, &end, 10_000);
-        assert_eq!(v.len(), 6);
+        assert_eq!(v.len(), 7);
         assert!(failing(&v).is_empty(), "{v:#?}");
     }
 
@@ -509,10 +526,10 @@ mod tests {
             failing(&v),
             ["acknowledged puts read back identical on every node"]
         );
-        assert!(v[0].counterexamples[0].contains("lost on node 3"), "{v:?}");
+        assert!(v[1].counterexamples[0].contains("lost on node 3"), "{v:?}");
         // Not read back at all on a node is lost too.
         end.reads.remove(2);
-        assert!(!check(&h, &end, 10_000)[0].holds);
+        assert!(!check(&h, &end, 10_000)[1].holds);
     }
 
     #[test]
@@ -576,10 +593,10 @@ mod tests {
         end.jobs[0].state = "Running".into();
         let v = check(&h, &end, 10_000);
         assert_eq!(failing(&v), ["every submitted job ended"]);
-        assert!(v[2].counterexamples[0].contains("stuck in Running"));
+        assert!(v[3].counterexamples[0].contains("stuck in Running"));
         end.jobs.clear();
         let v = check(&h, &end, 10_000);
-        assert!(v[2].counterexamples[0].contains("lost"), "{v:?}");
+        assert!(v[3].counterexamples[0].contains("lost"), "{v:?}");
         // A failure must say why.
         let (h, mut end) = clean();
         end.jobs[0].state = "Failed".into();
@@ -634,6 +651,13 @@ mod tests {
             failing(&check(&h, &end, 10_000)),
             ["the cluster healed in time"]
         );
+    }
+
+    #[test]
+    fn a_run_without_an_acknowledged_put_proves_nothing() {
+        let (mut h, end) = clean();
+        h.retain(|o| !matches!(o.kind, OpKind::Put { .. }));
+        assert!(failing(&check(&h, &end, 10_000)).contains(&"the clients made progress"));
     }
 
     #[test]
