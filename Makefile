@@ -22,6 +22,11 @@ CARGO      ?= cargo
 STEP       := bash scripts/step.sh
 BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
 BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
+CHAOS_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-chaos
+# The smoke run's seed (fixed: make test replays the same schedule); the long
+# run draws one and prints it. CHAOS_ARGS adds flags, e.g. --cycles 200.
+CHAOS_SEED ?= 1
+CHAOS_ARGS ?=
 # Extra flags for bitclone-bench, e.g. make bench BENCH_ARGS="--size 256MiB --files 500"
 # or the many-files profile: make bench BENCH_ARGS="--profile many-files --restic"
 BENCH_ARGS ?= --restic --s3
@@ -37,7 +42,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage test build fmt clippy demo bench bench-cluster bench-transport clean-cache
+.PHONY: help deps deps-bench deps-garage test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -47,6 +52,8 @@ help:
 	@echo "                   and a report to $(BENCH_REPORT); many files: BENCH_ARGS='--profile many-files --restic'"
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
+	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every playable fault once, the oracle and a report (make test runs it)"
+	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
 	@echo "  make build        cargo build --workspace"
 	@echo "  make fmt          cargo fmt --all (rewrites files)"
 	@echo "  make clippy       cargo clippy --workspace --all-targets -D warnings"
@@ -71,11 +78,20 @@ test: deps deps-garage
 	$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings; \
 	$(STEP) build $(CARGO) build --workspace --all-targets --locked; \
 	$(STEP) test $(TEST_ENV) $(CARGO) test --workspace --locked; \
+	$(STEP) chaos-smoke $(TEST_ENV) $(CHAOS_BIN) --smoke --seed $(CHAOS_SEED) --out "$$(mktemp -d)/smoke"; \
 	e=$$(( $$(date +%s) - start )); \
 	printf 'make test: all steps passed in %dm%02ds\n' $$((e / 60)) $$((e % 60))
 
 build:
 	@$(STEP) build $(CARGO) build --workspace --locked
+
+chaos-smoke: deps
+	@$(STEP) build $(CARGO) build --workspace --locked
+	@$(STEP) chaos-smoke $(TEST_ENV) $(CHAOS_BIN) --smoke --seed $(CHAOS_SEED) --out "$$(mktemp -d)/smoke" $(CHAOS_ARGS)
+
+chaos: deps
+	@$(STEP) build $(CARGO) build --workspace --locked
+	@$(STEP) chaos $(TEST_ENV) $(CHAOS_BIN) --long --out "$$(mktemp -d)/long" $(CHAOS_ARGS)
 
 fmt:
 	@$(STEP) fmt $(CARGO) fmt --all

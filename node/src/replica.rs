@@ -287,6 +287,23 @@ async fn replicate_to(
     Ok((sent, pages_sent))
 }
 
+/// A send to a replica, counted in `bitclone_replication_sends_in_flight`
+/// while it lives.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn start(g: &prometheus_client::metrics::gauge::Gauge) -> InFlight {
+        g.inc();
+        InFlight(g.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Makes a snapshot durable on a majority of its shard's replica set before
 /// it may be committed; slower replicas keep receiving in the background (a
 /// dead one is given up on when its connection times out). Chunk bytes sent
@@ -316,7 +333,8 @@ pub async fn replicate(
         };
         pending += 1;
         let quic = quic.clone();
-        quic.sends_in_flight.inc();
+        // Counted out when the task ends, however it ends.
+        let in_flight = InFlight::start(&quic.sends_in_flight);
         // The put's correlation id and span, into the task that sends to
         // this peer.
         let request_id = bitclone_raft::context::current();
@@ -352,7 +370,7 @@ pub async fn replicate(
                     )
                 }
             }
-            quic.sends_in_flight.dec();
+            drop(in_flight);
             let _ = tx.send((peer, r.map(|_| ())));
         });
     }
@@ -402,6 +420,7 @@ pub async fn repair_loop(
         });
         if !member {
             // Removed (or not yet admitted): nothing is placed here.
+            node.events.quic.missing_snapshots.set(0);
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             continue;
         }
@@ -412,7 +431,13 @@ pub async fn repair_loop(
                 v != version || at.elapsed() > std::time::Duration::from_secs(30)
             });
         if due {
-            match repair_once(&node, &cluster, &transport).await {
+            // Snapshots placed here that this pass could not complete; a
+            // pass cut short by an error counts the one it was on too.
+            let mut incomplete = 0;
+            let pass = repair_once(&node, &cluster, &transport, &mut incomplete).await;
+            let missing = incomplete + u64::from(pass.is_err());
+            node.events.quic.missing_snapshots.set(missing as i64);
+            match pass {
                 Ok(true) => {
                     last_scan = Some((version, std::time::Instant::now()));
                     if !ready {
@@ -439,10 +464,12 @@ pub async fn repair_loop(
 }
 
 /// One pass; true when this node holds everything the layout gives it.
+/// `incomplete` counts the snapshots placed here it could not complete.
 async fn repair_once(
     node: &crate::node::Node,
     cluster: &Cluster,
     transport: &Transport,
+    incomplete: &mut u64,
 ) -> Result<bool, String> {
     let me = cluster.id;
     let (work, members) = cluster.local(|s| {
@@ -472,8 +499,6 @@ async fn repair_once(
             .get(peer)
             .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
     };
-    // Snapshots placed here that this pass could not complete.
-    let mut incomplete = 0u64;
     let mut present: HashMap<String, HashSet<ChunkId>> = HashMap::new();
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
@@ -497,7 +522,7 @@ async fn repair_once(
                     }
                 }
                 let Some(b) = got else {
-                    incomplete += 1;
+                    *incomplete += 1;
                     continue;
                 };
                 b
@@ -521,7 +546,7 @@ async fn repair_once(
                     tenant: &tenant,
                 };
                 if !pulled.items(lacking, Some(root.height - 1)).await? {
-                    incomplete += 1;
+                    *incomplete += 1;
                     continue;
                 }
                 let (store, t) = (node.store.clone(), tenant.clone());
@@ -592,10 +617,9 @@ async fn repair_once(
                 pulled_all = false;
             }
         }
-        incomplete += u64::from(!pulled_all);
+        *incomplete += u64::from(!pulled_all);
     }
-    node.events.quic.missing_snapshots.set(incomplete as i64);
-    Ok(incomplete == 0)
+    Ok(*incomplete == 0)
 }
 
 /// Which of `ids` (chunks or pages) this node's store lacks.

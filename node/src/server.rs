@@ -99,43 +99,26 @@ fn init_logging(
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let fmt = if json {
-        fmt.json().boxed()
+        fmt.json().with_filter(filter).boxed()
     } else {
-        fmt.boxed()
+        fmt.with_filter(filter).boxed()
     };
     let provider = otlp
         .map(|endpoint| crate::telemetry::provider(endpoint, ratio, node_id))
         .transpose()?;
+    // Spans are exported whatever RUST_LOG keeps in the log: a quiet log
+    // must not end traces (nor the trace context passed on to peers).
     let traces = provider.as_ref().map(|p| {
         use opentelemetry::trace::TracerProvider as _;
-        tracing_opentelemetry::layer().with_tracer(p.tracer("bitclone"))
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("bitclone"))
+            .with_filter(tracing_subscriber::EnvFilter::new("info,openraft=warn"))
     });
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(traces)
-        .init();
+    tracing_subscriber::registry().with(fmt).with(traces).init();
     Ok(provider)
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    let traces = init_logging(
-        args.log_json || args.log_format == "json",
-        args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
-        args.trace_sample_ratio,
-        args.node_id
-            .or_else(|| std::env::var("BITCLONE_NODE_ID").ok()?.parse().ok())
-            .unwrap_or(1),
-    )?;
-    let r = serve(args).await;
-    if let Some(p) = traces {
-        // The batch of spans still buffered goes out now.
-        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
-    }
-    r
-}
-
-async fn serve(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let env = |k: &str| std::env::var(k).ok();
     let config = NodeConfig::load(
         args.config.as_deref(),
@@ -153,6 +136,21 @@ async fn serve(args: NodeArgs) -> anyhow::Result<ExitCode> {
             join: args.join,
         },
     )?;
+    let traces = init_logging(
+        args.log_json || args.log_format == "json",
+        args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+        args.trace_sample_ratio,
+        config.cluster.node_id,
+    )?;
+    let r = serve(config).await;
+    if let Some(p) = traces {
+        // The batch of spans still buffered goes out now.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
+    r
+}
+
+async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let incoming = TcpIncoming::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?
         .with_nodelay(Some(true));

@@ -25,7 +25,7 @@ pub fn current() -> Option<String> {
 
 /// Where work this task causes elsewhere continues the trace, as a W3C
 /// `traceparent`: the current span when it is traced, else the span of the
-/// call this task serves (a task spawned without a span), else none.
+/// call this task serves (outside any span of its own), else none.
 pub fn traceparent() -> Option<String> {
     traceparent_of(&tracing::Span::current())
         .or_else(|| CALL.try_with(|c| c.traceparent.clone()).ok().flatten())
@@ -72,33 +72,36 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 /// from another node); a malformed value is ignored.
 pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let mut parts = traceparent.trim().split('-');
-    let (Some("00"), Some(trace), Some(id), Some(flags), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return;
+    if let Some(sc) = parse_traceparent(traceparent) {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+    }
+}
+
+/// A W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; a later version's
+/// first four fields), or `None` when malformed or all-zero.
+fn parse_traceparent(value: &str) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    let (Ok(trace), Ok(id), Ok(flags)) = (
-        TraceId::from_hex(trace),
-        SpanId::from_hex(id),
-        u8::from_str_radix(flags, 16),
-    ) else {
-        return;
-    };
+    // Version 00 has exactly four fields; "ff" is never valid.
+    if !hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    if !(hex(trace, 32) && hex(id, 16) && hex(flags, 2)) {
+        return None;
+    }
     let sc = SpanContext::new(
-        trace,
-        id,
-        TraceFlags::new(flags),
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(id).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
         true,
         TraceState::default(),
     );
-    if sc.is_valid() {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
-    }
+    sc.is_valid().then_some(sc)
 }
 
 /// A client's id when it is short and plain (it lands in logs and headers),
@@ -134,5 +137,35 @@ mod tests {
         assert_eq!(current(), None);
         let inner = rt.block_on(scope("r1".into(), async { current() }));
         assert_eq!(inner.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn traceparents_are_parsed_strictly() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let sc = parse_traceparent(good).unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert!(!parse_traceparent(&good.replace("-01", "-00"))
+            .unwrap()
+            .is_sampled());
+        // A later version may add fields; its first four are read.
+        assert!(parse_traceparent(&format!("01{}-extra", &good[2..])).is_some());
+        for bad in [
+            "",
+            "00-1-2-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            &format!("{good}-extra"),
+            &good.replace("00-", "ff-"),
+            &good.to_uppercase(),
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad:?}");
+        }
     }
 }

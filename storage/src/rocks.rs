@@ -442,9 +442,13 @@ impl RocksStore {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let chunk_bytes = families
+            .iter()
+            .find(|f| f.name == CF_CHUNKS)
+            .map_or(0, |f| f.bytes);
         Ok(StoreStats {
             chunks: prop(CF_CHUNK_INDEX, "rocksdb.estimate-num-keys")?,
-            chunk_bytes: families[0].bytes,
+            chunk_bytes,
             families,
         })
     }

@@ -20,9 +20,12 @@ use object_store::{
 pub trait RequestObserver: Send + Sync + 'static {
     /// One request to a sink of `kind` (`s3`, `dir` or `catalog`): the
     /// operation (`put`, `get`, `head`, `list`, `delete`, `copy`,
-    /// `put_part`, `complete`, `abort`, or a catalog step such as
-    /// `commit`), whether it succeeded, how long it took and the payload
-    /// bytes it carried (0 when none or unknown).
+    /// `rename`, `create_multipart`, `put_part`, `complete_multipart`,
+    /// `abort_multipart`, or a catalog step such as `commit`), whether it
+    /// succeeded, how long it took (for a `get`, until the body starts;
+    /// for a `list` or `delete` stream, until it ends) and the payload
+    /// bytes it carried (for a `get`, the bytes asked for; 0 when none or
+    /// unknown).
     fn request(&self, kind: &'static str, op: &'static str, ok: bool, seconds: f64, bytes: u64);
 }
 
@@ -131,20 +134,13 @@ impl ObjectStore for Observed {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        // One result per object; each is timed from the one before.
-        let kind = self.kind;
-        let mut last = Instant::now();
-        self.inner
-            .delete_stream(locations)
-            .inspect(move |r| {
-                observe(kind, "delete", r.is_ok(), last, 0);
-                last = Instant::now();
-            })
-            .boxed()
+        // The store batches and parallelises the deletes as it likes: the
+        // stream is one request.
+        observed(self.kind, "delete", self.inner.delete_stream(locations))
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        observed_list(self.kind, self.inner.list(prefix))
+        observed(self.kind, "list", self.inner.list(prefix))
     }
 
     fn list_with_offset(
@@ -152,7 +148,11 @@ impl ObjectStore for Observed {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        observed_list(self.kind, self.inner.list_with_offset(prefix, offset))
+        observed(
+            self.kind,
+            "list",
+            self.inner.list_with_offset(prefix, offset),
+        )
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -187,32 +187,42 @@ impl ObjectStore for Observed {
     }
 }
 
-/// A listing is one request however many pages it takes: reported when
-/// it ends (or fails).
-fn observed_list(
+/// A stream of results (a listing however many pages it takes, a batch of
+/// deletes) is one request: reported when it ends or first fails, timed
+/// from its first poll.
+fn observed<T: Send + 'static>(
     kind: &'static str,
-    inner: BoxStream<'static, object_store::Result<ObjectMeta>>,
-) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-    let t = Instant::now();
+    op: &'static str,
+    inner: BoxStream<'static, object_store::Result<T>>,
+) -> BoxStream<'static, object_store::Result<T>> {
+    enum Step<T> {
+        Start(Instant),
+        Item(object_store::Result<T>),
+        End,
+    }
+    let mut started = Instant::now();
     let mut reported = false;
-    inner
-        .map(Some)
-        .chain(futures::stream::once(async { None }))
-        .filter_map(move |item| {
-            let out = match item {
-                Some(Err(e)) => {
-                    if !reported {
-                        observe(kind, "list", false, t, 0);
-                        reported = true;
-                    }
+    let mut report = move |ok: bool, started: Instant| {
+        if !std::mem::replace(&mut reported, true) {
+            observe(kind, op, ok, started, 0);
+        }
+    };
+    futures::stream::once(async { Step::Start(Instant::now()) })
+        .chain(inner.map(Step::Item))
+        .chain(futures::stream::once(async { Step::End }))
+        .filter_map(move |step| {
+            let out = match step {
+                Step::Start(t) => {
+                    started = t;
+                    None
+                }
+                Step::Item(Err(e)) => {
+                    report(false, started);
                     Some(Err(e))
                 }
-                Some(ok) => Some(ok),
-                None => {
-                    if !reported {
-                        observe(kind, "list", true, t, 0);
-                        reported = true;
-                    }
+                Step::Item(ok) => Some(ok),
+                Step::End => {
+                    report(true, started);
                     None
                 }
             };
@@ -251,5 +261,66 @@ impl MultipartUpload for ObservedUpload {
         let r = self.inner.abort().await;
         observe(self.kind, "abort_multipart", r.is_ok(), t, 0);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(&'static str, &'static str, bool, u64)>>);
+
+    impl RequestObserver for Seen {
+        fn request(&self, kind: &'static str, op: &'static str, ok: bool, _: f64, bytes: u64) {
+            self.0.lock().unwrap().push((kind, op, ok, bytes));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_is_reported_once_and_streams_as_one() {
+        let seen = Arc::new(Seen::default());
+        assert!(set_observer(seen.clone()));
+        let store = Observed::wrap(Arc::new(object_store::memory::InMemory::new()), "s3");
+        let (a, b) = (Path::from("d/a"), Path::from("d/b"));
+        store
+            .put(&a, PutPayload::from_static(b"hello"))
+            .await
+            .unwrap();
+        store.put(&b, PutPayload::from_static(b"hi")).await.unwrap();
+        assert_eq!(store.head(&a).await.unwrap().size, 5);
+        let got = store.get(&a).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&got[..], b"hello");
+        assert!(store.get(&Path::from("d/none")).await.is_err());
+        let listed: Vec<_> = store.list(Some(&Path::from("d"))).collect().await;
+        assert_eq!(listed.len(), 2);
+        let gone: Vec<_> = store
+            .delete_stream(futures::stream::iter([Ok(a), Ok(b)]).boxed())
+            .collect()
+            .await;
+        assert!(gone.iter().all(|r| r.is_ok()));
+        let mut upload = store.put_multipart(&Path::from("d/big")).await.unwrap();
+        upload
+            .put_part(PutPayload::from(vec![7u8; 100]))
+            .await
+            .unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            [
+                ("s3", "put", true, 5),
+                ("s3", "put", true, 2),
+                ("s3", "head", true, 0),
+                ("s3", "get", true, 5),
+                ("s3", "get", false, 0),
+                ("s3", "list", true, 0),
+                ("s3", "delete", true, 0),
+                ("s3", "create_multipart", true, 0),
+                ("s3", "put_part", true, 100),
+                ("s3", "complete_multipart", true, 0),
+            ]
+        );
     }
 }

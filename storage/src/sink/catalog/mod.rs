@@ -226,7 +226,7 @@ impl Catalog {
     pub async fn find_snapshot(&self, id: &SnapshotId) -> Result<Option<CatalogSnapshot>> {
         let (sql, hex) = (snapshot_query("s.id = $1"), id.to_hex());
         let found = self
-            .select("find snapshot", &sql, &[&hex], snapshot_from_row)
+            .select("find_snapshot", &sql, &[&hex], snapshot_from_row)
             .await?;
         Ok(found.into_iter().next())
     }
@@ -257,7 +257,13 @@ impl Catalog {
             let portal = tx.bind(ENTRIES_QUERY, &params).await?;
             let mut n = 0u64;
             loop {
-                let rows = tx.query_portal(&portal, ENTRY_BATCH).await?;
+                // Each page of the cursor is one request (the caller's
+                // work on it is not timed).
+                let started = std::time::Instant::now();
+                let rows = tx.query_portal(&portal, ENTRY_BATCH).await;
+                let ok = rows.is_ok();
+                crate::sink::requests::observe("catalog", "entries_page", ok, started, 0);
+                let rows = rows?;
                 if rows.is_empty() {
                     break;
                 }
@@ -269,10 +275,8 @@ impl Catalog {
             tx.commit().await?;
             Ok::<_, Failure>(n)
         };
-        let started = std::time::Instant::now();
-        let r = run.await;
-        crate::sink::requests::observe("catalog", "entries", r.is_ok(), started, 0);
-        r.map_err(|f| f.into_error(&self.endpoint, &self.sink))
+        run.await
+            .map_err(|f| f.into_error(&self.endpoint, &self.sink))
     }
 
     async fn select<T>(
