@@ -123,10 +123,13 @@ fn main_inner() -> Result<ExitCode, String> {
         clients,
         out.display()
     );
-    let notes = vec![format!(
-        "Process faults only: not played yet: {} (the network and disk nemeses need the namespace runner).",
-        left_out.join(", ")
-    )];
+    let notes = vec![
+        format!(
+            "Process faults only: not played yet: {} (the network and disk nemeses need the namespace runner).",
+            left_out.join(", ")
+        ),
+        "Nodes run with the defaults: Raft heartbeat 100 ms, election timeout 500 ms to 1 s, job lease 5 s.".to_string(),
+    ];
     let outcome = run(&RunOptions {
         nodes,
         clients,

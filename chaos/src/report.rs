@@ -66,6 +66,34 @@ pub fn by_nemesis(figures: &[FaultFigure]) -> BTreeMap<String, (usize, u64)> {
     m
 }
 
+/// For each fault of `nemesis` (by name): milliseconds from its start to
+/// the first acknowledged put invoked after it (`None`: none was).
+pub fn first_write_after(history: &[Op], schedule: &Schedule, nemesis: &str) -> Vec<Option<u64>> {
+    schedule
+        .faults
+        .iter()
+        .filter(|f| f.nemesis.name() == nemesis)
+        .map(|f| {
+            history
+                .iter()
+                .filter(|o| {
+                    matches!(o.kind, crate::oracle::OpKind::Put { .. })
+                        && o.outcome == Outcome::Ok
+                        && o.invoked_ms >= f.start_ms
+                })
+                .map(|o| o.completed_ms - f.start_ms)
+                .min()
+        })
+        .collect()
+}
+
+/// The median and the largest of `v` (`None` when empty).
+pub fn p50_max(v: &[u64]) -> Option<(u64, u64)> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    Some((*v.get(v.len().checked_sub(1)? / 2)?, *v.last()?))
+}
+
 /// Acknowledged and failed-or-unknown operations per second.
 pub fn per_second(history: &[Op]) -> Vec<(u64, u64)> {
     let end = history.iter().map(|o| o.completed_ms).max().unwrap_or(0) / 1000;
@@ -170,6 +198,7 @@ pub fn markdown(
     schedule: &Schedule,
     verdicts: &[Verdict],
     figures: &[FaultFigure],
+    failover: &[(String, Vec<Option<u64>>)],
     notes: &[String],
     plot_file: &str,
 ) -> String {
@@ -213,6 +242,30 @@ pub fn markdown(
     );
     for (name, (runs, worst)) in by_nemesis(figures) {
         let _ = writeln!(md, "| {name} | {runs} | {:.1} s |", worst as f64 / 1000.0);
+    }
+    if !failover.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Failover\n\nFrom the fault's start to the first acknowledged put invoked after it.\n\n| fault | runs | p50 | max | never |\n|---|---|---|---|---|"
+        );
+        for (name, times) in failover {
+            let done: Vec<u64> = times.iter().flatten().copied().collect();
+            let never = times.len() - done.len();
+            match p50_max(&done) {
+                Some((p50, max)) => {
+                    let _ = writeln!(
+                        md,
+                        "| {name} | {} | {:.2} s | {:.2} s | {never} |",
+                        times.len(),
+                        p50 as f64 / 1000.0,
+                        max as f64 / 1000.0
+                    );
+                }
+                None => {
+                    let _ = writeln!(md, "| {name} | {} | - | - | {never} |", times.len());
+                }
+            }
+        }
     }
     md
 }
@@ -273,6 +326,29 @@ mod tests {
             .map(|t| status(t, !(1001..1800).contains(&t) && !(4001..4300).contains(&t)))
             .collect();
         let f = fault_figures(&h, &s, 1000);
+        // Statuses are not writes: no put, no failover figure.
+        assert_eq!(first_write_after(&h, &s, "kill-leader"), [None, None]);
+        let mut h = h;
+        for at in [1700, 1900, 4400] {
+            h.push(Op {
+                client: 2,
+                invoked_ms: at,
+                completed_ms: at + 50,
+                kind: OpKind::Put {
+                    dataset: "d".into(),
+                    digest: "x".into(),
+                    snapshot: Some("s".into()),
+                },
+                outcome: Outcome::Ok,
+            });
+        }
+        assert_eq!(
+            first_write_after(&h, &s, "kill-leader"),
+            [Some(750), Some(450)]
+        );
+        assert_eq!(p50_max(&[750, 450]), Some((450, 750)));
+        assert_eq!(p50_max(&[3, 1, 2]), Some((2, 3)));
+        assert_eq!(p50_max(&[]), None);
         assert_eq!(f[0].worst_unavailability_ms, 800);
         assert_eq!(f[1].worst_unavailability_ms, 300);
         assert_eq!(by_nemesis(&f)["kill-leader"], (2, 800));
@@ -300,11 +376,16 @@ mod tests {
             &s,
             &verdicts,
             &fault_figures(&h, &s, 1000),
+            &[(
+                "kill-leader".to_string(),
+                first_write_after(&h, &s, "kill-leader"),
+            )],
             &["process faults only".into()],
             "plot.svg",
         );
         assert!(md.contains("| kill-leader | 1 |"), "{md}");
         assert!(md.contains("**BROKEN**"), "{md}");
         assert!(md.contains("--seed 3"), "{md}");
+        assert!(md.contains("| kill-leader | 1 | - | - | 1 |"), "{md}");
     }
 }

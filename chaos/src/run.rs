@@ -108,13 +108,34 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         })
         .collect();
 
+    // Starts and ends in time order (faults may overlap). What was played
+    // keeps the times each fault really began and ended (finding the
+    // leader to kill takes a moment): the figures are measured from those.
+    let mut events: Vec<(u64, bool, usize)> = Vec::new();
+    for (i, f) in opts.schedule.faults.iter().enumerate() {
+        events.push((f.start_ms, true, i));
+        events.push((f.end_ms, false, i));
+    }
+    events.sort();
+    let mut played = opts.schedule.clone();
+    let mut undo: BTreeMap<usize, Undo> = BTreeMap::new();
     let mut last_fault_end = started;
-    for f in &opts.schedule.faults {
-        sleep_until(started + Duration::from_millis(f.start_ms));
-        let undo = inflict(&cluster, f, opts.schedule.seed);
-        sleep_until(started + Duration::from_millis(f.end_ms));
-        heal(&cluster, undo);
-        last_fault_end = Instant::now();
+    let since = |t: Instant| t.saturating_duration_since(started).as_millis() as u64;
+    for (at, start, i) in events {
+        sleep_until(started + Duration::from_millis(at));
+        if start {
+            undo.insert(
+                i,
+                inflict(&cluster, &opts.schedule.faults[i], opts.schedule.seed),
+            );
+            played.faults[i].start_ms = since(Instant::now());
+        } else {
+            if let Some(u) = undo.remove(&i) {
+                heal(&cluster, u);
+            }
+            last_fault_end = Instant::now();
+            played.faults[i].end_ms = since(last_fault_end).max(played.faults[i].start_ms);
+        }
     }
     sleep_until(started + Duration::from_millis(workload_ms));
     stop.store(true, Ordering::Relaxed);
@@ -127,10 +148,18 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     let end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
     let verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
 
-    let figures = report::fault_figures(&history, &opts.schedule, opts.quiet_ms);
+    let figures = report::fault_figures(&history, &played, opts.quiet_ms);
+    let failover: Vec<(String, Vec<Option<u64>>)> = ["kill-leader", "kill-random"]
+        .iter()
+        .map(|n| {
+            let times = report::first_write_after(&history, &played, n);
+            (n.to_string(), times)
+        })
+        .filter(|(_, t)| !t.is_empty())
+        .collect();
     let out = opts.dir.join("report");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("plot.svg"), report::svg(&history, &opts.schedule)).unwrap();
+    std::fs::write(out.join("plot.svg"), report::svg(&history, &played)).unwrap();
     std::fs::write(
         out.join("schedule.json"),
         serde_json::to_string_pretty(&opts.schedule).unwrap(),
@@ -156,8 +185,10 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         "nodes": opts.nodes,
         "clients": opts.clients,
         "schedule": opts.schedule,
+        "played": played,
         "verdicts": verdicts,
         "faults": figures,
+        "failover_ms": failover,
         "counts": counts,
         "healed_after_ms": healed_after_ms,
         "notes": opts.notes,
@@ -172,6 +203,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         &opts.schedule,
         &verdicts,
         &figures,
+        &failover,
         &opts.notes,
         "plot.svg",
     );
@@ -387,8 +419,9 @@ struct ClientCtx {
     stop: Arc<AtomicBool>,
 }
 
-/// Each operation's deadline: past it the outcome is unknown.
-const OP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Each operation's deadline, as a client with a deadline would set one:
+/// past it a put's outcome is unknown and the connection is replaced.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs `fut` on `rt` for at most [`OP_TIMEOUT`] (`Err`: it timed out).
 fn within<F: std::future::Future>(
     rt: &tokio::runtime::Runtime,
@@ -405,7 +438,9 @@ impl ClientCtx {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn record(&self, invoked_ms: u64, kind: OpKind, outcome: Outcome) {
+    /// Logs an operation; true when it was acknowledged.
+    fn record(&self, invoked_ms: u64, kind: OpKind, outcome: Outcome) -> bool {
+        let ok = outcome == Outcome::Ok;
         let op = Op {
             client: self.client,
             invoked_ms,
@@ -414,6 +449,7 @@ impl ClientCtx {
             outcome,
         };
         self.history.lock().unwrap().push(op);
+        ok
     }
 
     fn run(self, workload_ms: u64) {
@@ -426,12 +462,29 @@ impl ClientCtx {
         // Snapshots this client saw acknowledged: (dataset, id, digest).
         let mut acked: Vec<(String, String, String)> = Vec::new();
         let mut version = 0u64;
+        let mut conn: Option<bitclone_client::Client> = None;
+        // Clients start on different nodes.
+        let mut rotation = self.client as usize;
         for n in 0..MAX_OPS {
             if self.stop.load(Ordering::Relaxed) || self.ms() > workload_ms {
                 break;
             }
             let invoked = self.ms();
-            let client = match within(&rt, connect(&self.endpoints, &self.ca, &self.token)) {
+            // One connection kept while it serves; a new one after any
+            // failure, trying the endpoints from the next one on (the SDK
+            // takes the first that answers, and a paused node answers
+            // nothing for its whole connect timeout).
+            let connected = match conn.take() {
+                Some(c) => Ok(Ok(c)),
+                None => {
+                    rotation += 1;
+                    let mut order = self.endpoints.clone();
+                    let n = order.len().max(1);
+                    order.rotate_left(rotation % n);
+                    within(&rt, connect(&order, &self.ca, &self.token))
+                }
+            };
+            let client = match connected {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     self.record(invoked, OpKind::Status { leader: None }, Outcome::Failed(e));
@@ -445,7 +498,7 @@ impl ClientCtx {
                 }
             };
             let pick = rng.random_range(0..10);
-            if pick < 4 || acked.is_empty() {
+            let ok = if pick < 4 || acked.is_empty() {
                 // A put: a new tree, or the client's dataset edited.
                 let dataset = format!("c{}-{}", self.client, rng.random_range(0..3));
                 version += 1;
@@ -471,7 +524,7 @@ impl ClientCtx {
                     digest,
                     snapshot,
                 };
-                self.record(invoked, kind, outcome);
+                self.record(invoked, kind, outcome)
             } else if pick < 8 {
                 let (dataset, snapshot, _) = acked[rng.random_range(0..acked.len())].clone();
                 let out = self.dir.join(format!("get-{n}"));
@@ -495,7 +548,7 @@ impl ClientCtx {
                     snapshot,
                     digest,
                 };
-                self.record(invoked, kind, outcome);
+                self.record(invoked, kind, outcome)
             } else {
                 let r = within(&rt, client.cluster_status());
                 match r {
@@ -514,6 +567,9 @@ impl ClientCtx {
                         Outcome::Failed("timed out".into()),
                     ),
                 }
+            };
+            if ok {
+                conn = Some(client);
             }
         }
     }

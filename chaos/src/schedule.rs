@@ -72,6 +72,8 @@ impl Nemesis {
                 | Nemesis::Partition { .. }
                 | Nemesis::FullDisk
                 | Nemesis::Remove
+                // The replica is down while its chunk is flipped.
+                | Nemesis::CorruptChunk
         )
     }
 
