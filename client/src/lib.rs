@@ -77,6 +77,9 @@ pub use pages::PageCounts;
 const DEFAULT_TENANT: &str = "default";
 /// How long a TCP connect to one endpoint may take before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an endpoint has to connect before the next one is tried
+/// alongside it.
+const CONNECT_STAGGER: Duration = Duration::from_millis(300);
 /// HTTP/2 flow-control windows: large enough for 1 MiB data frames to stream
 /// without waiting for window updates.
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -363,8 +366,11 @@ impl Client {
     /// Connects to the first reachable endpoint of the list (e.g.
     /// `"https://127.0.0.1:7443"`; a missing scheme means `https://`), with
     /// no token and the public web PKI roots, and
-    /// remembers all of them for failover. Endpoints after the reachable one
-    /// are connected lazily, when a call first needs them.
+    /// remembers all of them for failover. Endpoints are tried in order, the
+    /// next one starting alongside when the one before has not connected
+    /// within 300 ms (a node that accepts connections but never answers
+    /// costs that, not a whole connect timeout); the first to connect is
+    /// used. The others are connected lazily, when a call first needs them.
     ///
     /// Fails with [`Error::NoEndpoints`] on an empty list,
     /// [`Error::InvalidEndpoint`] when one of them is not a URI and
@@ -413,19 +419,34 @@ impl Client {
             .map(|url| build_endpoint(url, &options))
             .collect::<Result<Vec<Endpoint>>>()?;
 
+        // Endpoints in order, each given CONNECT_STAGGER before the next
+        // one is tried alongside it: a node that accepts TCP but never
+        // answers (paused, overloaded) delays a connect by the stagger,
+        // not by the whole connect timeout. The first to connect wins.
         let mut connected: Option<(usize, Channel)> = None;
         let mut failures = Vec::new();
-        for (index, endpoint) in configured.iter().enumerate() {
-            match endpoint.connect().await {
-                Ok(channel) => {
-                    connected = Some((index, channel));
-                    break;
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        let mut next = 0;
+        while connected.is_none() && (next < configured.len() || !attempts.is_empty()) {
+            if attempts.is_empty() || next < configured.len() {
+                if let Some(endpoint) = configured.get(next) {
+                    let index = next;
+                    attempts.push(async move { (index, endpoint.connect().await) });
+                    next += 1;
                 }
-                Err(error) => {
-                    let error = error_chain(&error);
-                    tracing::warn!(endpoint = %urls[index], %error, "cannot connect, trying the next endpoint");
-                    failures.push(format!("{}: {error}", urls[index]));
-                }
+            }
+            let stagger = tokio::time::sleep(CONNECT_STAGGER);
+            tokio::select! {
+                Some((index, result)) = attempts.next() => match result {
+                    Ok(channel) => connected = Some((index, channel)),
+                    Err(error) => {
+                        let error = error_chain(&error);
+                        tracing::warn!(endpoint = %urls[index], %error, "cannot connect, trying the next endpoint");
+                        failures.push(format!("{}: {error}", urls[index]));
+                    }
+                },
+                // Only while another endpoint is left to start.
+                _ = stagger, if next < configured.len() => {}
             }
         }
         let Some((current, channel)) = connected else {
@@ -886,6 +907,28 @@ mod tests {
             .port();
         let result = Client::connect([format!("http://127.0.0.1:{port}")]).await;
         assert!(matches!(result, Err(Error::Unavailable { .. })));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_silent_endpoint_does_not_hold_up_the_next_one() -> anyhow::Result<()> {
+        // The kernel completes TCP handshakes on a listener that never
+        // accepts: TLS to it waits for a ServerHello that never comes (a
+        // paused node). Plain HTTP/2 to the other needs no answer to connect.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let other = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let urls = [
+            format!("https://127.0.0.1:{}", silent.local_addr()?.port()),
+            format!("http://127.0.0.1:{}", other.local_addr()?.port()),
+        ];
+        // Trying them one after the other could not connect before the
+        // silent one's connect timeout.
+        let client = tokio::time::timeout(CONNECT_TIMEOUT - Duration::from_secs(1), async {
+            Client::connect(urls.clone()).await
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("connect waited for the silent endpoint"))??;
+        assert_eq!(client.shared.current.load(Ordering::Relaxed), 1);
         Ok(())
     }
 
