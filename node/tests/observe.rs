@@ -126,17 +126,7 @@ fn metrics_health_and_readiness_of_a_running_node() {
     assert!(!node.cli_as(None, &["datasets"]).status.success());
     // A clone job into a directory: a lease, an attempt, a sink write.
     let out = tmp.path().join("out");
-    let job = node.json(&[
-        "clone",
-        "--from",
-        "snapshot://ds",
-        "--to",
-        &file_url(&out),
-        "--dataset",
-        "ds",
-        "--wait",
-    ]);
-    assert_eq!(job["state"], "Succeeded", "{job}");
+    clone_into_dir(&node, &out);
     // A download: the bytes served.
     let got = tmp.path().join("got");
     node.ok(&["get", "--dataset", "ds", got.to_str().unwrap()]);
@@ -339,17 +329,7 @@ fn a_real_prometheus_scrapes_a_three_node_cluster() {
     // The dashboard and the alert rules use only metrics the nodes serve
     // (after a put and a clone job, so that every family has samples).
     let out = tmp.path().join("out");
-    let job = c.node(1).json(&[
-        "clone",
-        "--from",
-        "snapshot://ds",
-        "--to",
-        &file_url(&out),
-        "--dataset",
-        "ds",
-        "--wait",
-    ]);
-    assert_eq!(job["state"], "Succeeded", "{job}");
+    clone_into_dir(c.node(1), &out);
     let scraped: String = c.nodes.values().map(metrics).collect();
     let served = |name: &str| {
         scraped.lines().any(|l| {
@@ -399,6 +379,22 @@ fn a_real_prometheus_scrapes_a_three_node_cluster() {
     let m = members(&c);
     let three = m.as_array().unwrap().iter().find(|m| m["id"] == 3).unwrap();
     assert_eq!(three["reachable"], false, "{m}");
+}
+
+/// A clone job of dataset `ds` into the directory `out`, waited for; it
+/// must succeed.
+fn clone_into_dir(node: &TestNode, out: &std::path::Path) {
+    let job = node.json(&[
+        "clone",
+        "--from",
+        "snapshot://ds",
+        "--to",
+        &file_url(out),
+        "--dataset",
+        "ds",
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
 }
 
 /// Every `expr` string in a Grafana dashboard.
@@ -653,17 +649,7 @@ fn a_put_and_a_job_through_a_follower_are_each_one_trace_across_nodes() {
     // A job continues the trace of the call that submitted it, on
     // whichever node takes its lease.
     let out = tmp.path().join("out");
-    let job = c.node(via).json(&[
-        "clone",
-        "--from",
-        "snapshot://ds",
-        "--to",
-        &file_url(&out),
-        "--dataset",
-        "ds",
-        "--wait",
-    ]);
-    assert_eq!(job["state"], "Succeeded", "{job}");
+    clone_into_dir(c.node(via), &out);
     wait_for_trace(
         &collector,
         &c,
