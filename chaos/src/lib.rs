@@ -18,7 +18,7 @@ pub mod tree;
 
 pub use cluster::TestCluster;
 pub use env::{bin, clean_command, dev_certs, seed};
-pub use node::{http_get, issue_token, tail, try_http_get, HttpReply, TestNode};
+pub use node::{http_get, issue_token, signal, tail, try_http_get, HttpReply, TestNode};
 pub use tree::{
     assert_same_tree, edit_small_files, file_url, flip_in_files, generate_small_files,
     generate_tree, random_bytes, tempdir_for_many_files, tree_digest,

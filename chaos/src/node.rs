@@ -20,6 +20,15 @@ pub struct TestNode {
     log: PathBuf,
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
 /// The file the harness keeps an admin token for every tenant in.
 pub const ADMIN_TOKEN: &str = "admin.token";
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::cluster::TestCluster;
+use crate::node::signal;
 use crate::oracle::{self, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
 use crate::report;
 use crate::schedule::{Fault, Nemesis, Schedule};
@@ -231,14 +232,6 @@ enum Undo {
 
 fn alive_leader(c: &TestCluster) -> Option<u64> {
     c.nodes.keys().find_map(|id| c.leader(*id))
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid}");
 }
 
 fn inflict(cluster: &Mutex<TestCluster>, f: &Fault, seed: u64) -> Undo {

@@ -701,16 +701,9 @@ fn a_paused_replica_shows_as_replication_lag_and_catches_up() {
     let c = TestCluster::start(tmp.path(), 3, 3);
     let leader = c.leader(1).unwrap();
     let paused = (1..=3).find(|n| *n != leader).unwrap();
-    let signal = |sig: &str| {
-        let pid = c.node(paused).pid().to_string();
-        assert!(std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let pid = c.node(paused).pid();
     let scrape = |n: u64, series: &str| sample(&metrics(c.node(n)), series).unwrap_or(0.0);
-    signal("-STOP");
+    signal(pid, "-STOP");
     let src = tmp.path().join("src");
     generate_tree(&src, seed(), 10, 1);
     // Durable on the two running replicas: the put returns while the send
@@ -724,7 +717,7 @@ fn a_paused_replica_shows_as_replication_lag_and_catches_up() {
         scrape(leader, &failed) >= 1.0
     });
     assert_eq!(scrape(leader, "bitclone_replication_sends_in_flight"), 0.0);
-    signal("-CONT");
+    signal(pid, "-CONT");
     // Its repair pass (at most 30 s apart) pulls the snapshot.
     c.wait_for("the paused replica to fetch the snapshot", 120, |c| {
         let text = metrics(c.node(paused));

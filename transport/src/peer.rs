@@ -118,7 +118,8 @@ pub struct Transport {
 }
 
 /// What this node received from each peer: chunks, pages and manifests it
-/// was sent (puts) or fetched (gets), counted as they arrive.
+/// was sent (puts) or fetched (gets), counted a put's group or a whole get
+/// at a time (one lock for many small chunks).
 #[derive(Default)]
 struct Received(Mutex<HashMap<u64, Tally>>);
 
@@ -130,11 +131,18 @@ pub struct Tally {
 }
 
 impl Received {
-    fn add(&self, peer: u64, payload: &[u8]) {
+    /// Adds `items` holding `bytes` (names not counted) from `peer`.
+    fn add(&self, peer: u64, items: usize, bytes: usize) {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let t = m.entry(peer).or_default();
-        t.items += 1;
-        t.bytes += payload.len().saturating_sub(32) as u64;
+        t.items += items as u64;
+        t.bytes += bytes as u64;
+    }
+
+    /// Adds frames (each a 32-byte name and its bytes) from `peer`.
+    fn add_frames(&self, peer: u64, frames: &[Vec<u8>]) {
+        let bytes = frames.iter().map(|f| f.len().saturating_sub(32)).sum();
+        self.add(peer, frames.len(), bytes);
     }
 }
 
@@ -418,7 +426,7 @@ impl Transport {
         let (k, payload) = frame::read(&mut recv, max).await?;
         match k {
             kind::CHUNK => {
-                self.received.add(peer, &payload);
+                self.received.add(peer, 1, payload.len().saturating_sub(32));
                 let (got, bytes) = frame::split_chunk(&payload)?;
                 if &got != id || blake3::hash(bytes).as_bytes() != id {
                     return Err(Error::Remote {
@@ -443,11 +451,11 @@ impl Transport {
     ) -> Result<Vec<Vec<u8>>> {
         let mut recv = self.request_ids(peer, addr, op::GET, tenant, ids).await?;
         let mut out = Vec::with_capacity(ids.len());
+        let mut received = 0;
         for want in ids {
             let (k, payload) = frame::read(&mut recv, self.max_frame).await?;
             match k {
                 kind::CHUNK => {
-                    self.received.add(peer, &payload);
                     let (id, data) = frame::split_chunk(&payload)?;
                     if &id != want || blake3::hash(data).as_bytes() != want {
                         return Err(Error::Remote {
@@ -455,12 +463,15 @@ impl Transport {
                             message: "sent a chunk that does not match its name".into(),
                         });
                     }
+                    received += data.len();
                     out.push(data.to_vec());
                 }
                 kind::ERROR => return Err(remote(peer, &payload)),
                 _ => return Err(Error::Protocol("unexpected reply to get".into())),
             }
         }
+        // Counted once the get is whole.
+        self.received.add(peer, out.len(), received);
         Ok(out)
     }
 }
@@ -639,7 +650,6 @@ async fn handle(
                         kind::END => break,
                         kind::CHUNK => {
                             frame::split_chunk(&payload)?;
-                            received.add(from, &payload);
                             group_bytes += payload.len();
                             group.push(payload);
                             if group_bytes < STORE_GROUP_BYTES && group.len() < STORE_GROUP_CHUNKS {
@@ -648,6 +658,7 @@ async fn handle(
                             // Verified and stored off the async threads, a few
                             // groups at a time, while the next frames arrive.
                             group_bytes = 0;
+                            received.add_frames(from, &group);
                             in_flight.push_back(store_group(
                                 server,
                                 &tenant,
@@ -661,6 +672,7 @@ async fn handle(
                     }
                 }
                 if !group.is_empty() {
+                    received.add_frames(from, &group);
                     in_flight.push_back(store_group(server, &tenant, group));
                 }
                 while !in_flight.is_empty() {
@@ -696,7 +708,7 @@ async fn handle(
                     return Err(Error::Protocol("expected a manifest".into()));
                 }
                 let (id, bytes) = frame::split_chunk(&payload)?;
-                received.add(from, &payload);
+                received.add(from, 1, payload.len().saturating_sub(32));
                 if blake3::hash(bytes).as_bytes() != &id {
                     return Err(Error::Protocol("manifest does not match its name".into()));
                 }
