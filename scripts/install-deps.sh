@@ -39,7 +39,8 @@ done
 
 log() { echo "install-deps: $*"; }
 
-required=(clang libclang-dev g++ make pkg-config postgresql openssl socat prometheus)
+# nftables and iproute2: the chaos harness's network faults (nft, tc, ip).
+required=(clang libclang-dev g++ make pkg-config postgresql openssl socat prometheus nftables iproute2)
 optional=()
 [[ "$want_bench" == 1 ]] && optional+=(restic rclone rsync)
 

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::env::{bin, dev_certs};
+use std::net::Ipv4Addr;
+
+use crate::env::{bin, dev_certs_with};
 use crate::node::TestNode;
 
 /// Real `bitclone node` processes forming a Raft cluster over mutual TLS.
@@ -18,6 +20,16 @@ pub struct TestCluster {
     pub ports: BTreeMap<u64, (u16, u16)>,
     /// Extra environment for every node.
     pub env: Vec<(String, String)>,
+    /// Every node on a loopback address of its own ([`node_ip`]) rather
+    /// than all on 127.0.0.1: what firewall rules between nodes need.
+    pub own_ips: bool,
+}
+
+/// The loopback address of node `id` in a cluster with `own_ips`:
+/// 127.0.0.(10 + id).
+pub fn node_ip(id: u64) -> Ipv4Addr {
+    let last = u8::try_from(10 + id).expect("node ids up to 245 have an address");
+    Ipv4Addr::new(127, 0, 0, last)
 }
 
 impl TestCluster {
@@ -38,7 +50,24 @@ impl TestCluster {
         max_nodes: u64,
         env: &[(&str, &str)],
     ) -> TestCluster {
-        dev_certs(bin, &dir.join("certs"), max_nodes);
+        Self::start_opts(bin, dir, n, max_nodes, env, false)
+    }
+
+    /// Like `start_with_bin`; with `own_ips` each node listens on
+    /// [`node_ip`] (its certificate names that address too).
+    pub fn start_opts(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        max_nodes: u64,
+        env: &[(&str, &str)],
+        own_ips: bool,
+    ) -> TestCluster {
+        let sans: Vec<String> = match own_ips {
+            true => (1..=max_nodes).map(|id| node_ip(id).to_string()).collect(),
+            false => Vec::new(),
+        };
+        dev_certs_with(bin, &dir.join("certs"), max_nodes, &sans);
         let mut c = TestCluster {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -48,6 +77,7 @@ impl TestCluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            own_ips,
         };
         c.start_node(1, &["--bootstrap".to_string()]);
         c.wait_voters(1, 1);
@@ -69,11 +99,12 @@ impl TestCluster {
     /// restart reuses them.
     pub fn start_node(&mut self, id: u64, extra: &[String]) {
         let (api, peer) = self.ports.get(&id).copied().unwrap_or((0, 0));
+        let ip = self.ip(id);
         let mut args = vec![
             "--node-id".to_string(),
             id.to_string(),
             "--peer-listen".to_string(),
-            format!("127.0.0.1:{peer}"),
+            format!("{ip}:{peer}"),
             "--certs".to_string(),
             self.dir.join("certs").display().to_string(),
         ];
@@ -82,8 +113,8 @@ impl TestCluster {
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let node = TestNode::spawn_bin(
             &self.bin,
-            &self.dir.join(format!("node-{id}")),
-            &format!("127.0.0.1:{api}"),
+            &self.node_dir(id),
+            &format!("{ip}:{api}"),
             &args,
             &env,
         );
@@ -112,6 +143,19 @@ impl TestCluster {
         if let Some(ports) = learnt {
             self.ports.insert(id, ports);
         }
+    }
+
+    /// The address node `id` listens on.
+    pub fn ip(&self, id: u64) -> Ipv4Addr {
+        match self.own_ips {
+            true => node_ip(id),
+            false => Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// Node `id`'s data directory.
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}"))
     }
 
     pub fn node(&self, id: u64) -> &TestNode {

@@ -61,12 +61,19 @@ pub fn seed() -> u64 {
 /// Makes (or extends) a dev CA and certificates for nodes 1..=`nodes` in
 /// `dir` with `bitclone certs dev`.
 pub fn dev_certs(bin: &Path, dir: &Path, nodes: u64) {
-    let out = clean_command(bin)
-        .args(["certs", "dev", "--out"])
+    dev_certs_with(bin, dir, nodes, &[])
+}
+
+/// [`dev_certs`] with more names on every node certificate (`--san`).
+pub fn dev_certs_with(bin: &Path, dir: &Path, nodes: u64, sans: &[String]) {
+    let mut cmd = clean_command(bin);
+    cmd.args(["certs", "dev", "--out"])
         .arg(dir)
-        .args(["--nodes", &nodes.to_string()])
-        .output()
-        .unwrap();
+        .args(["--nodes", &nodes.to_string()]);
+    for s in sans {
+        cmd.args(["--san", s]);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "bitclone certs dev: {}",

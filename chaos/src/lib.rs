@@ -12,6 +12,7 @@ pub mod node;
 pub mod oracle;
 pub mod report;
 pub mod run;
+pub mod sandbox;
 pub mod schedule;
 pub mod servers;
 pub mod tree;

@@ -335,6 +335,28 @@ impl TestNode {
         self.cli_as(Some(&self.certs.join(ADMIN_TOKEN).to_string_lossy()), args)
     }
 
+    /// [`TestNode::cli`], killed after `limit` (`None` then): for a
+    /// harness that must not wait on a call that never ends.
+    pub fn cli_within(&self, args: &[&str], limit: Duration) -> Option<Output> {
+        let mut child = self
+            .command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + limit;
+        while child.try_wait().ok()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().ok()
+    }
+
     /// Runs the CLI with `token_file` (`None`: no token at all).
     pub fn cli_as(&self, token_file: Option<&str>, args: &[&str]) -> Output {
         self.command_as(token_file)

@@ -34,7 +34,7 @@ pub fn unavailability(history: &[Op], from: u64, to: u64) -> u64 {
     let mut last = from;
     let mut worst = 0;
     for t in done.into_iter().chain([to]) {
-        worst = worst.max(t - last);
+        worst = worst.max(t.saturating_sub(last));
         last = t;
     }
     worst

@@ -1,10 +1,10 @@
 //! One chaos run: a cluster of real `bitclone node` processes, SDK clients
 //! putting and reading back while a schedule of faults plays, then healing,
 //! reading every acknowledged snapshot back through every node, the
-//! oracle's verdicts and the report. Process faults (kill, pause, a
-//! corrupted chunk) only so far: the network and disk nemeses are drawn
-//! only when [`RunOptions::kinds`] holds them, and the runner refuses
-//! those it cannot play.
+//! oracle's verdicts and the report. With a [`Sandbox`] (the harness runs
+//! as root, in namespaces of its own) every node has a loopback address
+//! and a tmpfs store of its own, and the network and disk nemeses play
+//! too; without one, only the process and membership faults do.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,8 @@ use crate::cluster::TestCluster;
 use crate::node::signal;
 use crate::oracle::{self, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
 use crate::report;
-use crate::schedule::{Fault, Nemesis, Schedule};
+use crate::sandbox::Sandbox;
+use crate::schedule::{cut_links, Fault, Nemesis, Schedule};
 use crate::tree::{generate_tree, tree_digest};
 
 /// What to run.
@@ -33,9 +34,56 @@ pub struct RunOptions {
     pub heal_bound_ms: u64,
     /// Where the cluster, the clients' trees and the report go.
     pub dir: PathBuf,
+    /// Inside the harness's namespaces (root): network and disk faults.
+    pub sandbox: bool,
+    /// Each client starts an operation at most this often: every
+    /// acknowledged put is read back through every node at the end, so the
+    /// rate bounds that work.
+    pub op_interval_ms: u64,
     /// Notes for the report (what was left out and why).
     pub notes: Vec<String>,
 }
+
+/// Set by SIGINT or SIGTERM (see [`watch_signals`]): the run stops where it
+/// is, heals what it did, stops its processes and reports what it saw.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Sets [`INTERRUPTED`] on SIGINT or SIGTERM, from a thread of its own.
+pub fn watch_signals() {
+    std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the signal watcher");
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!(
+                "bitclone-chaos: interrupted; healing, stopping the nodes, writing the report"
+            );
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        });
+    });
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Size of each node's tmpfs store in the sandbox, and the disk reserve
+/// the nodes keep there (a full disk leaves less than it free).
+const STORE_MIB: u64 = 1024;
+const DISK_RESERVE: &str = "32MiB";
+const FULL_HEADROOM_MIB: u64 = 8;
 
 /// What a run found.
 #[derive(Debug)]
@@ -43,6 +91,8 @@ pub struct RunOutcome {
     pub verdicts: Vec<Verdict>,
     pub ops: usize,
     pub report_md: PathBuf,
+    /// Stopped early by a signal.
+    pub interrupted: bool,
 }
 
 impl RunOutcome {
@@ -51,12 +101,14 @@ impl RunOutcome {
     }
 }
 
-/// The nemeses this runner can play.
-pub fn playable(n: &Nemesis) -> bool {
-    matches!(
-        n,
-        Nemesis::KillLeader | Nemesis::KillRandom | Nemesis::Pause | Nemesis::CorruptChunk
-    )
+/// The nemeses this runner can play (`sandbox`: inside the namespaces).
+pub fn playable(n: &Nemesis, sandbox: bool) -> bool {
+    match n {
+        // Needs the clone-job workload, which is not built yet.
+        Nemesis::KillLeaseHolder => false,
+        n if n.needs_root() => sandbox,
+        _ => true,
+    }
 }
 
 /// A digest of a whole tree (paths, contents, modes).
@@ -76,13 +128,36 @@ pub fn digest_of(dir: &Path) -> String {
 pub fn run(opts: &RunOptions) -> RunOutcome {
     for f in &opts.schedule.faults {
         assert!(
-            playable(&f.nemesis),
-            "this runner cannot play {} yet",
+            playable(&f.nemesis, opts.sandbox),
+            "this runner cannot play {} here",
             f.nemesis.name()
         );
     }
     std::fs::create_dir_all(&opts.dir).unwrap();
-    let cluster = TestCluster::start(&opts.dir.join("cluster"), opts.nodes, opts.nodes);
+    let mut notes = opts.notes.clone();
+    // One spare node id for joins; in the sandbox every node (the spare
+    // too) gets a tmpfs store before it starts.
+    let spare = opts.nodes + 1;
+    let cluster_dir = opts.dir.join("cluster");
+    let mut sandbox = opts
+        .sandbox
+        .then(|| Sandbox::new().expect("the sandbox's loopback"));
+    let mut env = Vec::new();
+    if let Some(sb) = sandbox.as_mut() {
+        for id in 1..=spare {
+            let db = cluster_dir.join(format!("node-{id}/db"));
+            sb.mount_tmpfs(&db, STORE_MIB).expect("a tmpfs store");
+        }
+        env.push(("BITCLONE_DISK_RESERVE", DISK_RESERVE));
+    }
+    let cluster = TestCluster::start_opts(
+        crate::env::bin(),
+        &cluster_dir,
+        opts.nodes,
+        spare,
+        &env,
+        opts.sandbox,
+    );
     let endpoints: Vec<String> = cluster.nodes.values().map(|n| n.endpoint.clone()).collect();
     let first = cluster.nodes.values().next().unwrap();
     let (ca, token) = (std::fs::read(first.ca_file()).unwrap(), first.admin_token());
@@ -104,6 +179,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                 started,
                 history: history.clone(),
                 stop: stop.clone(),
+                interval_ms: opts.op_interval_ms,
             };
             std::thread::spawn(move || ctx.run(workload_ms))
         })
@@ -120,34 +196,92 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     events.sort();
     let mut played = opts.schedule.clone();
     let mut undo: BTreeMap<usize, Undo> = BTreeMap::new();
+    let mut begun = 0;
+    // Packets each network fault dropped (its nftables counters).
+    let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
     let mut last_fault_end = started;
     let since = |t: Instant| t.saturating_duration_since(started).as_millis() as u64;
+    let mut faults = Faults {
+        cluster: &cluster,
+        sandbox: sandbox.as_mut(),
+        seed: opts.schedule.seed,
+        spare,
+    };
     for (at, start, i) in events {
-        sleep_until(started + Duration::from_millis(at));
+        if !sleep_until(started + Duration::from_millis(at)) {
+            break;
+        }
+        let f = &opts.schedule.faults[i];
         if start {
-            undo.insert(
-                i,
-                inflict(&cluster, &opts.schedule.faults[i], opts.schedule.seed),
-            );
+            // Faults begin in index order (the schedule is in start order).
+            begun = begun.max(i + 1);
+            match faults.inflict(f, i) {
+                Ok(u) => {
+                    undo.insert(i, u);
+                }
+                Err(e) => notes.push(format!(
+                    "fault {i} ({}) at {} ms was not inflicted: {e}",
+                    f.nemesis.name(),
+                    f.start_ms
+                )),
+            }
             played.faults[i].start_ms = since(Instant::now());
         } else {
             if let Some(u) = undo.remove(&i) {
-                heal(&cluster, u);
+                match faults.heal(u) {
+                    Ok(Some(n)) => {
+                        dropped.insert(i, n);
+                    }
+                    Ok(None) => {}
+                    Err(e) => notes.push(format!("healing fault {i} ({}): {e}", f.nemesis.name())),
+                }
             }
             last_fault_end = Instant::now();
             played.faults[i].end_ms = since(last_fault_end).max(played.faults[i].start_ms);
         }
     }
+    let interrupted_at = interrupted().then(|| since(Instant::now()));
+    // Interrupted: whatever is still in place is undone now, and what
+    // never began is not in what was played.
+    for (i, u) in std::mem::take(&mut undo) {
+        match faults.heal(u) {
+            Ok(Some(n)) => {
+                dropped.insert(i, n);
+            }
+            Ok(None) => {}
+            Err(e) => notes.push(format!("healing fault {i}: {e}")),
+        }
+        played.faults[i].end_ms = since(Instant::now());
+    }
+    played.faults.truncate(begun);
     sleep_until(started + Duration::from_millis(workload_ms));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.join();
     }
-    let healed_after_ms = wait_healed(&cluster, opts.heal_bound_ms * 2)
-        .map(|at| at.saturating_duration_since(last_fault_end).as_millis() as u64);
     let history = history.lock().unwrap().clone();
-    let end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
-    let verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
+    let (verdicts, healed_after_ms) = match interrupted_at {
+        Some(at) => {
+            notes.push(format!(
+                "Interrupted by a signal at {at} ms: no final reads, no oracle."
+            ));
+            let v = Verdict {
+                invariant: "the run completed",
+                holds: false,
+                counterexamples: vec![format!("interrupted at {at} ms")],
+                violations: 1,
+            };
+            (vec![v], None)
+        }
+        None => {
+            let healed_after_ms = wait_healed(&cluster, opts.heal_bound_ms * 2)
+                .map(|at| at.saturating_duration_since(last_fault_end).as_millis() as u64);
+            let end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
+            let mut verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
+            verdicts.push(network_faults_bit(&opts.schedule, &dropped));
+            (verdicts, healed_after_ms)
+        }
+    };
 
     let figures = report::fault_figures(&history, &played, opts.quiet_ms);
     let failover: Vec<(String, Vec<Option<u64>>)> = ["kill-leader", "kill-random"]
@@ -192,7 +326,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         "failover_ms": failover,
         "counts": counts,
         "healed_after_ms": healed_after_ms,
-        "notes": opts.notes,
+        "notes": notes,
     });
     std::fs::write(
         out.join("report.json"),
@@ -205,7 +339,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         &verdicts,
         &figures,
         &failover,
-        &opts.notes,
+        &notes,
         "plot.svg",
     );
     let report_md = out.join("report.md");
@@ -214,13 +348,40 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         verdicts,
         ops: history.len(),
         report_md,
+        interrupted: interrupted_at.is_some(),
     }
 }
 
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        std::thread::sleep(t - now);
+/// The harness's own check: every partition and packet-loss fault dropped
+/// packets (a rule that matched nothing would make a run pass untested).
+fn network_faults_bit(schedule: &Schedule, dropped: &BTreeMap<usize, u64>) -> Verdict {
+    let broken: Vec<String> = schedule
+        .faults
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f.nemesis, Nemesis::Partition { .. } | Nemesis::Loss { .. }))
+        .filter(|(i, _)| dropped.get(i).copied().unwrap_or(0) == 0)
+        .map(|(i, f)| format!("fault {i} ({}) dropped no packet", f.nemesis.name()))
+        .collect();
+    Verdict {
+        invariant: "every network fault dropped packets",
+        holds: broken.is_empty(),
+        violations: broken.len(),
+        counterexamples: broken.into_iter().take(oracle::MAX_EXAMPLES).collect(),
+    }
+}
+
+/// Sleeps until `t`, in short steps; false when interrupted first.
+fn sleep_until(t: Instant) -> bool {
+    loop {
+        if interrupted() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= t {
+            return true;
+        }
+        std::thread::sleep((t - now).min(Duration::from_millis(100)));
     }
 }
 
@@ -228,42 +389,209 @@ fn sleep_until(t: Instant) {
 enum Undo {
     Restart(u64),
     Resume(u32),
+    /// An nftables table to remove.
+    Table(String),
+    /// A bandwidth limit to lift.
+    Unlimit(std::net::Ipv4Addr),
+    /// A tmpfs store to give its size back.
+    Unfill(PathBuf),
+    /// A node that joined leaves again.
+    Leave(u64),
+    /// A removed node joins again (with an empty store).
+    Rejoin(u64),
 }
 
 fn alive_leader(c: &TestCluster) -> Option<u64> {
     c.nodes.keys().find_map(|id| c.leader(*id))
 }
 
-fn inflict(cluster: &Mutex<TestCluster>, f: &Fault, seed: u64) -> Undo {
-    let mut c = cluster.lock().unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ f.start_ms);
-    let ids: Vec<u64> = c.nodes.keys().copied().collect();
-    let random = ids[rng.random_range(0..ids.len())];
-    match f.nemesis {
-        Nemesis::KillLeader => {
-            let id = alive_leader(&c).unwrap_or(random);
-            c.kill9(id);
-            Undo::Restart(id)
-        }
-        Nemesis::KillRandom => {
-            c.kill9(random);
-            Undo::Restart(random)
-        }
-        Nemesis::Pause => {
-            let pid = c.node(random).pid();
-            signal(pid, "-STOP");
-            Undo::Resume(pid)
-        }
-        Nemesis::CorruptChunk => {
-            // A chunk of one replica flipped while it is down; it comes
-            // back with the bad chunk, found (and repaired) when read.
-            c.kill9(random);
-            let db = c.dir.join(format!("node-{random}/db"));
-            corrupt_one_blob(&db, seed);
-            Undo::Restart(random)
-        }
-        other => panic!("this runner cannot play {} yet", other.name()),
+/// What plays the faults: the cluster, the sandbox when there is one.
+struct Faults<'a> {
+    cluster: &'a Mutex<TestCluster>,
+    sandbox: Option<&'a mut Sandbox>,
+    seed: u64,
+    /// The node id that joins (and leaves) in a join fault.
+    spare: u64,
+}
+
+impl Faults<'_> {
+    fn sandbox(&mut self) -> Result<&mut Sandbox, String> {
+        self.sandbox
+            .as_deref_mut()
+            .ok_or_else(|| "needs the sandbox (root)".to_string())
     }
+
+    fn inflict(&mut self, f: &Fault, i: usize) -> Result<Undo, String> {
+        let cluster = self.cluster;
+        let mut c = cluster.lock().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ f.start_ms);
+        // The spare is drawn only while it is a member (joined).
+        let ids: Vec<u64> = c.nodes.keys().copied().collect();
+        let random = ids[rng.random_range(0..ids.len())];
+        let table = format!("bitclone_chaos_{i}");
+        match f.nemesis {
+            Nemesis::KillLeader => {
+                let id = alive_leader(&c).unwrap_or(random);
+                c.kill9(id);
+                Ok(Undo::Restart(id))
+            }
+            Nemesis::KillRandom => {
+                c.kill9(random);
+                Ok(Undo::Restart(random))
+            }
+            Nemesis::Pause => {
+                let pid = c.node(random).pid();
+                signal(pid, "-STOP");
+                Ok(Undo::Resume(pid))
+            }
+            Nemesis::CorruptChunk => {
+                // A chunk of one replica flipped while it is down; it comes
+                // back with the bad chunk, found (and repaired) when read.
+                c.kill9(random);
+                corrupt_one_blob(&c.node_dir(random).join("db"), self.seed);
+                Ok(Undo::Restart(random))
+            }
+            Nemesis::Partition { cut } => {
+                let links: Vec<_> = cut_links(cut, &ids, rng.random_range(0..ids.len()))
+                    .into_iter()
+                    .map(|(a, b)| (c.ip(a), c.ip(b)))
+                    .collect();
+                drop(c);
+                self.sandbox()?.add_table(&table, &links, &[])?;
+                Ok(Undo::Table(table))
+            }
+            Nemesis::Loss { percent } => {
+                let ip = c.ip(random);
+                drop(c);
+                self.sandbox()?.add_table(&table, &[], &[(ip, percent)])?;
+                Ok(Undo::Table(table))
+            }
+            Nemesis::Bandwidth { kbit } => {
+                let ip = c.ip(random);
+                drop(c);
+                self.sandbox()?.limit(ip, Some(kbit))?;
+                Ok(Undo::Unlimit(ip))
+            }
+            Nemesis::FullDisk => {
+                let db = c.node_dir(random).join("db");
+                drop(c);
+                self.sandbox()?.fill(&db, FULL_HEADROOM_MIB)?;
+                Ok(Undo::Unfill(db))
+            }
+            Nemesis::Join => {
+                let id = self.spare;
+                if c.nodes.contains_key(&id) {
+                    return Err(format!("node {id} is a member already"));
+                }
+                join(&mut c, id)?;
+                Ok(Undo::Leave(id))
+            }
+            Nemesis::Remove => {
+                remove(&mut c, random)?;
+                Ok(Undo::Rejoin(random))
+            }
+            Nemesis::KillLeaseHolder => Err("needs the clone-job workload".into()),
+        }
+    }
+
+    /// Undoes a fault; for a network fault, returns the packets it dropped.
+    fn heal(&mut self, undo: Undo) -> Result<Option<u64>, String> {
+        let cluster = self.cluster;
+        match undo {
+            Undo::Restart(id) => cluster.lock().unwrap().start_node(id, &[]),
+            Undo::Resume(pid) => signal(pid, "-CONT"),
+            Undo::Table(t) => return self.sandbox()?.remove_table(&t).map(Some),
+            Undo::Unlimit(ip) => self.sandbox()?.limit(ip, None)?,
+            Undo::Unfill(db) => self.sandbox()?.unfill(&db)?,
+            Undo::Leave(id) => remove(&mut cluster.lock().unwrap(), id)?,
+            Undo::Rejoin(id) => join(&mut cluster.lock().unwrap(), id)?,
+        }
+        Ok(None)
+    }
+}
+
+/// Runs `cluster ARGS` through a member other than `not` (each in turn,
+/// for at most 20 s): membership changes go through the leader.
+fn membership(c: &TestCluster, not: u64, args: &[&str]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        for (id, n) in c.nodes.iter().filter(|(id, _)| **id != not) {
+            let mut all = vec!["--json", "cluster"];
+            all.extend_from_slice(args);
+            match n.cli_within(&all, Duration::from_secs(15)) {
+                Some(out) if out.status.success() => return Ok(()),
+                Some(out) => {
+                    last = format!(
+                        "via node {id}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                }
+                None => last = format!("via node {id}: no answer in 15 s"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!("cluster {}: {last}", args.join(" ")))
+}
+
+/// Removes member `id` from the cluster, stops it and empties its data
+/// directory (its tmpfs mount stays), so that it can join again afresh.
+fn remove(c: &mut TestCluster, id: u64) -> Result<(), String> {
+    let idarg = id.to_string();
+    membership(c, id, &["remove", &idarg])?;
+    if c.nodes.contains_key(&id) {
+        c.kill9(id);
+    }
+    membership(c, id, &["allow-rejoin", &idarg])?;
+    empty_dir(&c.node_dir(id)).map_err(|e| format!("emptying node {id}'s directory: {e}"))
+}
+
+/// Starts node `id` with an empty store, joining through a member, and
+/// waits (at most 60 s) until the leader counts it a voter.
+fn join(c: &mut TestCluster, id: u64) -> Result<(), String> {
+    let seed = c
+        .nodes
+        .iter()
+        .find(|(other, _)| **other != id)
+        .map(|(_, n)| n.endpoint.clone())
+        .ok_or("no member to join through")?;
+    c.start_node(id, &["--join".to_string(), seed]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let voter = c.nodes.keys().filter(|m| **m != id).any(|m| {
+            c.status(*m).is_some_and(|s| {
+                s["members"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().any(|x| x["id"] == id && x["voter"] == true))
+            })
+        });
+        if voter {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {id} was not a voter 60 s after starting to join"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Removes everything under `dir`, and everything under its `db` (which
+/// may be a mount point, kept).
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name() == "db" {
+            empty_dir(&e.path())?;
+        } else if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(e.path())?;
+        } else {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Flips one byte in the middle of the largest blob file under `db`.
@@ -280,14 +608,6 @@ fn corrupt_one_blob(db: &Path, seed: u64) {
         let at = (*len as usize / 2 + (seed as usize % 1024)).min(bytes.len() - 1);
         bytes[at] ^= 0x40;
         std::fs::write(path, bytes).unwrap();
-    }
-}
-
-fn heal(cluster: &Mutex<TestCluster>, undo: Undo) {
-    let mut c = cluster.lock().unwrap();
-    match undo {
-        Undo::Restart(id) => c.start_node(id, &[]),
-        Undo::Resume(pid) => signal(pid, "-CONT"),
     }
 }
 
@@ -333,12 +653,7 @@ fn final_state(
         .map(|(id, n)| (*id, n.endpoint.clone()))
         .collect();
     drop(c);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut reads = Vec::new();
-    let puts: Vec<(&str, &str)> = history
+    let puts: Vec<(String, String)> = history
         .iter()
         .filter_map(|o| match (&o.kind, &o.outcome) {
             (
@@ -348,13 +663,50 @@ fn final_state(
                     ..
                 },
                 Outcome::Ok,
-            ) => Some((dataset.as_str(), s.as_str())),
+            ) => Some((dataset.clone(), s.clone())),
             _ => None,
         })
         .collect();
-    for (id, endpoint) in &nodes {
-        let client = rt.block_on(connect(std::slice::from_ref(endpoint), ca, token));
-        for (k, (dataset, snapshot)) in puts.iter().enumerate() {
+    // One reader per node, at once.
+    let reads: Vec<FinalRead> = std::thread::scope(|scope| {
+        let readers: Vec<_> = nodes
+            .iter()
+            .map(|(id, endpoint)| {
+                let puts = &puts;
+                scope.spawn(move || read_back(*id, endpoint, puts, dir, ca, token))
+            })
+            .collect();
+        readers
+            .into_iter()
+            .flat_map(|r| r.join().expect("a final reader"))
+            .collect()
+    });
+    FinalState {
+        nodes: nodes.iter().map(|(id, _)| *id).collect(),
+        reads,
+        jobs: Vec::new(),
+        sinks: Vec::new(),
+        healed_after_ms,
+    }
+}
+
+/// Every snapshot of `puts` read back through node `id`.
+fn read_back(
+    id: u64,
+    endpoint: &str,
+    puts: &[(String, String)],
+    dir: &Path,
+    ca: &[u8],
+    token: &str,
+) -> Vec<FinalRead> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(connect(&[endpoint.to_string()], ca, token));
+    puts.iter()
+        .enumerate()
+        .map(|(k, (dataset, snapshot))| {
             let out = dir.join(format!("final-{id}-{k}"));
             let digest = match &client {
                 Ok(client) => rt
@@ -369,21 +721,14 @@ fn final_state(
                 Err(e) => Err(e.clone()),
             };
             let _ = std::fs::remove_dir_all(&out);
-            reads.push(FinalRead {
-                node: *id,
-                dataset: dataset.to_string(),
-                snapshot: snapshot.to_string(),
+            FinalRead {
+                node: id,
+                dataset: dataset.clone(),
+                snapshot: snapshot.clone(),
                 digest,
-            });
-        }
-    }
-    FinalState {
-        nodes: nodes.iter().map(|(id, _)| *id).collect(),
-        reads,
-        jobs: Vec::new(),
-        sinks: Vec::new(),
-        healed_after_ms,
-    }
+            }
+        })
+        .collect()
 }
 
 async fn connect(
@@ -410,6 +755,7 @@ struct ClientCtx {
     started: Instant,
     history: Arc<Mutex<Vec<Op>>>,
     stop: Arc<AtomicBool>,
+    interval_ms: u64,
 }
 
 /// Each operation's deadline, as a client with a deadline would set one:
@@ -564,6 +910,9 @@ impl ClientCtx {
             if ok {
                 conn = Some(client);
             }
+            // Paced: a client starts an operation at most every interval.
+            let next = self.started + Duration::from_millis(invoked + self.interval_ms);
+            sleep_until(next);
         }
     }
 }

@@ -231,9 +231,83 @@ impl Schedule {
     }
 }
 
+/// The directed links `(from, to)` a partition drops among the members
+/// `ids`; `pick` (taken modulo their number) chooses who is singled out:
+/// the minority's first node, the isolated or one-way node, the bridge.
+pub fn cut_links(cut: Cut, ids: &[u64], pick: usize) -> Vec<(u64, u64)> {
+    let n = ids.len();
+    if n < 2 {
+        return Vec::new();
+    }
+    let order: Vec<u64> = (0..n).map(|i| ids[(pick + i) % n]).collect();
+    let both = |a: &[u64], b: &[u64]| -> Vec<(u64, u64)> {
+        a.iter()
+            .flat_map(|x| b.iter().flat_map(move |y| [(*x, *y), (*y, *x)]))
+            .collect()
+    };
+    match cut {
+        Cut::MajorityMinority => {
+            let (minority, majority) = order.split_at(((n - 1) / 2).max(1));
+            both(minority, majority)
+        }
+        Cut::Isolate => both(&order[..1], &order[1..]),
+        // Two halves that cannot reach each other; both reach the bridge.
+        Cut::Bridge => {
+            let rest = &order[1..];
+            let (a, b) = rest.split_at(rest.len() / 2);
+            both(a, b)
+        }
+        Cut::OneWay => order[1..].iter().map(|y| (order[0], *y)).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Who `id` can still send to, under `links` dropped.
+    fn reaches(ids: &[u64], links: &[(u64, u64)], id: u64) -> Vec<u64> {
+        ids.iter()
+            .copied()
+            .filter(|to| *to != id && !links.contains(&(id, *to)))
+            .collect()
+    }
+
+    #[test]
+    fn partitions_cut_what_they_say_and_leave_a_majority_connected() {
+        for n in [3u64, 4, 5, 7] {
+            let ids: Vec<u64> = (1..=n).collect();
+            for pick in 0..n as usize {
+                let mm = cut_links(Cut::MajorityMinority, &ids, pick);
+                // Some strict majority reaches each other both ways.
+                let connected: Vec<u64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|a| reaches(&ids, &mm, *a).len() as u64 >= n / 2)
+                    .collect();
+                assert!(connected.len() as u64 > n / 2, "n {n} pick {pick}: {mm:?}");
+                for (a, b) in &mm {
+                    assert!(mm.contains(&(*b, *a)), "symmetric");
+                }
+
+                let iso = cut_links(Cut::Isolate, &ids, pick);
+                let alone = ids[pick];
+                assert!(reaches(&ids, &iso, alone).is_empty());
+                assert_eq!(iso.len() as u64, 2 * (n - 1));
+                assert!(iso.iter().all(|(a, b)| *a == alone || *b == alone));
+
+                let bridge = cut_links(Cut::Bridge, &ids, pick);
+                let b = ids[pick];
+                assert!(bridge.iter().all(|(x, y)| *x != b && *y != b), "{bridge:?}");
+                assert!(!bridge.is_empty());
+
+                let one = cut_links(Cut::OneWay, &ids, pick);
+                assert!(reaches(&ids, &one, ids[pick]).is_empty());
+                assert!(one.iter().all(|(from, _)| *from == ids[pick]));
+            }
+        }
+        assert!(cut_links(Cut::Isolate, &[1], 0).is_empty());
+    }
 
     const T: Timing = Timing {
         min_fault_ms: 2_000,

@@ -28,11 +28,17 @@ struct DevCluster {
     nodes: Vec<DevNode>,
 }
 
-pub fn certs(out: &Path, nodes: u64, json_out: bool) -> Result<ExitCode> {
+pub fn certs(out: &Path, nodes: u64, sans: &[String], json_out: bool) -> Result<ExitCode> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let written = bitclone_raft::tls::generate_dev(out, nodes)?;
+    if let Some(bad) = sans
+        .iter()
+        .find(|n| rustls::pki_types::ServerName::try_from(n.as_str()).is_err())
+    {
+        bail!("--san {bad:?} is neither an IP address nor a DNS name");
+    }
+    let written = bitclone_raft::tls::generate_dev_with(out, nodes, sans)?;
     if json_out {
         println!("{}", json!({"dir": out, "written": written}));
     } else {

@@ -238,6 +238,11 @@ enum CertsCmd {
         out: PathBuf,
         #[arg(long, default_value_t = 3)]
         nodes: u64,
+        /// Another name (IP address or DNS name) every node certificate
+        /// carries besides node-N, localhost, 127.0.0.1 and ::1
+        /// (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
     },
 }
 
@@ -300,7 +305,9 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Node(args) => server::run(args).await,
-            Cmd::Certs(CertsCmd::Dev { out, nodes }) => dev::certs(&out, nodes, cli.json),
+            Cmd::Certs(CertsCmd::Dev { out, nodes, sans }) => {
+                dev::certs(&out, nodes, &sans, cli.json)
+            }
             Cmd::Dev(DevCmd::Up {
                 nodes,
                 data_dir,

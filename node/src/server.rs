@@ -355,6 +355,7 @@ async fn start_cluster(
         election_timeout: c.election_timeout,
         rpc_timeout: std::time::Duration::from_secs(5),
         snapshot_logs: c.snapshot_logs,
+        source_ip: c.source_ip(),
     })
     .await?;
     let peer_server = Server::builder()

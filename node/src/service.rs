@@ -1522,6 +1522,7 @@ async fn holder_client(
         }
     };
     let channel = endpoint
+        .local_address(config.cluster.source_ip())
         .connect()
         .await
         .map_err(|e| unreachable(e.to_string()))?;

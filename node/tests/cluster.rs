@@ -453,3 +453,57 @@ fn a_removed_node_cannot_rejoin_until_an_admin_allows_it() {
     });
     drop(back);
 }
+
+#[test]
+fn the_leader_removed_through_a_follower_leaves_and_the_others_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start(tmp.path(), 3, 3);
+    let src = tmp.path().join("src");
+    generate_tree(&src, 31, 6, 0);
+    c.wait_for("all nodes to agree on the leader", 30, |c| {
+        let l = c.leader(1);
+        l.is_some() && (2..=3).all(|id| c.leader(id) == l)
+    });
+    let leader = c.leader(1).unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    // Bounded: the removal once waited forever on a proposal the removed
+    // leader made after its own removal had committed.
+    let out = c
+        .node(follower)
+        .cli_within(
+            &["--json", "cluster", "remove", &leader.to_string()],
+            Duration::from_secs(60),
+        )
+        .expect("cluster remove of the leader answers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    c.wait_for("a new leader among the others", 30, |c| {
+        others.iter().all(|id| {
+            c.leader(*id)
+                .is_some_and(|l| l != leader && others.contains(&l))
+        })
+    });
+    let st = c.status(follower).unwrap();
+    let ids: Vec<u64> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, others);
+    let snap = put_through(&c, others[1], &src, "after");
+    let out = tmp.path().join("out");
+    c.node(others[0]).json(&[
+        "get",
+        "--dataset",
+        "after",
+        "--snapshot",
+        &snap,
+        out.to_str().unwrap(),
+    ]);
+    assert_same_tree(&src, &out, true, &[]);
+}

@@ -39,6 +39,11 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// Build a state-machine snapshot (and purge the log) every this many entries.
     pub snapshot_logs: u64,
+    /// Where connections to peers leave from: the peer listen address when
+    /// it names one, so that a peer (and a firewall rule) sees a node's
+    /// traffic come from the address it knows the node by. `None`: the
+    /// kernel picks.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,7 +112,7 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;
-        let peers = Peers::new(cfg.id, cfg.tls.clone());
+        let peers = Peers::new(cfg.id, cfg.tls.clone(), cfg.source_ip);
         let raft = Raft::new(cfg.id, Arc::new(config), peers.clone(), log, sm).await?;
         let leader_changes = Arc::new(AtomicU64::new(0));
         let (mut watch, changes) = (raft.metrics(), leader_changes.clone());
@@ -329,6 +334,18 @@ impl Cluster {
         // Barred first: between leaving the voters and leaving the members
         // it must not be admitted again.
         self.write(Command::BarRejoin { id }).await?;
+        if id == self.id {
+            // The leader removing itself: out of the layout first, out of
+            // the voters last. Once that change commits, the others refuse
+            // its messages (it is no member) and elect a leader among
+            // themselves; a proposal made here after it would wait for a
+            // commit that never comes.
+            self.write(Command::RemoveMember { id, bar: true }).await?;
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await?;
+            return Ok(());
+        }
         self.raft
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
             .await?;

@@ -2,6 +2,7 @@
 //! lazily connected channel per peer; a timeout per request.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,14 +34,18 @@ pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 pub struct Peers {
     pub me: NodeId,
     tls: PeerTls,
+    /// The address connections to peers leave from (see
+    /// [`crate::cluster::ClusterConfig::source_ip`]).
+    source_ip: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl Peers {
-    pub fn new(me: NodeId, tls: PeerTls) -> Self {
+    pub fn new(me: NodeId, tls: PeerTls, source_ip: Option<IpAddr>) -> Self {
         Peers {
             me,
             tls,
+            source_ip,
             channels: Arc::default(),
         }
     }
@@ -61,7 +66,8 @@ impl Peers {
             .tls_config(self.tls.client_config(peer))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .local_address(self.source_ip);
         let ch = endpoint.connect_lazy();
         map.insert(key, ch.clone());
         Ok(ch)

@@ -223,6 +223,19 @@ pub fn install_crypto_provider() {
 /// with mode 0600; every file is written atomically. Returns the files
 /// written.
 pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, Error> {
+    generate_dev_with(out, nodes, &[])
+}
+
+/// [`generate_dev`] with more names (IP addresses or DNS names) on every
+/// node certificate, for nodes reached at addresses other than loopback's
+/// `127.0.0.1` (several nodes on loopback addresses of their own, DNS
+/// names of a StatefulSet's pods). An existing certificate that lacks one
+/// of them is issued afresh.
+pub fn generate_dev_with(
+    out: &Path,
+    nodes: u64,
+    extra_names: &[String],
+) -> Result<Vec<PathBuf>, Error> {
     fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let mut written = Vec::new();
 
@@ -300,7 +313,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, Error> {
         let have_cert = cert_path.try_exists().map_err(|e| io_err(&cert_path, e))?;
         let have_key = key_path.try_exists().map_err(|e| io_err(&key_path, e))?;
         if have_cert || have_key {
-            match existing_node_fits(&ca_certs, &cert_path, &key_path, &name) {
+            match existing_node_fits(&ca_certs, &cert_path, &key_path, &name, extra_names) {
                 Ok(()) => continue,
                 Err(reason) => tracing::warn!(
                     node = id,
@@ -312,7 +325,7 @@ pub fn generate_dev(out: &Path, nodes: u64) -> Result<Vec<PathBuf>, Error> {
 
         let key = KeyPair::generate()
             .map_err(|e| Error::Cert(format!("generating a key pair for {name}: {e}")))?;
-        let cert = node_params(&name)?
+        let cert = node_params(&name, extra_names)?
             .signed_by(&key, &issuer)
             .map_err(|e| Error::Cert(format!("signing the certificate of {name}: {e}")))?;
         let cert_pem = cert.pem();
@@ -381,15 +394,20 @@ fn ca_params() -> CertificateParams {
 }
 
 /// Parameters of a node certificate.
-fn node_params(name: &str) -> Result<CertificateParams, Error> {
+fn node_params(name: &str, extra_names: &[String]) -> Result<CertificateParams, Error> {
     // `CertificateParams::new` turns strings that parse as IP addresses into
     // IP SANs and the others into DNS SANs.
-    let sans = vec![
+    let mut sans = vec![
         name.to_string(),
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
+    for n in extra_names {
+        if !sans.contains(n) {
+            sans.push(n.clone());
+        }
+    }
     let mut params = CertificateParams::new(sans)
         .map_err(|e| Error::Cert(format!("subject alternative names of {name}: {e}")))?;
     let mut dn = DistinguishedName::new();
@@ -540,11 +558,15 @@ fn existing_node_fits(
     cert_path: &Path,
     key_path: &Path,
     name: &str,
+    extra_names: &[String],
 ) -> Result<(), String> {
     let cert_pem = fs::read(cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     let key_pem = fs::read(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
     let chain = parse_certs(cert_path, &cert_pem).map_err(|e| e.to_string())?;
-    verify_node(ca_certs, &chain, &key_pem, name)
+    verify_node(ca_certs, &chain, &key_pem, name)?;
+    extra_names
+        .iter()
+        .try_for_each(|n| check_name(&chain[0], n))
 }
 
 /// Writes `dir/name` atomically (temporary file, fsync, rename) with the
@@ -663,6 +685,30 @@ mod tests {
             let tls = PeerTls::load(&dir, id).unwrap();
             assert_eq!(tls.node_id, id);
         }
+    }
+
+    #[test]
+    fn extra_names_go_on_every_node_certificate_and_a_missing_one_reissues() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("certs");
+        generate_dev(&dir, 2).unwrap();
+        let pem = |id: u64| fs::read(dir.join(format!("node-{id}.pem"))).unwrap();
+        let leaf = |id: u64| parse_certs(&dir, &pem(id)).unwrap().remove(0);
+        assert!(check_name(&leaf(1), "127.0.0.12").is_err());
+
+        let names = ["127.0.0.12".to_string(), "bitclone-1.peers".to_string()];
+        let written = generate_dev_with(&dir, 2, &names).unwrap();
+        assert_eq!(written.len(), 4, "both nodes reissued: {written:?}");
+        for id in 1..=2 {
+            for n in &names {
+                check_name(&leaf(id), n).unwrap();
+            }
+            check_name(&leaf(id), "127.0.0.1").unwrap();
+            check_name(&leaf(id), &node_name(id)).unwrap();
+        }
+        // Nothing left to do with the same names; fewer names keep them too.
+        assert!(generate_dev_with(&dir, 2, &names).unwrap().is_empty());
+        assert!(generate_dev(&dir, 2).unwrap().is_empty());
     }
 
     #[test]
