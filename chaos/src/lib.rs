@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod env;
+pub mod jobs;
 pub mod node;
 pub mod oracle;
 pub mod report;

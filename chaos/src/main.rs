@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use bitclone_chaos::run::{playable, run, watch_signals, RunOptions};
 use bitclone_chaos::sandbox;
 use bitclone_chaos::schedule::{self, every_nemesis, Schedule, Timing};
+use bitclone_chaos::servers::{Garage, PgServer};
 
 fn main() -> ExitCode {
     match main_inner() {
@@ -105,13 +106,14 @@ fn main_inner() -> Result<ExitCode, String> {
         return Err(format!("entering the sandbox (unshare): {e}"));
     };
     let seed = seed.unwrap_or_else(rand::random);
+    let jobs = Garage::available() && PgServer::available();
     let kinds: Vec<_> = every_nemesis()
         .into_iter()
-        .filter(|n| playable(n, sandboxed))
+        .filter(|n| playable(n, sandboxed, jobs))
         .collect();
     let left_out: Vec<String> = every_nemesis()
         .iter()
-        .filter(|n| !playable(n, sandboxed))
+        .filter(|n| !playable(n, sandboxed, jobs))
         .map(|n| n.name())
         .collect();
     let (timing, nodes) = if long {
@@ -144,7 +146,7 @@ fn main_inner() -> Result<ExitCode, String> {
     if let Some(bad) = schedule
         .faults
         .iter()
-        .find(|f| !playable(&f.nemesis, sandboxed))
+        .find(|f| !playable(&f.nemesis, sandboxed, jobs))
     {
         return Err(format!(
             "the schedule holds {}, which this harness cannot play here",
@@ -164,7 +166,9 @@ fn main_inner() -> Result<ExitCode, String> {
         if sandboxed { ", in its namespaces" } else { "" },
         out.display()
     );
-    notes.push(format!("Not played here: {}.", left_out.join(", ")));
+    if !left_out.is_empty() {
+        notes.push(format!("Not played here: {}.", left_out.join(", ")));
+    }
     notes.push(
         "Nodes run with the defaults: Raft heartbeat 50 ms, election timeout 200 to 400 ms \
          (openraft 0.9 has no pre-vote: a follower first waits out the leader's lease of \

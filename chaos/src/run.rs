@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::cluster::TestCluster;
+use crate::jobs::JobSinks;
 use crate::node::signal;
-use crate::oracle::{self, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
+use crate::oracle::{self, FinalJob, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
 use crate::report;
 use crate::sandbox::Sandbox;
 use crate::schedule::{cut_links, Fault, Nemesis, Schedule};
@@ -84,6 +85,8 @@ fn interrupted() -> bool {
 const STORE_MIB: u64 = 1024;
 const DISK_RESERVE: &str = "32MiB";
 const FULL_HEADROOM_MIB: u64 = 8;
+/// The pause per file a job exports (see `BITCLONE_FAULT_EXPORT_FILE_DELAY_MS`).
+const JOB_FILE_DELAY_MS: &str = "20";
 
 /// What a run found.
 #[derive(Debug)]
@@ -102,12 +105,32 @@ impl RunOutcome {
 }
 
 /// The nemeses this runner can play (`sandbox`: inside the namespaces).
-pub fn playable(n: &Nemesis, sandbox: bool) -> bool {
+/// `jobs`: Garage and Postgres are there for the clone-job workload.
+pub fn playable(n: &Nemesis, sandbox: bool, jobs: bool) -> bool {
     match n {
-        // Needs the clone-job workload, which is not built yet.
-        Nemesis::KillLeaseHolder => false,
+        Nemesis::KillLeaseHolder => jobs,
         n if n.needs_root() => sandbox,
         _ => true,
+    }
+}
+
+/// Jobs submitted in a run: id → (the job's dataset, the digest of the
+/// tree it clones).
+type JobRegistry = Arc<Mutex<BTreeMap<String, (String, String)>>>;
+
+/// The client id the harness's own operations (a nemesis's job) carry.
+pub const HARNESS_CLIENT: u32 = 1000;
+
+/// The name of a job state as the CLI prints it.
+fn state_name(state: i32) -> &'static str {
+    use bitclone_client::proto::JobState;
+    match JobState::try_from(state) {
+        Ok(JobState::Pending) => "Pending",
+        Ok(JobState::Running) => "Running",
+        Ok(JobState::Succeeded) => "Succeeded",
+        Ok(JobState::Failed) => "Failed",
+        Ok(JobState::Cancelled) => "Cancelled",
+        _ => "Unknown",
     }
 }
 
@@ -126,13 +149,6 @@ pub fn digest_of(dir: &Path) -> String {
 /// Runs it. Panics (a harness fails loudly) if the cluster cannot start
 /// or a schedule holds a nemesis it cannot play.
 pub fn run(opts: &RunOptions) -> RunOutcome {
-    for f in &opts.schedule.faults {
-        assert!(
-            playable(&f.nemesis, opts.sandbox),
-            "this runner cannot play {} here",
-            f.nemesis.name()
-        );
-    }
     std::fs::create_dir_all(&opts.dir).unwrap();
     let mut notes = opts.notes.clone();
     // One spare node id for joins; in the sandbox every node (the spare
@@ -142,7 +158,27 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     let mut sandbox = opts
         .sandbox
         .then(|| Sandbox::new().expect("the sandbox's loopback"));
-    let mut env = Vec::new();
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    let sinks = match JobSinks::start(&opts.dir.join("sinks")) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            notes.push(format!("No clone jobs: {e}."));
+            None
+        }
+    };
+    for f in &opts.schedule.faults {
+        assert!(
+            playable(&f.nemesis, opts.sandbox, sinks.is_some()),
+            "this runner cannot play {} here",
+            f.nemesis.name()
+        );
+    }
+    if let Some(s) = &sinks {
+        env.push(("BITCLONE_CONFIG", s.config.to_str().unwrap()));
+        // A job's writes take long enough that a fault can catch one
+        // running (the nodes' test knob: a pause per file exported).
+        env.push(("BITCLONE_FAULT_EXPORT_FILE_DELAY_MS", JOB_FILE_DELAY_MS));
+    }
     if let Some(sb) = sandbox.as_mut() {
         for id in 1..=spare {
             let db = cluster_dir.join(format!("node-{id}/db"));
@@ -164,6 +200,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     let cluster = Arc::new(Mutex::new(cluster));
     let started = Instant::now();
     let history: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let jobs: JobRegistry = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let workload_ms = opts.schedule.end_ms() + opts.quiet_ms;
 
@@ -180,6 +217,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                 history: history.clone(),
                 stop: stop.clone(),
                 interval_ms: opts.op_interval_ms,
+                jobs: sinks.is_some().then(|| jobs.clone()),
             };
             std::thread::spawn(move || ctx.run(workload_ms))
         })
@@ -206,6 +244,11 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         sandbox: sandbox.as_mut(),
         seed: opts.schedule.seed,
         spare,
+        started,
+        history: &history,
+        jobs: &jobs,
+        scratch: opts.dir.join("nemesis"),
+        lease_kills: Vec::new(),
     };
     for (at, start, i) in events {
         if !sleep_until(started + Duration::from_millis(at)) {
@@ -259,7 +302,11 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     for c in clients {
         let _ = c.join();
     }
+    let lease_kills = std::mem::take(&mut faults.lease_kills);
+    drop(faults);
     let history = history.lock().unwrap().clone();
+    let jobs = jobs.lock().unwrap().clone();
+    let mut job_done_after: Vec<Option<u64>> = Vec::new();
     let (verdicts, healed_after_ms) = match interrupted_at {
         Some(at) => {
             notes.push(format!(
@@ -276,7 +323,38 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         None => {
             let healed_after_ms = wait_healed(&cluster, opts.heal_bound_ms * 2)
                 .map(|at| at.saturating_duration_since(last_fault_end).as_millis() as u64);
-            let end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
+            let mut end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
+            let (final_jobs, job_views) = final_jobs(&endpoints, &history, &ca, &token);
+            if let Some(s) = &sinks {
+                for j in final_jobs.iter().filter(|j| j.state == "Succeeded") {
+                    let (Some((dataset, digest)), Some(view)) =
+                        (jobs.get(&j.id), job_views.get(&j.id))
+                    else {
+                        continue;
+                    };
+                    end.sinks
+                        .extend(s.check(&j.id, dataset, &view.snapshot, digest, &opts.dir));
+                }
+            }
+            // From each lease holder's kill to its job done on another node.
+            for (job, killed_unix_ms, holder) in &lease_kills {
+                job_done_after.push(job_views.get(job).and_then(|v| {
+                    (v.state == bitclone_client::proto::JobState::Succeeded as i32
+                        && v.lease_holder != *holder)
+                        .then(|| (v.updated_unix_ms as u64).saturating_sub(*killed_unix_ms))
+                }));
+            }
+            let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+            for j in &final_jobs {
+                *states.entry(j.state.as_str()).or_default() += 1;
+            }
+            notes.push(format!(
+                "Clone jobs: {} submitted and acknowledged, ended {:?}; {} sink checks (restore drills against the catalog).",
+                final_jobs.len(),
+                states,
+                end.sinks.len()
+            ));
+            end.jobs = final_jobs;
             let mut verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
             verdicts.push(network_faults_bit(&opts.schedule, &dropped));
             (verdicts, healed_after_ms)
@@ -284,14 +362,21 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     };
 
     let figures = report::fault_figures(&history, &played, opts.quiet_ms);
-    let failover: Vec<(String, Vec<Option<u64>>)> = ["kill-leader", "kill-random"]
-        .iter()
-        .map(|n| {
-            let times = report::first_write_after(&history, &played, n);
-            (n.to_string(), times)
-        })
-        .filter(|(_, t)| !t.is_empty())
-        .collect();
+    let failover: Vec<(String, Vec<Option<u64>>)> =
+        ["kill-leader", "kill-random", "kill-lease-holder"]
+            .iter()
+            .map(|n| {
+                let times = report::first_write_after(&history, &played, n);
+                (n.to_string(), times)
+            })
+            .filter(|(_, t)| !t.is_empty())
+            .chain((!job_done_after.is_empty()).then(|| {
+                (
+                    "kill-lease-holder (job done elsewhere)".to_string(),
+                    job_done_after,
+                )
+            }))
+            .collect();
     let out = opts.dir.join("report");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("plot.svg"), report::svg(&history, &played)).unwrap();
@@ -412,6 +497,13 @@ struct Faults<'a> {
     seed: u64,
     /// The node id that joins (and leaves) in a join fault.
     spare: u64,
+    started: Instant,
+    history: &'a Mutex<Vec<Op>>,
+    jobs: &'a JobRegistry,
+    /// Where a nemesis's own trees go.
+    scratch: PathBuf,
+    /// Each lease-holder kill: (job, when killed in Unix ms, the holder).
+    lease_kills: Vec<(String, u64, u64)>,
 }
 
 impl Faults<'_> {
@@ -490,8 +582,97 @@ impl Faults<'_> {
                 remove(&mut c, random)?;
                 Ok(Undo::Rejoin(random))
             }
-            Nemesis::KillLeaseHolder => Err("needs the clone-job workload".into()),
+            Nemesis::KillLeaseHolder => {
+                let (job, holder) = self.job_running(&c, i, random)?;
+                c.kill9(holder);
+                let now_unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                self.lease_kills.push((job, now_unix_ms, holder));
+                Ok(Undo::Restart(holder))
+            }
         }
+    }
+
+    /// A clone job of the harness's own, submitted through node `via` and
+    /// seen running (at most 20 s): its id and its lease holder. Its tree
+    /// is large enough (and each file's export paused) that it runs for a
+    /// while; it is logged like a client's, so the oracle checks it too.
+    fn job_running(&self, c: &TestCluster, i: usize, via: u64) -> Result<(String, u64), String> {
+        let src = self.scratch.join(format!("lease-{i}"));
+        generate_tree(&src, self.seed ^ i as u64, 60, 0);
+        let digest = digest_of(&src);
+        let dataset = format!("lease-{i}");
+        let invoked = self.started.elapsed().as_millis() as u64;
+        let node = c.node(via);
+        let put = node.cli_within(
+            &[
+                "--json",
+                "put",
+                src.to_str().unwrap_or_default(),
+                "--dataset",
+                &dataset,
+            ],
+            Duration::from_secs(20),
+        );
+        let _ = std::fs::remove_dir_all(&src);
+        let snapshot = put
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["snapshot"].as_str().map(str::to_string))
+            .ok_or("the put of its tree failed")?;
+        let job_dataset = format!("{dataset}-job");
+        let mut args = vec![
+            "clone".to_string(),
+            "--from".into(),
+            format!("snapshot://{dataset}@{snapshot}"),
+            "--dataset".into(),
+            job_dataset.clone(),
+        ];
+        for d in JobSinks::destinations(&job_dataset) {
+            args.extend(["--to".to_string(), d]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = node
+            .cli_within(&args, Duration::from_secs(20))
+            .filter(|o| o.status.success())
+            .ok_or("submitting its clone job failed")?;
+        let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.jobs
+            .lock()
+            .unwrap()
+            .insert(job.clone(), (job_dataset.clone(), digest));
+        self.history.lock().unwrap().push(Op {
+            client: HARNESS_CLIENT,
+            invoked_ms: invoked,
+            completed_ms: self.started.elapsed().as_millis() as u64,
+            kind: OpKind::Clone {
+                dataset: job_dataset,
+                snapshot,
+                job: Some(job.clone()),
+            },
+            outcome: Outcome::Ok,
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let view = node
+                .cli_within(&["--json", "job", &job], Duration::from_secs(10))
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+            if let Some(v) = view {
+                if v["state"] == "Running" {
+                    if let Some(holder) = v["lease_holder"].as_u64() {
+                        return Ok((job, holder));
+                    }
+                }
+                if !["Pending", "Running"].contains(&v["state"].as_str().unwrap_or("")) {
+                    return Err(format!("job {job} ended before it was caught running: {v}"));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("job {job} was not running within 20 s"))
     }
 
     /// Undoes a fault; for a network fault, returns the packets it dropped.
@@ -690,6 +871,65 @@ fn final_state(
     }
 }
 
+/// Every job a client (or the harness) saw submitted, as the cluster has
+/// it once it ended (waited for, at most 120 s in all): the oracle's view,
+/// and the jobs themselves.
+fn final_jobs(
+    endpoints: &[String],
+    history: &[Op],
+    ca: &[u8],
+    token: &str,
+) -> (Vec<FinalJob>, BTreeMap<String, bitclone_client::proto::Job>) {
+    let ids: Vec<&str> = history
+        .iter()
+        .filter_map(|o| match (&o.kind, &o.outcome) {
+            (OpKind::Clone { job: Some(id), .. }, Outcome::Ok) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut views = BTreeMap::new();
+    if ids.is_empty() {
+        return (Vec::new(), views);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let client = loop {
+        match rt.block_on(connect(endpoints, ca, token)) {
+            Ok(c) => break Some(c),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            Err(_) => break None,
+        }
+    };
+    for id in &ids {
+        let Some(client) = &client else { break };
+        loop {
+            let j = rt.block_on(client.get_job(id)).ok();
+            let done = j
+                .as_ref()
+                .is_some_and(|j| bitclone_client::is_final(j.state));
+            if let Some(j) = j {
+                views.insert(id.to_string(), j);
+            }
+            if done || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let jobs = views
+        .values()
+        .map(|j| FinalJob {
+            id: j.id.clone(),
+            state: state_name(j.state).to_string(),
+            error: j.last_error.clone(),
+        })
+        .collect();
+    (jobs, views)
+}
+
 /// Every snapshot of `puts` read back through node `id`.
 fn read_back(
     id: u64,
@@ -756,6 +996,8 @@ struct ClientCtx {
     history: Arc<Mutex<Vec<Op>>>,
     stop: Arc<AtomicBool>,
     interval_ms: u64,
+    /// Where submitted jobs are registered; `None`: no sinks, no jobs.
+    jobs: Option<JobRegistry>,
 }
 
 /// Each operation's deadline, as a client with a deadline would set one:
@@ -801,6 +1043,8 @@ impl ClientCtx {
         // Snapshots this client saw acknowledged: (dataset, id, digest).
         let mut acked: Vec<(String, String, String)> = Vec::new();
         let mut version = 0u64;
+        // Jobs this client submitted (acknowledged).
+        let mut mine: Vec<String> = Vec::new();
         let mut conn: Option<bitclone_client::Client> = None;
         // Clients start on different nodes.
         let mut rotation = self.client as usize;
@@ -836,8 +1080,11 @@ impl ClientCtx {
                     continue;
                 }
             };
-            let pick = rng.random_range(0..10);
-            let ok = if pick < 4 || acked.is_empty() {
+            // Puts 40%, reads 30%; with sinks, clone jobs 6%, watches 10%
+            // and cancels 4%; cluster status the rest.
+            let pick = rng.random_range(0..100);
+            let jobs = self.jobs.as_ref().filter(|_| !acked.is_empty());
+            let ok = if pick < 40 || acked.is_empty() {
                 // A put: a new tree, or the client's dataset edited.
                 let dataset = format!("c{}-{}", self.client, rng.random_range(0..3));
                 version += 1;
@@ -864,7 +1111,82 @@ impl ClientCtx {
                     snapshot,
                 };
                 self.record(invoked, kind, outcome)
-            } else if pick < 8 {
+            } else if let (Some(jobs), 80..86) = (jobs, pick) {
+                let (dataset, snapshot, digest) = acked[rng.random_range(0..acked.len())].clone();
+                let job_dataset = format!("j{}-{n}", self.client);
+                let r = within(
+                    &rt,
+                    client.submit_clone(
+                        &job_dataset,
+                        &format!("snapshot://{dataset}@{snapshot}"),
+                        &JobSinks::destinations(&job_dataset),
+                        0,
+                    ),
+                );
+                let (job, outcome) = match r {
+                    Ok(Ok(j)) => (Some(j.id), Outcome::Ok),
+                    Ok(Err(e)) => (None, Outcome::Unknown(e.to_string())),
+                    Err(_) => (None, Outcome::Unknown("timed out".into())),
+                };
+                if let Some(id) = &job {
+                    mine.push(id.clone());
+                    jobs.lock()
+                        .unwrap()
+                        .insert(id.clone(), (job_dataset.clone(), digest));
+                }
+                let kind = OpKind::Clone {
+                    dataset: job_dataset,
+                    snapshot,
+                    job,
+                };
+                self.record(invoked, kind, outcome)
+            } else if let (false, 86..96) = (mine.is_empty(), pick) {
+                // A watch: the job as its stream first shows it.
+                let job = mine[rng.random_range(0..mine.len())].clone();
+                let r = within(&rt, async {
+                    use futures::StreamExt;
+                    let mut updates = client.watch_job(&job).await?;
+                    updates.next().await.unwrap_or_else(|| {
+                        Err(bitclone_client::Error::Config(
+                            "the watch ended without an update".into(),
+                        ))
+                    })
+                });
+                match r {
+                    Ok(Ok(j)) => {
+                        let kind = OpKind::Watch {
+                            job,
+                            state: state_name(j.state).to_string(),
+                            token: j.fencing_token,
+                        };
+                        self.record(invoked, kind, Outcome::Ok)
+                    }
+                    Ok(Err(e)) => {
+                        let kind = OpKind::Watch {
+                            job,
+                            state: String::new(),
+                            token: 0,
+                        };
+                        self.record(invoked, kind, Outcome::Failed(e.to_string()))
+                    }
+                    Err(_) => {
+                        let kind = OpKind::Watch {
+                            job,
+                            state: String::new(),
+                            token: 0,
+                        };
+                        self.record(invoked, kind, Outcome::Failed("timed out".into()))
+                    }
+                }
+            } else if let (false, 96..100) = (mine.is_empty(), pick) {
+                let job = mine[rng.random_range(0..mine.len())].clone();
+                let outcome = match within(&rt, client.cancel_job(&job)) {
+                    Ok(Ok(_)) => Outcome::Ok,
+                    Ok(Err(e)) => Outcome::Unknown(e.to_string()),
+                    Err(_) => Outcome::Unknown("timed out".into()),
+                };
+                self.record(invoked, OpKind::Cancel { job }, outcome)
+            } else if pick < 70 {
                 let (dataset, snapshot, _) = acked[rng.random_range(0..acked.len())].clone();
                 let out = self.dir.join(format!("get-{n}"));
                 let r = within(

@@ -132,8 +132,13 @@ enum Cmd {
         /// S3 region (default: AWS_REGION, else us-east-1).
         #[arg(long)]
         s3_region: Option<String>,
+        /// List the sink's commit records and count its objects instead of
+        /// restoring.
+        #[arg(long, conflicts_with_all = ["catalog", "snapshot", "dir"])]
+        list: bool,
         /// Where to restore: a missing or empty directory.
-        dir: PathBuf,
+        #[arg(required_unless_present = "list")]
+        dir: Option<PathBuf>,
     },
     /// Show a job, or follow it with --watch.
     Job {
@@ -327,6 +332,7 @@ fn main() -> std::process::ExitCode {
                 snapshot,
                 s3_endpoint,
                 s3_region,
+                list,
                 dir,
             } => {
                 let s3 = bitclone_storage::sink::objects::S3Options {
@@ -334,15 +340,20 @@ fn main() -> std::process::ExitCode {
                     region: s3_region,
                     ..Default::default()
                 };
-                restore::run(
-                    &from,
-                    catalog.as_deref(),
-                    snapshot.as_deref(),
-                    s3,
-                    &dir,
-                    cli.json,
-                )
-                .await
+                match dir {
+                    Some(dir) if !list => {
+                        restore::run(
+                            &from,
+                            catalog.as_deref(),
+                            snapshot.as_deref(),
+                            s3,
+                            &dir,
+                            cli.json,
+                        )
+                        .await
+                    }
+                    _ => restore::list(&from, s3, cli.json).await,
+                }
             }
             cmd => {
                 let access = cli::Access {

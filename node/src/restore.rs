@@ -100,6 +100,60 @@ pub async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bitclone restore --from URL --list`: the commit records an
+/// object-store sink holds (token, snapshot, job) and how many objects it
+/// holds besides its own metadata, for an operator (or the chaos oracle)
+/// to see what is there before restoring.
+pub async fn list(from: &str, s3: S3Options, json_out: bool) -> Result<ExitCode> {
+    let target = objects::open_target(from, &s3.or_env())?;
+    let mut commits = Vec::new();
+    for (token, snapshot) in objects::list_commits(&target).await? {
+        let r = objects::read_commit(&target, token, &snapshot).await?;
+        commits.push(json!({
+            "fencing_token": token,
+            "snapshot": snapshot,
+            "tenant": r.tenant,
+            "dataset": r.dataset,
+            "job": r.job,
+            "files": r.files,
+        }));
+    }
+    let meta = format!("{}/", objects::META_DIR);
+    let prefix = target.prefix.as_ref().to_string();
+    let data_objects = target
+        .store
+        .list(Some(&target.prefix))
+        .try_collect::<Vec<_>>()
+        .await
+        .with_context(|| format!("listing {}", target.url))?
+        .into_iter()
+        .filter(|m| {
+            let rel = m.location.as_ref();
+            let rel = rel.strip_prefix(prefix.as_str()).unwrap_or(rel);
+            !rel.trim_start_matches('/').starts_with(&meta)
+        })
+        .count();
+    if json_out {
+        println!(
+            "{}",
+            json!({"from": target.url, "commits": commits, "data_objects": data_objects})
+        );
+    } else {
+        for c in &commits {
+            println!(
+                "token {} snapshot {} ({}/{}, {} files) by job {}",
+                c["fencing_token"], c["snapshot"], c["tenant"], c["dataset"], c["files"], c["job"]
+            );
+        }
+        println!(
+            "{} commit record(s); {data_objects} data object(s) in {}",
+            commits.len(),
+            target.url
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The newest snapshot committed in the object store that the catalog also
 /// has: a snapshot counts only once both sinks committed it.
 async fn newest_in_both(

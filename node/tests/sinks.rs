@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use bitclone_chaos::jobs::sinks_config;
 use bitclone_chaos::servers::{Garage, PgServer};
 use bitclone_chaos::*;
 use bitclone_storage::sink::objects::{self, S3Options};
@@ -27,39 +28,6 @@ fn pg() -> PgServer {
 
 fn s3_env(g: &Garage) -> Vec<(String, String)> {
     g.env_vars()
-}
-
-/// A node config declaring the sinks a test uses, for every tenant: S3
-/// sinks (`name`, `bucket/prefix`, secret key) on Garage with their keys in
-/// the config itself (the nodes get no `AWS_*` variables), each tenant
-/// under `<prefix>/<tenant>` as by default, and catalogs (`name`, URL).
-fn sinks_config(
-    dir: &Path,
-    g: &Garage,
-    s3: &[(&str, &str, &str)],
-    catalogs: &[(&str, &str)],
-) -> String {
-    let mut toml = String::new();
-    for (name, place, secret) in s3 {
-        let (bucket, prefix) = place.split_once('/').unwrap_or((place, ""));
-        toml += &format!(
-            "[sinks.{name}]\ntenants = [\"*\"]\n[sinks.{name}.s3]\nbucket = \"{bucket}\"\n\
-             prefix = \"{prefix}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
-             access_key_id = \"{}\"\nsecret_access_key = \"{secret}\"\n",
-            g.endpoint(),
-            g.region(),
-            g.access_key()
-        );
-    }
-    for (name, url) in catalogs {
-        toml += &format!(
-            "[sinks.{name}]\ntenants = [\"*\"]\n[sinks.{name}.postgres]\nurl = \"{url}\"\n"
-        );
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("sinks.toml");
-    std::fs::write(&path, toml).unwrap();
-    path.to_str().unwrap().to_string()
 }
 
 /// `bitclone restore` as an operator runs it: no node, only the sinks.
@@ -543,6 +511,22 @@ fn holder_lost_mid_upload(fault: Fault) {
     assert_eq!(commits.len(), 1, "{commits:?}");
     assert_eq!(commits[0].1, snap);
     assert_eq!(commits[0].0, j["fencing_token"].as_u64().unwrap());
+    // What an operator sees of it with `restore --list`.
+    let listed = restore(&g, &["--from", s3, "--list"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["commits"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["commits"][0]["job"], j["id"], "{listed}");
+    assert_eq!(listed["commits"][0]["snapshot"], snap.as_str(), "{listed}");
+    assert_eq!(
+        listed["data_objects"].as_u64().unwrap() as usize,
+        tree_digest(&src, &[]).len(),
+        "{listed}"
+    );
     let out = tmp.path().join("restored");
     let r = restore(
         &g,
