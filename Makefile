@@ -52,7 +52,7 @@ help:
 	@echo "                   and a report to $(BENCH_REPORT); many files: BENCH_ARGS='--profile many-files --restic'"
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
-	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every playable fault once, the oracle and a report (make test runs it)"
+	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
 	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
 	@echo "  make build        cargo build --workspace"
 	@echo "  make fmt          cargo fmt --all (rewrites files)"

@@ -163,7 +163,10 @@ impl TestCluster {
     }
 
     pub fn status(&self, id: u64) -> Option<serde_json::Value> {
-        let out = self.nodes.get(&id)?.cli(&["--json", "cluster", "status"]);
+        let out = self
+            .nodes
+            .get(&id)?
+            .cli_within(&["--json", "cluster", "status"], Duration::from_secs(30))?;
         if !out.status.success() {
             return None;
         }

@@ -57,7 +57,8 @@ pub fn sinks_config(
 }
 
 impl JobSinks {
-    /// Starts both servers, or says why it cannot.
+    /// Starts both servers, or says why it cannot (a Garage that is
+    /// installed but does not come up panics, with its log).
     pub fn start(dir: &Path) -> Result<JobSinks, String> {
         if !Garage::available() {
             return Err("no garage binary (scripts/install-garage.sh installs it)".into());
@@ -95,21 +96,16 @@ impl JobSinks {
     }
 
     fn restore_cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
-        let out = clean_command(bin())
-            .envs(self.garage.env_vars())
-            .arg("--json")
-            .arg("restore")
-            .args(args)
-            .output()
-            .map_err(|e| format!("bitclone restore: {e}"))?;
+        let out = restore_cli(&self.garage, args);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         serde_json::from_slice(&out.stdout).map_err(|e| format!("restore's JSON: {e}"))
     }
 
-    /// What both sinks hold for job `job`, which committed `snapshot` of
-    /// `dataset` with content `digest` (a [`digest_of`] of its source tree).
+    /// What both sinks hold for job `job`, which succeeded into `dataset`,
+    /// committing `snapshot` with content `digest` (a [`digest_of`] of its
+    /// source tree).
     pub fn check(
         &self,
         job: &str,
@@ -119,20 +115,36 @@ impl JobSinks {
         scratch: &Path,
     ) -> Vec<SinkState> {
         let url = Self::s3_url(dataset);
-        // The object store: its commit records, and its data objects.
-        let (s3_commits, s3_listing_ok, data_objects) =
-            match self.restore_cli(&["--from", &url, "--list"]) {
-                Ok(v) => {
-                    let commits: Vec<&serde_json::Value> = v["commits"]
-                        .as_array()
-                        .map(|c| c.iter().collect())
-                        .unwrap_or_default();
-                    let mine = commits.iter().filter(|c| c["snapshot"] == snapshot).count();
-                    let all_mine = commits.iter().all(|c| c["job"] == job);
-                    (mine, all_mine, v["data_objects"].as_u64())
-                }
-                Err(_) => (0, false, None),
-            };
+        // The object store: every commit record under the job's prefix,
+        // and its data objects.
+        let listed = self.restore_cli(&["--from", &url, "--list"]);
+        let records: Vec<serde_json::Value> = listed
+            .as_ref()
+            .ok()
+            .and_then(|v| v["commits"].as_array().cloned())
+            .unwrap_or_default();
+        let data_objects = listed
+            .as_ref()
+            .ok()
+            .and_then(|v| v["data_objects"].as_u64());
+        // The catalog: every snapshot row of the job's dataset.
+        let rows: Vec<String> = if is_name(dataset) {
+            self.pg
+                .try_psql(
+                    "catalog",
+                    &format!(
+                        "SELECT id || ' ' || job FROM bitclone_snapshots \
+                         WHERE tenant = 'default' AND dataset = '{dataset}'"
+                    ),
+                )
+                .unwrap_or_default()
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A restore drill from both, checked against the catalog, byte for
         // byte against what was put.
         let out = scratch.join(format!("restore-{job}"));
@@ -151,29 +163,45 @@ impl JobSinks {
         };
         let files = restored.as_ref().ok().and_then(|v| v["files"].as_u64());
         let _ = std::fs::remove_dir_all(&out);
-        let rows = self
-            .pg
-            .try_psql(
-                "catalog",
-                &format!(
-                    "SELECT job FROM bitclone_snapshots WHERE dataset = '{dataset}' AND id = '{snapshot}'"
-                ),
-            )
-            .unwrap_or_default();
-        let rows: Vec<&str> = rows.lines().filter(|l| !l.trim().is_empty()).collect();
+        let record_ok =
+            records.len() == 1 && records[0]["job"] == job && records[0]["snapshot"] == snapshot;
+        let s3_matches =
+            record_ok && restored_ok && data_objects.is_some() && data_objects == files;
+        let pg_matches = restored_ok && rows == [format!("{snapshot} {job}")];
         vec![
             SinkState {
                 job: job.to_string(),
                 sink: "s3".into(),
-                commits: s3_commits as u32,
-                matches: s3_listing_ok && restored_ok && data_objects == files,
+                commits: records.len() as u32,
+                matches: listed.is_ok() && s3_matches,
             },
             SinkState {
                 job: job.to_string(),
                 sink: "pg".into(),
                 commits: rows.len() as u32,
-                matches: restored_ok && rows.iter().all(|r| r.trim() == job),
+                matches: pg_matches,
             },
         ]
     }
+}
+
+/// `bitclone --json restore ARGS` as an operator runs it: no node, only
+/// the sinks (Garage's keys in the environment), at most 2 minutes.
+pub fn restore_cli(g: &Garage, args: &[&str]) -> std::process::Output {
+    clean_command("timeout")
+        .arg("120")
+        .arg(bin())
+        .envs(g.env_vars())
+        .arg("--json")
+        .arg("restore")
+        .args(args)
+        .output()
+        .expect("run bitclone restore")
+}
+
+/// A name the harness made (letters, digits, `-`): safe inside SQL quotes.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }

@@ -10,9 +10,10 @@
 //! ```
 //!
 //! As root it re-executes itself in network and mount namespaces of its
-//! own (the sandbox) and plays every nemesis but the lease-holder kill;
-//! without root (or with `--no-sandbox`) the process and membership faults
-//! only, and the report says so.
+//! own (the sandbox) and plays the network and disk nemeses too; without
+//! root (or with `--no-sandbox`) the process and membership faults only.
+//! Without Garage and Postgres there are no clone jobs and no lease-holder
+//! kills. The report says what was left out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -177,6 +178,8 @@ fn main_inner() -> Result<ExitCode, String> {
             .to_string(),
     );
     watch_signals();
+    // A Ctrl-C reaches the harness alone; it stops the nodes itself.
+    bitclone_chaos::node::own_process_groups();
     let outcome = run(&RunOptions {
         nodes,
         clients,

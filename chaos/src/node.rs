@@ -20,6 +20,25 @@ pub struct TestNode {
     log: PathBuf,
 }
 
+static OWN_GROUPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on nodes (and Garage) start in process groups of their own, so
+/// that a Ctrl-C at the terminal reaches only a harness that handles it
+/// (and stops them itself); tests leave it off, and a Ctrl-C ends their
+/// nodes with them.
+pub fn own_process_groups() {
+    OWN_GROUPS.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Puts `cmd` in a process group of its own when [`own_process_groups`]
+/// was called.
+pub fn maybe_own_group(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    if OWN_GROUPS.load(std::sync::atomic::Ordering::SeqCst) {
+        cmd.process_group(0);
+    }
+}
+
 /// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid` with kill(1).
 pub fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
@@ -201,6 +220,7 @@ impl TestNode {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        maybe_own_group(&mut cmd);
         let child = cmd.spawn().expect("spawn bitclone node");
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut node = TestNode {
@@ -231,6 +251,13 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// GETs `path` from the node's HTTP listener; `None` when the node
+    /// serves none (yet) or does not answer.
+    pub fn try_http(&self, path: &str) -> Option<HttpReply> {
+        let addr = std::fs::read_to_string(self.data_dir.join("http.addr")).ok()?;
+        try_http_get(addr.trim(), path)
     }
 
     /// `http://ADDR` of the node's metrics and health listener.

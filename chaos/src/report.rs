@@ -20,6 +20,9 @@ pub struct FaultFigure {
     /// The longest time, from the fault's start until `quiet_ms` after its
     /// end, in which no client operation was acknowledged.
     pub worst_unavailability_ms: u64,
+    /// Time to heal: from the fault's end to the first acknowledged put
+    /// invoked after it (`None`: none was).
+    pub heal_ms: Option<u64>,
 }
 
 /// The longest stretch of `[from, to]` with no acknowledged operation
@@ -51,17 +54,37 @@ pub fn fault_figures(history: &[Op], schedule: &Schedule, quiet_ms: u64) -> Vec<
             start_ms: f.start_ms,
             end_ms: f.end_ms,
             worst_unavailability_ms: unavailability(history, f.start_ms, f.end_ms + quiet_ms),
+            heal_ms: first_put_from(history, f.end_ms),
         })
         .collect()
 }
 
-/// Per nemesis: how many ran and the worst unavailability among them.
-pub fn by_nemesis(figures: &[FaultFigure]) -> BTreeMap<String, (usize, u64)> {
-    let mut m: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+/// Milliseconds from `t` to the completion of the first acknowledged put
+/// invoked at or after it.
+fn first_put_from(history: &[Op], t: u64) -> Option<u64> {
+    history
+        .iter()
+        .filter(|o| {
+            matches!(o.kind, crate::oracle::OpKind::Put { .. })
+                && o.outcome == Outcome::Ok
+                && o.invoked_ms >= t
+        })
+        .map(|o| o.completed_ms - t)
+        .min()
+}
+
+/// Per nemesis: how many ran, the worst unavailability among them and the
+/// worst time to heal (`None` if one never healed).
+pub fn by_nemesis(figures: &[FaultFigure]) -> BTreeMap<String, (usize, u64, Option<u64>)> {
+    let mut m: BTreeMap<String, (usize, u64, Option<u64>)> = BTreeMap::new();
     for f in figures {
-        let e = m.entry(f.fault.clone()).or_default();
+        let e = m.entry(f.fault.clone()).or_insert((0, 0, Some(0)));
         e.0 += 1;
         e.1 = e.1.max(f.worst_unavailability_ms);
+        e.2 = match (e.2, f.heal_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
     }
     m
 }
@@ -73,17 +96,7 @@ pub fn first_write_after(history: &[Op], schedule: &Schedule, nemesis: &str) -> 
         .faults
         .iter()
         .filter(|f| f.nemesis.name() == nemesis)
-        .map(|f| {
-            history
-                .iter()
-                .filter(|o| {
-                    matches!(o.kind, crate::oracle::OpKind::Put { .. })
-                        && o.outcome == Outcome::Ok
-                        && o.invoked_ms >= f.start_ms
-                })
-                .map(|o| o.completed_ms - f.start_ms)
-                .min()
-        })
+        .map(|f| first_put_from(history, f.start_ms))
         .collect()
 }
 
@@ -238,15 +251,22 @@ pub fn markdown(
     }
     let _ = writeln!(
         md,
-        "\n## Faults\n\n![operations and failures per second]({plot_file})\n\n| nemesis | runs | worst client unavailability |\n|---|---|---|"
+        "\n## Faults\n\n![operations and failures per second]({plot_file})\n\nPer nemesis, the longest time no client operation was acknowledged (from the fault's start to the quiet time after it) and the worst time to heal (from the fault's end to the first acknowledged put invoked after it).\n\n| nemesis | runs | worst client unavailability | worst time to heal |\n|---|---|---|---|"
     );
-    for (name, (runs, worst)) in by_nemesis(figures) {
-        let _ = writeln!(md, "| {name} | {runs} | {:.1} s |", worst as f64 / 1000.0);
+    for (name, (runs, worst, heal)) in by_nemesis(figures) {
+        let heal = heal.map_or("never".to_string(), |h| {
+            format!("{:.2} s", h as f64 / 1000.0)
+        });
+        let _ = writeln!(
+            md,
+            "| {name} | {runs} | {:.1} s | {heal} |",
+            worst as f64 / 1000.0
+        );
     }
     if !failover.is_empty() {
         let _ = writeln!(
             md,
-            "\n## Failover\n\nFrom the fault's start to the first acknowledged put invoked after it.\n\n| fault | runs | p50 | max | never |\n|---|---|---|---|---|"
+            "\n## Failover\n\nFrom the kill to the first acknowledged put invoked after it; for a lease holder's kill also from the kill to its job's success on another node.\n\n| fault | runs | p50 | max | never |\n|---|---|---|---|---|"
         );
         for (name, times) in failover {
             let done: Vec<u64> = times.iter().flatten().copied().collect();
@@ -351,7 +371,13 @@ mod tests {
         assert_eq!(p50_max(&[]), None);
         assert_eq!(f[0].worst_unavailability_ms, 800);
         assert_eq!(f[1].worst_unavailability_ms, 300);
-        assert_eq!(by_nemesis(&f)["kill-leader"], (2, 800));
+        assert_eq!(by_nemesis(&f)["kill-leader"], (2, 800, None));
+        // Healed: the first put invoked after each end (1500, 4500).
+        let g = fault_figures(&h, &s, 1000);
+        assert_eq!(g[0].heal_ms, Some(250));
+        assert_eq!(g[1].heal_ms, None, "no put after the second");
+        assert_eq!(by_nemesis(&g[..1])["kill-leader"], (1, 750, Some(250)));
+        assert_eq!(by_nemesis(&g)["kill-leader"].2, None);
     }
 
     #[test]

@@ -16,12 +16,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::cluster::TestCluster;
 use crate::jobs::JobSinks;
-use crate::node::signal;
+use crate::node::{signal, tail};
 use crate::oracle::{self, FinalJob, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
 use crate::report;
 use crate::sandbox::Sandbox;
 use crate::schedule::{cut_links, Fault, Nemesis, Schedule};
-use crate::tree::{generate_tree, tree_digest};
+use crate::tree::{generate_tree, random_bytes, tree_digest};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -80,10 +80,14 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Size of each node's tmpfs store in the sandbox, and the disk reserve
-/// the nodes keep there (a full disk leaves less than it free).
-const STORE_MIB: u64 = 1024;
-const DISK_RESERVE: &str = "32MiB";
+/// Size of each node's tmpfs store in the sandbox (RAM only for what it
+/// holds), and the disk reserve the nodes keep there (a full disk leaves
+/// less than it free).
+/// Large enough for a long run's puts (nothing is deleted yet) and
+/// RocksDB's flushes and compactions above the reserve: a reserve smaller
+/// than those let background writes hit ENOSPC in a 1 GiB store.
+const STORE_MIB: u64 = 4096;
+const DISK_RESERVE: &str = "256MiB";
 const FULL_HEADROOM_MIB: u64 = 8;
 /// The pause per file a job exports (see `BITCLONE_FAULT_EXPORT_FILE_DELAY_MS`).
 const JOB_FILE_DELAY_MS: &str = "20";
@@ -114,25 +118,12 @@ pub fn playable(n: &Nemesis, sandbox: bool, jobs: bool) -> bool {
     }
 }
 
-/// Jobs submitted in a run: id → (the job's dataset, the digest of the
-/// tree it clones).
-type JobRegistry = Arc<Mutex<BTreeMap<String, (String, String)>>>;
+/// Jobs submitted in a run, in order: (id, the job's dataset, the digest
+/// of the tree it clones).
+type JobRegistry = Arc<Mutex<Vec<(String, String, String)>>>;
 
 /// The client id the harness's own operations (a nemesis's job) carry.
 pub const HARNESS_CLIENT: u32 = 1000;
-
-/// The name of a job state as the CLI prints it.
-fn state_name(state: i32) -> &'static str {
-    use bitclone_client::proto::JobState;
-    match JobState::try_from(state) {
-        Ok(JobState::Pending) => "Pending",
-        Ok(JobState::Running) => "Running",
-        Ok(JobState::Succeeded) => "Succeeded",
-        Ok(JobState::Failed) => "Failed",
-        Ok(JobState::Cancelled) => "Cancelled",
-        _ => "Unknown",
-    }
-}
 
 /// A digest of a whole tree (paths, contents, modes).
 pub fn digest_of(dir: &Path) -> String {
@@ -235,6 +226,9 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     let mut played = opts.schedule.clone();
     let mut undo: BTreeMap<usize, Undo> = BTreeMap::new();
     let mut begun = 0;
+    // Faults that could not be inflicted or healed: the run proves less
+    // than it says, which fails it.
+    let mut troubles: Vec<String> = Vec::new();
     // Packets each network fault dropped (its nftables counters).
     let mut dropped: BTreeMap<usize, u64> = BTreeMap::new();
     let mut last_fault_end = started;
@@ -249,6 +243,8 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         jobs: &jobs,
         scratch: opts.dir.join("nemesis"),
         lease_kills: Vec::new(),
+        errors: Vec::new(),
+        gone: std::collections::BTreeSet::new(),
     };
     for (at, start, i) in events {
         if !sleep_until(started + Duration::from_millis(at)) {
@@ -262,12 +258,13 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                 Ok(u) => {
                     undo.insert(i, u);
                 }
-                Err(e) => notes.push(format!(
+                Err(e) => troubles.push(format!(
                     "fault {i} ({}) at {} ms was not inflicted: {e}",
                     f.nemesis.name(),
                     f.start_ms
                 )),
             }
+            troubles.append(&mut faults.errors);
             played.faults[i].start_ms = since(Instant::now());
         } else {
             if let Some(u) = undo.remove(&i) {
@@ -276,8 +273,11 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                         dropped.insert(i, n);
                     }
                     Ok(None) => {}
-                    Err(e) => notes.push(format!("healing fault {i} ({}): {e}", f.nemesis.name())),
+                    Err(e) => {
+                        troubles.push(format!("healing fault {i} ({}): {e}", f.nemesis.name()))
+                    }
                 }
+                troubles.append(&mut faults.errors);
             }
             last_fault_end = Instant::now();
             played.faults[i].end_ms = since(last_fault_end).max(played.faults[i].start_ms);
@@ -287,6 +287,10 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
     // Interrupted: whatever is still in place is undone now, and what
     // never began is not in what was played.
     for (i, u) in std::mem::take(&mut undo) {
+        // The nodes are about to stop: membership is not worth restoring.
+        if matches!(u, Undo::Leave(_) | Undo::Rejoin(_)) {
+            continue;
+        }
         match faults.heal(u) {
             Ok(Some(n)) => {
                 dropped.insert(i, n);
@@ -325,16 +329,52 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                 .map(|at| at.saturating_duration_since(last_fault_end).as_millis() as u64);
             let mut end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
             let (final_jobs, job_views) = final_jobs(&endpoints, &history, &ca, &token);
+            // A successful job's sinks hold exactly its snapshot (checked
+            // three jobs at a time).
             if let Some(s) = &sinks {
-                for j in final_jobs.iter().filter(|j| j.state == "Succeeded") {
-                    let (Some((dataset, digest)), Some(view)) =
-                        (jobs.get(&j.id), job_views.get(&j.id))
-                    else {
-                        continue;
-                    };
-                    end.sinks
-                        .extend(s.check(&j.id, dataset, &view.snapshot, digest, &opts.dir));
-                }
+                let todo: Vec<(&str, &str, &str, &str)> = final_jobs
+                    .iter()
+                    .filter(|j| j.state == "Succeeded")
+                    .filter_map(|j| {
+                        let (_, dataset, digest) = jobs.iter().find(|(id, _, _)| *id == j.id)?;
+                        let view = job_views.get(&j.id)?;
+                        Some((
+                            j.id.as_str(),
+                            dataset.as_str(),
+                            view.snapshot.as_str(),
+                            digest.as_str(),
+                        ))
+                    })
+                    .collect();
+                let per = todo.len().div_ceil(3).max(1);
+                let dir = &opts.dir;
+                let checked: Vec<crate::oracle::SinkState> = std::thread::scope(|scope| {
+                    let workers: Vec<_> = todo
+                        .chunks(per)
+                        .map(|part| {
+                            scope.spawn(move || {
+                                part.iter()
+                                    .flat_map(|(job, ds, snap, digest)| {
+                                        s.check(job, ds, snap, digest, dir)
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .flat_map(|w| w.join().expect("a sink checker"))
+                        .collect()
+                });
+                end.sinks.extend(checked);
+            }
+            // Why jobs failed, for the reader of the report.
+            let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+            for j in final_jobs.iter().filter(|j| j.state == "Failed") {
+                *why.entry(j.error.as_str()).or_default() += 1;
+            }
+            for (error, n) in why {
+                notes.push(format!("{n} job(s) failed: {error}"));
             }
             // From each lease holder's kill to its job done on another node.
             for (job, killed_unix_ms, holder) in &lease_kills {
@@ -357,6 +397,16 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
             end.jobs = final_jobs;
             let mut verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
             verdicts.push(network_faults_bit(&opts.schedule, &dropped));
+            verdicts.push(Verdict {
+                invariant: "every fault was inflicted and healed",
+                holds: troubles.is_empty(),
+                violations: troubles.len(),
+                counterexamples: troubles
+                    .iter()
+                    .take(oracle::MAX_EXAMPLES)
+                    .cloned()
+                    .collect(),
+            });
             (verdicts, healed_after_ms)
         }
     };
@@ -504,6 +554,10 @@ struct Faults<'a> {
     scratch: PathBuf,
     /// Each lease-holder kill: (job, when killed in Unix ms, the holder).
     lease_kills: Vec<(String, u64, u64)>,
+    /// What went wrong in a fault that was still inflicted (or healed).
+    errors: Vec<String>,
+    /// Nodes that left the cluster while down: not restarted.
+    gone: std::collections::BTreeSet<u64>,
 }
 
 impl Faults<'_> {
@@ -517,9 +571,13 @@ impl Faults<'_> {
         let cluster = self.cluster;
         let mut c = cluster.lock().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ f.start_ms);
-        // The spare is drawn only while it is a member (joined).
         let ids: Vec<u64> = c.nodes.keys().copied().collect();
-        let random = ids[rng.random_range(0..ids.len())];
+        // Targets are original nodes: the spare comes and goes with the
+        // join fault (a partition still cuts it off with the others).
+        let originals: Vec<u64> = ids.iter().copied().filter(|id| *id != self.spare).collect();
+        let random = *originals
+            .get(rng.random_range(0..originals.len().max(1)))
+            .ok_or("no node to act on")?;
         let table = format!("bitclone_chaos_{i}");
         match f.nemesis {
             Nemesis::KillLeader => {
@@ -532,7 +590,9 @@ impl Faults<'_> {
                 Ok(Undo::Restart(random))
             }
             Nemesis::Pause => {
-                let pid = c.node(random).pid();
+                // A lease holder when a job runs: it wakes as a zombie.
+                let target = self.a_lease_holder(&c).unwrap_or(random);
+                let pid = c.node(target).pid();
                 signal(pid, "-STOP");
                 Ok(Undo::Resume(pid))
             }
@@ -575,13 +635,27 @@ impl Faults<'_> {
                 if c.nodes.contains_key(&id) {
                     return Err(format!("node {id} is a member already"));
                 }
-                join(&mut c, id)?;
-                Ok(Undo::Leave(id))
+                self.gone.remove(&id);
+                match join(&mut c, id) {
+                    Ok(()) => Ok(Undo::Leave(id)),
+                    // Started but not (yet) a voter: it leaves at the end.
+                    Err(e) if c.nodes.contains_key(&id) => {
+                        self.errors.push(format!("join of node {id}: {e}"));
+                        Ok(Undo::Leave(id))
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            Nemesis::Remove => {
-                remove(&mut c, random)?;
-                Ok(Undo::Rejoin(random))
-            }
+            Nemesis::Remove => match remove(&mut c, random) {
+                Ok(()) => Ok(Undo::Rejoin(random)),
+                // Out and stopped, but not allowed back or not emptied: it
+                // still rejoins at the end (and says why if it cannot).
+                Err(e) if !c.nodes.contains_key(&random) => {
+                    self.errors.push(format!("removal of node {random}: {e}"));
+                    Ok(Undo::Rejoin(random))
+                }
+                Err(e) => Err(e),
+            },
             Nemesis::KillLeaseHolder => {
                 let (job, holder) = self.job_running(&c, i, random)?;
                 c.kill9(holder);
@@ -595,13 +669,34 @@ impl Faults<'_> {
         }
     }
 
+    /// A node holding the lease of one of the last few jobs submitted, if
+    /// one is running now.
+    fn a_lease_holder(&self, c: &TestCluster) -> Option<u64> {
+        let recent: Vec<String> = {
+            let jobs = self.jobs.lock().unwrap();
+            jobs.iter()
+                .rev()
+                .take(5)
+                .map(|(id, _, _)| id.clone())
+                .collect()
+        };
+        let node = c.nodes.values().next()?;
+        recent.iter().find_map(|id| {
+            let out = node.cli_within(&["--json", "job", id], Duration::from_secs(5))?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let holder = v["lease_holder"].as_u64()?;
+            (v["state"] == "Running" && c.nodes.contains_key(&holder)).then_some(holder)
+        })
+    }
+
     /// A clone job of the harness's own, submitted through node `via` and
-    /// seen running (at most 20 s): its id and its lease holder. Its tree
+    /// seen running: its id and its lease holder (each step bounded: the
+    /// put and the submission 20 s each, then 20 s to see it run). Its tree
     /// is large enough (and each file's export paused) that it runs for a
     /// while; it is logged like a client's, so the oracle checks it too.
     fn job_running(&self, c: &TestCluster, i: usize, via: u64) -> Result<(String, u64), String> {
         let src = self.scratch.join(format!("lease-{i}"));
-        generate_tree(&src, self.seed ^ i as u64, 60, 0);
+        generate_tree(&src, self.seed ^ i as u64, 30, 0);
         let digest = digest_of(&src);
         let dataset = format!("lease-{i}");
         let invoked = self.started.elapsed().as_millis() as u64;
@@ -642,7 +737,7 @@ impl Faults<'_> {
         self.jobs
             .lock()
             .unwrap()
-            .insert(job.clone(), (job_dataset.clone(), digest));
+            .push((job.clone(), job_dataset.clone(), digest));
         self.history.lock().unwrap().push(Op {
             client: HARNESS_CLIENT,
             invoked_ms: invoked,
@@ -662,7 +757,10 @@ impl Faults<'_> {
                 .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
             if let Some(v) = view {
                 if v["state"] == "Running" {
-                    if let Some(holder) = v["lease_holder"].as_u64() {
+                    if let Some(holder) = v["lease_holder"]
+                        .as_u64()
+                        .filter(|h| c.nodes.contains_key(h))
+                    {
                         return Ok((job, holder));
                     }
                 }
@@ -679,12 +777,17 @@ impl Faults<'_> {
     fn heal(&mut self, undo: Undo) -> Result<Option<u64>, String> {
         let cluster = self.cluster;
         match undo {
-            Undo::Restart(id) => cluster.lock().unwrap().start_node(id, &[]),
+            // A node that left while it was down stays down.
+            Undo::Restart(id) if self.gone.contains(&id) => {}
+            Undo::Restart(id) => start(&mut cluster.lock().unwrap(), id, &[])?,
             Undo::Resume(pid) => signal(pid, "-CONT"),
             Undo::Table(t) => return self.sandbox()?.remove_table(&t).map(Some),
             Undo::Unlimit(ip) => self.sandbox()?.limit(ip, None)?,
             Undo::Unfill(db) => self.sandbox()?.unfill(&db)?,
-            Undo::Leave(id) => remove(&mut cluster.lock().unwrap(), id)?,
+            Undo::Leave(id) => {
+                remove(&mut cluster.lock().unwrap(), id)?;
+                self.gone.insert(id);
+            }
             Undo::Rejoin(id) => join(&mut cluster.lock().unwrap(), id)?,
         }
         Ok(None)
@@ -716,6 +819,21 @@ fn membership(c: &TestCluster, not: u64, args: &[&str]) -> Result<(), String> {
     Err(format!("cluster {}: {last}", args.join(" ")))
 }
 
+/// Starts node `id` (see [`TestCluster::start_node`]); a node that does
+/// not come up is an error here, not the harness's end.
+fn start(c: &mut TestCluster, id: u64, extra: &[String]) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.start_node(id, extra))).map_err(
+        |p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            format!("node {id} did not start: {}", tail(&why, 5))
+        },
+    )
+}
+
 /// Removes member `id` from the cluster, stops it and empties its data
 /// directory (its tmpfs mount stays), so that it can join again afresh.
 fn remove(c: &mut TestCluster, id: u64) -> Result<(), String> {
@@ -737,7 +855,7 @@ fn join(c: &mut TestCluster, id: u64) -> Result<(), String> {
         .find(|(other, _)| **other != id)
         .map(|(_, n)| n.endpoint.clone())
         .ok_or("no member to join through")?;
-    c.start_node(id, &["--join".to_string(), seed]);
+    start(c, id, &["--join".to_string(), seed])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let voter = c.nodes.keys().filter(|m| **m != id).any(|m| {
@@ -775,6 +893,28 @@ fn empty_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Rewrites one file of the tree at `root` and adds one.
+fn edit_tree(root: &Path, rng: &mut rand::rngs::StdRng, version: u64) {
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    files.sort();
+    if !files.is_empty() {
+        let f = &files[rng.random_range(0..files.len())];
+        let len = rng.random_range(1..4096);
+        std::fs::write(f, random_bytes(rng, len)).unwrap();
+    }
+    let len = rng.random_range(1..4096);
+    std::fs::write(
+        root.join(format!("edit-{version}.bin")),
+        random_bytes(rng, len),
+    )
+    .unwrap();
+}
+
 /// Flips one byte in the middle of the largest blob file under `db`.
 fn corrupt_one_blob(db: &Path, seed: u64) {
     let mut blobs: Vec<(u64, PathBuf)> = walkdir::WalkDir::new(db)
@@ -802,7 +942,9 @@ fn wait_healed(cluster: &Mutex<TestCluster>, bound_ms: u64) -> Option<Instant> {
         let one = leaders.first().copied().flatten();
         let agreed = one.is_some() && leaders.iter().all(|l| *l == one);
         let replicated = c.nodes.values().all(|n| {
-            let m = n.http_get("/metrics").body;
+            let Some(m) = n.try_http("/metrics").map(|r| r.body) else {
+                return false;
+            };
             m.lines().any(|l| {
                 l.strip_prefix("bitclone_under_replicated_shards ")
                     .and_then(|v| v.trim().parse::<f64>().ok())
@@ -871,6 +1013,9 @@ fn final_state(
     }
 }
 
+/// The longest a call of the final reads may take.
+const FINAL_CALL: Duration = Duration::from_secs(60);
+
 /// Every job a client (or the harness) saw submitted, as the cluster has
 /// it once it ended (waited for, at most 120 s in all): the oracle's view,
 /// and the jobs themselves.
@@ -906,7 +1051,9 @@ fn final_jobs(
     for id in &ids {
         let Some(client) = &client else { break };
         loop {
-            let j = rt.block_on(client.get_job(id)).ok();
+            let j = within_for(&rt, FINAL_CALL, client.get_job(id))
+                .ok()
+                .and_then(|r| r.ok());
             let done = j
                 .as_ref()
                 .is_some_and(|j| bitclone_client::is_final(j.state));
@@ -923,7 +1070,7 @@ fn final_jobs(
         .values()
         .map(|j| FinalJob {
             id: j.id.clone(),
-            state: state_name(j.state).to_string(),
+            state: bitclone_client::job_state_name(j.state).to_string(),
             error: j.last_error.clone(),
         })
         .collect();
@@ -949,15 +1096,14 @@ fn read_back(
         .map(|(k, (dataset, snapshot))| {
             let out = dir.join(format!("final-{id}-{k}"));
             let digest = match &client {
-                Ok(client) => rt
-                    .block_on(client.download(
-                        dataset,
-                        Some(snapshot),
-                        &out,
-                        &bitclone_client::NoProgress,
-                    ))
-                    .map(|_| digest_of(&out))
-                    .map_err(|e| e.to_string()),
+                Ok(client) => within_for(
+                    &rt,
+                    FINAL_CALL,
+                    client.download(dataset, Some(snapshot), &out, &bitclone_client::NoProgress),
+                )
+                .map_err(|_| format!("no answer in {FINAL_CALL:?}"))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(|_| digest_of(&out)),
                 Err(e) => Err(e.clone()),
             };
             let _ = std::fs::remove_dir_all(&out);
@@ -1008,7 +1154,16 @@ fn within<F: std::future::Future>(
     rt: &tokio::runtime::Runtime,
     fut: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
-    rt.block_on(async { tokio::time::timeout(OP_TIMEOUT, fut).await })
+    within_for(rt, OP_TIMEOUT, fut)
+}
+
+/// Runs `fut` on `rt` for at most `limit` (the timer made inside it).
+fn within_for<F: std::future::Future>(
+    rt: &tokio::runtime::Runtime,
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    rt.block_on(async { tokio::time::timeout(limit, fut).await })
 }
 
 /// Operations per client at most (a bound besides the time).
@@ -1088,14 +1243,20 @@ impl ClientCtx {
                 // A put: a new tree, or the client's dataset edited.
                 let dataset = format!("c{}-{}", self.client, rng.random_range(0..3));
                 version += 1;
-                let src = self.dir.join(format!("put-{n}"));
-                generate_tree(&src, self.seed ^ version, 8, 0);
+                // Half the time an incremental put: the dataset's last tree
+                // with a file rewritten and one added (the rest dedups).
+                let src = self.dir.join(format!("ws-{dataset}"));
+                if src.exists() && rng.random_bool(0.5) {
+                    edit_tree(&src, &mut rng, version);
+                } else {
+                    let _ = std::fs::remove_dir_all(&src);
+                    generate_tree(&src, self.seed ^ version, 8, 0);
+                }
                 let digest = digest_of(&src);
                 let r = within(
                     &rt,
                     client.upload_dir(&dataset, &src, &bitclone_client::NoProgress),
                 );
-                let _ = std::fs::remove_dir_all(&src);
                 // A put that did not answer may have committed: unknown.
                 let (snapshot, outcome) = match r {
                     Ok(Ok(s)) => (Some(s.snapshot), Outcome::Ok),
@@ -1132,7 +1293,7 @@ impl ClientCtx {
                     mine.push(id.clone());
                     jobs.lock()
                         .unwrap()
-                        .insert(id.clone(), (job_dataset.clone(), digest));
+                        .push((id.clone(), job_dataset.clone(), digest));
                 }
                 let kind = OpKind::Clone {
                     dataset: job_dataset,
@@ -1156,7 +1317,7 @@ impl ClientCtx {
                     Ok(Ok(j)) => {
                         let kind = OpKind::Watch {
                             job,
-                            state: state_name(j.state).to_string(),
+                            state: bitclone_client::job_state_name(j.state).to_string(),
                             token: j.fencing_token,
                         };
                         self.record(invoked, kind, Outcome::Ok)
@@ -1234,7 +1395,9 @@ impl ClientCtx {
             }
             // Paced: a client starts an operation at most every interval.
             let next = self.started + Duration::from_millis(invoked + self.interval_ms);
-            sleep_until(next);
+            if !sleep_until(next) {
+                break;
+            }
         }
     }
 }

@@ -32,9 +32,12 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Already inside the sandbox (re-executed by [`reexec_inside`])?
+/// Already inside the sandbox (re-executed by [`reexec_inside`])? The
+/// variable alone is not trusted: the network namespace must also differ
+/// from init's, so that nothing here ever touches the host's.
 pub fn inside() -> bool {
-    std::env::var_os(INSIDE).is_some()
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    std::env::var_os(INSIDE).is_some() && ns("self").is_some() && ns("self") != ns("1")
 }
 
 /// What the sandbox needs on PATH and is missing.
@@ -192,19 +195,22 @@ impl Sandbox {
             .args(["list", "table", "inet", name])
             .output()
             .map_err(|e| format!("nft list table: {e}"))?;
-        self.tables.remove(name);
         run("nft", &["delete", "table", "inet", name], None)?;
+        self.tables.remove(name);
         Ok(dropped_packets(&String::from_utf8_lossy(&out.stdout)))
     }
 
     /// Limits what `ip` sends to `kbit` kbit/s (`None`: lifts its limit).
     pub fn limit(&mut self, ip: Ipv4Addr, kbit: Option<u32>) -> Result<(), String> {
+        let mut limits = self.limits.clone();
         match kbit {
-            Some(k) => self.limits.insert(ip, k),
-            None => self.limits.remove(&ip),
+            Some(k) => limits.insert(ip, k),
+            None => limits.remove(&ip),
         };
-        let cmds = tc_commands(&self.limits);
-        for (i, c) in cmds.iter().enumerate() {
+        // The qdisc is rebuilt whole; until that succeeds `self.limits` (what
+        // `Drop` cleans up) keeps every address limited before or now.
+        self.limits.extend(limits.iter().map(|(k, v)| (*k, *v)));
+        for (i, c) in tc_commands(&limits).iter().enumerate() {
             let args: Vec<&str> = c.iter().map(String::as_str).collect();
             // Deleting a qdisc that is not there fails; that is fine.
             match run("tc", &args, None) {
@@ -212,6 +218,7 @@ impl Sandbox {
                 other => other?,
             }
         }
+        self.limits = limits;
         Ok(())
     }
 

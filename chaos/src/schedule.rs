@@ -16,7 +16,9 @@ pub enum Cut {
     Bridge,
     /// One node cut off from all others.
     Isolate,
-    /// One node's outbound traffic dropped, inbound kept.
+    /// One node's packets to the others dropped, theirs to it kept (its
+    /// replies are dropped too, so no connection completes either way; a
+    /// packet already sent to it still arrives).
     OneWay,
 }
 
@@ -26,7 +28,8 @@ pub enum Cut {
 pub enum Nemesis {
     /// SIGKILL of the leader, restarted at the fault's end.
     KillLeader,
-    /// SIGKILL of a node holding a job lease (the leader if none does).
+    /// SIGKILL of the lease holder of a job the harness submits and sees
+    /// running.
     KillLeaseHolder,
     /// SIGKILL of a node drawn at start.
     KillRandom,
@@ -36,7 +39,7 @@ pub enum Nemesis {
     Partition { cut: Cut },
     /// Random loss on one node's links (nftables `numgen random`).
     Loss { percent: u8 },
-    /// A bandwidth limit on one node's links (`tc` tbf).
+    /// A bandwidth limit on what one node sends (`tc` htb).
     Bandwidth { kbit: u32 },
     /// One node's data dir on a small tmpfs, filled.
     FullDisk,
@@ -75,6 +78,15 @@ impl Nemesis {
                 // The replica is down while its chunk is flipped.
                 | Nemesis::CorruptChunk
         )
+    }
+
+    /// The shortest this fault lasts: a pause outlasts a job lease (5 s)
+    /// so that a paused holder wakes up as a zombie whose lease is gone.
+    pub fn min_ms(&self) -> u64 {
+        match self {
+            Nemesis::Pause => 7_000,
+            _ => 0,
+        }
     }
 
     /// A short name for reports.
@@ -156,7 +168,9 @@ pub fn smoke(seed: u64, kinds: &[Nemesis], t: Timing) -> Schedule {
     let faults = order
         .into_iter()
         .map(|nemesis| {
-            let len = rng.random_range(t.min_fault_ms..=t.max_fault_ms);
+            let len = rng
+                .random_range(t.min_fault_ms..=t.max_fault_ms)
+                .max(nemesis.min_ms());
             let f = Fault {
                 nemesis,
                 start_ms: at,
@@ -179,7 +193,9 @@ pub fn long(seed: u64, kinds: &[Nemesis], cycles: usize, t: Timing) -> Schedule 
     let mut at = t.quiet_ms;
     while faults.len() < cycles && !kinds.is_empty() {
         let nemesis = kinds[rng.random_range(0..kinds.len())];
-        let len = rng.random_range(t.min_fault_ms..=t.max_fault_ms);
+        let len = rng
+            .random_range(t.min_fault_ms..=t.max_fault_ms)
+            .max(nemesis.min_ms());
         let overlap = rng.random_ratio(1, 4);
         // Halfway through the previous fault, unless that puts two
         // outages at once.
@@ -355,8 +371,14 @@ mod tests {
             assert!(overlapping > 0, "seed {seed}: some faults overlap");
             for f in &s.faults {
                 let len = f.end_ms - f.start_ms;
-                assert!((T.min_fault_ms..=T.max_fault_ms).contains(&len));
+                let least = T.min_fault_ms.max(f.nemesis.min_ms());
+                assert!((least..=T.max_fault_ms.max(least)).contains(&len), "{f:?}");
             }
+            let pause = s.faults.iter().find(|f| f.nemesis == Nemesis::Pause);
+            assert!(
+                pause.is_some_and(|f| f.end_ms - f.start_ms >= 7_000),
+                "a pause outlasts a lease"
+            );
         }
     }
 

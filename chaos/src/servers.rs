@@ -759,7 +759,9 @@ admin_token = "{admin_token}"
         let log = dir.path().join("garage.log");
         let log_file = fs::File::create(&log).expect("create garage.log");
         let log_file_err = log_file.try_clone().expect("clone garage.log handle");
-        let child = Self::command_for(&binary, &config, dir.path())
+        let mut cmd = Self::command_for(&binary, &config, dir.path());
+        crate::node::maybe_own_group(&mut cmd);
+        let child = cmd
             .arg("server")
             .stdout(log_file)
             .stderr(log_file_err)

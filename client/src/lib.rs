@@ -157,6 +157,19 @@ pub struct DownloadSummary {
 }
 
 /// Whether a job state (the `state` field of [`proto::Job`]) is final:
+/// The name of a job state: `Pending`, `Running`, `Succeeded`, `Failed`,
+/// `Cancelled`, or `Unknown` for a value this SDK does not know.
+pub fn job_state_name(state: i32) -> &'static str {
+    match proto::JobState::try_from(state) {
+        Ok(proto::JobState::Pending) => "Pending",
+        Ok(proto::JobState::Running) => "Running",
+        Ok(proto::JobState::Succeeded) => "Succeeded",
+        Ok(proto::JobState::Failed) => "Failed",
+        Ok(proto::JobState::Cancelled) => "Cancelled",
+        _ => "Unknown",
+    }
+}
+
 /// Succeeded, Failed or Cancelled. Unknown values are not final.
 pub fn is_final(state: i32) -> bool {
     matches!(

@@ -147,17 +147,6 @@ impl Progress for Bar {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match proto::JobState::try_from(state) {
-        Ok(proto::JobState::Pending) => "Pending",
-        Ok(proto::JobState::Running) => "Running",
-        Ok(proto::JobState::Succeeded) => "Succeeded",
-        Ok(proto::JobState::Failed) => "Failed",
-        Ok(proto::JobState::Cancelled) => "Cancelled",
-        _ => "Unknown",
-    }
-}
-
 fn job_json(j: &proto::Job) -> serde_json::Value {
     let p = j.progress.clone().unwrap_or_default();
     json!({
@@ -166,7 +155,7 @@ fn job_json(j: &proto::Job) -> serde_json::Value {
         "dataset": j.dataset,
         "source": j.source,
         "destinations": j.destinations,
-        "state": state_name(j.state),
+        "state": bitclone_client::job_state_name(j.state),
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
         "last_error": j.last_error,
@@ -191,7 +180,7 @@ fn job_line(j: &proto::Job) -> String {
     let mut s = format!(
         "{}  {:9}  {} -> {}  attempts {}/{}",
         j.id,
-        state_name(j.state),
+        bitclone_client::job_state_name(j.state),
         j.source,
         j.destinations.join(","),
         j.attempts,
@@ -480,7 +469,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 eprintln!(
                     "error: job {} ended {}: {}",
                     j.id,
-                    state_name(j.state),
+                    bitclone_client::job_state_name(j.state),
                     j.last_error
                 );
                 return Ok(ExitCode::FAILURE);

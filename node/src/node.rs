@@ -278,6 +278,8 @@ impl Node {
         let me = c.id;
         // One linearizable read: the snapshot meant, who wrote it, and the
         // members that hold it (the writer first, then the shard's replicas).
+        // This node may be the writer and still not hold it: its store was
+        // lost and it rejoined empty; the replicas have it then.
         c.read(|s| {
             let head = s.datasets.get(tenant)?.get(dataset)?;
             let id = if snapshot.is_empty() {
@@ -286,15 +288,18 @@ impl Node {
                 snapshot
             };
             let e = head.history.iter().find(|e| e.id == id)?;
-            if e.written_by == me {
-                return None;
-            }
-            let mut nodes = vec![e.written_by];
+            let mut nodes: Vec<u64> = (e.written_by != me)
+                .then_some(e.written_by)
+                .into_iter()
+                .collect();
             nodes.extend(
                 s.replicas_of(tenant, dataset)
                     .into_iter()
                     .filter(|n| *n != me && *n != e.written_by),
             );
+            if nodes.is_empty() {
+                return None;
+            }
             let addrs = nodes
                 .iter()
                 .filter_map(|n| s.members.get(n).map(|m| m.api_addr.clone()))

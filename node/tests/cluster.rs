@@ -507,3 +507,59 @@ fn the_leader_removed_through_a_follower_leaves_and_the_others_go_on() {
     ]);
     assert_same_tree(&src, &out, true, &[]);
 }
+
+#[test]
+fn a_node_that_rejoins_with_an_empty_store_serves_what_it_wrote_from_the_replicas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(tmp.path(), 4, 4);
+    // Several datasets written through node 1: with 4 nodes and 3 replicas
+    // some shards leave node 1 out once it is back, so repair never
+    // brings those to it and a read there must come from the replicas.
+    let mut puts = Vec::new();
+    for k in 0..6 {
+        let src = tmp.path().join(format!("src{k}"));
+        generate_tree(&src, 40 + k, 5, 0);
+        let ds = format!("mine{k}");
+        let snap = put_through(&c, 1, &src, &ds);
+        puts.push((src, ds, snap));
+    }
+    // Node 1 leaves, loses its disk, and comes back as itself.
+    let out = c
+        .node(2)
+        .cli_within(
+            &["--json", "cluster", "remove", "1"],
+            Duration::from_secs(60),
+        )
+        .expect("cluster remove answers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.kill9(1);
+    c.node(2).json(&["cluster", "allow-rejoin", "1"]);
+    std::fs::remove_dir_all(c.node_dir(1)).unwrap();
+    let seed = c.node(2).endpoint.clone();
+    c.start_node(1, &["--join".to_string(), seed]);
+    c.wait_for("node 1 to be a voter again", 60, |c| {
+        c.status(2).is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == 1 && m["voter"] == true)
+        })
+    });
+    for (src, ds, snap) in &puts {
+        let out = tmp.path().join(format!("out-{ds}"));
+        c.node(1).json(&[
+            "get",
+            "--dataset",
+            ds,
+            "--snapshot",
+            snap,
+            out.to_str().unwrap(),
+        ]);
+        assert_same_tree(src, &out, true, &[]);
+    }
+}

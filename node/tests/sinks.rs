@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use bitclone_chaos::jobs::sinks_config;
+use bitclone_chaos::jobs::{restore_cli as restore, sinks_config};
 use bitclone_chaos::servers::{Garage, PgServer};
 use bitclone_chaos::*;
 use bitclone_storage::sink::objects::{self, S3Options};
@@ -24,21 +24,6 @@ fn pg() -> PgServer {
         "Postgres binaries not found: scripts/install-deps.sh installs them (make test does)"
     );
     PgServer::start()
-}
-
-fn s3_env(g: &Garage) -> Vec<(String, String)> {
-    g.env_vars()
-}
-
-/// `bitclone restore` as an operator runs it: no node, only the sinks.
-fn restore(g: &Garage, args: &[&str]) -> std::process::Output {
-    clean_command(bin())
-        .envs(s3_env(g))
-        .arg("--json")
-        .arg("restore")
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn target(g: &Garage, url: &str) -> objects::Target {

@@ -252,11 +252,11 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let export = |m: &Manifest, id: &SnapshotId, token: u64| {
+        let export_as = |m: &Manifest, id: &SnapshotId, token: u64, job: &str| {
             let root = crate::store::read_root(store.as_ref(), &m.tenant, id).unwrap();
             let mut last = ExportProgress::default();
             let writer = Writer {
-                job: format!("j{token}"),
+                job: job.to_string(),
                 token,
             };
             let r = rt.block_on(export_snapshot(
@@ -272,6 +272,9 @@ mod tests {
                 },
             ));
             (r, last)
+        };
+        let export = |m: &Manifest, id: &SnapshotId, token: u64| {
+            export_as(m, id, token, &format!("j{token}"))
         };
         let (stats, last) = export(&m, &id, 1);
         let stats = stats.unwrap();
@@ -292,6 +295,12 @@ mod tests {
         // The same job again: nothing written, nothing committed twice.
         let again = export(&m, &id, 1).0.unwrap();
         assert!(again.already_committed);
+        assert_eq!(rt.block_on(list_commits(&target)).unwrap().len(), 1);
+        // The same job taken over with a newer lease after its first holder
+        // committed (and lost the lease before recording it): the snapshot
+        // is there, by this job; not committed a second time.
+        let takeover = export_as(&m, &id, 2, "j1").0.unwrap();
+        assert!(takeover.already_committed);
         assert_eq!(rt.block_on(list_commits(&target)).unwrap().len(), 1);
 
         // An edit and a removal: only the edited file is written, the removed

@@ -19,7 +19,9 @@ use crate::manifest::{decode_root, Stored};
 use crate::manifest::{ChunkRef, Entry, EntryKind};
 use crate::pool::CpuPool;
 use crate::sink::objects::commit::check_fence;
-use crate::sink::objects::layout::{is_meta, join, list_pages, list_under, manifest_loc, page_loc};
+use crate::sink::objects::layout::{
+    is_meta, join, list_pages, list_under, manifest_loc, page_loc, read_commit,
+};
 use crate::sink::objects::s3::sink_error;
 use crate::sink::objects::{
     ExportProgress, Target, BLAKE3_METADATA, MULTIPART_THRESHOLD, PART_BYTES,
@@ -75,7 +77,12 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
     let (store, cancel) = (w.store.clone(), w.stop.clone());
     let mut upload = Upload::default();
     if let Some((t, s)) = check_fence(target, writer.token).await? {
-        if t == writer.token && s == id.to_hex() {
+        // This snapshot is committed by this job already: by this attempt,
+        // or by an earlier one whose holder lost its lease after the commit
+        // (a takeover must not commit it a second time).
+        let done = s == id.to_hex()
+            && (t == writer.token || read_commit(target, t, &s).await?.job == writer.job);
+        if done {
             upload.stats.already_committed = true;
             return Ok(upload);
         }
