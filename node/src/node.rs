@@ -916,7 +916,19 @@ impl Node {
                 }
                 // Cloning a snapshot into another dataset is a metadata
                 // operation: the same entries and chunks, a new manifest.
-                let stored = self.check_manifest(&job.tenant, dataset, id).await?;
+                // Committed in the cluster but not (yet) here: a replica
+                // still repairing, or a writer that lost its store. The
+                // attempt is retried (here once repaired, or elsewhere).
+                let stored = self
+                    .check_manifest(&job.tenant, dataset, id)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound { .. } => StoreError::Unavailable(format!(
+                            "snapshot {id} of {dataset} is committed but not on this node yet; \
+                             the attempt is retried"
+                        )),
+                        e => e,
+                    })?;
                 let head = self.head(&job.tenant, &job.dataset).await?;
                 let (store, t, d) = (self.chunk_store(), job.tenant.clone(), job.dataset.clone());
                 let builder = self
