@@ -13,19 +13,23 @@ fn put_through(c: &TestCluster, id: u64, src: &std::path::Path, dataset: &str) -
     v["snapshot"].as_str().unwrap().to_string()
 }
 
+/// The leader nodes 1-3 all agree on (waited for: on a loaded machine a
+/// late heartbeat may start an election).
+fn agreed_leader(c: &TestCluster) -> u64 {
+    c.wait_for("all nodes to agree on the leader", 30, |c| {
+        let l = c.leader(1);
+        l.is_some() && (2..=3).all(|id| c.leader(id) == l)
+    });
+    c.leader(1).unwrap()
+}
+
 #[test]
 fn cluster_forms_and_survives_the_loss_of_its_leader() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = TestCluster::start(tmp.path(), 3, 3);
     let src = tmp.path().join("src");
     generate_tree(&src, 21, 10, 0);
-    // All three agree on one leader (waited for: on a loaded machine a late
-    // heartbeat may start an election).
-    c.wait_for("all nodes to agree on the leader", 30, |c| {
-        let l = c.leader(1);
-        l.is_some() && (2..=3).all(|id| c.leader(id) == l)
-    });
-    let leader = c.leader(1).unwrap();
+    let leader = agreed_leader(&c);
     let st = c.status(2).unwrap();
     assert!(st["layout_version"].as_u64().unwrap() >= 1);
     assert_eq!(st["members"].as_array().unwrap().len(), 3);
@@ -460,11 +464,7 @@ fn the_leader_removed_through_a_follower_leaves_and_the_others_go_on() {
     let c = TestCluster::start(tmp.path(), 3, 3);
     let src = tmp.path().join("src");
     generate_tree(&src, 31, 6, 0);
-    c.wait_for("all nodes to agree on the leader", 30, |c| {
-        let l = c.leader(1);
-        l.is_some() && (2..=3).all(|id| c.leader(id) == l)
-    });
-    let leader = c.leader(1).unwrap();
+    let leader = agreed_leader(&c);
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     // Bounded: the removal once waited forever on a proposal the removed
     // leader made after its own removal had committed.
