@@ -23,6 +23,23 @@ fn agreed_leader(c: &TestCluster) -> u64 {
     c.leader(1).unwrap()
 }
 
+/// `cluster remove ID` through node `via`, which must answer (within 60 s)
+/// with success.
+fn remove_through(c: &TestCluster, via: u64, id: u64) {
+    let out = c
+        .node(via)
+        .cli_within(
+            &["--json", "cluster", "remove", &id.to_string()],
+            Duration::from_secs(60),
+        )
+        .expect("cluster remove answers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn cluster_forms_and_survives_the_loss_of_its_leader() {
     let tmp = tempfile::tempdir().unwrap();
@@ -468,18 +485,7 @@ fn the_leader_removed_through_a_follower_leaves_and_the_others_go_on() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     // Bounded: the removal once waited forever on a proposal the removed
     // leader made after its own removal had committed.
-    let out = c
-        .node(follower)
-        .cli_within(
-            &["--json", "cluster", "remove", &leader.to_string()],
-            Duration::from_secs(60),
-        )
-        .expect("cluster remove of the leader answers");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remove_through(&c, follower, leader);
     let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     c.wait_for("a new leader among the others", 30, |c| {
         others.iter().all(|id| {
@@ -524,18 +530,7 @@ fn a_node_that_rejoins_with_an_empty_store_serves_what_it_wrote_from_the_replica
         puts.push((src, ds, snap));
     }
     // Node 1 leaves, loses its disk, and comes back as itself.
-    let out = c
-        .node(2)
-        .cli_within(
-            &["--json", "cluster", "remove", "1"],
-            Duration::from_secs(60),
-        )
-        .expect("cluster remove answers");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remove_through(&c, 2, 1);
     c.kill9(1);
     c.node(2).json(&["cluster", "allow-rejoin", "1"]);
     std::fs::remove_dir_all(c.node_dir(1)).unwrap();
