@@ -613,6 +613,12 @@ fn bitclone_steps(c: &Ctx, b: &Bitclone) -> Result<Outcome> {
     )?;
     let m_get = get.measure(c.files_after(), max_peak_rss(&b.pids));
     c.say_step(b.name, STEPS[2], &m_get);
+    // The restore's own syncfs: the disk's share of its time, which on a
+    // shared or busy disk varies several-fold from run to run.
+    let get_sync = get_f64(&parse_json_output(&get.out.stdout)?, "sync_seconds");
+    if let Some(s) = get_sync {
+        c.p.say(&format!("  restore: {s:.2} s of it in the final syncfs"));
+    }
     let verified = c.verify(&dst, links, &dst)?;
 
     let v = json!({
@@ -625,6 +631,7 @@ fn bitclone_steps(c: &Ctx, b: &Bitclone) -> Result<Outcome> {
         "incremental_new_bytes": get_u64(&inc_v, "new_bytes").ok(),
         "incremental_all_replicas_seconds": inc_all.map(r3),
         "restore": get.json(&m_get),
+        "restore_sync_seconds": get_sync,
         "files_verified": verified,
         "entries_skipped": skipped,
     });

@@ -501,6 +501,8 @@ pub(crate) async fn download(
     blocking(move || finish_dirs(dirs)).await?;
     // Small files, renames and directories: durable before success is
     // reported (large files were synced one by one as they finished).
+    progress.message("syncing to disk");
+    let syncing = Instant::now();
     blocking(move || sync_fs(&root)).await?;
 
     Ok(DownloadSummary {
@@ -509,6 +511,7 @@ pub(crate) async fn download(
         bytes,
         symlinks,
         seconds: started.elapsed().as_secs_f64(),
+        sync_seconds: syncing.elapsed().as_secs_f64(),
     })
 }
 

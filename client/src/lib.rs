@@ -154,6 +154,10 @@ pub struct DownloadSummary {
     pub symlinks: u64,
     /// Wall-clock duration of the whole call.
     pub seconds: f64,
+    /// Of `seconds`, the time the final `syncfs` took to make the small
+    /// files, renames and directories durable: the disk's share, which a
+    /// slow or busy disk dominates.
+    pub sync_seconds: f64,
 }
 
 /// Whether a job state (the `state` field of [`proto::Job`]) is final:

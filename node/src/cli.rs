@@ -428,16 +428,19 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             if ctx.json {
                 print_json(
                     &json!({"snapshot": s.snapshot, "files": s.files, "bytes": s.bytes,
-                        "symlinks": s.symlinks, "seconds": s.seconds}),
+                        "symlinks": s.symlinks, "seconds": s.seconds,
+                        "sync_seconds": s.sync_seconds}),
                 );
             } else {
                 eprintln!(
-                    "restored {} files, {} bytes of snapshot {} in {:.2}s ({:.1} MB/s)",
+                    "restored {} files, {} bytes of snapshot {} in {:.2}s ({:.1} MB/s; \
+                     {:.2}s of it syncing to disk)",
                     s.files,
                     s.bytes,
                     s.snapshot,
                     s.seconds,
-                    s.bytes as f64 / 1e6 / s.seconds.max(1e-9)
+                    s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                    s.sync_seconds
                 );
             }
         }
