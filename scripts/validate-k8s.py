@@ -8,6 +8,7 @@
   validate-k8s.py stale SKIPS TOOL USED          skip entries nothing matched
 (USED: a file collecting the skip ids that matched a finding.)
   validate-k8s.py assert ROOT OVERLAY RENDERED   our own assertions
+  validate-k8s.py runbooks ROOT                  alerts -> runbooks -> index
 
 Each prints one line per finding and exits 1 if any check failed.
 """
@@ -446,6 +447,69 @@ def cmd_assert(root, overlay, rendered):
             fail(f"{overlay}: PrometheusRule spec differs from deploy/prometheus/alerts.yml (run scripts/k8s-rules.sh)")
 
 
+# --- runbooks ----------------------------------------------------------------
+
+
+RUNBOOKS = "deploy/runbooks"
+
+
+def cmd_runbooks(root):
+    """Every alert of deploy/prometheus/alerts.yml names one runbook file
+    that exists (annotation runbook_url, a path relative to the repository
+    root); every runbook is listed in deploy/runbooks/README.md, whose
+    table names for each runbook exactly the alerts that point to it."""
+    root = Path(root)
+    rules = yaml.safe_load((root / "deploy/prometheus/alerts.yml").read_text())
+    book_dir = root / RUNBOOKS
+    index_path = book_dir / "README.md"
+    if not index_path.is_file():
+        fail(f"{RUNBOOKS}/README.md (the index) is missing")
+        return
+    pointing = {}  # runbook file name -> alerts pointing to it
+    alerts = 0
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            alerts += 1
+            name = rule["alert"]
+            url = (rule.get("annotations") or {}).get("runbook_url")
+            if not isinstance(url, str) or not url.strip():
+                fail(f"alert {name}: no runbook_url annotation")
+                continue
+            path = url.split("#", 1)[0]
+            if not re.fullmatch(rf"{RUNBOOKS}/[a-z0-9-]+\.md", path) or path == f"{RUNBOOKS}/README.md":
+                fail(f"alert {name}: runbook_url {url!r} is not one file {RUNBOOKS}/NAME.md")
+                continue
+            if not (root / path).is_file():
+                fail(f"alert {name}: runbook_url {url!r}: no such file")
+                continue
+            pointing.setdefault(Path(path).name, set()).add(name)
+    # The index: table rows "| [x.md](x.md) | Alert, Alert | summary |".
+    listed = {}
+    for line in index_path.read_text().splitlines():
+        m = re.match(r"\|\s*\[([^\]]+\.md)\]\(([^)]+)\)\s*\|([^|]*)\|", line)
+        if not m:
+            continue
+        label, target, cell = m.groups()
+        if label != target:
+            fail(f"{RUNBOOKS}/README.md: row links [{label}] to ({target})")
+        if not (book_dir / target).is_file():
+            fail(f"{RUNBOOKS}/README.md lists {target}, which does not exist")
+        listed[target] = set(re.findall(r"\bBitClone\w+", cell))
+    for f in sorted(book_dir.glob("*.md")):
+        if f.name == "README.md":
+            continue
+        if f.name not in listed:
+            fail(f"{RUNBOOKS}/{f.name} is not listed in {RUNBOOKS}/README.md")
+    for book in sorted(set(listed) | set(pointing)):
+        want, have = pointing.get(book, set()), listed.get(book, set())
+        if book in listed and want != have:
+            fail(f"{RUNBOOKS}/README.md row {book}: lists alerts {sorted(have)}, but {sorted(want)} point to it")
+    if not failed:
+        ok(f"{alerts} alerts each name a runbook that exists; {len(listed)} runbooks, all in {RUNBOOKS}/README.md with the alerts that point to them")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "versions":
@@ -460,6 +524,8 @@ def main():
         cmd_stale(*args)
     elif cmd == "assert":
         cmd_assert(*args)
+    elif cmd == "runbooks":
+        cmd_runbooks(*args)
     else:
         sys.exit(f"unknown command {cmd}")
     sys.exit(1 if failed else 0)

@@ -3,7 +3,8 @@
 # with no API server: for each overlay, render it with kustomize, check every
 # object against the Kubernetes API schemas, run checkov's policies and our
 # own assertions; lint deploy/Dockerfile with checkov and hadolint; check
-# that the PrometheusRule is the alert rules of deploy/prometheus/alerts.yml.
+# that the PrometheusRule is the alert rules of deploy/prometheus/alerts.yml,
+# and that every alert names a runbook (deploy/runbooks) that exists.
 #
 #   scripts/validate-k8s.sh    (make k8s-validate; scripts/install-k8s-tools.sh first)
 #
@@ -72,6 +73,9 @@ else
     echo "  FAIL  deploy/k8s/base/prometheusrule.yaml is stale: run scripts/k8s-rules.sh"
     failures=$((failures + 1))
 fi
+
+section "runbooks: every alert names one that exists, every one is in deploy/runbooks/README.md"
+run_check "$bin/python" "$checks" runbooks "$root"
 
 section "schema versions (kubernetes-validate)"
 run_check "$bin/python" "$checks" versions "${K8S_VERSIONS[@]}"

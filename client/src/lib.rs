@@ -803,6 +803,25 @@ impl Client {
         .await
     }
 
+    /// Drains node `id` (needs the `admin` scope; connect to that node's own
+    /// address, the node refuses a drain meant for another). The node
+    /// takes no new jobs, hands the jobs it runs to other nodes (their
+    /// leases released), reports not ready and hands its Raft leadership
+    /// to another voter, waiting up to `timeout` for both. It stays
+    /// drained until it restarts.
+    pub async fn drain_node(
+        &self,
+        id: u64,
+        timeout: std::time::Duration,
+    ) -> Result<proto::DrainNodeResponse> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        self.call(move |mut grpc| async move {
+            grpc.drain_node(proto::DrainNodeRequest { id, timeout_ms })
+                .await
+        })
+        .await
+    }
+
     /// Sets a tenant's limits (needs the `admin` scope); 0 is no limit.
     /// Returns the bytes the tenant's snapshots added so far.
     pub async fn set_quota(

@@ -309,10 +309,88 @@ async fn follow(client: &Client, id: &str, ctx: &Ctx, show_bar: bool) -> Result<
     }
 }
 
+/// `bitclone drain`: drains the node whose configuration this process sees
+/// (in a preStop hook, the pod's own), through its own API address.
+pub async fn drain(
+    endpoints: Vec<String>,
+    mut access: Access,
+    config: Option<&std::path::Path>,
+    timeout: &str,
+    json: bool,
+) -> Result<ExitCode> {
+    let timeout = humantime::parse_duration(timeout)
+        .with_context(|| format!("--timeout {timeout:?} is not a duration like 20s"))?;
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = crate::config::NodeConfig::load(config, &env, Default::default())
+        .context("reading the node's configuration (to find which node to drain)")?;
+    let plaintext = cfg.api.tls.is_none();
+    let endpoint = match endpoints.first() {
+        Some(e) => e.clone(),
+        None => {
+            // Its advertised name is what its certificate names; a
+            // wildcard listen address is reached on loopback.
+            let host = cfg.api.advertise.clone().unwrap_or_else(|| {
+                let mut a = cfg.listen;
+                if a.ip().is_unspecified() {
+                    a.set_ip(if a.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                a.to_string()
+            });
+            format!("{}://{host}", if plaintext { "http" } else { "https" })
+        }
+    };
+    if access.ca.is_none() && !plaintext {
+        access.ca = Some(cfg.api.ca.clone());
+    }
+    access.allow_plaintext |= plaintext;
+    let id = cfg.cluster.node_id;
+    let client = Client::connect_with([endpoint.as_str()], access.options()?)
+        .await
+        .with_context(|| format!("connecting to node {id} at {endpoint}"))?;
+    let r = client
+        .drain_node(id, timeout)
+        .await
+        .with_context(|| format!("draining node {id} at {endpoint}"))?;
+    let complete = r.jobs_still_running == 0 && (!r.was_leader || r.leadership_moved);
+    if json {
+        print_json(&json!({
+            "node": id, "jobs_handed_off": r.jobs_handed_off,
+            "jobs_still_running": r.jobs_still_running, "was_leader": r.was_leader,
+            "leadership_moved": r.leadership_moved, "leader": r.leader_id,
+            "complete": complete,
+        }));
+    } else {
+        eprintln!(
+            "node {id} drained: {} jobs handed off, {} still running; {}",
+            r.jobs_handed_off,
+            r.jobs_still_running,
+            match (r.was_leader, r.leadership_moved) {
+                (false, _) => format!("leader is node {}", r.leader_id),
+                (true, true) => format!("leadership moved to node {}", r.leader_id),
+                (true, false) => "still the leader (no other voter took over in time)".into(),
+            }
+        );
+    }
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
-        Cmd::Node(_) | Cmd::Certs(_) | Cmd::Dev(_) | Cmd::Token(_) | Cmd::Restore { .. } => {
+        Cmd::Node(_)
+        | Cmd::Certs(_)
+        | Cmd::Dev(_)
+        | Cmd::Token(_)
+        | Cmd::Restore { .. }
+        | Cmd::Drain { .. } => {
             unreachable!("handled by main")
         }
         Cmd::Tenant(crate::TenantCmd::Quota {

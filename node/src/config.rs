@@ -89,6 +89,9 @@ pub struct FileApi {
     pub ca: Option<PathBuf>,
     /// Serve plain-text gRPC: only on a loopback address.
     pub plaintext: Option<bool>,
+    /// HOST:PORT other nodes reach this node's API at (a DNS name is
+    /// fine); default: the bound listen address.
+    pub advertise: Option<String>,
 }
 
 /// How bearer tokens are verified.
@@ -123,7 +126,13 @@ pub struct FileTransport {
 #[serde(deny_unknown_fields)]
 pub struct FileCluster {
     pub node_id: Option<u64>,
+    /// A StatefulSet pod's name, `<set>-<ordinal>`: the node id is the
+    /// ordinal plus one unless node_id is given.
+    pub node_name: Option<String>,
     pub peer_listen: Option<String>,
+    /// HOST:PORT other nodes reach this node's peer port at (a DNS name
+    /// is fine); default: the bound peer address.
+    pub peer_advertise: Option<String>,
     pub certs: Option<PathBuf>,
     pub bootstrap: Option<bool>,
     pub join: Option<String>,
@@ -211,6 +220,8 @@ pub struct ApiSettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// CA file that verifies other nodes' API certificates.
     pub ca: PathBuf,
+    /// HOST:PORT other nodes reach the API at; `None`: the bound address.
+    pub advertise: Option<String>,
 }
 
 impl ClusterSettings {
@@ -233,8 +244,15 @@ pub struct ClusterSettings {
     /// No certificate directory was configured: a node that starts a
     /// cluster makes its own CA and certificate there when none exist.
     pub certs_are_default: bool,
-    /// Public API address (HOST:PORT or URL) of any member to join through.
-    pub join: Option<String>,
+    /// Public API addresses (HOST:PORT or URL) of members to join through;
+    /// any one that answers will do. Empty: none.
+    pub join: Vec<String>,
+    /// This node may start the cluster when no seed knows one: it is the
+    /// first pod of a StatefulSet (`node_name` ending in `-0`).
+    pub forms: bool,
+    /// HOST:PORT other nodes reach the peer port at; `None`: the bound
+    /// address.
+    pub peer_advertise: Option<String>,
     /// The admin token file a joining node presents to that member.
     pub join_token_file: Option<PathBuf>,
     pub heartbeat: Duration,
@@ -406,7 +424,7 @@ impl NodeConfig {
         if max_attempts == 0 {
             bail!("jobs.max_attempts must be at least 1");
         }
-        let api = resolve_api(fc.api, &cluster, listen)?;
+        let api = resolve_api(fc.api, env, &cluster, listen)?;
         let auth = resolve_auth(fc.auth, &cluster)?;
         let audit = match env("BITCLONE_AUDIT_LOG").or(fc.audit.log).as_deref() {
             Some("stdout") => crate::audit::AuditTarget::Stdout,
@@ -474,7 +492,12 @@ impl NodeConfig {
     }
 }
 
-fn resolve_api(fa: FileApi, c: &ClusterSettings, listen: SocketAddr) -> Result<ApiSettings> {
+fn resolve_api(
+    fa: FileApi,
+    env: &dyn Fn(&str) -> Option<String>,
+    c: &ClusterSettings,
+    listen: SocketAddr,
+) -> Result<ApiSettings> {
     let node = bitclone_raft::tls::node_name(c.node_id);
     let tls = match (fa.plaintext.unwrap_or(false), fa.tls_cert, fa.tls_key) {
         (true, None, None) => {
@@ -493,8 +516,14 @@ fn resolve_api(fa: FileApi, c: &ClusterSettings, listen: SocketAddr) -> Result<A
         )),
         (false, _, _) => bail!("api.tls_cert and api.tls_key go together"),
     };
+    let advertise = env("BITCLONE_API_ADVERTISE")
+        .or(fa.advertise)
+        .filter(|s| !s.is_empty())
+        .map(|a| advertised("api.advertise", &a))
+        .transpose()?;
     Ok(ApiSettings {
         tls,
+        advertise,
         ca: fa
             .ca
             .unwrap_or_else(|| c.certs.join(bitclone_raft::tls::CA_CERT_FILE)),
@@ -582,11 +611,28 @@ fn resolve_cluster(
     let peer_listen: SocketAddr = peer_listen
         .parse()
         .with_context(|| format!("peer listen address {peer_listen:?} is not IP:PORT"))?;
-    let join = flags
+    let join: Vec<String> = flags
         .join
         .clone()
         .or_else(|| env("BITCLONE_JOIN"))
-        .or(fc.join);
+        .or(fc.join)
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let node_name = env("BITCLONE_NODE_NAME")
+        .or(fc.node_name)
+        .filter(|s| !s.is_empty());
+    let ordinal = node_name.as_deref().map(ordinal_of).transpose()?;
+    let peer_advertise = env("BITCLONE_PEER_ADVERTISE")
+        .or(fc.peer_advertise)
+        .filter(|s| !s.is_empty())
+        .map(|a| advertised("cluster.peer_advertise", &a))
+        .transpose()?;
     let node_id = match flags.node_id {
         Some(n) => Some(n),
         None => env("BITCLONE_NODE_ID")
@@ -596,15 +642,16 @@ fn resolve_cluster(
                     .with_context(|| format!("BITCLONE_NODE_ID={v:?}"))
             })
             .transpose()?
-            .or(fc.node_id),
+            .or(fc.node_id)
+            .or(ordinal.map(|o| o + 1)),
     };
     // A node on its own is node 1 of its cluster of one; a node that joins
     // must say which member it is (its certificate names it).
-    let node_id = match (node_id, &join) {
+    let node_id = match (node_id, join.is_empty()) {
         (Some(n), _) => n,
-        (None, None) => 1,
-        (None, Some(_)) => bail!(
-            "--join needs --node-id (a number, unique and stable for the node, named by its certificate)"
+        (None, true) => 1,
+        (None, false) => bail!(
+            "--join needs --node-id or cluster.node_name (a number, unique and stable for the node, named by its certificate)"
         ),
     };
     if node_id == 0 {
@@ -626,9 +673,12 @@ fn resolve_cluster(
     let join_token_file = env("BITCLONE_JOIN_TOKEN_FILE")
         .map(PathBuf::from)
         .or(fc.join_token_file);
-    if bootstrap && join.is_some() {
+    if bootstrap && !join.is_empty() {
         bail!("--bootstrap starts a new cluster and --join joins one: pass only one");
     }
+    // The first pod of a set starts the cluster when none of the seeds
+    // knows one; every other pod only ever joins.
+    let forms = ordinal == Some(0) && !join.is_empty();
     let dur = |var: &str, file: Option<String>, default: &str| -> Result<Duration> {
         let s = env(var).or(file).unwrap_or_else(|| default.to_string());
         humantime::parse_duration(&s).with_context(|| format!("{var}={s:?} is not a duration"))
@@ -674,6 +724,8 @@ fn resolve_cluster(
     };
     Ok(ClusterSettings {
         join_token_file,
+        forms,
+        peer_advertise,
         node_id,
         peer_listen,
         certs,
@@ -688,6 +740,42 @@ fn resolve_cluster(
             ..SettingsUpdate::default()
         },
     })
+}
+
+/// The ordinal of a StatefulSet pod's name (`bitclone-2` → 2).
+fn ordinal_of(name: &str) -> Result<u64> {
+    name.rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .with_context(|| {
+            format!(
+                "node name {name:?} does not end in -ORDINAL like a StatefulSet pod's (bitclone-0)"
+            )
+        })
+}
+
+/// An address to advertise: HOST:PORT, the host a name or an IP address
+/// other nodes can reach (not a wildcard), the port a number.
+fn advertised(what: &str, a: &str) -> Result<String> {
+    let bad = |why: &str| anyhow::anyhow!("{what} {a:?} is not HOST:PORT: {why}");
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        if sa.ip().is_unspecified() || sa.port() == 0 {
+            return Err(bad("other nodes cannot reach a wildcard address or port 0"));
+        }
+        return Ok(a.to_string());
+    }
+    let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad("the port is not a number from 1 to 65535"));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !name_ok {
+        return Err(bad("the host is not a DNS name or an IP address"));
+    }
+    Ok(a.to_string())
 }
 
 /// A duration from `var`, else the file's value, if either is given.
@@ -798,6 +886,76 @@ mod tests {
         assert!(with("[cluster]\njoin = \"127.0.0.1:7443\"\nnode_id = 2\n").is_ok());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
         assert!(NodeConfig::resolve(FileConfig::default(), &no_env, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn a_statefulset_pod_takes_its_id_addresses_and_seeds_from_its_environment() {
+        let pod = |name: &str| {
+            let name = name.to_string();
+            move |k: &str| match k {
+                "BITCLONE_NODE_NAME" => Some(name.clone()),
+                "BITCLONE_PEER_ADVERTISE" => Some(format!("{name}.bitclone-peers.ns.svc:7444")),
+                "BITCLONE_API_ADVERTISE" => Some(format!("{name}.bitclone-peers.ns.svc:7443")),
+                "BITCLONE_JOIN" => Some(
+                    "bitclone-0.bitclone-peers.ns.svc:7443, bitclone-1.bitclone-peers.ns.svc:7443"
+                        .to_string(),
+                ),
+                _ => None,
+            }
+        };
+        let load = |env: &dyn Fn(&str) -> Option<String>| {
+            NodeConfig::resolve(
+                FileConfig::default(),
+                env,
+                Overrides {
+                    data_dir: Some("/d".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let first = load(&pod("bitclone-0")).unwrap();
+        assert_eq!(first.cluster.node_id, 1);
+        assert!(first.cluster.forms, "ordinal 0 may start the cluster");
+        assert_eq!(first.cluster.join.len(), 2);
+        assert_eq!(
+            first.cluster.peer_advertise.as_deref(),
+            Some("bitclone-0.bitclone-peers.ns.svc:7444")
+        );
+        assert_eq!(
+            first.api.advertise.as_deref(),
+            Some("bitclone-0.bitclone-peers.ns.svc:7443")
+        );
+        let third = load(&pod("bitclone-2")).unwrap();
+        assert_eq!(third.cluster.node_id, 3);
+        assert!(!third.cluster.forms, "only ordinal 0 starts a cluster");
+        // An explicit id wins over the name.
+        let env = pod("bitclone-2");
+        let given = load(&|k: &str| match k {
+            "BITCLONE_NODE_ID" => Some("9".into()),
+            k => env(k),
+        })
+        .unwrap();
+        assert_eq!(given.cluster.node_id, 9);
+        // Names and addresses that cannot work are refused with a reason.
+        let e = load(&pod("bitclone")).unwrap_err();
+        assert!(format!("{e:#}").contains("-ORDINAL"), "{e:#}");
+        for bad in [
+            "0.0.0.0:7444",
+            "host",
+            "host:0",
+            "host:x",
+            "bad host:1",
+            ":7444",
+        ] {
+            let env = pod("bitclone-1");
+            let e = load(&|k: &str| match k {
+                "BITCLONE_PEER_ADVERTISE" => Some(bad.into()),
+                k => env(k),
+            })
+            .unwrap_err();
+            assert!(format!("{e:#}").contains("peer_advertise"), "{bad}: {e:#}");
+        }
+        assert_eq!(advertised("a", "[::1]:7443").unwrap(), "[::1]:7443");
     }
 
     #[test]

@@ -168,6 +168,19 @@ enum Cmd {
     /// Cluster membership: status, remove a node.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Drain the node this runs beside (a Kubernetes preStop hook): it takes
+    /// no new jobs, hands its running jobs to other nodes and its Raft
+    /// leadership to another voter, and reports not ready, until it
+    /// restarts. Reads the node's own configuration (--config or
+    /// BITCLONE_CONFIG, and the BITCLONE_* variables) to find its id,
+    /// address and CA; the admin token comes from --token or --token-file.
+    Drain {
+        #[arg(long, env = "BITCLONE_CONFIG")]
+        config: Option<PathBuf>,
+        /// How long to wait for the hand-off.
+        #[arg(long, default_value = "20s")]
+        timeout: String,
+    },
     /// Certificates for the cluster's mutual TLS.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -363,6 +376,16 @@ fn main() -> std::process::ExitCode {
                     allow_plaintext: cli.allow_plaintext,
                     request_id: cli.request_id,
                 };
+                if let Cmd::Drain { config, timeout } = cmd {
+                    return cli::drain(
+                        cli.endpoints,
+                        access,
+                        config.as_deref(),
+                        &timeout,
+                        cli.json,
+                    )
+                    .await;
+                }
                 let ctx = cli::Ctx::new(cli.endpoints, cli.tenant, cli.json, access);
                 cli::run(ctx, cmd).await
             }

@@ -380,6 +380,8 @@ pub struct ReadinessInput {
     /// Free bytes on the data dir's file system (`None`: unknown).
     pub disk_free: Option<u64>,
     pub disk_reserve: u64,
+    /// The node was drained (`bitclone drain`) and is on its way out.
+    pub draining: bool,
 }
 
 /// Ready: the store takes writes, the node is a member that sees a leader
@@ -392,6 +394,9 @@ pub fn readiness(i: &ReadinessInput) -> Readiness {
     }
     if !i.member {
         reasons.push("not a member of the cluster".to_string());
+    }
+    if i.draining {
+        reasons.push("drained: takes no jobs, until it restarts".to_string());
     }
     if i.leader.is_none() {
         reasons.push("no leader in sight".to_string());
@@ -428,6 +433,7 @@ pub fn readiness_of(node: &Node) -> Readiness {
         applied_index: st.last_applied.unwrap_or(0),
         disk_free: node.space.free(),
         disk_reserve: node.space.reserve,
+        draining: node.is_draining(),
     })
 }
 
@@ -964,6 +970,7 @@ mod tests {
             applied_index: 100,
             disk_free: Some(10 << 30),
             disk_reserve: 1 << 30,
+            draining: false,
         }
     }
 
@@ -971,7 +978,7 @@ mod tests {
     fn ready_only_when_every_condition_holds_and_says_which_failed() {
         assert!(readiness(&ok_input()).ready());
         type Change = fn(&mut ReadinessInput);
-        let cases: [(&str, Change); 5] = [
+        let cases: [(&str, Change); 6] = [
             ("store takes no writes", |i| {
                 i.fatal = Some("disk full".into())
             }),
@@ -979,6 +986,7 @@ mod tests {
             ("no leader", |i| i.leader = None),
             ("catching up", |i| i.commit_index = Some(5000)),
             ("disk below its reserve", |i| i.disk_free = Some(5)),
+            ("drained", |i| i.draining = true),
         ];
         for (why, change) in cases {
             let mut i = ok_input();

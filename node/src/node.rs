@@ -50,6 +50,8 @@ pub struct Node {
     pub transport: std::sync::OnceLock<Arc<bitclone_transport::Transport>>,
     /// Set on SIGTERM: job workers take no new job and running ones stop.
     shutting_down: AtomicBool,
+    /// Drained: takes no new jobs, hands back the ones it runs.
+    draining: AtomicBool,
     /// Wakes idle job workers (a job was submitted here, or shutdown).
     wake: tokio::sync::Notify,
     /// Opened sinks by declared name and what it resolved to (a catalog is
@@ -94,6 +96,7 @@ impl Node {
             chunks_repaired: AtomicU64::new(0),
             transport: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
             sinks: Default::default(),
         }))
@@ -111,6 +114,22 @@ impl Node {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// From now on this node takes no new jobs and its running jobs stop
+    /// and release their leases (as at shutdown), until it restarts.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Stopping or drained: running jobs hand their leases back.
+    pub fn is_leaving(&self) -> bool {
+        self.is_shutting_down() || self.is_draining()
     }
 
     /// Wakes the idle job workers (a job may be claimable now).
@@ -328,7 +347,7 @@ impl Node {
         let (replicas, members) = c.local(|s| (s.replicas_of(tenant, dataset), s.members.clone()));
         let mut errors = Vec::new();
         for peer in replicas.into_iter().filter(|p| *p != c.id) {
-            let Some(addr) = members.get(&peer).and_then(|m| m.peer_addr.parse().ok()) else {
+            let Some(addr) = peer_socket(&members, peer).await else {
                 continue;
             };
             match t.get(peer, addr, tenant, &[id.0]).await {
@@ -1079,5 +1098,25 @@ pub fn classify(e: &StoreError) -> Failure {
             Failure::Permanent
         }
         _ => Failure::Transient,
+    }
+}
+
+/// A member's peer address as a socket address: parsed, or looked up when
+/// it is a DNS name. A StatefulSet pod keeps its name but not its IP
+/// address across a reschedule, so a name is looked up at each use.
+pub async fn peer_socket(
+    members: &std::collections::BTreeMap<u64, bitclone_raft::state::NodeInfo>,
+    id: u64,
+) -> Option<std::net::SocketAddr> {
+    let addr = &members.get(&id)?.peer_addr;
+    if let Ok(a) = addr.parse() {
+        return Some(a);
+    }
+    match tokio::net::lookup_host(addr.as_str()).await {
+        Ok(mut found) => found.next(),
+        Err(e) => {
+            tracing::warn!(node = id, addr, error = %e, "cannot resolve a member's peer address");
+            None
+        }
     }
 }

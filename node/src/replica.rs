@@ -325,10 +325,7 @@ pub async fn replicate(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut pending = 0;
     for r in replicas.iter().filter(|r| **r != me) {
-        let Some(addr) = members
-            .get(r)
-            .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
-        else {
+        let Some(addr) = crate::node::peer_socket(&members, *r).await else {
             continue;
         };
         pending += 1;
@@ -494,11 +491,14 @@ async fn repair_once(
         }
         (work, s.members.clone())
     });
-    let addr = |peer: &u64| {
-        members
-            .get(peer)
-            .and_then(|m| m.peer_addr.parse::<SocketAddr>().ok())
-    };
+    // Looked up once a pass, not once a snapshot.
+    let mut addrs = HashMap::new();
+    for id in members.keys() {
+        if let Some(a) = crate::node::peer_socket(&members, *id).await {
+            addrs.insert(*id, a);
+        }
+    }
+    let addr = |peer: &u64| addrs.get(peer).copied();
     let mut present: HashMap<String, HashSet<ChunkId>> = HashMap::new();
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;

@@ -156,18 +156,14 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
         .with_nodelay(Some(true));
     let addr = incoming.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cluster = start_cluster(&config.cluster, &config, addr, stop_rx.clone()).await?;
+    let (cluster, peer_addr) =
+        start_cluster(&config.cluster, &config, addr, stop_rx.clone()).await?;
     let node = Node::open(config.clone(), cluster.clone())?;
     crate::migrate::legacy(&node)
         .await
         .context("moving the previous release's datasets and jobs into the cluster state")?;
-    // QUIC on the peer address (UDP; the same port number as the TCP peer
-    // gRPC service).
-    let peer_addr: std::net::SocketAddr = cluster
-        .info()
-        .peer_addr
-        .parse()
-        .with_context(|| format!("peer address {}", cluster.info().peer_addr))?;
+    // QUIC on the bound peer address (UDP; the same port number as the TCP
+    // peer gRPC service).
     let tls = cluster.tls();
     let t = bitclone_transport::Transport::bind(
         cluster.id,
@@ -292,18 +288,20 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts Raft and its mutual-TLS peer server. A node whose Raft state is
-/// new joins the cluster it is told to join, or else starts one of its own
-/// (a node on its own is a cluster of one voter); a node that has Raft state
-/// rejoins in the background with its current addresses.
+/// Starts Raft and its mutual-TLS peer server; returns the cluster and the
+/// bound peer address. A node whose Raft state is new joins the cluster it
+/// is told to join, or else starts one of its own (a node on its own is a
+/// cluster of one voter; the first pod of a set starts one when no seed
+/// knows one); a node that has Raft state rejoins in the background with
+/// its current addresses.
 async fn start_cluster(
     c: &ClusterSettings,
     config: &NodeConfig,
     api_addr: std::net::SocketAddr,
     stop_rx: watch::Receiver<bool>,
-) -> anyhow::Result<Arc<Cluster>> {
+) -> anyhow::Result<(Arc<Cluster>, std::net::SocketAddr)> {
     bitclone_raft::tls::install_crypto_provider();
-    if c.certs_are_default && c.join.is_none() && !c.certs.join("ca.pem").exists() {
+    if c.certs_are_default && c.join.is_empty() && !c.certs.join("ca.pem").exists() {
         // Nobody configured certificates: this node starts its own cluster
         // and is its own CA (`bitclone certs dev` makes the same files).
         bitclone_raft::tls::generate_dev(&c.certs, c.node_id).with_context(|| {
@@ -346,9 +344,11 @@ async fn start_cluster(
     let cluster = Cluster::start(ClusterConfig {
         id: c.node_id,
         dir: config.data_dir.join("raft"),
+        // What the others dial: the advertised names (stable across a
+        // pod's restarts) or else the bound addresses.
         info: NodeInfo {
-            api_addr: api_addr.to_string(),
-            peer_addr: peer_addr.to_string(),
+            api_addr: (config.api.advertise.clone()).unwrap_or_else(|| api_addr.to_string()),
+            peer_addr: (c.peer_advertise.clone()).unwrap_or_else(|| peer_addr.to_string()),
         },
         tls,
         heartbeat: c.heartbeat,
@@ -370,19 +370,42 @@ async fn start_cluster(
     });
     tracing::info!(node_id = c.node_id, %peer_addr, "peer server (mutual TLS) up");
     if cluster.is_initialized().await? {
-        if let Some(seed) = &c.join {
-            tracing::warn!(
-                seed,
-                "this node already belongs to a cluster (it has Raft state); --join is ignored"
+        if !c.join.is_empty() && !c.forms {
+            tracing::info!(
+                seeds = ?c.join,
+                "this node already belongs to a cluster (it has Raft state); not joining again"
             );
         }
         tokio::spawn(rejoin(cluster.clone(), c.settings.clone(), stop_rx));
-    } else if let Some(seed) = &c.join {
-        join_through(&cluster, seed, config).await?;
-        cluster
-            .update_settings(&c.settings)
-            .await
-            .context("applying the configured cluster settings")?;
+    } else if c.forms {
+        // Another member may be up with a cluster this node lost (its
+        // volume was replaced): ask the other seeds first, and start a
+        // cluster only when none of them knows one.
+        let own = &cluster.info().api_addr;
+        let others: Vec<String> = c.join.iter().filter(|s| *s != own).cloned().collect();
+        let joined = if others.is_empty() {
+            Err(anyhow::anyhow!("no other seed"))
+        } else {
+            join_through(&cluster, &others, config, FORM_WAIT).await
+        };
+        match joined {
+            Ok(()) => settings_applied(&cluster, c).await?,
+            Err(e) if is_refusal(&e) => return Err(e),
+            Err(e) => {
+                tracing::info!(error = %format!("{e:#}"), "no seed knows a cluster");
+                cluster
+                    .bootstrap(&c.settings)
+                    .await
+                    .context("starting a cluster of this node")?;
+                tracing::info!(
+                    seeds = ?others,
+                    "no seed knows a cluster: bootstrapped a new one as the first member of the set"
+                );
+            }
+        }
+    } else if !c.join.is_empty() {
+        join_through(&cluster, &c.join, config, JOIN_WAIT).await?;
+        settings_applied(&cluster, c).await?;
     } else {
         cluster
             .bootstrap(&c.settings)
@@ -390,7 +413,31 @@ async fn start_cluster(
             .context("starting a cluster of this node")?;
         tracing::info!("bootstrapped a new cluster");
     }
-    Ok(cluster)
+    Ok((cluster, peer_addr))
+}
+
+/// How long a joining node keeps trying its seeds.
+const JOIN_WAIT: Duration = Duration::from_secs(60);
+/// How long the first pod of a set asks the other seeds for a cluster
+/// before it starts one: the others cannot answer before they joined, so
+/// this is what a new set's formation waits.
+const FORM_WAIT: Duration = Duration::from_secs(10);
+
+async fn settings_applied(cluster: &Cluster, c: &ClusterSettings) -> anyhow::Result<()> {
+    cluster
+        .update_settings(&c.settings)
+        .await
+        .context("applying the configured cluster settings")
+}
+
+/// A member answered and refused (not a member's certificate, a node that
+/// must be allowed back first): retrying or starting a cluster would not
+/// help.
+fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<bitclone_raft::Error>()
+            .is_some_and(|r| !r.is_retryable())
+    })
 }
 
 /// Reads the token keys again when their files change (checked every two
@@ -479,16 +526,29 @@ async fn rejoin(cluster: Arc<Cluster>, settings: SettingsUpdate, stop: watch::Re
     }
 }
 
-/// Finds the leader through a member's public API and asks it to admit us.
-async fn join_through(cluster: &Cluster, seed: &str, config: &NodeConfig) -> anyhow::Result<()> {
+/// Finds the leader through the members' public APIs (any seed that
+/// answers) and asks it to admit us, retrying for `wait`.
+async fn join_through(
+    cluster: &Cluster,
+    seeds: &[String],
+    config: &NodeConfig,
+    wait: Duration,
+) -> anyhow::Result<()> {
     let plaintext = config.api.tls.is_none();
-    let url = if seed.contains("://") {
-        seed.to_string()
-    } else if plaintext {
-        format!("http://{seed}")
-    } else {
-        format!("https://{seed}")
-    };
+    let urls: Vec<String> = seeds
+        .iter()
+        .map(|seed| {
+            if seed.contains("://") {
+                seed.to_string()
+            } else if plaintext {
+                format!("http://{seed}")
+            } else {
+                format!("https://{seed}")
+            }
+        })
+        .collect();
+    let seed = seeds.join(",");
+    let seed = seed.as_str();
     // The member's API answers an admin with the leader's peer address.
     let token_file = config.cluster.join_token_file.as_ref().context(
         "joining needs an admin token: set cluster.join_token_file (or BITCLONE_JOIN_TOKEN_FILE)",
@@ -503,11 +563,14 @@ async fn join_through(cluster: &Cluster, seed: &str, config: &NodeConfig) -> any
             .with_context(|| format!("reading api.ca {}", config.api.ca.display()))?;
         options = options.ca_pem(ca);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + wait;
     loop {
         let attempt = async {
-            let client =
-                bitclone_client::Client::connect_with([url.as_str()], options.clone()).await?;
+            let client = bitclone_client::Client::connect_with(
+                urls.iter().map(String::as_str),
+                options.clone(),
+            )
+            .await?;
             let status = client.cluster_status().await?;
             let leader = status
                 .members
@@ -523,10 +586,7 @@ async fn join_through(cluster: &Cluster, seed: &str, config: &NodeConfig) -> any
                 return Ok(());
             }
             // A refusal (not a member's certificate, say) stays a refusal.
-            Err(e)
-                if e.downcast_ref::<bitclone_raft::Error>()
-                    .is_some_and(|r| !r.is_retryable()) =>
-            {
+            Err(e) if is_refusal(&e) => {
                 return Err(e.context(format!("joining through {seed} was refused")));
             }
             Err(e) if std::time::Instant::now() < deadline => {
@@ -561,8 +621,9 @@ async fn wait_for_signal() -> &'static str {
 async fn worker(node: Arc<Node>) {
     let cluster = node.cluster.clone();
     while !node.is_shutting_down() {
-        // A node that cannot write takes no job another node could run.
-        if node.fatal().is_some() {
+        // A node that cannot write, or is drained, takes no job another
+        // node could run.
+        if node.fatal().is_some() || node.is_draining() {
             node.idle(Duration::from_secs(1)).await;
             continue;
         }
@@ -705,7 +766,7 @@ async fn run_leased_in_span(
         // back to Pending at once, for this node later or another now.
         Err(e)
             if node.fatal().is_some()
-                || (node.is_shutting_down() && matches!(e, bitclone_storage::Error::Cancelled)) =>
+                || (node.is_leaving() && matches!(e, bitclone_storage::Error::Cancelled)) =>
         {
             Command::ReleaseLease {
                 job: id.clone(),
@@ -806,7 +867,7 @@ async fn heartbeat(
     };
     loop {
         tokio::time::sleep(holder.cadence()).await;
-        if node.is_shutting_down() {
+        if node.is_leaving() {
             // The attempt winds down and releases its lease; keep renewing
             // until then.
             stop.store(true, Ordering::Release);

@@ -583,6 +583,73 @@ impl Api {
         Ok(Response::new(job_pb(&job)))
     }
 
+    /// Drains this node (it must be node `r.id`: a drain that a load
+    /// balancer sent to another node would drain the wrong one): no new
+    /// jobs, running ones hand their leases back, leadership to another
+    /// voter; waits for both up to the timeout.
+    async fn drain(
+        &self,
+        r: pb::DrainNodeRequest,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let node = &self.node;
+        let c = &node.cluster;
+        if r.id != c.id {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {}: drain a node through its own address",
+                c.id, r.id
+            )));
+        }
+        let timeout = match r.timeout_ms {
+            0 => std::time::Duration::from_secs(20),
+            ms => std::time::Duration::from_millis(ms.into()),
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let held = |c: &bitclone_raft::cluster::Cluster| {
+            c.local(|s| {
+                s.jobs
+                    .values()
+                    .filter(|j| {
+                        j.state == JobState::Running
+                            && j.lease.as_ref().is_some_and(|l| l.holder == c.id)
+                    })
+                    .count() as u32
+            })
+        };
+        let before = held(c);
+        node.start_draining();
+        tracing::info!(jobs = before, "draining: handing back jobs and leadership");
+        // The jobs first: releasing their leases is a write, which needs a
+        // leader, and the step-down makes this node refuse writes for a
+        // moment.
+        let mut still = before;
+        while still > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            still = held(c);
+        }
+        let was_leader = c.is_leader();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let moved = c
+            .step_down(left.max(std::time::Duration::from_secs(1)))
+            .await
+            .map_err(|e| status(crate::node::raft_error(e)))?;
+        let leader_id = c.leader().unwrap_or(0);
+        tracing::info!(
+            jobs_handed_off = before - still.min(before),
+            jobs_still_running = still,
+            was_leader,
+            leadership_moved = moved,
+            leader = leader_id,
+            "drained"
+        );
+        Ok(Response::new(pb::DrainNodeResponse {
+            jobs_handed_off: before.saturating_sub(still),
+            jobs_still_running: still,
+            was_leader,
+            leadership_moved: was_leader && moved,
+            leader_id,
+        }))
+    }
+
     async fn remove(&self, id: u64) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let c = &self.node.cluster;
 
@@ -1302,6 +1369,18 @@ impl BitClone for Api {
         self.allow_admin(&call, "remove-node", &id.to_string())?;
         let result = self.remove(id).await;
         self.audited(&call, "remove-node", "", &id.to_string(), &result);
+        result
+    }
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let call = self.authenticate(&request, "drain-node")?;
+        let r = request.into_inner();
+        let target = r.id.to_string();
+        self.allow_admin(&call, "drain-node", &target)?;
+        let result = self.drain(r).await;
+        self.audited(&call, "drain-node", "", &target, &result);
         result
     }
     async fn set_quota(

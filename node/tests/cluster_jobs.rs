@@ -138,3 +138,97 @@ fn a_running_job_is_cancelled_from_another_node() {
     let j = job(&c, holder, &id).unwrap();
     assert!(j["lease_holder"].is_null(), "the lease is released: {j}");
 }
+
+/// `bitclone drain` as a preStop hook runs it: no endpoint, the node's own
+/// settings from the environment (here its id and data dir; the test
+/// harness gives the endpoint, which a pod's config would).
+fn drain(c: &TestCluster, id: u64) -> serde_json::Value {
+    let out = c
+        .node(id)
+        .command()
+        .env("BITCLONE_DATA_DIR", &c.node(id).data_dir)
+        .env("BITCLONE_NODE_ID", id.to_string())
+        .args(["--json", "drain", "--timeout", "30s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "drain of node {id} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_drained_node_hands_its_job_over_without_a_failed_attempt_and_its_leadership_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = TestCluster::start_with_env(tmp.path(), 3, 3, &[SLOW_SINK]);
+    let src = tmp.path().join("src");
+    generate_tree(&src, 11, 30, 0);
+    let out = tmp.path().join("out");
+    let id = submit(&c, 1, &src, &out, "dj");
+    let holder = wait_holder(&c, 1, &id, None);
+    let other = (1..=3).find(|n| *n != holder).unwrap();
+    // A drain meant for one node and sent to another is refused.
+    let wrong = c
+        .node(other)
+        .command()
+        .env("BITCLONE_DATA_DIR", &c.node(other).data_dir)
+        .env("BITCLONE_NODE_ID", holder.to_string())
+        .args(["drain"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("not node"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    let d = drain(&c, holder);
+    println!("drained the lease holder, node {holder}: {d}");
+    assert_eq!(d["jobs_handed_off"], 1, "{d}");
+    assert_eq!(d["jobs_still_running"], 0, "{d}");
+    assert_eq!(d["complete"], true, "{d}");
+    // Not ready, and says why.
+    let ready = c.node(holder).http_get("/readyz");
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.body.contains("drained"), "{ready:?}");
+    c.wait_for("the job to succeed on another node", 90, |c| {
+        job(c, other, &id).is_some_and(|j| j["state"] == "Succeeded")
+    });
+    let j = job(&c, other, &id).unwrap();
+    assert_eq!(j["attempts"], 1, "the hand-off cost no attempt: {j}");
+    assert_eq!(j["last_error"], "", "{j}");
+    assert!(j["fencing_token"].as_u64().unwrap() >= 2, "taken over: {j}");
+    assert_same_tree(&src, &out, false, &[".bitclone"]);
+    // The drained node takes no new job.
+    let out2 = tmp.path().join("out2");
+    let id2 = submit(&c, other, &src, &out2, "dj2");
+    let second = wait_holder(&c, other, &id2, None);
+    assert_ne!(second, holder, "a drained node took a new job");
+
+    // Leadership: the holder handed it on if it led; otherwise drain the
+    // leader too, and another voter leads.
+    let mut drained = vec![holder];
+    if d["was_leader"] == true {
+        assert_eq!(d["leadership_moved"], true, "{d}");
+        assert_ne!(d["leader"], holder, "{d}");
+    } else {
+        let leader = c.leader(other).unwrap();
+        let d = drain(&c, leader);
+        println!("drained the leader, node {leader}: {d}");
+        assert_eq!(d["was_leader"], true, "{d}");
+        assert_eq!(d["leadership_moved"], true, "{d}");
+        assert_ne!(d["leader"], leader, "{d}");
+        drained.push(leader);
+    }
+    let survivor = (1..=3).find(|n| !drained.contains(n)).unwrap();
+    c.wait_for("a leader other than the drained nodes", 30, |c| {
+        c.leader(survivor).is_some_and(|l| !drained.contains(&l))
+    });
+    // The cluster still takes writes.
+    c.node(survivor)
+        .ok(&["put", src.to_str().unwrap(), "--dataset", "after-drain"]);
+}

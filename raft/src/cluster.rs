@@ -86,6 +86,8 @@ pub struct Cluster {
     seq: AtomicU64,
     /// The commit index plus one, from the log store.
     commit_index: Arc<AtomicU64>,
+    /// Set while this leader goes quiet to hand its leadership away.
+    stepping_down: std::sync::atomic::AtomicBool,
     rpc_timeout: Duration,
     /// Times this node saw a new leader (the first one included), counted
     /// by a task watching Raft's metrics.
@@ -139,6 +141,7 @@ impl Cluster {
             client: rand::random::<u64>() | 1,
             seq: AtomicU64::new(0),
             commit_index,
+            stepping_down: Default::default(),
             rpc_timeout: cfg.rpc_timeout,
             leader_changes,
         }))
@@ -312,6 +315,23 @@ impl Cluster {
                  (bitclone cluster allow-rejoin {id}) before it joins again"
             )));
         }
+        // A voter asking to join has lost its Raft state (a replaced
+        // volume): it may have forgotten a vote it cast or entries it
+        // acknowledged, so it must not count towards a majority as if it
+        // remembered them.
+        if self
+            .applied()
+            .membership
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+        {
+            return Err(Error::Refused(format!(
+                "node {id} is a voter already and asks to join with no Raft state (a lost volume?): \
+                 remove it (bitclone cluster remove {id}) and allow it back \
+                 (bitclone cluster allow-rejoin {id}) before it joins again"
+            )));
+        }
         self.raft.add_learner(id, info.clone(), true).await?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
@@ -321,6 +341,45 @@ impl Cluster {
         }
         tracing::info!(node = id, "node joined the cluster");
         Ok(())
+    }
+
+    /// Hands this node's leadership to another voter, waiting up to
+    /// `within`; true when another node leads now. openraft 0.9 cannot
+    /// transfer leadership, so the leader goes quiet instead: no heartbeats
+    /// and no proposals (writes and reads get a retryable "not the leader"),
+    /// and the followers, hearing nothing past the leader lease, elect one
+    /// of themselves (0.6-0.8 s with the default timings). This node never
+    /// campaigns again until it restarts (a drained node is on its way out).
+    pub async fn step_down(&self, within: Duration) -> Result<bool, Error> {
+        let voters = self.applied().membership.membership().voter_ids().count();
+        if voters < 2 {
+            return Ok(false);
+        }
+        self.raft.runtime_config().elect(false);
+        if !self.is_leader() {
+            return Ok(true);
+        }
+        self.stepping_down.store(true, Ordering::Release);
+        self.raft.runtime_config().heartbeat(false);
+        let deadline = tokio::time::Instant::now() + within;
+        let moved = loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader.is_some_and(|l| l != self.id) {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Still the leader after the wait: lead on rather than leave the
+        // cluster without one.
+        self.raft.runtime_config().heartbeat(true);
+        self.stepping_down.store(false, Ordering::Release);
+        if !moved {
+            self.raft.runtime_config().elect(true);
+        }
+        Ok(moved)
     }
 
     /// Removes a node: out of the voters, then out of the layout.
@@ -401,6 +460,9 @@ impl Cluster {
 
     /// On the leader: stamp the time and append through Raft.
     async fn propose(&self, mut req: Request) -> Result<Response, Error> {
+        if self.stepping_down.load(Ordering::Acquire) {
+            return Err(Error::NotLeader { leader: None });
+        }
         req.now_ms = now_ms();
         Ok(self.raft.client_write(req).await?.data)
     }
@@ -443,6 +505,11 @@ impl Cluster {
     }
 
     async fn read_index(&self) -> Result<Option<u64>, Error> {
+        // Confirming leadership would reach the followers and hold off
+        // the election the step-down waits for.
+        if self.stepping_down.load(Ordering::Acquire) {
+            return Err(Error::NotLeader { leader: None });
+        }
         Ok(self.raft.ensure_linearizable().await?.map(|l| l.index))
     }
 
