@@ -42,7 +42,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
+.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -54,6 +54,7 @@ help:
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
 	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
+	@echo "  make k8s-run      execute the dev overlay's StatefulSet as local processes (root): form, put, kill, scale 3-5-3 (make test runs it)"
 	@echo "  make k8s-validate render the deploy/k8s overlays, check them (API schemas, checkov, our own) and"
 	@echo "                   lint deploy/Dockerfile (hadolint, checkov), offline; make test runs it first"
 	@echo "  make build        cargo build --workspace"
@@ -80,6 +81,13 @@ deps-k8s:
 k8s-validate: deps-k8s
 	@$(STEP) k8s-validate bash scripts/validate-k8s.sh
 
+# The dev overlay's StatefulSet executed as local bitclone processes (pods in
+# network namespaces of their own, volumes as directories); needs root.
+K8S_PY := $(HOME)/.cache/bitclone/k8s-tools/venv/bin/python
+k8s-run: deps deps-k8s
+	@$(STEP) build $(CARGO) build --workspace --locked
+	@$(STEP) k8s-run $(TEST_ENV) $(K8S_PY) scripts/k8s-run.py --bitclone $(BITCLONE) --out "$$(mktemp -d)" $(K8S_RUN_ARGS)
+
 deps-bench:
 	@$(STEP) install-deps bash scripts/install-deps.sh --bench
 
@@ -91,6 +99,7 @@ test: deps deps-garage deps-k8s
 	$(STEP) build $(CARGO) build --workspace --all-targets --locked; \
 	$(STEP) test $(TEST_ENV) $(CARGO) test --workspace --locked; \
 	$(STEP) chaos-smoke $(TEST_ENV) $(CHAOS_BIN) --smoke --seed $(CHAOS_SEED) --out "$$(mktemp -d)/smoke"; \
+	$(STEP) k8s-run $(TEST_ENV) $(K8S_PY) scripts/k8s-run.py --bitclone $(BITCLONE) --out "$$(mktemp -d)"; \
 	e=$$(( $$(date +%s) - start )); \
 	printf 'make test: all steps passed in %dm%02ds\n' $$((e / 60)) $$((e % 60))
 

@@ -32,11 +32,12 @@ pub fn certs(out: &Path, nodes: u64, sans: &[String], json_out: bool) -> Result<
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    if let Some(bad) = sans
-        .iter()
-        .find(|n| rustls::pki_types::ServerName::try_from(n.as_str()).is_err())
-    {
-        bail!("--san {bad:?} is neither an IP address nor a DNS name");
+    if let Some(bad) = sans.iter().find(|n| {
+        // `*.NAME`: a wildcard, for every pod of a StatefulSet.
+        let n = n.strip_prefix("*.").unwrap_or(n);
+        rustls::pki_types::ServerName::try_from(n).is_err() || n.contains('*')
+    }) {
+        bail!("--san {bad:?} is neither an IP address, a DNS name nor *.DNS-NAME");
     }
     let written = bitclone_raft::tls::generate_dev_with(out, nodes, sans)?;
     if json_out {

@@ -416,6 +416,8 @@ async fn start_cluster(
     Ok((cluster, peer_addr))
 }
 
+/// How long one seed may take to answer a status call while joining.
+const SEED_ANSWER: Duration = Duration::from_secs(3);
 /// How long a joining node keeps trying its seeds.
 const JOIN_WAIT: Duration = Duration::from_secs(60);
 /// How long the first pod of a set asks the other seeds for a cluster
@@ -566,12 +568,18 @@ async fn join_through(
     let deadline = std::time::Instant::now() + wait;
     loop {
         let attempt = async {
-            let client = bitclone_client::Client::connect_with(
-                urls.iter().map(String::as_str),
-                options.clone(),
-            )
-            .await?;
-            let status = client.cluster_status().await?;
+            // A member that is starting has bound its API port but does not
+            // answer yet: its TCP accepts and its TLS never replies.
+            let status = tokio::time::timeout(SEED_ANSWER, async {
+                let client = bitclone_client::Client::connect_with(
+                    urls.iter().map(String::as_str),
+                    options.clone(),
+                )
+                .await?;
+                anyhow::Ok(client.cluster_status().await?)
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("no seed answered within {SEED_ANSWER:?}"))??;
             let leader = status
                 .members
                 .iter()

@@ -491,6 +491,10 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 
 /// Is `cert` valid for the DNS name `name`?
 fn check_name(cert: &CertificateDer<'_>, name: &str) -> Result<(), String> {
+    // A wildcard (`*.peers.ns.svc`, every pod of a set) covers any one
+    // name below it: check one such name.
+    let probe = name.strip_prefix("*.").map(|rest| format!("pod.{rest}"));
+    let name = probe.as_deref().unwrap_or(name);
     let server_name =
         ServerName::try_from(name).map_err(|e| format!("{name:?} is not a valid name: {e}"))?;
     let ee = webpki::EndEntityCert::try_from(cert)
@@ -696,7 +700,11 @@ mod tests {
         let leaf = |id: u64| parse_certs(&dir, &pem(id)).unwrap().remove(0);
         assert!(check_name(&leaf(1), "127.0.0.12").is_err());
 
-        let names = ["127.0.0.12".to_string(), "bitclone-1.peers".to_string()];
+        let names = [
+            "127.0.0.12".to_string(),
+            "bitclone-1.peers".to_string(),
+            "*.bitclone-peers.ns.svc.cluster.local".to_string(),
+        ];
         let written = generate_dev_with(&dir, 2, &names).unwrap();
         assert_eq!(written.len(), 4, "both nodes reissued: {written:?}");
         for id in 1..=2 {
@@ -705,6 +713,8 @@ mod tests {
             }
             check_name(&leaf(id), "127.0.0.1").unwrap();
             check_name(&leaf(id), &node_name(id)).unwrap();
+            // The wildcard covers every pod of the set.
+            check_name(&leaf(id), "bitclone-4.bitclone-peers.ns.svc.cluster.local").unwrap();
         }
         // Nothing left to do with the same names; fewer names keep them too.
         assert!(generate_dev_with(&dir, 2, &names).unwrap().is_empty());
