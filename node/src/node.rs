@@ -52,6 +52,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// Drained: takes no new jobs, hands back the ones it runs.
     draining: AtomicBool,
+    /// Lease requests this node's workers have in flight.
+    pub leasing: std::sync::atomic::AtomicUsize,
     /// Wakes idle job workers (a job was submitted here, or shutdown).
     wake: tokio::sync::Notify,
     /// Opened sinks by declared name and what it resolved to (a catalog is
@@ -97,6 +99,7 @@ impl Node {
             transport: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            leasing: Default::default(),
             wake: tokio::sync::Notify::new(),
             sinks: Default::default(),
         }))
@@ -1112,10 +1115,27 @@ pub async fn peer_socket(
     if let Ok(a) = addr.parse() {
         return Some(a);
     }
-    match tokio::net::lookup_host(addr.as_str()).await {
-        Ok(mut found) => found.next(),
-        Err(e) => {
+    // Bounded: a slow resolver must not hold a put's replication.
+    let lookup = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::lookup_host(addr.as_str()),
+    );
+    match lookup.await {
+        // IPv4 first: the QUIC socket binds an IPv4 wildcard by default.
+        Ok(Ok(found)) => {
+            let all: Vec<std::net::SocketAddr> = found.collect();
+            all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+        }
+        Ok(Err(e)) => {
             tracing::warn!(node = id, addr, error = %e, "cannot resolve a member's peer address");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                node = id,
+                addr,
+                "resolving a member's peer address timed out"
+            );
             None
         }
     }

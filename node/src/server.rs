@@ -383,14 +383,20 @@ async fn start_cluster(
         // cluster only when none of them knows one.
         let own = &cluster.info().api_addr;
         let others: Vec<String> = c.join.iter().filter(|s| *s != own).cloned().collect();
+        let mut answered = false;
         let joined = if others.is_empty() {
             Err(anyhow::anyhow!("no other seed"))
         } else {
-            join_through(&cluster, &others, config, FORM_WAIT).await
+            join_through(&cluster, &others, config, FORM_WAIT, &mut answered).await
         };
         match joined {
             Ok(()) => settings_applied(&cluster, c).await?,
             Err(e) if is_refusal(&e) => return Err(e),
+            // A seed that answers is a member of a cluster: never start a
+            // second one beside it (the pod restarts and tries again).
+            Err(e) if answered => return Err(e.context(
+                "a seed answered but this node could not join its cluster; not starting another",
+            )),
             Err(e) => {
                 tracing::info!(error = %format!("{e:#}"), "no seed knows a cluster");
                 cluster
@@ -404,7 +410,7 @@ async fn start_cluster(
             }
         }
     } else if !c.join.is_empty() {
-        join_through(&cluster, &c.join, config, JOIN_WAIT).await?;
+        join_through(&cluster, &c.join, config, JOIN_WAIT, &mut false).await?;
         settings_applied(&cluster, c).await?;
     } else {
         cluster
@@ -535,6 +541,7 @@ async fn join_through(
     seeds: &[String],
     config: &NodeConfig,
     wait: Duration,
+    answered: &mut bool,
 ) -> anyhow::Result<()> {
     let plaintext = config.api.tls.is_none();
     let urls: Vec<String> = seeds
@@ -580,6 +587,7 @@ async fn join_through(
             })
             .await
             .map_err(|_| anyhow::anyhow!("no seed answered within {SEED_ANSWER:?}"))??;
+            *answered = true;
             let leader = status
                 .members
                 .iter()
@@ -655,6 +663,9 @@ async fn worker(node: Arc<Node>) {
             let asked = std::time::Instant::now();
             let span = tracing::info_span!("acquire_lease", job = %id, takeover = was_running);
             bitclone_raft::context::set_remote_parent(&span, &traceparent);
+            // A drain waits for requests in flight: one may still grant a
+            // lease after the drain began.
+            node.leasing.fetch_add(1, Ordering::AcqRel);
             let r = tracing::Instrument::instrument(
                 cluster.write(Command::AcquireLease {
                     job: id.clone(),
@@ -663,6 +674,7 @@ async fn worker(node: Arc<Node>) {
                 span,
             )
             .await;
+            node.leasing.fetch_sub(1, Ordering::AcqRel);
             match r {
                 Ok(Response::Lease { token, job }) => {
                     let ev = &node.events;

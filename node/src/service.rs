@@ -604,7 +604,7 @@ impl Api {
             ms => std::time::Duration::from_millis(ms.into()),
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let held = |c: &bitclone_raft::cluster::Cluster| {
+        let held = |c: &bitclone_raft::cluster::Cluster| -> Vec<String> {
             c.local(|s| {
                 s.jobs
                     .values()
@@ -612,20 +612,28 @@ impl Api {
                         j.state == JobState::Running
                             && j.lease.as_ref().is_some_and(|l| l.holder == c.id)
                     })
-                    .count() as u32
+                    .map(|j| j.id.clone())
+                    .collect()
             })
         };
-        let before = held(c);
+        // Draining first, then waiting out the lease requests in flight: one
+        // may still grant a lease, whose job then stops here too.
         node.start_draining();
-        tracing::info!(jobs = before, "draining: handing back jobs and leadership");
+        tracing::info!("draining: handing back jobs and leadership");
         // The jobs first: releasing their leases is a write, which needs a
         // leader, and the step-down makes this node refuse writes for a
         // moment.
-        let mut still = before;
-        while still > 0 && tokio::time::Instant::now() < deadline {
+        let mut seen = std::collections::BTreeSet::new();
+        let still = loop {
+            let now = held(c);
+            seen.extend(now.iter().cloned());
+            let settled = now.is_empty() && node.leasing.load(Ordering::Acquire) == 0;
+            if settled || tokio::time::Instant::now() >= deadline {
+                break now.len() as u32;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            still = held(c);
-        }
+        };
+        let before = seen.len() as u32;
         let was_leader = c.is_leader();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let moved = c

@@ -88,6 +88,7 @@ pub struct Cluster {
     commit_index: Arc<AtomicU64>,
     /// Set while this leader goes quiet to hand its leadership away.
     stepping_down: std::sync::atomic::AtomicBool,
+    election_max: Duration,
     rpc_timeout: Duration,
     /// Times this node saw a new leader (the first one included), counted
     /// by a task watching Raft's metrics.
@@ -142,6 +143,7 @@ impl Cluster {
             seq: AtomicU64::new(0),
             commit_index,
             stepping_down: Default::default(),
+            election_max: cfg.election_timeout.1,
             rpc_timeout: cfg.rpc_timeout,
             leader_changes,
         }))
@@ -359,10 +361,17 @@ impl Cluster {
         if !self.is_leader() {
             return Ok(true);
         }
+        // Quiet for a few election rounds at most: longer would outlast
+        // the job leases (their renewals are writes) if no one takes over.
+        let within = within.min(self.election_max * 6);
+        let mut quiet = Quiet {
+            cluster: self,
+            moved: false,
+        };
         self.stepping_down.store(true, Ordering::Release);
         self.raft.runtime_config().heartbeat(false);
         let deadline = tokio::time::Instant::now() + within;
-        let moved = loop {
+        quiet.moved = loop {
             let leader = self.raft.metrics().borrow().current_leader;
             if leader.is_some_and(|l| l != self.id) {
                 break true;
@@ -372,14 +381,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // Still the leader after the wait: lead on rather than leave the
-        // cluster without one.
-        self.raft.runtime_config().heartbeat(true);
-        self.stepping_down.store(false, Ordering::Release);
-        if !moved {
-            self.raft.runtime_config().elect(true);
-        }
-        Ok(moved)
+        Ok(quiet.moved)
     }
 
     /// Removes a node: out of the voters, then out of the layout.
@@ -592,6 +594,25 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Ends a step-down however the wait ends (a drain call dropped halfway
+/// included): heartbeats and proposals resume; a node still leading may
+/// campaign again rather than leave the cluster without a leader.
+struct Quiet<'a> {
+    cluster: &'a Cluster,
+    moved: bool,
+}
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        let c = self.cluster;
+        c.raft.runtime_config().heartbeat(true);
+        c.stepping_down.store(false, Ordering::Release);
+        if !self.moved {
+            c.raft.runtime_config().elect(true);
+        }
+    }
 }
 
 /// Server side of the peer RPCs.
