@@ -458,6 +458,12 @@ def scenario(args):
         r = cli(args.bitclone, ca, token_file, endpoint(o), "--json", "cluster", "status", check=False)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    def restores_through(o):
+        out = os.path.join(work, f"restored-{o}")
+        cli(args.bitclone, ca, token_file, endpoint(o), "get", "--dataset", "k8s", out)
+        if not same_tree(src, out):
+            fail(f"the tree restored through pod {o} differs from the source")
+
     def voters(o):
         s = status(o)
         return sorted(m["id"] for m in s["members"] if m.get("voter")) if s else None
@@ -479,10 +485,7 @@ def scenario(args):
         client_ep = f"https://{spec.name}.{spec.namespace}.svc.cluster.local:{api_port}"
         cli(args.bitclone, ca, token_file, client_ep, "tenant", "create", "default")
         cli(args.bitclone, ca, token_file, client_ep, "put", src, "--dataset", "k8s")
-        out = os.path.join(work, "restored")
-        cli(args.bitclone, ca, token_file, endpoint(2), "get", "--dataset", "k8s", out)
-        if not same_tree(src, out):
-            fail("the tree restored through pod 2 differs from the source")
+        restores_through(2)
         step("put through the client Service, restored byte-identical through another pod", t)
 
         t = time.monotonic()
@@ -494,10 +497,7 @@ def scenario(args):
         wait_for("the restarted pod to be ready", 120, lambda: c.ready(1))
         if voters(1) != want:
             fail(f"after the restart the voters are {voters(1)}, not {want}")
-        out2 = os.path.join(work, "restored-1")
-        cli(args.bitclone, ca, token_file, endpoint(1), "get", "--dataset", "k8s", out2)
-        if not same_tree(src, out2):
-            fail("the tree restored through the restarted pod differs")
+        restores_through(1)
         step("a killed pod came back with its volume, rejoined as itself and serves reads", t)
 
         t = time.monotonic()

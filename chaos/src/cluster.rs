@@ -173,6 +173,15 @@ impl TestCluster {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// Does node `via` see node `id` among the voters?
+    pub fn is_voter(&self, via: u64, id: u64) -> bool {
+        self.status(via).is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["id"] == id && m["voter"] == true))
+        })
+    }
+
     pub fn leader(&self, via: u64) -> Option<u64> {
         self.status(via).and_then(|s| s["leader"].as_u64())
     }

@@ -329,44 +329,9 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
                 .map(|at| at.saturating_duration_since(last_fault_end).as_millis() as u64);
             let mut end = final_state(&cluster, &history, healed_after_ms, &opts.dir, &ca, &token);
             let (final_jobs, job_views) = final_jobs(&endpoints, &history, &ca, &token);
-            // A successful job's sinks hold exactly its snapshot (checked
-            // three jobs at a time).
             if let Some(s) = &sinks {
-                let todo: Vec<(&str, &str, &str, &str)> = final_jobs
-                    .iter()
-                    .filter(|j| j.state == "Succeeded")
-                    .filter_map(|j| {
-                        let (_, dataset, digest) = jobs.iter().find(|(id, _, _)| *id == j.id)?;
-                        let view = job_views.get(&j.id)?;
-                        Some((
-                            j.id.as_str(),
-                            dataset.as_str(),
-                            view.snapshot.as_str(),
-                            digest.as_str(),
-                        ))
-                    })
-                    .collect();
-                let per = todo.len().div_ceil(3).max(1);
-                let dir = &opts.dir;
-                let checked: Vec<crate::oracle::SinkState> = std::thread::scope(|scope| {
-                    let workers: Vec<_> = todo
-                        .chunks(per)
-                        .map(|part| {
-                            scope.spawn(move || {
-                                part.iter()
-                                    .flat_map(|(job, ds, snap, digest)| {
-                                        s.check(job, ds, snap, digest, dir)
-                                    })
-                                    .collect::<Vec<_>>()
-                            })
-                        })
-                        .collect();
-                    workers
-                        .into_iter()
-                        .flat_map(|w| w.join().expect("a sink checker"))
-                        .collect()
-                });
-                end.sinks.extend(checked);
+                end.sinks
+                    .extend(check_sinks(s, &final_jobs, &jobs, &job_views, &opts.dir));
             }
             // Why jobs failed, for the reader of the report.
             let mut why: BTreeMap<&str, usize> = BTreeMap::new();
@@ -485,6 +450,48 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         report_md,
         interrupted: interrupted_at.is_some(),
     }
+}
+
+/// A successful job's sinks hold exactly its snapshot: each one checked
+/// (three jobs at a time).
+fn check_sinks(
+    s: &JobSinks,
+    final_jobs: &[FinalJob],
+    jobs: &[(String, String, String)],
+    views: &BTreeMap<String, bitclone_client::proto::Job>,
+    dir: &Path,
+) -> Vec<crate::oracle::SinkState> {
+    let todo: Vec<(&str, &str, &str, &str)> = final_jobs
+        .iter()
+        .filter(|j| j.state == "Succeeded")
+        .filter_map(|j| {
+            let (_, dataset, digest) = jobs.iter().find(|(id, _, _)| *id == j.id)?;
+            let view = views.get(&j.id)?;
+            Some((
+                j.id.as_str(),
+                dataset.as_str(),
+                view.snapshot.as_str(),
+                digest.as_str(),
+            ))
+        })
+        .collect();
+    let per = todo.len().div_ceil(3).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = todo
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .flat_map(|(job, ds, snap, digest)| s.check(job, ds, snap, digest, dir))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a sink checker"))
+            .collect()
+    })
 }
 
 /// The harness's own check: every partition and packet-loss fault dropped
@@ -682,8 +689,7 @@ impl Faults<'_> {
         };
         let node = c.nodes.values().next()?;
         recent.iter().find_map(|id| {
-            let out = node.cli_within(&["--json", "job", id], Duration::from_secs(5))?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let v = job_view(node, id, Duration::from_secs(5))?;
             let holder = v["lease_holder"].as_u64()?;
             (v["state"] == "Running" && c.nodes.contains_key(&holder)).then_some(holder)
         })
@@ -751,11 +757,7 @@ impl Faults<'_> {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let view = node
-                .cli_within(&["--json", "job", &job], Duration::from_secs(10))
-                .filter(|o| o.status.success())
-                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
-            if let Some(v) = view {
+            if let Some(v) = job_view(node, &job, Duration::from_secs(10)) {
                 if v["state"] == "Running" {
                     if let Some(holder) = v["lease_holder"]
                         .as_u64()
@@ -792,6 +794,14 @@ impl Faults<'_> {
         }
         Ok(None)
     }
+}
+
+/// `bitclone job ID` through `node` as JSON, within `limit`; `None` when
+/// it did not answer or refused.
+fn job_view(node: &crate::node::TestNode, id: &str, limit: Duration) -> Option<serde_json::Value> {
+    node.cli_within(&["--json", "job", id], limit)
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
 }
 
 /// Runs `cluster ARGS` through a member other than `not` (each in turn,
@@ -858,13 +868,11 @@ fn join(c: &mut TestCluster, id: u64) -> Result<(), String> {
     start(c, id, &["--join".to_string(), seed])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let voter = c.nodes.keys().filter(|m| **m != id).any(|m| {
-            c.status(*m).is_some_and(|s| {
-                s["members"]
-                    .as_array()
-                    .is_some_and(|ms| ms.iter().any(|x| x["id"] == id && x["voter"] == true))
-            })
-        });
+        let voter = c
+            .nodes
+            .keys()
+            .filter(|m| **m != id)
+            .any(|m| c.is_voter(*m, id));
         if voter {
             return Ok(());
         }

@@ -160,7 +160,6 @@ pub struct DownloadSummary {
     pub sync_seconds: f64,
 }
 
-/// Whether a job state (the `state` field of [`proto::Job`]) is final:
 /// The name of a job state: `Pending`, `Running`, `Succeeded`, `Failed`,
 /// `Cancelled`, or `Unknown` for a value this SDK does not know.
 pub fn job_state_name(state: i32) -> &'static str {
@@ -174,6 +173,7 @@ pub fn job_state_name(state: i32) -> &'static str {
     }
 }
 
+/// Whether a job state (the `state` field of [`proto::Job`]) is final:
 /// Succeeded, Failed or Cancelled. Unknown values are not final.
 pub fn is_final(state: i32) -> bool {
     matches!(

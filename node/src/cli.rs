@@ -340,7 +340,7 @@ pub async fn drain(
                 }
                 a.to_string()
             });
-            format!("{}://{host}", if plaintext { "http" } else { "https" })
+            cfg.api.url(&host)
         }
     };
     if access.ca.is_none() && !plaintext {

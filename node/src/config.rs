@@ -224,6 +224,20 @@ pub struct ApiSettings {
     pub advertise: Option<String>,
 }
 
+impl ApiSettings {
+    /// The URL of a member's API at `addr` (HOST:PORT, or a URL kept as it
+    /// is): members serve TLS as this node does, or plain text with it.
+    pub fn url(&self, addr: &str) -> String {
+        if addr.contains("://") {
+            addr.to_string()
+        } else if self.tls.is_none() {
+            format!("http://{addr}")
+        } else {
+            format!("https://{addr}")
+        }
+    }
+}
+
 impl ClusterSettings {
     /// The address this node's connections to other members leave from:
     /// the peer listen address's IP unless that is a wildcard. Members
@@ -516,11 +530,7 @@ fn resolve_api(
         )),
         (false, _, _) => bail!("api.tls_cert and api.tls_key go together"),
     };
-    let advertise = env("BITCLONE_API_ADVERTISE")
-        .or(fa.advertise)
-        .filter(|s| !s.is_empty())
-        .map(|a| advertised("api.advertise", &a))
-        .transpose()?;
+    let advertise = advertised(env, "BITCLONE_API_ADVERTISE", fa.advertise, "api.advertise")?;
     Ok(ApiSettings {
         tls,
         advertise,
@@ -628,11 +638,12 @@ fn resolve_cluster(
         .or(fc.node_name)
         .filter(|s| !s.is_empty());
     let ordinal = node_name.as_deref().map(ordinal_of).transpose()?;
-    let peer_advertise = env("BITCLONE_PEER_ADVERTISE")
-        .or(fc.peer_advertise)
-        .filter(|s| !s.is_empty())
-        .map(|a| advertised("cluster.peer_advertise", &a))
-        .transpose()?;
+    let peer_advertise = advertised(
+        env,
+        "BITCLONE_PEER_ADVERTISE",
+        fc.peer_advertise,
+        "cluster.peer_advertise",
+    )?;
     let node_id = match flags.node_id {
         Some(n) => Some(n),
         None => env("BITCLONE_NODE_ID")
@@ -753,9 +764,24 @@ fn ordinal_of(name: &str) -> Result<u64> {
         })
 }
 
+/// An address to advertise, from `var`, else the file's value, if either
+/// is given (see [`check_advertised`]).
+fn advertised(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    file: Option<String>,
+    what: &str,
+) -> Result<Option<String>> {
+    env(var)
+        .or(file)
+        .filter(|s| !s.is_empty())
+        .map(|a| check_advertised(what, &a))
+        .transpose()
+}
+
 /// An address to advertise: HOST:PORT, the host a name or an IP address
 /// other nodes can reach (not a wildcard), the port a number.
-fn advertised(what: &str, a: &str) -> Result<String> {
+fn check_advertised(what: &str, a: &str) -> Result<String> {
     let bad = |why: &str| anyhow::anyhow!("{what} {a:?} is not HOST:PORT: {why}");
     if let Ok(sa) = a.parse::<SocketAddr>() {
         if sa.ip().is_unspecified() || sa.port() == 0 {
@@ -955,7 +981,7 @@ mod tests {
             .unwrap_err();
             assert!(format!("{e:#}").contains("peer_advertise"), "{bad}: {e:#}");
         }
-        assert_eq!(advertised("a", "[::1]:7443").unwrap(), "[::1]:7443");
+        assert_eq!(check_advertised("a", "[::1]:7443").unwrap(), "[::1]:7443");
     }
 
     #[test]

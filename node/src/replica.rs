@@ -324,11 +324,12 @@ pub async fn replicate(
     let mut durable = usize::from(replicas.contains(&me));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut pending = 0;
+    // Each task looks its peer's address up itself: a name's lookup (a
+    // StatefulSet's DNS) runs alongside the others' and the sends.
+    let members = Arc::new(members);
     for r in replicas.iter().filter(|r| **r != me) {
-        let Some(addr) = crate::node::peer_socket(&members, *r).await else {
-            continue;
-        };
         pending += 1;
+        let members = members.clone();
         let quic = quic.clone();
         // Counted out when the task ends, however it ends.
         let in_flight = InFlight::start(&quic.sends_in_flight);
@@ -348,11 +349,16 @@ pub async fn replicate(
             pages_sent.clone(),
         );
         tokio::spawn(async move {
-            let r = tracing::Instrument::instrument(
-                replicate_to(&t, &s, peer, addr, &tn, (&id, &b), (&quic, request_id)),
-                span,
-            )
-            .await;
+            let r = match crate::node::peer_socket(&members, peer).await {
+                Some(addr) => {
+                    tracing::Instrument::instrument(
+                        replicate_to(&t, &s, peer, addr, &tn, (&id, &b), (&quic, request_id)),
+                        span,
+                    )
+                    .await
+                }
+                None => Err("its peer address does not resolve".to_string()),
+            };
             match &r {
                 Ok((chunks, pages)) => {
                     counter.fetch_add(*chunks, Ordering::Relaxed);

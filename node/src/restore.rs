@@ -120,19 +120,18 @@ pub async fn list(from: &str, s3: S3Options, json_out: bool) -> Result<ExitCode>
     }
     let meta = format!("{}/", objects::META_DIR);
     let prefix = target.prefix.as_ref().to_string();
+    // Counted as the listing streams: a sink may hold millions of objects.
     let data_objects = target
         .store
         .list(Some(&target.prefix))
-        .try_collect::<Vec<_>>()
-        .await
-        .with_context(|| format!("listing {}", target.url))?
-        .into_iter()
-        .filter(|m| {
+        .try_fold(0usize, |n, m| {
             let rel = m.location.as_ref();
             let rel = rel.strip_prefix(prefix.as_str()).unwrap_or(rel);
-            !rel.trim_start_matches('/').starts_with(&meta)
+            let data = !rel.trim_start_matches('/').starts_with(&meta);
+            futures::future::ready(Ok(n + usize::from(data)))
         })
-        .count();
+        .await
+        .with_context(|| format!("listing {}", target.url))?;
     if json_out {
         println!(
             "{}",

@@ -544,18 +544,7 @@ async fn join_through(
     answered: &mut bool,
 ) -> anyhow::Result<()> {
     let plaintext = config.api.tls.is_none();
-    let urls: Vec<String> = seeds
-        .iter()
-        .map(|seed| {
-            if seed.contains("://") {
-                seed.to_string()
-            } else if plaintext {
-                format!("http://{seed}")
-            } else {
-                format!("https://{seed}")
-            }
-        })
-        .collect();
+    let urls: Vec<String> = seeds.iter().map(|seed| config.api.url(seed)).collect();
     let seed = seeds.join(",");
     let seed = seed.as_str();
     // The member's API answers an admin with the leader's peer address.

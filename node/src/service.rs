@@ -633,7 +633,7 @@ impl Api {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
-        let before = seen.len() as u32;
+        let handed_off = (seen.len() as u32).saturating_sub(still);
         let was_leader = c.is_leader();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let moved = c
@@ -642,7 +642,7 @@ impl Api {
             .map_err(|e| status(crate::node::raft_error(e)))?;
         let leader_id = c.leader().unwrap_or(0);
         tracing::info!(
-            jobs_handed_off = before - still.min(before),
+            jobs_handed_off = handed_off,
             jobs_still_running = still,
             was_leader,
             leadership_moved = moved,
@@ -650,7 +650,7 @@ impl Api {
             "drained"
         );
         Ok(Response::new(pb::DrainNodeResponse {
-            jobs_handed_off: before.saturating_sub(still),
+            jobs_handed_off: handed_off,
             jobs_still_running: still,
             was_leader,
             leadership_moved: was_leader && moved,

@@ -463,15 +463,7 @@ fn a_removed_node_cannot_rejoin_until_an_admin_allows_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
     c.node(1).json(&["cluster", "allow-rejoin", "3"]);
     let back = TestNode::spawn(&tmp.path().join("back"), "127.0.0.1:0", &args, &[]);
-    c.wait_for("node 3 to be a voter again", 60, |c| {
-        c.status(1).is_some_and(|s| {
-            s["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["id"] == 3 && m["voter"] == true)
-        })
-    });
+    c.wait_for("node 3 to be a voter again", 60, |c| c.is_voter(1, 3));
     drop(back);
 }
 
@@ -560,15 +552,7 @@ fn a_node_that_rejoins_with_an_empty_store_serves_what_it_wrote_from_the_replica
     remove_through(&c, 2, 1);
     c.node(2).json(&["cluster", "allow-rejoin", "1"]);
     c.start_node(1, &["--join".to_string(), seed]);
-    c.wait_for("node 1 to be a voter again", 60, |c| {
-        c.status(2).is_some_and(|s| {
-            s["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["id"] == 1 && m["voter"] == true)
-        })
-    });
+    c.wait_for("node 1 to be a voter again", 60, |c| c.is_voter(2, 1));
     for (src, ds, snap) in &puts {
         let out = tmp.path().join(format!("out-{ds}"));
         c.node(1).json(&[
