@@ -23,6 +23,8 @@ STEP       := bash scripts/step.sh
 BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
 BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
 CHAOS_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-chaos
+# The previous release's binary (scripts/build-previous.sh builds it).
+PREVIOUS_BIN = $(shell bash scripts/build-previous.sh --path)
 # The smoke run's seed (fixed: make test replays the same schedule); the long
 # run draws one and prints it. CHAOS_ARGS adds flags, e.g. --cycles 200.
 CHAOS_SEED ?= 1
@@ -42,7 +44,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
+.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run upgrade-test test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -53,6 +55,8 @@ help:
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
+	@echo "  make upgrade-test build the previous release from git (deploy/previous-release), upgrade a 3-node"
+	@echo "                   cluster from it to this build under load, roll one node back; ~2 min (make test runs it)"
 	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
 	@echo "  make k8s-run      execute the dev overlay's StatefulSet as local processes (root): form, put, kill, scale 3-5-3 (make test runs it)"
 	@echo "  make k8s-validate render the deploy/k8s overlays, check them (API schemas, checkov, our own) and"
@@ -96,9 +100,11 @@ test: deps deps-garage deps-k8s
 	$(STEP) k8s-validate bash scripts/validate-k8s.sh; \
 	$(STEP) fmt-check $(CARGO) fmt --all -- --check; \
 	$(STEP) clippy $(CARGO) clippy --workspace --all-targets --locked -- -D warnings; \
+	$(STEP) build-previous bash scripts/build-previous.sh >/dev/null; \
 	$(STEP) build $(CARGO) build --workspace --all-targets --locked; \
 	$(STEP) test $(TEST_ENV) $(CARGO) test --workspace --locked; \
 	$(STEP) chaos-smoke $(TEST_ENV) $(CHAOS_BIN) --smoke --seed $(CHAOS_SEED) --out "$$(mktemp -d)/smoke"; \
+	$(STEP) upgrade-test $(TEST_ENV) $(CHAOS_BIN) --upgrade-from "$(PREVIOUS_BIN)" --seed $(CHAOS_SEED) --out "$$(mktemp -d)/upgrade"; \
 	$(STEP) k8s-run $(TEST_ENV) $(K8S_PY) scripts/k8s-run.py --bitclone $(BITCLONE) --out "$$(mktemp -d)"; \
 	e=$$(( $$(date +%s) - start )); \
 	printf 'make test: all steps passed in %dm%02ds\n' $$((e / 60)) $$((e % 60))
@@ -109,6 +115,15 @@ build:
 chaos-smoke: deps
 	@$(STEP) build $(CARGO) build --workspace --locked
 	@$(STEP) chaos-smoke $(TEST_ENV) $(CHAOS_BIN) --smoke --seed $(CHAOS_SEED) --out "$$(mktemp -d)/smoke" $(CHAOS_ARGS)
+
+# A rolling upgrade from the previous release (deploy/previous-release, built
+# from git once per machine) to this build under load, and one node rolled
+# back. The previous build passes through $(BITCLONE), so this checkout is
+# built again after it.
+upgrade-test: deps deps-garage
+	@$(STEP) build-previous bash scripts/build-previous.sh >/dev/null
+	@$(STEP) build $(CARGO) build --workspace --locked
+	@$(STEP) upgrade-test $(TEST_ENV) $(CHAOS_BIN) --upgrade-from "$(PREVIOUS_BIN)" --seed $(CHAOS_SEED) --out "$$(mktemp -d)/upgrade" $(CHAOS_ARGS)
 
 chaos: deps
 	@$(STEP) build $(CARGO) build --workspace --locked

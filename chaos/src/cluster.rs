@@ -15,6 +15,8 @@ use crate::node::TestNode;
 pub struct TestCluster {
     /// The `bitclone` binary the nodes run.
     pub bin: PathBuf,
+    /// Nodes that run another binary than `bin` (a rolling upgrade).
+    pub builds: BTreeMap<u64, PathBuf>,
     pub dir: PathBuf,
     pub nodes: BTreeMap<u64, TestNode>,
     pub ports: BTreeMap<u64, (u16, u16)>,
@@ -70,6 +72,7 @@ impl TestCluster {
         dev_certs_with(bin, &dir.join("certs"), max_nodes, &sans);
         let mut c = TestCluster {
             bin: bin.to_path_buf(),
+            builds: BTreeMap::new(),
             dir: dir.to_path_buf(),
             nodes: BTreeMap::new(),
             ports: BTreeMap::new(),
@@ -112,7 +115,7 @@ impl TestCluster {
         let mut env: Vec<(&str, &str)> = vec![("BITCLONE_SHUTDOWN_GRACE", "5s")];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let node = TestNode::spawn_bin(
-            &self.bin,
+            self.builds.get(&id).unwrap_or(&self.bin),
             &self.node_dir(id),
             &format!("{ip}:{api}"),
             &args,
@@ -226,5 +229,10 @@ impl TestCluster {
 
     pub fn kill9(&mut self, id: u64) {
         self.nodes.remove(&id).unwrap().kill9();
+    }
+
+    /// The binary node `id` runs (or runs when it starts next).
+    pub fn build_of(&self, id: u64) -> &Path {
+        self.builds.get(&id).unwrap_or(&self.bin)
     }
 }

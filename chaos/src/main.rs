@@ -7,7 +7,14 @@
 //! bitclone-chaos [--smoke | --long] [--seed S] [--schedule FILE]
 //!                [--nodes N] [--clients C] [--cycles K] [--out DIR]
 //!                [--no-sandbox] [--op-interval-ms MS]
+//! bitclone-chaos --upgrade-from OLD_BITCLONE [--seed S] [--out DIR]
 //! ```
+//!
+//! `--upgrade-from` plays a rolling upgrade instead of faults: the nodes
+//! start on the older binary, are drained, stopped and started on this
+//! build one at a time (the highest id first), then one is rolled back;
+//! the workload runs throughout and no clone job may fail
+//! (`make upgrade-test`).
 //!
 //! As root it re-executes itself in network and mount namespaces of its
 //! own (the sandbox) and plays the network and disk nemeses too; without
@@ -20,7 +27,7 @@ use std::process::ExitCode;
 
 use bitclone_chaos::run::{playable, run, watch_signals, RunOptions};
 use bitclone_chaos::sandbox;
-use bitclone_chaos::schedule::{self, every_nemesis, Schedule, Timing};
+use bitclone_chaos::schedule::{self, every_nemesis, Nemesis, Schedule, Timing};
 use bitclone_chaos::servers::{Garage, PgServer};
 
 fn main() -> ExitCode {
@@ -38,6 +45,7 @@ fn main_inner() -> Result<ExitCode, String> {
     let (mut long, mut seed, mut schedule_file) = (false, None::<u64>, None::<PathBuf>);
     let (mut nodes, mut clients, mut cycles) = (None::<u64>, 3u32, 100usize);
     let (mut out, mut no_sandbox, mut interval) = (None::<PathBuf>, false, None::<u64>);
+    let mut previous = None::<PathBuf>;
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
@@ -70,6 +78,7 @@ fn main_inner() -> Result<ExitCode, String> {
             }
             "--out" => out = Some(value("--out")?.into()),
             "--no-sandbox" => no_sandbox = true,
+            "--upgrade-from" => previous = Some(value("--upgrade-from")?.into()),
             "--op-interval-ms" => {
                 interval = Some(
                     value("--op-interval-ms")?
@@ -78,7 +87,7 @@ fn main_inner() -> Result<ExitCode, String> {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: bitclone-chaos [--smoke | --long] [--seed S] [--schedule FILE] [--nodes N] [--clients C] [--cycles K] [--out DIR] [--no-sandbox] [--op-interval-ms MS]");
+                println!("usage: bitclone-chaos [--smoke | --long] [--seed S] [--schedule FILE] [--nodes N] [--clients C] [--cycles K] [--out DIR] [--no-sandbox] [--op-interval-ms MS] [--upgrade-from OLD_BITCLONE]");
                 return Ok(ExitCode::SUCCESS);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -87,6 +96,9 @@ fn main_inner() -> Result<ExitCode, String> {
     let mut notes = Vec::new();
     let sandboxed = if sandbox::inside() {
         true
+    } else if previous.is_some() {
+        // An upgrade replaces processes; it needs no namespaces.
+        false
     } else if no_sandbox {
         notes.push("Run with --no-sandbox: process and membership faults only.".to_string());
         false
@@ -136,19 +148,36 @@ fn main_inner() -> Result<ExitCode, String> {
             nodes.unwrap_or(3),
         )
     };
+    if let Some(p) = &previous {
+        if !jobs {
+            return Err(
+                "an upgrade run needs Garage and Postgres for its clone jobs \
+                 (scripts/install-garage.sh, scripts/install-deps.sh)"
+                    .into(),
+            );
+        }
+        if !p.is_file() {
+            return Err(format!("--upgrade-from {}: no such file", p.display()));
+        }
+    }
+    let upgrade_timing = Timing {
+        min_fault_ms: 2_000,
+        max_fault_ms: 2_000,
+        quiet_ms: 12_000,
+    };
     let schedule: Schedule = match &schedule_file {
         Some(f) => {
             let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?
         }
+        None if previous.is_some() => schedule::upgrade(seed, nodes, upgrade_timing),
         None if long => schedule::long(seed, &kinds, cycles, timing),
         None => schedule::smoke(seed, &kinds, timing),
     };
-    if let Some(bad) = schedule
-        .faults
-        .iter()
-        .find(|f| !playable(&f.nemesis, sandboxed, jobs))
-    {
+    if let Some(bad) = schedule.faults.iter().find(|f| match f.nemesis {
+        Nemesis::Replace { .. } => previous.is_none(),
+        n => !playable(&n, sandboxed, jobs),
+    }) {
         return Err(format!(
             "the schedule holds {}, which this harness cannot play here",
             bad.nemesis.name()
@@ -167,7 +196,15 @@ fn main_inner() -> Result<ExitCode, String> {
         if sandboxed { ", in its namespaces" } else { "" },
         out.display()
     );
-    if !left_out.is_empty() {
+    if let Some(p) = &previous {
+        notes.push(format!(
+            "A rolling upgrade from {} to this build ({}), and one node rolled back: \
+             every node drained (as a pod's preStop does), stopped with SIGTERM and started \
+             on the other build.",
+            p.display(),
+            env!("CARGO_PKG_VERSION")
+        ));
+    } else if !left_out.is_empty() {
         notes.push(format!("Not played here: {}.", left_out.join(", ")));
     }
     notes.push(
@@ -180,17 +217,23 @@ fn main_inner() -> Result<ExitCode, String> {
     watch_signals();
     // A Ctrl-C reaches the harness alone; it stops the nodes itself.
     bitclone_chaos::node::own_process_groups();
+    let upgrading = previous.is_some();
     let outcome = run(&RunOptions {
         nodes,
         clients,
         schedule,
-        quiet_ms: timing.quiet_ms,
+        quiet_ms: if upgrading {
+            upgrade_timing.quiet_ms
+        } else {
+            timing.quiet_ms
+        },
         heal_bound_ms: 30_000,
         dir: out.clone(),
         sandbox: sandboxed,
         // Each client at most 10 operations a second (5 in the long run).
         op_interval_ms: interval.unwrap_or(if long { 200 } else { 100 }),
         notes,
+        previous,
     });
     for v in &outcome.verdicts {
         println!(

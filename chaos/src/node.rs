@@ -16,6 +16,8 @@ pub struct TestNode {
     pub certs: PathBuf,
     /// TLS and tokens (every node but an older release's).
     secure: bool,
+    /// The `bitclone` binary the node runs.
+    bin: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -227,6 +229,7 @@ impl TestNode {
             data_dir: data_dir.to_path_buf(),
             certs,
             secure: true,
+            bin: bin.to_path_buf(),
             endpoint: String::new(),
             child: Some(child),
             log,
@@ -365,23 +368,20 @@ impl TestNode {
     /// [`TestNode::cli`], killed after `limit` (`None` then): for a
     /// harness that must not wait on a call that never ends.
     pub fn cli_within(&self, args: &[&str], limit: Duration) -> Option<Output> {
-        let mut child = self
-            .command()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + limit;
-        while child.try_wait().ok()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().ok()
+        output_within(self.command().args(args), limit)
+    }
+
+    /// What a pod's `preStop` hook runs: `bitclone drain` of the node's
+    /// own binary, beside it (its data dir and id), killed after `limit`.
+    pub fn drain_within(&self, id: u64, limit: Duration) -> Option<Output> {
+        let mut cmd = self.command_with(
+            &self.bin,
+            Some(&self.certs.join(ADMIN_TOKEN).to_string_lossy()),
+        );
+        cmd.env("BITCLONE_DATA_DIR", &self.data_dir)
+            .env("BITCLONE_NODE_ID", id.to_string())
+            .args(["--json", "drain"]);
+        output_within(&mut cmd, limit)
     }
 
     /// Runs the CLI with `token_file` (`None`: no token at all).
@@ -399,7 +399,11 @@ impl TestNode {
     }
 
     fn command_as(&self, token_file: Option<&str>) -> Command {
-        let mut cmd = clean_command(bin());
+        self.command_with(bin(), token_file)
+    }
+
+    fn command_with(&self, bin: &Path, token_file: Option<&str>) -> Command {
+        let mut cmd = clean_command(bin);
         cmd.env(
             "BITCLONE_CACHE_DIR",
             self.data_dir.with_extension("client-cache"),
@@ -454,6 +458,26 @@ impl Drop for TestNode {
             let _ = c.wait();
         }
     }
+}
+
+/// Runs `cmd` with its output captured, killed after `limit` (`None`
+/// then, or when it could not start).
+fn output_within(cmd: &mut Command, limit: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait().ok()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().ok()
 }
 
 pub fn tail(s: &str, lines: usize) -> String {

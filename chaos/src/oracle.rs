@@ -141,6 +141,18 @@ fn verdict(invariant: &'static str, broken: Vec<String>) -> Verdict {
     }
 }
 
+/// A rolling upgrade must not fail a job: every acknowledged clone job
+/// ended other than `Failed` (a client's cancel may still end one).
+pub fn no_job_failed(jobs: &[FinalJob]) -> Verdict {
+    verdict(
+        "no clone job failed",
+        jobs.iter()
+            .filter(|j| j.state == "Failed")
+            .map(|j| format!("job {} failed: {}", j.id, j.error))
+            .collect(),
+    )
+}
+
 /// Jobs' final states.
 const FINAL_STATES: [&str; 3] = ["Succeeded", "Failed", "Cancelled"];
 

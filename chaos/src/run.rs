@@ -20,7 +20,7 @@ use crate::node::{signal, tail};
 use crate::oracle::{self, FinalJob, FinalRead, FinalState, Op, OpKind, Outcome, Verdict};
 use crate::report;
 use crate::sandbox::Sandbox;
-use crate::schedule::{cut_links, Fault, Nemesis, Schedule};
+use crate::schedule::{cut_links, Build, Fault, Nemesis, Schedule};
 use crate::tree::{generate_tree, random_bytes, tree_digest};
 
 /// What to run.
@@ -43,6 +43,10 @@ pub struct RunOptions {
     pub op_interval_ms: u64,
     /// Notes for the report (what was left out and why).
     pub notes: Vec<String>,
+    /// A rolling-upgrade run: the nodes start on this build (the previous
+    /// release), `Replace` faults move them between it and this one, and
+    /// no clone job may fail.
+    pub previous: Option<PathBuf>,
 }
 
 /// Set by SIGINT or SIGTERM (see [`watch_signals`]): the run stops where it
@@ -158,8 +162,10 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         }
     };
     for f in &opts.schedule.faults {
+        let replace = matches!(f.nemesis, Nemesis::Replace { .. });
         assert!(
-            playable(&f.nemesis, opts.sandbox, sinks.is_some()),
+            playable(&f.nemesis, opts.sandbox, sinks.is_some())
+                && (!replace || opts.previous.is_some()),
             "this runner cannot play {} here",
             f.nemesis.name()
         );
@@ -178,7 +184,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         env.push(("BITCLONE_DISK_RESERVE", DISK_RESERVE));
     }
     let cluster = TestCluster::start_opts(
-        crate::env::bin(),
+        opts.previous.as_deref().unwrap_or(crate::env::bin()),
         &cluster_dir,
         opts.nodes,
         spare,
@@ -245,6 +251,8 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         lease_kills: Vec::new(),
         errors: Vec::new(),
         gone: std::collections::BTreeSet::new(),
+        previous: opts.previous.clone(),
+        notes: Vec::new(),
     };
     for (at, start, i) in events {
         if !sleep_until(started + Duration::from_millis(at)) {
@@ -307,6 +315,7 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         let _ = c.join();
     }
     let lease_kills = std::mem::take(&mut faults.lease_kills);
+    notes.append(&mut faults.notes);
     drop(faults);
     let history = history.lock().unwrap().clone();
     let jobs = jobs.lock().unwrap().clone();
@@ -361,6 +370,9 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
             ));
             end.jobs = final_jobs;
             let mut verdicts = oracle::check(&history, &end, opts.heal_bound_ms);
+            if opts.previous.is_some() {
+                verdicts.push(oracle::no_job_failed(&end.jobs));
+            }
             verdicts.push(network_faults_bit(&opts.schedule, &dropped));
             verdicts.push(Verdict {
                 invariant: "every fault was inflicted and healed",
@@ -541,6 +553,8 @@ enum Undo {
     Leave(u64),
     /// A removed node joins again (with an empty store).
     Rejoin(u64),
+    /// A node stopped to run another build starts on it.
+    Replaced(u64),
 }
 
 fn alive_leader(c: &TestCluster) -> Option<u64> {
@@ -565,6 +579,10 @@ struct Faults<'a> {
     errors: Vec<String>,
     /// Nodes that left the cluster while down: not restarted.
     gone: std::collections::BTreeSet<u64>,
+    /// The build a rolling upgrade starts from.
+    previous: Option<PathBuf>,
+    /// What the faults saw, for the report.
+    notes: Vec<String>,
 }
 
 impl Faults<'_> {
@@ -663,6 +681,35 @@ impl Faults<'_> {
                 }
                 Err(e) => Err(e),
             },
+            Nemesis::Replace { node, build } => {
+                if !c.nodes.contains_key(&node) {
+                    return Err(format!("node {node} is not running"));
+                }
+                let to = match build {
+                    Build::Current => crate::env::bin().to_path_buf(),
+                    Build::Previous => self.previous.clone().ok_or("no previous build")?,
+                };
+                // What the pod's preStop hook runs; a failed drain is a
+                // finding, and the pod stops anyway (as the kubelet does).
+                let drain = c.node(node).drain_within(node, Duration::from_secs(70));
+                match drain {
+                    Some(o) if o.status.success() => self.notes.push(format!(
+                        "{}: drained: {}",
+                        f.nemesis.name(),
+                        String::from_utf8_lossy(&o.stdout).trim()
+                    )),
+                    Some(o) => self.errors.push(format!(
+                        "draining node {node}: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )),
+                    None => self
+                        .errors
+                        .push(format!("draining node {node}: no answer in 70 s")),
+                }
+                c.nodes.remove(&node).ok_or("gone")?.stop();
+                c.builds.insert(node, to);
+                Ok(Undo::Replaced(node))
+            }
             Nemesis::KillLeaseHolder => {
                 let (job, holder) = self.job_running(&c, i, random)?;
                 c.kill9(holder);
@@ -791,8 +838,86 @@ impl Faults<'_> {
                 self.gone.insert(id);
             }
             Undo::Rejoin(id) => join(&mut cluster.lock().unwrap(), id)?,
+            Undo::Replaced(id) => {
+                let mut c = cluster.lock().unwrap();
+                start(&mut c, id, &[])?;
+                let seen = check_build(&c, id)?;
+                self.notes.push(seen);
+            }
         }
         Ok(None)
+    }
+}
+
+/// The version `bitclone --version` of a binary prints.
+fn version_of(bin: &Path) -> Result<String, String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| format!("{} --version printed {text:?}", bin.display()))
+}
+
+/// After a replace (waiting at most 20 s for the node to hear from a
+/// peer): node `id` reports the version of the build it was started on,
+/// and (when it runs this build) speaks with each peer it heard from a
+/// peer protocol version this build knows, the newest one when that peer
+/// runs this build too. Says what it saw.
+fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
+    use bitclone_raft::protocol::PEER_PROTOCOL;
+    let version = version_of(c.build_of(id))?;
+    let current = c.build_of(id) == crate::env::bin();
+    let info = format!("bitclone_build_info{{version=\"{version}\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = c
+            .node(id)
+            .try_http("/metrics")
+            .filter(|r| r.status == 200)
+            .map(|r| r.body)
+            .unwrap_or_default();
+        let protocols: Vec<(u64, u32)> = metrics
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("bitclone_peer_protocol{peer=\"")?;
+                let (peer, value) = rest.split_once("\"} ")?;
+                Some((peer.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        let heard = !current || !protocols.is_empty();
+        if metrics.contains(&info) && heard {
+            let mut seen = vec![format!("node {id} runs {version}")];
+            for (peer, v) in protocols {
+                let peer_current = c.build_of(peer) == crate::env::bin();
+                let expected_ok = if peer_current {
+                    v == PEER_PROTOCOL.max
+                } else {
+                    (PEER_PROTOCOL.min..=PEER_PROTOCOL.max).contains(&v)
+                };
+                if !expected_ok {
+                    return Err(format!(
+                        "node {id} speaks peer protocol v{v} with node {peer} ({})",
+                        version_of(c.build_of(peer))?
+                    ));
+                }
+                seen.push(format!(
+                    "peer protocol v{v} with node {peer} ({})",
+                    version_of(c.build_of(peer))?
+                ));
+            }
+            return Ok(seen.join(", "));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {id} did not report version {version}{} within 20 s",
+                if heard { "" } else { " and a peer protocol" }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

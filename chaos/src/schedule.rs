@@ -22,6 +22,16 @@ pub enum Cut {
     OneWay,
 }
 
+/// Which build a node runs after a replace (a rolling upgrade's step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Build {
+    /// The release upgraded from (`--upgrade-from`).
+    Previous,
+    /// This build.
+    Current,
+}
+
 /// A nemesis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -49,6 +59,10 @@ pub enum Nemesis {
     Remove,
     /// One stored chunk flipped on one replica.
     CorruptChunk,
+    /// Node `node` drained (what a pod's `preStop` runs), stopped with
+    /// SIGTERM and started on `build` at the fault's end: one pod of a
+    /// StatefulSet's rolling update (or rollback).
+    Replace { node: u64, build: Build },
 }
 
 impl Nemesis {
@@ -77,6 +91,7 @@ impl Nemesis {
                 | Nemesis::Remove
                 // The replica is down while its chunk is flipped.
                 | Nemesis::CorruptChunk
+                | Nemesis::Replace { .. }
         )
     }
 
@@ -103,8 +118,43 @@ impl Nemesis {
             Nemesis::Join => "join".into(),
             Nemesis::Remove => "remove".into(),
             Nemesis::CorruptChunk => "corrupt-chunk".into(),
+            Nemesis::Replace {
+                node,
+                build: Build::Current,
+            } => format!("upgrade-node-{node}"),
+            Nemesis::Replace {
+                node,
+                build: Build::Previous,
+            } => format!("rollback-node-{node}"),
         }
     }
+}
+
+/// A rolling upgrade of a cluster of `nodes` started on the previous
+/// build, as a StatefulSet plays it: the highest ordinal first, one node
+/// at a time, each down for `t.min_fault_ms` and the next only after
+/// `t.quiet_ms` (readiness, then the replicas' catch-up); then one node
+/// is rolled back, the highest ordinal, where a StatefulSet's rollback
+/// begins. Plain and fixed: `seed` only names the
+/// clients' workload.
+pub fn upgrade(seed: u64, nodes: u64, t: Timing) -> Schedule {
+    let steps = (1..=nodes)
+        .rev()
+        .map(|node| (node, Build::Current))
+        .chain(std::iter::once((nodes, Build::Previous)));
+    let mut at = t.quiet_ms;
+    let faults = steps
+        .map(|(node, build)| {
+            let f = Fault {
+                nemesis: Nemesis::Replace { node, build },
+                start_ms: at,
+                end_ms: at + t.min_fault_ms,
+            };
+            at += t.min_fault_ms + t.quiet_ms;
+            f
+        })
+        .collect();
+    Schedule { seed, faults }
 }
 
 /// Every nemesis, once.
@@ -280,6 +330,33 @@ pub fn cut_links(cut: Cut, ids: &[u64], pick: usize) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_replaces_the_highest_ordinal_first_one_at_a_time_then_rolls_one_back() {
+        let t = Timing {
+            min_fault_ms: 2_000,
+            max_fault_ms: 2_000,
+            quiet_ms: 10_000,
+        };
+        let s = upgrade(7, 3, t);
+        let steps: Vec<String> = s.faults.iter().map(|f| f.nemesis.name()).collect();
+        assert_eq!(
+            steps,
+            [
+                "upgrade-node-3",
+                "upgrade-node-2",
+                "upgrade-node-1",
+                "rollback-node-3"
+            ]
+        );
+        // Never two nodes down at once, and quiet between.
+        for w in s.faults.windows(2) {
+            assert!(w[1].start_ms >= w[0].end_ms + t.quiet_ms, "{w:?}");
+        }
+        assert!(!every_nemesis()
+            .iter()
+            .any(|n| matches!(n, Nemesis::Replace { .. })));
+    }
 
     /// Who `id` can still send to, under `links` dropped.
     fn reaches(ids: &[u64], links: &[(u64, u64)], id: u64) -> Vec<u64> {

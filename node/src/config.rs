@@ -586,6 +586,7 @@ fn resolve_transport(ft: FileTransport) -> Result<bitclone_transport::TransportC
                 .with_context(|| format!("transport.idle_timeout {s:?}"))?,
             None => d.idle_timeout,
         },
+        protocols: d.protocols,
     };
     if t.max_frame < (4 << 20) + 64 {
         bail!(

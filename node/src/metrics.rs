@@ -679,6 +679,19 @@ impl Collector for NodeCollector {
             "Voters in the membership this node has applied",
             st.voters.len() as f64,
         )?;
+        let protocols = node.cluster.peer_protocols();
+        let peers: Vec<String> = protocols.iter().map(|(p, _)| p.to_string()).collect();
+        labelled(
+            e,
+            "bitclone_peer_protocol",
+            "The peer protocol version spoken with each peer heard from (the newest both speak)",
+            MetricType::Gauge,
+            "peer",
+            peers
+                .iter()
+                .map(|p| p.as_str())
+                .zip(protocols.iter().map(|(_, v)| u64::from(*v))),
+        )?;
         let (jobs, under) = node.cluster.local(|s| {
             let mut by = [0u64; 5];
             for j in s.jobs.values() {

@@ -200,7 +200,9 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
     drop(intruder);
 
     // Raw peer RPCs: a valid certificate for an id that is not a member, a
-    // certificate used to claim another id, and a vote from a stale term.
+    // certificate used to claim another id, a vote from a stale term (sent
+    // as a build before the versions were on the wire would), and one from
+    // a member two releases ahead.
     dev_certs(bin(), &tmp.path().join("certs"), 9);
     let leader = c.leader(1).unwrap();
     let peer_port = c.ports[&leader].1;
@@ -208,7 +210,7 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
         .enable_all()
         .build()
         .unwrap();
-    let vote = |cert_id: u64, from: u64, term: u64| {
+    let vote_as = |cert_id: u64, from: u64, term: u64, protocol: (u32, u32)| {
         let certs = tmp.path().join("certs");
         rt.block_on(async move {
             bitclone_raft::tls::install_crypto_provider();
@@ -228,10 +230,13 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
                 .vote(bitclone_proto::internal::v1::PeerMessage {
                     from,
                     payload: payload.into_bytes().into(),
+                    protocol_min: protocol.0,
+                    protocol_max: protocol.1,
                 })
                 .await
         })
     };
+    let vote = |cert_id, from, term| vote_as(cert_id, from, term, (0, 0));
     let unknown = vote(9, 9, 1_000).unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::PermissionDenied, "{unknown}");
     assert!(unknown.message().contains("not a member"), "{unknown}");
@@ -244,6 +249,18 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
     assert!(
         reply.contains("\"vote_granted\":false"),
         "stale-term vote must be refused: {reply}"
+    );
+    // The reply says which versions the leader speaks.
+    let ours = bitclone_raft::protocol::PEER_PROTOCOL;
+    assert_eq!(
+        (stale.protocol_min, stale.protocol_max),
+        (ours.min, ours.max)
+    );
+    let ahead = vote_as(follower, follower, 1_000, (ours.max + 1, ours.max + 2)).unwrap_err();
+    assert_eq!(ahead.code(), tonic::Code::FailedPrecondition, "{ahead}");
+    assert!(
+        ahead.message().contains("upgrade one release at a time"),
+        "{ahead}"
     );
     drop(rt);
     // The refused peers changed nothing: still three members and a leader.

@@ -17,6 +17,7 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status as GrpcStat
 use crate::error::Error;
 use crate::job::Backoff;
 use crate::network::{PeerRpc, Peers, MAX_PEER_MESSAGE};
+use crate::protocol::PEER_PROTOCOL;
 use crate::state::{ClusterState, Command, NodeInfo, Request, Response, SettingsUpdate};
 use crate::store::{open_db, Applied, LogStore, StateMachine};
 use crate::tls::{check_peer, PeerTls};
@@ -515,6 +516,11 @@ impl Cluster {
         Ok(self.raft.ensure_linearizable().await?.map(|l| l.index))
     }
 
+    /// The peer protocol version spoken with each peer heard from.
+    pub fn peer_protocols(&self) -> Vec<(NodeId, u32)> {
+        self.peers.protocols()
+    }
+
     /// How many times the leader this node sees has changed since it
     /// started.
     pub fn leader_changes(&self) -> u64 {
@@ -630,6 +636,8 @@ fn encode<T: Serialize>(v: &T) -> Result<GrpcResponse<PeerMessage>, GrpcStatus> 
     Ok(GrpcResponse::new(PeerMessage {
         from: 0,
         payload: payload.into(),
+        protocol_min: PEER_PROTOCOL.min,
+        protocol_max: PEER_PROTOCOL.max,
     }))
 }
 
@@ -649,6 +657,14 @@ impl PeerService {
             tracing::warn!(claimed = from, error = %e, "peer refused");
             GrpcStatus::permission_denied(e.to_string())
         })?;
+        let m = req.get_ref();
+        self.cluster
+            .peers
+            .heard(from, m.protocol_min, m.protocol_max)
+            .map_err(|e| {
+                tracing::warn!(peer = from, error = %e, "refused a peer of another release");
+                GrpcStatus::failed_precondition(e)
+            })?;
         if must_be_member && !self.cluster.knows(from) {
             tracing::warn!(node = from, "refused a peer that is not a member");
             return Err(GrpcStatus::permission_denied(format!(

@@ -21,6 +21,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
+use crate::protocol::{Versions, PEER_PROTOCOL};
 use crate::state::NodeInfo;
 use crate::tls::PeerTls;
 use crate::types::TypeConfig;
@@ -38,6 +39,9 @@ pub struct Peers {
     /// [`crate::cluster::ClusterConfig::source_ip`]).
     source_ip: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+    /// The newest peer protocol version in common with each peer heard
+    /// from (its requests or its replies).
+    protocols: Arc<Mutex<HashMap<NodeId, u32>>>,
 }
 
 impl Peers {
@@ -47,7 +51,27 @@ impl Peers {
             tls,
             source_ip,
             channels: Arc::default(),
+            protocols: Arc::default(),
         }
+    }
+
+    /// Checks the versions a message from `peer` carries and notes the
+    /// newest one both speak.
+    pub fn heard(&self, peer: NodeId, min: u32, max: u32) -> Result<u32, String> {
+        let v = PEER_PROTOCOL.agree(peer, Versions::of(min, max))?;
+        self.protocols
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, v);
+        Ok(v)
+    }
+
+    /// The peer protocol version spoken with each peer heard from, by id.
+    pub fn protocols(&self) -> Vec<(NodeId, u32)> {
+        let m = self.protocols.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(NodeId, u32)> = m.iter().map(|(p, v)| (*p, *v)).collect();
+        v.sort_unstable();
+        v
     }
 
     fn channel(&self, peer: NodeId, addr: &str) -> Result<Channel, Error> {
@@ -92,6 +116,8 @@ impl Peers {
         let mut request = tonic::Request::new(PeerMessage {
             from: self.me,
             payload: payload.into(),
+            protocol_min: PEER_PROTOCOL.min,
+            protocol_max: PEER_PROTOCOL.max,
         });
         request.set_timeout(timeout);
         // A client command forwarded to the leader keeps the client call's
@@ -123,7 +149,10 @@ impl Peers {
             // The peer answered and refused (rights, a bad request).
             _ => Error::Refused(format!("peer {peer}: {}", status.message())),
         })?;
-        serde_json::from_slice(&reply.into_inner().payload).map_err(|e| Error::Protocol {
+        let reply = reply.into_inner();
+        self.heard(peer, reply.protocol_min, reply.protocol_max)
+            .map_err(|detail| Error::Protocol { peer, detail })?;
+        serde_json::from_slice(&reply.payload).map_err(|e| Error::Protocol {
             peer,
             detail: e.to_string(),
         })

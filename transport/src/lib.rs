@@ -43,5 +43,11 @@ pub enum Error {
 /// Result alias of the transport crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// ALPN protocol id of the chunk protocol.
-pub const ALPN: &[u8] = b"bitclone-chunks/1";
+/// The chunk protocol's versions this build speaks, as ALPN ids, newest
+/// first. The version travels in the QUIC handshake: both sides offer
+/// theirs and the server picks the first of its own the client offered,
+/// so two builds talk in the newest version both speak, and builds with
+/// none in common are refused at the handshake. A release that changes
+/// the frames adds `bitclone-chunks/N+1` in front and keeps the older one
+/// until the release after (docs/ARCHITECTURE.md, "Versions").
+pub const CHUNK_PROTOCOLS: &[&[u8]] = &[b"bitclone-chunks/1"];

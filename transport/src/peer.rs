@@ -90,6 +90,10 @@ pub struct TransportConfig {
     pub udp_buffer: usize,
     /// Idle connections are closed after this long.
     pub idle_timeout: Duration,
+    /// The chunk protocol versions offered (ALPN ids, newest first); the
+    /// default is [`crate::CHUNK_PROTOCOLS`]. Tests set others to play
+    /// builds of other releases.
+    pub protocols: Vec<Vec<u8>>,
 }
 
 impl Default for TransportConfig {
@@ -103,6 +107,7 @@ impl Default for TransportConfig {
             udp_buffer: 8 << 20,
             // Also bounds how long a handshake with a dead peer can hang.
             idle_timeout: Duration::from_secs(10),
+            protocols: crate::CHUNK_PROTOCOLS.iter().map(|p| p.to_vec()).collect(),
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct Transport {
     client: quinn::ClientConfig,
     conns: Mutex<HashMap<(u64, SocketAddr), Connection>>,
     max_frame: usize,
+    /// The chunk protocol versions offered (ALPN ids).
+    protocols: Vec<Vec<u8>>,
     received: Arc<Received>,
 }
 
@@ -173,8 +180,8 @@ impl Transport {
         server: Arc<dyn ChunkServer>,
         cfg: TransportConfig,
     ) -> Result<Arc<Transport>> {
-        server_tls.alpn_protocols = vec![crate::ALPN.to_vec()];
-        client_tls.alpn_protocols = vec![crate::ALPN.to_vec()];
+        server_tls.alpn_protocols = cfg.protocols.clone();
+        client_tls.alpn_protocols = cfg.protocols.clone();
         let tc = transport_config(&cfg)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server_tls).map_err(|e| Error::Setup(e.to_string()))?,
@@ -210,6 +217,7 @@ impl Transport {
             client,
             conns: Mutex::default(),
             max_frame: cfg.max_frame,
+            protocols: cfg.protocols.clone(),
             received: Arc::default(),
         });
         tokio::spawn(serve(endpoint, server, cfg.max_frame, t.received.clone()));
@@ -264,12 +272,51 @@ impl Transport {
             .map_err(|e| err(e.to_string()))?
             .map_err(|e| err(e.to_string()))?
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(self.handshake_error(e)))?;
+        tracing::debug!(
+            peer,
+            protocol = %negotiated(&conn).unwrap_or_default(),
+            "connected to a peer's chunk service"
+        );
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((peer, addr), conn.clone());
         Ok(conn)
+    }
+
+    /// The chunk protocol version spoken with `peer` (its ALPN id),
+    /// connecting if need be.
+    pub async fn protocol(&self, peer: u64, addr: SocketAddr) -> Result<String> {
+        let conn = self.connection(peer, addr).await?;
+        negotiated(&conn).ok_or_else(|| Error::Connection {
+            peer,
+            detail: "the connection negotiated no chunk protocol".into(),
+        })
+    }
+
+    /// Says so when the peer speaks no chunk protocol version this node
+    /// offers (TLS alert 120): builds more than one release apart.
+    fn handshake_error(&self, e: quinn::ConnectionError) -> String {
+        let no_protocol = quinn::TransportErrorCode::crypto(120);
+        let refused = match &e {
+            quinn::ConnectionError::ConnectionClosed(c) => c.error_code == no_protocol,
+            quinn::ConnectionError::TransportError(t) => t.code == no_protocol,
+            _ => false,
+        };
+        if !refused {
+            return e.to_string();
+        }
+        let offered: Vec<String> = self
+            .protocols
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        format!(
+            "the peer speaks none of the chunk protocol versions this node does ({}): \
+             nodes more than one release apart cannot run in one cluster; upgrade one release at a time",
+            offered.join(", ")
+        )
     }
 
     async fn request(
@@ -474,6 +521,16 @@ impl Transport {
         self.received.add(peer, out.len(), received);
         Ok(out)
     }
+}
+
+/// The chunk protocol version a connection speaks (its ALPN id).
+fn negotiated(conn: &Connection) -> Option<String> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
 }
 
 fn remote(peer: u64, payload: &[u8]) -> Error {

@@ -264,3 +264,62 @@ async fn a_client_without_a_certificate_is_refused() {
     );
     assert!(b_store.chunks.lock().unwrap().is_empty());
 }
+
+/// Builds of other releases, played by the versions they offer: the
+/// newest version both speak is used, and none in common is refused at the
+/// handshake with an error that says why.
+#[tokio::test]
+async fn builds_talk_in_the_newest_chunk_protocol_both_speak_and_refuse_none_in_common() {
+    let dir = tempfile::tempdir().unwrap();
+    generate_dev(dir.path(), 4).unwrap();
+    let speaks = |versions: &[&str]| TransportConfig {
+        protocols: versions.iter().map(|v| v.as_bytes().to_vec()).collect(),
+        ..TransportConfig::default()
+    };
+    // This build, and the next release speaking /2 and still /1.
+    let (current, _, _) = node(dir.path(), 1, TransportConfig::default());
+    let (_next, next_store, next_addr) = node(
+        dir.path(),
+        2,
+        speaks(&["bitclone-chunks/2", "bitclone-chunks/1"]),
+    );
+    let (id, data) = chunk(9, 1000);
+    assert_eq!(
+        current
+            .put(2, next_addr, "t", &[(id, data.as_slice())])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(next_store
+        .chunks
+        .lock()
+        .unwrap()
+        .contains_key(&("t".into(), id)));
+    assert_eq!(
+        current.protocol(2, next_addr).await.unwrap(),
+        "bitclone-chunks/1"
+    );
+    // Two builds of the next release speak /2 with each other.
+    let (next_too, _, _) = node(
+        dir.path(),
+        3,
+        speaks(&["bitclone-chunks/2", "bitclone-chunks/1"]),
+    );
+    assert_eq!(
+        next_too.protocol(2, next_addr).await.unwrap(),
+        "bitclone-chunks/2"
+    );
+    // A release that dropped /1 and this build share nothing.
+    let (_later, later_store, later_addr) = node(dir.path(), 4, speaks(&["bitclone-chunks/2"]));
+    let e = current
+        .put(4, later_addr, "t", &[(id, data.as_slice())])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Connection { .. }), "{e}");
+    assert!(
+        e.to_string().contains("upgrade one release at a time"),
+        "{e}"
+    );
+    assert!(later_store.chunks.lock().unwrap().is_empty());
+}
