@@ -23,8 +23,9 @@ STEP       := bash scripts/step.sh
 BITCLONE   := $(CARGO_TARGET_DIR)/debug/bitclone
 BENCH_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-bench
 CHAOS_BIN  := $(CARGO_TARGET_DIR)/debug/bitclone-chaos
-# The previous release's binary (scripts/build-previous.sh builds it).
-PREVIOUS_BIN = $(shell bash scripts/build-previous.sh --path)
+# The previous release's binary (scripts/build-previous.sh builds it and
+# prints its path).
+PREVIOUS_BIN := $$(bash scripts/build-previous.sh --path)
 # The smoke run's seed (fixed: make test replays the same schedule); the long
 # run draws one and prints it. CHAOS_ARGS adds flags, e.g. --cycles 200.
 CHAOS_SEED ?= 1

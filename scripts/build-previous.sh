@@ -31,8 +31,8 @@ if [[ -x $out ]] && "$out" --version >/dev/null 2>&1; then
     exit 0
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
-    # A shallow clone: its origin has the history.
-    git fetch --quiet --unshallow 2>/dev/null || true
+    # A shallow or single-branch clone: its origin has the commit.
+    GIT_TERMINAL_PROMPT=0 git fetch --quiet origin "$commit" || true
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     echo "commit $commit (deploy/previous-release) is not in this clone's history" >&2

@@ -706,7 +706,9 @@ impl Faults<'_> {
                         .errors
                         .push(format!("draining node {node}: no answer in 70 s")),
                 }
-                c.nodes.remove(&node).ok_or("gone")?.stop();
+                let stopping = c.nodes.remove(&node).ok_or("gone")?;
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stopping.stop()))
+                    .map_err(|_| format!("node {node} did not stop cleanly on SIGTERM"))?;
                 c.builds.insert(node, to);
                 Ok(Undo::Replaced(node))
             }
@@ -862,13 +864,15 @@ fn version_of(bin: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("{} --version printed {text:?}", bin.display()))
 }
 
-/// After a replace (waiting at most 20 s for the node to hear from a
-/// peer): node `id` reports the version of the build it was started on,
-/// and (when it runs this build) speaks with each peer it heard from a
-/// peer protocol version this build knows, the newest one when that peer
-/// runs this build too. Says what it saw.
+/// After a replace, waiting at most 20 s (as a StatefulSet waits for a
+/// pod to be Ready before the next): node `id` is ready, reports the
+/// version of the build it was started on, and (when it runs this build,
+/// once it heard from a peer) speaks with each peer it heard from the
+/// newest version both builds know: this build's newest with this build,
+/// its oldest (the previous release's newest) with the previous build.
+/// Says what it saw.
 fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
-    use bitclone_raft::protocol::PEER_PROTOCOL;
+    use bitclone_proto::peer_protocol::PEER_PROTOCOL;
     let version = version_of(c.build_of(id))?;
     let current = c.build_of(id) == crate::env::bin();
     let info = format!("bitclone_build_info{{version=\"{version}\"}} 1");
@@ -889,16 +893,20 @@ fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
             })
             .collect();
         let heard = !current || !protocols.is_empty();
-        if metrics.contains(&info) && heard {
+        let ready = c
+            .node(id)
+            .try_http("/readyz")
+            .is_some_and(|r| r.status == 200);
+        if metrics.contains(&info) && heard && ready {
             let mut seen = vec![format!("node {id} runs {version}")];
             for (peer, v) in protocols {
                 let peer_current = c.build_of(peer) == crate::env::bin();
-                let expected_ok = if peer_current {
-                    v == PEER_PROTOCOL.max
+                let expected = if peer_current {
+                    PEER_PROTOCOL.max
                 } else {
-                    (PEER_PROTOCOL.min..=PEER_PROTOCOL.max).contains(&v)
+                    PEER_PROTOCOL.min
                 };
-                if !expected_ok {
+                if v != expected {
                     return Err(format!(
                         "node {id} speaks peer protocol v{v} with node {peer} ({})",
                         version_of(c.build_of(peer))?
@@ -913,7 +921,7 @@ fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "node {id} did not report version {version}{} within 20 s",
+                "node {id} was not ready, reporting version {version}{}, within 20 s",
                 if heard { "" } else { " and a peer protocol" }
             ));
         }

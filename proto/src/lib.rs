@@ -1,5 +1,6 @@
 //! Wire types of the BitClone public API (`bitclone.v1`), generated from
-//! `proto/bitclone/v1/*.proto` at build time. Generated code only.
+//! `proto/bitclone/v1/*.proto` at build time, the node-to-node ones, and
+//! the constants both sides of a wire agree on (sizes, protocol versions).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -13,6 +14,8 @@ pub mod internal {
         tonic::include_proto!("bitclone.internal.v1");
     }
 }
+
+pub mod peer_protocol;
 
 /// Largest gRPC message either side accepts by default: one data frame of
 /// up to 1 MiB plus headroom. Larger frames are refused.

@@ -516,9 +516,13 @@ impl Cluster {
         Ok(self.raft.ensure_linearizable().await?.map(|l| l.index))
     }
 
-    /// The peer protocol version spoken with each peer heard from.
+    /// The peer protocol version spoken with each member heard from (the
+    /// last one heard: a peer rolled back shows its new one once it
+    /// answers or calls).
     pub fn peer_protocols(&self) -> Vec<(NodeId, u32)> {
-        self.peers.protocols()
+        let mut v = self.peers.protocols();
+        v.retain(|(p, _)| self.knows(*p));
+        v
     }
 
     /// How many times the leader this node sees has changed since it
@@ -657,6 +661,12 @@ impl PeerService {
             tracing::warn!(claimed = from, error = %e, "peer refused");
             GrpcStatus::permission_denied(e.to_string())
         })?;
+        if must_be_member && !self.cluster.knows(from) {
+            tracing::warn!(node = from, "refused a peer that is not a member");
+            return Err(GrpcStatus::permission_denied(format!(
+                "node {from} is not a member of this cluster"
+            )));
+        }
         let m = req.get_ref();
         self.cluster
             .peers
@@ -665,12 +675,6 @@ impl PeerService {
                 tracing::warn!(peer = from, error = %e, "refused a peer of another release");
                 GrpcStatus::failed_precondition(e)
             })?;
-        if must_be_member && !self.cluster.knows(from) {
-            tracing::warn!(node = from, "refused a peer that is not a member");
-            return Err(GrpcStatus::permission_denied(format!(
-                "node {from} is not a member of this cluster"
-            )));
-        }
         Ok(from)
     }
 }

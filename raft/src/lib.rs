@@ -10,12 +10,13 @@ mod error;
 pub mod job;
 mod network;
 pub mod placement;
-pub mod protocol;
 pub mod state;
 mod store;
 pub mod tls;
 mod types;
 
+/// The peer protocol's versions (kept in `proto`, beside the fields).
+pub use bitclone_proto::peer_protocol as protocol;
 pub use cluster::{Cluster, ClusterConfig, Status};
 pub use error::Error;
 

@@ -5,11 +5,9 @@
 //! an error that says why. A release that changes what peers send adds a
 //! version at the top of the range and keeps the one below until the
 //! release after (expand, migrate, contract: docs/ARCHITECTURE.md,
-//! "Versions").
+//! "Versions and upgrades").
 
 use std::fmt;
-
-use crate::NodeId;
 
 /// The versions this build speaks. 1: JSON payloads of openraft 0.9's
 /// messages and of this crate's requests, with no versions on the wire
@@ -46,7 +44,7 @@ impl Versions {
 
     /// The newest version this build shares with `peer`'s range, or why
     /// they cannot talk.
-    pub fn agree(self, peer: NodeId, theirs: Versions) -> Result<u32, String> {
+    pub fn agree(self, peer: u64, theirs: Versions) -> Result<u32, String> {
         self.common(theirs).ok_or_else(|| {
             format!(
                 "node {peer} speaks peer protocol {theirs}, this node {self}: nodes more than one \
