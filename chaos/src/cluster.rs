@@ -115,7 +115,7 @@ impl TestCluster {
         let mut env: Vec<(&str, &str)> = vec![("BITCLONE_SHUTDOWN_GRACE", "5s")];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let node = TestNode::spawn_bin(
-            self.builds.get(&id).unwrap_or(&self.bin),
+            self.build_of(id),
             &self.node_dir(id),
             &format!("{ip}:{api}"),
             &args,

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 use bitclone_chaos::run::{playable, run, watch_signals, RunOptions};
 use bitclone_chaos::sandbox;
-use bitclone_chaos::schedule::{self, every_nemesis, Nemesis, Schedule, Timing};
+use bitclone_chaos::schedule::{self, every_nemesis, Schedule, Timing};
 use bitclone_chaos::servers::{Garage, PgServer};
 
 fn main() -> ExitCode {
@@ -122,11 +122,11 @@ fn main_inner() -> Result<ExitCode, String> {
     let jobs = Garage::available() && PgServer::available();
     let kinds: Vec<_> = every_nemesis()
         .into_iter()
-        .filter(|n| playable(n, sandboxed, jobs))
+        .filter(|n| playable(n, sandboxed, jobs, previous.is_some()))
         .collect();
     let left_out: Vec<String> = every_nemesis()
         .iter()
-        .filter(|n| !playable(n, sandboxed, jobs))
+        .filter(|n| !playable(n, sandboxed, jobs, previous.is_some()))
         .map(|n| n.name())
         .collect();
     let (timing, nodes) = if long {
@@ -174,10 +174,11 @@ fn main_inner() -> Result<ExitCode, String> {
         None if long => schedule::long(seed, &kinds, cycles, timing),
         None => schedule::smoke(seed, &kinds, timing),
     };
-    if let Some(bad) = schedule.faults.iter().find(|f| match f.nemesis {
-        Nemesis::Replace { .. } => previous.is_none(),
-        n => !playable(&n, sandboxed, jobs),
-    }) {
+    if let Some(bad) = schedule
+        .faults
+        .iter()
+        .find(|f| !playable(&f.nemesis, sandboxed, jobs, previous.is_some()))
+    {
         return Err(format!(
             "the schedule holds {}, which this harness cannot play here",
             bad.nemesis.name()

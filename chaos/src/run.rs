@@ -114,9 +114,11 @@ impl RunOutcome {
 
 /// The nemeses this runner can play (`sandbox`: inside the namespaces).
 /// `jobs`: Garage and Postgres are there for the clone-job workload.
-pub fn playable(n: &Nemesis, sandbox: bool, jobs: bool) -> bool {
+/// `upgrade`: a previous build to replace nodes with was given.
+pub fn playable(n: &Nemesis, sandbox: bool, jobs: bool, upgrade: bool) -> bool {
     match n {
         Nemesis::KillLeaseHolder => jobs,
+        Nemesis::Replace { .. } => upgrade,
         n if n.needs_root() => sandbox,
         _ => true,
     }
@@ -162,10 +164,13 @@ pub fn run(opts: &RunOptions) -> RunOutcome {
         }
     };
     for f in &opts.schedule.faults {
-        let replace = matches!(f.nemesis, Nemesis::Replace { .. });
         assert!(
-            playable(&f.nemesis, opts.sandbox, sinks.is_some())
-                && (!replace || opts.previous.is_some()),
+            playable(
+                &f.nemesis,
+                opts.sandbox,
+                sinks.is_some(),
+                opts.previous.is_some()
+            ),
             "this runner cannot play {} here",
             f.nemesis.name()
         );
@@ -900,22 +905,19 @@ fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
         if metrics.contains(&info) && heard && ready {
             let mut seen = vec![format!("node {id} runs {version}")];
             for (peer, v) in protocols {
-                let peer_current = c.build_of(peer) == crate::env::bin();
-                let expected = if peer_current {
+                let expected = if c.build_of(peer) == crate::env::bin() {
                     PEER_PROTOCOL.max
                 } else {
                     PEER_PROTOCOL.min
                 };
-                if v != expected {
-                    return Err(format!(
-                        "node {id} speaks peer protocol v{v} with node {peer} ({})",
-                        version_of(c.build_of(peer))?
-                    ));
-                }
-                seen.push(format!(
+                let with = format!(
                     "peer protocol v{v} with node {peer} ({})",
                     version_of(c.build_of(peer))?
-                ));
+                );
+                if v != expected {
+                    return Err(format!("node {id} speaks {with}, not v{expected}"));
+                }
+                seen.push(with);
             }
             return Ok(seen.join(", "));
         }

@@ -123,7 +123,7 @@ impl Node {
     /// and release their leases (as at shutdown), until it restarts.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
-        self.wake.notify_waiters();
+        self.wake_workers();
     }
 
     pub fn is_draining(&self) -> bool {

@@ -497,14 +497,10 @@ async fn repair_once(
         }
         (work, s.members.clone())
     });
-    // Looked up once a pass, not once a snapshot.
-    let mut addrs = HashMap::new();
-    for id in members.keys() {
-        if let Some(a) = crate::node::peer_socket(&members, *id).await {
-            addrs.insert(*id, a);
-        }
-    }
-    let addr = |peer: &u64| addrs.get(peer).copied();
+    let mut addrs = PeerAddrs {
+        members: &members,
+        found: HashMap::new(),
+    };
     let mut present: HashMap<String, HashSet<ChunkId>> = HashMap::new();
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
@@ -518,7 +514,9 @@ async fn repair_once(
             None => {
                 let mut got = None;
                 for peer in &from {
-                    let Some(a) = addr(peer) else { continue };
+                    let Some(a) = addrs.get(*peer).await else {
+                        continue;
+                    };
                     if let Ok(b) = transport
                         .get_manifest(*peer, a, &tenant, &id.0, MAX_MANIFEST_BYTES)
                         .await
@@ -541,8 +539,12 @@ async fn repair_once(
                 if is_local {
                     continue;
                 }
-                let peers: Vec<(u64, SocketAddr)> =
-                    from.iter().filter_map(|p| Some((*p, addr(p)?))).collect();
+                let mut peers: Vec<(u64, SocketAddr)> = Vec::new();
+                for p in &from {
+                    if let Some(a) = addrs.get(*p).await {
+                        peers.push((*p, a));
+                    }
+                }
                 let top: Vec<ChunkId> = root.pages.iter().map(|(p, _)| *p).collect();
                 let lacking = local_lacks(&node.store, &tenant, top).await?;
                 let pulled = Pull {
@@ -602,7 +604,9 @@ async fn repair_once(
         for batch in missing.chunks(REPAIR_BATCH) {
             let mut done = false;
             for peer in &from {
-                let Some(a) = addr(peer) else { continue };
+                let Some(a) = addrs.get(*peer).await else {
+                    continue;
+                };
                 if let Ok(datas) = transport.get(*peer, a, &tenant, batch).await {
                     let (store, t, ids) = (node.store.clone(), tenant.clone(), batch.to_vec());
                     tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -629,6 +633,25 @@ async fn repair_once(
 }
 
 /// Which of `ids` (chunks or pages) this node's store lacks.
+/// Members' peer addresses for one repair pass, each looked up the first
+/// time the pass needs it: a pass that finds every snapshot here looks
+/// none up (a name is a DNS query).
+struct PeerAddrs<'a> {
+    members: &'a std::collections::BTreeMap<u64, bitclone_raft::state::NodeInfo>,
+    found: HashMap<u64, Option<SocketAddr>>,
+}
+
+impl PeerAddrs<'_> {
+    async fn get(&mut self, peer: u64) -> Option<SocketAddr> {
+        if let Some(a) = self.found.get(&peer) {
+            return *a;
+        }
+        let a = crate::node::peer_socket(self.members, peer).await;
+        self.found.insert(peer, a);
+        a
+    }
+}
+
 async fn local_lacks(
     store: &Arc<RocksStore>,
     tenant: &str,

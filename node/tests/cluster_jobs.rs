@@ -139,18 +139,14 @@ fn a_running_job_is_cancelled_from_another_node() {
     assert!(j["lease_holder"].is_null(), "the lease is released: {j}");
 }
 
-/// `bitclone drain` as a preStop hook runs it: no endpoint, the node's own
-/// settings from the environment (here its id and data dir; the test
+/// `bitclone drain` as a preStop hook runs it (`TestNode::drain_within`:
+/// the node's own settings from the environment, its id and data dir; the
 /// harness gives the endpoint, which a pod's config would).
 fn drain(c: &TestCluster, id: u64) -> serde_json::Value {
     let out = c
         .node(id)
-        .command()
-        .env("BITCLONE_DATA_DIR", &c.node(id).data_dir)
-        .env("BITCLONE_NODE_ID", id.to_string())
-        .args(["--json", "drain", "--timeout", "30s"])
-        .output()
-        .unwrap();
+        .drain_within(id, Duration::from_secs(60))
+        .expect("the drain ends within 60 s");
     assert!(
         out.status.success(),
         "drain of node {id} failed: {}\n{}",
@@ -173,12 +169,8 @@ fn a_drained_node_hands_its_job_over_without_a_failed_attempt_and_its_leadership
     // A drain meant for one node and sent to another is refused.
     let wrong = c
         .node(other)
-        .command()
-        .env("BITCLONE_DATA_DIR", &c.node(other).data_dir)
-        .env("BITCLONE_NODE_ID", holder.to_string())
-        .args(["drain"])
-        .output()
-        .unwrap();
+        .drain_within(holder, Duration::from_secs(60))
+        .expect("the refusal comes within 60 s");
     assert!(!wrong.status.success());
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains("not node"),

@@ -49,5 +49,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// so two builds talk in the newest version both speak, and builds with
 /// none in common are refused at the handshake. A release that changes
 /// the frames adds `bitclone-chunks/N+1` in front and keeps the older one
-/// until the release after (docs/ARCHITECTURE.md, "Versions").
+/// until the release after (docs/ARCHITECTURE.md, "Versions and
+/// upgrades").
 pub const CHUNK_PROTOCOLS: &[&[u8]] = &[b"bitclone-chunks/1"];
