@@ -59,7 +59,7 @@ help:
 	@echo "  make upgrade-test build the previous release from git (deploy/previous-release), upgrade a 3-node"
 	@echo "                   cluster from it to this build under load, roll one node back; ~2 min (make test runs it)"
 	@echo "  make chaos        5 nodes, 100 fault cycles (about 30 min), a drawn seed; report path printed"
-	@echo "  make k8s-run      execute the dev overlay's StatefulSet as local processes (root): form, put, kill, scale 3-5-3 (make test runs it)"
+	@echo "  make k8s-run      execute the dev overlay's StatefulSet as local processes (root): form, put, clone, drain a job, kill, scale 3-5-3 (make test runs it)"
 	@echo "  make k8s-validate render the deploy/k8s overlays, check them (API schemas, checkov, our own) and"
 	@echo "                   lint deploy/Dockerfile (hadolint, checkov), offline; make test runs it first"
 	@echo "  make build        cargo build --workspace"

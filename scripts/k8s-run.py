@@ -17,8 +17,10 @@ Scenario: the set forms a cluster; a put and a restore work through the
 client Service's name; readiness reflects reality; a killed pod comes back
 with its volume and rejoins as itself; the set scales 3 -> 5 -> 3 (the
 documented `cluster remove` first, then each pod's preStop drain, which
-must succeed, and SIGTERM). Not yet played: a clone and a drain with a job
-running (the dev config declares no sink).
+must succeed, and SIGTERM); a clone job writes to the shared exports
+volume (the dev overlay's file:// root); a pod running a clone job is
+stopped and its preStop drain hands the job to another pod, which finishes
+it with no attempt lost.
 
 Run as root (it makes namespaces, a bridge and mounts; everything is gone
 when it exits):  scripts/k8s-run.py --bitclone PATH [--overlay dev]
@@ -102,6 +104,8 @@ class PodSpec:
         self.service = self.sts["spec"]["serviceName"]
         self.configmaps = {d["metadata"]["name"]: d.get("data", {})
                            for d in docs if d["kind"] == "ConfigMap"}
+        self.claims = {d["metadata"]["name"]: d["spec"]
+                       for d in docs if d["kind"] == "PersistentVolumeClaim"}
         if any(d["kind"] == "Secret" for d in docs):
             fail("the rendering holds a Secret: Secrets are referenced, never generated")
         tpl = self.sts["spec"]["template"]
@@ -181,11 +185,35 @@ class Cluster:
             os.chown(d, self.spec.uid, self.spec.fs_group or self.spec.gid)
         return d
 
+    def host_dir(self, mount_path):
+        """The directory behind a PersistentVolumeClaim volume mounted at
+        `mount_path` (what the test reads back)."""
+        m = next(m for m in self.spec.container["volumeMounts"] if m["mountPath"] == mount_path)
+        v = next(v for v in self.spec.pod["volumes"] if v["name"] == m["name"])
+        return self.claim(v["persistentVolumeClaim"]["claimName"])
+
+    def claim(self, name):
+        """A PersistentVolumeClaim every pod mounts: one directory, kept
+        across pod restarts; ReadWriteMany, since pods on any node mount it."""
+        spec = self.spec.claims.get(name)
+        if spec is None:
+            fail(f"no PersistentVolumeClaim {name} in the rendering")
+        if "ReadWriteMany" not in spec.get("accessModes", []):
+            fail(f"PersistentVolumeClaim {name}: every pod mounts it, so it must be ReadWriteMany")
+        d = os.path.join(self.work, "pvc", name)
+        if not os.path.isdir(d):
+            os.makedirs(d)
+            os.chown(d, self.spec.uid, self.spec.fs_group or self.spec.gid)
+        return d
+
     def volume_dirs(self, ordinal):
         """Each volume of the pod as a directory, by volume name."""
         out = {}
         for v in self.spec.pod.get("volumes", []):
             name = v["name"]
+            if "persistentVolumeClaim" in v:
+                out[name] = self.claim(v["persistentVolumeClaim"]["claimName"])
+                continue
             d = os.path.join(self.work, "volumes", self.spec.pod_name(ordinal), name)
             if "configMap" in v:
                 data = self.spec.configmaps.get(v["configMap"]["name"])
@@ -391,8 +419,9 @@ def tree(root, seed, files, size):
             f.write(rnd.randbytes(size))
 
 
-def same_tree(a, b):
-    r = subprocess.run(["diff", "-r", a, b], capture_output=True, text=True)
+def same_tree(a, b, exclude=()):
+    r = subprocess.run(["diff", "-r", *(f"-x{x}" for x in exclude), a, b],
+                       capture_output=True, text=True)
     return r.returncode == 0
 
 
@@ -412,15 +441,18 @@ def scenario(args):
     os.makedirs(wdir)
     run("mount", "-t", "overlay", "overlay", "-o",
         f"lowerdir=/etc,upperdir={upper},workdir={wdir}", "/etc")
-    made_data = False
+    # Mount points at the root are made here and removed at the end (the
+    # root file system is the host's); others only under /etc.
+    made = []
     for m in spec.container.get("volumeMounts", []):
         path = m["mountPath"]
         if not os.path.isdir(path):
-            if not path.startswith("/etc/") and path != "/data":
-                fail(f"mount path {path}: only /etc/... and /data are made here")
-            if path == "/data":
-                made_data = True
+            top = os.path.dirname(path) == "/"
+            if not path.startswith("/etc/") and not top:
+                fail(f"mount path {path}: only /etc/... and /NAME are made here")
             os.makedirs(path)
+            if top:
+                made.append(path)
     # ip netns keeps its names in /run/netns: a tmpfs of this namespace's
     # own, so none is left on the host.
     os.makedirs("/run/netns", exist_ok=True)
@@ -468,6 +500,27 @@ def scenario(args):
         s = status(o)
         return sorted(m["id"] for m in s["members"] if m.get("voter")) if s else None
 
+    def put(tree_dir, dataset):
+        r = cli(args.bitclone, ca, token_file, client_ep, "--json", "put", tree_dir,
+                "--dataset", dataset)
+        return json.loads(r.stdout)["snapshot"]
+
+    def clone(dataset, snapshot, name):
+        """A clone job of the snapshot to /exports/NAME, through the client
+        Service; its id."""
+        r = cli(args.bitclone, ca, token_file, client_ep, "clone", "--from",
+                f"snapshot://{dataset}@{snapshot}", "--dataset", f"{dataset}-{name}",
+                "--to", f"file:///exports/{name}")
+        return r.stdout.strip()
+
+    def job(o, job_id):
+        r = cli(args.bitclone, ca, token_file, endpoint(o), "--json", "job", job_id, check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else {}
+
+    def exported(name, tree_dir):
+        # The sink's own commit records and manifests live in .bitclone.
+        return same_tree(tree_dir, os.path.join(c.host_dir("/exports"), name), [".bitclone"])
+
     try:
         t = time.monotonic()
         for o in range(spec.replicas):
@@ -484,9 +537,64 @@ def scenario(args):
         tree(src, 7, 60, 20_000)
         client_ep = f"https://{spec.name}.{spec.namespace}.svc.cluster.local:{api_port}"
         cli(args.bitclone, ca, token_file, client_ep, "tenant", "create", "default")
-        cli(args.bitclone, ca, token_file, client_ep, "put", src, "--dataset", "k8s")
+        snapshot = put(src, "k8s")
         restores_through(2)
         step("put through the client Service, restored byte-identical through another pod", t)
+
+        t = time.monotonic()
+        j = clone("k8s", snapshot, "clone-1")
+        wait_for("the clone job to succeed", 60, lambda: job(0, j).get("state") == "Succeeded")
+        if not exported("clone-1", src):
+            fail("the clone in /exports/clone-1 differs from the source")
+        step("a clone job wrote the dataset to the shared exports volume, byte-identical", t)
+
+        t = time.monotonic()
+        # Large enough that the job still runs when its pod is stopped; if
+        # it ends first anyway, the pod comes back and a new job tries again.
+        big = os.path.join(work, "big")
+        tree(big, 8, 2000, 50_000)
+        big_snapshot = put(big, "k8s-big")
+        for attempt in range(1, 4):
+            name = f"drain-{attempt}"
+            j = clone("k8s-big", big_snapshot, name)
+            seen = {}
+
+            def running():
+                seen.update(job(0, j))
+                return seen.get("state") in ("Running", "Succeeded") and (
+                    seen.get("lease_holder") or seen.get("state") == "Succeeded")
+
+            wait_for("the big clone job to run", 60, running, every=0.05)
+            if seen["state"] == "Succeeded":
+                say(f"attempt {attempt}: the job ended before its pod could be stopped")
+                continue
+            holder = int(seen["lease_holder"])
+            o = holder - 1
+            pre = c.stop(o)
+            said = (pre.stdout + pre.stderr) if pre else ""
+            handed = re.search(r"(\d+) jobs handed off", said)
+            other = next(x for x in range(spec.replicas) if x != o)
+            wait_for("the job to succeed on another pod", 120,
+                     lambda: job(other, j).get("state") == "Succeeded")
+            done = job(other, j)
+            c.start(o)
+            wait_for("the stopped pod to be ready again", 120, lambda: c.ready(o))
+            if not handed or int(handed.group(1)) == 0:
+                say(f"attempt {attempt}: the job ended before the drain handed it over ({said.strip()})")
+                continue
+            if done.get("attempts") != 1 or done.get("last_error"):
+                fail(f"the handed-over job cost an attempt or failed one: {done}")
+            if done.get("lease_holder") == holder:
+                fail(f"the job finished on the drained pod: {done}")
+            if not exported(name, big):
+                fail(f"the clone in /exports/{name} differs from the source")
+            break
+        else:
+            fail("in three tries no clone job was still running when its pod stopped")
+        if voters(0) != want:
+            fail(f"after the pod came back the voters are {voters(0)}, not {want}")
+        step(f"a pod running a clone job was stopped (preStop drain, SIGTERM): the job went "
+             f"on elsewhere with no attempt lost, byte-identical; the pod came back", t)
 
         t = time.monotonic()
         c.kill(1)
@@ -520,9 +628,9 @@ def scenario(args):
         c.close()
         with open(os.path.join(args.out, "k8s-run.json"), "w") as f:
             json.dump(result, f, indent=2)
-        if made_data:
+        for path in made:
             try:
-                os.rmdir("/data")
+                os.rmdir(path)
             except OSError:
                 pass
         if not args.keep:

@@ -98,6 +98,14 @@ impl From<openraft::error::ClientWriteError<NodeId, crate::state::NodeInfo>> for
             W::ForwardToLeader(f) => Error::NotLeader {
                 leader: f.leader_id,
             },
+            // Another membership change (a second pod joining at once)
+            // is still committing: this one can go through once it has.
+            // An existing retryable kind, so older nodes read it too.
+            W::ChangeMembershipError(openraft::error::ChangeMembershipError::InProgress(p)) => {
+                Error::Timeout(format!(
+                    "another membership change is still in progress ({p}); retry"
+                ))
+            }
             W::ChangeMembershipError(c) => Error::Refused(c.to_string()),
         }
     }
@@ -148,5 +156,23 @@ mod tests {
         assert!(!Error::Command(CommandError::Invalid("x".into())).is_retryable());
         assert!(!Error::Refused("x".into()).is_retryable());
         assert!(!Error::Fatal("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn a_membership_change_racing_another_is_retried_and_a_missing_learner_is_not() {
+        use openraft::error::{ChangeMembershipError as C, ClientWriteError as W};
+        let busy: Error = W::ChangeMembershipError(C::InProgress(openraft::error::InProgress {
+            committed: None,
+            membership_log_id: None,
+        }))
+        .into();
+        assert!(busy.is_retryable(), "{busy}");
+        assert!(busy.to_string().contains("in progress"), "{busy}");
+        let missing: Error =
+            W::ChangeMembershipError(C::LearnerNotFound(openraft::error::LearnerNotFound {
+                node_id: 4,
+            }))
+            .into();
+        assert!(!missing.is_retryable(), "{missing}");
     }
 }
