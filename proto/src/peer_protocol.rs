@@ -12,8 +12,10 @@ use std::fmt;
 /// The versions this build speaks. 1: JSON payloads of openraft 0.9's
 /// messages and of this crate's requests, with no versions on the wire
 /// (builds before 0.2.0). 2: the same payloads, and the sender's range in
-/// every message and reply.
-pub const PEER_PROTOCOL: Versions = Versions { min: 1, max: 2 };
+/// every message and reply. 3: the same payloads; a leader proposes the
+/// commands of 0.3.0 (deletion, retention) only to members heard speaking
+/// it. Version 1 (builds before 0.2.0) is no longer spoken.
+pub const PEER_PROTOCOL: Versions = Versions { min: 2, max: 3 };
 
 /// A range of peer protocol versions, both ends included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +80,12 @@ mod tests {
     #[test]
     fn builds_talk_in_the_newest_version_both_speak() {
         let v = |min, max| Versions { min, max };
-        // The previous release (v1 only), this one, the next (v2..=v3).
-        assert_eq!(PEER_PROTOCOL.common(v(1, 1)), Some(1));
-        assert_eq!(PEER_PROTOCOL.common(v(2, 3)), Some(2));
-        assert_eq!(PEER_PROTOCOL.common(PEER_PROTOCOL), Some(2));
+        // The previous release (v1..=v2), this one, the next (v3..=v4).
+        assert_eq!(PEER_PROTOCOL.common(v(1, 2)), Some(2));
+        assert_eq!(PEER_PROTOCOL.common(v(3, 4)), Some(3));
+        assert_eq!(PEER_PROTOCOL.common(PEER_PROTOCOL), Some(3));
+        // Builds before 0.2.0 (v1 only) are two releases back.
+        assert_eq!(PEER_PROTOCOL.common(v(1, 1)), None);
         // Two releases apart: nothing in common, in either direction.
         assert_eq!(v(1, 1).common(v(2, 3)), None);
         assert_eq!(v(2, 3).common(v(1, 1)), None);

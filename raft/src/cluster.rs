@@ -466,8 +466,43 @@ impl Cluster {
         if self.stepping_down.load(Ordering::Acquire) {
             return Err(Error::NotLeader { leader: None });
         }
+        self.check_versions(&req.cmd)?;
         req.now_ms = now_ms();
         Ok(self.raft.client_write(req).await?.data)
+    }
+
+    /// Refuses a command that a member's build could not apply: every
+    /// member must have been heard speaking the protocol version the
+    /// command came with (a rolling upgrade in progress, or a member not
+    /// heard from since this node started).
+    fn check_versions(&self, cmd: &Command) -> Result<(), Error> {
+        let need = cmd.needs_protocol();
+        if need <= 1 {
+            return Ok(());
+        }
+        let heard: std::collections::HashMap<NodeId, u32> =
+            self.peers.protocols().into_iter().collect();
+        let a = self.applied();
+        let behind: Vec<String> = a
+            .membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.id)
+            .filter(|id| heard.get(id).is_none_or(|v| *v < need))
+            .map(|id| match heard.get(&id) {
+                Some(v) => format!("node {id} (v{v})"),
+                None => format!("node {id} (not heard from yet)"),
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Refused(format!(
+            "this needs every node on a release that speaks peer protocol v{need}; {} \
+             does not yet: finish the upgrade first",
+            behind.join(", ")
+        )))
     }
 
     /// Runs `f` on state that includes every write acknowledged before the

@@ -10,6 +10,7 @@ mod error;
 pub mod job;
 mod network;
 pub mod placement;
+pub mod retention;
 pub mod state;
 mod store;
 pub mod tls;

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Backoff, Checkpoint, Failure, Job, JobState, Lease, Progress};
+use crate::job::{Backoff, Checkpoint, Failure, Job, JobState, Lease, Progress, Source};
 use crate::placement::{plan, shard_of, Layout};
+use crate::retention::{self, Retention};
 use crate::NodeId;
 
 /// Where a member can be reached.
@@ -82,6 +83,10 @@ pub struct ClusterState {
     /// pages new to the tenant when committed).
     #[serde(default)]
     pub stored_bytes: BTreeMap<String, u64>,
+    /// tenant → dataset → its retention policy (the leader's expiry pass
+    /// applies them with [`Command::ExpireSnapshots`]).
+    #[serde(default)]
+    pub retention: BTreeMap<String, BTreeMap<String, Retention>>,
 }
 
 /// A tenant's limits; `None` is no limit.
@@ -265,6 +270,35 @@ pub enum Command {
     UpdateSettings {
         update: SettingsUpdate,
     },
+    /// Removes a snapshot from its dataset's history. The head moves to the
+    /// newest snapshot left (its parent, unless that was deleted before);
+    /// with none left the dataset is gone. Refused while a job not finished
+    /// reads the snapshot. Chunks are freed later, by garbage collection.
+    DeleteSnapshot {
+        tenant: String,
+        dataset: String,
+        snapshot: String,
+    },
+    /// Removes a dataset with all its snapshots and its retention policy.
+    /// Refused while a job not finished reads or writes the dataset.
+    DeleteDataset {
+        tenant: String,
+        dataset: String,
+    },
+    /// Sets a dataset's retention policy (one that keeps everything removes
+    /// it). The dataset need not exist yet.
+    SetRetention {
+        tenant: String,
+        dataset: String,
+        policy: Retention,
+    },
+    /// Deletes the snapshots the dataset's retention policy no longer keeps
+    /// at the leader's time (decided inside `apply`, so a snapshot committed
+    /// or pinned since the proposal is judged as it is now).
+    ExpireSnapshots {
+        tenant: String,
+        dataset: String,
+    },
     /// Brings in what a standalone node of the previous release kept in its
     /// own store: dataset heads with their history, and jobs. What the state
     /// already has is left alone, so the import can run again after a crash.
@@ -273,6 +307,21 @@ pub enum Command {
         datasets: Vec<(String, String, DatasetHead)>,
         jobs: Vec<Job>,
     },
+}
+
+impl Command {
+    /// The oldest peer protocol version whose builds can apply this command:
+    /// the leader proposes it only once every member speaks it (a node of an
+    /// older release could not decode the log entry).
+    pub fn needs_protocol(&self) -> u32 {
+        match self {
+            Command::DeleteSnapshot { .. }
+            | Command::DeleteDataset { .. }
+            | Command::SetRetention { .. }
+            | Command::ExpireSnapshots { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// The holder and token an effect claims to come from.
@@ -286,8 +335,19 @@ pub struct Fence {
 pub enum Response {
     Ok,
     Job(Job),
-    Lease { token: u64, job: Job },
-    Layout { version: u64 },
+    Lease {
+        token: u64,
+        job: Job,
+    },
+    Layout {
+        version: u64,
+    },
+    /// Snapshots a delete or an expiry removed, and the dataset's head after
+    /// it (empty: the dataset is gone).
+    Deleted {
+        snapshots: Vec<String>,
+        head: String,
+    },
     Err(CommandError),
 }
 
@@ -396,6 +456,113 @@ impl ClusterState {
                 .insert(tenant.to_string(), self.settings.default_shards);
             self.replan();
         }
+    }
+}
+
+fn dataset_head<'a>(
+    state: &'a ClusterState,
+    tenant: &str,
+    dataset: &str,
+) -> Result<&'a DatasetHead, CommandError> {
+    state
+        .datasets
+        .get(tenant)
+        .and_then(|d| d.get(dataset))
+        .ok_or_else(|| CommandError::NotFound(format!("dataset {dataset} of tenant {tenant}")))
+}
+
+/// Takes `gone` out of a dataset's history; the head moves to the newest
+/// snapshot left, and a dataset with none left is removed.
+fn remove_snapshots(
+    state: &mut ClusterState,
+    tenant: &str,
+    dataset: &str,
+    gone: &BTreeSet<String>,
+) -> Response {
+    let Some(heads) = state.datasets.get_mut(tenant) else {
+        return Response::Deleted {
+            snapshots: Vec::new(),
+            head: String::new(),
+        };
+    };
+    let mut removed = Vec::new();
+    let mut head = String::new();
+    if let Some(h) = heads.get_mut(dataset) {
+        h.history.retain(|s| {
+            let keep = !gone.contains(&s.id);
+            if !keep {
+                removed.push(s.id.clone());
+            }
+            keep
+        });
+        // History is in commit order and every commit's parent is the head
+        // before it, so the newest entry left is the deleted head's parent
+        // unless that was deleted too.
+        if gone.contains(&h.snapshot) {
+            h.snapshot = h.history.last().map(|s| s.id.clone()).unwrap_or_default();
+        }
+        head = h.snapshot.clone();
+        if h.history.is_empty() {
+            heads.remove(dataset);
+        }
+    }
+    Response::Deleted {
+        snapshots: removed,
+        head,
+    }
+}
+
+impl ClusterState {
+    /// A job not finished that reads `snapshot` of the dataset (or, with
+    /// `None`, that reads or writes the dataset at all): its snapshot must
+    /// not be deleted under it.
+    pub fn job_pinning(&self, tenant: &str, dataset: &str, snapshot: Option<&str>) -> Option<&Job> {
+        let head = self
+            .datasets
+            .get(tenant)
+            .and_then(|d| d.get(dataset))
+            .map(|h| h.snapshot.as_str());
+        self.jobs.values().find(|j| {
+            if j.tenant != tenant || j.state.is_final() {
+                return false;
+            }
+            let from_here =
+                matches!(&j.source, Source::Snapshot { dataset: d, .. } if d == dataset);
+            let Some(snapshot) = snapshot else {
+                return j.dataset == dataset || from_here;
+            };
+            let named = match &j.source {
+                Source::Snapshot {
+                    dataset: d,
+                    snapshot: s,
+                } if d == dataset => match s {
+                    Some(id) => id.to_hex() == snapshot,
+                    // The latest: whatever the head is when it runs.
+                    None => head == Some(snapshot),
+                },
+                _ => false,
+            };
+            named || (j.dataset == dataset && j.checkpoint.snapshot.as_deref() == Some(snapshot))
+        })
+    }
+
+    /// The snapshots of a dataset its retention policy no longer keeps at
+    /// `now_ms` (none without a policy); the head and snapshots that jobs
+    /// read are kept.
+    pub fn expired(&self, tenant: &str, dataset: &str, now_ms: i64) -> Vec<String> {
+        let Some(policy) = self.retention.get(tenant).and_then(|p| p.get(dataset)) else {
+            return Vec::new();
+        };
+        let Some(head) = self.datasets.get(tenant).and_then(|d| d.get(dataset)) else {
+            return Vec::new();
+        };
+        let pinned: BTreeSet<String> = head
+            .history
+            .iter()
+            .filter(|s| self.job_pinning(tenant, dataset, Some(&s.id)).is_some())
+            .map(|s| s.id.clone())
+            .collect();
+        retention::expired(&head.history, policy, &head.snapshot, &pinned, now_ms)
     }
 }
 
@@ -832,6 +999,71 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             state.settings = next;
             Ok(Response::Ok)
         }
+        Command::DeleteSnapshot {
+            tenant,
+            dataset,
+            snapshot,
+        } => {
+            let head = dataset_head(state, tenant, dataset)?;
+            if !head.history.iter().any(|s| &s.id == snapshot) {
+                return Err(CommandError::NotFound(format!(
+                    "snapshot {snapshot} of dataset {dataset}"
+                )));
+            }
+            if let Some(j) = state.job_pinning(tenant, dataset, Some(snapshot)) {
+                return Err(CommandError::Conflict(format!(
+                    "job {} ({:?}) reads snapshot {snapshot}; cancel it or wait for it to end",
+                    j.id, j.state
+                )));
+            }
+            let gone = [snapshot.clone()].into();
+            Ok(remove_snapshots(state, tenant, dataset, &gone))
+        }
+        Command::DeleteDataset { tenant, dataset } => {
+            let head = dataset_head(state, tenant, dataset)?;
+            let snapshots: Vec<String> = head.history.iter().map(|s| s.id.clone()).collect();
+            if let Some(j) = state.job_pinning(tenant, dataset, None) {
+                return Err(CommandError::Conflict(format!(
+                    "job {} ({:?}) uses dataset {dataset}; cancel it or wait for it to end",
+                    j.id, j.state
+                )));
+            }
+            if let Some(heads) = state.datasets.get_mut(tenant) {
+                heads.remove(dataset);
+            }
+            if let Some(policies) = state.retention.get_mut(tenant) {
+                policies.remove(dataset);
+            }
+            Ok(Response::Deleted {
+                snapshots,
+                head: String::new(),
+            })
+        }
+        Command::SetRetention {
+            tenant,
+            dataset,
+            policy,
+        } => {
+            policy.validate().map_err(CommandError::Invalid)?;
+            let policies = state.retention.entry(tenant.clone()).or_default();
+            if policy.keeps_all() {
+                policies.remove(dataset);
+            } else {
+                policies.insert(dataset.clone(), policy.clone());
+            }
+            Ok(Response::Ok)
+        }
+        Command::ExpireSnapshots { tenant, dataset } => {
+            let gone: BTreeSet<String> = state.expired(tenant, dataset, now).into_iter().collect();
+            if gone.is_empty() {
+                let head = dataset_head(state, tenant, dataset)?.snapshot.clone();
+                return Ok(Response::Deleted {
+                    snapshots: Vec::new(),
+                    head,
+                });
+            }
+            Ok(remove_snapshots(state, tenant, dataset, &gone))
+        }
         Command::ImportLegacy { datasets, jobs } => {
             for (tenant, name, head) in datasets {
                 state.ensure_tenant(tenant);
@@ -952,6 +1184,192 @@ mod tests {
             created_unix_ms: 0,
             written_by: 1,
         }
+    }
+
+    fn commit(sm: &mut Sm, dataset: &str, id: &str, parent: &str, now: i64) -> Response {
+        let mut snapshot = entry(id);
+        snapshot.parent = parent.into();
+        snapshot.created_unix_ms = now;
+        sm.run(
+            now,
+            Command::CommitSnapshot {
+                tenant: "t".into(),
+                dataset: dataset.into(),
+                snapshot,
+                parent: parent.into(),
+                fenced_by: None,
+                stored_bytes: 0,
+            },
+        )
+    }
+
+    fn history(sm: &Sm, dataset: &str) -> (String, Vec<String>) {
+        sm.state.datasets["t"]
+            .get(dataset)
+            .map(|h| {
+                (
+                    h.snapshot.clone(),
+                    h.history.iter().map(|s| s.id.clone()).collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn deleting_the_head_moves_it_to_the_newest_snapshot_left() {
+        let mut sm = Sm::new(&[1]);
+        commit(&mut sm, "d", "a", "", 1);
+        commit(&mut sm, "d", "b", "a", 2);
+        commit(&mut sm, "d", "c", "b", 3);
+        let del = |sm: &mut Sm, id: &str| {
+            sm.run(
+                4,
+                Command::DeleteSnapshot {
+                    tenant: "t".into(),
+                    dataset: "d".into(),
+                    snapshot: id.into(),
+                },
+            )
+        };
+        // A snapshot in the middle: the head stays.
+        assert_eq!(
+            del(&mut sm, "b"),
+            Response::Deleted {
+                snapshots: vec!["b".into()],
+                head: "c".into()
+            }
+        );
+        // The head: back to the newest left (its parent was deleted).
+        assert!(matches!(del(&mut sm, "c"), Response::Deleted { head, .. } if head == "a"));
+        assert_eq!(history(&sm, "d"), ("a".into(), vec!["a".into()]));
+        // A put that built on the deleted head loses its compare-and-set.
+        assert!(matches!(
+            commit(&mut sm, "d", "e", "c", 5),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        assert!(matches!(
+            del(&mut sm, "zz"),
+            Response::Err(CommandError::NotFound(_))
+        ));
+        // The last one: the dataset is gone, and a put starts it again.
+        assert!(matches!(del(&mut sm, "a"), Response::Deleted { head, .. } if head.is_empty()));
+        assert!(!sm.state.datasets["t"].contains_key("d"));
+        assert!(!matches!(
+            commit(&mut sm, "d", "f", "", 6),
+            Response::Err(_)
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_or_dataset_that_a_job_reads_is_not_deleted() {
+        let mut sm = Sm::new(&[1]);
+        commit(&mut sm, "d", "a", "", 1);
+        commit(&mut sm, "d", "b", "a", 2);
+        // A clone of d's latest snapshot, not finished: the head is pinned.
+        let job = Job::new(
+            "j".into(),
+            "t".into(),
+            "copy".into(),
+            src("snapshot://d"),
+            vec![],
+            3,
+            3,
+        );
+        sm.ok(3, Command::SubmitJob { job: Box::new(job) });
+        let del = |sm: &mut Sm, cmd| sm.run(4, cmd);
+        let snap = |id: &str| Command::DeleteSnapshot {
+            tenant: "t".into(),
+            dataset: "d".into(),
+            snapshot: id.into(),
+        };
+        let r = del(&mut sm, snap("b"));
+        assert!(
+            matches!(&r, Response::Err(CommandError::Conflict(m)) if m.contains("job j")),
+            "{r:?}"
+        );
+        let dataset = Command::DeleteDataset {
+            tenant: "t".into(),
+            dataset: "d".into(),
+        };
+        assert!(matches!(
+            del(&mut sm, dataset.clone()),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        // Another snapshot of it is free to go.
+        assert!(matches!(del(&mut sm, snap("a")), Response::Deleted { .. }));
+        sm.ok(5, Command::CancelJob { job: "j".into() });
+        assert_eq!(
+            del(&mut sm, dataset),
+            Response::Deleted {
+                snapshots: vec!["b".into()],
+                head: String::new()
+            }
+        );
+        assert!(sm.state.datasets["t"].is_empty());
+    }
+
+    #[test]
+    fn expiry_applies_the_policy_at_the_leaders_time() {
+        let mut sm = Sm::new(&[1]);
+        let mut parent = String::new();
+        for i in 0..5 {
+            let id = format!("s{i}");
+            commit(&mut sm, "d", &id, &parent, i * 1000);
+            parent = id;
+        }
+        let expire = Command::ExpireSnapshots {
+            tenant: "t".into(),
+            dataset: "d".into(),
+        };
+        // No policy: nothing goes.
+        assert!(
+            matches!(sm.run(10_000, expire.clone()), Response::Deleted { snapshots, .. } if snapshots.is_empty())
+        );
+        sm.ok(
+            10_000,
+            Command::SetRetention {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                policy: Retention {
+                    keep_last: 2,
+                    ..Default::default()
+                },
+            },
+        );
+        assert_eq!(sm.state.expired("t", "d", 10_000), ["s0", "s1", "s2"]);
+        assert_eq!(
+            sm.run(10_000, expire.clone()),
+            Response::Deleted {
+                snapshots: vec!["s0".into(), "s1".into(), "s2".into()],
+                head: "s4".into()
+            }
+        );
+        assert!(sm.state.expired("t", "d", 10_000).is_empty());
+        // A policy that keeps everything is removed; a bad one is refused.
+        sm.ok(
+            10_000,
+            Command::SetRetention {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                policy: Retention::default(),
+            },
+        );
+        assert!(sm.state.retention["t"].is_empty());
+        let bad = sm.run(
+            10_000,
+            Command::SetRetention {
+                tenant: "t".into(),
+                dataset: "d".into(),
+                policy: Retention {
+                    keep_within_ms: -1,
+                    ..Default::default()
+                },
+            },
+        );
+        assert!(matches!(bad, Response::Err(CommandError::Invalid(_))));
+        // Only the commands of this release wait for every member to speak it.
+        assert_eq!(expire.needs_protocol(), 3);
+        assert_eq!(Command::CancelJob { job: "j".into() }.needs_protocol(), 1);
     }
 
     #[test]

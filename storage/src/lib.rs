@@ -9,6 +9,7 @@ mod chunk;
 pub mod chunker;
 pub mod conformance;
 mod error;
+pub mod gc;
 pub mod ingest;
 pub mod manifest;
 pub mod path;
@@ -21,6 +22,7 @@ pub use backoff::{jitter, Backoff};
 pub use chunk::{ChunkId, SnapshotId};
 pub use chunker::ChunkParams;
 pub use error::{Error, Result};
+pub use gc::{GcOptions, GcReport, GcRoot};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{

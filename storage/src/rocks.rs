@@ -1,9 +1,11 @@
 //! The RocksDB implementation of [`ChunkStore`], plus the node's small
 //! metadata (dataset heads, snapshot records, opaque records such as jobs).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rocksdb::{
@@ -16,10 +18,16 @@ use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::store::{verified, ChunkStore};
 
-const CF_CHUNKS: &str = "chunks";
-const CF_CHUNK_INDEX: &str = "chunk_index";
-const CF_MANIFESTS: &str = "manifests";
+pub(crate) const CF_CHUNKS: &str = "chunks";
+pub(crate) const CF_CHUNK_INDEX: &str = "chunk_index";
+pub(crate) const CF_MANIFESTS: &str = "manifests";
 const CF_META: &str = "meta";
+/// Garbage collection's candidates: `[kind][tenant key]` → when the
+/// object was first found unreachable (ms, 8 bytes BE) and its length (4
+/// bytes LE). Kinds: [`PENDING_CHUNK`], [`PENDING_ROOT`].
+pub(crate) const CF_GC_PENDING: &str = "gc_pending";
+pub(crate) const PENDING_CHUNK: u8 = b'c';
+pub(crate) const PENDING_ROOT: u8 = b'm';
 
 /// Tuning of the RocksDB store.
 #[derive(Debug, Clone)]
@@ -137,6 +145,52 @@ pub struct RocksStore {
     /// Dropping the sender stops the watcher; joined on drop, before the
     /// database closes.
     watcher: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    pub(crate) gc: GcState,
+}
+
+/// What garbage collection shares with the readers and writers of the
+/// store (see `gc.rs`).
+#[derive(Default)]
+pub(crate) struct GcState {
+    /// Held by a sweep while it frees a batch, and by a lookup that finds
+    /// a chunk it answers for among the candidates: one of the two wins.
+    pub(crate) gate: Mutex<()>,
+    /// Whether `gc_pending` may hold anything: lookups skip it otherwise.
+    pub(crate) pending_any: AtomicBool,
+    /// One collection at a time; the start (ms, its id: each later than
+    /// the last) and end of the passes run since the store opened.
+    pub(crate) passes: Mutex<BTreeMap<i64, i64>>,
+    /// Writers in progress ([`RocksStore::hold`]): id → start (ms).
+    pub(crate) holds: Arc<Mutex<BTreeMap<u64, i64>>>,
+    pub(crate) next_hold: AtomicU64,
+    /// When the store opened (ms): candidates found before it were found by
+    /// passes that ended before any writer in progress now began.
+    pub(crate) opened_ms: AtomicI64,
+}
+
+/// Keeps garbage collection from freeing anything found unreachable after
+/// it was taken, until it is dropped: held by a writer (a put, a repair)
+/// from before its first lookup until its commit is acknowledged, so that
+/// nothing it found or wrote is freed before a snapshot names it.
+pub struct GcHold {
+    holds: Arc<Mutex<BTreeMap<u64, i64>>>,
+    id: u64,
+}
+
+impl Drop for GcHold {
+    fn drop(&mut self) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Wall-clock time in ms since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Drop for RocksStore {
@@ -226,7 +280,8 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, small.clone()),
             ColumnFamilyDescriptor::new(CF_MANIFESTS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_META, small),
+            ColumnFamilyDescriptor::new(CF_META, small.clone()),
+            ColumnFamilyDescriptor::new(CF_GC_PENDING, small),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, cfs)?);
         let poisoned = Arc::new(OnceLock::new());
@@ -238,12 +293,78 @@ impl RocksStore {
                 move || watch(db, poisoned, stopped)
             })
             .map_err(|e| Error::io("start the store's watcher", dir, e))?;
-        Ok(RocksStore {
+        let store = RocksStore {
             db,
             path: dir.to_path_buf(),
             poisoned,
             watcher: Some((stop, thread)),
-        })
+            gc: GcState::default(),
+        };
+        let any = store
+            .db
+            .iterator_cf(store.cf(CF_GC_PENDING), IteratorMode::Start)
+            .next()
+            .is_some();
+        store.gc.pending_any.store(any, Ordering::Release);
+        store.gc.opened_ms.store(now_ms(), Ordering::Release);
+        Ok(store)
+    }
+
+    /// The database, for garbage collection.
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Keeps what a lookup found from garbage collection: removes those of
+    /// `keys` (chunk keys with `kind`) that are candidates, under the gate
+    /// a sweep frees under, and returns which of them are still stored (a
+    /// sweep may have freed one just before). Costs nothing while there
+    /// are no candidates.
+    fn revive(&self, kind: u8, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        let mut present = vec![true; keys.len()];
+        if keys.is_empty() || !self.gc.pending_any.load(Ordering::Acquire) {
+            return Ok(present);
+        }
+        let pending_keys: Vec<Vec<u8>> = keys.iter().map(|k| [&[kind][..], k].concat()).collect();
+        let pending = self.cf(CF_GC_PENDING);
+        let found = self.db.batched_multi_get_cf(pending, &pending_keys, false);
+        let mut hits = Vec::new();
+        for (i, got) in found.into_iter().enumerate() {
+            if got?.is_some() {
+                hits.push(i);
+            }
+        }
+        if hits.is_empty() {
+            return Ok(present);
+        }
+        let _gate = self.gc.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let family = if kind == PENDING_ROOT {
+            CF_MANIFESTS
+        } else {
+            CF_CHUNK_INDEX
+        };
+        let mut batch = WriteBatch::default();
+        for i in hits {
+            batch.delete_cf(pending, &pending_keys[i]);
+            present[i] = self.db.get_pinned_cf(self.cf(family), keys[i])?.is_some();
+        }
+        self.write(batch, false)?;
+        Ok(present)
+    }
+
+    /// Holds garbage collection off what a writer finds or writes from now
+    /// on until the hold is dropped (see [`GcHold`]).
+    pub fn hold(&self) -> GcHold {
+        let id = self.gc.next_hold.fetch_add(1, Ordering::Relaxed);
+        self.gc
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, now_ms());
+        GcHold {
+            holds: self.gc.holds.clone(),
+            id,
+        }
     }
 
     /// The directory the store lives in.
@@ -251,7 +372,7 @@ impl RocksStore {
         &self.path
     }
 
-    fn cf(&self, name: &'static str) -> &ColumnFamily {
+    pub(crate) fn cf(&self, name: &'static str) -> &ColumnFamily {
         // The families are created at open; a missing one is a programming
         // error that open would already have reported.
         #[allow(clippy::expect_used)]
@@ -260,7 +381,7 @@ impl RocksStore {
             .expect("column family created at open")
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if let Some(why) = self.poisoned() {
             return Err(Error::Poisoned(format!(
                 "a previous write failed ({why}); restart the node to recover from the WAL"
@@ -275,7 +396,7 @@ impl RocksStore {
         self.poisoned.get().map(String::as_str)
     }
 
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+    pub(crate) fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.write_opt(batch, &opts)
@@ -315,13 +436,31 @@ impl RocksStore {
         bytes: &[u8],
     ) -> Result<()> {
         self.persist_chunks()?;
+        let key = tenant_key(tenant, id.as_bytes());
+        // Stored again while a candidate: it must not be freed under the
+        // commit about to name it. Under the gate, so that a sweep either
+        // freed it before this write or sees that it is no candidate.
+        let _gate = self.root_gate(&key)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(CF_MANIFESTS),
-            tenant_key(tenant, id.as_bytes()),
-            bytes,
-        );
+        batch.put_cf(self.cf(CF_MANIFESTS), &key, bytes);
+        batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_ROOT][..], &key].concat());
         self.write(batch, true)
+    }
+
+    /// The sweep's gate when `key` (a root) is a candidate for freeing.
+    fn root_gate(&self, key: &[u8]) -> Result<Option<std::sync::MutexGuard<'_, ()>>> {
+        if !self.gc.pending_any.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let pending = [&[PENDING_ROOT][..], key].concat();
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_GC_PENDING), pending)?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.gc.gate.lock().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// Replaces a stored chunk with good bytes (from a replica) after a read
@@ -431,17 +570,23 @@ impl RocksStore {
                 .property_int_value_cf(self.cf(cf), name)?
                 .unwrap_or(0))
         };
-        let families = [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS, CF_META]
-            .into_iter()
-            .map(|name| {
-                Ok(FamilyStats {
-                    name,
-                    keys: prop(name, "rocksdb.estimate-num-keys")?,
-                    bytes: prop(name, "rocksdb.total-blob-file-size")?
-                        + prop(name, "rocksdb.live-sst-files-size")?,
-                })
+        let families = [
+            CF_CHUNKS,
+            CF_CHUNK_INDEX,
+            CF_MANIFESTS,
+            CF_META,
+            CF_GC_PENDING,
+        ]
+        .into_iter()
+        .map(|name| {
+            Ok(FamilyStats {
+                name,
+                keys: prop(name, "rocksdb.estimate-num-keys")?,
+                bytes: prop(name, "rocksdb.total-blob-file-size")?
+                    + prop(name, "rocksdb.live-sst-files-size")?,
             })
-            .collect::<Result<Vec<_>>>()?;
+        })
+        .collect::<Result<Vec<_>>>()?;
         let chunk_bytes = families
             .iter()
             .find(|f| f.name == CF_CHUNKS)
@@ -456,7 +601,13 @@ impl RocksStore {
     /// Flushes memtables and the WAL to disk; call before a clean shutdown.
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS, CF_META] {
+        for cf in [
+            CF_CHUNKS,
+            CF_CHUNK_INDEX,
+            CF_MANIFESTS,
+            CF_META,
+            CF_GC_PENDING,
+        ] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
@@ -465,10 +616,16 @@ impl RocksStore {
 
 impl ChunkStore for RocksStore {
     fn has_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
-        Ok(self
+        let key = tenant_key(tenant, id.as_bytes());
+        if self
             .db
-            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), tenant_key(tenant, id.as_bytes()))?
-            .is_some())
+            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), &key)?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        // Whoever asks is about to rely on it (a dedup check).
+        Ok(self.revive(PENDING_CHUNK, &[&key])?[0])
     }
 
     fn put_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<bool> {
@@ -485,14 +642,32 @@ impl ChunkStore for RocksStore {
             .iter()
             .map(|(id, _)| tenant_key(tenant, id.as_bytes()))
             .collect();
-        let found = self
+        let mut found = self
             .db
-            .batched_multi_get_cf(self.cf(CF_CHUNK_INDEX), &keys, false);
+            .batched_multi_get_cf(self.cf(CF_CHUNK_INDEX), &keys, false)
+            .into_iter()
+            .map(|got| got.map(|v| v.is_some()))
+            .collect::<std::result::Result<Vec<bool>, _>>()?;
+        // Those found are kept from garbage collection; one freed in the
+        // meantime is written again.
+        let (hit_keys, hit_at): (Vec<&[u8]>, Vec<usize>) = keys
+            .iter()
+            .zip(&found)
+            .enumerate()
+            .filter(|(_, (_, f))| **f)
+            .map(|(i, (k, _))| (k.as_slice(), i))
+            .unzip();
+        for (i, present) in hit_at
+            .into_iter()
+            .zip(self.revive(PENDING_CHUNK, &hit_keys)?)
+        {
+            found[i] = present;
+        }
         let mut batch = WriteBatch::default();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(chunks.len());
         for ((key, (id, data)), got) in keys.iter().zip(chunks).zip(found) {
-            let new = got?.is_none() && seen.insert(*id);
+            let new = !got && seen.insert(*id);
             if new {
                 batch.put_cf(self.cf(CF_CHUNKS), key, data);
                 batch.put_cf(
@@ -534,12 +709,11 @@ impl ChunkStore for RocksStore {
     }
 
     fn put_manifest(&self, tenant: &str, id: &SnapshotId, bytes: &[u8]) -> Result<()> {
+        let key = tenant_key(tenant, id.as_bytes());
+        let _gate = self.root_gate(&key)?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(CF_MANIFESTS),
-            tenant_key(tenant, id.as_bytes()),
-            bytes,
-        );
+        batch.put_cf(self.cf(CF_MANIFESTS), &key, bytes);
+        batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_ROOT][..], &key].concat());
         self.write(batch, false)
     }
 
@@ -561,7 +735,7 @@ impl ChunkStore for RocksStore {
 
 // Chunk and manifest keys: [len(tenant) u8][tenant][32-byte id]. The length
 // prefix keeps tenant "t" from aliasing tenant "t1".
-fn tenant_key(tenant: &str, id: &[u8; 32]) -> Vec<u8> {
+pub(crate) fn tenant_key(tenant: &str, id: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant.len() + 32);
     k.push(tenant.len() as u8);
     k.extend_from_slice(tenant.as_bytes());
