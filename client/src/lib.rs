@@ -844,6 +844,86 @@ impl Client {
         Ok(r.stored_bytes)
     }
 
+    /// Deletes a snapshot of a dataset (needs `write`), named by its whole
+    /// id. Deleting the head moves the head to the newest snapshot left
+    /// (its parent unless that was deleted too); deleting the last leaves no
+    /// dataset. Refused (`Aborted`) while a job not finished reads it. Its
+    /// chunks are freed by garbage collection after the grace period.
+    pub async fn delete_snapshot(
+        &self,
+        dataset: &str,
+        snapshot: &str,
+    ) -> Result<proto::DeleteResponse> {
+        let request = proto::DeleteSnapshotRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+            snapshot: snapshot.to_owned(),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.delete_snapshot(request).await }
+        })
+        .await
+    }
+
+    /// Deletes a dataset with all its snapshots and its retention policy
+    /// (needs `write`); refused (`Aborted`) while a job not finished reads
+    /// or writes it.
+    pub async fn delete_dataset(&self, dataset: &str) -> Result<proto::DeleteResponse> {
+        let request = proto::DeleteDatasetRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.delete_dataset(request).await }
+        })
+        .await
+    }
+
+    /// Sets a dataset's retention policy (needs `write`); a policy of all
+    /// zeros removes it. Returns the policy and what it would delete now;
+    /// the leader deletes that within `gc.retention_every`.
+    pub async fn set_retention(
+        &self,
+        dataset: &str,
+        policy: proto::RetentionPolicy,
+    ) -> Result<proto::RetentionResponse> {
+        let request = proto::SetRetentionRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+            policy: Some(policy),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.set_retention(request).await }
+        })
+        .await
+    }
+
+    /// A dataset's retention policy and what it would delete now.
+    pub async fn get_retention(&self, dataset: &str) -> Result<proto::RetentionResponse> {
+        let request = proto::GetRetentionRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.get_retention(request).await }
+        })
+        .await
+    }
+
+    /// Runs a garbage collection pass on the node that answers (needs the
+    /// `admin` scope); with `dry_run`, says what it would free.
+    pub async fn collect_garbage(&self, dry_run: bool) -> Result<proto::CollectGarbageResponse> {
+        self.call(move |mut grpc| async move {
+            grpc.collect_garbage(proto::CollectGarbageRequest { dry_run })
+                .await
+        })
+        .await
+    }
+
     /// Lets a removed node join the cluster again (needs the `admin`
     /// scope).
     pub async fn allow_rejoin(&self, id: u64) -> Result<proto::ClusterStatusResponse> {

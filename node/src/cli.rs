@@ -73,6 +73,22 @@ impl Ctx {
         }
     }
 
+    /// A client of one member, at its API address (HOST:PORT), with the
+    /// scheme the endpoints given use.
+    async fn connect_to(&self, api_addr: &str) -> Result<Client> {
+        let scheme = if self.endpoints.iter().all(|e| e.starts_with("http://")) {
+            "http"
+        } else {
+            "https"
+        };
+        Ok(
+            Client::connect_with([format!("{scheme}://{api_addr}")], self.access.options()?)
+                .await
+                .with_context(|| format!("connecting to {api_addr}"))?
+                .with_tenant(self.tenant.clone()),
+        )
+    }
+
     async fn client(&self) -> Result<Client> {
         Ok(
             Client::connect_with(&self.endpoints, self.access.options()?)
@@ -438,16 +454,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 .iter()
                 .find(|m| m.id == st.leader_id)
                 .with_context(|| "no leader is known right now; retry".to_string())?;
-            let scheme = if ctx.endpoints.iter().all(|e| e.starts_with("http://")) {
-                "http"
-            } else {
-                "https"
-            };
-            let leader_client = Client::connect_with(
-                [format!("{scheme}://{}", leader.api_addr)],
-                ctx.access.options()?,
-            )
-            .await?;
+            let leader_client = ctx.connect_to(&leader.api_addr).await?;
             let st = leader_client.remove_node(id).await?;
             if ctx.json {
                 print_json(&status_json(&st));
@@ -617,6 +624,128 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::SnapshotDelete { dataset, id } => {
+            let r = client.delete_snapshot(&dataset, &id).await?;
+            print_deleted(&ctx, &dataset, &r);
+        }
+        Cmd::DatasetDelete { name, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "dataset-delete removes every snapshot of {name}: add --yes to confirm"
+                );
+            }
+            let r = client.delete_dataset(&name).await?;
+            print_deleted(&ctx, &name, &r);
+        }
+        Cmd::Retention {
+            dataset,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_within,
+            clear,
+        } => {
+            let setting = clear
+                || keep_last.is_some()
+                || keep_daily.is_some()
+                || keep_weekly.is_some()
+                || keep_monthly.is_some()
+                || keep_within.is_some();
+            let r = if setting {
+                let within = keep_within
+                    .map(|w| {
+                        humantime::parse_duration(&w)
+                            .map_err(|e| anyhow::anyhow!("--keep-within {w:?}: {e}"))
+                    })
+                    .transpose()?;
+                let policy = bitclone_client::proto::RetentionPolicy {
+                    keep_last: keep_last.unwrap_or(0),
+                    keep_daily: keep_daily.unwrap_or(0),
+                    keep_weekly: keep_weekly.unwrap_or(0),
+                    keep_monthly: keep_monthly.unwrap_or(0),
+                    keep_within_seconds: within.map_or(0, |d| d.as_secs()),
+                };
+                client.set_retention(&dataset, policy).await?
+            } else {
+                client.get_retention(&dataset).await?
+            };
+            let p = r.policy.unwrap_or_default();
+            if ctx.json {
+                print_json(&json!({
+                    "dataset": dataset,
+                    "policy": {
+                        "keep_last": p.keep_last, "keep_daily": p.keep_daily,
+                        "keep_weekly": p.keep_weekly, "keep_monthly": p.keep_monthly,
+                        "keep_within_seconds": p.keep_within_seconds,
+                    },
+                    "would_delete": r.would_delete,
+                }));
+            } else {
+                if p == bitclone_client::proto::RetentionPolicy::default() {
+                    println!("{dataset}: no retention policy (every snapshot is kept)");
+                } else {
+                    println!(
+                        "{dataset}: keep last {}, daily {}, weekly {}, monthly {}, within {}",
+                        p.keep_last,
+                        p.keep_daily,
+                        p.keep_weekly,
+                        p.keep_monthly,
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            p.keep_within_seconds
+                        ))
+                    );
+                }
+                println!("would delete now: {} snapshots", r.would_delete.len());
+                for id in &r.would_delete {
+                    println!("  {id}");
+                }
+            }
+        }
+        Cmd::Gc { dry_run, all } => {
+            let mut reports = Vec::new();
+            if all {
+                let members = client.cluster_status().await?.members;
+                for m in members {
+                    let one = ctx.connect_to(&m.api_addr).await?;
+                    reports.push(one.collect_garbage(dry_run).await?);
+                }
+            } else {
+                reports.push(client.collect_garbage(dry_run).await?);
+            }
+            for r in &reports {
+                if ctx.json {
+                    print_json(&json!({
+                        "node": r.node, "dry_run": r.dry_run, "roots": r.roots,
+                        "roots_absent": r.roots_absent, "examined": r.examined, "live": r.live,
+                        "waiting": r.waiting, "waiting_bytes": r.waiting_bytes,
+                        "freed": r.freed, "freed_bytes": r.freed_bytes,
+                        "roots_freed": r.roots_freed, "partitions": r.partitions,
+                        "filter_bytes": r.filter_bytes, "seconds": r.seconds,
+                        "store_bytes_before": r.store_bytes_before,
+                        "store_bytes_after": r.store_bytes_after,
+                    }));
+                } else {
+                    let verb = if r.dry_run { "would free" } else { "freed" };
+                    println!(
+                        "node {}: examined {} chunks in {:.2}s ({} snapshots): {verb} {} chunks \
+                         ({} bytes) and {} snapshot roots; {} unreachable ({} bytes) wait out \
+                         the grace period; store {} -> {} bytes",
+                        r.node,
+                        r.examined,
+                        r.seconds,
+                        r.roots,
+                        r.freed,
+                        r.freed_bytes,
+                        r.roots_freed,
+                        r.waiting,
+                        r.waiting_bytes,
+                        r.store_bytes_before,
+                        r.store_bytes_after
+                    );
+                }
+            }
+        }
         Cmd::Stats => {
             let s = client.stats().await?;
             let v = json!({
@@ -643,4 +772,19 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_deleted(ctx: &Ctx, dataset: &str, r: &bitclone_client::proto::DeleteResponse) {
+    if ctx.json {
+        print_json(&json!({"dataset": dataset, "deleted": r.deleted, "head": r.head}));
+    } else {
+        for id in &r.deleted {
+            println!("deleted {dataset}@{id}");
+        }
+        if r.head.is_empty() {
+            println!("{dataset}: no snapshots left, the dataset is gone");
+        } else {
+            println!("{dataset}: head is {}", r.head);
+        }
+    }
 }

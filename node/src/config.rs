@@ -50,6 +50,23 @@ pub struct FileConfig {
     /// The S3 buckets and Postgres catalogs jobs may use, by name.
     #[serde(default)]
     pub sinks: std::collections::BTreeMap<String, crate::sinks::FileSink>,
+    #[serde(default)]
+    pub gc: FileGc,
+}
+
+/// Garbage collection and retention.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGc {
+    /// How often this node collects its store's garbage ("0s": only on
+    /// demand, `bitclone gc`).
+    pub interval: Option<String>,
+    /// How long a chunk stays unreachable before it is freed.
+    pub grace: Option<String>,
+    /// Memory for a pass's mark, e.g. "64MiB".
+    pub memory: Option<String>,
+    /// How often the leader applies retention policies ("0s": never).
+    pub retention_every: Option<String>,
 }
 
 /// The HTTP listener for metrics and health.
@@ -212,6 +229,18 @@ pub struct NodeConfig {
     pub audit: crate::audit::AuditTarget,
     /// Where `file://` sources and sinks may be.
     pub files: crate::roots::FileRoots,
+    /// Garbage collection and retention.
+    pub gc: GcSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    /// Between passes; zero: only on demand.
+    pub interval: Duration,
+    pub grace: Duration,
+    pub memory_bytes: usize,
+    /// Between the leader's retention passes; zero: never.
+    pub retention_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +446,15 @@ impl NodeConfig {
         if upload_idle_timeout.is_zero() {
             bail!("upload_idle_timeout must be more than 0s");
         }
+        let gc = GcSettings {
+            interval: dur("BITCLONE_GC_INTERVAL", fc.gc.interval, "1h")?,
+            grace: dur("BITCLONE_GC_GRACE", fc.gc.grace, "1h")?,
+            memory_bytes: size("BITCLONE_GC_MEMORY", fc.gc.memory, 64 << 20)? as usize,
+            retention_every: dur("BITCLONE_RETENTION_EVERY", fc.gc.retention_every, "1m")?,
+        };
+        if gc.memory_bytes < 1 << 20 {
+            bail!("gc.memory must be at least 1MiB");
+        }
         let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);
         cluster.settings.backoff_max_ms = backoff_max.map(|d| d.as_millis() as u64);
@@ -498,6 +536,7 @@ impl NodeConfig {
             max_attempts,
             shutdown_grace,
             upload_idle_timeout,
+            gc,
             disk_reserve,
             http_listen,
             cluster,

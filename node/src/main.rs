@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod config;
 mod dev;
+mod gc;
 mod http;
 mod link;
 mod metrics;
@@ -156,6 +157,56 @@ enum Cmd {
     Snapshots {
         #[arg(long)]
         dataset: String,
+    },
+    /// Delete a snapshot of a dataset by its id (the whole id, as
+    /// `snapshots` lists it). Deleting the head moves it to the newest
+    /// snapshot left; its chunks are freed by garbage collection after the
+    /// grace period.
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete {
+        #[arg(long)]
+        dataset: String,
+        id: String,
+    },
+    /// Delete a dataset with all its snapshots.
+    #[command(name = "dataset-delete")]
+    DatasetDelete {
+        name: String,
+        /// Confirms the deletion of every snapshot.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Show a dataset's retention policy and what it would delete now, or
+    /// set it: a snapshot any rule keeps stays, the head always does.
+    Retention {
+        dataset: String,
+        /// Keep the newest N snapshots.
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Keep the newest snapshot of each of the N most recent days (UTC)
+        /// that have one.
+        #[arg(long)]
+        keep_daily: Option<u32>,
+        /// ... of ISO weeks.
+        #[arg(long)]
+        keep_weekly: Option<u32>,
+        /// ... of calendar months.
+        #[arg(long)]
+        keep_monthly: Option<u32>,
+        /// Keep every snapshot younger than this, e.g. 30d.
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Remove the policy (keep everything).
+        #[arg(long, conflicts_with_all = ["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_within"])]
+        clear: bool,
+    },
+    /// Run a garbage collection pass (admin) on the node called, or on
+    /// every member with --all; --dry-run says what it would free.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        all: bool,
     },
     /// Show node statistics.
     Stats,

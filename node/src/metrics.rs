@@ -534,6 +534,67 @@ impl Collector for NodeCollector {
             "Chunks found corrupt or missing on read and replaced from a replica",
             load(&node.chunks_repaired),
         )?;
+        let gc = &node.gc;
+        labelled(
+            e,
+            "bitclone_gc_passes",
+            "Garbage collection passes of this node's store, by outcome",
+            MetricType::Counter,
+            "outcome",
+            [
+                ("ok", load(&gc.passes)),
+                ("failed", load(&gc.passes_failed)),
+            ],
+        )?;
+        counter(
+            e,
+            "bitclone_gc_examined_chunks",
+            "Chunks and manifest pages garbage collection examined",
+            load(&gc.examined),
+        )?;
+        counter(
+            e,
+            "bitclone_gc_freed_chunks",
+            "Chunks and manifest pages garbage collection freed",
+            load(&gc.freed_chunks),
+        )?;
+        counter(
+            e,
+            "bitclone_gc_freed_bytes",
+            "Bytes of the chunks and pages garbage collection freed",
+            load(&gc.freed_bytes),
+        )?;
+        counter(
+            e,
+            "bitclone_gc_freed_snapshot_roots",
+            "Snapshot roots garbage collection freed",
+            load(&gc.roots_freed),
+        )?;
+        let iload = |a: &std::sync::atomic::AtomicI64| a.load(Ordering::Relaxed) as f64;
+        gauge(
+            e,
+            "bitclone_gc_waiting_chunks",
+            "Unreachable chunks and pages waiting out the grace period (last pass)",
+            iload(&gc.waiting_chunks),
+        )?;
+        gauge(
+            e,
+            "bitclone_gc_waiting_bytes",
+            "Bytes of the unreachable chunks and pages waiting out the grace period",
+            iload(&gc.waiting_bytes),
+        )?;
+        gauge(
+            e,
+            "bitclone_gc_last_pass_seconds",
+            "Length of the last garbage collection pass",
+            iload(&gc.last_pass_ms) / 1000.0,
+        )?;
+        counter(
+            e,
+            "bitclone_snapshots_expired",
+            "Snapshots deleted by retention passes this node led",
+            load(&gc.snapshots_expired),
+        )?;
         let ev = &node.events;
         counter(
             e,

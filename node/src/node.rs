@@ -59,6 +59,8 @@ pub struct Node {
     /// Opened sinks by declared name and what it resolved to (a catalog is
     /// a connection pool).
     sinks: tokio::sync::Mutex<std::collections::HashMap<(Option<String>, Destination), Sink>>,
+    /// Garbage collection and retention, counted for `/metrics`.
+    pub gc: crate::gc::GcStats,
 }
 
 /// A dataset as listings show it.
@@ -102,6 +104,7 @@ impl Node {
             leasing: Default::default(),
             wake: tokio::sync::Notify::new(),
             sinks: Default::default(),
+            gc: Default::default(),
         }))
     }
 
@@ -625,6 +628,9 @@ impl Node {
         dataset: &str,
         chunking: Option<ChunkParams>,
     ) -> Result<(SnapshotBuilder, Option<SnapshotId>), StoreError> {
+        // Before the put's first lookup, until its commit (the builder and
+        // then what it built keep it).
+        let hold = self.store.hold();
         let head = self.head(tenant, dataset).await?;
         let parent = match head {
             Some(id) => match self.check_manifest(tenant, dataset, id).await {
@@ -638,7 +644,8 @@ impl Node {
         let chunking = chunking
             .or(parent.as_ref().map(|(_, stored)| stored.chunking()))
             .unwrap_or(self.config.chunking);
-        let builder = SnapshotBuilder::new(self.chunk_store(), tenant, dataset, chunking)?;
+        let builder =
+            SnapshotBuilder::new(self.chunk_store(), tenant, dataset, chunking)?.holding(hold);
         let builder = match parent {
             Some((id, stored)) => builder.with_parent(id, stored),
             None => builder.with_parent_id(head),

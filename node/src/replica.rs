@@ -437,7 +437,11 @@ pub async fn repair_loop(
             // Snapshots placed here that this pass could not complete; a
             // pass cut short by an error counts the one it was on too.
             let mut incomplete = 0;
+            // What a pass pulls is named by no root here until the pass
+            // stores it last.
+            let hold = node.store.hold();
             let pass = repair_once(&node, &cluster, &transport, &mut incomplete).await;
+            drop(hold);
             let missing = incomplete + u64::from(pass.is_err());
             node.events.quic.missing_snapshots.set(missing as i64);
             match pass {

@@ -186,6 +186,9 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
         t,
     ));
 
+    tokio::spawn(crate::gc::gc_loop(node.clone()));
+    tokio::spawn(crate::gc::retention_loop(node.clone()));
+
     let workers: Vec<_> = (0..config.job_workers)
         .map(|_| tokio::spawn(worker(node.clone())))
         .collect();

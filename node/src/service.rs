@@ -92,6 +92,17 @@ pub fn status(e: StoreError) -> Status {
     }
 }
 
+fn retention_of(p: pb::RetentionPolicy) -> bitclone_raft::retention::Retention {
+    bitclone_raft::retention::Retention {
+        keep_last: p.keep_last,
+        keep_daily: p.keep_daily,
+        keep_weekly: p.keep_weekly,
+        keep_monthly: p.keep_monthly,
+        keep_within_ms: i64::try_from(p.keep_within_seconds.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+    }
+}
+
 fn names(tenant: &str, dataset: &str) -> Result<(), Status> {
     validate_name("tenant", tenant).map_err(status)?;
     validate_name("dataset", dataset).map_err(status)
@@ -344,6 +355,49 @@ impl Api {
     }
 
     /// Records a mutating call's outcome.
+    /// Proposes a deletion and answers what it deleted.
+    async fn deleted(&self, cmd: Command) -> Result<Response<pb::DeleteResponse>, Status> {
+        match self.node.write(cmd).await.map_err(status)? {
+            RaftResponse::Deleted { snapshots, head } => Ok(Response::new(pb::DeleteResponse {
+                deleted: snapshots,
+                head,
+            })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A dataset's policy and what it would delete now.
+    async fn retention(
+        &self,
+        tenant: &str,
+        dataset: &str,
+    ) -> Result<Response<pb::RetentionResponse>, Status> {
+        let now = now_ms();
+        let (policy, would) = self
+            .node
+            .read(|s| {
+                let policy = s
+                    .retention
+                    .get(tenant)
+                    .and_then(|p| p.get(dataset))
+                    .cloned()
+                    .unwrap_or_default();
+                (policy, s.expired(tenant, dataset, now))
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RetentionResponse {
+            policy: Some(pb::RetentionPolicy {
+                keep_last: policy.keep_last,
+                keep_daily: policy.keep_daily,
+                keep_weekly: policy.keep_weekly,
+                keep_monthly: policy.keep_monthly,
+                keep_within_seconds: (policy.keep_within_ms / 1000) as u64,
+            }),
+            would_delete: would,
+        }))
+    }
+
     fn audited<T>(
         &self,
         call: &Call,
@@ -1420,6 +1474,134 @@ impl BitClone for Api {
         }
         .await;
         self.audited(&call, "set-quota", &tenant, &tenant, &result);
+        result
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let call = self.authenticate(&request, "delete-snapshot")?;
+        let r = request.into_inner();
+        let target = format!("{}@{}", r.dataset, r.snapshot);
+        self.allow(&call, "delete-snapshot", Scope::Write, &r.tenant, &target)
+            .await?;
+        let result = async {
+            names(&r.tenant, &r.dataset)?;
+            // Whole ids only: a prefix could name another snapshot than the
+            // caller looked at.
+            let id: SnapshotId = r.snapshot.parse().map_err(status)?;
+            self.deleted(Command::DeleteSnapshot {
+                tenant: r.tenant.clone(),
+                dataset: r.dataset.clone(),
+                snapshot: id.to_hex(),
+            })
+            .await
+        }
+        .await;
+        self.audited(&call, "delete-snapshot", &r.tenant, &target, &result);
+        result
+    }
+
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let call = self.authenticate(&request, "delete-dataset")?;
+        let r = request.into_inner();
+        self.allow(&call, "delete-dataset", Scope::Write, &r.tenant, &r.dataset)
+            .await?;
+        let result = async {
+            names(&r.tenant, &r.dataset)?;
+            self.deleted(Command::DeleteDataset {
+                tenant: r.tenant.clone(),
+                dataset: r.dataset.clone(),
+            })
+            .await
+        }
+        .await;
+        self.audited(&call, "delete-dataset", &r.tenant, &r.dataset, &result);
+        result
+    }
+
+    async fn set_retention(
+        &self,
+        request: Request<pb::SetRetentionRequest>,
+    ) -> Result<Response<pb::RetentionResponse>, Status> {
+        let call = self.authenticate(&request, "set-retention")?;
+        let r = request.into_inner();
+        self.allow(&call, "set-retention", Scope::Write, &r.tenant, &r.dataset)
+            .await?;
+        let result = async {
+            names(&r.tenant, &r.dataset)?;
+            let policy = retention_of(r.policy.unwrap_or_default());
+            self.node
+                .write(Command::SetRetention {
+                    tenant: r.tenant.clone(),
+                    dataset: r.dataset.clone(),
+                    policy,
+                })
+                .await
+                .map_err(status)?;
+            self.retention(&r.tenant, &r.dataset).await
+        }
+        .await;
+        self.audited(&call, "set-retention", &r.tenant, &r.dataset, &result);
+        result
+    }
+
+    async fn get_retention(
+        &self,
+        request: Request<pb::GetRetentionRequest>,
+    ) -> Result<Response<pb::RetentionResponse>, Status> {
+        let call = self.authenticate(&request, "get-retention")?;
+        let r = request.into_inner();
+        self.allow(&call, "get-retention", Scope::Read, &r.tenant, &r.dataset)
+            .await?;
+        names(&r.tenant, &r.dataset)?;
+        self.retention(&r.tenant, &r.dataset).await
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let call = self.authenticate(&request, "gc")?;
+        let dry_run = request.into_inner().dry_run;
+        self.allow_admin(&call, "gc", "")?;
+        let result = async {
+            let before = self.node.store.stats().map_err(status)?.chunk_bytes;
+            let r = crate::gc::collect(&self.node, dry_run)
+                .await
+                .map_err(status)?;
+            let after = self.node.store.stats().map_err(status)?.chunk_bytes;
+            Ok(Response::new(pb::CollectGarbageResponse {
+                node: self.node.cluster.id,
+                roots: r.roots,
+                roots_absent: r.roots_absent,
+                examined: r.examined,
+                live: r.live,
+                waiting: r.waiting,
+                waiting_bytes: r.waiting_bytes,
+                freed: r.freed,
+                freed_bytes: r.freed_bytes,
+                roots_freed: r.roots_freed,
+                partitions: r.partitions,
+                filter_bytes: r.filter_bytes,
+                seconds: (r.mark_time + r.sweep_time).as_secs_f64(),
+                dry_run,
+                store_bytes_before: before,
+                store_bytes_after: after,
+            }))
+        }
+        .await;
+        self.audited(
+            &call,
+            "gc",
+            "",
+            if dry_run { "dry-run" } else { "" },
+            &result,
+        );
         result
     }
 

@@ -12,6 +12,7 @@ use crate::chunker::{chunk_slice, ChunkParams, Chunker, ChunkerError};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Encoder, Entry, EntryKind, Manifest, Stored};
 use crate::path::{validate_path, validate_symlink};
+use crate::rocks::GcHold;
 use crate::store::{load_manifest, ChunkStore, Entries};
 
 /// One file's bytes after chunking and storing.
@@ -168,6 +169,7 @@ pub struct SnapshotBuilder {
     chunking: ChunkParams,
     encoder: Encoder,
     stats: IngestStats,
+    hold: Option<Arc<GcHold>>,
 }
 
 /// A snapshot [`SnapshotBuilder::finish`] encoded: its pages are stored, its
@@ -184,6 +186,9 @@ pub struct Built {
     pub created_unix_ms: i64,
     /// What the ingest did.
     pub stats: IngestStats,
+    /// The builder's hold on garbage collection ([`SnapshotBuilder::holding`]):
+    /// keep it until the snapshot is committed.
+    pub hold: Option<Arc<GcHold>>,
 }
 
 impl Built {
@@ -215,7 +220,17 @@ impl SnapshotBuilder {
             chunking,
             encoder: Encoder::new(),
             stats: IngestStats::default(),
+            hold: None,
         })
+    }
+
+    /// Keeps `hold` (taken before the first lookup of the put) with the
+    /// builder and then with what [`SnapshotBuilder::finish`] returns, so
+    /// that garbage collection frees nothing the snapshot names before it
+    /// is committed.
+    pub fn holding(mut self, hold: GcHold) -> Self {
+        self.hold = Some(Arc::new(hold));
+        self
     }
 
     /// Makes the snapshot incremental against snapshot `id`, stored here as
@@ -402,6 +417,7 @@ impl SnapshotBuilder {
             parent: self.parent_id,
             created_unix_ms,
             stats: self.stats,
+            hold: self.hold,
         })
     }
 }

@@ -26,7 +26,8 @@ pub use gc::{GcOptions, GcReport, GcRoot};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{
-    FamilyStats, LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord, StoreStats,
+    FamilyStats, GcHold, LegacyHead, LegacyMetadata, RocksOptions, RocksStore, SnapshotRecord,
+    StoreStats,
 };
 pub use store::{
     load_manifest, read_chunks, read_root, ChunkStore, Entries, EntryPages, FetchPage, MemStore,

@@ -172,6 +172,7 @@ pub(crate) struct GcState {
 /// it was taken, until it is dropped: held by a writer (a put, a repair)
 /// from before its first lookup until its commit is acknowledged, so that
 /// nothing it found or wrote is freed before a snapshot names it.
+#[derive(Debug)]
 pub struct GcHold {
     holds: Arc<Mutex<BTreeMap<u64, i64>>>,
     id: u64,

@@ -1,0 +1,168 @@
+//! Garbage collection and retention on the node: the passes over this
+//! node's store (on a timer and on demand) and the leader's retention pass.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bitclone_raft::state::{ClusterState, Command, Response};
+use bitclone_storage::{Error as StoreError, GcOptions, GcReport, GcRoot, SnapshotId};
+
+use crate::node::{raft_error, Node};
+
+/// What the passes did, for `/metrics`.
+#[derive(Default)]
+pub struct GcStats {
+    pub passes: AtomicU64,
+    pub passes_failed: AtomicU64,
+    pub examined: AtomicU64,
+    pub freed_chunks: AtomicU64,
+    pub freed_bytes: AtomicU64,
+    pub roots_freed: AtomicU64,
+    /// Unreachable, waiting out the grace period (as of the last pass).
+    pub waiting_chunks: AtomicI64,
+    pub waiting_bytes: AtomicI64,
+    /// Length of the last pass, ms.
+    pub last_pass_ms: AtomicI64,
+    /// Snapshots the retention passes this node led deleted.
+    pub snapshots_expired: AtomicU64,
+}
+
+/// Every snapshot of every dataset: what a pass keeps. All of them, not
+/// only those placed here: a superset keeps nothing it should free.
+fn roots(state: &ClusterState) -> Vec<GcRoot> {
+    let mut out = Vec::new();
+    for (tenant, datasets) in &state.datasets {
+        for head in datasets.values() {
+            for s in &head.history {
+                if let Ok(snapshot) = s.id.parse::<SnapshotId>() {
+                    out.push(GcRoot {
+                        tenant: tenant.clone(),
+                        snapshot,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One pass over this node's store. The snapshots are read linearizably
+/// first: every commit acknowledged before the pass is kept.
+pub async fn collect(node: &Arc<Node>, dry_run: bool) -> Result<GcReport, StoreError> {
+    let started = Instant::now();
+    let roots = node.cluster.read(roots).await.map_err(raft_error)?;
+    let opts = GcOptions {
+        grace: node.config.gc.grace,
+        memory_bytes: node.config.gc.memory_bytes,
+        dry_run,
+        compact: true,
+    };
+    // A pass takes a while: on a thread of its own, not the CPU pool's.
+    let store = node.store.clone();
+    let result = tokio::task::spawn_blocking(move || store.collect_garbage(&roots, &opts))
+        .await
+        .unwrap_or(Err(StoreError::Panicked));
+    let s = &node.gc;
+    match &result {
+        Ok(r) if !dry_run => {
+            s.passes.fetch_add(1, Ordering::Relaxed);
+            s.examined.fetch_add(r.examined, Ordering::Relaxed);
+            s.freed_chunks.fetch_add(r.freed, Ordering::Relaxed);
+            s.freed_bytes.fetch_add(r.freed_bytes, Ordering::Relaxed);
+            s.roots_freed.fetch_add(r.roots_freed, Ordering::Relaxed);
+            s.waiting_chunks.store(r.waiting as i64, Ordering::Relaxed);
+            s.waiting_bytes
+                .store(r.waiting_bytes as i64, Ordering::Relaxed);
+            s.last_pass_ms
+                .store(started.elapsed().as_millis() as i64, Ordering::Relaxed);
+            tracing::info!(
+                examined = r.examined,
+                freed = r.freed,
+                freed_bytes = r.freed_bytes,
+                roots_freed = r.roots_freed,
+                waiting = r.waiting,
+                partitions = r.partitions,
+                seconds = started.elapsed().as_secs_f64(),
+                "garbage collection pass"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            s.passes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "garbage collection pass failed");
+        }
+    }
+    result
+}
+
+/// Collects garbage every `gc.interval` until shutdown (not at all when it
+/// is zero).
+pub async fn gc_loop(node: Arc<Node>) {
+    let every = node.config.gc.interval;
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        node.idle(every).await;
+        if node.is_shutting_down() {
+            return;
+        }
+        let _ = collect(&node, false).await;
+    }
+}
+
+/// On the leader, every `gc.retention_every`: deletes what the datasets'
+/// retention policies no longer keep (decided again inside the state
+/// machine, at the leader's time).
+pub async fn retention_loop(node: Arc<Node>) {
+    let every = node.config.gc.retention_every;
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        node.idle(every).await;
+        if node.is_shutting_down() {
+            return;
+        }
+        if node.cluster.leader() != Some(node.cluster.id) {
+            continue;
+        }
+        if let Err(e) = expire_once(&node).await {
+            tracing::warn!(error = %e, "retention pass failed");
+        }
+    }
+}
+
+/// One retention pass: the datasets whose policy expires something now.
+pub async fn expire_once(node: &Arc<Node>) -> Result<u64, StoreError> {
+    let now = bitclone_raft::cluster::now_ms();
+    let due: Vec<(String, String)> = node.cluster.local(|s| {
+        s.retention
+            .iter()
+            .flat_map(|(t, p)| p.keys().map(move |d| (t.clone(), d.clone())))
+            .filter(|(t, d)| !s.expired(t, d, now).is_empty())
+            .collect()
+    });
+    let mut deleted = 0;
+    for (tenant, dataset) in due {
+        let r = node
+            .cluster
+            .write(Command::ExpireSnapshots {
+                tenant: tenant.clone(),
+                dataset: dataset.clone(),
+            })
+            .await
+            .map_err(raft_error)?;
+        if let Response::Deleted { snapshots, .. } = r {
+            if !snapshots.is_empty() {
+                tracing::info!(%tenant, %dataset, expired = snapshots.len(), "retention deleted snapshots");
+            }
+            deleted += snapshots.len() as u64;
+        }
+    }
+    node.gc
+        .snapshots_expired
+        .fetch_add(deleted, Ordering::Relaxed);
+    Ok(deleted)
+}
