@@ -713,9 +713,10 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             } else {
                 reports.push(client.collect_garbage(dry_run).await?);
             }
+            let mut nodes = Vec::new();
             for r in &reports {
                 if ctx.json {
-                    print_json(&json!({
+                    nodes.push(json!({
                         "node": r.node, "dry_run": r.dry_run, "roots": r.roots,
                         "roots_absent": r.roots_absent, "examined": r.examined, "live": r.live,
                         "waiting": r.waiting, "waiting_bytes": r.waiting_bytes,
@@ -744,6 +745,9 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                         r.store_bytes_after
                     );
                 }
+            }
+            if ctx.json {
+                print_json(&json!({ "nodes": nodes }));
             }
         }
         Cmd::Stats => {

@@ -1,0 +1,268 @@
+#![allow(clippy::unwrap_used)]
+//! Data lifecycle on three real nodes: deleting snapshots and datasets,
+//! garbage collection freeing their chunks on every replica (space
+//! measured) while puts that dedup against them keep running, retention.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bitclone_chaos::*;
+
+fn put(c: &TestCluster, id: u64, src: &Path, dataset: &str) -> String {
+    let v = c
+        .node(id)
+        .json(&["put", src.to_str().unwrap(), "--dataset", dataset]);
+    v["snapshot"].as_str().unwrap().to_string()
+}
+
+/// `gc --all`: one report per member.
+fn gc_all(c: &TestCluster, via: u64, dry_run: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["gc", "--all"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let v = c.node(via).json(&args);
+    let nodes = v["nodes"].as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 3, "{v}");
+    nodes
+}
+
+fn n(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn get_matches(c: &TestCluster, via: u64, dataset: &str, snapshot: &str, want: &Path) {
+    let out = c.dir.join(format!("get-{via}-{dataset}-{snapshot}"));
+    c.node(via).ok(&[
+        "get",
+        "--dataset",
+        dataset,
+        "--snapshot",
+        snapshot,
+        out.to_str().unwrap(),
+    ]);
+    assert_same_tree(want, &out, false, &[]);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn deleted_data_is_freed_on_every_replica_while_puts_that_dedup_against_it_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        // Passes on demand only, and no grace period: the second pass after
+        // a delete frees it. Puts are protected by their holds, not by time.
+        ("BITCLONE_GC_INTERVAL", "0s"),
+        ("BITCLONE_GC_GRACE", "0s"),
+    ];
+    let c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
+    let (keep, gone, edited) = (
+        tmp.path().join("keep"),
+        tmp.path().join("gone"),
+        tmp.path().join("edited"),
+    );
+    generate_tree(&keep, 1, 40, 0);
+    let gone_bytes = generate_tree(&gone, 2, 40, 0);
+    let keep_1 = put(&c, 1, &keep, "keep");
+    // A second snapshot of `keep` with one big file (1-5 MiB) replaced.
+    copy_tree(&keep, &edited);
+    std::fs::write(
+        edited.join("d3/s1/f10.bin"),
+        random_bytes(&mut seeded(3), 3 << 20),
+    )
+    .unwrap();
+    let keep_2 = put(&c, 2, &edited, "keep");
+    let gone_1 = put(&c, 3, &gone, "gone");
+
+    // Both live: nothing to free anywhere.
+    for r in gc_all(&c, 1, false) {
+        assert_eq!((n(&r, "freed"), n(&r, "waiting")), (0, 0), "{r}");
+    }
+    let before: Vec<u64> = gc_all(&c, 1, true)
+        .iter()
+        .map(|r| n(r, "store_bytes_after"))
+        .collect();
+
+    // The head cannot go behind a put's back: deleting keep's first
+    // snapshot leaves the head; deleting `gone` leaves nothing of it.
+    let d = c
+        .node(1)
+        .json(&["snapshot-delete", "--dataset", "keep", &keep_1]);
+    assert_eq!(d["head"], keep_2.as_str(), "{d}");
+    assert!(c
+        .node(2)
+        .fails(&["dataset-delete", "gone"])
+        .contains("--yes"));
+    let d = c.node(2).json(&["dataset-delete", "gone", "--yes"]);
+    assert_eq!(d["deleted"][0], gone_1.as_str(), "{d}");
+    assert_eq!(d["head"], "", "{d}");
+    let e = c.node(3).fails(&[
+        "get",
+        "--dataset",
+        "gone",
+        tmp.path().join("nothing").to_str().unwrap(),
+    ]);
+    assert!(e.contains("not found"), "{e}");
+
+    // Puts that share files with the deleted dataset (their chunks are
+    // candidates now) run while passes go on.
+    let racing = tmp.path().join("racing");
+    copy_tree(&gone, &racing);
+    let stop = AtomicBool::new(false);
+    let mut racing_snapshots = Vec::new();
+    let passes = std::thread::scope(|s| {
+        let collector = s.spawn(|| {
+            let mut passes = 0;
+            while !stop.load(Ordering::Acquire) && passes < 60 {
+                c.node(3).json(&["gc"]);
+                passes += 1;
+            }
+            passes
+        });
+        for i in 0..4u64 {
+            std::fs::write(
+                racing.join(format!("own-{i}.bin")),
+                random_bytes(&mut seeded(10 + i), 100 << 10),
+            )
+            .unwrap();
+            let id = put(&c, 1 + i % 3, &racing, "racing");
+            racing_snapshots.push((id, copy_of(&racing, tmp.path(), i)));
+        }
+        stop.store(true, Ordering::Release);
+        collector.join().unwrap()
+    });
+    assert!(passes >= 1);
+
+    // Two passes on every node: the first finds what is unreachable, the
+    // second frees it; then the space is back on disk.
+    gc_all(&c, 2, false);
+    let after = gc_all(&c, 2, false);
+    for (i, r) in after.iter().enumerate() {
+        let (b, a) = (before[i], n(r, "store_bytes_after"));
+        // The racing puts hold `gone`'s files again: what went is keep's
+        // first snapshot's replaced file (1-5 MiB) and its pages (node 3
+        // freed them during the race already).
+        let id = n(r, "node");
+        assert!(metric(&c, id, "bitclone_gc_freed_bytes_total") >= (1 << 20) as f64);
+        assert!(metric(&c, id, "bitclone_gc_freed_snapshot_roots_total") >= 2.0);
+        println!(
+            "node {}: store {b} -> {a} bytes, freed {} chunks ({} bytes) in {:.2}s, {} examined",
+            n(r, "node"),
+            n(r, "freed"),
+            n(r, "freed_bytes"),
+            r["seconds"].as_f64().unwrap(),
+            n(r, "examined")
+        );
+    }
+    // What is kept reads back byte-identical through every node.
+    for via in 1..=3 {
+        get_matches(&c, via, "keep", &keep_2, &edited);
+    }
+    for (id, tree) in &racing_snapshots {
+        get_matches(&c, 2, "racing", id, tree);
+    }
+    let e = c.node(1).fails(&[
+        "get",
+        "--dataset",
+        "keep",
+        "--snapshot",
+        &keep_1,
+        tmp.path().join("nothing").to_str().unwrap(),
+    ]);
+    assert!(e.contains("not found"), "{e}");
+    // Deleting the racing dataset too frees `gone`'s bytes on every node.
+    c.node(1).json(&["dataset-delete", "racing", "--yes"]);
+    gc_all(&c, 1, false);
+    let dry = gc_all(&c, 1, true);
+    let last = gc_all(&c, 1, false);
+    for ((d, r), b) in dry.iter().zip(&last).zip(&before) {
+        assert_eq!(n(d, "freed"), n(r, "freed"), "the dry run said what goes");
+        let a = n(r, "store_bytes_after");
+        assert!(
+            a + gone_bytes * 8 / 10 <= *b,
+            "node {}: {b} bytes before, {a} after; the deleted tree held {gone_bytes}",
+            n(r, "node")
+        );
+    }
+    // Nothing left to free.
+    for r in gc_all(&c, 3, false) {
+        assert_eq!((n(&r, "freed"), n(&r, "waiting")), (0, 0), "{r}");
+    }
+}
+
+#[test]
+fn retention_keeps_what_the_policy_says_and_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("BITCLONE_RETENTION_EVERY", "200ms")];
+    let c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
+    let src = tmp.path().join("src");
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        generate_tree(&src, 20 + i, 5, 0);
+        ids.push(put(&c, 1, &src, "r"));
+    }
+    let shown = c.node(2).json(&["retention", "r"]);
+    assert_eq!(
+        shown["would_delete"].as_array().unwrap().len(),
+        0,
+        "{shown}"
+    );
+    let set = c.node(2).json(&["retention", "r", "--keep-last", "2"]);
+    assert_eq!(set["policy"]["keep_last"], 2, "{set}");
+    c.wait_for("retention to delete the two oldest snapshots", 30, |c| {
+        c.node(3).json(&["snapshots", "--dataset", "r"])["snapshots"]
+            .as_array()
+            .is_some_and(|s| s.len() == 2)
+    });
+    let left: Vec<String> = c.node(3).json(&["snapshots", "--dataset", "r"])["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, ids[2..]);
+    let metrics = c.node(c.leader(1).unwrap()).http_get("/metrics").body;
+    assert!(
+        metrics.contains("bitclone_snapshots_expired_total 2"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("expired"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Cleared: nothing more goes.
+    let cleared = c.node(1).json(&["retention", "r", "--clear"]);
+    assert_eq!(cleared["policy"]["keep_last"], 0, "{cleared}");
+}
+
+/// A counter or gauge of node `id`'s `/metrics`.
+fn metric(c: &TestCluster, id: u64, name: &str) -> f64 {
+    let body = c.node(id).http_get("/metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("node {id} has no {name}"))
+}
+
+fn seeded(seed: u64) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A copy of `tree` as it is now, to compare a snapshot with later.
+fn copy_of(tree: &Path, dir: &Path, i: u64) -> std::path::PathBuf {
+    let to = dir.join(format!("copy-{i}"));
+    copy_tree(tree, &to);
+    to
+}
