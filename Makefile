@@ -33,6 +33,7 @@ CHAOS_ARGS ?=
 # Extra flags for bitclone-bench, e.g. make bench BENCH_ARGS="--size 256MiB --files 500"
 # or the many-files profile: make bench BENCH_ARGS="--profile many-files --restic"
 BENCH_ARGS ?= --restic --s3
+BENCH_GC_ARGS ?=
 BENCH_OUT  ?= .bitclone/bench.json
 # The Markdown report and SVG chart of the profile run (<profile>.md, <profile>.svg).
 BENCH_REPORT ?= $(dir $(BENCH_OUT))
@@ -45,7 +46,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run upgrade-test test build fmt clippy demo bench bench-cluster bench-transport chaos chaos-smoke clean-cache
+.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run upgrade-test test build fmt clippy demo bench bench-cluster bench-gc bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -54,6 +55,8 @@ help:
 	@echo "  make bench        build node + bench, run bitclone-bench (BENCH_ARGS='$(BENCH_ARGS)'), JSON to $(BENCH_OUT)"
 	@echo "                   and a report to $(BENCH_REPORT); many files: BENCH_ARGS='--profile many-files --restic'"
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
+	@echo "  make bench-gc     garbage collection: chunks examined/s and node memory per pass (200,000-file datasets),"
+	@echo "                   puts with passes running vs without (BENCH_GC_ARGS='--files N --put-files N')"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
 	@echo "  make upgrade-test build the previous release from git (deploy/previous-release), upgrade a 3-node"
@@ -157,6 +160,11 @@ bench-cluster: deps
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p .bitclone
 	@$(STEP) bench-cluster bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-cluster" --bitclone "$(BITCLONE)" | tee .bitclone/bench-cluster.json'
+
+bench-gc: deps
+	@$(STEP) build-bench $(CARGO) build --workspace --locked
+	@mkdir -p .bitclone
+	@$(STEP) bench-gc bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-gc" --bitclone "$(BITCLONE)" $(BENCH_GC_ARGS) | tee .bitclone/bench-gc.json'
 
 bench-transport: deps-bench
 	@$(STEP) build-bench $(CARGO) build --workspace --locked

@@ -452,8 +452,8 @@ impl NodeConfig {
             memory_bytes: size("BITCLONE_GC_MEMORY", fc.gc.memory, 64 << 20)? as usize,
             retention_every: dur("BITCLONE_RETENTION_EVERY", fc.gc.retention_every, "1m")?,
         };
-        if gc.memory_bytes < 1 << 20 {
-            bail!("gc.memory must be at least 1MiB");
+        if gc.memory_bytes < 256 << 10 {
+            bail!("gc.memory must be at least 256KiB");
         }
         let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);
