@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 200_000)]
     files: usize,
     /// Files in each of the two timed puts (with and without passes).
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 200_000)]
     put_files: usize,
     /// The small mark memory (the default is the node's, 64 MiB).
     #[arg(long, default_value = "256KiB")]
@@ -237,10 +237,10 @@ fn main() -> Result<()> {
             r["freed"],
             mib(&r["node_rss_before"]),
             mib(&r["node_peak_rss"]),
-            mib(&r["filter_bytes"]),
+            r["filter_bytes"].as_f64().map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
         )
     };
-    eprintln!("\n| pass | examined | partitions | s | examined/s | freed | node RSS before (MiB) | peak during (MiB) | filter (MiB) |");
+    eprintln!("\n| pass | examined | partitions | s | examined/s | freed | node RSS before (MiB) | peak during (MiB) | filter (KiB) |");
     eprintln!("|---|---|---|---|---|---|---|---|---|");
     eprintln!("{}", row("all live", &live));
     eprintln!("{}", row("after delete (finds candidates)", &first));
