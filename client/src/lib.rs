@@ -924,6 +924,23 @@ impl Client {
         .await
     }
 
+    /// Erases a tenant (needs the `admin` scope): stops its jobs, deletes
+    /// its data in the sinks its operator declared `owned`, forgets its
+    /// datasets, snapshots and jobs and purges its chunks from every node.
+    /// Returns what was removed where; a node that did not purge within a
+    /// minute is listed as not done (it purges when it runs again). Run it
+    /// again after an error: it goes on from where it stopped.
+    pub async fn erase_tenant(&self, tenant: &str) -> Result<proto::EraseTenantResponse> {
+        let request = proto::EraseTenantRequest {
+            tenant: tenant.to_owned(),
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.erase_tenant(request).await }
+        })
+        .await
+    }
+
     /// Lets a removed node join the cluster again (needs the `admin`
     /// scope).
     pub async fn allow_rejoin(&self, id: u64) -> Result<proto::ClusterStatusResponse> {

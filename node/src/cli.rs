@@ -425,11 +425,53 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 println!("tenant {name}: stores {used} bytes; limits {max} bytes, {max_jobs} jobs (0: none)");
             }
         }
+        Cmd::Tenant(crate::TenantCmd::Erase { name, yes }) => {
+            if !yes {
+                anyhow::bail!(
+                    "tenant erase deletes every dataset, snapshot and job of {name} and its \
+                     data in owned sinks: add --yes to confirm"
+                );
+            }
+            let r = client.erase_tenant(&name).await?;
+            if ctx.json {
+                print_json(&json!({
+                    "tenant": r.tenant, "datasets": r.datasets, "snapshots": r.snapshots,
+                    "jobs": r.jobs,
+                    "sinks": r.sinks.iter().map(|s| json!({
+                        "sink": s.sink, "unit": s.unit, "removed": s.removed,
+                    })).collect::<Vec<_>>(),
+                    "nodes": r.nodes.iter().map(|n| json!({
+                        "node": n.node, "done": n.done, "chunks": n.chunks, "bytes": n.bytes,
+                        "snapshots": n.snapshots,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "tenant {name} erased: {} datasets, {} snapshots, {} jobs",
+                    r.datasets, r.snapshots, r.jobs
+                );
+                for s in &r.sinks {
+                    println!("  sink {}: {} {} deleted", s.sink, s.removed, s.unit);
+                }
+                for n in &r.nodes {
+                    if n.done {
+                        println!(
+                            "  node {}: {} chunks ({} bytes) and {} snapshot roots purged",
+                            n.node, n.chunks, n.bytes, n.snapshots
+                        );
+                    } else {
+                        println!("  node {}: not purged yet (it purges when it runs again)", n.node);
+                    }
+                }
+            }
+        }
         Cmd::Tenant(t) => {
             let (name, shards) = match t {
                 crate::TenantCmd::Create { name, shards } => (name, shards.unwrap_or(0)),
                 crate::TenantCmd::Grow { name, shards } => (name, shards),
-                crate::TenantCmd::Quota { .. } => unreachable!("matched above"),
+                crate::TenantCmd::Quota { .. } | crate::TenantCmd::Erase { .. } => {
+                    unreachable!("matched above")
+                }
             };
             let version = client.set_tenant(&name, shards).await?;
             if ctx.json {

@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod config;
 mod dev;
+mod erase;
 mod gc;
 mod http;
 mod link;
@@ -255,6 +256,16 @@ enum TenantCmd {
         name: String,
         #[arg(long)]
         shards: u32,
+    },
+    /// Erase a tenant: stop its jobs, delete its data in the sinks declared
+    /// `owned`, forget its datasets, snapshots and jobs, and purge its
+    /// chunks from every node; prints what was removed where. The name can
+    /// be used again once every node purged.
+    Erase {
+        name: String,
+        /// Confirms that everything of the tenant goes.
+        #[arg(long)]
+        yes: bool,
     },
     /// Set a tenant's limits (0: none): bytes its snapshots may add to the
     /// store, and jobs not yet finished.

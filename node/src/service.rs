@@ -1605,6 +1605,50 @@ impl BitClone for Api {
         result
     }
 
+    async fn erase_tenant(
+        &self,
+        request: Request<pb::EraseTenantRequest>,
+    ) -> Result<Response<pb::EraseTenantResponse>, Status> {
+        let call = self.authenticate(&request, "erase-tenant")?;
+        let tenant = request.into_inner().tenant;
+        self.allow_admin(&call, "erase-tenant", &tenant)?;
+        let result = async {
+            validate_name("tenant", &tenant).map_err(status)?;
+            let r = crate::erase::erase_tenant(&self.node, &tenant)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(pb::EraseTenantResponse {
+                tenant: tenant.clone(),
+                datasets: r.datasets,
+                snapshots: r.snapshots,
+                jobs: r.jobs,
+                sinks: r
+                    .sinks
+                    .into_iter()
+                    .map(|s| pb::SinkErased {
+                        sink: s.name,
+                        unit: s.unit.to_string(),
+                        removed: s.removed,
+                    })
+                    .collect(),
+                nodes: r
+                    .nodes
+                    .into_iter()
+                    .map(|(node, p)| pb::NodePurged {
+                        node,
+                        done: p.is_some(),
+                        chunks: p.as_ref().map_or(0, |p| p.chunks),
+                        bytes: p.as_ref().map_or(0, |p| p.bytes),
+                        snapshots: p.as_ref().map_or(0, |p| p.snapshots),
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.audited(&call, "erase-tenant", &tenant, &tenant, &result);
+        result
+    }
+
     async fn allow_rejoin(
         &self,
         request: Request<pb::RemoveNodeRequest>,

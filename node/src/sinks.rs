@@ -29,6 +29,10 @@ pub struct FileSink {
     pub tenants: Vec<String>,
     /// Each tenant only under `<prefix>/<tenant>` (S3 sinks).
     pub per_tenant: Option<bool>,
+    /// The tenants' data in it is theirs: erasing a tenant deletes it (its
+    /// `<prefix>/<tenant>` of a per-tenant S3 sink, the whole prefix of an
+    /// S3 sink declared for it alone, its rows of a catalog).
+    pub owned: Option<bool>,
     pub s3: Option<FileS3Sink>,
     pub postgres: Option<FilePgSink>,
 }
@@ -78,6 +82,7 @@ pub struct DeclaredSinks {
 struct Declared {
     tenants: Vec<String>,
     per_tenant: bool,
+    owned: bool,
     kind: Kind,
 }
 
@@ -333,6 +338,41 @@ impl DeclaredSinks {
         }
     }
 
+    /// The places of `tenant`'s data in the sinks declared `owned` that it
+    /// may use, by sink name: what erasing it deletes.
+    pub fn owned_by(&self, tenant: &str) -> Vec<(String, Resolved)> {
+        self.sinks
+            .iter()
+            .filter(|(_, d)| d.owned && d.allows(tenant))
+            .map(|(name, d)| {
+                let (destination, s3, pg_password) = match &d.kind {
+                    Kind::S3 { options, .. } => (
+                        Destination::Objects {
+                            location: d.location(tenant, ""),
+                            mirror: false,
+                        },
+                        options.clone(),
+                        None,
+                    ),
+                    Kind::Postgres { url, password } => (
+                        Destination::Catalog { url: url.clone() },
+                        S3Options::default(),
+                        password.clone(),
+                    ),
+                };
+                (
+                    name.clone(),
+                    Resolved {
+                        sink: Some(name.clone()),
+                        destination,
+                        s3,
+                        pg_password,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The object store a source of `tenant` reads, if it reads one.
     pub fn source(
         &self,
@@ -508,11 +548,21 @@ fn declare(
         }
         _ => bail!("give exactly one of [sinks.{name}.s3] or [sinks.{name}.postgres]"),
     };
+    // As file roots: tenants sharing a sink do not see each other's
+    // objects unless the operator says they may.
+    let per_tenant = f.per_tenant.unwrap_or(true);
+    let owned = f.owned.unwrap_or(false);
+    let alone = f.tenants.len() == 1 && f.tenants[0] != "*";
+    if owned && matches!(kind, Kind::S3 { .. }) && !per_tenant && !alone {
+        bail!(
+            "owned: an S3 sink that tenants share without per_tenant mixes their objects, so \
+             erasing one tenant cannot tell which are its own"
+        );
+    }
     Ok(Declared {
         tenants: f.tenants,
-        // As file roots: tenants sharing a sink do not see each other's
-        // objects unless the operator says they may.
-        per_tenant: f.per_tenant.unwrap_or(true),
+        per_tenant,
+        owned,
         kind,
     })
 }

@@ -87,6 +87,41 @@ pub struct ClusterState {
     /// applies them with [`Command::ExpireSnapshots`]).
     #[serde(default)]
     pub retention: BTreeMap<String, BTreeMap<String, Retention>>,
+    /// tenant → its erasure ([`Command::EraseTenant`]), kept once complete
+    /// for its report until the name is used again.
+    #[serde(default)]
+    pub erasing: BTreeMap<String, Erasure>,
+}
+
+/// A tenant's erasure: its jobs stopped, then everything of it forgotten
+/// by the state, then purged from every node's store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub started_unix_ms: i64,
+    /// Datasets, snapshots and jobs it had when the erasure began.
+    pub datasets: u64,
+    pub snapshots: u64,
+    pub jobs: u64,
+    /// Its datasets, jobs, policies and limits are gone from the state.
+    pub forgotten: bool,
+    /// Nodes whose stores hold nothing of it any more, and what each
+    /// removed.
+    pub purged: BTreeMap<NodeId, Purged>,
+}
+
+/// What one node removed of an erased tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purged {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub snapshots: u64,
+}
+
+impl Erasure {
+    /// Forgotten, and purged from every node in `members`.
+    pub fn complete<'a>(&self, mut members: impl Iterator<Item = &'a NodeId>) -> bool {
+        self.forgotten && members.all(|n| self.purged.contains_key(n))
+    }
 }
 
 /// A tenant's limits; `None` is no limit.
@@ -299,6 +334,24 @@ pub enum Command {
         tenant: String,
         dataset: String,
     },
+    /// Starts erasing a tenant (admin): no new snapshot, job, lease or
+    /// setting of it is accepted from now on, and its jobs are cancelled.
+    /// Again on a tenant being erased: nothing changes.
+    EraseTenant {
+        tenant: String,
+    },
+    /// Forgets everything of a tenant being erased: datasets, jobs,
+    /// policies, limits, its shards. Refused while one of its jobs still
+    /// holds a live lease.
+    ForgetTenant {
+        tenant: String,
+    },
+    /// `node` purged every key of an erased tenant from its store.
+    TenantPurged {
+        tenant: String,
+        node: NodeId,
+        purged: Purged,
+    },
     /// Brings in what a standalone node of the previous release kept in its
     /// own store: dataset heads with their history, and jobs. What the state
     /// already has is left alone, so the import can run again after a crash.
@@ -318,7 +371,10 @@ impl Command {
             Command::DeleteSnapshot { .. }
             | Command::DeleteDataset { .. }
             | Command::SetRetention { .. }
-            | Command::ExpireSnapshots { .. } => 3,
+            | Command::ExpireSnapshots { .. }
+            | Command::EraseTenant { .. }
+            | Command::ForgetTenant { .. }
+            | Command::TenantPurged { .. } => 3,
             _ => 1,
         }
     }
@@ -728,7 +784,35 @@ fn job_mut<'a>(state: &'a mut ClusterState, id: &str) -> Result<&'a mut Job, Com
         .ok_or_else(|| CommandError::NotFound(format!("job {id}")))
 }
 
+/// A command that would add to a tenant being erased.
+fn erasing_refusal(state: &ClusterState, cmd: &Command) -> Option<CommandError> {
+    let tenant = match cmd {
+        Command::CommitSnapshot { tenant, .. }
+        | Command::SetRetention { tenant, .. }
+        | Command::SetQuota { tenant, .. } => tenant,
+        Command::SubmitJob { job } => &job.tenant,
+        Command::AcquireLease { job, .. } => &state.jobs.get(job)?.tenant,
+        // Creating it again is allowed once the erasure is complete.
+        Command::SetTenant { tenant, .. } => {
+            let e = state.erasing.get(tenant)?;
+            if e.complete(state.members.keys()) {
+                return None;
+            }
+            tenant
+        }
+        _ => return None,
+    };
+    state.erasing.contains_key(tenant).then(|| {
+        CommandError::Conflict(format!(
+            "tenant {tenant} is being erased (or was: create it again first)"
+        ))
+    })
+}
+
 fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Response, CommandError> {
+    if let Some(refusal) = erasing_refusal(state, cmd) {
+        return Err(refusal);
+    }
     match cmd {
         Command::UpsertMember { id, info } => {
             if state.removed.contains(id) {
@@ -785,6 +869,8 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                 }
             }
             state.tenants.insert(tenant.clone(), *shards);
+            // A name used again after a complete erasure.
+            state.erasing.remove(tenant);
             state.replan();
             Ok(Response::Layout {
                 version: state.layout.version,
@@ -1063,6 +1149,69 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
                 });
             }
             Ok(remove_snapshots(state, tenant, dataset, &gone))
+        }
+        Command::EraseTenant { tenant } => {
+            if state.erasing.contains_key(tenant) {
+                return Ok(Response::Ok);
+            }
+            if !state.tenants.contains_key(tenant) {
+                return Err(CommandError::NotFound(format!("tenant {tenant}")));
+            }
+            let heads = state.datasets.get(tenant);
+            let mut erasure = Erasure {
+                started_unix_ms: now,
+                datasets: heads.map_or(0, |d| d.len() as u64),
+                snapshots: heads.map_or(0, |d| d.values().map(|h| h.history.len() as u64).sum()),
+                ..Default::default()
+            };
+            for j in state.jobs.values_mut().filter(|j| &j.tenant == tenant) {
+                erasure.jobs += 1;
+                j.request_cancel(now);
+            }
+            state.erasing.insert(tenant.clone(), erasure);
+            Ok(Response::Ok)
+        }
+        Command::ForgetTenant { tenant } => {
+            let Some(erasure) = state.erasing.get(tenant) else {
+                return Err(CommandError::NotFound(format!("erasure of tenant {tenant}")));
+            };
+            if erasure.forgotten {
+                return Ok(Response::Ok);
+            }
+            if let Some(j) = state.jobs.values().find(|j| {
+                &j.tenant == tenant
+                    && j.state == JobState::Running
+                    && j.lease.is_some_and(|l| l.is_live(now))
+            }) {
+                return Err(CommandError::Conflict(format!(
+                    "job {} of tenant {tenant} still runs on node {}; retry once it stopped",
+                    j.id,
+                    j.lease.map_or(0, |l| l.holder)
+                )));
+            }
+            state.datasets.remove(tenant);
+            state.jobs.retain(|_, j| &j.tenant != tenant);
+            state.retention.remove(tenant);
+            state.quotas.remove(tenant);
+            state.stored_bytes.remove(tenant);
+            if state.tenants.remove(tenant).is_some() {
+                state.replan();
+            }
+            if let Some(e) = state.erasing.get_mut(tenant) {
+                e.forgotten = true;
+            }
+            Ok(Response::Ok)
+        }
+        Command::TenantPurged {
+            tenant,
+            node,
+            purged,
+        } => {
+            let Some(e) = state.erasing.get_mut(tenant) else {
+                return Err(CommandError::NotFound(format!("erasure of tenant {tenant}")));
+            };
+            e.purged.insert(*node, purged.clone());
+            Ok(Response::Ok)
         }
         Command::ImportLegacy { datasets, jobs } => {
             for (tenant, name, head) in datasets {
@@ -1370,6 +1519,75 @@ mod tests {
         // Only the commands of this release wait for every member to speak it.
         assert_eq!(expire.needs_protocol(), 3);
         assert_eq!(Command::CancelJob { job: "j".into() }.needs_protocol(), 1);
+    }
+
+    #[test]
+    fn an_erased_tenant_takes_nothing_new_and_is_forgotten_once_its_jobs_stopped() {
+        let mut sm = Sm::new(&[1, 2]);
+        sm.ok(
+            0,
+            Command::SetTenant {
+                tenant: "t".into(),
+                shards: 2,
+            },
+        );
+        commit(&mut sm, "d", "a", "", 1);
+        sm.submit("pending", 1);
+        sm.submit("running", 1);
+        let token = sm.acquire("running", 1, 1).unwrap();
+        sm.ok(2, Command::EraseTenant { tenant: "t".into() });
+        // Pending jobs end at once; the running one is asked to stop.
+        assert_eq!(sm.state.jobs["pending"].state, JobState::Cancelled);
+        assert!(sm.state.jobs["running"].cancel_requested);
+        let e = &sm.state.erasing["t"];
+        assert_eq!((e.datasets, e.snapshots, e.jobs), (1, 1, 2));
+        // Nothing new for it: a commit, a job, a lease, a policy.
+        assert!(matches!(
+            commit(&mut sm, "d", "b", "a", 3),
+            Response::Err(CommandError::Conflict(m)) if m.contains("being erased")
+        ));
+        let job = Job::new("late".into(), "t".into(), "d".into(), src("file:///x"), vec![], 3, 3);
+        assert!(matches!(
+            sm.run(3, Command::SubmitJob { job: Box::new(job) }),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        assert!(sm.acquire("pending", 2, 3).is_err());
+        // Not forgotten while its job holds a live lease...
+        let forget = Command::ForgetTenant { tenant: "t".into() };
+        assert!(matches!(
+            sm.run(4, forget.clone()),
+            Response::Err(CommandError::Conflict(m)) if m.contains("job running")
+        ));
+        // ...once it stopped (here: its lease lapsed), everything goes.
+        let _ = token;
+        sm.ok(10_000, forget);
+        assert!(!sm.state.tenants.contains_key("t"));
+        assert!(!sm.state.datasets.contains_key("t"));
+        assert!(sm.state.jobs.values().all(|j| j.tenant != "t"));
+        assert!(!sm.state.layout.shards.contains_key("t"));
+        // Not to be created again until every node purged its store.
+        let again = Command::SetTenant {
+            tenant: "t".into(),
+            shards: 1,
+        };
+        assert!(matches!(sm.run(10_001, again.clone()), Response::Err(_)));
+        for node in [1, 2] {
+            sm.ok(
+                10_002,
+                Command::TenantPurged {
+                    tenant: "t".into(),
+                    node,
+                    purged: Purged {
+                        chunks: 3,
+                        bytes: 30,
+                        snapshots: 1,
+                    },
+                },
+            );
+        }
+        assert!(sm.state.erasing["t"].complete(sm.state.members.keys()));
+        sm.ok(10_003, again);
+        assert!(!sm.state.erasing.contains_key("t"));
     }
 
     #[test]

@@ -691,6 +691,94 @@ impl RocksStore {
     }
 }
 
+/// What [`RocksStore::erase_tenant`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantErased {
+    /// Chunks and manifest pages.
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Snapshot roots.
+    pub snapshots: u64,
+}
+
+/// The key range of a tenant in the chunk, index and manifest families:
+/// `[len][tenant]` followed by 32 bytes.
+fn tenant_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
+    let start = tenant_key(tenant, &[0; 32])[..1 + tenant.len()].to_vec();
+    let mut end = start.clone();
+    end.extend_from_slice(&[0xff; 33]);
+    (start, end)
+}
+
+impl RocksStore {
+    /// Removes every chunk, page, root and candidate record of `tenant`
+    /// (range deletions, synced), then compacts so that the bytes leave
+    /// the disk too. Blocking.
+    pub fn erase_tenant(&self, tenant: &str) -> Result<TenantErased> {
+        self.check_writable()?;
+        let (start, end) = tenant_range(tenant);
+        let mut out = TenantErased::default();
+        for item in self.db().iterator_cf(
+            self.cf(CF_CHUNK_INDEX),
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&start) || k.len() != start.len() + 32 {
+                break;
+            }
+            out.chunks += 1;
+            out.bytes += v
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, |b| u64::from(u32::from_le_bytes(b)));
+        }
+        out.snapshots = self.count_prefix(CF_MANIFESTS, &start)?;
+        let mut batch = WriteBatch::default();
+        for family in [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS] {
+            batch.delete_range_cf(self.cf(family), &start, &end);
+        }
+        for kind in [PENDING_CHUNK, PENDING_ROOT] {
+            let k = |b: &[u8]| [&[kind][..], b].concat();
+            batch.delete_range_cf(self.cf(CF_GC_PENDING), k(&start), k(&end));
+        }
+        self.write(batch, true)?;
+        self.compact_freed()?;
+        Ok(out)
+    }
+
+    /// Keys of `tenant` left in any family (0 once it is erased): a scan
+    /// of its key range in the chunk, index, manifest and candidate
+    /// families. Blocking.
+    pub fn tenant_keys(&self, tenant: &str) -> Result<u64> {
+        let (start, _) = tenant_range(tenant);
+        let mut n = 0;
+        for family in [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS] {
+            n += self.count_prefix(family, &start)?;
+        }
+        for kind in [PENDING_CHUNK, PENDING_ROOT] {
+            n += self.count_prefix(CF_GC_PENDING, &[&[kind][..], &start].concat())?;
+        }
+        Ok(n)
+    }
+
+    fn count_prefix(&self, family: &'static str, prefix: &[u8]) -> Result<u64> {
+        let mut n = 0;
+        for item in self
+            .db()
+            .iterator_cf(self.cf(family), IteratorMode::From(prefix, rocksdb::Direction::Forward))
+        {
+            let (k, _) = item?;
+            // `[len][tenant]` then the id: another tenant whose name starts
+            // with this one has another length byte.
+            if !k.starts_with(prefix) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -927,6 +1015,31 @@ mod tests {
         for id in &live {
             read_all(&store, id).unwrap_or_else(|e| panic!("seed {seed}: snapshot {id}: {e}"));
         }
+    }
+
+    #[test]
+    fn erasing_a_tenant_leaves_no_key_of_it_and_every_key_of_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let f = noise(9, 2 << 20);
+        let a = put(&store, &[("f", &f)]);
+        // The same bytes in tenant "t1" (a name that starts like "t").
+        let parts: Vec<(ChunkId, &[u8])> =
+            crate::chunker::chunk_slice(&f, ChunkParams::default())
+                .map(|c| (ChunkId::of(c), c))
+                .collect();
+        store.put_chunks("t1", &parts).unwrap();
+        store.collect_garbage(&[], &no_grace()).unwrap();
+        assert!(store.tenant_keys("t").unwrap() > 0);
+        let erased = store.erase_tenant("t").unwrap();
+        assert_eq!(erased.snapshots, 1);
+        assert!(erased.bytes >= 2 << 20, "{erased:?}");
+        assert_eq!(store.tenant_keys("t").unwrap(), 0);
+        assert!(store.get_manifest("t", &a).is_err());
+        // The other tenant's chunks and their candidate records are left.
+        let left = store.tenant_keys("t1").unwrap();
+        assert_eq!(left, 3 * parts.len() as u64, "chunk, index entry, record");
+        assert!(parts.iter().all(|(id, _)| store.get_chunk("t1", id).is_ok()));
     }
 
     #[test]

@@ -212,6 +212,42 @@ impl Catalog {
             .await
     }
 
+    /// Deletes every row of `tenant` (its entries, snapshots, datasets and
+    /// its name) in one transaction; returns the rows deleted. Safe to run
+    /// again (it then deletes nothing).
+    pub async fn erase_tenant(&self, tenant: &str) -> Result<u64> {
+        self.retry("erase_tenant", move || async move {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let mut rows = 0;
+            for sql in [
+                "DELETE FROM bitclone_entries WHERE tenant = $1",
+                "DELETE FROM bitclone_snapshots WHERE tenant = $1",
+                "DELETE FROM bitclone_datasets WHERE tenant = $1",
+                "DELETE FROM bitclone_tenants WHERE name = $1",
+            ] {
+                rows += tx.execute(sql, &[&tenant]).await?;
+            }
+            tx.commit().await?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Rows of `tenant` left in the catalog's tables (0 once erased).
+    pub async fn tenant_rows(&self, tenant: &str) -> Result<u64> {
+        let sql = "SELECT (SELECT count(*) FROM bitclone_entries WHERE tenant = $1) \
+                   + (SELECT count(*) FROM bitclone_snapshots WHERE tenant = $1) \
+                   + (SELECT count(*) FROM bitclone_datasets WHERE tenant = $1) \
+                   + (SELECT count(*) FROM bitclone_tenants WHERE name = $1)";
+        let counts = self
+            .select("tenant_rows", sql, &[&tenant], |row| {
+                Ok(row.try_get::<_, i64>(0)?)
+            })
+            .await?;
+        Ok(counts.first().copied().unwrap_or(0).max(0) as u64)
+    }
+
     /// The head snapshot of a dataset, if the catalog has one.
     pub async fn latest(&self, tenant: &str, dataset: &str) -> Result<Option<CatalogSnapshot>> {
         let sql = snapshot_query("s.id = d.head_snapshot AND d.tenant = $1 AND d.name = $2");

@@ -159,6 +159,24 @@ pub struct ExportProgress {
 /// files stream as multipart uploads, so memory stays within a few parts per
 /// upload. `cancel` stops it between files and before the commit; uploads in
 /// flight are aborted, never left half-done.
+/// Deletes every object under the target's prefix (a tenant's erasure);
+/// returns how many. Safe to run again.
+pub async fn erase_all(target: &Target) -> Result<u64> {
+    use futures::{StreamExt, TryStreamExt};
+    let prefix = (!target.prefix.as_ref().is_empty()).then_some(&target.prefix);
+    let listing = target
+        .store
+        .list(prefix)
+        .map_ok(|meta| meta.location)
+        .boxed();
+    let deleted = target
+        .store
+        .delete_stream(listing)
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await?;
+    Ok(deleted)
+}
+
 pub async fn export_snapshot(target: &Target, mut w: SinkWrite<'_>) -> Result<Written> {
     let mut upload = upload_snapshot(target, &mut w).await?;
     if !upload.stats.already_committed {
