@@ -460,7 +460,10 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                             n.node, n.chunks, n.bytes, n.snapshots
                         );
                     } else {
-                        println!("  node {}: not purged yet (it purges when it runs again)", n.node);
+                        println!(
+                            "  node {}: not purged yet (it purges when it runs again)",
+                            n.node
+                        );
                     }
                 }
             }

@@ -58,8 +58,8 @@ pub async fn erase_tenant(node: &Arc<Node>, tenant: &str) -> Result<EraseReport,
                 }
             }
             Destination::Catalog { url } => {
-                let catalog = Catalog::connect_with_password(url, place.pg_password.as_deref())
-                    .await?;
+                let catalog =
+                    Catalog::connect_with_password(url, place.pg_password.as_deref()).await?;
                 SinkErased {
                     name,
                     unit: "rows",

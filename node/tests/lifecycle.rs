@@ -266,3 +266,152 @@ fn copy_of(tree: &Path, dir: &Path, i: u64) -> std::path::PathBuf {
     copy_tree(tree, &to);
     to
 }
+
+#[test]
+fn an_erased_tenant_leaves_no_key_in_any_store_nor_in_its_owned_sinks() {
+    use bitclone_chaos::servers::{Garage, PgServer};
+    assert!(
+        Garage::available() && PgServer::available(),
+        "garage or Postgres is missing: make test installs them"
+    );
+    let g = Garage::start();
+    g.create_bucket("clones");
+    let db = PgServer::start();
+    db.create_database("catalog");
+    let tmp = tempfile::tempdir().unwrap();
+    // Both sinks owned: a tenant's objects (per tenant, under its own
+    // prefix) and catalog rows go with it.
+    let config = tmp.path().join("sinks.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sinks.s3]\ntenants = [\"*\"]\nowned = true\n[sinks.s3.s3]\nbucket = \"clones\"\n\
+             prefix = \"team\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\n\
+             secret_access_key = \"{}\"\n\
+             [sinks.pg]\ntenants = [\"*\"]\nowned = true\n[sinks.pg.postgres]\nurl = \"{}\"\n",
+            g.endpoint(),
+            g.region(),
+            g.access_key(),
+            g.secret_key(),
+            db.url("catalog")
+        ),
+    )
+    .unwrap();
+    let mut c = TestCluster::start_with_env(
+        tmp.path(),
+        3,
+        3,
+        &[("BITCLONE_CONFIG", config.to_str().unwrap())],
+    );
+    let src = tmp.path().join("src");
+    generate_tree(&src, 7, 30, 0);
+    for tenant in ["acme", "other"] {
+        c.node(1).ok(&["tenant", "create", tenant]);
+        let t = ["--tenant", tenant];
+        c.node(1)
+            .ok(&[&t[..], &["put", src.to_str().unwrap(), "--dataset", "ds"]].concat());
+        c.node(2).ok(&[
+            &t[..],
+            &[
+                "clone",
+                "--from",
+                "snapshot://ds",
+                "--to",
+                "sink://s3/ds",
+                "--to",
+                "sink://pg",
+                "--dataset",
+                "ds",
+                "--wait",
+            ],
+        ]
+        .concat());
+    }
+    let rows = |tenant: &str| -> u64 {
+        db.psql(
+            "catalog",
+            &format!(
+                "SELECT (SELECT count(*) FROM bitclone_entries WHERE tenant = '{tenant}') \
+                 + (SELECT count(*) FROM bitclone_datasets WHERE tenant = '{tenant}')"
+            ),
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let objects_under = |prefix: &str| -> usize {
+        let t = bitclone_storage::sink::objects::open_target(
+            &format!("s3://clones/{prefix}"),
+            &bitclone_storage::sink::objects::S3Options {
+                endpoint: Some(g.endpoint()),
+                region: Some(g.region().into()),
+                access_key_id: Some(g.access_key().into()),
+                secret_access_key: Some(g.secret_key().into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                use futures::TryStreamExt;
+                t.store.list(Some(&t.prefix)).try_collect::<Vec<_>>().await
+            })
+            .unwrap()
+            .len()
+    };
+    assert!(rows("acme") > 0 && objects_under("team/acme") > 0);
+
+    assert!(c
+        .node(3)
+        .fails(&["tenant", "erase", "acme"])
+        .contains("--yes"));
+    let r = c.node(3).json(&["tenant", "erase", "acme", "--yes"]);
+    println!("{r}");
+    assert_eq!(
+        (r["datasets"].as_u64(), r["jobs"].as_u64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+    let sinks = r["sinks"].as_array().unwrap();
+    assert_eq!(sinks.len(), 2, "{r}");
+    assert!(
+        sinks.iter().all(|s| s["removed"].as_u64().unwrap() > 0),
+        "{r}"
+    );
+    let nodes = r["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{r}");
+    for n in nodes {
+        assert_eq!(n["done"], true, "{r}");
+        assert!(
+            n["chunks"].as_u64().unwrap() > 0,
+            "every node held a replica: {r}"
+        );
+    }
+    // Gone from the sinks; the other tenant's data is all there.
+    assert_eq!(objects_under("team/acme"), 0);
+    assert_eq!(rows("acme"), 0);
+    assert!(objects_under("team/other") > 0 && rows("other") > 0);
+    // Gone from the cluster: its name is free again, with nothing in it.
+    let e = c.node(1).fails(&["--tenant", "acme", "datasets"]);
+    assert!(e.contains("not found"), "{e}");
+    c.node(1).ok(&["tenant", "create", "acme"]);
+    let ds = c.node(2).json(&["--tenant", "acme", "datasets"]);
+    assert_eq!(ds["datasets"].as_array().unwrap().len(), 0, "{ds}");
+    // A scan of every node's store finds no key of it, and the other's.
+    let dirs: Vec<_> = (1..=3).map(|id| c.node_dir(id)).collect();
+    for (_, node) in std::mem::take(&mut c.nodes) {
+        node.stop();
+    }
+    for dir in dirs {
+        let store = bitclone_storage::RocksStore::open(
+            &dir.join("db"),
+            &bitclone_storage::RocksOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(store.tenant_keys("acme").unwrap(), 0, "{}", dir.display());
+        assert!(store.tenant_keys("other").unwrap() > 0);
+    }
+}

@@ -1173,7 +1173,9 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
         }
         Command::ForgetTenant { tenant } => {
             let Some(erasure) = state.erasing.get(tenant) else {
-                return Err(CommandError::NotFound(format!("erasure of tenant {tenant}")));
+                return Err(CommandError::NotFound(format!(
+                    "erasure of tenant {tenant}"
+                )));
             };
             if erasure.forgotten {
                 return Ok(Response::Ok);
@@ -1208,7 +1210,9 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             purged,
         } => {
             let Some(e) = state.erasing.get_mut(tenant) else {
-                return Err(CommandError::NotFound(format!("erasure of tenant {tenant}")));
+                return Err(CommandError::NotFound(format!(
+                    "erasure of tenant {tenant}"
+                )));
             };
             e.purged.insert(*node, purged.clone());
             Ok(Response::Ok)
@@ -1546,7 +1550,15 @@ mod tests {
             commit(&mut sm, "d", "b", "a", 3),
             Response::Err(CommandError::Conflict(m)) if m.contains("being erased")
         ));
-        let job = Job::new("late".into(), "t".into(), "d".into(), src("file:///x"), vec![], 3, 3);
+        let job = Job::new(
+            "late".into(),
+            "t".into(),
+            "d".into(),
+            src("file:///x"),
+            vec![],
+            3,
+            3,
+        );
         assert!(matches!(
             sm.run(3, Command::SubmitJob { job: Box::new(job) }),
             Response::Err(CommandError::Conflict(_))

@@ -763,10 +763,10 @@ impl RocksStore {
 
     fn count_prefix(&self, family: &'static str, prefix: &[u8]) -> Result<u64> {
         let mut n = 0;
-        for item in self
-            .db()
-            .iterator_cf(self.cf(family), IteratorMode::From(prefix, rocksdb::Direction::Forward))
-        {
+        for item in self.db().iterator_cf(
+            self.cf(family),
+            IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        ) {
             let (k, _) = item?;
             // `[len][tenant]` then the id: another tenant whose name starts
             // with this one has another length byte.
@@ -1024,10 +1024,9 @@ mod tests {
         let f = noise(9, 2 << 20);
         let a = put(&store, &[("f", &f)]);
         // The same bytes in tenant "t1" (a name that starts like "t").
-        let parts: Vec<(ChunkId, &[u8])> =
-            crate::chunker::chunk_slice(&f, ChunkParams::default())
-                .map(|c| (ChunkId::of(c), c))
-                .collect();
+        let parts: Vec<(ChunkId, &[u8])> = crate::chunker::chunk_slice(&f, ChunkParams::default())
+            .map(|c| (ChunkId::of(c), c))
+            .collect();
         store.put_chunks("t1", &parts).unwrap();
         store.collect_garbage(&[], &no_grace()).unwrap();
         assert!(store.tenant_keys("t").unwrap() > 0);
@@ -1039,7 +1038,9 @@ mod tests {
         // The other tenant's chunks and their candidate records are left.
         let left = store.tenant_keys("t1").unwrap();
         assert_eq!(left, 3 * parts.len() as u64, "chunk, index entry, record");
-        assert!(parts.iter().all(|(id, _)| store.get_chunk("t1", id).is_ok()));
+        assert!(parts
+            .iter()
+            .all(|(id, _)| store.get_chunk("t1", id).is_ok()));
     }
 
     #[test]

@@ -86,7 +86,13 @@ fn start(dir: &Path, memory: Option<&str>) -> TestNode {
 
 fn put(node: &TestNode, tree: &Path, dataset: &str) -> Result<f64> {
     let started = Instant::now();
-    let out = node.cli(&["--json", "put", &tree.to_string_lossy(), "--dataset", dataset]);
+    let out = node.cli(&[
+        "--json",
+        "put",
+        &tree.to_string_lossy(),
+        "--dataset",
+        dataset,
+    ]);
     if !out.status.success() {
         bail!(
             "put {dataset} failed: {}",
@@ -182,7 +188,9 @@ fn main() -> Result<()> {
         });
         let t = put(&node, &d, "d");
         running.store(false, Ordering::Release);
-        let n = collector.join().map_err(|_| anyhow!("the collector panicked"))?;
+        let n = collector
+            .join()
+            .map_err(|_| anyhow!("the collector panicked"))?;
         Ok((t?, n))
     })?;
     node.stop();
@@ -226,7 +234,10 @@ fn main() -> Result<()> {
         "gc_passes_during_put": passes,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
-    let mib = |v: &Value| v.as_f64().map_or("-".into(), |b| format!("{:.0}", b / 1048576.0));
+    let mib = |v: &Value| {
+        v.as_f64()
+            .map_or("-".into(), |b| format!("{:.0}", b / 1048576.0))
+    };
     let row = |name: &str, r: &Value| {
         format!(
             "| {name} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
@@ -237,7 +248,9 @@ fn main() -> Result<()> {
             r["freed"],
             mib(&r["node_rss_before"]),
             mib(&r["node_peak_rss"]),
-            r["filter_bytes"].as_f64().map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
+            r["filter_bytes"]
+                .as_f64()
+                .map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
         )
     };
     eprintln!("\n| pass | examined | partitions | s | examined/s | freed | node RSS before (MiB) | peak during (MiB) | filter (KiB) |");
@@ -245,7 +258,10 @@ fn main() -> Result<()> {
     eprintln!("{}", row("all live", &live));
     eprintln!("{}", row("after delete (finds candidates)", &first));
     eprintln!("{}", row("frees", &freeing));
-    eprintln!("{}", row(&format!("gc.memory {}", args.small_memory), &small));
+    eprintln!(
+        "{}",
+        row(&format!("gc.memory {}", args.small_memory), &small)
+    );
     eprintln!(
         "\nstore on disk {} -> {} MiB; put of {} files: {:.2} s without passes ({:.0} files/s), \
          {:.2} s with {} passes back to back ({:.0} files/s)",
