@@ -924,6 +924,14 @@ impl Client {
         .await
     }
 
+    /// Scrubs the node that answers (needs the `admin` scope): every chunk,
+    /// page and snapshot root read and checked against its name, bad or
+    /// missing ones replaced from other members; returns what it found.
+    pub async fn scrub(&self) -> Result<proto::ScrubResponse> {
+        self.call(|mut grpc| async move { grpc.scrub(proto::ScrubRequest {}).await })
+            .await
+    }
+
     /// Erases a tenant (needs the `admin` scope): stops its jobs, deletes
     /// its data in the sinks its operator declared `owned`, forgets its
     /// datasets, snapshots and jobs and purges its chunks from every node.

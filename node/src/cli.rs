@@ -747,6 +747,45 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::Scrub { all } => {
+            let mut reports = Vec::new();
+            if all {
+                for m in client.cluster_status().await?.members {
+                    reports.push(ctx.connect_to(&m.api_addr).await?.scrub().await?);
+                }
+            } else {
+                reports.push(client.scrub().await?);
+            }
+            let mut failed = false;
+            let mut nodes = Vec::new();
+            for r in &reports {
+                failed |= !r.unrepaired.is_empty();
+                if ctx.json {
+                    nodes.push(json!({
+                        "node": r.node, "chunks": r.chunks, "bytes": r.bytes, "roots": r.roots,
+                        "bad": r.bad, "repaired": r.repaired, "seconds": r.seconds,
+                        "unrepaired": r.unrepaired.iter().map(|p| json!({
+                            "tenant": p.tenant, "id": p.id, "error": p.error,
+                        })).collect::<Vec<_>>(),
+                    }));
+                } else {
+                    println!(
+                        "node {}: checked {} chunks and {} snapshot roots ({} bytes) in {:.1}s: \
+                         {} bad, {} repaired",
+                        r.node, r.chunks, r.roots, r.bytes, r.seconds, r.bad, r.repaired
+                    );
+                    for p in &r.unrepaired {
+                        println!("  NOT REPAIRED {}/{}: {}", p.tenant, p.id, p.error);
+                    }
+                }
+            }
+            if ctx.json {
+                print_json(&json!({ "nodes": nodes }));
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Cmd::Gc { dry_run, all } => {
             let mut reports = Vec::new();
             if all {

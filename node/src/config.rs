@@ -52,6 +52,18 @@ pub struct FileConfig {
     pub sinks: std::collections::BTreeMap<String, crate::sinks::FileSink>,
     #[serde(default)]
     pub gc: FileGc,
+    #[serde(default)]
+    pub scrub: FileScrub,
+}
+
+/// Scrubbing: every chunk read back and checked, bad ones replaced.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileScrub {
+    /// Between passes ("0s": only on demand, `bitclone scrub`).
+    pub interval: Option<String>,
+    /// Bytes read per second at most, e.g. "32MiB" ("0": no limit).
+    pub rate: Option<String>,
 }
 
 /// Garbage collection and retention.
@@ -231,6 +243,15 @@ pub struct NodeConfig {
     pub files: crate::roots::FileRoots,
     /// Garbage collection and retention.
     pub gc: GcSettings,
+    pub scrub: ScrubSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScrubSettings {
+    /// Between passes; zero: only on demand.
+    pub interval: Duration,
+    /// Bytes per second at most; zero: no limit.
+    pub rate: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +473,10 @@ impl NodeConfig {
             memory_bytes: size("BITCLONE_GC_MEMORY", fc.gc.memory, 64 << 20)? as usize,
             retention_every: dur("BITCLONE_RETENTION_EVERY", fc.gc.retention_every, "1m")?,
         };
+        let scrub = ScrubSettings {
+            interval: dur("BITCLONE_SCRUB_INTERVAL", fc.scrub.interval, "24h")?,
+            rate: size("BITCLONE_SCRUB_RATE", fc.scrub.rate, 32 << 20)?,
+        };
         if gc.memory_bytes < 256 << 10 {
             bail!("gc.memory must be at least 256KiB");
         }
@@ -537,6 +562,7 @@ impl NodeConfig {
             shutdown_grace,
             upload_idle_timeout,
             gc,
+            scrub,
             disk_reserve,
             http_listen,
             cluster,

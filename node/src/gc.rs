@@ -166,3 +166,102 @@ pub async fn expire_once(node: &Arc<Node>) -> Result<u64, StoreError> {
         .fetch_add(deleted, Ordering::Relaxed);
     Ok(deleted)
 }
+
+/// What scrubs found and mended, for `/metrics`.
+#[derive(Default)]
+pub struct ScrubStats {
+    pub passes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub bytes: AtomicU64,
+    pub bad: AtomicU64,
+    pub repaired: AtomicU64,
+    /// Bad chunks and roots no replica could replace (last pass).
+    pub unrepaired: AtomicI64,
+    pub last_pass_ms: AtomicI64,
+}
+
+/// What a scrub of this node's store found and did.
+pub struct Scrubbed {
+    pub report: bitclone_storage::ScrubReport,
+    pub repaired: u64,
+    /// (tenant, chunk or snapshot, why it could not be repaired).
+    pub unrepaired: Vec<(String, String, String)>,
+}
+
+/// Reads and checks everything in this node's store (paced at
+/// `scrub.rate`), and replaces each bad chunk or root with a good copy from
+/// another member.
+pub async fn scrub(node: &Arc<Node>) -> Result<Scrubbed, StoreError> {
+    let store = node.store.clone();
+    let rate = node.config.scrub.rate;
+    let report = tokio::task::spawn_blocking(move || store.scrub(rate))
+        .await
+        .unwrap_or(Err(StoreError::Panicked))?;
+    let others: Vec<u64> = node.cluster.local(|s| {
+        s.members
+            .keys()
+            .copied()
+            .filter(|n| *n != node.cluster.id)
+            .collect()
+    });
+    let mut repaired = 0;
+    let mut unrepaired = Vec::new();
+    for (tenant, id, what) in &report.bad {
+        tracing::warn!(%tenant, chunk = %id, problem = %what, "scrub found a bad chunk");
+        match node.repair_from(&others, tenant, id).await {
+            Ok(_) => repaired += 1,
+            Err(e) => unrepaired.push((tenant.clone(), id.to_hex(), e.to_string())),
+        }
+    }
+    for (tenant, id) in &report.bad_roots {
+        tracing::warn!(%tenant, snapshot = %id, "scrub found a bad snapshot root");
+        match crate::replica::repair_root(node, &others, tenant, id).await {
+            Ok(()) => repaired += 1,
+            Err(e) => unrepaired.push((tenant.clone(), id.to_hex(), e.to_string())),
+        }
+    }
+    let s = &node.scrub;
+    s.passes.fetch_add(1, Ordering::Relaxed);
+    s.chunks.fetch_add(report.chunks, Ordering::Relaxed);
+    s.bytes.fetch_add(report.bytes, Ordering::Relaxed);
+    s.bad.fetch_add(
+        (report.bad.len() + report.bad_roots.len()) as u64,
+        Ordering::Relaxed,
+    );
+    s.repaired.fetch_add(repaired, Ordering::Relaxed);
+    s.unrepaired
+        .store(unrepaired.len() as i64, Ordering::Relaxed);
+    s.last_pass_ms
+        .store((report.seconds * 1000.0) as i64, Ordering::Relaxed);
+    tracing::info!(
+        chunks = report.chunks,
+        bytes = report.bytes,
+        bad = report.bad.len() + report.bad_roots.len(),
+        repaired,
+        unrepaired = unrepaired.len(),
+        seconds = report.seconds,
+        "scrub pass"
+    );
+    Ok(Scrubbed {
+        report,
+        repaired,
+        unrepaired,
+    })
+}
+
+/// Scrubs this node's store every `scrub.interval` (never when zero).
+pub async fn scrub_loop(node: Arc<Node>) {
+    let every = node.config.scrub.interval;
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        node.idle(every).await;
+        if node.is_shutting_down() {
+            return;
+        }
+        if let Err(e) = scrub(&node).await {
+            tracing::warn!(error = %e, "scrub pass failed");
+        }
+    }
+}

@@ -209,6 +209,13 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Scrub (admin): read every chunk, page and snapshot root on the node
+    /// called (or every member with --all), check each against its BLAKE3
+    /// name and replace bad or missing ones from other members.
+    Scrub {
+        #[arg(long)]
+        all: bool,
+    },
     /// Show node statistics.
     Stats,
     /// Tenants (admin).

@@ -595,6 +595,49 @@ impl Collector for NodeCollector {
             "Snapshots deleted by retention passes this node led",
             load(&gc.snapshots_expired),
         )?;
+        let sc = &node.scrub;
+        counter(
+            e,
+            "bitclone_scrub_passes",
+            "Scrub passes of this node's store",
+            load(&sc.passes),
+        )?;
+        counter(
+            e,
+            "bitclone_scrub_checked_chunks",
+            "Chunks and pages scrubs read and checked against their names",
+            load(&sc.chunks),
+        )?;
+        counter(
+            e,
+            "bitclone_scrub_checked_bytes",
+            "Bytes scrubs read and checked",
+            load(&sc.bytes),
+        )?;
+        counter(
+            e,
+            "bitclone_scrub_bad",
+            "Bad or missing chunks and roots scrubs found",
+            load(&sc.bad),
+        )?;
+        counter(
+            e,
+            "bitclone_scrub_repaired",
+            "Bad or missing chunks and roots scrubs replaced from other members",
+            load(&sc.repaired),
+        )?;
+        gauge(
+            e,
+            "bitclone_scrub_unrepaired",
+            "Bad chunks and roots the last scrub could not replace",
+            iload(&sc.unrepaired),
+        )?;
+        gauge(
+            e,
+            "bitclone_scrub_last_pass_seconds",
+            "Length of the last scrub pass",
+            iload(&sc.last_pass_ms) / 1000.0,
+        )?;
         let ev = &node.events;
         counter(
             e,

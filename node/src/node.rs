@@ -20,6 +20,7 @@ use crate::config::NodeConfig;
 use crate::link::JobLink;
 use bitclone_raft::cluster::now_ms;
 use bitclone_raft::job::{Checkpoint, Failure, Job};
+use bitclone_raft::NodeId;
 
 /// Bad manifest pages one load repairs from replicas before giving up.
 const MAX_PAGE_REPAIRS: usize = 8;
@@ -61,6 +62,7 @@ pub struct Node {
     sinks: tokio::sync::Mutex<std::collections::HashMap<(Option<String>, Destination), Sink>>,
     /// Garbage collection and retention, counted for `/metrics`.
     pub gc: crate::gc::GcStats,
+    pub scrub: crate::gc::ScrubStats,
 }
 
 /// A dataset as listings show it.
@@ -105,6 +107,7 @@ impl Node {
             wake: tokio::sync::Notify::new(),
             sinks: Default::default(),
             gc: Default::default(),
+            scrub: Default::default(),
         }))
     }
 
@@ -344,15 +347,27 @@ impl Node {
         dataset: &str,
         id: &ChunkId,
     ) -> Result<Vec<u8>, StoreError> {
+        let replicas = self.cluster.local(|s| s.replicas_of(tenant, dataset));
+        self.repair_from(&replicas, tenant, id).await
+    }
+
+    /// Fetches a chunk from the first of `peers` (this node skipped) that
+    /// has it (verified by the transport) and repairs the local copy.
+    pub async fn repair_from(
+        &self,
+        peers: &[NodeId],
+        tenant: &str,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>, StoreError> {
         let c = &self.cluster;
         let Some(t) = self.transport.get() else {
             return Err(StoreError::Unavailable(
                 "no replicas: the chunk transport is not up yet".into(),
             ));
         };
-        let (replicas, members) = c.local(|s| (s.replicas_of(tenant, dataset), s.members.clone()));
+        let members = c.local(|s| s.members.clone());
         let mut errors = Vec::new();
-        for peer in replicas.into_iter().filter(|p| *p != c.id) {
+        for peer in peers.iter().copied().filter(|p| *p != c.id) {
             let Some(addr) = peer_socket(&members, peer).await else {
                 continue;
             };

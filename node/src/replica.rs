@@ -741,3 +741,52 @@ impl Pull<'_> {
         })
     }
 }
+
+/// Replaces a snapshot root that is bad here with a good copy from the
+/// first of `peers` that has it (checked against its name), durably.
+pub async fn repair_root(
+    node: &crate::node::Node,
+    peers: &[u64],
+    tenant: &str,
+    id: &SnapshotId,
+) -> Result<(), StoreError> {
+    let Some(t) = node.transport.get() else {
+        return Err(StoreError::Unavailable(
+            "no replicas: the chunk transport is not up yet".into(),
+        ));
+    };
+    let members = node.cluster.local(|s| s.members.clone());
+    let mut errors = Vec::new();
+    for peer in peers {
+        let Some(addr) = crate::node::peer_socket(&members, *peer).await else {
+            continue;
+        };
+        match t
+            .get_manifest(
+                *peer,
+                addr,
+                tenant,
+                &id.0,
+                bitclone_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            )
+            .await
+        {
+            Ok(bytes) => {
+                let (store, tn, sid) = (node.store.clone(), tenant.to_string(), *id);
+                tokio::task::spawn_blocking(move || {
+                    store.store_manifest_durable(&tn, &sid, &bytes)
+                })
+                .await
+                .unwrap_or(Err(StoreError::Panicked))?;
+                node.chunks_repaired.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(snapshot = %id, from = peer, "snapshot root was bad here; repaired from a replica");
+                return Ok(());
+            }
+            Err(e) => errors.push(format!("node {peer}: {e}")),
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "no replica could supply snapshot root {id}: {}",
+        errors.join("; ")
+    )))
+}

@@ -1605,6 +1605,35 @@ impl BitClone for Api {
         result
     }
 
+    async fn scrub(
+        &self,
+        request: Request<pb::ScrubRequest>,
+    ) -> Result<Response<pb::ScrubResponse>, Status> {
+        let call = self.authenticate(&request, "scrub")?;
+        self.allow_admin(&call, "scrub", "")?;
+        let result = async {
+            let s = crate::gc::scrub(&self.node).await.map_err(status)?;
+            let r = &s.report;
+            Ok(Response::new(pb::ScrubResponse {
+                node: self.node.cluster.id,
+                chunks: r.chunks,
+                bytes: r.bytes,
+                roots: r.roots,
+                bad: (r.bad.len() + r.bad_roots.len()) as u64,
+                repaired: s.repaired,
+                unrepaired: s
+                    .unrepaired
+                    .into_iter()
+                    .map(|(tenant, id, error)| pb::ScrubProblem { tenant, id, error })
+                    .collect(),
+                seconds: r.seconds,
+            }))
+        }
+        .await;
+        self.audited(&call, "scrub", "", "", &result);
+        result
+    }
+
     async fn erase_tenant(
         &self,
         request: Request<pb::EraseTenantRequest>,

@@ -415,3 +415,56 @@ fn an_erased_tenant_leaves_no_key_in_any_store_nor_in_its_owned_sinks() {
         assert!(store.tenant_keys("other").unwrap() > 0);
     }
 }
+
+#[test]
+fn a_scrub_finds_a_flipped_byte_and_repairs_it_from_a_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Scrubs only when asked, unpaced.
+    let env = [
+        ("BITCLONE_SCRUB_INTERVAL", "0s"),
+        ("BITCLONE_SCRUB_RATE", "0"),
+    ];
+    let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Below the minimum chunk size: exactly one chunk.
+    let data = random_bytes(&mut seeded(5), 200_000);
+    std::fs::write(src.join("victim.bin"), &data).unwrap();
+    put(&c, 1, &src, "scrubbed");
+    c.wait_for("every replica to hold the snapshot", 30, |c| {
+        c.node(1).json(&["stats"])["bytes_replicated"].as_u64() == Some(400_000)
+    });
+    let clean = c.node(2).json(&["scrub", "--all"]);
+    for r in clean["nodes"].as_array().unwrap() {
+        assert_eq!((n(r, "bad"), n(r, "repaired")), (0, 0), "{clean}");
+        assert!(n(r, "chunks") >= 2, "the file and its page: {clean}");
+    }
+    // Flip a byte of the chunk in node 3's store (stopped, so it is flushed).
+    c.nodes.remove(&3).unwrap().stop();
+    let flipped = flip_in_files(
+        &tmp.path().join("node-3/db"),
+        &data[100_000..100_064],
+        7,
+        0x20,
+    );
+    assert!(flipped >= 1, "chunk bytes not found in node 3's store");
+    c.start_node(3, &[]);
+    c.wait_voters(3, 3);
+    // Nobody read it: the scrub is what finds it, and mends it.
+    let found = c.node(3).json(&["scrub"]);
+    let r = &found["nodes"][0];
+    assert_eq!(
+        (n(r, "node"), n(r, "bad"), n(r, "repaired")),
+        (3, 1, 1),
+        "{found}"
+    );
+    assert!(r["unrepaired"].as_array().unwrap().is_empty(), "{found}");
+    let again = c.node(3).json(&["scrub"]);
+    assert_eq!(n(&again["nodes"][0], "bad"), 0, "{again}");
+    assert!(metric(&c, 3, "bitclone_scrub_repaired_total") >= 1.0);
+    let restore = tmp.path().join("restored");
+    c.node(3)
+        .ok(&["get", "--dataset", "scrubbed", restore.to_str().unwrap()]);
+    assert_eq!(std::fs::read(restore.join("victim.bin")).unwrap(), data);
+    assert!(c.node(3).log_text().contains("scrub found a bad chunk"));
+}

@@ -22,7 +22,7 @@ pub use backoff::{jitter, Backoff};
 pub use chunk::{ChunkId, SnapshotId};
 pub use chunker::ChunkParams;
 pub use error::{Error, Result};
-pub use gc::{GcOptions, GcReport, GcRoot, TenantErased};
+pub use gc::{GcOptions, GcReport, GcRoot, ScrubReport, TenantErased};
 pub use manifest::{ChunkRef, Entry, EntryKind, Manifest};
 pub use pool::CpuPool;
 pub use rocks::{
