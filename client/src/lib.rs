@@ -636,6 +636,41 @@ impl Client {
             source: source.to_owned(),
             destinations: destinations.to_vec(),
             max_attempts,
+            reconcile: None,
+        };
+        self.call(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.submit_clone(request).await }
+        })
+        .await
+    }
+
+    /// Submits a reconcile job: each destination (as [`Client::submit_clone`]
+    /// names them) is compared with a snapshot of `dataset` (the latest when
+    /// `snapshot` is `None`): every file an object of the same size and
+    /// BLAKE3 (`deep`: its bytes hashed, not its metadata trusted), nothing
+    /// else in a mirror, the catalog's rows the snapshot's entries. Drift
+    /// fails the job, naming it; with `repair` the drifted objects or rows
+    /// are cleared and the snapshot written out again.
+    pub async fn submit_reconcile(
+        &self,
+        dataset: &str,
+        snapshot: Option<&str>,
+        destinations: &[String],
+        deep: bool,
+        repair: bool,
+    ) -> Result<proto::Job> {
+        let source = match snapshot {
+            Some(id) => format!("snapshot://{dataset}@{id}"),
+            None => format!("snapshot://{dataset}"),
+        };
+        let request = proto::SubmitCloneRequest {
+            tenant: self.tenant.clone(),
+            dataset: dataset.to_owned(),
+            source,
+            destinations: destinations.to_vec(),
+            max_attempts: 0,
+            reconcile: Some(proto::ReconcileOptions { deep, repair }),
         };
         self.call(|mut grpc| {
             let request = request.clone();

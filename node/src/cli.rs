@@ -584,29 +584,20 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             let job = client
                 .submit_clone(&dataset, &from, &to, max_attempts.unwrap_or(0))
                 .await?;
-            if !wait {
-                if ctx.json {
-                    print_json(&job_json(&job));
-                } else {
-                    println!("{}", job.id);
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let j = follow(&client, &job.id, &ctx, true).await?;
-            if ctx.json {
-                print_json(&job_json(&j));
-            } else {
-                println!("{}", job_line(&j));
-            }
-            if j.state != proto::JobState::Succeeded as i32 {
-                eprintln!(
-                    "error: job {} ended {}: {}",
-                    j.id,
-                    bitclone_client::job_state_name(j.state),
-                    j.last_error
-                );
-                return Ok(ExitCode::FAILURE);
-            }
+            return finish_job(&client, job, wait, &ctx).await;
+        }
+        Cmd::Reconcile {
+            dataset,
+            snapshot,
+            to,
+            deep,
+            repair,
+            wait,
+        } => {
+            let job = client
+                .submit_reconcile(&dataset, snapshot.as_deref(), &to, deep, repair)
+                .await?;
+            return finish_job(&client, job, wait, &ctx).await;
         }
         Cmd::Job { id, watch } => {
             let j = if watch {
@@ -875,4 +866,33 @@ fn print_deleted(ctx: &Ctx, dataset: &str, r: &bitclone_client::proto::DeleteRes
             println!("{dataset}: head is {}", r.head);
         }
     }
+}
+
+/// Prints a submitted job's id, or with `wait` follows it to its end and
+/// fails unless it succeeded.
+async fn finish_job(client: &Client, job: proto::Job, wait: bool, ctx: &Ctx) -> Result<ExitCode> {
+    if !wait {
+        if ctx.json {
+            print_json(&job_json(&job));
+        } else {
+            println!("{}", job.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let j = follow(client, &job.id, ctx, true).await?;
+    if ctx.json {
+        print_json(&job_json(&j));
+    } else {
+        println!("{}", job_line(&j));
+    }
+    if j.state != proto::JobState::Succeeded as i32 {
+        eprintln!(
+            "error: job {} ended {}: {}",
+            j.id,
+            bitclone_client::job_state_name(j.state),
+            j.last_error
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }

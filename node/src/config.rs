@@ -54,6 +54,20 @@ pub struct FileConfig {
     pub gc: FileGc,
     #[serde(default)]
     pub scrub: FileScrub,
+    #[serde(default)]
+    pub reconcile: FileReconcile,
+}
+
+/// Scheduled reconcile jobs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReconcile {
+    /// Between rounds ("0s": only on demand, `bitclone reconcile`).
+    pub interval: Option<String>,
+    /// Hash objects' bytes instead of trusting their metadata.
+    pub deep: Option<bool>,
+    /// Write out again what drifted (otherwise the job fails, naming it).
+    pub repair: Option<bool>,
 }
 
 /// Scrubbing: every chunk read back and checked, bad ones replaced.
@@ -244,6 +258,15 @@ pub struct NodeConfig {
     /// Garbage collection and retention.
     pub gc: GcSettings,
     pub scrub: ScrubSettings,
+    pub reconcile: ReconcileSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    /// Between the leader's rounds; zero: only on demand.
+    pub interval: Duration,
+    pub deep: bool,
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -477,6 +500,20 @@ impl NodeConfig {
             interval: dur("BITCLONE_SCRUB_INTERVAL", fc.scrub.interval, "24h")?,
             rate: size("BITCLONE_SCRUB_RATE", fc.scrub.rate, 32 << 20)?,
         };
+        let flag = |var: &str, file: Option<bool>| -> Result<bool> {
+            match env(var) {
+                Some(v) => v
+                    .trim()
+                    .parse::<bool>()
+                    .with_context(|| format!("{var}={v:?} is not true or false")),
+                None => Ok(file.unwrap_or(false)),
+            }
+        };
+        let reconcile = ReconcileSettings {
+            interval: dur("BITCLONE_RECONCILE_INTERVAL", fc.reconcile.interval, "24h")?,
+            deep: flag("BITCLONE_RECONCILE_DEEP", fc.reconcile.deep)?,
+            repair: flag("BITCLONE_RECONCILE_REPAIR", fc.reconcile.repair)?,
+        };
         if gc.memory_bytes < 256 << 10 {
             bail!("gc.memory must be at least 256KiB");
         }
@@ -563,6 +600,7 @@ impl NodeConfig {
             upload_idle_timeout,
             gc,
             scrub,
+            reconcile,
             disk_reserve,
             http_listen,
             cluster,

@@ -178,6 +178,11 @@ pub struct ScrubStats {
     /// Bad chunks and roots no replica could replace (last pass).
     pub unrepaired: AtomicI64,
     pub last_pass_ms: AtomicI64,
+    /// Reconcile jobs: destinations checked, objects or catalogs found
+    /// drifted, destinations written again to repair them.
+    pub reconciled: AtomicU64,
+    pub drifted: AtomicU64,
+    pub reconcile_repairs: AtomicU64,
 }
 
 /// What a scrub of this node's store found and did.

@@ -12,6 +12,7 @@ mod link;
 mod metrics;
 mod migrate;
 mod node;
+mod reconcile;
 mod replica;
 mod restore;
 mod roots;
@@ -113,6 +114,28 @@ enum Cmd {
         /// Attempts before the job fails (default: the node's setting).
         #[arg(long)]
         max_attempts: Option<u32>,
+    },
+    /// Submit a reconcile job: compare each destination (sink://SINK[/path]
+    /// or file:///abs/dir, as clone names them) with a snapshot of the
+    /// dataset (default: the latest): every file an object of the same size
+    /// and BLAKE3, nothing else in a mirror, a catalog's rows the
+    /// snapshot's entries. Drift fails the job, naming it; --repair clears
+    /// what drifted and writes the snapshot out again.
+    Reconcile {
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long = "to", required = true)]
+        to: Vec<String>,
+        /// Hash every object's bytes instead of trusting its metadata.
+        #[arg(long)]
+        deep: bool,
+        #[arg(long)]
+        repair: bool,
+        /// Wait for the job to end.
+        #[arg(long)]
+        wait: bool,
     },
     /// Rebuild a committed snapshot into DIR from the sinks alone (no
     /// cluster): the objects under an s3:// (or file://) prefix, checked

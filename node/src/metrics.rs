@@ -638,6 +638,24 @@ impl Collector for NodeCollector {
             "Length of the last scrub pass",
             iload(&sc.last_pass_ms) / 1000.0,
         )?;
+        counter(
+            e,
+            "bitclone_reconcile_checked",
+            "Destinations reconcile jobs compared with their snapshot here",
+            load(&sc.reconciled),
+        )?;
+        counter(
+            e,
+            "bitclone_reconcile_drifted",
+            "Objects (or catalogs) reconcile jobs found drifted from their snapshot",
+            load(&sc.drifted),
+        )?;
+        counter(
+            e,
+            "bitclone_reconcile_repairs",
+            "Destinations reconcile jobs wrote out again to mend drift",
+            load(&sc.reconcile_repairs),
+        )?;
         let ev = &node.events;
         counter(
             e,

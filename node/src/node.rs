@@ -705,7 +705,14 @@ impl Node {
         };
         let (files_total, bytes_total) = (manifest.files(), manifest.bytes());
         let writer = link.writer(&job);
+        if job.reconcile.is_some() {
+            // Checking is idempotent, and every attempt must see each
+            // destination for its verdict to stand.
+            cp.destinations_done = 0;
+        }
         let mut repairs = 0;
+        // A reconcile job's findings it was not asked to repair.
+        let mut drift = Vec::new();
         while cp.destinations_done < job.destinations.len() {
             let dest = &job.destinations[cp.destinations_done];
             injected_export_fault(dest)?;
@@ -716,6 +723,40 @@ impl Node {
                 return Err(StoreError::Cancelled);
             }
             let sink = self.sink(&job.tenant, dest).await?;
+            if let Some(r) = job.reconcile {
+                link.report(|p| p.phase = format!("checking {}", dest.display()));
+                self.scrub.reconciled.fetch_add(1, Ordering::Relaxed);
+                let verdict = crate::reconcile::check(
+                    self,
+                    &job.tenant,
+                    &job.dataset,
+                    &sink,
+                    &manifest,
+                    &snapshot,
+                    r,
+                )
+                .await?;
+                match verdict {
+                    crate::reconcile::Verdict::Clean => {
+                        tracing::info!(job = job.id, sink = sink.name(), snapshot = %snapshot, "reconcile: the sink holds the snapshot");
+                        cp.destinations_done += 1;
+                        link.save(&job.id, cp.clone()).await?;
+                        continue;
+                    }
+                    crate::reconcile::Verdict::Drift(why) if !r.repair => {
+                        tracing::warn!(job = job.id, drift = %why, "reconcile: drift");
+                        drift.push(why);
+                        cp.destinations_done += 1;
+                        link.save(&job.id, cp.clone()).await?;
+                        continue;
+                    }
+                    crate::reconcile::Verdict::Drift(why) => {
+                        // Cleared: the export below writes it again.
+                        tracing::warn!(job = job.id, drift = %why, "reconcile: drift, repairing");
+                        self.scrub.reconcile_repairs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             // As the user named it (sink://NAME/path), not where it resolves.
             let phase = format!("writing {}", dest.display());
             // Progress lives in memory; the heartbeat publishes it. A retry
@@ -783,6 +824,14 @@ impl Node {
             }
             cp.destinations_done += 1;
             link.save(&job.id, cp.clone()).await?;
+        }
+        if !drift.is_empty() {
+            // Found again on a retry: permanent.
+            return Err(StoreError::InvalidArgument(format!(
+                "the sinks drifted from snapshot {snapshot} (run with repair to write it out \
+                 again): {}",
+                drift.join(" | ")
+            )));
         }
         Ok(())
     }

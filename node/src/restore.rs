@@ -205,6 +205,31 @@ async fn check_against_catalog(
     compare(ours, theirs)
 }
 
+/// Whether a catalog's rows of `found` differ from the files `entries`
+/// yields (a snapshot read from the chunk store), and where: a reconcile's
+/// check of a catalog.
+pub async fn catalog_drift(
+    mut entries: bitclone_storage::EntryPages<'_>,
+    cat: &Catalog,
+    found: &CatalogSnapshot,
+) -> Result<Option<String>, bitclone_storage::Error> {
+    let mut ours = FileDigest::default();
+    while let Some(page) = entries.next_page().await? {
+        for e in page.iter().filter(|e| e.kind == EntryKind::File) {
+            ours.add(&e.path, e.size, e.mode, &e.blake3);
+        }
+    }
+    let mut theirs = FileDigest::default();
+    cat.each_entry(found, &mut |r: CatalogEntry| {
+        if r.kind == EntryKind::File {
+            theirs.add(&r.path, r.size, r.mode, &r.blake3.unwrap_or_default());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(compare(ours, theirs).err().map(|e| e.to_string()))
+}
+
 /// The manifest's files (`ours`) against the catalog's rows (`theirs`).
 fn compare(ours: FileDigest, theirs: FileDigest) -> Result<()> {
     let (ours, theirs) = (ours.finish(), theirs.finish());

@@ -190,6 +190,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
     tokio::spawn(crate::gc::retention_loop(node.clone()));
     tokio::spawn(crate::erase::purge_loop(node.clone()));
     tokio::spawn(crate::gc::scrub_loop(node.clone()));
+    tokio::spawn(crate::reconcile::schedule_loop(node.clone()));
 
     let workers: Vec<_> = (0..config.job_workers)
         .map(|_| tokio::spawn(worker(node.clone())))

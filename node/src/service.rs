@@ -632,6 +632,21 @@ impl Api {
         );
         job.request_id = bitclone_raft::context::current().unwrap_or_default();
         job.traceparent = bitclone_raft::context::traceparent().unwrap_or_default();
+        if let Some(o) = r.reconcile {
+            let own =
+                matches!(&job.source, Source::Snapshot { dataset, .. } if *dataset == job.dataset);
+            if !own {
+                return Err(Status::invalid_argument(format!(
+                    "a reconcile job compares sinks with a snapshot of its dataset: give \
+                     snapshot://{}[@ID] as its source",
+                    job.dataset
+                )));
+            }
+            job.reconcile = Some(bitclone_raft::job::Reconcile {
+                deep: o.deep,
+                repair: o.repair,
+            });
+        }
         let job = self.node.submit_job(job).await.map_err(status)?;
         tracing::info!(job = job.id, source = %job.source.display(), "clone job submitted");
         Ok(Response::new(job_pb(&job)))

@@ -468,3 +468,177 @@ fn a_scrub_finds_a_flipped_byte_and_repairs_it_from_a_replica() {
     assert_eq!(std::fs::read(restore.join("victim.bin")).unwrap(), data);
     assert!(c.node(3).log_text().contains("scrub found a bad chunk"));
 }
+
+#[test]
+fn reconcile_finds_drift_in_s3_and_the_catalog_and_repairs_it() {
+    use bitclone_chaos::jobs::restore_cli;
+    use bitclone_chaos::servers::{Garage, PgServer};
+    use object_store::{Attribute, AttributeValue, Attributes, ObjectStoreExt, PutOptions};
+    assert!(
+        Garage::available() && PgServer::available(),
+        "garage or Postgres is missing: make test installs them"
+    );
+    let g = Garage::start();
+    g.create_bucket("clones");
+    let db = PgServer::start();
+    db.create_database("catalog");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = bitclone_chaos::jobs::sinks_config(
+        tmp.path(),
+        &g,
+        &[("s3", "clones/team", g.secret_key())],
+        &[("pg", &db.url("catalog"))],
+    );
+    // Scheduled reconcile jobs every second, reporting only.
+    let node = TestNode::start_with(
+        &tmp.path().join("n"),
+        &[
+            ("BITCLONE_CONFIG", &config),
+            ("BITCLONE_RECONCILE_INTERVAL", "1s"),
+        ],
+    );
+    let src = tmp.path().join("src");
+    generate_tree(&src, 9, 30, 0);
+    node.ok(&["put", src.to_str().unwrap(), "--dataset", "ds"]);
+    let to = ["--to", "sink://s3/ds?mirror=true", "--to", "sink://pg"];
+    let job = |extra: &[&str]| {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&to);
+        args.extend_from_slice(&["--dataset", "ds", "--wait"]);
+        node.cli(&args)
+    };
+    let clone = job(&["clone", "--from", "snapshot://ds"]);
+    assert!(
+        clone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clone.stderr)
+    );
+    // The leader schedules a reconcile of what that job wrote: it finds it
+    // whole.
+    let scheduled_ok = |node: &TestNode| {
+        node.json(&["jobs"])["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| {
+                j["source"].as_str().is_some_and(|s| s.contains('@')) && j["state"] == "Succeeded"
+            })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !scheduled_ok(&node) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled reconcile succeeded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let clean = job(&["reconcile", "--deep"]);
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+
+    // Drift: one object gone, one rewritten by hand (no BLAKE3 metadata),
+    // one with other bytes of its size under its old metadata (only a deep
+    // reconcile sees it), one object the snapshot lacks, a catalog row changed.
+    let s3 = bitclone_storage::sink::objects::open_target(
+        "s3://clones/team/default/ds",
+        &bitclone_storage::sink::objects::S3Options {
+            endpoint: Some(g.endpoint()),
+            region: Some(g.region().into()),
+            access_key_id: Some(g.access_key().into()),
+            secret_access_key: Some(g.secret_key().into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let loc = |p: &str| object_store::path::Path::from(format!("{}/{p}", s3.prefix));
+    let (gone, bare, rotten) = ("d1/s1/f1.bin", "d2/s2/f2.bin", "d3/s0/f3.bin");
+    rt.block_on(async {
+        s3.store.delete(&loc(gone)).await.unwrap();
+        s3.store
+            .put(&loc(bare), b"by hand".to_vec().into())
+            .await
+            .unwrap();
+        let old = std::fs::read(src.join(rotten)).unwrap();
+        let mut rot = old.clone();
+        rot[0] ^= 1;
+        let mut attrs = Attributes::new();
+        attrs.insert(
+            Attribute::Metadata("blake3".into()),
+            AttributeValue::from(blake3::hash(&old).to_hex().to_string()),
+        );
+        let opts = PutOptions {
+            attributes: attrs,
+            ..Default::default()
+        };
+        s3.store
+            .put_opts(&loc(rotten), rot.into(), opts)
+            .await
+            .unwrap();
+        s3.store
+            .put(&loc("stray.txt"), b"stray".to_vec().into())
+            .await
+            .unwrap();
+    });
+    db.psql(
+        "catalog",
+        "UPDATE bitclone_entries SET mode = 0 WHERE path = 'd4/s1/f4.bin'",
+    );
+
+    let shallow = job(&["reconcile"]);
+    assert!(!shallow.status.success());
+    let e = String::from_utf8_lossy(&shallow.stderr);
+    for found in [gone, bare, "stray.txt", "catalog"] {
+        assert!(e.contains(found), "{found} not named: {e}");
+    }
+    assert!(
+        !e.contains(rotten),
+        "metadata alone cannot see {rotten}: {e}"
+    );
+    let deep = job(&["reconcile", "--deep"]);
+    assert!(!deep.status.success());
+    assert!(String::from_utf8_lossy(&deep.stderr).contains(rotten));
+
+    let repair = job(&["reconcile", "--deep", "--repair"]);
+    assert!(
+        repair.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    let after = job(&["reconcile", "--deep"]);
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    // The sinks alone give the snapshot back, checked against the catalog.
+    let out = tmp.path().join("restored");
+    let r = restore_cli(
+        &g,
+        &[
+            "--from",
+            "s3://clones/team/default/ds",
+            "--catalog",
+            &db.url("catalog"),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_same_tree(&src, &out, false, &[]);
+    let m = node.http_get("/metrics").body;
+    assert!(
+        m.contains("bitclone_reconcile_repairs_total 2"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("reconcile"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

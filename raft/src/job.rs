@@ -85,6 +85,22 @@ pub struct Job {
     /// traced): lease grants and runs of the job continue its trace.
     #[serde(default)]
     pub traceparent: String,
+    /// A reconcile job: instead of writing the snapshot out, compare each
+    /// destination with it (and with `repair`, write out what drifted).
+    /// Absent from other jobs' records, which stay as earlier releases
+    /// wrote them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<Reconcile>,
+}
+
+/// How a reconcile job checks and mends its destinations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconcile {
+    /// Hash every object's bytes rather than trust its BLAKE3 metadata.
+    pub deep: bool,
+    /// Delete what drifted and write the snapshot out again; without it,
+    /// drift fails the job, naming what drifted.
+    pub repair: bool,
 }
 
 /// The right to run a job until a deadline, renewed by heartbeat.
@@ -150,6 +166,7 @@ impl Job {
             fencing_token: 0,
             request_id: String::new(),
             traceparent: String::new(),
+            reconcile: None,
         }
     }
 

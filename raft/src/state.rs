@@ -375,6 +375,7 @@ impl Command {
             | Command::EraseTenant { .. }
             | Command::ForgetTenant { .. }
             | Command::TenantPurged { .. } => 3,
+            Command::SubmitJob { job } if job.reconcile.is_some() => 3,
             _ => 1,
         }
     }

@@ -234,6 +234,27 @@ impl Catalog {
         .await
     }
 
+    /// Deletes one snapshot's rows (its entries go with it), so that a
+    /// commit of it writes them all again: a reconcile's repair of rows
+    /// that drifted. The dataset's head is left as it is.
+    pub async fn drop_snapshot(&self, tenant: &str, dataset: &str, id: &SnapshotId) -> Result<u64> {
+        let hex = id.to_hex();
+        self.retry("drop_snapshot", move || {
+            let hex = hex.clone();
+            async move {
+                let client = self.pool.get().await?;
+                Ok(client
+                    .execute(
+                        "DELETE FROM bitclone_snapshots WHERE tenant = $1 AND dataset = $2 \
+                         AND id = $3",
+                        &[&tenant, &dataset, &hex],
+                    )
+                    .await?)
+            }
+        })
+        .await
+    }
+
     /// Rows of `tenant` left in the catalog's tables (0 once erased).
     pub async fn tenant_rows(&self, tenant: &str) -> Result<u64> {
         let sql = "SELECT (SELECT count(*) FROM bitclone_entries WHERE tenant = $1) \

@@ -22,6 +22,7 @@
 
 pub mod commit;
 pub mod layout;
+pub mod reconcile;
 pub mod s3;
 pub mod upload;
 

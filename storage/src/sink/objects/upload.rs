@@ -291,45 +291,8 @@ impl Ctx<'_> {
         Ok(self.stored_blake3(&location).await? == Some(e.blake3))
     }
 
-    /// The BLAKE3 the object at `location` holds: from its metadata on S3, by
-    /// hashing the file on a local target.
     async fn stored_blake3(&self, location: &ObjectPath) -> Result<Option<[u8; 32]>> {
-        if let Some(root) = &self.target.local_root {
-            let path = root.join(location.as_ref());
-            return self
-                .pool
-                .run(move || match std::fs::File::open(&path) {
-                    Ok(mut f) => {
-                        let mut h = blake3::Hasher::new();
-                        std::io::copy(&mut f, &mut h)
-                            .map_err(|e| Error::io("read", path.clone(), e))?;
-                        Ok(Some(*h.finalize().as_bytes()))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(Error::io("open", path, e)),
-                })
-                .await;
-        }
-        let head = self
-            .target
-            .store
-            .get_opts(
-                location,
-                GetOptions {
-                    head: true,
-                    ..GetOptions::default()
-                },
-            )
-            .await;
-        match head {
-            Ok(r) => Ok(r
-                .attributes
-                .get(&Attribute::Metadata(BLAKE3_METADATA.into()))
-                .and_then(|v| v.as_ref().parse::<ChunkId>().ok())
-                .map(|c| c.0)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(sink_error(self.target, "reading object metadata", e)),
-        }
+        stored_blake3(self.target, self.pool, location).await
     }
 
     async fn put_multipart(
@@ -399,4 +362,47 @@ pub(super) async fn list_objects(target: &Target) -> Result<HashMap<String, List
             (rel, l)
         })
         .collect())
+}
+
+/// The BLAKE3 the object at `location` claims to hold: from its metadata on
+/// S3, by hashing the file on a local target (which keeps no metadata).
+pub(crate) async fn stored_blake3(
+    target: &Target,
+    pool: &CpuPool,
+    location: &ObjectPath,
+) -> Result<Option<[u8; 32]>> {
+    if let Some(root) = &target.local_root {
+        let path = root.join(location.as_ref());
+        return pool
+            .run(move || match std::fs::File::open(&path) {
+                Ok(mut f) => {
+                    let mut h = blake3::Hasher::new();
+                    std::io::copy(&mut f, &mut h)
+                        .map_err(|e| Error::io("read", path.clone(), e))?;
+                    Ok(Some(*h.finalize().as_bytes()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("open", path, e)),
+            })
+            .await;
+    }
+    let head = target
+        .store
+        .get_opts(
+            location,
+            GetOptions {
+                head: true,
+                ..GetOptions::default()
+            },
+        )
+        .await;
+    match head {
+        Ok(r) => Ok(r
+            .attributes
+            .get(&Attribute::Metadata(BLAKE3_METADATA.into()))
+            .and_then(|v| v.as_ref().parse::<ChunkId>().ok())
+            .map(|c| c.0)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(sink_error(target, "reading object metadata", e)),
+    }
 }
