@@ -56,6 +56,23 @@ pub struct FileConfig {
     pub scrub: FileScrub,
     #[serde(default)]
     pub reconcile: FileReconcile,
+    /// Retention policies set by the operator (`[[retention]]`).
+    #[serde(default)]
+    pub retention: Vec<FileRetention>,
+}
+
+/// One dataset's retention policy in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub tenant: String,
+    pub dataset: String,
+    pub keep_last: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    /// e.g. "48h".
+    pub keep_within: Option<String>,
 }
 
 /// Scheduled reconcile jobs.
@@ -259,6 +276,9 @@ pub struct NodeConfig {
     pub gc: GcSettings,
     pub scrub: ScrubSettings,
     pub reconcile: ReconcileSettings,
+    /// (tenant, dataset, policy) from `[[retention]]`: the leader keeps
+    /// the cluster's policies of these datasets equal to them.
+    pub retention: Vec<(String, String, bitclone_raft::retention::Retention)>,
 }
 
 #[derive(Debug, Clone)]
@@ -514,6 +534,34 @@ impl NodeConfig {
             deep: flag("BITCLONE_RECONCILE_DEEP", fc.reconcile.deep)?,
             repair: flag("BITCLONE_RECONCILE_REPAIR", fc.reconcile.repair)?,
         };
+        let mut retention = Vec::new();
+        for r in fc.retention {
+            let what = format!("[[retention]] {}/{}", r.tenant, r.dataset);
+            bitclone_storage::path::validate_name("tenant", &r.tenant).context(what.clone())?;
+            bitclone_storage::path::validate_name("dataset", &r.dataset).context(what.clone())?;
+            let within = match &r.keep_within {
+                Some(w) => humantime::parse_duration(w)
+                    .with_context(|| format!("{what}: keep_within {w:?} is not a duration"))?,
+                None => Duration::ZERO,
+            };
+            let policy = bitclone_raft::retention::Retention {
+                keep_last: r.keep_last.unwrap_or(0),
+                keep_daily: r.keep_daily.unwrap_or(0),
+                keep_weekly: r.keep_weekly.unwrap_or(0),
+                keep_monthly: r.keep_monthly.unwrap_or(0),
+                keep_within_ms: i64::try_from(within.as_millis()).unwrap_or(i64::MAX),
+            };
+            if policy.keeps_all() {
+                bail!("{what}: no rule; give keep_last, keep_daily, keep_weekly, keep_monthly or keep_within");
+            }
+            if retention
+                .iter()
+                .any(|(t, d, _)| *t == r.tenant && *d == r.dataset)
+            {
+                bail!("{what} is given twice");
+            }
+            retention.push((r.tenant, r.dataset, policy));
+        }
         if gc.memory_bytes < 256 << 10 {
             bail!("gc.memory must be at least 256KiB");
         }
@@ -601,6 +649,7 @@ impl NodeConfig {
             gc,
             scrub,
             reconcile,
+            retention,
             disk_reserve,
             http_listen,
             cluster,
@@ -1016,6 +1065,25 @@ mod tests {
         assert!(with("[cluster]\njoin = \"127.0.0.1:7443\"\nnode_id = 2\n").is_ok());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
         assert!(NodeConfig::resolve(FileConfig::default(), &no_env, Overrides::default()).is_err());
+        // Lifecycle settings.
+        assert!(with("[gc]\nmemory = \"100KiB\"\n").is_err());
+        assert!(with("[gc]\ngrace = \"soon\"\n").is_err());
+        assert!(toml::from_str::<FileConfig>("[reconcile]\nrepair = \"yes\"\n").is_err());
+        let retention = |body: &str| {
+            with(&format!(
+                "[[retention]]\ntenant = \"t\"\ndataset = \"d\"\n{body}"
+            ))
+        };
+        let e = retention("").unwrap_err();
+        assert!(format!("{e:#}").contains("no rule"), "{e:#}");
+        assert!(retention("keep_within = \"a while\"\n").is_err());
+        let twice =
+            "keep_last = 1\n[[retention]]\ntenant = \"t\"\ndataset = \"d\"\nkeep_last = 2\n";
+        assert!(format!("{:#}", retention(twice).unwrap_err()).contains("twice"));
+        let ok = retention("keep_last = 3\nkeep_within = \"2d\"\n").unwrap();
+        assert_eq!(ok.retention.len(), 1);
+        assert_eq!(ok.retention[0].2.keep_last, 3);
+        assert_eq!(ok.retention[0].2.keep_within_ms, 2 * 86_400_000);
     }
 
     #[test]

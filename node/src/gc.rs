@@ -134,8 +134,28 @@ pub async fn retention_loop(node: Arc<Node>) {
     }
 }
 
-/// One retention pass: the datasets whose policy expires something now.
+/// One retention pass: the policies the config file sets are made the
+/// cluster's, then the datasets whose policy expires something now.
 pub async fn expire_once(node: &Arc<Node>) -> Result<u64, StoreError> {
+    for (tenant, dataset, policy) in &node.config.retention {
+        let current = node.cluster.local(|s| {
+            s.retention
+                .get(tenant)
+                .and_then(|p| p.get(dataset))
+                .cloned()
+        });
+        if current.as_ref() != Some(policy) {
+            node.cluster
+                .write(Command::SetRetention {
+                    tenant: tenant.clone(),
+                    dataset: dataset.clone(),
+                    policy: policy.clone(),
+                })
+                .await
+                .map_err(raft_error)?;
+            tracing::info!(%tenant, %dataset, %policy, "retention policy from the config file");
+        }
+    }
     let now = bitclone_raft::cluster::now_ms();
     let due: Vec<(String, String)> = node.cluster.local(|s| {
         s.retention

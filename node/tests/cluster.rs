@@ -236,7 +236,8 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
                 .await
         })
     };
-    let vote = |cert_id, from, term| vote_as(cert_id, from, term, (0, 0));
+    let ours = bitclone_raft::protocol::PEER_PROTOCOL;
+    let vote = |cert_id, from, term| vote_as(cert_id, from, term, (ours.min, ours.max));
     let unknown = vote(9, 9, 1_000).unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::PermissionDenied, "{unknown}");
     assert!(unknown.message().contains("not a member"), "{unknown}");
@@ -251,11 +252,13 @@ fn peers_from_another_ca_or_with_unknown_ids_are_refused() {
         "stale-term vote must be refused: {reply}"
     );
     // The reply says which versions the leader speaks.
-    let ours = bitclone_raft::protocol::PEER_PROTOCOL;
     assert_eq!(
         (stale.protocol_min, stale.protocol_max),
         (ours.min, ours.max)
     );
+    // A build before 0.2.0 (no versions sent: v1) is two releases back.
+    let behind = vote_as(follower, follower, 1_000, (0, 0)).unwrap_err();
+    assert_eq!(behind.code(), tonic::Code::FailedPrecondition, "{behind}");
     let ahead = vote_as(follower, follower, 1_000, (ours.max + 1, ours.max + 2)).unwrap_err();
     assert_eq!(ahead.code(), tonic::Code::FailedPrecondition, "{ahead}");
     assert!(
