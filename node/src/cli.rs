@@ -740,14 +740,28 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Scrub { all } => {
             let mut reports = Vec::new();
+            let mut failed = false;
             if all {
+                // A member that does not answer is named; the others go on.
                 for m in client.cluster_status().await?.members {
-                    reports.push(ctx.connect_to(&m.api_addr).await?.scrub().await?);
+                    let one = async {
+                        ctx.connect_to(&m.api_addr)
+                            .await?
+                            .scrub()
+                            .await
+                            .map_err(anyhow::Error::from)
+                    };
+                    match one.await {
+                        Ok(r) => reports.push(r),
+                        Err(e) => {
+                            failed = true;
+                            eprintln!("node {}: {e:#}", m.id);
+                        }
+                    }
                 }
             } else {
                 reports.push(client.scrub().await?);
             }
-            let mut failed = false;
             let mut nodes = Vec::new();
             for r in &reports {
                 failed |= !r.unrepaired.is_empty();
@@ -779,11 +793,24 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Gc { dry_run, all } => {
             let mut reports = Vec::new();
+            let mut failed = false;
             if all {
-                let members = client.cluster_status().await?.members;
-                for m in members {
-                    let one = ctx.connect_to(&m.api_addr).await?;
-                    reports.push(one.collect_garbage(dry_run).await?);
+                // A member that does not answer is named; the others go on.
+                for m in client.cluster_status().await?.members {
+                    let one = async {
+                        ctx.connect_to(&m.api_addr)
+                            .await?
+                            .collect_garbage(dry_run)
+                            .await
+                            .map_err(anyhow::Error::from)
+                    };
+                    match one.await {
+                        Ok(r) => reports.push(r),
+                        Err(e) => {
+                            failed = true;
+                            eprintln!("node {}: {e:#}", m.id);
+                        }
+                    }
                 }
             } else {
                 reports.push(client.collect_garbage(dry_run).await?);
@@ -796,8 +823,8 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                         "roots_absent": r.roots_absent, "examined": r.examined, "live": r.live,
                         "waiting": r.waiting, "waiting_bytes": r.waiting_bytes,
                         "freed": r.freed, "freed_bytes": r.freed_bytes,
-                        "roots_freed": r.roots_freed, "partitions": r.partitions,
-                        "filter_bytes": r.filter_bytes, "seconds": r.seconds,
+                        "roots_freed": r.roots_freed, "marked": r.marked,
+                        "pages_read": r.pages_read, "seconds": r.seconds,
                         "store_bytes_before": r.store_bytes_before,
                         "store_bytes_after": r.store_bytes_after,
                     }));
@@ -823,6 +850,9 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             }
             if ctx.json {
                 print_json(&json!({ "nodes": nodes }));
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Stats => {

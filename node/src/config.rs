@@ -562,8 +562,8 @@ impl NodeConfig {
             }
             retention.push((r.tenant, r.dataset, policy));
         }
-        if gc.memory_bytes < 256 << 10 {
-            bail!("gc.memory must be at least 256KiB");
+        if gc.memory_bytes < 1 << 20 {
+            bail!("gc.memory must be at least 1MiB");
         }
         let mut cluster = resolve_cluster(fc.cluster, env, &flags_cluster, &data_dir)?;
         cluster.settings.backoff_base_ms = backoff_base.map(|d| d.as_millis() as u64);

@@ -145,8 +145,11 @@ async fn wait_for_jobs(node: &Arc<Node>, tenant: &str) -> Result<(), StoreError>
 /// and this node has not purged yet, and says so through Raft. Runs until
 /// shutdown.
 pub async fn purge_loop(node: Arc<Node>) {
+    // Purged by this process, waiting for the report to be accepted: not
+    // purged (and compacted) again every second.
+    let mut purged: std::collections::HashMap<String, Purged> = Default::default();
     loop {
-        node.idle(Duration::from_secs(1)).await;
+        node.pause(Duration::from_secs(1)).await;
         if node.is_shutting_down() {
             return;
         }
@@ -158,10 +161,15 @@ pub async fn purge_loop(node: Arc<Node>) {
                 .map(|(t, _)| t.clone())
                 .collect()
         });
+        purged.retain(|t, _| due.contains(t));
         for tenant in due {
+            if let Some(p) = purged.get(&tenant) {
+                report_purge(&node, &tenant, p.clone()).await;
+                continue;
+            }
             let store = node.store.clone();
             let t = tenant.clone();
-            let purged = tokio::task::spawn_blocking(move || {
+            let result = tokio::task::spawn_blocking(move || {
                 let erased = store.erase_tenant(&t)?;
                 let left = store.tenant_keys(&t)?;
                 if left > 0 {
@@ -173,7 +181,7 @@ pub async fn purge_loop(node: Arc<Node>) {
             })
             .await
             .unwrap_or(Err(StoreError::Panicked));
-            let erased = match purged {
+            let erased = match result {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(%tenant, error = %e, "purging an erased tenant failed");
@@ -181,20 +189,26 @@ pub async fn purge_loop(node: Arc<Node>) {
                 }
             };
             tracing::info!(%tenant, chunks = erased.chunks, bytes = erased.bytes, snapshots = erased.snapshots, "purged an erased tenant from the store");
-            let r = node
-                .write(Command::TenantPurged {
-                    tenant: tenant.clone(),
-                    node: me,
-                    purged: Purged {
-                        chunks: erased.chunks,
-                        bytes: erased.bytes,
-                        snapshots: erased.snapshots,
-                    },
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(%tenant, error = %e, "reporting a purge failed");
-            }
+            let p = Purged {
+                chunks: erased.chunks,
+                bytes: erased.bytes,
+                snapshots: erased.snapshots,
+            };
+            purged.insert(tenant.clone(), p.clone());
+            report_purge(&node, &tenant, p).await;
         }
+    }
+}
+
+async fn report_purge(node: &Node, tenant: &str, purged: Purged) {
+    let r = node
+        .write(Command::TenantPurged {
+            tenant: tenant.to_string(),
+            node: node.cluster.id,
+            purged,
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(%tenant, error = %e, "reporting a purge failed");
     }
 }

@@ -29,29 +29,32 @@ pub struct GcStats {
 }
 
 /// Every snapshot of every dataset: what a pass keeps. All of them, not
-/// only those placed here: a superset keeps nothing it should free.
-fn roots(state: &ClusterState) -> Vec<GcRoot> {
+/// only those placed here: a superset keeps nothing it should free. An id
+/// that does not parse stops the pass (its data would be freed).
+fn roots(state: &ClusterState) -> Result<Vec<GcRoot>, StoreError> {
     let mut out = Vec::new();
     for (tenant, datasets) in &state.datasets {
         for head in datasets.values() {
             for s in &head.history {
-                if let Ok(snapshot) = s.id.parse::<SnapshotId>() {
-                    out.push(GcRoot {
-                        tenant: tenant.clone(),
-                        snapshot,
-                    });
-                }
+                out.push(GcRoot {
+                    tenant: tenant.clone(),
+                    snapshot: s.id.parse::<SnapshotId>()?,
+                });
             }
         }
     }
-    out
+    Ok(out)
 }
 
-/// One pass over this node's store. The snapshots are read linearizably
-/// first: every commit acknowledged before the pass is kept.
+/// One pass over this node's store. The snapshots are read linearizably,
+/// once the pass has noted the writers in progress: every commit
+/// acknowledged before that is kept, and a writer still running then
+/// holds what it found.
 pub async fn collect(node: &Arc<Node>, dry_run: bool) -> Result<GcReport, StoreError> {
     let started = Instant::now();
-    let roots = node.cluster.read(roots).await.map_err(raft_error)?;
+    let runtime = tokio::runtime::Handle::current();
+    let cluster = node.cluster.clone();
+    let mut read_roots = move || runtime.block_on(cluster.read(roots)).map_err(raft_error)?;
     let opts = GcOptions {
         grace: node.config.gc.grace,
         memory_bytes: node.config.gc.memory_bytes,
@@ -60,7 +63,7 @@ pub async fn collect(node: &Arc<Node>, dry_run: bool) -> Result<GcReport, StoreE
     };
     // A pass takes a while: on a thread of its own, not the CPU pool's.
     let store = node.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.collect_garbage(&roots, &opts))
+    let result = tokio::task::spawn_blocking(move || store.collect_garbage(&mut read_roots, &opts))
         .await
         .unwrap_or(Err(StoreError::Panicked));
     let s = &node.gc;
@@ -82,7 +85,7 @@ pub async fn collect(node: &Arc<Node>, dry_run: bool) -> Result<GcReport, StoreE
                 freed_bytes = r.freed_bytes,
                 roots_freed = r.roots_freed,
                 waiting = r.waiting,
-                partitions = r.partitions,
+                marked = r.marked,
                 seconds = started.elapsed().as_secs_f64(),
                 "garbage collection pass"
             );
@@ -104,7 +107,7 @@ pub async fn gc_loop(node: Arc<Node>) {
         return;
     }
     loop {
-        node.idle(every).await;
+        node.pause(every).await;
         if node.is_shutting_down() {
             return;
         }
@@ -121,7 +124,7 @@ pub async fn retention_loop(node: Arc<Node>) {
         return;
     }
     loop {
-        node.idle(every).await;
+        node.pause(every).await;
         if node.is_shutting_down() {
             return;
         }
@@ -145,15 +148,23 @@ pub async fn expire_once(node: &Arc<Node>) -> Result<u64, StoreError> {
                 .cloned()
         });
         if current.as_ref() != Some(policy) {
-            node.cluster
+            // One entry the cluster refuses (a tenant being erased) leaves
+            // the others to go on.
+            match node
                 .write(Command::SetRetention {
                     tenant: tenant.clone(),
                     dataset: dataset.clone(),
                     policy: policy.clone(),
                 })
                 .await
-                .map_err(raft_error)?;
-            tracing::info!(%tenant, %dataset, %policy, "retention policy from the config file");
+            {
+                Ok(_) => {
+                    tracing::info!(%tenant, %dataset, %policy, "retention policy from the config file")
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %dataset, error = %e, "retention policy from the config file refused")
+                }
+            }
         }
     }
     let now = bitclone_raft::cluster::now_ms();
@@ -167,13 +178,18 @@ pub async fn expire_once(node: &Arc<Node>) -> Result<u64, StoreError> {
     let mut deleted = 0;
     for (tenant, dataset) in due {
         let r = node
-            .cluster
             .write(Command::ExpireSnapshots {
                 tenant: tenant.clone(),
                 dataset: dataset.clone(),
             })
-            .await
-            .map_err(raft_error)?;
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%tenant, %dataset, error = %e, "expiring snapshots failed");
+                continue;
+            }
+        };
         if let Response::Deleted { snapshots, .. } = r {
             if !snapshots.is_empty() {
                 tracing::info!(%tenant, %dataset, expired = snapshots.len(), "retention deleted snapshots");
@@ -281,7 +297,7 @@ pub async fn scrub_loop(node: Arc<Node>) {
         return;
     }
     loop {
-        node.idle(every).await;
+        node.pause(every).await;
         if node.is_shutting_down() {
             return;
         }

@@ -151,6 +151,19 @@ impl Node {
         let _ = tokio::time::timeout(d, self.wake.notified()).await;
     }
 
+    /// Waits `d`, or less if the node shuts down: for background loops
+    /// that job activity must not wake.
+    pub async fn pause(&self, d: std::time::Duration) {
+        let until = tokio::time::Instant::now() + d;
+        while !self.is_shutting_down() {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep((until - now).min(std::time::Duration::from_millis(500))).await;
+        }
+    }
+
     /// Why this node has stopped taking writes, if it has: its store refused
     /// a write (poisoned until a restart) or its Raft stopped.
     pub fn fatal(&self) -> Option<String> {
@@ -724,6 +737,18 @@ impl Node {
             }
             let sink = self.sink(&job.tenant, dest).await?;
             if let Some(r) = job.reconcile {
+                if r.repair {
+                    // Writing an older snapshot out again would undo a newer
+                    // clone to the same sinks.
+                    let head = self.head(&job.tenant, &job.dataset).await?;
+                    if head != Some(snapshot) {
+                        return Err(StoreError::InvalidArgument(format!(
+                            "snapshot {snapshot} is not the head of dataset {} any more; a \
+                             repair would write it over newer data: reconcile the head",
+                            job.dataset
+                        )));
+                    }
+                }
                 link.report(|p| p.phase = format!("checking {}", dest.display()));
                 self.scrub.reconciled.fetch_add(1, Ordering::Relaxed);
                 let verdict = crate::reconcile::check(
@@ -1000,6 +1025,9 @@ impl Node {
                 record.id.parse()
             }
             Source::Snapshot { dataset, snapshot } => {
+                // Before the source is resolved: garbage collection frees
+                // nothing the new snapshot takes over until it is committed.
+                let hold = self.store.hold();
                 let snapshot = snapshot.map(|s| s.to_hex()).unwrap_or_default();
                 let id = self
                     .resolve_snapshot_id(&job.tenant, dataset, &snapshot)
@@ -1028,7 +1056,8 @@ impl Node {
                     .pool
                     .run(move || {
                         let mut b = SnapshotBuilder::new(store.clone(), &t, &d, stored.chunking())?
-                            .with_parent_id(head);
+                            .with_parent_id(head)
+                            .holding(hold);
                         for e in Entries::new(store, &t, stored) {
                             b.add_taken(e?)?;
                         }

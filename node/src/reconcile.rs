@@ -33,7 +33,7 @@ pub async fn check(
     let entries = || EntryPages::from_store(&node.pool, node.chunk_store(), tenant, stored.clone());
     match sink {
         Sink::Objects(target) => {
-            let found = objects::reconcile(target, &node.pool, entries(), r.deep).await?;
+            let found = objects::reconcile(target, &node.pool, entries(), r.deep, r.repair).await?;
             let mut why = Vec::new();
             if found.committed != Some(*snapshot) {
                 why.push(match found.committed {
@@ -63,7 +63,7 @@ pub async fn check(
                 return Ok(Verdict::Clean);
             }
             if r.repair {
-                objects::delete_drifted(target, &found.drift).await?;
+                objects::delete_drifted(target, &found.to_delete).await?;
             }
             Ok(Verdict::Drift(format!(
                 "{}: {}",
@@ -115,7 +115,7 @@ pub async fn schedule_loop(node: std::sync::Arc<Node>) {
         return;
     }
     loop {
-        node.idle(every).await;
+        node.pause(every).await;
         if node.is_shutting_down() {
             return;
         }
@@ -178,13 +178,16 @@ pub async fn schedule_once(node: &std::sync::Arc<Node>) -> Result<u64, StoreErro
         else {
             continue;
         };
+        // The latest when it runs: a clone that moved the sinks on since
+        // is not undone by a repair of an older snapshot.
+        let _ = snapshot;
         let mut job = Job::new(
             format!("{:016x}", rand::random::<u64>()),
             done.tenant.clone(),
             done.dataset.clone(),
             Source::Snapshot {
                 dataset: done.dataset.clone(),
-                snapshot: Some(snapshot),
+                snapshot: None,
             },
             done.destinations.clone(),
             node.config.max_attempts,

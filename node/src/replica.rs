@@ -49,10 +49,12 @@ impl ChunkServer for NodeChunks {
 
     fn missing(&self, tenant: &str, ids: &[[u8; 32]]) -> Result<Vec<bool>, String> {
         tenant_ok(tenant)?;
+        // A page garbage collection had found unreachable may have lost
+        // children: missing, so that the sender descends below it.
         ids.iter()
             .map(|i| {
                 self.store
-                    .has_chunk(tenant, &ChunkId(*i))
+                    .has_settled_chunk(tenant, &ChunkId(*i))
                     .map(|h| !h)
                     .map_err(|e| e.to_string())
             })
@@ -108,7 +110,7 @@ impl ChunkServer for NodeChunks {
             for (page, _) in &root.pages {
                 if !self
                     .store
-                    .has_chunk(tenant, page)
+                    .has_settled_chunk(tenant, page)
                     .map_err(|e| e.to_string())?
                 {
                     return Err(format!(
@@ -665,7 +667,9 @@ async fn local_lacks(
     tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>, StoreError> {
         let mut out = Vec::new();
         for id in ids {
-            if !store.has_chunk(&t, &id)? {
+            // A page that was a garbage collection candidate: pulled again
+            // (with whatever below it is gone).
+            if !store.has_settled_chunk(&t, &id)? {
                 out.push(id);
             }
         }

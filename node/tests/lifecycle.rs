@@ -514,16 +514,18 @@ fn reconcile_finds_drift_in_s3_and_the_catalog_and_repairs_it() {
         "{}",
         String::from_utf8_lossy(&clone.stderr)
     );
-    // The leader schedules a reconcile of what that job wrote: it finds it
-    // whole.
+    // The leader schedules a reconcile of what that job wrote (the only
+    // other job so far): it finds it whole.
+    let clone_id = serde_json::from_slice::<serde_json::Value>(&clone.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let scheduled_ok = |node: &TestNode| {
         node.json(&["jobs"])["jobs"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|j| {
-                j["source"].as_str().is_some_and(|s| s.contains('@')) && j["state"] == "Succeeded"
-            })
+            .any(|j| j["id"] != clone_id.as_str() && j["state"] == "Succeeded")
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !scheduled_ok(&node) {

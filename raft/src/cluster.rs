@@ -498,7 +498,9 @@ impl Cluster {
         if behind.is_empty() {
             return Ok(());
         }
-        Err(Error::Refused(format!(
+        // Retried: a member not heard from right after an election soon
+        // is; an upgrade in progress ends.
+        Err(Error::Timeout(format!(
             "this needs every node on a release that speaks peer protocol v{need}; {} \
              does not yet: finish the upgrade first",
             behind.join(", ")

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -157,15 +157,35 @@ pub(crate) struct GcState {
     pub(crate) gate: Mutex<()>,
     /// Whether `gc_pending` may hold anything: lookups skip it otherwise.
     pub(crate) pending_any: AtomicBool,
-    /// One collection at a time; the start (ms, its id: each later than
-    /// the last) and end of the passes run since the store opened.
-    pub(crate) passes: Mutex<BTreeMap<i64, i64>>,
-    /// Writers in progress ([`RocksStore::hold`]): id → start (ms).
-    pub(crate) holds: Arc<Mutex<BTreeMap<u64, i64>>>,
-    pub(crate) next_hold: AtomicU64,
-    /// When the store opened (ms): candidates found before it were found by
-    /// passes that ended before any writer in progress now began.
-    pub(crate) opened_ms: AtomicI64,
+    /// One collection (or tenant purge) at a time; the start and end of
+    /// the passes run since the store opened, on `clock`.
+    pub(crate) passes: Mutex<BTreeMap<u64, u64>>,
+    /// Writers in progress ([`RocksStore::hold`]): id → start on `clock`.
+    pub(crate) holds: Arc<Mutex<BTreeMap<u64, u64>>>,
+    /// Orders passes and holds within this process (the wall clock may
+    /// step back).
+    pub(crate) clock: AtomicU64,
+    /// This opening of the store: candidates recorded by another were
+    /// found by passes that ended before any writer in progress now began.
+    pub(crate) boot: u64,
+}
+
+impl GcState {
+    /// The next instant on the store's clock.
+    pub(crate) fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Found {
+    Absent,
+    /// Here, and no candidate.
+    Present,
+    /// Here, but it was a candidate (taken off the list now): a page's
+    /// children may be gone.
+    Revived,
 }
 
 /// Keeps garbage collection from freeing anything found unreachable after
@@ -174,7 +194,7 @@ pub(crate) struct GcState {
 /// nothing it found or wrote is freed before a snapshot names it.
 #[derive(Debug)]
 pub struct GcHold {
-    holds: Arc<Mutex<BTreeMap<u64, i64>>>,
+    holds: Arc<Mutex<BTreeMap<u64, u64>>>,
     id: u64,
 }
 
@@ -299,7 +319,16 @@ impl RocksStore {
             path: dir.to_path_buf(),
             poisoned,
             watcher: Some((stop, thread)),
-            gc: GcState::default(),
+            gc: GcState {
+                boot: u64::from(std::process::id())
+                    ^ (now_ms() as u64).rotate_left(20)
+                    ^ u64::from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.subsec_nanos()),
+                    ),
+                ..GcState::default()
+            },
         };
         let any = store
             .db
@@ -307,7 +336,6 @@ impl RocksStore {
             .next()
             .is_some();
         store.gc.pending_any.store(any, Ordering::Release);
-        store.gc.opened_ms.store(now_ms(), Ordering::Release);
         Ok(store)
     }
 
@@ -316,52 +344,66 @@ impl RocksStore {
         &self.db
     }
 
-    /// Keeps what a lookup found from garbage collection: removes those of
-    /// `keys` (chunk keys with `kind`) that are candidates, under the gate
-    /// a sweep frees under, and returns which of them are still stored (a
-    /// sweep may have freed one just before). Costs nothing while there
-    /// are no candidates.
-    fn revive(&self, kind: u8, keys: &[&[u8]]) -> Result<Vec<bool>> {
-        let mut present = vec![true; keys.len()];
-        if keys.is_empty() || !self.gc.pending_any.load(Ordering::Acquire) {
-            return Ok(present);
-        }
-        let pending_keys: Vec<Vec<u8>> = keys.iter().map(|k| [&[kind][..], k].concat()).collect();
-        let pending = self.cf(CF_GC_PENDING);
-        let found = self.db.batched_multi_get_cf(pending, &pending_keys, false);
-        let mut hits = Vec::new();
-        for (i, got) in found.into_iter().enumerate() {
-            if got?.is_some() {
-                hits.push(i);
-            }
-        }
-        if hits.is_empty() {
-            return Ok(present);
-        }
-        let _gate = self.gc.gate.lock().unwrap_or_else(|e| e.into_inner());
+    /// Looks `keys` (chunk or root keys, by `kind`) up and keeps what it
+    /// finds from garbage collection: a candidate found is taken off the
+    /// list, under the gate a sweep frees under (a sweep may have freed it
+    /// just before: then it is absent). Candidates are read before the
+    /// index: a sweep frees an index entry and its record together, so an
+    /// entry read after finding no record is not freed before a later pass.
+    /// Costs one read while there are no candidates.
+    pub(crate) fn lookup(&self, kind: u8, keys: &[&[u8]]) -> Result<Vec<Found>> {
         let family = if kind == PENDING_ROOT {
             CF_MANIFESTS
         } else {
             CF_CHUNK_INDEX
         };
+        let pending = self.cf(CF_GC_PENDING);
+        let mut candidate = vec![false; keys.len()];
+        let pending_keys: Vec<Vec<u8>> = keys.iter().map(|k| [&[kind][..], k].concat()).collect();
+        if !keys.is_empty() && self.gc.pending_any.load(Ordering::Acquire) {
+            let found = self.db.batched_multi_get_cf(pending, &pending_keys, false);
+            for (i, got) in found.into_iter().enumerate() {
+                candidate[i] = got?.is_some();
+            }
+        }
+        let present = self.db.batched_multi_get_cf(self.cf(family), keys, false);
+        let mut out = Vec::with_capacity(keys.len());
+        for got in present {
+            out.push(if got?.is_some() {
+                Found::Present
+            } else {
+                Found::Absent
+            });
+        }
+        if !candidate.contains(&true) {
+            return Ok(out);
+        }
+        let _gate = self.gc.gate.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = WriteBatch::default();
-        for i in hits {
+        for (i, _) in candidate.iter().enumerate().filter(|(_, c)| **c) {
+            if out[i] == Found::Absent {
+                continue;
+            }
             batch.delete_cf(pending, &pending_keys[i]);
-            present[i] = self.db.get_pinned_cf(self.cf(family), keys[i])?.is_some();
+            out[i] = if self.db.get_pinned_cf(self.cf(family), keys[i])?.is_some() {
+                Found::Revived
+            } else {
+                Found::Absent
+            };
         }
         self.write(batch, false)?;
-        Ok(present)
+        Ok(out)
     }
 
     /// Holds garbage collection off what a writer finds or writes from now
     /// on until the hold is dropped (see [`GcHold`]).
     pub fn hold(&self) -> GcHold {
-        let id = self.gc.next_hold.fetch_add(1, Ordering::Relaxed);
+        let id = self.gc.tick();
         self.gc
             .holds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, now_ms());
+            .insert(id, id);
         GcHold {
             holds: self.gc.holds.clone(),
             id,
@@ -490,6 +532,12 @@ impl RocksStore {
             &key,
             (data.len() as u32).to_le_bytes(),
         );
+        // A record left from before (a purge that raced a sweep): the
+        // chunk is new now.
+        batch.delete_cf(
+            self.cf(CF_GC_PENDING),
+            [&[PENDING_CHUNK][..], &key].concat(),
+        );
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         self.write_opt(batch, &opts)
@@ -617,16 +665,14 @@ impl RocksStore {
 
 impl ChunkStore for RocksStore {
     fn has_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
-        let key = tenant_key(tenant, id.as_bytes());
-        if self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), &key)?
-            .is_none()
-        {
-            return Ok(false);
-        }
         // Whoever asks is about to rely on it (a dedup check).
-        Ok(self.revive(PENDING_CHUNK, &[&key])?[0])
+        let key = tenant_key(tenant, id.as_bytes());
+        Ok(self.lookup(PENDING_CHUNK, &[&key])?[0] != Found::Absent)
+    }
+
+    fn has_settled_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
+        let key = tenant_key(tenant, id.as_bytes());
+        Ok(self.lookup(PENDING_CHUNK, &[&key])?[0] == Found::Present)
     }
 
     fn put_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<bool> {
@@ -643,32 +689,15 @@ impl ChunkStore for RocksStore {
             .iter()
             .map(|(id, _)| tenant_key(tenant, id.as_bytes()))
             .collect();
-        let mut found = self
-            .db
-            .batched_multi_get_cf(self.cf(CF_CHUNK_INDEX), &keys, false)
-            .into_iter()
-            .map(|got| got.map(|v| v.is_some()))
-            .collect::<std::result::Result<Vec<bool>, _>>()?;
         // Those found are kept from garbage collection; one freed in the
         // meantime is written again.
-        let (hit_keys, hit_at): (Vec<&[u8]>, Vec<usize>) = keys
-            .iter()
-            .zip(&found)
-            .enumerate()
-            .filter(|(_, (_, f))| **f)
-            .map(|(i, (k, _))| (k.as_slice(), i))
-            .unzip();
-        for (i, present) in hit_at
-            .into_iter()
-            .zip(self.revive(PENDING_CHUNK, &hit_keys)?)
-        {
-            found[i] = present;
-        }
+        let key_refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let found = self.lookup(PENDING_CHUNK, &key_refs)?;
         let mut batch = WriteBatch::default();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(chunks.len());
         for ((key, (id, data)), got) in keys.iter().zip(chunks).zip(found) {
-            let new = !got && seen.insert(*id);
+            let new = got == Found::Absent && seen.insert(*id);
             if new {
                 batch.put_cf(self.cf(CF_CHUNKS), key, data);
                 batch.put_cf(
@@ -676,6 +705,7 @@ impl ChunkStore for RocksStore {
                     key,
                     (data.len() as u32).to_le_bytes(),
                 );
+                batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_CHUNK][..], key].concat());
             }
             out.push(new);
         }

@@ -25,6 +25,14 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Whether the chunk is stored.
     fn has_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool>;
 
+    /// Whether the chunk is stored and, if it is a manifest page, its whole
+    /// subtree with it: false for one garbage collection had found
+    /// unreachable (its children may be gone), which a sender or a repair
+    /// then treats as missing and descends below.
+    fn has_settled_chunk(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
+        self.has_chunk(tenant, id)
+    }
+
     /// Stores `data` under `id` unless it is already present; returns `true`
     /// if it was new. The caller has computed `id` from `data`; receivers of
     /// untrusted bytes must check with [`ChunkId::verify`] first. Not durable

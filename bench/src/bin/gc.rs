@@ -4,7 +4,7 @@
 //! Measures (one JSON object on stdout, a Markdown table on stderr):
 //! - a pass's throughput (chunks and pages examined per second) and the
 //!   node's peak RSS during it, next to its RSS before, for the default
-//!   mark memory and for a small one that splits the pass into partitions;
+//!   mark memory (the scratch database's write buffer) and for a small one;
 //! - what a pass frees after a dataset is deleted, and the store's bytes on
 //!   disk before and after;
 //! - put throughput while passes run back to back, next to the same put
@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 200_000)]
     put_files: usize,
     /// The small mark memory (the default is the node's, 64 MiB).
-    #[arg(long, default_value = "256KiB")]
+    #[arg(long, default_value = "1MiB")]
     small_memory: String,
     /// Work directory (default: a new one under the temp dir; removed at the end).
     #[arg(long)]
@@ -240,21 +240,18 @@ fn main() -> Result<()> {
     };
     let row = |name: &str, r: &Value| {
         format!(
-            "| {name} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {:.2} | {} | {} | {} | {} |",
             r["examined"],
-            r["partitions"],
+            r["marked"],
             r["seconds"].as_f64().unwrap_or(0.0),
             r["examined_per_second"],
             r["freed"],
             mib(&r["node_rss_before"]),
             mib(&r["node_peak_rss"]),
-            r["filter_bytes"]
-                .as_f64()
-                .map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
         )
     };
-    eprintln!("\n| pass | examined | partitions | s | examined/s | freed | node RSS before (MiB) | peak during (MiB) | filter (KiB) |");
-    eprintln!("|---|---|---|---|---|---|---|---|---|");
+    eprintln!("\n| pass | examined | marked | s | examined/s | freed | node RSS before (MiB) | peak during (MiB) |");
+    eprintln!("|---|---|---|---|---|---|---|---|");
     eprintln!("{}", row("all live", &live));
     eprintln!("{}", row("after delete (finds candidates)", &first));
     eprintln!("{}", row("frees", &freeing));

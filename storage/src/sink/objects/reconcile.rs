@@ -43,6 +43,10 @@ pub struct Reconciled {
     /// Every drifted object, up to [`DRIFT_LISTED`]; `drifted` counts all.
     pub drift: Vec<Drift>,
     pub drifted: u64,
+    /// With `for_repair`: the path of every drifted object that is there
+    /// (to delete before the export), however many.
+    pub to_delete: Vec<String>,
+    for_repair: bool,
 }
 
 /// Drifted objects listed in a report; more are counted.
@@ -51,6 +55,9 @@ pub const DRIFT_LISTED: usize = 1000;
 impl Reconciled {
     fn found(&mut self, path: &str, problem: String, present: bool) {
         self.drifted += 1;
+        if present && self.for_repair {
+            self.to_delete.push(path.to_string());
+        }
         if self.drift.len() < DRIFT_LISTED {
             self.drift.push(Drift {
                 path: path.to_string(),
@@ -63,18 +70,21 @@ impl Reconciled {
 
 /// Compares `target` with the snapshot whose entries `entries` yields (in
 /// path order, a page at a time). Holds the sink's listing (path and size
-/// per object), as an export does.
+/// per object), as an export does, and with `for_repair` the paths of the
+/// drifted objects to delete.
 pub async fn reconcile(
     target: &Target,
     pool: &CpuPool,
     mut entries: EntryPages<'_>,
     deep: bool,
+    for_repair: bool,
 ) -> Result<Reconciled> {
     let mut out = Reconciled {
         committed: latest_commit(target)
             .await?
             .map(|c| c.snapshot_id())
             .transpose()?,
+        for_repair,
         ..Reconciled::default()
     };
     let mut listed: HashMap<String, u64> = list_under(target, "listing for a reconcile")
@@ -157,12 +167,12 @@ async fn hash_object(
 }
 
 /// Deletes the drifted objects that are there (with other bytes, or not in
-/// the snapshot), so that an export writes the snapshot's again; returns
-/// how many.
-pub async fn delete_drifted(target: &Target, drift: &[Drift]) -> Result<u64> {
+/// the snapshot: [`Reconciled::to_delete`]), so that an export writes the
+/// snapshot's again; returns how many.
+pub async fn delete_drifted(target: &Target, paths: &[String]) -> Result<u64> {
     let mut n = 0;
-    for d in drift.iter().filter(|d| d.present) {
-        let location = join(&target.prefix, &d.path)?;
+    for path in paths {
+        let location = join(&target.prefix, path)?;
         match target.store.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
             Err(e) => return Err(sink_error(target, "deleting a drifted object", e)),
