@@ -1123,7 +1123,9 @@ mod tests {
         assert!(store.has_settled_chunk("t", &page).unwrap());
         // Deleted: the page and its chunks are candidates; the page may
         // have lost children, so it does not count as here...
-        store.collect_garbage(&mut given(Vec::new()), &no_grace()).unwrap();
+        store
+            .collect_garbage(&mut given(Vec::new()), &no_grace())
+            .unwrap();
         assert!(!store.has_settled_chunk("t", &page).unwrap());
         // ...but the lookup took it off the list: whoever asked descends
         // below it (and takes its children off the list) now.
