@@ -6,7 +6,7 @@
 //! RocksDB beside the store (its memory is the scratch database's write
 //! buffer, whatever the number of chunks), then walks the chunk index and
 //! the marks together in key order. What is unreachable is not freed at
-//! once: it becomes a *candidate* (`gc_pending`, with the pass that found
+//! once: it becomes a *candidate* (a record in `meta`, with the pass that found
 //! it) and is freed by a later pass that finds it still unreachable once
 //! the grace period has passed. A lookup that finds a candidate (the dedup
 //! check of a put, a replica asked what it lacks, a write of the same
@@ -36,8 +36,8 @@ use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::manifest::{decode_root, Page, Stored};
 use crate::rocks::{
-    now_ms, tenant_key, RocksStore, CF_CHUNKS, CF_CHUNK_INDEX, CF_GC_PENDING, CF_MANIFESTS,
-    PENDING_CHUNK, PENDING_ROOT,
+    now_ms, pending_key, tenant_key, RocksStore, CF_CHUNKS, CF_CHUNK_INDEX, CF_GC_PENDING,
+    CF_MANIFESTS, PENDING_CHUNK, PENDING_ROOT,
 };
 use crate::store::ChunkStore;
 
@@ -419,11 +419,12 @@ impl RocksStore {
         report: &mut GcReport,
     ) -> Result<u64> {
         let pending_cf = self.cf(CF_GC_PENDING);
+        let chunk_records = pending_key(PENDING_CHUNK, &[]);
         let mut pending = self
             .db()
             .iterator_cf(
                 pending_cf,
-                IteratorMode::From(&[PENDING_CHUNK], rocksdb::Direction::Forward),
+                IteratorMode::From(&chunk_records, rocksdb::Direction::Forward),
             )
             .peekable();
         let mut marked = marks.db().iterator(IteratorMode::Start).peekable();
@@ -440,11 +441,11 @@ impl RocksStore {
                 .get(..4)
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u32::from_le_bytes);
-            let pending_key = [&[PENDING_CHUNK][..], &key].concat();
+            let pending_key = pending_key(PENDING_CHUNK, &key);
             // Candidates of chunks no longer stored are dropped on the way.
             let mut record = None;
             while let Some(Ok((pk, pv))) = pending.peek() {
-                if pk.first() != Some(&PENDING_CHUNK) || pk.as_ref() > pending_key.as_slice() {
+                if !pk.starts_with(&chunk_records) || pk.as_ref() > pending_key.as_slice() {
                     break;
                 }
                 if pk.as_ref() == pending_key.as_slice() {
@@ -504,7 +505,7 @@ impl RocksStore {
         }
         // Candidates past the last chunk: their chunks are gone.
         while let Some(Ok((pk, _))) = pending.next() {
-            if pk.first() != Some(&PENDING_CHUNK) {
+            if !pk.starts_with(&chunk_records) {
                 break;
             }
             if !opts.dry_run {
@@ -537,7 +538,7 @@ impl RocksStore {
             .iterator_cf(self.cf(CF_MANIFESTS), IteratorMode::Start)
         {
             let (key, value) = item?;
-            let pending_key = [&[PENDING_ROOT][..], &key].concat();
+            let pending_key = pending_key(PENDING_ROOT, &key);
             let record = self
                 .db()
                 .get_pinned_cf(pending_cf, &pending_key)?
@@ -709,7 +710,7 @@ impl RocksStore {
             batch.delete_range_cf(self.cf(family), &start, &end);
         }
         for kind in [PENDING_CHUNK, PENDING_ROOT] {
-            let k = |b: &[u8]| [&[kind][..], b].concat();
+            let k = |b: &[u8]| pending_key(kind, b);
             batch.delete_range_cf(self.cf(CF_GC_PENDING), k(&start), k(&end));
         }
         self.write(batch, true)?;
@@ -727,7 +728,7 @@ impl RocksStore {
             n += self.count_prefix(family, &start)?;
         }
         for kind in [PENDING_CHUNK, PENDING_ROOT] {
-            n += self.count_prefix(CF_GC_PENDING, &[&[kind][..], &start].concat())?;
+            n += self.count_prefix(CF_GC_PENDING, &pending_key(kind, &start))?;
         }
         Ok(n)
     }

@@ -22,10 +22,16 @@ pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_CHUNK_INDEX: &str = "chunk_index";
 pub(crate) const CF_MANIFESTS: &str = "manifests";
 const CF_META: &str = "meta";
-/// Garbage collection's candidates: `[kind][tenant key]` → when the
+/// Garbage collection's candidates live in the `meta` family, under
+/// [`pending_key`]: a new column family would keep the previous release
+/// from opening the store after a rollback (RocksDB refuses to open a
+/// database without all its families), and that release reads `meta` only
+/// under its own prefixes (`h\0`, `s\0`, `r`). `[b'g'][kind][tenant key]` →
 /// object was first found unreachable (ms, 8 bytes BE) and its length (4
 /// bytes LE). Kinds: [`PENDING_CHUNK`], [`PENDING_ROOT`].
-pub(crate) const CF_GC_PENDING: &str = "gc_pending";
+pub(crate) const CF_GC_PENDING: &str = CF_META;
+/// The first byte of every candidate record's key in `meta`.
+pub(crate) const PENDING_PREFIX: u8 = b'g';
 pub(crate) const PENDING_CHUNK: u8 = b'c';
 pub(crate) const PENDING_ROOT: u8 = b'm';
 
@@ -155,7 +161,7 @@ pub(crate) struct GcState {
     /// Held by a sweep while it frees a batch, and by a lookup that finds
     /// a chunk it answers for among the candidates: one of the two wins.
     pub(crate) gate: Mutex<()>,
-    /// Whether `gc_pending` may hold anything: lookups skip it otherwise.
+    /// Whether any candidate record may exist: lookups skip them otherwise.
     pub(crate) pending_any: AtomicBool,
     /// One collection (or tenant purge) at a time; the start and end of
     /// the passes run since the store opened, on `clock`.
@@ -301,8 +307,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, small.clone()),
             ColumnFamilyDescriptor::new(CF_MANIFESTS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_META, small.clone()),
-            ColumnFamilyDescriptor::new(CF_GC_PENDING, small),
+            ColumnFamilyDescriptor::new(CF_META, small),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, cfs)?);
         let poisoned = Arc::new(OnceLock::new());
@@ -332,9 +337,13 @@ impl RocksStore {
         };
         let any = store
             .db
-            .iterator_cf(store.cf(CF_GC_PENDING), IteratorMode::Start)
+            .iterator_cf(
+                store.cf(CF_GC_PENDING),
+                IteratorMode::From(&[PENDING_PREFIX], Direction::Forward),
+            )
             .next()
-            .is_some();
+            .and_then(|r| r.ok())
+            .is_some_and(|(k, _)| k.first() == Some(&PENDING_PREFIX));
         store.gc.pending_any.store(any, Ordering::Release);
         Ok(store)
     }
@@ -359,7 +368,7 @@ impl RocksStore {
         };
         let pending = self.cf(CF_GC_PENDING);
         let mut candidate = vec![false; keys.len()];
-        let pending_keys: Vec<Vec<u8>> = keys.iter().map(|k| [&[kind][..], k].concat()).collect();
+        let pending_keys: Vec<Vec<u8>> = keys.iter().map(|k| pending_key(kind, k)).collect();
         if !keys.is_empty() && self.gc.pending_any.load(Ordering::Acquire) {
             let found = self.db.batched_multi_get_cf(pending, &pending_keys, false);
             for (i, got) in found.into_iter().enumerate() {
@@ -486,7 +495,7 @@ impl RocksStore {
         let _gate = self.root_gate(&key)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_MANIFESTS), &key, bytes);
-        batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_ROOT][..], &key].concat());
+        batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_ROOT, &key));
         self.write(batch, true)
     }
 
@@ -495,7 +504,7 @@ impl RocksStore {
         if !self.gc.pending_any.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let pending = [&[PENDING_ROOT][..], key].concat();
+        let pending = pending_key(PENDING_ROOT, key);
         if self
             .db
             .get_pinned_cf(self.cf(CF_GC_PENDING), pending)?
@@ -534,10 +543,7 @@ impl RocksStore {
         );
         // A record left from before (a purge that raced a sweep): the
         // chunk is new now.
-        batch.delete_cf(
-            self.cf(CF_GC_PENDING),
-            [&[PENDING_CHUNK][..], &key].concat(),
-        );
+        batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_CHUNK, &key));
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         self.write_opt(batch, &opts)
@@ -619,23 +625,17 @@ impl RocksStore {
                 .property_int_value_cf(self.cf(cf), name)?
                 .unwrap_or(0))
         };
-        let families = [
-            CF_CHUNKS,
-            CF_CHUNK_INDEX,
-            CF_MANIFESTS,
-            CF_META,
-            CF_GC_PENDING,
-        ]
-        .into_iter()
-        .map(|name| {
-            Ok(FamilyStats {
-                name,
-                keys: prop(name, "rocksdb.estimate-num-keys")?,
-                bytes: prop(name, "rocksdb.total-blob-file-size")?
-                    + prop(name, "rocksdb.live-sst-files-size")?,
+        let families = [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS, CF_META]
+            .into_iter()
+            .map(|name| {
+                Ok(FamilyStats {
+                    name,
+                    keys: prop(name, "rocksdb.estimate-num-keys")?,
+                    bytes: prop(name, "rocksdb.total-blob-file-size")?
+                        + prop(name, "rocksdb.live-sst-files-size")?,
+                })
             })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let chunk_bytes = families
             .iter()
             .find(|f| f.name == CF_CHUNKS)
@@ -650,13 +650,7 @@ impl RocksStore {
     /// Flushes memtables and the WAL to disk; call before a clean shutdown.
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [
-            CF_CHUNKS,
-            CF_CHUNK_INDEX,
-            CF_MANIFESTS,
-            CF_META,
-            CF_GC_PENDING,
-        ] {
+        for cf in [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS, CF_META] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
@@ -705,7 +699,7 @@ impl ChunkStore for RocksStore {
                     key,
                     (data.len() as u32).to_le_bytes(),
                 );
-                batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_CHUNK][..], key].concat());
+                batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_CHUNK, key));
             }
             out.push(new);
         }
@@ -744,7 +738,7 @@ impl ChunkStore for RocksStore {
         let _gate = self.root_gate(&key)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_MANIFESTS), &key, bytes);
-        batch.delete_cf(self.cf(CF_GC_PENDING), [&[PENDING_ROOT][..], &key].concat());
+        batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_ROOT, &key));
         self.write(batch, false)
     }
 
@@ -766,6 +760,15 @@ impl ChunkStore for RocksStore {
 
 // Chunk and manifest keys: [len(tenant) u8][tenant][32-byte id]. The length
 // prefix keeps tenant "t" from aliasing tenant "t1".
+/// A candidate record's key in `meta`: `[b'g'][kind][key]`.
+pub(crate) fn pending_key(kind: u8, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + key.len());
+    k.push(PENDING_PREFIX);
+    k.push(kind);
+    k.extend_from_slice(key);
+    k
+}
+
 pub(crate) fn tenant_key(tenant: &str, id: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant.len() + 32);
     k.push(tenant.len() as u8);
