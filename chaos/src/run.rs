@@ -871,10 +871,12 @@ fn version_of(bin: &Path) -> Result<String, String> {
 
 /// After a replace, waiting at most 20 s (as a StatefulSet waits for a
 /// pod to be Ready before the next): node `id` is ready, reports the
-/// version of the build it was started on, and (when it runs this build,
-/// once it heard from a peer) speaks with each peer it heard from the
-/// newest version both builds know: this build's newest with this build,
-/// its oldest (the previous release's newest) with the previous build.
+/// version of the build it was started on, and (once it heard from a peer;
+/// on the previous build, if it reports versions) speaks with each peer it
+/// heard from the
+/// newest version both builds know: this build's newest between two of
+/// this build, its oldest (the previous release's newest) when either
+/// runs the previous build.
 /// Says what it saw.
 fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
     use bitclone_proto::peer_protocol::PEER_PROTOCOL;
@@ -905,7 +907,10 @@ fn check_build(c: &TestCluster, id: u64) -> Result<String, String> {
         if metrics.contains(&info) && heard && ready {
             let mut seen = vec![format!("node {id} runs {version}")];
             for (peer, v) in protocols {
-                let expected = if c.build_of(peer) == crate::env::bin() {
+                // Two builds speak the newest version both know: this
+                // build's newest between two of it, else the previous
+                // release's newest, which is this build's oldest.
+                let expected = if current && c.build_of(peer) == crate::env::bin() {
                     PEER_PROTOCOL.max
                 } else {
                     PEER_PROTOCOL.min
