@@ -99,20 +99,40 @@ pub async fn collect(node: &Arc<Node>, dry_run: bool) -> Result<GcReport, StoreE
     result
 }
 
-/// Collects garbage every `gc.interval` until shutdown (not at all when it
-/// is zero).
-pub async fn gc_loop(node: Arc<Node>) {
-    let every = node.config.gc.interval;
-    if every.is_zero() {
+/// Runs `step` every `period` until shutdown (never when `period` is
+/// zero), on the leader only with `leader_only`. Job activity does not wake
+/// it.
+pub async fn periodically<F, Fut>(
+    node: Arc<Node>,
+    period: std::time::Duration,
+    leader_only: bool,
+    mut step: F,
+) where
+    F: FnMut(Arc<Node>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if period.is_zero() {
         return;
     }
     loop {
-        node.pause(every).await;
+        node.pause(period).await;
         if node.is_shutting_down() {
             return;
         }
-        let _ = collect(&node, false).await;
+        if leader_only && node.cluster.leader() != Some(node.cluster.id) {
+            continue;
+        }
+        step(node.clone()).await;
     }
+}
+
+/// Collects garbage every `gc.interval`.
+pub async fn gc_loop(node: Arc<Node>) {
+    let every = node.config.gc.interval;
+    periodically(node, every, false, |n| async move {
+        let _ = collect(&n, false).await;
+    })
+    .await;
 }
 
 /// On the leader, every `gc.retention_every`: deletes what the datasets'
@@ -120,21 +140,12 @@ pub async fn gc_loop(node: Arc<Node>) {
 /// machine, at the leader's time).
 pub async fn retention_loop(node: Arc<Node>) {
     let every = node.config.gc.retention_every;
-    if every.is_zero() {
-        return;
-    }
-    loop {
-        node.pause(every).await;
-        if node.is_shutting_down() {
-            return;
-        }
-        if node.cluster.leader() != Some(node.cluster.id) {
-            continue;
-        }
-        if let Err(e) = expire_once(&node).await {
+    periodically(node, every, true, |n| async move {
+        if let Err(e) = expire_once(&n).await {
             tracing::warn!(error = %e, "retention pass failed");
         }
-    }
+    })
+    .await;
 }
 
 /// One retention pass: the policies the config file sets are made the
@@ -290,19 +301,13 @@ pub async fn scrub(node: &Arc<Node>) -> Result<Scrubbed, StoreError> {
     })
 }
 
-/// Scrubs this node's store every `scrub.interval` (never when zero).
+/// Scrubs this node's store every `scrub.interval`.
 pub async fn scrub_loop(node: Arc<Node>) {
     let every = node.config.scrub.interval;
-    if every.is_zero() {
-        return;
-    }
-    loop {
-        node.pause(every).await;
-        if node.is_shutting_down() {
-            return;
-        }
-        if let Err(e) = scrub(&node).await {
+    periodically(node, every, false, |n| async move {
+        if let Err(e) = scrub(&n).await {
             tracing::warn!(error = %e, "scrub pass failed");
         }
-    }
+    })
+    .await;
 }

@@ -111,21 +111,12 @@ pub async fn check(
 /// the destinations that job wrote (none while one runs for the dataset).
 pub async fn schedule_loop(node: std::sync::Arc<Node>) {
     let every = node.config.reconcile.interval;
-    if every.is_zero() {
-        return;
-    }
-    loop {
-        node.pause(every).await;
-        if node.is_shutting_down() {
-            return;
-        }
-        if node.cluster.leader() != Some(node.cluster.id) {
-            continue;
-        }
-        if let Err(e) = schedule_once(&node).await {
+    crate::gc::periodically(node, every, true, |n| async move {
+        if let Err(e) = schedule_once(&n).await {
             tracing::warn!(error = %e, "scheduling reconcile jobs failed");
         }
-    }
+    })
+    .await;
 }
 
 /// The reconcile jobs due now, submitted; returns how many.
@@ -170,17 +161,8 @@ pub async fn schedule_once(node: &std::sync::Arc<Node>) -> Result<u64, StoreErro
         .await?;
     let mut n = 0;
     for done in due {
-        let Some(snapshot) = done
-            .checkpoint
-            .snapshot
-            .as_deref()
-            .and_then(|s| s.parse::<SnapshotId>().ok())
-        else {
-            continue;
-        };
         // The latest when it runs: a clone that moved the sinks on since
         // is not undone by a repair of an older snapshot.
-        let _ = snapshot;
         let mut job = Job::new(
             format!("{:016x}", rand::random::<u64>()),
             done.tenant.clone(),

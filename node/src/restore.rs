@@ -187,47 +187,50 @@ async fn check_against_catalog(
     cat: &Catalog,
     found: &CatalogSnapshot,
 ) -> Result<()> {
-    let mut ours = FileDigest::default();
-    let mut entries = objects::sink_entries(target, root.clone()).into_stream();
-    while let Some(e) = entries.try_next().await? {
-        if e.kind == EntryKind::File {
-            ours.add(&e.path, e.size, e.mode, &e.blake3);
-        }
-    }
-    let mut theirs = FileDigest::default();
-    cat.each_entry(found, &mut |r: CatalogEntry| {
-        if r.kind == EntryKind::File {
-            theirs.add(&r.path, r.size, r.mode, &r.blake3.unwrap_or_default());
-        }
-        Ok(())
-    })
-    .await?;
-    compare(ours, theirs)
+    let ours = digest_pages(objects::sink_entries(target, root.clone())).await?;
+    compare(ours, digest_catalog(cat, found).await?)
 }
 
 /// Whether a catalog's rows of `found` differ from the files `entries`
 /// yields (a snapshot read from the chunk store), and where: a reconcile's
 /// check of a catalog.
 pub async fn catalog_drift(
-    mut entries: bitclone_storage::EntryPages<'_>,
+    entries: bitclone_storage::EntryPages<'_>,
     cat: &Catalog,
     found: &CatalogSnapshot,
 ) -> Result<Option<String>, bitclone_storage::Error> {
-    let mut ours = FileDigest::default();
+    let ours = digest_pages(entries).await?;
+    let theirs = digest_catalog(cat, found).await?;
+    Ok(compare(ours, theirs).err().map(|e| e.to_string()))
+}
+
+/// The digests of a snapshot's files, read a page at a time.
+async fn digest_pages(
+    mut entries: bitclone_storage::EntryPages<'_>,
+) -> Result<FileDigest, bitclone_storage::Error> {
+    let mut d = FileDigest::default();
     while let Some(page) = entries.next_page().await? {
         for e in page.iter().filter(|e| e.kind == EntryKind::File) {
-            ours.add(&e.path, e.size, e.mode, &e.blake3);
+            d.add(&e.path, e.size, e.mode, &e.blake3);
         }
     }
-    let mut theirs = FileDigest::default();
+    Ok(d)
+}
+
+/// The digests of a catalog's file rows of `found`, read in batches.
+async fn digest_catalog(
+    cat: &Catalog,
+    found: &CatalogSnapshot,
+) -> Result<FileDigest, bitclone_storage::Error> {
+    let mut d = FileDigest::default();
     cat.each_entry(found, &mut |r: CatalogEntry| {
         if r.kind == EntryKind::File {
-            theirs.add(&r.path, r.size, r.mode, &r.blake3.unwrap_or_default());
+            d.add(&r.path, r.size, r.mode, &r.blake3.unwrap_or_default());
         }
         Ok(())
     })
     .await?;
-    Ok(compare(ours, theirs).err().map(|e| e.to_string()))
+    Ok(d)
 }
 
 /// The manifest's files (`ours`) against the catalog's rows (`theirs`).

@@ -237,6 +237,24 @@ fn retention_keeps_what_the_policy_says_and_the_head() {
     assert_eq!(cleared["policy"]["keep_last"], 0, "{cleared}");
 }
 
+/// An object-store target on the test's Garage, with its keys.
+fn garage_target(
+    g: &bitclone_chaos::servers::Garage,
+    url: &str,
+) -> bitclone_storage::sink::objects::Target {
+    bitclone_storage::sink::objects::open_target(
+        url,
+        &bitclone_storage::sink::objects::S3Options {
+            endpoint: Some(g.endpoint()),
+            region: Some(g.region().into()),
+            access_key_id: Some(g.access_key().into()),
+            secret_access_key: Some(g.secret_key().into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A counter or gauge of node `id`'s `/metrics`.
 fn metric(c: &TestCluster, id: u64, name: &str) -> f64 {
     let body = c.node(id).http_get("/metrics").body;
@@ -340,17 +358,7 @@ fn an_erased_tenant_leaves_no_key_in_any_store_nor_in_its_owned_sinks() {
         .unwrap()
     };
     let objects_under = |prefix: &str| -> usize {
-        let t = bitclone_storage::sink::objects::open_target(
-            &format!("s3://clones/{prefix}"),
-            &bitclone_storage::sink::objects::S3Options {
-                endpoint: Some(g.endpoint()),
-                region: Some(g.region().into()),
-                access_key_id: Some(g.access_key().into()),
-                secret_access_key: Some(g.secret_key().into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let t = garage_target(&g, &format!("s3://clones/{prefix}"));
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -545,17 +553,7 @@ fn reconcile_finds_drift_in_s3_and_the_catalog_and_repairs_it() {
     // Drift: one object gone, one rewritten by hand (no BLAKE3 metadata),
     // one with other bytes of its size under its old metadata (only a deep
     // reconcile sees it), one object the snapshot lacks, a catalog row changed.
-    let s3 = bitclone_storage::sink::objects::open_target(
-        "s3://clones/team/default/ds",
-        &bitclone_storage::sink::objects::S3Options {
-            endpoint: Some(g.endpoint()),
-            region: Some(g.region().into()),
-            access_key_id: Some(g.access_key().into()),
-            secret_access_key: Some(g.secret_key().into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let s3 = garage_target(&g, "s3://clones/team/default/ds");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
