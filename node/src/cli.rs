@@ -739,29 +739,8 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Scrub { all } => {
-            let mut reports = Vec::new();
-            let mut failed = false;
-            if all {
-                // A member that does not answer is named; the others go on.
-                for m in client.cluster_status().await?.members {
-                    let one = async {
-                        ctx.connect_to(&m.api_addr)
-                            .await?
-                            .scrub()
-                            .await
-                            .map_err(anyhow::Error::from)
-                    };
-                    match one.await {
-                        Ok(r) => reports.push(r),
-                        Err(e) => {
-                            failed = true;
-                            eprintln!("node {}: {e:#}", m.id);
-                        }
-                    }
-                }
-            } else {
-                reports.push(client.scrub().await?);
-            }
+            let (reports, mut failed) =
+                on_members(&client, &ctx, all, |c| async move { c.scrub().await }).await?;
             let mut nodes = Vec::new();
             for r in &reports {
                 failed |= !r.unrepaired.is_empty();
@@ -792,29 +771,10 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Gc { dry_run, all } => {
-            let mut reports = Vec::new();
-            let mut failed = false;
-            if all {
-                // A member that does not answer is named; the others go on.
-                for m in client.cluster_status().await?.members {
-                    let one = async {
-                        ctx.connect_to(&m.api_addr)
-                            .await?
-                            .collect_garbage(dry_run)
-                            .await
-                            .map_err(anyhow::Error::from)
-                    };
-                    match one.await {
-                        Ok(r) => reports.push(r),
-                        Err(e) => {
-                            failed = true;
-                            eprintln!("node {}: {e:#}", m.id);
-                        }
-                    }
-                }
-            } else {
-                reports.push(client.collect_garbage(dry_run).await?);
-            }
+            let (reports, failed) = on_members(&client, &ctx, all, move |c| async move {
+                c.collect_garbage(dry_run).await
+            })
+            .await?;
             let mut nodes = Vec::new();
             for r in &reports {
                 if ctx.json {
@@ -925,4 +885,33 @@ async fn finish_job(client: &Client, job: proto::Job, wait: bool, ctx: &Ctx) -> 
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `call` on the node called, or with `all` on every member: the answers,
+/// and whether a member failed (named on stderr; the others go on).
+async fn on_members<T, F, Fut>(
+    client: &Client,
+    ctx: &Ctx,
+    all: bool,
+    call: F,
+) -> Result<(Vec<T>, bool)>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = bitclone_client::Result<T>>,
+{
+    if !all {
+        return Ok((vec![call(client.clone()).await?], false));
+    }
+    let (mut out, mut failed) = (Vec::new(), false);
+    for m in client.cluster_status().await?.members {
+        let one = async { Ok::<_, anyhow::Error>(call(ctx.connect_to(&m.api_addr).await?).await?) };
+        match one.await {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                failed = true;
+                eprintln!("node {}: {e:#}", m.id);
+            }
+        }
+    }
+    Ok((out, failed))
 }

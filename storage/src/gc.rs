@@ -244,6 +244,58 @@ impl Drop for Marks {
     }
 }
 
+/// The sweep's rule for one chunk or root, given whether it is reached
+/// and its candidate record.
+struct Judge<'a> {
+    pending_cf: &'a rocksdb::ColumnFamily,
+    this: &'a Pending,
+    free_before: &'a Freeable,
+    dry_run: bool,
+}
+
+impl Judge<'_> {
+    /// Drops a reached object's record; queues an unreachable one whose
+    /// record allows it on `free`; records one found unreachable for the
+    /// first time. True when it is left waiting.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &self,
+        reached: bool,
+        record: Option<Pending>,
+        pending_key: Vec<u8>,
+        key: &[u8],
+        len: u32,
+        batch: &mut WriteBatch,
+        free: &mut Vec<Candidate>,
+    ) -> bool {
+        match record {
+            Some(_) if reached => {
+                if !self.dry_run {
+                    batch.delete_cf(self.pending_cf, &pending_key);
+                }
+                false
+            }
+            _ if reached => false,
+            Some(r) if self.free_before.allows(&r) => {
+                free.push(Candidate {
+                    pending_key,
+                    key: key.to_vec(),
+                    record: r,
+                });
+                false
+            }
+            Some(_) => true,
+            None => {
+                if !self.dry_run {
+                    let r = Pending { len, ..*self.this };
+                    batch.put_cf(self.pending_cf, &pending_key, r.encode());
+                }
+                true
+            }
+        }
+    }
+}
+
 /// What the sweep decided for one unreachable object that may be freed.
 struct Candidate {
     pending_key: Vec<u8>,
@@ -310,6 +362,10 @@ impl RocksStore {
             self.mark(r, &marks, &mut report)?;
         }
         report.mark_time = started.elapsed();
+        if !opts.dry_run {
+            // Before the first record is written: lookups must read them.
+            self.gc.pending_any.store(true, Ordering::Release);
+        }
 
         let started = Instant::now();
         let this = Pending {
@@ -473,28 +529,19 @@ impl RocksStore {
                     return Err(e.into());
                 }
             }
+            let judge = Judge {
+                pending_cf,
+                this,
+                free_before,
+                dry_run: opts.dry_run,
+            };
             if live {
                 report.live += 1;
-                if record.is_some() && !opts.dry_run {
-                    batch.delete_cf(pending_cf, &pending_key);
-                }
-            } else {
-                match record {
-                    Some(r) if free_before.allows(&r) => free.push(Candidate {
-                        pending_key,
-                        key: key.to_vec(),
-                        record: r,
-                    }),
-                    found => {
-                        waiting += 1;
-                        report.waiting += 1;
-                        report.waiting_bytes += u64::from(len);
-                        if found.is_none() && !opts.dry_run {
-                            let r = Pending { len, ..*this };
-                            batch.put_cf(pending_cf, &pending_key, r.encode());
-                        }
-                    }
-                }
+            }
+            if judge.judge(live, record, pending_key, &key, len, &mut batch, &mut free) {
+                waiting += 1;
+                report.waiting += 1;
+                report.waiting_bytes += u64::from(len);
             }
             if free.len() >= FREE_BATCH {
                 self.free(&mut free, CF_CHUNK_INDEX, opts, report)?;
@@ -543,28 +590,24 @@ impl RocksStore {
                 .db()
                 .get_pinned_cf(pending_cf, &pending_key)?
                 .and_then(|v| Pending::decode(&v));
-            if live.contains(key.as_ref()) {
-                if record.is_some() && !opts.dry_run {
-                    batch.delete_cf(pending_cf, &pending_key);
-                }
-                continue;
-            }
-            match record {
-                Some(r) if free_before.allows(&r) => free.push(Candidate {
-                    pending_key,
-                    key: key.to_vec(),
-                    record: r,
-                }),
-                found => {
-                    waiting += 1;
-                    if found.is_none() && !opts.dry_run {
-                        let r = Pending {
-                            len: value.len() as u32,
-                            ..*this
-                        };
-                        batch.put_cf(pending_cf, &pending_key, r.encode());
-                    }
-                }
+            let judge = Judge {
+                pending_cf,
+                this,
+                free_before,
+                dry_run: opts.dry_run,
+            };
+            let reached = live.contains(key.as_ref());
+            let len = value.len() as u32;
+            if judge.judge(
+                reached,
+                record,
+                pending_key,
+                &key,
+                len,
+                &mut batch,
+                &mut free,
+            ) {
+                waiting += 1;
             }
         }
         self.free(&mut free, CF_MANIFESTS, opts, report)?;

@@ -532,18 +532,26 @@ impl RocksStore {
     /// WAL: written once (to blob files at flush) instead of twice. Losing
     /// unflushed chunks in a crash is harmless: nothing refers to them until
     /// `commit_snapshot`, which flushes them before the manifest is written.
+    /// Adds a chunk and its index entry to `batch`.
+    fn stage_chunk(&self, batch: &mut WriteBatch, key: &[u8], data: &[u8]) {
+        batch.put_cf(self.cf(CF_CHUNKS), key, data);
+        batch.put_cf(
+            self.cf(CF_CHUNK_INDEX),
+            key,
+            (data.len() as u32).to_le_bytes(),
+        );
+        // A record left from before (a purge that raced a sweep): the chunk
+        // is new now. Only while records may exist: an ordinary put adds no
+        // tombstone per new chunk.
+        if self.gc.pending_any.load(Ordering::Acquire) {
+            batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_CHUNK, key));
+        }
+    }
+
     fn write_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<()> {
         let key = tenant_key(tenant, id.as_bytes());
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_CHUNKS), &key, data);
-        batch.put_cf(
-            self.cf(CF_CHUNK_INDEX),
-            &key,
-            (data.len() as u32).to_le_bytes(),
-        );
-        // A record left from before (a purge that raced a sweep): the
-        // chunk is new now.
-        batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_CHUNK, &key));
+        self.stage_chunk(&mut batch, &key, data);
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         self.write_opt(batch, &opts)
@@ -693,13 +701,7 @@ impl ChunkStore for RocksStore {
         for ((key, (id, data)), got) in keys.iter().zip(chunks).zip(found) {
             let new = got == Found::Absent && seen.insert(*id);
             if new {
-                batch.put_cf(self.cf(CF_CHUNKS), key, data);
-                batch.put_cf(
-                    self.cf(CF_CHUNK_INDEX),
-                    key,
-                    (data.len() as u32).to_le_bytes(),
-                );
-                batch.delete_cf(self.cf(CF_GC_PENDING), pending_key(PENDING_CHUNK, key));
+                self.stage_chunk(&mut batch, key, data);
             }
             out.push(new);
         }
