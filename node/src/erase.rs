@@ -121,11 +121,7 @@ async fn wait_for_jobs(node: &Arc<Node>, tenant: &str) -> Result<(), StoreError>
             .read(|s| {
                 s.jobs
                     .values()
-                    .find(|j| {
-                        j.tenant == tenant
-                            && j.state == bitclone_raft::job::JobState::Running
-                            && j.lease.is_some_and(|l| l.is_live(now))
-                    })
+                    .find(|j| j.tenant == tenant && j.is_held(now))
                     .map(|j| (j.id.clone(), j.lease.map_or(0, |l| l.holder)))
             })
             .await?;

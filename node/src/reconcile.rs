@@ -138,11 +138,13 @@ pub async fn schedule_once(node: &std::sync::Arc<Node>) -> Result<u64, StoreErro
                     latest.insert(key, j);
                 }
             }
-            let busy = |t: &str, d: &str| {
-                s.jobs.values().any(|j| {
-                    j.reconcile.is_some() && !j.state.is_final() && j.tenant == t && j.dataset == d
-                })
-            };
+            // Datasets a reconcile job runs for already: one at a time.
+            let busy: std::collections::BTreeSet<(&str, &str)> = s
+                .jobs
+                .values()
+                .filter(|j| j.reconcile.is_some() && !j.state.is_final())
+                .map(|j| (j.tenant.as_str(), j.dataset.as_str()))
+                .collect();
             latest
                 .into_values()
                 .filter(|j| j.state == JobState::Succeeded && !j.destinations.is_empty())
@@ -154,7 +156,7 @@ pub async fn schedule_once(node: &std::sync::Arc<Node>) -> Result<u64, StoreErro
                         .map(|h| h.snapshot.as_str());
                     head.is_some() && j.checkpoint.snapshot.as_deref() == head
                 })
-                .filter(|j| !busy(&j.tenant, &j.dataset))
+                .filter(|j| !busy.contains(&(j.tenant.as_str(), j.dataset.as_str())))
                 .map(|j| (*j).clone())
                 .collect()
         })

@@ -170,6 +170,12 @@ impl Job {
         }
     }
 
+    /// Running under a lease that has not lapsed: its holder may still make
+    /// effects (it holds its sinks).
+    pub fn is_held(&self, now_ms: i64) -> bool {
+        self.state == JobState::Running && self.lease.is_some_and(|l| l.is_live(now_ms))
+    }
+
     /// A pending job whose retry time has come.
     pub fn is_due(&self, now_ms: i64) -> bool {
         self.state == JobState::Pending && self.next_attempt_unix_ms <= now_ms

@@ -479,10 +479,7 @@ impl ClusterState {
 
     /// Jobs running under a live lease: they hold their sinks.
     fn writing(&self, now_ms: i64) -> Vec<&Job> {
-        self.jobs
-            .values()
-            .filter(|o| o.state == JobState::Running && o.lease.is_some_and(|l| l.is_live(now_ms)))
-            .collect()
+        self.jobs.values().filter(|o| o.is_held(now_ms)).collect()
     }
 
     fn backoff(&self) -> Backoff {
@@ -633,8 +630,7 @@ fn sink_busy<'a>(writing: &[&'a Job], j: &Job) -> Option<&'a Job> {
 }
 
 fn can_acquire(j: &Job, now_ms: i64) -> bool {
-    j.is_due(now_ms)
-        || (j.state == JobState::Running && !j.lease.is_some_and(|l| l.is_live(now_ms)))
+    j.is_due(now_ms) || (j.state == JobState::Running && !j.is_held(now_ms))
 }
 
 fn check_fence(job: &Job, fence: Fence) -> Result<(), CommandError> {
@@ -1181,11 +1177,11 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             if erasure.forgotten {
                 return Ok(Response::Ok);
             }
-            if let Some(j) = state.jobs.values().find(|j| {
-                &j.tenant == tenant
-                    && j.state == JobState::Running
-                    && j.lease.is_some_and(|l| l.is_live(now))
-            }) {
+            if let Some(j) = state
+                .jobs
+                .values()
+                .find(|j| &j.tenant == tenant && j.is_held(now))
+            {
                 return Err(CommandError::Conflict(format!(
                     "job {} of tenant {tenant} still runs on node {}; retry once it stopped",
                     j.id,
