@@ -984,6 +984,54 @@ impl Client {
         .await
     }
 
+    /// The encrypted tenants and their data keys' fingerprints (needs the
+    /// `admin` scope); `tenant`: just that one.
+    pub async fn tenant_keys(&self, tenant: Option<&str>) -> Result<Vec<proto::TenantKeyInfo>> {
+        self.keys_call(proto::tenant_keys_request::Action::List, tenant)
+            .await
+    }
+
+    /// Encrypts a tenant that has no data yet (needs the `admin` scope):
+    /// its chunks and manifests are sealed with a data key of its own from
+    /// now on, wrapped by the nodes' key-encryption key.
+    pub async fn encrypt_tenant(&self, tenant: &str) -> Result<proto::TenantKeyInfo> {
+        let mut keys = self
+            .keys_call(proto::tenant_keys_request::Action::Encrypt, Some(tenant))
+            .await?;
+        keys.pop().ok_or_else(|| Error::Protocol {
+            message: "the node answered with no key".into(),
+        })
+    }
+
+    /// Re-wraps the data key of `tenant` (or of every encrypted tenant)
+    /// with the nodes' current key-encryption key (needs the `admin`
+    /// scope); no chunk is rewritten.
+    pub async fn rewrap_tenant_keys(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<proto::TenantKeyInfo>> {
+        self.keys_call(proto::tenant_keys_request::Action::Rewrap, tenant)
+            .await
+    }
+
+    async fn keys_call(
+        &self,
+        action: proto::tenant_keys_request::Action,
+        tenant: Option<&str>,
+    ) -> Result<Vec<proto::TenantKeyInfo>> {
+        let request = proto::TenantKeysRequest {
+            action: action as i32,
+            tenant: tenant.unwrap_or_default().to_owned(),
+        };
+        let r = self
+            .call(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.tenant_keys(request).await }
+            })
+            .await?;
+        Ok(r.keys)
+    }
+
     /// Lets a removed node join the cluster again (needs the `admin`
     /// scope).
     pub async fn allow_rejoin(&self, id: u64) -> Result<proto::ClusterStatusResponse> {

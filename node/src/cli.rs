@@ -402,6 +402,7 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
     let client = ctx.client().await?;
     match cmd {
         Cmd::Node(_)
+        | Cmd::Keygen { .. }
         | Cmd::Certs(_)
         | Cmd::Dev(_)
         | Cmd::Token(_)
@@ -424,6 +425,18 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             } else {
                 println!("tenant {name}: stores {used} bytes; limits {max} bytes, {max_jobs} jobs (0: none)");
             }
+        }
+        Cmd::Tenant(crate::TenantCmd::Encrypt { name }) => {
+            let k = client.encrypt_tenant(&name).await?;
+            print_keys(&ctx, "encrypted", &[k]);
+        }
+        Cmd::Tenant(crate::TenantCmd::Keys { name }) => {
+            let keys = client.tenant_keys(name.as_deref()).await?;
+            print_keys(&ctx, "", &keys);
+        }
+        Cmd::Tenant(crate::TenantCmd::Rewrap { name }) => {
+            let keys = client.rewrap_tenant_keys(name.as_deref()).await?;
+            print_keys(&ctx, "re-wrapped", &keys);
         }
         Cmd::Tenant(crate::TenantCmd::Erase { name, yes }) => {
             if !yes {
@@ -472,7 +485,11 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
             let (name, shards) = match t {
                 crate::TenantCmd::Create { name, shards } => (name, shards.unwrap_or(0)),
                 crate::TenantCmd::Grow { name, shards } => (name, shards),
-                crate::TenantCmd::Quota { .. } | crate::TenantCmd::Erase { .. } => {
+                crate::TenantCmd::Quota { .. }
+                | crate::TenantCmd::Erase { .. }
+                | crate::TenantCmd::Encrypt { .. }
+                | crate::TenantCmd::Keys { .. }
+                | crate::TenantCmd::Rewrap { .. } => {
                     unreachable!("matched above")
                 }
             };
@@ -914,4 +931,41 @@ where
         }
     }
     Ok((out, failed))
+}
+
+fn print_keys(ctx: &Ctx, verb: &str, keys: &[proto::TenantKeyInfo]) {
+    if ctx.json {
+        print_json(&json!(keys
+            .iter()
+            .map(|k| json!({
+                "tenant": k.tenant, "key_id": k.key_id, "kek": k.kek,
+                "since_unix_ms": k.since_unix_ms, "open_here": k.open_here,
+                "previous_kek": k.previous_kek,
+            }))
+            .collect::<Vec<_>>()));
+        return;
+    }
+    if keys.is_empty() && verb.is_empty() {
+        println!("no encrypted tenant");
+    }
+    for k in keys {
+        let was = if k.previous_kek.is_empty() {
+            String::new()
+        } else {
+            format!(" (was {})", k.previous_kek)
+        };
+        println!(
+            "tenant {}{}{}: data key {} wrapped by {}{was}{}",
+            k.tenant,
+            if verb.is_empty() { "" } else { " " },
+            verb,
+            k.key_id,
+            k.kek,
+            if k.open_here {
+                ""
+            } else {
+                "; NOT open on this node"
+            }
+        );
+    }
 }

@@ -59,6 +59,19 @@ pub struct FileConfig {
     /// Retention policies set by the operator (`[[retention]]`).
     #[serde(default)]
     pub retention: Vec<FileRetention>,
+    #[serde(default)]
+    pub encryption: FileEncryption,
+}
+
+/// Where the key-encryption keys of encrypted tenants come from (one of
+/// the two).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEncryption {
+    /// A file of `ID HEX` lines; the first key wraps.
+    pub key_file: Option<PathBuf>,
+    /// A key-management hook: the program and its first arguments.
+    pub kms_command: Option<Vec<String>>,
 }
 
 /// One dataset's retention policy in the config file.
@@ -279,6 +292,8 @@ pub struct NodeConfig {
     /// (tenant, dataset, policy) from `[[retention]]`: the leader keeps
     /// the cluster's policies of these datasets equal to them.
     pub retention: Vec<(String, String, bitclone_raft::retention::Retention)>,
+    /// The key-encryption keys of encrypted tenants.
+    pub keys: crate::keys::KeySource,
 }
 
 #[derive(Debug, Clone)]
@@ -621,7 +636,34 @@ impl NodeConfig {
         let s3 = fc.s3.or_env();
         protected.extend(s3.ca_file.iter().cloned());
         let sinks = crate::sinks::DeclaredSinks::from_config(fc.sinks, &s3, env)?;
+        let key_file = env("BITCLONE_KEY_FILE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or(fc.encryption.key_file);
+        let keys = match (key_file, fc.encryption.kms_command) {
+            (Some(_), Some(_)) => {
+                bail!("[encryption]: set key_file or kms_command, not both")
+            }
+            (Some(f), None) => {
+                if !f.is_absolute() {
+                    bail!(
+                        "encryption.key_file: {} is not an absolute path",
+                        f.display()
+                    );
+                }
+                crate::keys::KeySource::File(f)
+            }
+            (None, Some(cmd)) if cmd.is_empty() || cmd[0].is_empty() => {
+                bail!("encryption.kms_command: give the program (and its first arguments)")
+            }
+            (None, Some(cmd)) => crate::keys::KeySource::Hook(cmd),
+            (None, None) => crate::keys::KeySource::None,
+        };
+        if let crate::keys::KeySource::File(f) = &keys {
+            protected.push(f.clone());
+        }
         Ok(NodeConfig {
+            keys,
             sinks,
             files: crate::roots::FileRoots {
                 roots,

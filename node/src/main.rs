@@ -8,6 +8,7 @@ mod dev;
 mod erase;
 mod gc;
 mod http;
+mod keys;
 mod link;
 mod metrics;
 mod migrate;
@@ -82,6 +83,12 @@ struct Cli {
 enum Cmd {
     /// Run a node.
     Node(server::NodeArgs),
+    /// Print a new key-encryption key as a key file line (`ID HEX`, 32
+    /// random bytes) for [encryption] key_file; runs locally.
+    Keygen {
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
     /// Upload a directory as a new snapshot of a dataset.
     Put {
         dir: PathBuf,
@@ -297,6 +304,18 @@ enum TenantCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Encrypt a tenant that has no data yet: its chunks and manifests are
+    /// sealed with a data key of its own, wrapped by the nodes'
+    /// key-encryption key ([encryption] in their config).
+    Encrypt { name: String },
+    /// List the encrypted tenants: their data keys' fingerprints, the
+    /// key-encryption key wrapping each, and whether the answering node
+    /// holds it open.
+    Keys { name: Option<String> },
+    /// Re-wrap the data key of a tenant (all encrypted tenants without a
+    /// name) with the nodes' current key-encryption key, the first of their
+    /// key file: rotates that key without rewriting any chunk.
+    Rewrap { name: Option<String> },
     /// Set a tenant's limits (0: none): bytes its snapshots may add to the
     /// store, and jobs not yet finished.
     Quota {
@@ -415,6 +434,10 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Node(args) => server::run(args).await,
+            Cmd::Keygen { id } => {
+                println!("{}", keys::generate_line(&id)?);
+                Ok(std::process::ExitCode::SUCCESS)
+            }
             Cmd::Certs(CertsCmd::Dev { out, nodes, sans }) => {
                 dev::certs(&out, nodes, &sans, cli.json)
             }

@@ -27,6 +27,8 @@ const MAX_PAGE_REPAIRS: usize = 8;
 
 pub struct Node {
     pub config: NodeConfig,
+    /// Keeps the store's keyring equal to the state's tenant keys.
+    pub key_sync: std::sync::Mutex<crate::keys::KeySync>,
     pub cluster: Arc<bitclone_raft::Cluster>,
     pub store: Arc<RocksStore>,
     pub pool: CpuPool,
@@ -83,9 +85,13 @@ impl Node {
             RocksStore::open(&config.data_dir.join("db"), &RocksOptions::default())
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
         );
+        // Nothing of any tenant is read or written until the tenants'
+        // keys are loaded from the state (`keys::sync_now`).
+        store.keyring().require_load();
         let pool = CpuPool::new(config.cpu_threads, "bitclone-cpu")?;
         let space = crate::space::Space::new(&config.data_dir, config.disk_reserve);
         Ok(Arc::new(Node {
+            key_sync: Default::default(),
             space,
             events: Default::default(),
             config,
@@ -353,7 +359,8 @@ impl Node {
     }
 
     /// Fetches a chunk from another replica of the dataset's shard (verified
-    /// by the transport) and repairs the local copy with it.
+    /// by the transport), repairs the local copy with it and returns its
+    /// content.
     pub async fn repair_from_replicas(
         &self,
         tenant: &str,
@@ -361,11 +368,14 @@ impl Node {
         id: &ChunkId,
     ) -> Result<Vec<u8>, StoreError> {
         let replicas = self.cluster.local(|s| s.replicas_of(tenant, dataset));
-        self.repair_from(&replicas, tenant, id).await
+        let stored = self.repair_from(&replicas, tenant, id).await?;
+        let (store, t, id) = (self.store.clone(), tenant.to_string(), *id);
+        self.pool.run(move || store.open(&t, &id, stored)).await
     }
 
     /// Fetches a chunk from the first of `peers` (this node skipped) that
-    /// has it (verified by the transport) and repairs the local copy.
+    /// has it (verified by the transport), repairs the local copy and
+    /// returns its stored bytes.
     pub async fn repair_from(
         &self,
         peers: &[NodeId],
@@ -563,6 +573,7 @@ impl Node {
                 parent: entry.parent.clone(),
                 fenced_by,
                 stored_bytes: stats.new_bytes + stats.new_page_bytes,
+                sealed_by: built.sealed_by.clone(),
             })
             .await
             .map_err(raft_error)?;

@@ -83,7 +83,7 @@ impl ChunkServer for NodeChunks {
 
     fn load(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         tenant_ok(tenant)?;
-        match self.store.get_chunk(tenant, &ChunkId(*id)) {
+        match self.store.get_stored_chunk(tenant, &ChunkId(*id)) {
             Ok(d) => Ok(Some(d)),
             Err(StoreError::MissingChunk(_)) => Ok(None),
             Err(e) => Err(e.to_string()),
@@ -92,7 +92,7 @@ impl ChunkServer for NodeChunks {
 
     fn load_manifest(&self, tenant: &str, id: &[u8; 32]) -> Result<Option<Vec<u8>>, String> {
         tenant_ok(tenant)?;
-        match self.store.get_manifest(tenant, &SnapshotId(*id)) {
+        match self.store.get_stored_manifest(tenant, &SnapshotId(*id)) {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.to_string()),
@@ -106,7 +106,11 @@ impl ChunkServer for NodeChunks {
         // they came could have lost them. The root's pages came last and a
         // store loses only its latest writes: with them here, everything
         // the root needs is here (and the flush below makes it durable).
-        if let Stored::V2(root) = decode_root(bytes).map_err(|e| e.to_string())? {
+        let content = self
+            .store
+            .open(tenant, &ChunkId(*id), bytes.to_vec())
+            .map_err(|e| e.to_string())?;
+        if let Stored::V2(root) = decode_root(&content).map_err(|e| e.to_string())? {
             for (page, _) in &root.pages {
                 if !self
                     .store
@@ -174,7 +178,7 @@ async fn send_chunks(
             let mut out = Vec::new();
             let mut size = 0u64;
             for id in &ids[start..] {
-                let data = s.get_chunk(&t, id).map_err(|e| e.to_string())?;
+                let data = s.get_stored_chunk(&t, id).map_err(|e| e.to_string())?;
                 size += data.len() as u64;
                 out.push((id.0, data));
                 if size >= PUT_BATCH_BYTES {
@@ -239,7 +243,10 @@ async fn replicate_to(
 ) -> Result<(u64, u64), String> {
     let mut levels: Vec<Vec<ChunkId>> = Vec::new();
     let mut sent = 0;
-    match decode_root(root).map_err(|e| e.to_string())? {
+    let content = store
+        .open(tenant, &ChunkId(id.0), root.to_vec())
+        .map_err(|e| e.to_string())?;
+    match decode_root(&content).map_err(|e| e.to_string())? {
         // Snapshots of 0.1.0 (one blob, no pages): every chunk is asked about.
         Stored::V1(m) => {
             let lacking = peer_lacks(transport, peer, addr, tenant, &chunk_ids(&m.entries)).await?;
@@ -511,7 +518,7 @@ async fn repair_once(
     for (tenant, id_hex, from) in work {
         let id: SnapshotId = id_hex.parse().map_err(|e: StoreError| e.to_string())?;
         let (store, t) = (node.store.clone(), tenant.clone());
-        let local = tokio::task::spawn_blocking(move || store.get_manifest(&t, &id).ok())
+        let local = tokio::task::spawn_blocking(move || store.get_stored_manifest(&t, &id).ok())
             .await
             .map_err(|e| e.to_string())?;
         let is_local = local.is_some();
@@ -538,7 +545,12 @@ async fn repair_once(
                 b
             }
         };
-        let manifest = match decode_root(&bytes).map_err(|e| e.to_string())? {
+        let (store, t, b) = (node.store.clone(), tenant.clone(), bytes.clone());
+        let content = tokio::task::spawn_blocking(move || store.open(&t, &ChunkId(id.0), b))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let manifest = match decode_root(&content).map_err(|e| e.to_string())? {
             Stored::V2(root) => {
                 // A root is stored after everything below it: one that is
                 // here is complete.
@@ -729,8 +741,9 @@ impl Pull<'_> {
                 };
                 let items: Vec<(ChunkId, Vec<u8>)> = batch.iter().copied().zip(datas).collect();
                 if let Some(level) = level {
+                    let codec = self.store.codec(self.tenant).map_err(|e| e.to_string())?;
                     for (id, bytes) in &items {
-                        let children = Page::decode(id, level, bytes)
+                        let children = Page::open(&codec, id, level, bytes.clone())
                             .map_err(|e| e.to_string())?
                             .children();
                         let lacking = local_lacks(self.store, self.tenant, children).await?;

@@ -159,6 +159,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let (cluster, peer_addr) =
         start_cluster(&config.cluster, &config, addr, stop_rx.clone()).await?;
     let node = Node::open(config.clone(), cluster.clone())?;
+    crate::keys::sync_now(&node).await;
     crate::migrate::legacy(&node)
         .await
         .context("moving the previous release's datasets and jobs into the cluster state")?;
@@ -186,6 +187,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
         t,
     ));
 
+    tokio::spawn(crate::keys::sync_loop(node.clone()));
     tokio::spawn(crate::gc::gc_loop(node.clone()));
     tokio::spawn(crate::gc::retention_loop(node.clone()));
     tokio::spawn(crate::erase::purge_loop(node.clone()));

@@ -1649,6 +1649,56 @@ impl BitClone for Api {
         result
     }
 
+    async fn tenant_keys(
+        &self,
+        request: Request<pb::TenantKeysRequest>,
+    ) -> Result<Response<pb::TenantKeysResponse>, Status> {
+        use pb::tenant_keys_request::Action;
+        let call = self.authenticate(&request, "tenant-keys")?;
+        let r = request.into_inner();
+        let action = Action::try_from(r.action)
+            .map_err(|_| Status::invalid_argument(format!("unknown action {}", r.action)))?;
+        let verb = match action {
+            Action::List => "tenant-keys",
+            Action::Encrypt => "encrypt-tenant",
+            Action::Rewrap => "rewrap-keys",
+        };
+        self.allow_admin(&call, verb, &r.tenant)?;
+        let result = async {
+            let tenant = (!r.tenant.is_empty()).then_some(r.tenant.as_str());
+            if let Some(t) = tenant {
+                validate_name("tenant", t).map_err(status)?;
+            }
+            let keys = match action {
+                Action::List => crate::keys::list(&self.node, tenant),
+                Action::Encrypt => {
+                    let t = tenant
+                        .ok_or_else(|| Status::invalid_argument("give the tenant to encrypt"))?;
+                    vec![crate::keys::encrypt(&self.node, t).await.map_err(status)?]
+                }
+                Action::Rewrap => crate::keys::rewrap(&self.node, tenant)
+                    .await
+                    .map_err(status)?,
+            };
+            Ok(Response::new(pb::TenantKeysResponse {
+                keys: keys
+                    .into_iter()
+                    .map(|k| pb::TenantKeyInfo {
+                        tenant: k.tenant,
+                        key_id: k.key.id,
+                        kek: k.key.kek,
+                        since_unix_ms: k.key.since_unix_ms,
+                        open_here: k.open_here,
+                        previous_kek: k.previous_kek.unwrap_or_default(),
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.audited(&call, verb, &r.tenant, "", &result);
+        result
+    }
+
     async fn erase_tenant(
         &self,
         request: Request<pb::EraseTenantRequest>,

@@ -91,6 +91,25 @@ pub struct ClusterState {
     /// for its report until the name is used again.
     #[serde(default)]
     pub erasing: BTreeMap<String, Erasure>,
+    /// tenant → its wrapped data key ([`Command::SetTenantKey`]): the
+    /// tenant's chunks and manifests are sealed with it.
+    #[serde(default)]
+    pub tenant_keys: BTreeMap<String, TenantKey>,
+}
+
+/// An encrypted tenant's data key, wrapped by a key-encryption key that
+/// only the nodes (or their key-management service) hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantKey {
+    /// The data key's public fingerprint (it never changes: re-wrapping
+    /// keeps the key, and so every chunk sealed with it).
+    pub id: String,
+    /// The key-encryption key that wraps it (a key file's key id, or what
+    /// the key-management hook named).
+    pub kek: String,
+    /// The wrapped key, hex.
+    pub wrapped: String,
+    pub since_unix_ms: i64,
 }
 
 /// A tenant's erasure: its jobs stopped, then everything of it forgotten
@@ -265,6 +284,10 @@ pub enum Command {
         /// tenant's quota).
         #[serde(default)]
         stored_bytes: u64,
+        /// The fingerprint of the data key the snapshot was sealed with
+        /// (`None`: in clear); refused unless it is the tenant's key now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_by: Option<String>,
     },
     SubmitJob {
         job: Box<Job>,
@@ -346,6 +369,16 @@ pub enum Command {
     ForgetTenant {
         tenant: String,
     },
+    /// Encrypts a tenant from now on (admin): refused once it has a
+    /// snapshot or an unfinished job, since those are stored in clear. With
+    /// `rewrap`, replaces the wrapping of its existing key instead (the
+    /// same key, `key.id`, under another key-encryption key).
+    SetTenantKey {
+        tenant: String,
+        key: TenantKey,
+        #[serde(default)]
+        rewrap: bool,
+    },
     /// `node` purged every key of an erased tenant from its store.
     TenantPurged {
         tenant: String,
@@ -374,7 +407,11 @@ impl Command {
             | Command::ExpireSnapshots { .. }
             | Command::EraseTenant { .. }
             | Command::ForgetTenant { .. }
-            | Command::TenantPurged { .. } => 3,
+            | Command::TenantPurged { .. }
+            | Command::SetTenantKey { .. } => 3,
+            Command::CommitSnapshot {
+                sealed_by: Some(_), ..
+            } => 3,
             Command::SubmitJob { job } if job.reconcile.is_some() => 3,
             _ => 1,
         }
@@ -786,6 +823,7 @@ fn erasing_refusal(state: &ClusterState, cmd: &Command) -> Option<CommandError> 
     let tenant = match cmd {
         Command::CommitSnapshot { tenant, .. }
         | Command::SetRetention { tenant, .. }
+        | Command::SetTenantKey { tenant, .. }
         | Command::SetQuota { tenant, .. } => tenant,
         Command::SubmitJob { job } => &job.tenant,
         Command::AcquireLease { job, .. } => &state.jobs.get(job)?.tenant,
@@ -896,9 +934,23 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             parent,
             fenced_by,
             stored_bytes,
+            sealed_by,
         } => {
             if let Some((job_id, fence)) = fenced_by {
                 check_fence(job_mut(state, job_id)?, *fence)?;
+            }
+            let key = state.tenant_keys.get(tenant).map(|k| &k.id);
+            if key != sealed_by.as_ref() {
+                return Err(CommandError::Conflict(format!(
+                    "snapshot of dataset {dataset} was stored {} but tenant {tenant} is {}; \
+                     nothing was committed, retry",
+                    sealed_by
+                        .as_ref()
+                        .map_or("in clear".to_string(), |k| format!("sealed with key {k}")),
+                    key.map_or("not encrypted".to_string(), |k| format!(
+                        "encrypted with key {k}"
+                    ))
+                )));
             }
             state.ensure_tenant(tenant);
             let heads = state.datasets.entry(tenant.clone()).or_default();
@@ -1193,12 +1245,77 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             state.retention.remove(tenant);
             state.quotas.remove(tenant);
             state.stored_bytes.remove(tenant);
+            // Without its wrapped key, whatever of the tenant is left
+            // anywhere (a store not purged yet, a cold bucket) is unreadable.
+            state.tenant_keys.remove(tenant);
             if state.tenants.remove(tenant).is_some() {
                 state.replan();
             }
             if let Some(e) = state.erasing.get_mut(tenant) {
                 e.forgotten = true;
             }
+            Ok(Response::Ok)
+        }
+        Command::SetTenantKey {
+            tenant,
+            key,
+            rewrap,
+        } => {
+            if !state.tenants.contains_key(tenant) {
+                return Err(CommandError::NotFound(format!("tenant {tenant}")));
+            }
+            match (state.tenant_keys.get(tenant), rewrap) {
+                (Some(k), false) if k.id == key.id => return Ok(Response::Ok),
+                (Some(k), false) => {
+                    return Err(CommandError::Conflict(format!(
+                        "tenant {tenant} is already encrypted (key {})",
+                        k.id
+                    )))
+                }
+                (None, true) => {
+                    return Err(CommandError::Invalid(format!(
+                        "tenant {tenant} is not encrypted: nothing to re-wrap"
+                    )))
+                }
+                (Some(k), true) if k.id != key.id => {
+                    return Err(CommandError::Conflict(format!(
+                        "tenant {tenant}'s key is {}, not {}: a re-wrap keeps the key",
+                        k.id, key.id
+                    )))
+                }
+                (Some(k), true) => {
+                    let since = k.since_unix_ms;
+                    state.tenant_keys.insert(
+                        tenant.clone(),
+                        TenantKey {
+                            since_unix_ms: since,
+                            ..key.clone()
+                        },
+                    );
+                    return Ok(Response::Ok);
+                }
+                (None, false) => {}
+            }
+            let snapshots = state.datasets.get(tenant).map_or(0, |d| d.len());
+            let jobs = state
+                .jobs
+                .values()
+                .filter(|j| &j.tenant == tenant && !j.state.is_final())
+                .count();
+            if snapshots > 0 || jobs > 0 {
+                return Err(CommandError::Conflict(format!(
+                    "tenant {tenant} has {snapshots} datasets and {jobs} unfinished jobs stored \
+                     in clear; only a tenant without data can be encrypted (see the docs on \
+                     migrating a tenant)"
+                )));
+            }
+            state.tenant_keys.insert(
+                tenant.clone(),
+                TenantKey {
+                    since_unix_ms: now,
+                    ..key.clone()
+                },
+            );
             Ok(Response::Ok)
         }
         Command::TenantPurged {
@@ -1349,6 +1466,7 @@ mod tests {
                 parent: parent.into(),
                 fenced_by: None,
                 stored_bytes: 0,
+                sealed_by: None,
             },
         )
     }
@@ -1523,6 +1641,129 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_is_encrypted_before_its_first_snapshot_and_commits_must_match_its_key() {
+        let mut sm = Sm::new(&[1]);
+        let key = |id: &str, kek: &str| TenantKey {
+            id: id.into(),
+            kek: kek.into(),
+            wrapped: format!("{id}-under-{kek}"),
+            since_unix_ms: 0,
+        };
+        let set = |k: TenantKey, rewrap: bool| Command::SetTenantKey {
+            tenant: "t".into(),
+            key: k,
+            rewrap,
+        };
+        assert!(matches!(
+            sm.run(1, set(key("k", "a"), false)),
+            Response::Err(CommandError::NotFound(_))
+        ));
+        sm.ok(
+            1,
+            Command::SetTenant {
+                tenant: "t".into(),
+                shards: 1,
+            },
+        );
+        // A snapshot stored in clear (built before the key was set) is
+        // refused once the tenant is encrypted, and one sealed with the key
+        // goes in.
+        sm.ok(2, set(key("k", "a"), false));
+        sm.ok(2, set(key("k", "a"), false));
+        assert_eq!(sm.state.tenant_keys["t"].since_unix_ms, 2);
+        assert!(matches!(
+            commit(&mut sm, "d", "s1", "", 3),
+            Response::Err(CommandError::Conflict(m)) if m.contains("in clear")
+        ));
+        let sealed = |sm: &mut Sm, key: &str, id: &str, parent: &str| {
+            let mut snapshot = entry(id);
+            snapshot.parent = parent.into();
+            sm.run(
+                4,
+                Command::CommitSnapshot {
+                    tenant: "t".into(),
+                    dataset: "d".into(),
+                    snapshot,
+                    parent: parent.into(),
+                    fenced_by: None,
+                    stored_bytes: 0,
+                    sealed_by: Some(key.into()),
+                },
+            )
+        };
+        assert!(matches!(
+            sealed(&mut sm, "other", "s1", ""),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        assert!(!matches!(sealed(&mut sm, "k", "s1", ""), Response::Err(_)));
+        // Another key for it: refused; a re-wrap keeps the key and its
+        // start, and must name the same key.
+        assert!(matches!(
+            sm.run(5, set(key("k2", "a"), false)),
+            Response::Err(CommandError::Conflict(_))
+        ));
+        assert!(matches!(
+            sm.run(5, set(key("k2", "b"), true)),
+            Response::Err(CommandError::Conflict(m)) if m.contains("keeps the key")
+        ));
+        sm.ok(5, set(key("k", "b"), true));
+        assert_eq!(sm.state.tenant_keys["t"].kek, "b");
+        assert_eq!(sm.state.tenant_keys["t"].since_unix_ms, 2);
+        // A tenant that has data cannot be encrypted (it is in clear).
+        sm.ok(
+            6,
+            Command::SetTenant {
+                tenant: "u".into(),
+                shards: 1,
+            },
+        );
+        let mut snapshot = entry("u1");
+        snapshot.created_unix_ms = 6;
+        sm.ok(
+            6,
+            Command::CommitSnapshot {
+                tenant: "u".into(),
+                dataset: "d".into(),
+                snapshot,
+                parent: String::new(),
+                fenced_by: None,
+                stored_bytes: 0,
+                sealed_by: None,
+            },
+        );
+        assert!(matches!(
+            sm.run(
+                7,
+                Command::SetTenantKey {
+                    tenant: "u".into(),
+                    key: key("k3", "a"),
+                    rewrap: false,
+                }
+            ),
+            Response::Err(CommandError::Conflict(m)) if m.contains("without data")
+        ));
+        assert!(matches!(
+            sm.run(
+                7,
+                Command::SetTenantKey {
+                    tenant: "u".into(),
+                    key: key("k3", "a"),
+                    rewrap: true,
+                }
+            ),
+            Response::Err(CommandError::Invalid(_))
+        ));
+        // Erasing the tenant forgets its wrapped key.
+        sm.ok(8, Command::EraseTenant { tenant: "t".into() });
+        assert!(matches!(
+            sm.run(8, set(key("k", "b"), true)),
+            Response::Err(CommandError::Conflict(m)) if m.contains("being erased")
+        ));
+        sm.ok(9, Command::ForgetTenant { tenant: "t".into() });
+        assert!(!sm.state.tenant_keys.contains_key("t"));
+    }
+
+    #[test]
     fn an_erased_tenant_takes_nothing_new_and_is_forgotten_once_its_jobs_stopped() {
         let mut sm = Sm::new(&[1, 2]);
         sm.ok(
@@ -1684,6 +1925,7 @@ mod tests {
                 parent: String::new(),
                 fenced_by: Some(("j".into(), stale)),
                 stored_bytes: 0,
+                sealed_by: None,
             }
         )));
         // A forged token above the current one is refused too.
@@ -1713,6 +1955,7 @@ mod tests {
                 parent: String::new(),
                 fenced_by: Some(("j".into(), cur)),
                 stored_bytes: 0,
+                sealed_by: None,
             },
         );
         sm.ok(
@@ -1772,6 +2015,7 @@ mod tests {
                     parent: parent.into(),
                     fenced_by: None,
                     stored_bytes: 0,
+                    sealed_by: None,
                 },
             )
         };
@@ -1876,6 +2120,7 @@ mod tests {
             parent: parent.into(),
             fenced_by: None,
             stored_bytes: bytes,
+            sealed_by: None,
         };
         apply_cmd(&mut st, 0, &commit("s1", "", 600)).unwrap();
         assert!(matches!(

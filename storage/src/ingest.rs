@@ -43,6 +43,7 @@ pub fn ingest_stream<R: Read>(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Ingested> {
+    let codec = store.codec(tenant)?;
     let mut file_hash = blake3::Hasher::new();
     let mut out = Ingested {
         chunks: Vec::new(),
@@ -57,8 +58,8 @@ pub fn ingest_stream<R: Read>(
                 return Err(Error::Cancelled);
             }
             file_hash.update(data);
-            let id = ChunkId::of(data);
-            if store.put_chunk(tenant, &id, data)? {
+            let (id, stored) = codec.seal(data);
+            if store.put_chunk(tenant, &id, &stored)? {
                 out.new_chunks += 1;
                 out.new_bytes += data.len() as u64;
             }
@@ -87,21 +88,23 @@ pub fn ingest_whole(
     params: ChunkParams,
     files: &[&[u8]],
 ) -> Result<Vec<Ingested>> {
-    let mut named: Vec<(ChunkId, &[u8])> = Vec::new();
+    let codec = store.codec(tenant)?;
+    let mut named: Vec<(ChunkId, std::borrow::Cow<[u8]>)> = Vec::new();
     let mut out = Vec::with_capacity(files.len());
     for data in files {
         let mut chunks = Vec::new();
         for c in chunk_slice(data, params) {
-            let id = ChunkId::of(c);
+            let (id, stored) = codec.seal(c);
             chunks.push(ChunkRef {
                 id,
                 len: c.len() as u32,
             });
-            named.push((id, c));
+            named.push((id, stored));
         }
-        // A one-chunk file's hash is its chunk's name.
+        // A one-chunk file's hash is its chunk's name, when chunks are
+        // named by their content's plain hash.
         let blake3 = match chunks.as_slice() {
-            [only] => only.id.0,
+            [only] if codec.is_plain() => only.id.0,
             _ => *blake3::hash(data).as_bytes(),
         };
         out.push(Ingested {
@@ -112,6 +115,7 @@ pub fn ingest_whole(
             new_bytes: 0,
         });
     }
+    let named: Vec<(ChunkId, &[u8])> = named.iter().map(|(id, d)| (*id, &d[..])).collect();
     let mut new = store.put_chunks(tenant, &named)?.into_iter();
     for file in &mut out {
         for c in &file.chunks {
@@ -170,6 +174,8 @@ pub struct SnapshotBuilder {
     encoder: Encoder,
     stats: IngestStats,
     hold: Option<Arc<GcHold>>,
+    /// The tenant's data key fingerprint if it is encrypted.
+    sealed_by: Option<String>,
 }
 
 /// A snapshot [`SnapshotBuilder::finish`] encoded: its pages are stored, its
@@ -189,6 +195,10 @@ pub struct Built {
     /// The builder's hold on garbage collection ([`SnapshotBuilder::holding`]):
     /// keep it until the snapshot is committed.
     pub hold: Option<Arc<GcHold>>,
+    /// The fingerprint of the data key its pages and root were sealed
+    /// with (`None`: stored in clear); a commit carries it, so that a
+    /// snapshot built before its tenant was encrypted is refused.
+    pub sealed_by: Option<String>,
 }
 
 impl Built {
@@ -210,6 +220,7 @@ impl SnapshotBuilder {
         chunking: ChunkParams,
     ) -> Result<Self> {
         chunking.validate()?;
+        let codec = store.codec(tenant)?;
         Ok(SnapshotBuilder {
             store,
             tenant: tenant.to_string(),
@@ -218,7 +229,8 @@ impl SnapshotBuilder {
             parent: None,
             next_parent: None,
             chunking,
-            encoder: Encoder::new(),
+            sealed_by: codec.key_id().map(str::to_string),
+            encoder: Encoder::with_codec(codec),
             stats: IngestStats::default(),
             hold: None,
         })
@@ -418,6 +430,7 @@ impl SnapshotBuilder {
             created_unix_ms,
             stats: self.stats,
             hold: self.hold,
+            sealed_by: self.sealed_by,
         })
     }
 }

@@ -34,6 +34,7 @@
 
 use crate::chunk::{ChunkId, SnapshotId};
 use crate::chunker::ChunkParams;
+use crate::crypt::Codec;
 use crate::error::{Error, Result};
 use crate::path::{validate_path, validate_symlink};
 
@@ -309,6 +310,7 @@ pub struct Encoder {
     leaves: PageWriter,
     tally: Tally,
     scratch: Vec<u8>,
+    codec: Codec,
 }
 
 impl Default for Encoder {
@@ -318,12 +320,19 @@ impl Default for Encoder {
 }
 
 impl Encoder {
-    /// Starts an empty manifest.
+    /// Starts an empty manifest, stored as it is.
     pub fn new() -> Encoder {
+        Encoder::with_codec(Codec::Plain)
+    }
+
+    /// Starts an empty manifest whose pages and root are stored (and
+    /// named) by `codec`: `emit` and [`Encoder::finish`] give stored forms.
+    pub fn with_codec(codec: Codec) -> Encoder {
         Encoder {
             leaves: PageWriter::new(0),
             tally: Tally::default(),
             scratch: Vec::new(),
+            codec,
         }
     }
 
@@ -347,7 +356,7 @@ impl Encoder {
             )));
         }
         self.leaves
-            .add(&self.scratch, 1, leaf_boundary(&e.path), emit)?;
+            .add(&self.codec, &self.scratch, 1, leaf_boundary(&e.path), emit)?;
         self.tally.count(e);
         Ok(())
     }
@@ -380,7 +389,8 @@ impl Encoder {
         chunking: ChunkParams,
         emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
     ) -> Result<(SnapshotId, Vec<u8>)> {
-        let mut level = self.leaves.finish(emit)?;
+        let codec = &self.codec;
+        let mut level = self.leaves.finish(codec, emit)?;
         let mut height = 1u8;
         while level.len() > ROOT_MAX_PAGES {
             let mut index = PageWriter::new(height);
@@ -388,9 +398,9 @@ impl Encoder {
                 self.scratch.clear();
                 self.scratch.extend_from_slice(id.as_bytes());
                 self.scratch.extend_from_slice(&entries.to_le_bytes());
-                index.add(&self.scratch, *entries, index_boundary(id), emit)?;
+                index.add(codec, &self.scratch, *entries, index_boundary(id), emit)?;
             }
-            level = index.finish(emit)?;
+            level = index.finish(codec, emit)?;
             height += 1;
         }
 
@@ -412,7 +422,8 @@ impl Encoder {
             root.extend_from_slice(id.as_bytes());
             root.extend_from_slice(&entries.to_le_bytes());
         }
-        Ok((SnapshotId::of(&root), root))
+        let (id, stored) = codec.seal(&root);
+        Ok((SnapshotId(id.0), stored.into_owned()))
     }
 }
 
@@ -456,24 +467,29 @@ impl PageWriter {
 
     fn add(
         &mut self,
+        codec: &Codec,
         item: &[u8],
         entries: u64,
         boundary: bool,
         emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
     ) -> Result<()> {
         if self.count > 0 && self.items.len() + item.len() + 9 > MAX_PAGE_BYTES {
-            self.flush(emit)?;
+            self.flush(codec, emit)?;
         }
         self.items.extend_from_slice(item);
         self.count += 1;
         self.entries += entries;
         if boundary || self.items.len() >= PAGE_SOFT_BYTES {
-            self.flush(emit)?;
+            self.flush(codec, emit)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self, emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>) -> Result<()> {
+    fn flush(
+        &mut self,
+        codec: &Codec,
+        emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         if self.count == 0 {
             return Ok(());
         }
@@ -482,8 +498,8 @@ impl PageWriter {
         page.push(self.level);
         page.extend_from_slice(&self.count.to_le_bytes());
         page.extend_from_slice(&self.items);
-        let id = ChunkId::of(&page);
-        emit(&id, &page)?;
+        let (id, stored) = codec.seal(&page);
+        emit(&id, &stored)?;
         self.done.push((id, self.entries));
         self.items.clear();
         self.count = 0;
@@ -493,9 +509,10 @@ impl PageWriter {
 
     fn finish(
         mut self,
+        codec: &Codec,
         emit: &mut dyn FnMut(&ChunkId, &[u8]) -> Result<()>,
     ) -> Result<Vec<(ChunkId, u64)>> {
-        self.flush(emit)?;
+        self.flush(codec, emit)?;
         Ok(self.done)
     }
 }
@@ -710,18 +727,16 @@ pub enum Page {
 }
 
 impl Page {
-    /// Decodes the page named `id` at `level`, refusing bytes that do not
-    /// hash to `id` or are damaged in any way.
+    /// Checks `stored` bytes (from a replica or a sink) against the name
+    /// `id`, opens them with the tenant's `codec` and decodes the page.
+    pub fn open(codec: &Codec, id: &ChunkId, level: u8, stored: Vec<u8>) -> Result<Page> {
+        Page::decode(id, level, &codec.open(id, stored)?)
+    }
+
+    /// Decodes the content of the page named `id` at `level` (read with
+    /// [`crate::ChunkStore::get_chunk`], which checked it against its name),
+    /// refusing bytes damaged in any way.
     pub fn decode(id: &ChunkId, level: u8, bytes: &[u8]) -> Result<Page> {
-        if !id.verify(bytes) {
-            return Err(Error::CorruptChunk {
-                chunk: *id,
-                detail: format!(
-                    "manifest page of {} bytes does not hash to its name",
-                    bytes.len()
-                ),
-            });
-        }
         let mut r = Reader { buf: bytes };
         if r.take(4)? != PAGE_MAGIC {
             return Err(Error::decode("manifest page", "bad magic"));
@@ -1152,9 +1167,11 @@ mod tests {
         (id, root, pages)
     }
 
+    /// Reads pages as a store does: checked against their names.
     fn load(root: &[u8], pages: &HashMap<ChunkId, Vec<u8>>) -> Result<Manifest> {
         assemble(root, &mut |id| {
-            pages.get(id).cloned().ok_or(Error::MissingChunk(*id))
+            let stored = pages.get(id).cloned().ok_or(Error::MissingChunk(*id))?;
+            Codec::Plain.open(id, stored)
         })
     }
 

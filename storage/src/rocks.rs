@@ -15,8 +15,9 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, SnapshotId};
+use crate::crypt::Keyring;
 use crate::error::{Error, Result};
-use crate::store::{verified, ChunkStore};
+use crate::store::ChunkStore;
 
 pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_CHUNK_INDEX: &str = "chunk_index";
@@ -152,6 +153,7 @@ pub struct RocksStore {
     /// database closes.
     watcher: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     pub(crate) gc: GcState,
+    keyring: Keyring,
 }
 
 /// What garbage collection shares with the readers and writers of the
@@ -334,6 +336,7 @@ impl RocksStore {
                     ),
                 ..GcState::default()
             },
+            keyring: Keyring::default(),
         };
         let any = store
             .db
@@ -714,7 +717,7 @@ impl ChunkStore for RocksStore {
         Ok(out)
     }
 
-    fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
+    fn load_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
         // Every chunk read is checked against its BLAKE3 name below, which
         // catches everything RocksDB's block CRC would; skipping the CRC
         // saves a software crc32c pass over every byte read (the portable
@@ -725,7 +728,7 @@ impl ChunkStore for RocksStore {
             .db
             .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()), &opts)
         {
-            Ok(Some(v)) => verified(id, v),
+            Ok(Some(v)) => Ok(v),
             Ok(None) => Err(Error::MissingChunk(*id)),
             Err(e) if e.kind() == ErrorKind::Corruption => Err(Error::CorruptChunk {
                 chunk: *id,
@@ -744,14 +747,18 @@ impl ChunkStore for RocksStore {
         self.write(batch, false)
     }
 
-    fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
+    fn load_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
         match self
             .db
             .get_cf(self.cf(CF_MANIFESTS), tenant_key(tenant, id.as_bytes()))?
         {
-            Some(v) => verified(&ChunkId(id.0), v),
+            Some(v) => Ok(v),
             None => Err(Error::not_found("snapshot", id.to_hex())),
         }
+    }
+
+    fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     fn sync(&self) -> Result<()> {

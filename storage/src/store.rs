@@ -9,15 +9,20 @@ use futures::stream::{BoxStream, FuturesOrdered};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use crate::chunk::{ChunkId, SnapshotId};
+use crate::crypt::{Codec, Keyring};
 use crate::error::{Error, Result};
 use crate::manifest::{assemble, decode_root, ChunkRef, Entry, Manifest, Page, Root, Stored, Walk};
 use crate::pool::CpuPool;
 
 /// Content-addressed storage of chunks and manifests, per tenant.
 ///
-/// Keys carry the tenant so that chunk names can later be keyed per tenant
-/// without a format change. Every read verifies the BLAKE3 name: a damaged
-/// value is returned as [`Error::CorruptChunk`], never as data.
+/// Keys carry the tenant, and each tenant has a [`Codec`]: its content is
+/// stored as it is, or sealed with its data key (see [`crate::crypt`]).
+/// Chunks and manifests go in and out in two forms: *stored* bytes (what
+/// `put_*` takes, what replication and repair move, named by their BLAKE3)
+/// and *content* ([`ChunkStore::get_chunk`], [`ChunkStore::get_manifest`]).
+/// Every read checks the stored bytes against their name: a damaged value
+/// is returned as [`Error::CorruptChunk`], never as data.
 ///
 /// Methods block (RocksDB is synchronous); call them from a worker thread,
 /// not from an async task.
@@ -33,10 +38,12 @@ pub trait ChunkStore: Send + Sync + 'static {
         self.has_chunk(tenant, id)
     }
 
-    /// Stores `data` under `id` unless it is already present; returns `true`
-    /// if it was new. The caller has computed `id` from `data`; receivers of
-    /// untrusted bytes must check with [`ChunkId::verify`] first. Not durable
-    /// until [`ChunkStore::sync`] (or a synced commit) returns.
+    /// Stores `data`, a chunk's stored form, under `id` unless it is
+    /// already present; returns `true` if it was new. The caller has made
+    /// both with [`Codec::seal`] (the tenant's codec: [`ChunkStore::codec`]);
+    /// receivers of untrusted bytes must check them with
+    /// [`ChunkId::verify`] first. Not durable until [`ChunkStore::sync`]
+    /// (or a synced commit) returns.
     fn put_chunk(&self, tenant: &str, id: &ChunkId, data: &[u8]) -> Result<bool>;
 
     /// Stores many chunks (each unless already present, a chunk repeated in
@@ -49,14 +56,56 @@ pub trait ChunkStore: Send + Sync + 'static {
             .collect()
     }
 
-    /// Reads and verifies a chunk.
-    fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>>;
+    /// A chunk's stored bytes as they are on disk, not checked yet
+    /// ([`Error::MissingChunk`] if absent): read through
+    /// [`ChunkStore::get_stored_chunk`] or [`ChunkStore::get_chunk`].
+    fn load_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>>;
 
-    /// Stores an encoded manifest under its id.
+    /// A chunk's stored bytes, checked against its name: what a replica or
+    /// a repair is sent.
+    fn get_stored_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
+        verified(id, self.load_chunk(tenant, id)?)
+    }
+
+    /// A chunk's content: its stored bytes checked and opened with the
+    /// tenant's codec.
+    fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
+        let codec = self.codec(tenant)?;
+        codec.open(id, self.load_chunk(tenant, id)?)
+    }
+
+    /// Stores a manifest root's stored form under its id.
     fn put_manifest(&self, tenant: &str, id: &SnapshotId, bytes: &[u8]) -> Result<()>;
 
-    /// Reads and verifies an encoded manifest.
-    fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>>;
+    /// A manifest root's stored bytes, not checked yet ([`Error::NotFound`]
+    /// if absent).
+    fn load_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>>;
+
+    /// A manifest root's stored bytes, checked against its id.
+    fn get_stored_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
+        verified(&ChunkId(id.0), self.load_manifest(tenant, id)?)
+    }
+
+    /// A manifest root's content, checked and opened.
+    fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
+        let codec = self.codec(tenant)?;
+        codec.open(&ChunkId(id.0), self.load_manifest(tenant, id)?)
+    }
+
+    /// The codecs of this store's encrypted tenants.
+    fn keyring(&self) -> &Keyring;
+
+    /// How `tenant`'s content is stored ([`Error::Unavailable`] if it is
+    /// encrypted and its key is not open here).
+    fn codec(&self, tenant: &str) -> Result<Codec> {
+        self.keyring().codec(tenant)
+    }
+
+    /// The content of `stored` bytes of `tenant` (from a replica or a
+    /// sink) named `id`: checked and opened.
+    fn open(&self, tenant: &str, id: &ChunkId, stored: Vec<u8>) -> Result<Vec<u8>> {
+        self.codec(tenant)?.open(id, stored)
+    }
 
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<()>;
@@ -67,6 +116,7 @@ pub trait ChunkStore: Send + Sync + 'static {
 pub struct MemStore {
     chunks: Mutex<HashMap<(String, ChunkId), Vec<u8>>>,
     manifests: Mutex<HashMap<(String, SnapshotId), Vec<u8>>>,
+    keyring: Keyring,
 }
 
 impl MemStore {
@@ -97,12 +147,11 @@ impl ChunkStore for MemStore {
         Ok(true)
     }
 
-    fn get_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
-        let data = lock(&self.chunks)
+    fn load_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
+        lock(&self.chunks)
             .get(&(tenant.to_string(), *id))
             .cloned()
-            .ok_or(Error::MissingChunk(*id))?;
-        verified(id, data)
+            .ok_or(Error::MissingChunk(*id))
     }
 
     fn put_manifest(&self, tenant: &str, id: &SnapshotId, bytes: &[u8]) -> Result<()> {
@@ -110,12 +159,15 @@ impl ChunkStore for MemStore {
         Ok(())
     }
 
-    fn get_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
-        let data = lock(&self.manifests)
+    fn load_manifest(&self, tenant: &str, id: &SnapshotId) -> Result<Vec<u8>> {
+        lock(&self.manifests)
             .get(&(tenant.to_string(), *id))
             .cloned()
-            .ok_or_else(|| Error::not_found("snapshot", id.to_hex()))?;
-        verified(&ChunkId(id.0), data)
+            .ok_or_else(|| Error::not_found("snapshot", id.to_hex()))
+    }
+
+    fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     fn sync(&self) -> Result<()> {

@@ -60,7 +60,7 @@ pub async fn read_committed(
     snapshot: &str,
 ) -> Result<(objects::CommitRecord, Stored)> {
     let record = objects::read_commit(target, token, snapshot).await?;
-    let root = objects::read_root(target, &record.snapshot_id()?).await?;
+    let root = objects::read_root(target, &record.manifest_id()?).await?;
     Ok((record, root))
 }
 

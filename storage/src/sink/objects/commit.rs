@@ -100,6 +100,7 @@ pub async fn commit_snapshot(
         files: manifest.files(),
         bytes: manifest.bytes(),
         committed_unix_ms: now_ms(),
+        manifest: upload.manifest.map(|m| m.to_hex()),
     };
     let loc = commit_loc(target, writer.token, &record.snapshot)?;
     let body = serde_json::to_vec_pretty(&record)

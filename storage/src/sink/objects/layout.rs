@@ -41,6 +41,11 @@ pub struct CommitRecord {
     pub bytes: u64,
     /// When the record was written (milliseconds since the Unix epoch).
     pub committed_unix_ms: i64,
+    /// The id the sink holds the snapshot's manifest under, when it is not
+    /// the snapshot's: an encrypted tenant's snapshot, whose manifest the
+    /// sink holds in clear (encoded again, so under another id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 /// The format of commit records written now.
@@ -54,6 +59,11 @@ impl CommitRecord {
     /// The snapshot id.
     pub fn snapshot_id(&self) -> Result<SnapshotId> {
         self.snapshot.parse()
+    }
+
+    /// The id of the manifest the sink holds for it ([`read_root`]).
+    pub fn manifest_id(&self) -> Result<SnapshotId> {
+        self.manifest.as_deref().unwrap_or(&self.snapshot).parse()
     }
 }
 

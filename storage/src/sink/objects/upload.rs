@@ -46,6 +46,9 @@ pub struct Upload {
     /// a mirror commit may delete (a concurrent writer's new objects are
     /// not this writer's to remove).
     pub(super) listed: HashMap<String, Listed>,
+    /// Where the sink holds the manifest if not under the snapshot's id:
+    /// an encrypted tenant's, written in clear ([`write_clear_manifest`]).
+    pub(super) manifest: Option<SnapshotId>,
 }
 
 /// One object of a listing.
@@ -177,7 +180,13 @@ pub async fn upload_snapshot(target: &Target, w: &mut SinkWrite<'_>) -> Result<U
     if let Some(err) = failed {
         return Err(err);
     }
-    upload.stats.pages_written = write_manifest(&ctx, id).await?;
+    if ctx.store.codec(ctx.tenant)?.is_plain() {
+        upload.stats.pages_written = write_manifest(&ctx, id).await?;
+    } else {
+        let (pages, clear) = write_clear_manifest(&ctx, id).await?;
+        upload.stats.pages_written = pages;
+        upload.manifest = Some(clear);
+    }
     Ok(upload)
 }
 
@@ -223,6 +232,64 @@ async fn write_manifest(ctx: &Ctx<'_>, id: &SnapshotId) -> Result<u64> {
         .await
         .map_err(|e| sink_error(ctx.target, "writing the manifest", e))?;
     Ok(written)
+}
+
+/// An encrypted tenant's manifest, for the sink: the sink holds the files
+/// in clear, and a restore from the sink alone must need no key, so the
+/// manifest is encoded again in clear (the same entries, pages named by
+/// their plain BLAKE3; unchanged pages of an incremental export are shared
+/// as usual). Returns the pages written and the clear manifest's id, which
+/// the commit record names.
+async fn write_clear_manifest(ctx: &Ctx<'_>, id: &SnapshotId) -> Result<(u64, SnapshotId)> {
+    let have = list_pages(ctx.target).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Vec<u8>)>(ctx.target.concurrency * 2);
+    let (store, tenant, id) = (ctx.store.clone(), ctx.tenant.to_string(), *id);
+    let encode = ctx.pool.run(move || -> Result<(SnapshotId, Vec<u8>)> {
+        let Stored::V2(root) = crate::store::read_root(store.as_ref(), &tenant, &id)? else {
+            return Err(Error::decode(
+                "manifest",
+                "an encrypted tenant's snapshot in the v1 format",
+            ));
+        };
+        let header = root.clone();
+        let mut encoder = crate::manifest::Encoder::new();
+        let mut emit = |page: &ChunkId, bytes: &[u8]| {
+            tx.blocking_send((*page, bytes.to_vec()))
+                .map_err(|_| Error::Cancelled)
+        };
+        for e in crate::store::Entries::new(store, &tenant, Stored::V2(root)) {
+            encoder.push(&e?, &mut emit)?;
+        }
+        encoder.finish(
+            (&header.tenant, &header.dataset),
+            header.parent,
+            header.created_unix_ms,
+            header.chunking,
+            &mut emit,
+        )
+    });
+    let have = &have;
+    let upload = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|page| (page, rx))
+    })
+    .filter(|(page, _)| futures::future::ready(!have.contains(page)))
+    .map(|(page, bytes)| async move {
+        ctx.target
+            .store
+            .put(&page_loc(ctx.target, &page)?, PutPayload::from(bytes))
+            .await
+            .map_err(|e| sink_error(ctx.target, "writing a manifest page", e))?;
+        Ok::<_, Error>(1u64)
+    })
+    .buffer_unordered(ctx.target.concurrency)
+    .try_fold(0u64, |n, one| futures::future::ready(Ok(n + one)));
+    let ((clear, root), written) = futures::try_join!(encode, upload)?;
+    ctx.target
+        .store
+        .put(&manifest_loc(ctx.target, &clear)?, PutPayload::from(root))
+        .await
+        .map_err(|e| sink_error(ctx.target, "writing the manifest", e))?;
+    Ok((written, clear))
 }
 
 struct Ctx<'a> {
