@@ -984,6 +984,12 @@ impl Client {
         .await
     }
 
+    /// Runs a cold tier pass on the node called (needs the `admin` scope).
+    pub async fn tier(&self) -> Result<proto::TierResponse> {
+        self.call(|mut grpc| async move { grpc.tier(proto::TierRequest {}).await })
+            .await
+    }
+
     /// The encrypted tenants and their data keys' fingerprints (needs the
     /// `admin` scope); `tenant`: just that one.
     pub async fn tenant_keys(&self, tenant: Option<&str>) -> Result<Vec<proto::TenantKeyInfo>> {

@@ -755,6 +755,33 @@ pub async fn run(ctx: Ctx, cmd: Cmd) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::Tier { all } => {
+            let (reports, failed) =
+                on_members(&client, &ctx, all, |c| async move { c.tier().await }).await?;
+            let nodes: Vec<_> = reports
+                .iter()
+                .map(|r| {
+                    json!({
+                        "node": r.node, "packs": r.packs, "chunks": r.chunks, "bytes": r.bytes,
+                        "evicted": r.evicted, "seconds": r.seconds,
+                    })
+                })
+                .collect();
+            if ctx.json {
+                print_json(&json!({ "nodes": nodes }));
+            } else {
+                for r in &reports {
+                    println!(
+                        "node {}: {} packs, {} chunks ({} bytes) moved to the cold tier, {} \
+                         evicted here, in {:.1}s",
+                        r.node, r.packs, r.chunks, r.bytes, r.evicted, r.seconds
+                    );
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Cmd::Scrub { all } => {
             let (reports, mut failed) =
                 on_members(&client, &ctx, all, |c| async move { c.scrub().await }).await?;

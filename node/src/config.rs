@@ -61,8 +61,25 @@ pub struct FileConfig {
     pub retention: Vec<FileRetention>,
     #[serde(default)]
     pub encryption: FileEncryption,
+    #[serde(default)]
+    pub cold: FileCold,
 }
 
+/// The cold tier: chunks of old snapshots packed into a bucket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCold {
+    /// `s3://bucket[/prefix]` (or `file:///abs/dir`): the same on every node.
+    pub url: Option<String>,
+    /// Chunks only snapshots older than this reach are moved, e.g. "30d".
+    pub age: Option<String>,
+    /// Between this node's passes ("0s": only on demand, `bitclone tier`).
+    pub interval: Option<String>,
+    /// The size a pack is filled to, e.g. "64MiB".
+    pub pack_size: Option<String>,
+    /// S3 settings of the bucket (default: the node's `[s3]`).
+    pub s3: Option<bitclone_storage::sink::objects::S3Options>,
+}
 /// Where the key-encryption keys of encrypted tenants come from (one of
 /// the two).
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +311,20 @@ pub struct NodeConfig {
     pub retention: Vec<(String, String, bitclone_raft::retention::Retention)>,
     /// The key-encryption keys of encrypted tenants.
     pub keys: crate::keys::KeySource,
+    pub cold: ColdSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColdSettings {
+    /// The bucket's URL; none: no cold tier.
+    pub url: Option<String>,
+    pub s3: bitclone_storage::sink::objects::S3Options,
+    /// Chunks reached only by snapshots older than this move; none: none
+    /// move (packs already there are still read).
+    pub age: Option<Duration>,
+    /// Between passes; zero: only on demand.
+    pub interval: Duration,
+    pub pack_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -662,7 +693,23 @@ impl NodeConfig {
         if let crate::keys::KeySource::File(f) = &keys {
             protected.push(f.clone());
         }
+        let cold = ColdSettings {
+            url: env("BITCLONE_COLD_URL")
+                .filter(|v| !v.is_empty())
+                .or(fc.cold.url),
+            s3: fc.cold.s3.unwrap_or_else(|| s3.clone()).or_env(),
+            age: opt_duration(env, "BITCLONE_COLD_AGE", fc.cold.age)?,
+            interval: dur("BITCLONE_COLD_INTERVAL", fc.cold.interval, "1h")?,
+            pack_size: size("BITCLONE_COLD_PACK_SIZE", fc.cold.pack_size, 64 << 20)?,
+        };
+        if cold.url.is_none() && cold.age.is_some() {
+            bail!("cold.age is set but cold.url is not: where would chunks go?");
+        }
+        if !(1 << 20..=1 << 30).contains(&cold.pack_size) {
+            bail!("cold.pack_size must be between 1MiB and 1GiB");
+        }
         Ok(NodeConfig {
+            cold,
             keys,
             sinks,
             files: crate::roots::FileRoots {

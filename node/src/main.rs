@@ -3,6 +3,7 @@
 mod audit;
 mod auth;
 mod cli;
+mod cold;
 mod config;
 mod dev;
 mod erase;
@@ -236,6 +237,13 @@ enum Cmd {
     Gc {
         #[arg(long)]
         dry_run: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Move the chunks of snapshots older than [cold] age to the cold
+    /// bucket (admin) now, on the node called (or every member with --all):
+    /// packed, then evicted locally; reads fetch them back.
+    Tier {
         #[arg(long)]
         all: bool,
     },

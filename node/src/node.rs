@@ -29,6 +29,10 @@ pub struct Node {
     pub config: NodeConfig,
     /// Keeps the store's keyring equal to the state's tenant keys.
     pub key_sync: std::sync::Mutex<crate::keys::KeySync>,
+    /// The cold tier's bucket, if `[cold]` names one.
+    pub cold: Option<Arc<bitclone_storage::cold::ColdBucket>>,
+    /// One cold tier pass at a time.
+    pub cold_pass: tokio::sync::Mutex<()>,
     pub cluster: Arc<bitclone_raft::Cluster>,
     pub store: Arc<RocksStore>,
     pub pool: CpuPool,
@@ -88,10 +92,27 @@ impl Node {
         // Nothing of any tenant is read or written until the tenants'
         // keys are loaded from the state (`keys::sync_now`).
         store.keyring().require_load();
+        let cold = match &config.cold.url {
+            Some(url) => {
+                let tier = Arc::new(
+                    bitclone_storage::cold::ColdBucket::open(
+                        url,
+                        &config.cold.s3,
+                        tokio::runtime::Handle::current(),
+                    )
+                    .with_context(|| format!("opening the cold tier {url}"))?,
+                );
+                store.set_cold_reader(tier.clone());
+                Some(tier)
+            }
+            None => None,
+        };
         let pool = CpuPool::new(config.cpu_threads, "bitclone-cpu")?;
         let space = crate::space::Space::new(&config.data_dir, config.disk_reserve);
         Ok(Arc::new(Node {
             key_sync: Default::default(),
+            cold,
+            cold_pass: Default::default(),
             space,
             events: Default::default(),
             config,

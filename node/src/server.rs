@@ -188,6 +188,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<ExitCode> {
     ));
 
     tokio::spawn(crate::keys::sync_loop(node.clone()));
+    tokio::spawn(crate::cold::cold_loop(node.clone()));
     tokio::spawn(crate::gc::gc_loop(node.clone()));
     tokio::spawn(crate::gc::retention_loop(node.clone()));
     tokio::spawn(crate::erase::purge_loop(node.clone()));

@@ -1649,6 +1649,28 @@ impl BitClone for Api {
         result
     }
 
+    async fn tier(
+        &self,
+        request: Request<pb::TierRequest>,
+    ) -> Result<Response<pb::TierResponse>, Status> {
+        let call = self.authenticate(&request, "tier")?;
+        self.allow_admin(&call, "tier", "")?;
+        let result = async {
+            let r = crate::cold::tier_once(&self.node).await.map_err(status)?;
+            Ok(Response::new(pb::TierResponse {
+                node: self.node.cluster.id,
+                packs: r.packs,
+                chunks: r.chunks,
+                bytes: r.bytes,
+                evicted: r.evicted,
+                seconds: r.seconds,
+            }))
+        }
+        .await;
+        self.audited(&call, "tier", "", "", &result);
+        result
+    }
+
     async fn tenant_keys(
         &self,
         request: Request<pb::TenantKeysRequest>,

@@ -166,7 +166,7 @@ fn an_encrypted_tenant_is_never_on_disk_in_clear_and_rotates_its_kek_without_rew
         .as_array()
         .unwrap()
     {
-        assert_eq!(r["bad"].as_array().map_or(0, |b| b.len()), 0, "{r}");
+        assert_eq!(r["bad"], 0, "{r}");
         assert!(r["chunks"].as_u64().unwrap() > 0, "{r}");
     }
     for via in 1..=3 {

@@ -642,3 +642,169 @@ fn reconcile_finds_drift_in_s3_and_the_catalog_and_repairs_it() {
             .join("\n")
     );
 }
+
+#[test]
+fn the_cold_tier_moves_old_chunks_to_garage_and_reads_them_back_verified() {
+    use bitclone_chaos::servers::Garage;
+    use bitclone_storage::{ChunkId, RocksOptions, RocksStore};
+    use object_store::ObjectStoreExt;
+    assert!(
+        Garage::available(),
+        "garage is missing: make test installs it"
+    );
+    let g = Garage::start();
+    g.create_bucket("cold");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cold.toml");
+    // Chunks only snapshots older than 5 s reach move; passes on demand.
+    std::fs::write(
+        &config,
+        format!(
+            "[cold]\nurl = \"s3://cold/tier\"\nage = \"5s\"\ninterval = \"0s\"\n\
+             [cold.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\n\
+             secret_access_key = \"{}\"\n",
+            g.endpoint(),
+            g.region(),
+            g.access_key(),
+            g.secret_key(),
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("BITCLONE_CONFIG", config.to_str().unwrap()),
+        ("BITCLONE_GC_INTERVAL", "0s"),
+        ("BITCLONE_GC_GRACE", "0s"),
+    ];
+    let mut c = TestCluster::start_with_env(tmp.path(), 3, 3, &env);
+    // The first snapshot has a file the second drops (`gone.bin`: reached
+    // only by an old snapshot, it moves) and one both keep (`kept.bin`:
+    // a young snapshot reaches it, it stays). Both smaller than a chunk.
+    let mut rng = seeded(77);
+    let (gone, kept) = (
+        random_bytes(&mut rng, 90 << 10),
+        random_bytes(&mut rng, 90 << 10),
+    );
+    let (v1, v2) = (tmp.path().join("v1"), tmp.path().join("v2"));
+    generate_tree(&v1, 8, 30, 0);
+    std::fs::write(v1.join("gone.bin"), &gone).unwrap();
+    std::fs::write(v1.join("kept.bin"), &kept).unwrap();
+    let s1 = put(&c, 1, &v1, "ds");
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    copy_tree(&v1, &v2);
+    std::fs::remove_file(v2.join("gone.bin")).unwrap();
+    std::fs::write(v2.join("d0/s0/f0.bin"), b"edited").unwrap();
+    let s2 = put(&c, 2, &v2, "ds");
+
+    // One node (the dataset's first replica) packs; a second round makes
+    // every node index the pack (a pass first catches up) and evict.
+    let first: Vec<serde_json::Value> = c.node(1).json(&["tier", "--all"])["nodes"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let packs: u64 = first.iter().map(|r| n(r, "packs")).sum();
+    let moved: u64 = first.iter().map(|r| n(r, "chunks")).sum();
+    assert_eq!(packs, 1, "{first:?}");
+    assert!(
+        moved >= 2,
+        "gone.bin and the edited file's old chunks: {first:?}"
+    );
+    let second = c.node(2).json(&["tier", "--all"]);
+    let nodes = second["nodes"].as_array().unwrap();
+    assert!(
+        nodes.iter().all(|r| n(r, "packs") == 0),
+        "nothing left to move: {second}"
+    );
+
+    // Offline, every node: gone.bin's chunk is no longer held locally, only
+    // recorded in the pack (the bucket is the one copy); kept.bin's is.
+    let dirs: Vec<_> = (1..=3).map(|id| c.node_dir(id)).collect();
+    let (gone_id, kept_id) = (ChunkId::of(&gone), ChunkId::of(&kept));
+    let check = |c: &mut TestCluster, moved: bool| {
+        for (_, node) in std::mem::take(&mut c.nodes) {
+            node.stop();
+        }
+        for dir in &dirs {
+            let store = RocksStore::open(&dir.join("db"), &RocksOptions::default()).unwrap();
+            assert!(
+                !store.holds_locally("default", &gone_id).unwrap(),
+                "{}",
+                dir.display()
+            );
+            assert_eq!(
+                store.cold_record("default", &gone_id).unwrap().is_some(),
+                moved,
+                "{}",
+                dir.display()
+            );
+            assert!(store.holds_locally("default", &kept_id).unwrap());
+            assert!(store.cold_record("default", &kept_id).unwrap().is_none());
+        }
+    };
+    check(&mut c, true);
+    for id in 1..=3 {
+        c.start_node(id, &[]);
+    }
+    c.wait_voters(1, 3);
+
+    // Reads through every node fetch evicted chunks back, byte-identical.
+    for via in 1..=3 {
+        get_matches(&c, via, "ds", &s1, &v1);
+        get_matches(&c, via, "ds", &s2, &v2);
+    }
+    // A damaged pack: the read is refused, naming the chunk, not served.
+    let bucket = garage_target(&g, "s3://cold/tier");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed: Vec<object_store::path::Path> = rt.block_on(async {
+        use futures::TryStreamExt;
+        bucket
+            .store
+            .list(Some(&bucket.prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .unwrap()
+    });
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let good = rt.block_on(async {
+        bucket
+            .store
+            .get(&listed[0])
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    });
+    let at = good
+        .windows(64)
+        .position(|w| w == &gone[1000..1064])
+        .expect("gone.bin is in the pack, as stored");
+    let mut bad = good.to_vec();
+    bad[at] ^= 1;
+    rt.block_on(bucket.store.put(&listed[0], bad.into()))
+        .unwrap();
+    let out = tmp.path().join("damaged");
+    let e = c.node(3).fails(&[
+        "get",
+        "--dataset",
+        "ds",
+        "--snapshot",
+        &s1,
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains(&gone_id.to_hex()),
+        "the error names the chunk: {e}"
+    );
+    rt.block_on(bucket.store.put(&listed[0], good.clone().into()))
+        .unwrap();
+    get_matches(&c, 3, "ds", &s1, &v1);
+
+    // Deleting the old snapshot frees its cold chunks' records too.
+    c.node(1).json(&["snapshot-delete", "--dataset", "ds", &s1]);
+    for _ in 0..2 {
+        gc_all(&c, 1, false);
+    }
+    get_matches(&c, 2, "ds", &s2, &v2);
+    check(&mut c, false);
+}

@@ -95,6 +95,20 @@ pub struct ClusterState {
     /// tenant's chunks and manifests are sealed with it.
     #[serde(default)]
     pub tenant_keys: BTreeMap<String, TenantKey>,
+    /// Packs of chunks in the cold tier's bucket (name → what it holds):
+    /// every node indexes each one and drops its local copies of them.
+    #[serde(default)]
+    pub cold_packs: BTreeMap<String, ColdPack>,
+}
+
+/// A pack of chunks written to the cold tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdPack {
+    pub chunks: u64,
+    pub bytes: u64,
+    /// The node that wrote it.
+    pub by: NodeId,
+    pub unix_ms: i64,
 }
 
 /// An encrypted tenant's data key, wrapped by a key-encryption key that
@@ -379,6 +393,11 @@ pub enum Command {
         #[serde(default)]
         rewrap: bool,
     },
+    /// A pack is in the cold tier's bucket: every node indexes it.
+    AddColdPack {
+        pack: String,
+        info: ColdPack,
+    },
     /// `node` purged every key of an erased tenant from its store.
     TenantPurged {
         tenant: String,
@@ -408,7 +427,8 @@ impl Command {
             | Command::EraseTenant { .. }
             | Command::ForgetTenant { .. }
             | Command::TenantPurged { .. }
-            | Command::SetTenantKey { .. } => 3,
+            | Command::SetTenantKey { .. }
+            | Command::AddColdPack { .. } => 3,
             Command::CommitSnapshot {
                 sealed_by: Some(_), ..
             } => 3,
@@ -1254,6 +1274,16 @@ fn apply_cmd(state: &mut ClusterState, now: i64, cmd: &Command) -> Result<Respon
             if let Some(e) = state.erasing.get_mut(tenant) {
                 e.forgotten = true;
             }
+            Ok(Response::Ok)
+        }
+        Command::AddColdPack { pack, info } => {
+            state
+                .cold_packs
+                .entry(pack.clone())
+                .or_insert_with(|| ColdPack {
+                    unix_ms: now,
+                    ..info.clone()
+                });
             Ok(Response::Ok)
         }
         Command::SetTenantKey {

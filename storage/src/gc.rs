@@ -36,8 +36,8 @@ use crate::chunk::{ChunkId, SnapshotId};
 use crate::error::{Error, Result};
 use crate::manifest::{decode_root, Page, Stored};
 use crate::rocks::{
-    now_ms, pending_key, tenant_key, RocksStore, CF_CHUNKS, CF_CHUNK_INDEX, CF_GC_PENDING,
-    CF_MANIFESTS, PENDING_CHUNK, PENDING_ROOT,
+    cold_key, now_ms, pending_key, tenant_key, RocksStore, CF_CHUNKS, CF_CHUNK_INDEX,
+    CF_GC_PENDING, CF_MANIFESTS, PENDING_CHUNK, PENDING_ROOT,
 };
 use crate::store::ChunkStore;
 
@@ -665,6 +665,7 @@ impl RocksStore {
             batch.delete_cf(self.cf(family), &c.key);
             if family == CF_CHUNK_INDEX {
                 batch.delete_cf(self.cf(CF_CHUNKS), &c.key);
+                batch.delete_cf(pending_cf, cold_key(&c.key));
             }
             count(c, report);
         }
@@ -756,6 +757,7 @@ impl RocksStore {
             let k = |b: &[u8]| pending_key(kind, b);
             batch.delete_range_cf(self.cf(CF_GC_PENDING), k(&start), k(&end));
         }
+        batch.delete_range_cf(self.cf(CF_GC_PENDING), cold_key(&start), cold_key(&end));
         self.write(batch, true)?;
         self.compact_freed()?;
         Ok(out)
@@ -770,6 +772,7 @@ impl RocksStore {
         for family in [CF_CHUNKS, CF_CHUNK_INDEX, CF_MANIFESTS] {
             n += self.count_prefix(family, &start)?;
         }
+        n += self.count_prefix(CF_GC_PENDING, &cold_key(&start))?;
         for kind in [PENDING_CHUNK, PENDING_ROOT] {
             n += self.count_prefix(CF_GC_PENDING, &pending_key(kind, &start))?;
         }
@@ -807,6 +810,8 @@ pub struct ScrubReport {
     pub bad: Vec<(String, ChunkId, String)>,
     /// Roots that do not match their name: (tenant, snapshot).
     pub bad_roots: Vec<(String, SnapshotId)>,
+    /// Chunks in the cold tier, not held here: checked when read back.
+    pub cold: u64,
     pub seconds: f64,
 }
 
@@ -849,6 +854,12 @@ impl RocksStore {
             report.chunks += 1;
             // The stored bytes against their name: no key needed, so an
             // encrypted tenant's chunks are checked on every node.
+            // An evicted chunk is checked where it is, in its pack, when
+            // read: a scrub reads only what this node holds.
+            if !self.holds_locally(&tenant, &id)? && self.cold_record(&tenant, &id)?.is_some() {
+                report.cold += 1;
+                continue;
+            }
             match self.get_stored_chunk(&tenant, &id) {
                 Ok(data) => report.bytes += data.len() as u64,
                 // Freed by garbage collection since the index was read.

@@ -7,6 +7,7 @@
 mod backoff;
 mod chunk;
 pub mod chunker;
+pub mod cold;
 pub mod conformance;
 pub mod crypt;
 mod error;

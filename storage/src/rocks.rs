@@ -15,6 +15,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, SnapshotId};
+use crate::cold::{decode_record, encode_record, PackEntry, SharedColdReader};
 use crate::crypt::Keyring;
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;
@@ -35,6 +36,11 @@ pub(crate) const CF_GC_PENDING: &str = CF_META;
 pub(crate) const PENDING_PREFIX: u8 = b'g';
 pub(crate) const PENDING_CHUNK: u8 = b'c';
 pub(crate) const PENDING_ROOT: u8 = b'm';
+/// A chunk in the cold tier, in `meta`: `[b'c'][chunk key]` → its pack,
+/// offset and length ([`crate::cold`]).
+pub(crate) const COLD_PREFIX: u8 = b'c';
+/// A pack this store indexed, in `meta`: `[b'p'][pack name]`.
+const PACK_PREFIX: u8 = b'p';
 
 /// Tuning of the RocksDB store.
 #[derive(Debug, Clone)]
@@ -154,6 +160,8 @@ pub struct RocksStore {
     watcher: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     pub(crate) gc: GcState,
     keyring: Keyring,
+    /// Reads evicted chunks back from the cold tier, once one is set.
+    cold: OnceLock<SharedColdReader>,
 }
 
 /// What garbage collection shares with the readers and writers of the
@@ -337,6 +345,7 @@ impl RocksStore {
                 ..GcState::default()
             },
             keyring: Keyring::default(),
+            cold: OnceLock::new(),
         };
         let any = store
             .db
@@ -516,6 +525,83 @@ impl RocksStore {
             return Ok(None);
         }
         Ok(Some(self.gc.gate.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Sets where evicted chunks are read back from (once).
+    pub fn set_cold_reader(&self, reader: SharedColdReader) {
+        let _ = self.cold.set(reader);
+    }
+
+    /// An evicted chunk's stored bytes, from its pack in the cold tier
+    /// (checked against its name by the caller, as any read).
+    fn load_cold(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
+        let Some((pack, offset, len)) = self.cold_record(tenant, id)? else {
+            return Err(Error::MissingChunk(*id));
+        };
+        let reader = self.cold.get().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "chunk {id} is in the cold tier (pack {pack}) and this node has no [cold] bucket"
+            ))
+        })?;
+        reader.read(&pack, offset, len)
+    }
+
+    /// Where `id` is in the cold tier, if it is.
+    pub fn cold_record(&self, tenant: &str, id: &ChunkId) -> Result<Option<(ChunkId, u64, u32)>> {
+        let key = cold_key(&tenant_key(tenant, id.as_bytes()));
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_META), key)?
+            .and_then(|v| decode_record(&v)))
+    }
+
+    /// Whether this store holds a copy of `id` itself (not evicted).
+    pub fn holds_locally(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()))?
+            .is_some())
+    }
+
+    /// Whether the pack `pack` was indexed here.
+    pub fn has_pack(&self, pack: &ChunkId) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_META), pack_key(pack))?
+            .is_some())
+    }
+
+    /// Records every chunk of `pack` (in the cold bucket now) and drops
+    /// the local copies of those this store holds; returns how many it
+    /// dropped. A chunk freed meanwhile gets no record (its index entry is
+    /// gone). Durable when it returns.
+    pub fn index_pack(&self, pack: &ChunkId, entries: &[PackEntry]) -> Result<u64> {
+        self.check_writable()?;
+        let mut batch = WriteBatch::default();
+        let mut evicted = 0;
+        let _gate = self.gc.gate.lock().unwrap_or_else(|e| e.into_inner());
+        for e in entries {
+            let key = tenant_key(&e.tenant, e.id.as_bytes());
+            if self
+                .db
+                .get_pinned_cf(self.cf(CF_CHUNK_INDEX), &key)?
+                .is_none()
+            {
+                continue;
+            }
+            batch.put_cf(
+                self.cf(CF_META),
+                cold_key(&key),
+                encode_record(pack, e.offset, e.len),
+            );
+            if self.db.get_pinned_cf(self.cf(CF_CHUNKS), &key)?.is_some() {
+                batch.delete_cf(self.cf(CF_CHUNKS), &key);
+                evicted += 1;
+            }
+        }
+        batch.put_cf(self.cf(CF_META), pack_key(pack), []);
+        self.write(batch, true)?;
+        Ok(evicted)
     }
 
     /// Replaces a stored chunk with good bytes (from a replica) after a read
@@ -729,7 +815,7 @@ impl ChunkStore for RocksStore {
             .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()), &opts)
         {
             Ok(Some(v)) => Ok(v),
-            Ok(None) => Err(Error::MissingChunk(*id)),
+            Ok(None) => self.load_cold(tenant, id),
             Err(e) if e.kind() == ErrorKind::Corruption => Err(Error::CorruptChunk {
                 chunk: *id,
                 detail: e.to_string(),
@@ -775,6 +861,20 @@ pub(crate) fn pending_key(kind: u8, key: &[u8]) -> Vec<u8> {
     k.push(PENDING_PREFIX);
     k.push(kind);
     k.extend_from_slice(key);
+    k
+}
+
+/// A cold record's key in `meta`.
+pub(crate) fn cold_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(COLD_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+fn pack_key(pack: &ChunkId) -> Vec<u8> {
+    let mut k = vec![PACK_PREFIX];
+    k.extend_from_slice(pack.as_bytes());
     k
 }
 
