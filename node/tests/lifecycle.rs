@@ -692,7 +692,7 @@ fn the_cold_tier_moves_old_chunks_to_garage_and_reads_them_back_verified() {
     std::thread::sleep(std::time::Duration::from_secs(6));
     copy_tree(&v1, &v2);
     std::fs::remove_file(v2.join("gone.bin")).unwrap();
-    std::fs::write(v2.join("d0/s0/f0.bin"), b"edited").unwrap();
+    std::fs::write(v2.join("d1/s1/f1.bin"), b"edited").unwrap();
     let s2 = put(&c, 2, &v2, "ds");
 
     // One node (the dataset's first replica) packs; a second round makes

@@ -153,13 +153,17 @@ impl Codec {
                 let mut out = Vec::with_capacity(content.len() + SEAL_OVERHEAD);
                 out.push(SEALED_V1);
                 out.extend_from_slice(&siv);
-                let mut body = content.to_vec();
-                chunk_key(c, &siv)
-                    .seal_in_place_append_tag(zero_nonce(), Aad::from(CHUNK_AAD), &mut body)
+                out.extend_from_slice(content);
+                let tag = chunk_key(c, &siv)
+                    .seal_in_place_separate_tag(
+                        zero_nonce(),
+                        Aad::from(CHUNK_AAD),
+                        &mut out[1 + SIV_BYTES..],
+                    )
                     // Only fails past AES-GCM's 64 GiB message limit, far
                     // above any chunk or page.
                     .expect("AES-256-GCM seals a chunk-sized message");
-                out.extend_from_slice(&body);
+                out.extend_from_slice(tag.as_ref());
                 (ChunkId::of(&out), Cow::Owned(out))
             }
         }
@@ -186,7 +190,8 @@ impl Codec {
         let siv: [u8; SIV_BYTES] = stored[1..1 + SIV_BYTES]
             .try_into()
             .map_err(|_| corrupt("short synthetic IV"))?;
-        let mut body = stored[1 + SIV_BYTES..].to_vec();
+        let mut body = stored;
+        body.drain(..1 + SIV_BYTES);
         let n = chunk_key(c, &siv)
             .open_in_place(zero_nonce(), Aad::from(CHUNK_AAD), &mut body)
             .map_err(|_| corrupt("does not open with this tenant's data key"))?
