@@ -57,7 +57,7 @@ pub async fn tier_once(node: &Arc<Node>) -> Result<TierReport, StoreError> {
     let _pass = node.cold_pass.lock().await;
     // Packs other nodes wrote first: their chunks are not moved again.
     let mut report = TierReport {
-        evicted: index_new_packs(node).await?,
+        evicted: index_new_packs(node).await,
         ..TierReport::default()
     };
     let cutoff = bitclone_raft::cluster::now_ms() - age.as_millis() as i64;
@@ -112,12 +112,17 @@ pub async fn tier_once(node: &Arc<Node>) -> Result<TierReport, StoreError> {
             for id in chunks_of(&w.old)? {
                 if young.contains(&id)
                     || !seen.insert(id)
-                    || !store.holds_locally(&w.tenant, &id)?
                     || store.cold_record(&w.tenant, &id)?.is_some()
                 {
                     continue;
                 }
-                let bytes = store.get_stored_chunk(&w.tenant, &id)?;
+                // Only a good copy held here goes (a bad one is scrub's to
+                // repair first).
+                let bytes = match store.load_local(&w.tenant, &id) {
+                    Ok(Some(b)) if id.verify(&b) => b,
+                    Ok(_) | Err(StoreError::CorruptChunk { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
                 pack.add(&w.tenant, id, &bytes);
                 if pack.len() >= pack_size {
                     let full = std::mem::replace(&mut pack, PackBuilder::new());
@@ -133,8 +138,10 @@ pub async fn tier_once(node: &Arc<Node>) -> Result<TierReport, StoreError> {
     while let Some(pack) = rx.recv().await {
         let chunks = pack.chunks() as u64;
         let bytes = pack.len() as u64;
-        let (name, data, entries) = pack.finish();
+        let (name, data, _) = pack.finish();
         tier.put(&name, data).await?;
+        // Read back and checked before anyone drops a copy on its account.
+        let entries = tier.verified_entries(&name).await?;
         let resp = node
             .cluster
             .write(RaftCommand::AddColdPack {
@@ -163,33 +170,43 @@ pub async fn tier_once(node: &Arc<Node>) -> Result<TierReport, StoreError> {
     Ok(report)
 }
 
-/// Indexes the packs the state lists that this store has not: their
-/// chunks' records written, local copies dropped. Returns the copies
-/// dropped.
-pub async fn index_new_packs(node: &Arc<Node>) -> Result<u64, StoreError> {
+/// Indexes the packs the state lists that this store has not: each read
+/// whole and checked (see [`bitclone_storage::cold::ColdBucket::verified_entries`]),
+/// then its chunks' records written and local copies dropped. Returns the
+/// copies dropped; a pack that fails is logged and tried again next time,
+/// the others go on.
+pub async fn index_new_packs(node: &Arc<Node>) -> u64 {
     let Some(tier) = node.cold.clone() else {
-        return Ok(0);
+        return 0;
     };
     let packs: Vec<String> = node
         .cluster
         .local(|s| s.cold_packs.keys().cloned().collect());
     let mut evicted = 0;
     for hex in packs {
-        let pack: ChunkId = hex.parse()?;
-        let store = node.store.clone();
-        if tokio::task::spawn_blocking(move || store.has_pack(&pack))
-            .await
-            .unwrap_or(Err(StoreError::Panicked))?
-        {
-            continue;
+        let one = async {
+            let pack: ChunkId = hex.parse()?;
+            let store = node.store.clone();
+            if tokio::task::spawn_blocking(move || store.has_pack(&pack))
+                .await
+                .unwrap_or(Err(StoreError::Panicked))?
+            {
+                return Ok(0);
+            }
+            let entries = tier.verified_entries(&pack).await?;
+            let store = node.store.clone();
+            tokio::task::spawn_blocking(move || store.index_pack(&pack, &entries))
+                .await
+                .unwrap_or(Err(StoreError::Panicked))
+        };
+        match one.await {
+            Ok(n) => evicted += n,
+            Err(e) => {
+                tracing::error!(pack = %hex, error = %e, "cold tier: a pack cannot be indexed; its chunks stay here")
+            }
         }
-        let entries = tier.index(&pack).await?;
-        let store = node.store.clone();
-        evicted += tokio::task::spawn_blocking(move || store.index_pack(&pack, &entries))
-            .await
-            .unwrap_or(Err(StoreError::Panicked))?;
     }
-    Ok(evicted)
+    evicted
 }
 
 /// Every node: follows the state's packs (every 2 s) and, every
@@ -205,9 +222,7 @@ pub async fn cold_loop(node: Arc<Node>) {
         if node.is_shutting_down() {
             return;
         }
-        if let Err(e) = index_new_packs(&node).await {
-            tracing::warn!(error = %e, "cold tier: indexing packs failed; retrying");
-        }
+        index_new_packs(&node).await;
         if interval.is_zero() || node.config.cold.age.is_none() || last_pass.elapsed() < interval {
             continue;
         }

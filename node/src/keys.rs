@@ -359,6 +359,13 @@ pub async fn rewrap(node: &Arc<Node>, tenant: Option<&str>) -> Result<Vec<KeyInf
         let key = tokio::task::spawn_blocking(move || {
             let dk = source.unwrap(&t, &old.kek, &old.wrapped)?;
             let (kek, wrapped) = source.wrap(&t, &dk)?;
+            // The new wrapping replaces the old one in the state: it must
+            // open, or the tenant would be locked out.
+            if source.unwrap(&t, &kek, &wrapped)?.id() != dk.id() {
+                return Err(StoreError::Unavailable(
+                    "the key source's unwrap does not give back the key it wrapped".into(),
+                ));
+            }
             Ok::<_, StoreError>(TenantKey {
                 kek,
                 wrapped,
@@ -388,7 +395,12 @@ async fn write(node: &Node, tenant: &str, key: TenantKey, rewrap: bool) -> Resul
         })
         .await
         .map_err(crate::node::raft_error)?;
-    crate::link::fenced_error("", resp)
+    crate::link::fenced_error("", resp)?;
+    // Applied here too before the answer is read from the local state.
+    node.cluster
+        .read(|_| ())
+        .await
+        .map_err(crate::node::raft_error)
 }
 
 #[cfg(test)]

@@ -148,6 +148,17 @@ pub fn parse_index(bytes: &[u8], count: u32, chunk_bytes_end: u64) -> Result<Vec
     Ok(out)
 }
 
+/// The entries of a whole pack's `bytes` (its trailer and index).
+pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>> {
+    let short = || Error::decode("cold pack", "shorter than its index".to_string());
+    let trailer_at = bytes.len().checked_sub(TRAILER_BYTES).ok_or_else(short)?;
+    let (count, len) = index_len(&bytes[trailer_at..])?;
+    let start = trailer_at
+        .checked_sub(usize::try_from(len).map_err(|_| short())?)
+        .ok_or_else(short)?;
+    parse_index(&bytes[start..trailer_at], count, start as u64)
+}
+
 /// Reads a byte range of a pack from the cold bucket. Blocking: called by
 /// store reads, which run on worker threads.
 pub trait ColdReader: Send + Sync {
@@ -216,25 +227,40 @@ impl ColdBucket {
             .map_err(|e| self.err(format!("writing cold pack {pack}"), e))
     }
 
-    /// A pack's index, read from its end (two ranged reads).
-    pub async fn index(&self, pack: &ChunkId) -> Result<Vec<PackEntry>> {
-        let size = self
+    /// Reads a whole pack back and checks it: its bytes hash to its name
+    /// and each chunk's bytes to the chunk's name. Returns its entries.
+    /// Nothing is evicted on the strength of a pack not checked so.
+    pub async fn verified_entries(&self, pack: &ChunkId) -> Result<Vec<PackEntry>> {
+        let what = || format!("reading cold pack {pack}");
+        let bytes = self
             .target
             .store
-            .head(&self.loc(pack))
+            .get(&self.loc(pack))
             .await
-            .map_err(|e| self.err(format!("reading cold pack {pack}"), e))?
-            .size;
-        let short = || {
-            self.err(
-                format!("cold pack {pack}"),
-                "damaged: shorter than its index",
-            )
-        };
-        let trailer_at = size.checked_sub(TRAILER_BYTES as u64).ok_or_else(short)?;
-        let (count, len) = index_len(&self.range(pack, trailer_at..size).await?)?;
-        let start = trailer_at.checked_sub(len).ok_or_else(short)?;
-        parse_index(&self.range(pack, start..trailer_at).await?, count, start)
+            .map_err(|e| self.err(what(), e))?
+            .bytes()
+            .await
+            .map_err(|e| self.err(what(), e))?;
+        if !pack.verify(&bytes) {
+            return Err(Error::CorruptChunk {
+                chunk: *pack,
+                detail: format!(
+                    "cold pack of {} bytes does not hash to its name",
+                    bytes.len()
+                ),
+            });
+        }
+        let entries = parse_pack(&bytes)?;
+        for e in &entries {
+            let at = e.offset as usize..(e.offset + u64::from(e.len)) as usize;
+            if !e.id.verify(&bytes[at]) {
+                return Err(Error::CorruptChunk {
+                    chunk: e.id,
+                    detail: format!("its bytes in cold pack {pack} do not hash to its name"),
+                });
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -279,6 +305,8 @@ mod tests {
         assert_eq!((p.chunks(), p.len()), (2, a.len() + b.len()));
         let (name, bytes, entries) = p.finish();
         assert_eq!(name, ChunkId::of(&bytes));
+        assert_eq!(parse_pack(&bytes).unwrap(), entries);
+        assert!(parse_pack(&bytes[..bytes.len() - 1]).is_err());
         let (count, len) = index_len(&bytes[bytes.len() - TRAILER_BYTES..]).unwrap();
         let end = bytes.len() - TRAILER_BYTES;
         let start = end - len as usize;

@@ -39,7 +39,7 @@ use crate::rocks::{
     cold_key, now_ms, pending_key, tenant_key, RocksStore, CF_CHUNKS, CF_CHUNK_INDEX,
     CF_GC_PENDING, CF_MANIFESTS, PENDING_CHUNK, PENDING_ROOT,
 };
-use crate::store::ChunkStore;
+use crate::store::{verified, ChunkStore};
 
 /// How a pass runs.
 #[derive(Debug, Clone)]
@@ -855,12 +855,18 @@ impl RocksStore {
             // The stored bytes against their name: no key needed, so an
             // encrypted tenant's chunks are checked on every node.
             // An evicted chunk is checked where it is, in its pack, when
-            // read: a scrub reads only what this node holds.
-            if !self.holds_locally(&tenant, &id)? && self.cold_record(&tenant, &id)?.is_some() {
-                report.cold += 1;
-                continue;
-            }
-            match self.get_stored_chunk(&tenant, &id) {
+            // read (and was, by every node, before it was evicted): a scrub
+            // reads only what this node holds.
+            let got = match self.load_local(&tenant, &id) {
+                Ok(Some(v)) => verified(&id, v),
+                Ok(None) if self.cold_record(&tenant, &id)?.is_some() => {
+                    report.cold += 1;
+                    continue;
+                }
+                Ok(None) => Err(Error::MissingChunk(id)),
+                Err(e) => Err(e),
+            };
+            match got {
                 Ok(data) => report.bytes += data.len() as u64,
                 // Freed by garbage collection since the index was read.
                 Err(Error::MissingChunk(_))

@@ -555,12 +555,31 @@ impl RocksStore {
             .and_then(|v| decode_record(&v)))
     }
 
+    /// The stored bytes of `id` if this store holds them itself (not
+    /// evicted to the cold tier), not checked yet.
+    pub fn load_local(&self, tenant: &str, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        // Every chunk read is checked against its BLAKE3 name, which
+        // catches everything RocksDB's block CRC would; skipping the CRC
+        // saves a software crc32c pass over every byte read (the portable
+        // RocksDB build has no SSE4.2 CRC), a third of an export's CPU.
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_verify_checksums(false);
+        match self
+            .db
+            .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()), &opts)
+        {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == ErrorKind::Corruption => Err(Error::CorruptChunk {
+                chunk: *id,
+                detail: e.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Whether this store holds a copy of `id` itself (not evicted).
     pub fn holds_locally(&self, tenant: &str, id: &ChunkId) -> Result<bool> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()))?
-            .is_some())
+        Ok(self.load_local(tenant, id)?.is_some())
     }
 
     /// Whether the pack `pack` was indexed here.
@@ -804,23 +823,9 @@ impl ChunkStore for RocksStore {
     }
 
     fn load_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Vec<u8>> {
-        // Every chunk read is checked against its BLAKE3 name below, which
-        // catches everything RocksDB's block CRC would; skipping the CRC
-        // saves a software crc32c pass over every byte read (the portable
-        // RocksDB build has no SSE4.2 CRC), a third of an export's CPU.
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_verify_checksums(false);
-        match self
-            .db
-            .get_cf_opt(self.cf(CF_CHUNKS), tenant_key(tenant, id.as_bytes()), &opts)
-        {
-            Ok(Some(v)) => Ok(v),
-            Ok(None) => self.load_cold(tenant, id),
-            Err(e) if e.kind() == ErrorKind::Corruption => Err(Error::CorruptChunk {
-                chunk: *id,
-                detail: e.to_string(),
-            }),
-            Err(e) => Err(e.into()),
+        match self.load_local(tenant, id)? {
+            Some(v) => Ok(v),
+            None => self.load_cold(tenant, id),
         }
     }
 

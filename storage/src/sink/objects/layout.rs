@@ -193,8 +193,17 @@ pub fn sink_entries(target: &Target, stored: Stored) -> EntryPages<'_> {
             // read in full even while its reader is busy for minutes (a
             // restore of large files), rather than timing out unpolled.
             let t = target.clone();
+            // A sink's manifest is in clear (an encrypted tenant's is
+            // written again in clear): its pages are named by their BLAKE3.
             let task = AbortOnDrop(tokio::spawn(async move {
-                get(&t, &page_loc(&t, &page)?, "reading a manifest page").await
+                let bytes = get(&t, &page_loc(&t, &page)?, "reading a manifest page").await?;
+                if !page.verify(&bytes) {
+                    return Err(Error::CorruptChunk {
+                        chunk: page,
+                        detail: format!("manifest page in {} does not hash to its name", t.url),
+                    });
+                }
+                Ok(bytes)
             }));
             async move {
                 let mut task = task;

@@ -310,6 +310,22 @@ mod tests {
         assert_eq!(latest.snapshot, id.to_hex());
         assert_eq!(latest.fencing_token, 1);
         assert_eq!(rt.block_on(read_manifest(&target, &id)).unwrap(), m);
+        // A page damaged in the sink is refused when read back, not decoded.
+        let page = std::fs::read_dir(root.join(".bitclone/pages"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let good = std::fs::read(&page).unwrap();
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        std::fs::write(&page, &bad).unwrap();
+        assert!(matches!(
+            rt.block_on(read_manifest(&target, &id)),
+            Err(Error::CorruptChunk { .. })
+        ));
+        std::fs::write(&page, &good).unwrap();
 
         // The same job again: nothing written, nothing committed twice.
         let again = export(&m, &id, 1).0.unwrap();
