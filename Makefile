@@ -46,7 +46,7 @@ TEST_ENV := env -u AWS_CA_BUNDLE -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
 	-u BITCLONE_TENANT -u BITCLONE_CONFIG -u PGPASSWORD -u PGHOST -u PGUSER
 
 .DEFAULT_GOAL := help
-.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run upgrade-test test build fmt clippy demo bench bench-cluster bench-gc bench-transport chaos chaos-smoke clean-cache
+.PHONY: help deps deps-bench deps-garage deps-k8s k8s-validate k8s-run upgrade-test test build fmt clippy demo bench bench-cluster bench-gc bench-crypt bench-transport chaos chaos-smoke clean-cache
 
 help:
 	@echo "BitClone make targets:"
@@ -57,6 +57,7 @@ help:
 	@echo "  make bench-cluster  3-node cluster: Raft write throughput, leader failover (median of 10), lease takeover"
 	@echo "  make bench-gc     garbage collection: chunks examined/s and node memory per pass (200,000-file datasets),"
 	@echo "                   puts with passes running vs without (BENCH_GC_ARGS='--files N --put-files N')"
+	@echo "  make bench-crypt  encryption at rest: put and get of an encrypted tenant next to a plain one (BENCH_CRYPT_ARGS='--files N --large N')"
 	@echo "  make bench-transport  QUIC chunk transfer vs socat TLS-over-TCP and plain TCP (1 GiB, loopback)"
 	@echo "  make chaos-smoke  3 nodes, seed $(CHAOS_SEED), every fault kind once (network and disk faults as root), oracle, report; ~2.5 min (make test runs it)"
 	@echo "  make upgrade-test build the previous release from git (deploy/previous-release), upgrade a 3-node"
@@ -165,6 +166,13 @@ bench-gc: deps
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
 	@mkdir -p .bitclone
 	@$(STEP) bench-gc bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-gc" --bitclone "$(BITCLONE)" $(BENCH_GC_ARGS) | tee .bitclone/bench-gc.json'
+
+# Encryption at rest: put and get of an encrypted tenant next to a plain one,
+# many small files and large ones, on one node.
+bench-crypt: deps
+	@$(STEP) build-bench $(CARGO) build --workspace --locked
+	@mkdir -p .bitclone
+	@$(STEP) bench-crypt bash -o pipefail -c '"$(CARGO_TARGET_DIR)/debug/bitclone-bench-crypt" --bitclone "$(BITCLONE)" $(BENCH_CRYPT_ARGS) | tee .bitclone/bench-crypt.json'
 
 bench-transport: deps-bench
 	@$(STEP) build-bench $(CARGO) build --workspace --locked
