@@ -13,6 +13,7 @@
 //! those fetches its range from the pack and checks it against its name.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,17 @@ use bitclone_storage::cold::PackBuilder;
 use bitclone_storage::{ChunkId, ChunkStore, Entries, Error as StoreError, SnapshotId};
 
 use crate::node::Node;
+
+/// What this node did for the cold tier since it started (`/metrics`).
+#[derive(Default)]
+pub struct ColdStats {
+    pub packs_written: AtomicU64,
+    pub chunks_moved: AtomicU64,
+    pub bytes_moved: AtomicU64,
+    pub chunks_evicted: AtomicU64,
+    /// Listed packs that failed their check (or could not be read) here.
+    pub pack_failures: AtomicU64,
+}
 
 /// What a pass moved.
 #[derive(Debug, Default, Clone)]
@@ -157,12 +169,18 @@ pub async fn tier_once(node: &Arc<Node>) -> Result<TierReport, StoreError> {
             .map_err(crate::node::raft_error)?;
         crate::link::fenced_error("", resp)?;
         let store = node.store.clone();
-        report.evicted += tokio::task::spawn_blocking(move || store.index_pack(&name, &entries))
+        let evicted = tokio::task::spawn_blocking(move || store.index_pack(&name, &entries))
             .await
             .unwrap_or(Err(StoreError::Panicked))?;
+        report.evicted += evicted;
         report.packs += 1;
         report.chunks += chunks;
         report.bytes += bytes;
+        let st = &node.cold_stats;
+        st.packs_written.fetch_add(1, Ordering::Relaxed);
+        st.chunks_moved.fetch_add(chunks, Ordering::Relaxed);
+        st.bytes_moved.fetch_add(bytes, Ordering::Relaxed);
+        st.chunks_evicted.fetch_add(evicted, Ordering::Relaxed);
         tracing::info!(pack = %name, chunks, bytes, "cold tier: pack written");
     }
     fill.await.unwrap_or(Err(StoreError::Panicked))?;
@@ -200,8 +218,16 @@ pub async fn index_new_packs(node: &Arc<Node>) -> u64 {
                 .unwrap_or(Err(StoreError::Panicked))
         };
         match one.await {
-            Ok(n) => evicted += n,
+            Ok(n) => {
+                evicted += n;
+                node.cold_stats
+                    .chunks_evicted
+                    .fetch_add(n, Ordering::Relaxed);
+            }
             Err(e) => {
+                node.cold_stats
+                    .pack_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(pack = %hex, error = %e, "cold tier: a pack cannot be indexed; its chunks stay here")
             }
         }

@@ -595,6 +595,58 @@ impl Collector for NodeCollector {
             "Snapshots deleted by retention passes this node led",
             load(&gc.snapshots_expired),
         )?;
+        let cs = &node.cold_stats;
+        for (name, help, v) in [
+            (
+                "bitclone_cold_packs_written",
+                "Packs this node wrote to the cold tier",
+                &cs.packs_written,
+            ),
+            (
+                "bitclone_cold_chunks_moved",
+                "Chunks this node packed into the cold tier",
+                &cs.chunks_moved,
+            ),
+            (
+                "bitclone_cold_bytes_moved",
+                "Bytes of chunks this node packed into the cold tier",
+                &cs.bytes_moved,
+            ),
+            (
+                "bitclone_cold_chunks_evicted",
+                "Local copies this node dropped for chunks in checked cold packs",
+                &cs.chunks_evicted,
+            ),
+            (
+                "bitclone_cold_pack_failures",
+                "Listed cold packs that could not be read or failed their check here",
+                &cs.pack_failures,
+            ),
+        ] {
+            counter(e, name, help, load(v))?;
+        }
+        // Served without a cold tier too (zero): alerts use them.
+        let cold = |f: fn(&bitclone_storage::cold::ColdBucket) -> &std::sync::atomic::AtomicU64| {
+            node.cold.as_deref().map_or(0, |b| load(f(b)))
+        };
+        counter(
+            e,
+            "bitclone_cold_reads",
+            "Evicted chunks read back from the cold tier",
+            cold(|b| &b.reads),
+        )?;
+        counter(
+            e,
+            "bitclone_cold_read_bytes",
+            "Bytes of evicted chunks read back from the cold tier",
+            cold(|b| &b.read_bytes),
+        )?;
+        counter(
+            e,
+            "bitclone_cold_read_errors",
+            "Reads from the cold tier that failed",
+            cold(|b| &b.read_errors),
+        )?;
         let sc = &node.scrub;
         counter(
             e,

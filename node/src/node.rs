@@ -33,6 +33,7 @@ pub struct Node {
     pub cold: Option<Arc<bitclone_storage::cold::ColdBucket>>,
     /// One cold tier pass at a time.
     pub cold_pass: tokio::sync::Mutex<()>,
+    pub cold_stats: crate::cold::ColdStats,
     pub cluster: Arc<bitclone_raft::Cluster>,
     pub store: Arc<RocksStore>,
     pub pool: CpuPool,
@@ -113,6 +114,7 @@ impl Node {
             key_sync: Default::default(),
             cold,
             cold_pass: Default::default(),
+            cold_stats: Default::default(),
             space,
             events: Default::default(),
             config,

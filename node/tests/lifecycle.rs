@@ -714,6 +714,14 @@ fn the_cold_tier_moves_old_chunks_to_garage_and_reads_them_back_verified() {
         nodes.iter().all(|r| n(r, "packs") == 0),
         "nothing left to move: {second}"
     );
+    let written: f64 = (1..=3)
+        .map(|id| metric(&c, id, "bitclone_cold_packs_written_total"))
+        .sum();
+    assert_eq!(written, 1.0);
+    for id in 1..=3 {
+        let evicted = metric(&c, id, "bitclone_cold_chunks_evicted_total");
+        assert!(evicted >= 2.0, "node {id} evicted {evicted}");
+    }
 
     // Offline, every node: gone.bin's chunk is no longer held locally, only
     // recorded in the pack (the bucket is the one copy); kept.bin's is.
@@ -746,10 +754,13 @@ fn the_cold_tier_moves_old_chunks_to_garage_and_reads_them_back_verified() {
     }
     c.wait_voters(1, 3);
 
-    // Reads through every node fetch evicted chunks back, byte-identical.
+    // Reads through every node fetch evicted chunks back, byte-identical,
+    // and each node counts them.
     for via in 1..=3 {
         get_matches(&c, via, "ds", &s1, &v1);
         get_matches(&c, via, "ds", &s2, &v2);
+        assert!(metric(&c, via, "bitclone_cold_reads_total") >= 1.0);
+        assert_eq!(metric(&c, via, "bitclone_cold_read_errors_total"), 0.0);
     }
     // A damaged pack: the read is refused, naming the chunk, not served.
     let bucket = garage_target(&g, "s3://cold/tier");

@@ -16,6 +16,7 @@
 //! through a [`ColdReader`] and is checked against the chunk's name like
 //! any read.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use object_store::path::Path as ObjectPath;
@@ -172,6 +173,10 @@ pub type SharedColdReader = Arc<dyn ColdReader>;
 pub struct ColdBucket {
     target: Target,
     rt: tokio::runtime::Handle,
+    /// Reads of evicted chunks: done, their bytes, failed.
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub read_errors: AtomicU64,
 }
 
 impl ColdBucket {
@@ -181,6 +186,9 @@ impl ColdBucket {
         Ok(ColdBucket {
             target: open_target(url, s3)?,
             rt,
+            reads: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
         })
     }
 
@@ -267,8 +275,19 @@ impl ColdBucket {
 impl ColdReader for ColdBucket {
     fn read(&self, pack: &ChunkId, offset: u64, len: u32) -> Result<Vec<u8>> {
         // Store reads run on worker threads, never on the runtime's own.
-        self.rt
-            .block_on(self.range(pack, offset..offset + u64::from(len)))
+        let got = self
+            .rt
+            .block_on(self.range(pack, offset..offset + u64::from(len)));
+        match &got {
+            Ok(b) => {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                self.read_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        got
     }
 }
 
