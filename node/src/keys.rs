@@ -129,6 +129,23 @@ impl KeySource {
         }
     }
 
+    /// [`KeySource::wrap`], then unwrapped again and compared: a wrapping
+    /// goes into the state only if it opens (a wrong one would lock the
+    /// tenant out).
+    pub fn wrap_checked(
+        &self,
+        tenant: &str,
+        key: &DataKey,
+    ) -> Result<(String, String), StoreError> {
+        let (kek, wrapped) = self.wrap(tenant, key)?;
+        if self.unwrap(tenant, &kek, &wrapped)?.id() != key.id() {
+            return Err(StoreError::Unavailable(
+                "the key source's unwrap does not give back the key it wrapped".into(),
+            ));
+        }
+        Ok((kek, wrapped))
+    }
+
     /// Opens `tenant`'s data key wrapped by the key-encryption key `kek`.
     /// Blocking.
     pub fn unwrap(&self, tenant: &str, kek: &str, wrapped: &str) -> Result<DataKey, StoreError> {
@@ -316,13 +333,7 @@ pub async fn encrypt(node: &Arc<Node>, tenant: &str) -> Result<KeyInfo, StoreErr
     let (source, t) = (node.config.keys.clone(), tenant.to_string());
     let (dk, kek, wrapped) = tokio::task::spawn_blocking(move || {
         let dk = DataKey::generate()?;
-        let (kek, wrapped) = source.wrap(&t, &dk)?;
-        // The wrapping must open again, or the tenant would be locked out.
-        if source.unwrap(&t, &kek, &wrapped)?.id() != dk.id() {
-            return Err(StoreError::Unavailable(
-                "the key source's unwrap does not give back the key it wrapped".into(),
-            ));
-        }
+        let (kek, wrapped) = source.wrap_checked(&t, &dk)?;
         Ok::<_, StoreError>((dk, kek, wrapped))
     })
     .await
@@ -358,14 +369,7 @@ pub async fn rewrap(node: &Arc<Node>, tenant: Option<&str>) -> Result<Vec<KeyInf
         );
         let key = tokio::task::spawn_blocking(move || {
             let dk = source.unwrap(&t, &old.kek, &old.wrapped)?;
-            let (kek, wrapped) = source.wrap(&t, &dk)?;
-            // The new wrapping replaces the old one in the state: it must
-            // open, or the tenant would be locked out.
-            if source.unwrap(&t, &kek, &wrapped)?.id() != dk.id() {
-                return Err(StoreError::Unavailable(
-                    "the key source's unwrap does not give back the key it wrapped".into(),
-                ));
-            }
+            let (kek, wrapped) = source.wrap_checked(&t, &dk)?;
             Ok::<_, StoreError>(TenantKey {
                 kek,
                 wrapped,

@@ -33,9 +33,13 @@ pub const TRAILER_BYTES: usize = 4 + 8 + 8;
 /// One chunk of a pack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackEntry {
+    /// The tenant the chunk belongs to.
     pub tenant: String,
+    /// The chunk's name.
     pub id: ChunkId,
+    /// Where its stored bytes start in the pack.
     pub offset: u64,
+    /// How many there are.
     pub len: u32,
 }
 
@@ -163,6 +167,8 @@ pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>> {
 /// Reads a byte range of a pack from the cold bucket. Blocking: called by
 /// store reads, which run on worker threads.
 pub trait ColdReader: Send + Sync {
+    /// `len` bytes of `pack` from `offset` (not checked: the caller checks
+    /// them against the chunk's name).
     fn read(&self, pack: &ChunkId, offset: u64, len: u32) -> Result<Vec<u8>>;
 }
 
@@ -173,9 +179,11 @@ pub type SharedColdReader = Arc<dyn ColdReader>;
 pub struct ColdBucket {
     target: Target,
     rt: tokio::runtime::Handle,
-    /// Reads of evicted chunks: done, their bytes, failed.
+    /// Reads of evicted chunks done.
     pub reads: AtomicU64,
+    /// Their bytes.
     pub read_bytes: AtomicU64,
+    /// Reads that failed.
     pub read_errors: AtomicU64,
 }
 

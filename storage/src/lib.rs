@@ -1,5 +1,6 @@
 //! BitClone storage: content-defined chunking, BLAKE3 names, the RocksDB
-//! chunk store, manifests, and the sinks snapshots are written out to.
+//! chunk store, manifests, the sinks snapshots are written out to, per-tenant
+//! encryption at rest (`crypt`) and the cold tier's packs (`cold`).
 //!
 //! Nothing here knows about Raft, QUIC or gRPC. Blocking work (chunking,
 //! hashing, RocksDB) runs on a [`CpuPool`], never on the async runtime.
