@@ -591,9 +591,9 @@ impl RocksStore {
     }
 
     /// Records every chunk of `pack` (in the cold bucket now) and drops
-    /// the local copies of those this store holds; returns how many it
-    /// dropped. A chunk freed meanwhile gets no record (its index entry is
-    /// gone). Durable when it returns.
+    /// the local copies; returns how many chunks it recorded. A chunk freed
+    /// meanwhile (no index entry) or already in an earlier pack is left as
+    /// it is. Durable when it returns.
     pub fn index_pack(&self, pack: &ChunkId, entries: &[PackEntry]) -> Result<u64> {
         self.check_writable()?;
         let mut batch = WriteBatch::default();
@@ -601,10 +601,17 @@ impl RocksStore {
         let _gate = self.gc.gate.lock().unwrap_or_else(|e| e.into_inner());
         for e in entries {
             let key = tenant_key(&e.tenant, e.id.as_bytes());
+            // Freed meanwhile, or in a pack indexed before: nothing to do.
+            // (Presence is asked of the index and the records, never of
+            // the chunks family: that would read every blob of the pack.)
             if self
                 .db
                 .get_pinned_cf(self.cf(CF_CHUNK_INDEX), &key)?
                 .is_none()
+                || self
+                    .db
+                    .get_pinned_cf(self.cf(CF_META), cold_key(&key))?
+                    .is_some()
             {
                 continue;
             }
@@ -613,10 +620,8 @@ impl RocksStore {
                 cold_key(&key),
                 encode_record(pack, e.offset, e.len),
             );
-            if self.db.get_pinned_cf(self.cf(CF_CHUNKS), &key)?.is_some() {
-                batch.delete_cf(self.cf(CF_CHUNKS), &key);
-                evicted += 1;
-            }
+            batch.delete_cf(self.cf(CF_CHUNKS), &key);
+            evicted += 1;
         }
         batch.put_cf(self.cf(CF_META), pack_key(pack), []);
         self.write(batch, true)?;
